@@ -1,0 +1,56 @@
+"""The two hand-off hooks between the engine and whoever moves KV (DESIGN §4).
+
+Sender side — a prefill engine is given a `KVExportSink` with a request. As soon as the last
+prompt chunk of that request has written layer i's KV, the engine calls
+`sink.push_layer(i, kv_cache[i], block_ids, num_tokens)` on its step thread, *before* computing
+layer i+1, so the transport can move layer i while layer i+1 is computed. `push_layer` must not
+wait on the network: it copies (packs) what it needs — on CUDA by work queued on the current
+stream, so later writes to those blocks are ordered after the copy — and returns. After the last
+layer the engine calls `sink.close()`; if the request is aborted first, `sink.cancel(reason)`.
+
+Receiver side — a decode engine reserves blocks for a request's first N tokens
+(`Engine.reserve`), someone writes those blocks, and the request is added with a `KVImport`
+whose `done()` turns true when the last layer has landed. The batcher keeps the request out of
+every batch until then; at that moment its computed-token count jumps to N. `error()` returning
+an exception fails the request and frees its blocks.
+
+The engine knows nothing of tickets, peers or UCX: kvtransfer implements these protocols.
+`engine.inprocess_link` is the in-process implementation the tests use.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+import torch
+
+
+class KVExportSink(Protocol):
+    def push_layer(
+        self,
+        layer: int,
+        kv_layer: torch.Tensor,  # (2, num_blocks, block_size, num_kv_heads, head_dim)
+        block_ids: Sequence[int],
+        num_tokens: int,
+    ) -> None:
+        """Layer `layer` of the request's first `num_tokens` tokens is final in `block_ids`."""
+        ...
+
+    def close(self) -> None:
+        """Every layer has been pushed."""
+        ...
+
+    def cancel(self, reason: str) -> None:
+        """The request ended before every layer was pushed (abort, error)."""
+        ...
+
+
+class KVImport(Protocol):
+    def done(self) -> bool:
+        """True once every layer has landed in the reserved blocks."""
+        ...
+
+    def error(self) -> BaseException | None:
+        """The failure that ended the import, or None while it is pending or done."""
+        ...

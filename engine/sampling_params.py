@@ -1,0 +1,76 @@
+"""What a caller may ask of one generation, checked once at the door.
+
+Validation lives here so every front end (the in-process API, the gRPC services) refuses bad
+input with the same words: the field, what is wrong, and the fix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from engine.errors import InvalidRequest
+
+MAX_STOP_STRINGS = 16
+MAX_STOP_STRING_CHARS = 256
+MAX_STOP_TOKEN_IDS = 64
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 64
+    temperature: float = 0.0  # 0 means greedy
+    top_k: int = 0  # 0 means off
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    logprobs: bool = False
+    # Stop strings are cut from the returned text; set to keep them.
+    include_stop_str_in_output: bool = False
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def validate(self, vocab_size: int | None = None) -> None:
+        """Raise InvalidRequest naming the first bad field."""
+        if self.max_tokens < 1:
+            raise InvalidRequest("max_tokens", f"is {self.max_tokens}", "ask for at least 1 token")
+        if self.temperature < 0:
+            raise InvalidRequest("temperature", f"is {self.temperature}", "use 0 (greedy) or a positive value")
+        if not 0.0 < self.top_p <= 1.0:
+            raise InvalidRequest("top_p", f"is {self.top_p}", "use a value in (0, 1]; 1 disables it")
+        if self.top_k < 0:
+            raise InvalidRequest("top_k", f"is {self.top_k}", "use 0 (off) or a positive count")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise InvalidRequest("min_p", f"is {self.min_p}", "use a value in [0, 1]; 0 disables it")
+        if self.repetition_penalty <= 0:
+            raise InvalidRequest(
+                "repetition_penalty", f"is {self.repetition_penalty}", "use a positive value; 1 disables it"
+            )
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise InvalidRequest(
+                "stop", f"has {len(self.stop)} strings", f"pass at most {MAX_STOP_STRINGS} stop strings"
+            )
+        for s in self.stop:
+            if not s:
+                raise InvalidRequest("stop", "contains an empty string", "remove empty stop strings")
+            if len(s) > MAX_STOP_STRING_CHARS:
+                raise InvalidRequest(
+                    "stop", f"has a string of {len(s)} characters", f"keep each under {MAX_STOP_STRING_CHARS}"
+                )
+        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            raise InvalidRequest(
+                "stop_token_ids", f"has {len(self.stop_token_ids)} ids", f"pass at most {MAX_STOP_TOKEN_IDS}"
+            )
+        if vocab_size is not None:
+            for t in self.stop_token_ids:
+                if not 0 <= t < vocab_size:
+                    raise InvalidRequest(
+                        "stop_token_ids", f"contains {t}", f"use token ids in [0, {vocab_size})"
+                    )
+        if self.seed is not None and not 0 <= self.seed < 2**63:
+            raise InvalidRequest("seed", f"is {self.seed}", "use a non-negative 63-bit integer")
