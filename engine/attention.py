@@ -1,0 +1,98 @@
+"""Attention over the paged KV cache for one mixed batch (decodes and prefill chunks).
+
+The batch's tokens are flattened: first every request advancing by one token (decode — and a
+one-token prompt), then the prefill chunks. Each layer writes its new K/V into the cache slots,
+then attends: decodes through the paged-attention kernel (Triton on CUDA, its torch reference on
+CPU), each prefill chunk through scaled_dot_product_attention over its cached prefix plus itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from kernels.paged_attention import paged_attention_decode
+
+
+@dataclass(slots=True)
+class PrefillSpan:
+    start: int  # first row of this chunk in the flattened batch
+    num_new: int  # tokens in the chunk
+    num_context: int  # cached prefix + the chunk: keys the chunk attends to
+    block_ids: torch.Tensor  # (num_blocks_covering_context,) int64, on the cache's device
+
+
+@dataclass(slots=True)
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # (num_tokens,) int64: block_id * block_size + offset of each new token
+    num_decodes: int
+    decode_block_tables: torch.Tensor | None  # (num_decodes, max_blocks) int32
+    decode_context_lens: torch.Tensor | None  # (num_decodes,) int32, including the new token
+    prefills: list[PrefillSpan]
+
+
+def write_kv(kv_layer: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
+    """kv_layer: (2, num_blocks, block_size, kv_heads, head_dim); k, v: (num_tokens, kv_heads, head_dim)."""
+    flat = kv_layer.view(2, -1, kv_layer.shape[-2], kv_layer.shape[-1])  # (2, num_slots, kv_heads, head_dim)
+    flat[0].index_copy_(0, slots, k)
+    flat[1].index_copy_(0, slots, v)
+
+
+def paged_attention(
+    q: torch.Tensor,  # (num_tokens, num_heads, head_dim), rotary applied
+    k: torch.Tensor,  # (num_tokens, kv_heads, head_dim), rotary applied
+    v: torch.Tensor,  # (num_tokens, kv_heads, head_dim)
+    kv_layer: torch.Tensor,  # (2, num_blocks, block_size, kv_heads, head_dim)
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:  # (num_tokens, num_heads, head_dim)
+    write_kv(kv_layer, k, v, meta.slot_mapping)
+    nd = meta.num_decodes
+    if not meta.prefills:
+        assert meta.decode_block_tables is not None and meta.decode_context_lens is not None
+        return paged_attention_decode(
+            q, kv_layer[0], kv_layer[1], meta.decode_block_tables, meta.decode_context_lens, scale
+        )
+    out = torch.empty_like(q)
+    if nd:
+        assert meta.decode_block_tables is not None and meta.decode_context_lens is not None
+        out[:nd] = paged_attention_decode(
+            q[:nd], kv_layer[0], kv_layer[1], meta.decode_block_tables, meta.decode_context_lens, scale
+        )
+    for span in meta.prefills:
+        rows = slice(span.start, span.start + span.num_new)
+        out[rows] = _prefill_chunk(q[rows], k[rows], v[rows], kv_layer, span, scale)
+    return out
+
+
+def _prefill_chunk(
+    q: torch.Tensor,  # (n, num_heads, head_dim)
+    k: torch.Tensor,  # (n, kv_heads, head_dim)
+    v: torch.Tensor,
+    kv_layer: torch.Tensor,
+    span: PrefillSpan,
+    scale: float,
+) -> torch.Tensor:
+    n, ctx = span.num_new, span.num_context
+    if ctx == n:  # no cached prefix: the chunk's own K/V are all the keys
+        keys, values, mask, causal = k, v, None, True
+    else:
+        gathered = kv_layer[:, span.block_ids]  # (2, nb, block_size, kv_heads, head_dim)
+        gathered = gathered.flatten(1, 2)[:, :ctx]  # (2, ctx, kv_heads, head_dim)
+        keys, values = gathered[0], gathered[1]
+        # Query i sits at position ctx - n + i and sees keys 0 ..= that position.
+        q_pos = torch.arange(ctx - n, ctx, device=q.device)
+        mask = torch.arange(ctx, device=q.device)[None, :] <= q_pos[:, None]  # (n, ctx)
+        causal = False
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1).unsqueeze(0),  # (1, num_heads, n, head_dim)
+        keys.transpose(0, 1).unsqueeze(0),  # (1, kv_heads, ctx, head_dim)
+        values.transpose(0, 1).unsqueeze(0),
+        attn_mask=mask,
+        is_causal=causal,
+        scale=scale,
+        enable_gqa=True,
+    )  # (1, num_heads, n, head_dim)
+    return out[0].transpose(0, 1)

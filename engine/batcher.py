@@ -1,0 +1,143 @@
+"""The batcher: each step, which requests advance and by how many tokens.
+
+Design note (continuous batching with chunked prefill). Every request just needs its computed
+count to catch up with its tokens. Each step spends a token budget: running requests first, in
+arrival order — a decoding request costs one token, a request in the middle of its prompt costs
+its next chunk — then waiting requests are admitted while budget, batch slots and blocks last. A
+prefix-cache hit or a landed KV import makes the computed count jump at admission, so those tokens
+cost nothing. When a running request cannot get a block, the most recently admitted running
+request is preempted: its blocks go back to the pool and it waits to be recomputed from scratch
+(prompt plus the output so far), which the prefix cache usually makes cheap.
+
+The batcher decides; it does not run the model, sample or free on finish (the engine does).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from engine.config import BatcherConfig
+from engine.kv_manager import KVManager
+from engine.request import Request, RequestStatus
+
+
+@dataclass(slots=True)
+class ScheduledChunk:
+    request: Request
+    num_new_tokens: int
+
+    @property
+    def completes(self) -> bool:
+        """After this chunk every token has KV, so the step samples the next one."""
+        return self.request.num_computed_tokens + self.num_new_tokens == self.request.num_tokens
+
+
+@dataclass(slots=True)
+class BatchPlan:
+    chunks: list[ScheduledChunk] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
+    failed_imports: list[Request] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.num_new_tokens for c in self.chunks)
+
+
+class Batcher:
+    def __init__(self, config: BatcherConfig, kv: KVManager) -> None:
+        self.config = config
+        self.kv = kv
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+
+    def add(self, request: Request) -> None:
+        self.waiting.append(request)
+
+    def remove(self, request: Request) -> None:
+        """Forget a request (finished or aborted); the engine releases its blocks."""
+        if request in self.running:
+            self.running.remove(request)
+        elif request in self.waiting:
+            self.waiting.remove(request)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.running or self.waiting)
+
+    def schedule(self) -> BatchPlan:
+        plan = BatchPlan()
+        budget = self.config.max_batched_tokens
+        budget = self._schedule_running(plan, budget)
+        if not plan.preempted:
+            self._admit_waiting(plan, budget)
+        return plan
+
+    def _chunk_size(self, request: Request, budget: int) -> int:
+        return min(request.num_uncomputed_tokens, budget, self.config.max_prefill_chunk)
+
+    def _schedule_running(self, plan: BatchPlan, budget: int) -> int:
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            n = self._chunk_size(request, budget)
+            while not self.kv.can_grow(request, n):
+                victim = self.running[-1]
+                self._preempt(victim, plan)
+                if victim is request:
+                    return budget
+            self.kv.grow(request, n)
+            plan.chunks.append(ScheduledChunk(request, n))
+            budget -= n
+            i += 1
+        return budget
+
+    def _preempt(self, request: Request, plan: BatchPlan) -> None:
+        self.running.remove(request)
+        self.kv.release(request)
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        request.status = RequestStatus.WAITING
+        self.waiting.appendleft(request)
+        plan.preempted.append(request)
+
+    def _admit_waiting(self, plan: BatchPlan, budget: int) -> None:
+        skipped: list[Request] = []
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_running:
+            request = self.waiting.popleft()
+            if request.status is RequestStatus.WAITING_FOR_KV and not self._import_landed(request, plan):
+                if request.kv_import is not None:  # still in flight: let others pass
+                    skipped.append(request)
+                continue
+            if not request.block_ids and request.num_computed_tokens == 0:
+                request.num_cached_tokens = self.kv.take_cached_prefix(request)
+            n = self._chunk_size(request, budget)
+            if not self.kv.can_grow(request, n):
+                self.waiting.appendleft(request)
+                break
+            self.kv.grow(request, n)
+            request.status = RequestStatus.RUNNING
+            if request.first_scheduled_time is None:
+                request.first_scheduled_time = time.monotonic()
+            self.running.append(request)
+            plan.chunks.append(ScheduledChunk(request, n))
+            budget -= n
+        self.waiting.extendleft(reversed(skipped))
+
+    def _import_landed(self, request: Request, plan: BatchPlan) -> bool:
+        """Whether a WAITING_FOR_KV request may run now; a failed import goes to plan.failed_imports."""
+        kv_import = request.kv_import
+        assert kv_import is not None
+        if kv_import.error() is not None:
+            request.kv_import = None
+            plan.failed_imports.append(request)
+            return False
+        if not kv_import.done():
+            return False
+        request.kv_import = None
+        request.num_computed_tokens = request.num_imported_tokens
+        request.num_cached_tokens = request.num_imported_tokens
+        return True

@@ -1,0 +1,53 @@
+"""Engine configuration: frozen dataclasses, one per collaborator.
+
+pdmesh/config.py builds these from the environment and the command line; the engine never reads
+the environment itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from engine.errors import InvalidRequest
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    block_size: int = 16
+    # CPU: the KV pool's size in bytes. CUDA: a fraction of the free GPU memory after weights.
+    capacity_bytes: int = 256 * 2**20
+    gpu_memory_fraction: float = 0.85
+    # Exact block count; overrides both of the above (tests force preemption with tiny pools).
+    num_blocks: int | None = None
+    enable_prefix_caching: bool = True
+
+
+@dataclass(frozen=True)
+class BatcherConfig:
+    max_running: int = 64  # requests in one batch
+    max_batched_tokens: int = 2048  # the per-step token budget; long prompts are chunked to fit it
+    # Prefill chunk cap for a single request (<= max_batched_tokens); smaller keeps decode latency flat.
+    max_prefill_chunk: int = 2048
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str = "smollm2"  # a model name known to engine.weights, or a path
+    device: str = "cpu"
+    dtype: str | None = None  # None: bfloat16 on CUDA, float32 on CPU
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    batcher: BatcherConfig = field(default_factory=BatcherConfig)
+    torch_threads: int | None = None  # CPU threads for torch; None leaves torch's default
+    seed: int = 0  # seeds the per-request seeds drawn for requests that bring none
+
+    def __post_init__(self) -> None:
+        if self.cache.block_size < 1:
+            raise InvalidRequest("cache.block_size", f"is {self.cache.block_size}", "use a positive size, e.g. 16")
+        if self.batcher.max_batched_tokens < 1 or self.batcher.max_running < 1:
+            raise InvalidRequest("batcher", "has a non-positive limit", "use positive max_running/max_batched_tokens")
+
+    @property
+    def resolved_dtype(self) -> str:
+        if self.dtype is not None:
+            return self.dtype
+        return "bfloat16" if self.device.startswith("cuda") else "float32"
