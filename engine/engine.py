@@ -1,0 +1,301 @@
+"""The Engine: one model, one KV pool, one batcher; add requests, step, abort.
+
+Synchronous and single-threaded on purpose: engine.async_engine runs it on a thread for asyncio
+callers. The step is: plan a batch, run the model, sample, account for the new tokens.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from engine.batcher import BatchPlan, Batcher
+from engine.block_pool import BlockPool
+from engine.config import EngineConfig
+from engine.errors import InvalidRequest, OutOfBlocks, RequestNotFound
+from engine.handoff import KVExportSink, KVImport
+from engine.ids import BlockId, RequestId
+from engine.kv_cache import allocate_kv_cache, plan_num_blocks
+from engine.kv_layout import KVLayout
+from engine.kv_manager import KVManager, blocks_for
+from engine.model import LlamaModel, Rotary
+from engine.model_config import ModelConfig
+from engine.output import OutputProcessor
+from engine.request import FinishReason, Request, RequestOutput, RequestStatus
+from engine.runner import ModelRunner
+from engine.sampler import Sampler, SamplingRow
+from engine.sampling_params import SamplingParams
+from engine.tokenizer import Tokenizer
+from engine.weights import load_checkpoint
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    num_blocks: int
+    num_free_blocks: int
+    num_cached_blocks: int
+    num_reserved_blocks: int
+    num_running: int
+    num_waiting: int
+    num_preemptions: int  # since start
+
+
+class Engine:
+    def __init__(
+        self, config: EngineConfig, model: LlamaModel, tokenizer: Tokenizer | None, fingerprint: str
+    ) -> None:
+        self.config = config
+        self.model_config: ModelConfig = model.config
+        self.tokenizer = tokenizer
+        self.fingerprint = fingerprint
+        self.device = torch.device(config.device)
+        self.dtype = getattr(torch, config.resolved_dtype)
+        cache = config.cache
+        num_blocks = plan_num_blocks(self.model_config, cache, self.dtype, self.device)
+        self.kv_caches = allocate_kv_cache(self.model_config, num_blocks, cache.block_size, self.dtype, self.device)
+        self.pool = BlockPool(num_blocks)
+        self.kv = KVManager(self.pool, cache.block_size, fingerprint, cache.enable_prefix_caching)
+        self.batcher = Batcher(config.batcher, self.kv)
+        self.runner = ModelRunner(model, self.kv_caches, cache.block_size)
+        self.sampler = Sampler()
+        self.requests: dict[RequestId, Request] = {}
+        self._outputs: dict[RequestId, OutputProcessor] = {}
+        self._reserved: dict[RequestId, tuple[list[BlockId], int]] = {}
+        self._seeds = random.Random(config.seed)
+        self.eos_token_ids = tuple(self.model_config.eos_token_ids) or (
+            tokenizer.eos_token_ids if tokenizer is not None else ()
+        )
+
+    # -- construction ------------------------------------------------------------------------
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> Engine:
+        """Load the configured checkpoint (a local HF directory, a GGUF file or "smollm2")."""
+        if config.torch_threads:
+            torch.set_num_threads(config.torch_threads)
+        checkpoint = load_checkpoint(config.model)
+        model = build_model(checkpoint.config, config)
+        model.load_weights(checkpoint.tensors(model.embed_tokens.weight.dtype, config.device))
+        return cls(config, model, checkpoint.tokenizer(), checkpoint.fingerprint)
+
+    @classmethod
+    def with_random_weights(cls, model_config: ModelConfig, config: EngineConfig, seed: int = 0) -> Engine:
+        """An engine on random weights in a real model's shapes (benchmarks); no tokenizer, no text."""
+        model = build_model(model_config, config)
+        model.init_random(seed)
+        return cls(config, model, None, model_config.fingerprint(f"random:{seed}"))
+
+    @property
+    def kv_layout(self) -> KVLayout:
+        m = self.model_config
+        return KVLayout(
+            model_fingerprint=self.fingerprint,
+            dtype=self.config.resolved_dtype,
+            block_size=self.config.cache.block_size,
+            num_layers=m.num_layers,
+            num_kv_heads=m.num_kv_heads,
+            head_dim=m.head_dim,
+        )
+
+    # -- requests ----------------------------------------------------------------------------
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: Sequence[int],
+        params: SamplingParams,
+        *,
+        prior_output_ids: Sequence[int] = (),
+        kv_import: KVImport | None = None,
+        kv_export: KVExportSink | None = None,
+    ) -> None:
+        """Queue a request. `prior_output_ids` are outputs some other worker already produced
+        (they count toward max_tokens and are not emitted again). With `kv_import` the request's
+        blocks must have been reserved under the same id."""
+        rid = RequestId(request_id)
+        self._validate(rid, prompt_token_ids, prior_output_ids, params, kv_import)
+        seed = params.seed if params.seed is not None else self._seeds.getrandbits(63)
+        request = Request(
+            request_id=rid,
+            token_ids=list(prompt_token_ids) + list(prior_output_ids),
+            num_prompt_tokens=len(prompt_token_ids),
+            params=params,
+            seed=seed,
+            kv_import=kv_import,
+            kv_export=kv_export,
+            num_prior_output_tokens=len(prior_output_ids),
+        )
+        if kv_import is not None:
+            request.block_ids, request.num_imported_tokens = self._reserved.pop(rid)
+            request.status = RequestStatus.WAITING_FOR_KV
+        self._outputs[rid] = OutputProcessor(
+            self.tokenizer, params, request.token_ids, self.eos_token_ids, self.max_model_len
+        )
+        self.requests[rid] = request
+        self.batcher.add(request)
+
+    def reserve(self, request_id: str, num_tokens: int) -> list[BlockId]:
+        """Hold blocks for a request's first num_tokens tokens, to be written by a KV import."""
+        rid = RequestId(request_id)
+        if rid in self.requests or rid in self._reserved:
+            raise InvalidRequest("request_id", f"{rid!r} is already in use", "use a unique request id")
+        if num_tokens < 1:
+            raise InvalidRequest("num_tokens", f"is {num_tokens}", "reserve at least one token")
+        blocks = self.pool.allocate(blocks_for(num_tokens, self.config.cache.block_size))
+        self._reserved[rid] = (blocks, num_tokens)
+        return list(blocks)
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Cancel a request or a reservation at any moment; every block it held is released."""
+        rid = RequestId(request_id)
+        if rid in self._reserved:
+            self.pool.free(self._reserved.pop(rid)[0])
+            return None
+        request = self.requests.get(rid)
+        if request is None:
+            raise RequestNotFound(f"request {rid!r} is not known (finished, aborted or never added)")
+        return self._finish(request, FinishReason.ABORT, text="")
+
+    def has_work(self) -> bool:
+        return self.batcher.has_work
+
+    @property
+    def max_model_len(self) -> int:
+        return self.model_config.max_position_embeddings
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            num_blocks=self.pool.num_blocks,
+            num_free_blocks=self.pool.num_free,
+            num_cached_blocks=self.pool.num_cached,
+            num_reserved_blocks=sum(len(b) for b, _ in self._reserved.values()),
+            num_running=len(self.batcher.running),
+            num_waiting=len(self.batcher.waiting),
+            num_preemptions=self.batcher.num_preemptions,
+        )
+
+    # -- the step ----------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        plan = self.batcher.schedule()
+        outputs = self._fail_imports(plan)
+        if not plan.chunks:
+            return outputs
+        inputs = self.runner.prepare(plan.chunks)
+        logits = self.runner.execute(inputs)  # (completing chunks, vocab)
+        sampled: list[Request] = []
+        for chunk in inputs.order:
+            request, completes = chunk.request, chunk.completes
+            request.num_computed_tokens += chunk.num_new_tokens
+            self.kv.cache_computed_blocks(request)
+            if completes:
+                sampled.append(request)
+                if request.kv_export is not None:
+                    request.kv_export.close()
+                    request.kv_export = None
+        rows = [SamplingRow(r.params, r.seed, r.num_tokens, r.token_ids) for r in sampled]
+        result = self.sampler.sample(logits, rows)
+        for i, request in enumerate(sampled):
+            logprob = result.logprobs[i] if result.logprobs is not None else None
+            outputs.append(self._accept_token(request, result.token_ids[i], logprob))
+        return outputs
+
+    def _accept_token(self, request: Request, token_id: int, logprob: float | None) -> RequestOutput:
+        request.token_ids.append(token_id)
+        if request.first_token_time is None:
+            request.first_token_time = time.monotonic()
+        text, finish = self._outputs[request.request_id].on_token(request, token_id)
+        logprobs = [logprob] if request.params.logprobs and logprob is not None else None
+        if finish is not None:
+            out = self._finish(request, finish, text)
+            out.new_token_ids, out.new_logprobs = [token_id], logprobs
+            return out
+        return self._output(request, [token_id], logprobs, text)
+
+    def _finish(self, request: Request, reason: FinishReason, text: str, error: str | None = None) -> RequestOutput:
+        if request.kv_export is not None:
+            request.kv_export.cancel(reason.value if error is None else error)
+            request.kv_export = None
+        self.batcher.remove(request)
+        self.kv.release(request)
+        request.status = RequestStatus.FINISHED
+        request.finish_reason = reason
+        del self.requests[request.request_id]
+        del self._outputs[request.request_id]
+        out = self._output(request, [], None, text)
+        out.error = error
+        return out
+
+    def _fail_imports(self, plan: BatchPlan) -> list[RequestOutput]:
+        outputs = []
+        for request in plan.failed_imports:
+            outputs.append(self._finish(request, FinishReason.ERROR, "", error="KV import failed"))
+        return outputs
+
+    def _output(self, request: Request, ids: list[int], logprobs: list[float] | None, text: str) -> RequestOutput:
+        return RequestOutput(
+            request_id=request.request_id,
+            new_token_ids=ids,
+            new_logprobs=logprobs,
+            text_delta=text,
+            finished=request.finished,
+            finish_reason=request.finish_reason,
+            num_prompt_tokens=request.num_prompt_tokens,
+            num_cached_tokens=request.num_cached_tokens,
+            num_output_tokens=request.num_output_tokens - request.num_prior_output_tokens,
+        )
+
+    # -- validation --------------------------------------------------------------------------
+
+    def _validate(
+        self,
+        rid: RequestId,
+        prompt: Sequence[int],
+        prior: Sequence[int],
+        params: SamplingParams,
+        kv_import: KVImport | None,
+    ) -> None:
+        if rid in self.requests:
+            raise InvalidRequest("request_id", f"{rid!r} is already in use", "use a unique request id")
+        if kv_import is None and rid in self._reserved:
+            raise InvalidRequest("request_id", f"{rid!r} names a reservation", "pass its kv_import or abort it")
+        if kv_import is not None and rid not in self._reserved:
+            raise RequestNotFound(f"no reservation for request {rid!r}; call reserve() first")
+        if not prompt:
+            raise InvalidRequest("prompt", "is empty", "send at least one token")
+        vocab = self.model_config.vocab_size
+        if any(not 0 <= t < vocab for t in [*prompt, *prior]):
+            raise InvalidRequest("prompt_token_ids", "contains an id outside the vocabulary", f"use ids in [0, {vocab})")
+        params.validate(vocab)
+        if params.stop and self.tokenizer is None:
+            raise InvalidRequest("stop", "needs a tokenizer, and this engine has none", "use stop_token_ids")
+        limit, total = self.max_model_len, len(prompt) + len(prior)
+        if total >= limit:
+            raise InvalidRequest("prompt", f"has {total} tokens, the context length is {limit}", "shorten the prompt")
+        if total + params.max_tokens - len(prior) > limit:
+            raise InvalidRequest(
+                "max_tokens",
+                f"prompt ({total} tokens) plus max_tokens ({params.max_tokens}) exceeds the context length {limit}",
+                f"ask for at most {limit - total} tokens or shorten the prompt",
+            )
+        need = blocks_for(len(prompt) + params.max_tokens, self.config.cache.block_size)
+        if need > self.pool.num_blocks:
+            raise OutOfBlocks(
+                f"the request needs {need} KV blocks and the whole cache has {self.pool.num_blocks}; "
+                "shorten it or give the cache more memory"
+            )
+
+
+def build_model(model_config: ModelConfig, config: EngineConfig) -> LlamaModel:
+    """Allocate the model on its device without initialising twice (meta first, then empty)."""
+    dtype = getattr(torch, config.resolved_dtype)
+    with torch.device("meta"):
+        model = LlamaModel(model_config).to(dtype)
+    model = model.to_empty(device=config.device)
+    # to_empty left the rotary buffer uninitialised (and the cast made it low precision): rebuild in fp32.
+    model.rotary = Rotary(model_config).to(config.device)
+    return model.eval()

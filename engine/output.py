@@ -1,0 +1,51 @@
+"""Turning sampled tokens into what a caller sees: text deltas, stop decisions, finish reasons.
+
+One OutputProcessor per request: incremental detokenization (never half a UTF-8 character),
+stop strings cut exactly (even across token boundaries), stop token ids, end-of-sequence and
+length limits. Runs on the engine's step thread right after sampling.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from engine.detokenizer import IncrementalDetokenizer, StopChecker
+from engine.request import FinishReason, Request
+from engine.sampling_params import SamplingParams
+from engine.tokenizer import Tokenizer
+
+
+class OutputProcessor:
+    def __init__(
+        self,
+        tokenizer: Tokenizer | None,
+        params: SamplingParams,
+        context_ids: Sequence[int],
+        eos_token_ids: Sequence[int],
+        max_model_len: int,
+    ) -> None:
+        if params.stop and tokenizer is None:
+            raise ValueError("stop strings need a tokenizer")
+        self.detok = IncrementalDetokenizer(tokenizer, list(context_ids)) if tokenizer is not None else None
+        self.stops = StopChecker(list(params.stop), params.include_stop_str_in_output) if params.stop else None
+        stop_ids = set(params.stop_token_ids)
+        if not params.ignore_eos:
+            stop_ids.update(eos_token_ids)
+        self.stop_ids = frozenset(stop_ids)
+        self.max_model_len = max_model_len
+
+    def on_token(self, request: Request, token_id: int) -> tuple[str, FinishReason | None]:
+        """Account for a token already appended to request.token_ids; returns (text delta, finish)."""
+        if token_id in self.stop_ids:
+            return self._flush(), FinishReason.STOP
+        text = self.detok.step(token_id) if self.detok is not None else ""
+        if self.stops is not None:
+            text, matched = self.stops.feed(text)
+            if matched:
+                return text, FinishReason.STOP
+        if request.num_output_tokens >= request.params.max_tokens or request.num_tokens >= self.max_model_len:
+            return text + self._flush(), FinishReason.LENGTH
+        return text, None
+
+    def _flush(self) -> str:
+        return self.stops.flush() if self.stops is not None else ""
