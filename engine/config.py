@@ -39,6 +39,7 @@ class EngineConfig:
     batcher: BatcherConfig = field(default_factory=BatcherConfig)
     torch_threads: int | None = None  # CPU threads for torch; None leaves torch's default
     seed: int = 0  # seeds the per-request seeds drawn for requests that bring none
+    cuda_graph_max_batch: int = 64  # decode steps up to this batch replay captured CUDA graphs; 0: off
 
     def __post_init__(self) -> None:
         if self.cache.block_size < 1:

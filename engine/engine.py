@@ -16,6 +16,7 @@ import torch
 from engine.batcher import BatchPlan, Batcher
 from engine.block_pool import BlockPool
 from engine.config import EngineConfig
+from engine.cuda_graphs import DecodeGraphs
 from engine.errors import InvalidRequest, OutOfBlocks, RequestNotFound
 from engine.handoff import KVExportSink, KVImport
 from engine.ids import BlockId, RequestId
@@ -56,11 +57,17 @@ class Engine:
         self.dtype = getattr(torch, config.resolved_dtype)
         cache = config.cache
         num_blocks = plan_num_blocks(self.model_config, cache, self.dtype, self.device)
-        self.kv_caches = allocate_kv_cache(self.model_config, num_blocks, cache.block_size, self.dtype, self.device)
+        # One block more than the pool hands out: padding rows of captured decode graphs write there.
+        self.kv_caches = allocate_kv_cache(
+            self.model_config, num_blocks + 1, cache.block_size, self.dtype, self.device
+        )
         self.pool = BlockPool(num_blocks)
         self.kv = KVManager(self.pool, cache.block_size, fingerprint, cache.enable_prefix_caching)
         self.batcher = Batcher(config.batcher, self.kv)
-        self.runner = ModelRunner(model, self.kv_caches, cache.block_size)
+        graphs = None
+        if self.device.type == "cuda" and config.cuda_graph_max_batch > 0:
+            graphs = DecodeGraphs(model, self.kv_caches, cache.block_size, num_blocks, config.cuda_graph_max_batch)
+        self.runner = ModelRunner(model, self.kv_caches, cache.block_size, graphs)
         self.sampler = Sampler()
         self.requests: dict[RequestId, Request] = {}
         self._outputs: dict[RequestId, OutputProcessor] = {}

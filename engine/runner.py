@@ -13,6 +13,7 @@ import torch
 
 from engine.attention import AttentionMetadata, PrefillSpan
 from engine.batcher import ScheduledChunk
+from engine.cuda_graphs import DecodeGraphs
 from engine.model import LlamaModel
 
 
@@ -26,11 +27,14 @@ class ForwardInputs:
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaModel, kv_caches: list[torch.Tensor], block_size: int) -> None:
+    def __init__(
+        self, model: LlamaModel, kv_caches: list[torch.Tensor], block_size: int, graphs: DecodeGraphs | None = None
+    ) -> None:
         self.model = model
         self.kv_caches = kv_caches
         self.block_size = block_size
         self.device = kv_caches[0].device
+        self.graphs = graphs
 
     def prepare(self, chunks: list[ScheduledChunk]) -> ForwardInputs:
         order = [c for c in chunks if c.num_new_tokens == 1] + [c for c in chunks if c.num_new_tokens > 1]
@@ -85,6 +89,14 @@ class ModelRunner:
     def execute(self, inputs: ForwardInputs) -> torch.Tensor:
         """Run one step; returns logits (sampled rows, vocab) float32 in inputs.order's completing order."""
         exporting = [c for c in inputs.order if c.completes and c.request.kv_export is not None]
+        meta = inputs.meta
+        decode_only = not meta.prefills and len(inputs.logits_rows) == meta.num_decodes
+        if self.graphs is not None and decode_only and not exporting and self.graphs.can_run(meta.num_decodes):
+            assert meta.decode_block_tables is not None and meta.decode_context_lens is not None
+            return self.graphs.run(
+                inputs.input_ids, inputs.positions, meta.slot_mapping, meta.decode_block_tables,
+                meta.decode_context_lens,
+            )
 
         def on_layer_done(layer: int) -> None:
             for chunk in exporting:
