@@ -49,6 +49,8 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> t
 
 
 class Rotary(nn.Module):
+    inv_freq: torch.Tensor  # (head_dim/2,) float32
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         inv_freq = rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling)
