@@ -1,0 +1,57 @@
+"""Client channels to pdmesh services, with the same limits and keepalive as the servers.
+
+Used by the public client library and by services calling each other (the scheduler calling
+prefill and decode workers), so both sides of every hop agree on message size limits and on
+pings that keep a long silent call (a long prefill) alive.
+"""
+
+from __future__ import annotations
+
+import grpc
+import grpc.aio
+
+from pdmesh.config import ChannelConfig
+
+
+def channel_options(config: ChannelConfig) -> list[tuple[str, int | str]]:
+    options: list[tuple[str, int | str]] = [
+        ("grpc.max_send_message_length", config.max_message_bytes),
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        ("grpc.keepalive_time_ms", config.keepalive_time_ms),
+        ("grpc.keepalive_timeout_ms", config.keepalive_timeout_ms),
+        ("grpc.keepalive_permit_without_calls", 1),
+        # Keep pinging through a call that sends nothing for minutes (a long prefill).
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
+    if config.tls_server_name:
+        options.append(("grpc.ssl_target_name_override", config.tls_server_name))
+    return options
+
+
+def channel_credentials(config: ChannelConfig) -> grpc.ChannelCredentials | None:
+    """TLS credentials when config.tls_ca_path is set (with a client certificate for mTLS)."""
+    if config.tls_ca_path is None:
+        return None
+    cert = config.tls_cert_path.read_bytes() if config.tls_cert_path else None
+    key = config.tls_key_path.read_bytes() if config.tls_key_path else None
+    return grpc.ssl_channel_credentials(config.tls_ca_path.read_bytes(), key, cert)
+
+
+def channel(target: str, config: ChannelConfig | None = None) -> grpc.aio.Channel:
+    """An asyncio channel to `target` ("host:port")."""
+    config = config or ChannelConfig()
+    creds = channel_credentials(config)
+    options = channel_options(config)
+    if creds is None:
+        return grpc.aio.insecure_channel(target, options=options)
+    return grpc.aio.secure_channel(target, creds, options=options)
+
+
+def sync_channel(target: str, config: ChannelConfig | None = None) -> grpc.Channel:
+    """A blocking channel to `target`, for the synchronous client."""
+    config = config or ChannelConfig()
+    creds = channel_credentials(config)
+    options = channel_options(config)
+    if creds is None:
+        return grpc.insecure_channel(target, options=options)
+    return grpc.secure_channel(target, creds, options=options)

@@ -1,0 +1,204 @@
+"""Configuration: the only module that reads the environment.
+
+Every setting is a field of a frozen dataclass; `from_env(ServerConfig, "server")` fills one from
+PDMESH_SERVER_<FIELD> variables, converting each to the field's type and naming the variable in
+the error when it cannot. Unset variables keep the field's default. A component that needs new
+settings declares them as fields of its own dataclass (engine configs live in engine/) and loads
+it with the same `from_env`; nothing else calls os.environ.
+
+Field types understood: str, int, float, bool, Path, enum members (by name), `X | None` (an
+empty value means None) and tuple[str, ...] / tuple[int, ...] (comma-separated).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import os
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+PREFIX = "PDMESH_"
+MiB = 1 << 20
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A setting is malformed or inconsistent. `field` is the field, or the variable when the
+    value came from the environment; the message is "<field>: <problem>; <fix>"."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        self.field = field
+        self.problem = problem
+        super().__init__(f"{field}: {problem}")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """How a service's gRPC server listens, secures and stops. Loaded from PDMESH_SERVER_*."""
+
+    host: str = "0.0.0.0"
+    port: int = 50051  # 0 picks a free port (tests)
+    # TLS: cert and key together turn TLS on; a CA as well requires and verifies client
+    # certificates (mTLS).
+    tls_cert_path: Path | None = None
+    tls_key_path: Path | None = None
+    tls_ca_path: Path | None = None
+    # Draining on SIGTERM: in-flight calls get this long to finish before they are cancelled.
+    shutdown_grace_s: float = 30.0
+    max_message_bytes: int = 64 * MiB
+    # Pings keep idle connections and long silent calls (a long prefill) alive through proxies.
+    keepalive_time_ms: int = 30_000
+    keepalive_timeout_ms: int = 20_000
+    # Clients may ping this often without the server treating it as abuse.
+    keepalive_min_ping_interval_ms: int = 10_000
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ConfigError("port", f"is {self.port}; use 0 (any free port) to 65535")
+        if (self.tls_cert_path is None) != (self.tls_key_path is None):
+            raise ConfigError(
+                "tls_cert_path", "is set without tls_key_path or the reverse; set both to serve TLS"
+            )
+        if self.tls_ca_path is not None and self.tls_cert_path is None:
+            raise ConfigError(
+                "tls_ca_path",
+                "verifying clients (mTLS) needs the server's own tls_cert_path and tls_key_path",
+            )
+        _check_positive(
+            self, "shutdown_grace_s", "max_message_bytes", "keepalive_time_ms", "keepalive_timeout_ms"
+        )
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert_path is not None
+
+
+@dataclass(frozen=True)
+class ChannelConfig:
+    """How a client connects to a service: TLS files and the same limits as the servers'.
+
+    Loaded from PDMESH_CHANNEL_*. TLS is on when tls_ca_path is set (the roots that verify the
+    server); a cert and key as well present a client certificate (mTLS).
+    """
+
+    tls_ca_path: Path | None = None
+    tls_cert_path: Path | None = None
+    tls_key_path: Path | None = None
+    # Overrides the name checked against the server's certificate (tests, IP-addressed peers).
+    tls_server_name: str | None = None
+    max_message_bytes: int = 64 * MiB
+    keepalive_time_ms: int = 30_000
+    keepalive_timeout_ms: int = 20_000
+
+    def __post_init__(self) -> None:
+        if (self.tls_cert_path is None) != (self.tls_key_path is None):
+            raise ConfigError(
+                "tls_cert_path",
+                "is set without tls_key_path or the reverse; set both to present a certificate",
+            )
+        if self.tls_cert_path is not None and self.tls_ca_path is None:
+            raise ConfigError(
+                "tls_ca_path", "is unset, but a client certificate is only sent over TLS; set the CA too"
+            )
+        _check_positive(self, "max_message_bytes", "keepalive_time_ms", "keepalive_timeout_ms")
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_ca_path is not None
+
+
+def _check_positive(config: object, *names: str) -> None:
+    for name in names:
+        value = getattr(config, name)
+        if value <= 0:
+            raise ConfigError(name, f"is {value}; use a positive value")
+
+
+def env_name(section: str, field: str) -> str:
+    """The variable that sets `field` of `section`: env_name("server", "port") == "PDMESH_SERVER_PORT"."""
+    return PREFIX + "_".join(p for p in (section, field) if p).upper()
+
+
+def from_env(
+    cls: type[T], section: str = "", environ: Mapping[str, str] | None = None, **overrides: Any
+) -> T:
+    """Build the dataclass `cls` from PDMESH_<SECTION>_<FIELD> variables.
+
+    `overrides` (e.g. from command-line flags) win over the environment; fields set by neither
+    keep their defaults. Raises ConfigError naming the variable when a value does not convert.
+    """
+    if not (dataclasses.is_dataclass(cls) and isinstance(cls, type)):
+        raise TypeError(f"{cls!r} is not a dataclass type")
+    env = os.environ if environ is None else environ
+    hints = typing.get_type_hints(cls)
+    values: dict[str, Any] = {}
+    given = set(overrides)
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        name = env_name(section, f.name)
+        if f.name in overrides:
+            values[f.name] = overrides.pop(f.name)
+        elif name in env:
+            values[f.name] = _convert(env[name], hints[f.name], name)
+    if overrides:
+        raise TypeError(f"{cls.__name__} has no field(s) {', '.join(sorted(overrides))}")
+    try:
+        return cls(**values)
+    except ConfigError as e:
+        if e.field in values and e.field not in given:
+            raise ConfigError(env_name(section, e.field), e.problem) from None
+        raise
+
+
+def _convert(raw: str, tp: Any, name: str) -> Any:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        if len(inner) != 1:
+            raise TypeError(f"{name}: unions other than `X | None` are not supported")
+        return None if raw.strip() == "" else _convert(raw, inner[0], name)
+    if origin is tuple:
+        item = args[0] if args else str
+        return tuple(_convert(p.strip(), item, name) for p in raw.split(",") if p.strip())
+    value = raw.strip()
+    try:
+        if tp is bool:
+            return _BOOLS[value.lower()]
+        if isinstance(tp, type) and issubclass(tp, enum.Enum):
+            return tp[value.upper()]
+        if tp in (int, float, str, Path):
+            return tp(value)
+    except (KeyError, ValueError):
+        raise ConfigError(name, f"is {raw!r}; expected {_describe(tp)}") from None
+    raise TypeError(f"{name}: fields of type {tp!r} cannot be read from the environment")
+
+
+_BOOLS = {
+    "1": True,
+    "true": True,
+    "yes": True,
+    "on": True,
+    "0": False,
+    "false": False,
+    "no": False,
+    "off": False,
+}
+
+
+def _describe(tp: Any) -> str:
+    if tp is bool:
+        return "a boolean (1/0, true/false, yes/no, on/off)"
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        return "one of " + ", ".join(m.name.lower() for m in tp)
+    return {int: "an integer", float: "a number"}.get(tp, f"a {getattr(tp, '__name__', tp)}")

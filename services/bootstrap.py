@@ -1,0 +1,283 @@
+"""Server plumbing, written once for every service.
+
+A service builds its servicers, wraps each in a `ServicerBinding`, and calls `serve`. It gets:
+- a grpc.aio server bound to ServerConfig.address, with TLS or mTLS when configured, raised
+  message limits and keepalive that tolerates long silent calls;
+- the standard health service (grpc.health.v1): NOT_SERVING until ready, SERVING once ready,
+  NOT_SERVING again from the moment it starts draining;
+- server reflection listing every service (grpcurl, grpc_cli);
+- one interceptor that maps typed errors to status codes (services/status.py) for unary and
+  streaming calls alike, errors raised mid-stream included, and never sends a traceback;
+- graceful shutdown on SIGTERM/SIGINT: health NOT_SERVING, new calls refused with UNAVAILABLE,
+  calls in flight given ServerConfig.shutdown_grace_s to finish, then the server stops.
+
+Servicers stay thin: they convert, call and convert back, and raise typed errors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import signal
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import grpc.aio
+import structlog
+from google.protobuf.descriptor import ServiceDescriptor
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from pdmesh.config import ServerConfig
+from services.status import typed_code
+
+log = structlog.get_logger(__name__)
+
+_SERVING = health_pb2.HealthCheckResponse.SERVING
+_NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+_HEALTH_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+# Calls to these stay open while draining and are not counted as work in flight.
+_PLUMBING = (f"/{_HEALTH_NAME}/", f"/{reflection.SERVICE_NAME}/")
+
+
+@dataclass(frozen=True)
+class ServicerBinding:
+    """One servicer and how to add it: ServicerBinding(servicer,
+    decode_pb2_grpc.add_DecodeServicer_to_server, decode_pb2.DESCRIPTOR.services_by_name["Decode"])."""
+
+    servicer: object
+    add_to_server: Callable[[Any, grpc.aio.Server], None]
+    service: ServiceDescriptor
+
+    @property
+    def name(self) -> str:
+        return self.service.full_name
+
+
+def server_options(config: ServerConfig) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_send_message_length", config.max_message_bytes),
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        ("grpc.keepalive_time_ms", config.keepalive_time_ms),
+        ("grpc.keepalive_timeout_ms", config.keepalive_timeout_ms),
+        ("grpc.keepalive_permit_without_calls", 1),
+        # Clients ping through long silent calls (a long prefill); never count that as abuse.
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", config.keepalive_min_ping_interval_ms),
+        ("grpc.http2.max_ping_strikes", 0),
+        # A port in use must fail the bind, not be shared silently with another server.
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
+    """TLS credentials when a certificate is configured; client certificates required with a CA."""
+    if config.tls_cert_path is None or config.tls_key_path is None:
+        return None
+    ca = config.tls_ca_path.read_bytes() if config.tls_ca_path else None
+    return grpc.ssl_server_credentials(
+        [(config.tls_key_path.read_bytes(), config.tls_cert_path.read_bytes())],
+        root_certificates=ca,
+        require_client_auth=ca is not None,
+    )
+
+
+class _InFlight:
+    """Counts calls in flight so that draining can wait for the last one."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.draining = False
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def enter(self) -> None:
+        self.count += 1
+        self._idle.clear()
+
+    def exit(self) -> None:
+        self.count -= 1
+        if self.count == 0:
+            self._idle.set()
+
+    async def wait_idle(self, timeout_s: float) -> bool:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+        return self._idle.is_set()
+
+
+def _status_of(exc: Exception, method: str) -> tuple[grpc.StatusCode, str]:
+    """The code and client-facing message of an exception a servicer raised."""
+    code = typed_code(exc)
+    if code is not None:
+        log.info("call refused", method=method, code=code.name, error=str(exc))
+        return code, str(exc)
+    error_id = uuid.uuid4().hex[:12]
+    log.error("call failed", method=method, error_id=error_id, exc_info=exc)
+    return grpc.StatusCode.INTERNAL, f"internal error {error_id}; the server log has the details"
+
+
+class _Interceptor(grpc.aio.ServerInterceptor):
+    """Refuses new calls while draining, counts calls in flight, and maps exceptions to statuses."""
+
+    def __init__(self, in_flight: _InFlight) -> None:
+        self._in_flight = in_flight
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        method: str = handler_call_details.method  # type: ignore[attr-defined]
+        if handler is None or method.startswith(_PLUMBING):
+            return handler
+        codecs = {
+            "request_deserializer": handler.request_deserializer,
+            "response_serializer": handler.response_serializer,
+        }
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(self._unary(handler.unary_unary, method), **codecs)
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(self._unary(handler.stream_unary, method), **codecs)
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                self._streaming(handler.unary_stream, method), **codecs
+            )
+        return grpc.stream_stream_rpc_method_handler(self._streaming(handler.stream_stream, method), **codecs)
+
+    def _unary(self, behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
+        async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            async with self._guard(method, context):
+                return await behavior(request, context)
+
+        return call
+
+    def _streaming(self, behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
+        async def call(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            async with self._guard(method, context):
+                responses = behavior(request, context)
+                if inspect.isawaitable(responses):  # the servicer writes with context.write()
+                    await responses
+                    return
+                async with contextlib.aclosing(responses):
+                    async for response in responses:
+                        yield response
+
+        return call
+
+    @contextlib.asynccontextmanager
+    async def _guard(self, method: str, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+        if self._in_flight.draining:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "server is draining; retry on another worker")
+        self._in_flight.enter()
+        try:
+            yield
+        except grpc.aio.AbortError:  # the servicer aborted with its own status
+            raise
+        except Exception as exc:
+            code, message = _status_of(exc, method)
+            await context.abort(code, message)
+        finally:
+            self._in_flight.exit()
+
+
+class Server:
+    """A started gRPC server with health, reflection, the interceptor and graceful stop."""
+
+    def __init__(self, bindings: Sequence[ServicerBinding], config: ServerConfig) -> None:
+        self.config = config
+        self.service_names = tuple(b.name for b in bindings)
+        self.port = 0
+        self._bindings = tuple(bindings)
+        self._in_flight = _InFlight()
+        self._health = health.aio.HealthServicer()
+        self._server: grpc.aio.Server | None = None
+        self._stopping: asyncio.Future[None] | None = None
+
+    @property
+    def draining(self) -> bool:
+        return self._in_flight.draining
+
+    async def start(self) -> int:
+        """Bind and start, health NOT_SERVING; returns the bound port."""
+        server = grpc.aio.server(
+            interceptors=[_Interceptor(self._in_flight)], options=server_options(self.config)
+        )
+        for binding in self._bindings:
+            binding.add_to_server(binding.servicer, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        reflection.enable_server_reflection(
+            [*self.service_names, _HEALTH_NAME, reflection.SERVICE_NAME], server
+        )
+        creds = server_credentials(self.config)
+        address = self.config.address
+        port = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
+        await self._set_health(_NOT_SERVING)
+        await server.start()
+        self._server, self.port = server, port
+        return port
+
+    async def set_serving(self) -> None:
+        """Health SERVING for the server ("") and every service: ready for calls."""
+        await self._set_health(_SERVING)
+
+    async def stop(self) -> None:
+        """Drain: health NOT_SERVING, refuse new calls, wait for those in flight, then stop.
+        Calling it again while it runs waits for the same stop."""
+        if self._stopping is None:
+            self._stopping = asyncio.ensure_future(self._drain_and_stop())
+        await asyncio.shield(self._stopping)
+
+    async def _drain_and_stop(self) -> None:
+        assert self._server is not None, "stop() before start()"
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.shutdown_grace_s
+        await self._health.enter_graceful_shutdown()
+        self._in_flight.draining = True
+        if not await self._in_flight.wait_idle(self.config.shutdown_grace_s):
+            log.warning("grace period over; cancelling calls in flight", calls=self._in_flight.count)
+        await self._server.stop(max(0.0, deadline - loop.time()))
+
+    async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus) -> None:
+        for name in ("", *self.service_names):
+            await self._health.set(name, status)
+
+
+async def serve(
+    bindings: Sequence[ServicerBinding],
+    config: ServerConfig,
+    *,
+    on_ready: Callable[[Server], Awaitable[None]] | None = None,
+    on_shutdown: Callable[[], Awaitable[None]] | None = None,
+) -> None:
+    """Run a server until SIGTERM or SIGINT, then drain and return.
+
+    on_ready runs once the server is SERVING (register with the scheduler, report the port);
+    on_shutdown runs after the server stopped (stop the engine, close channels).
+    """
+    server = Server(bindings, config)
+    await server.start()
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    signals = (signal.SIGTERM, signal.SIGINT)
+    for sig in signals:
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await server.set_serving()
+        log.info("serving", port=server.port, services=list(server.service_names), tls=config.tls)
+        if on_ready is not None:
+            await on_ready(server)
+        await stop.wait()
+    finally:
+        for sig in signals:
+            loop.remove_signal_handler(sig)
+        log.info("draining", grace_s=config.shutdown_grace_s)
+        await server.stop()
+        log.info("stopped")
+        if on_shutdown is not None:
+            await on_shutdown()

@@ -1,0 +1,79 @@
+"""Typed service errors and the one table that turns any typed error into a gRPC status.
+
+Servicers raise typed exceptions (these, engine.errors, kvtransfer's TransferFailed) and never
+call context.abort themselves; the interceptor in services/bootstrap.py asks `status_for` for the
+code and the message the client sees. The message is the exception's own text, which by
+convention reads "<field>: <problem>; <fix>". An exception that is in no table is a bug: the
+client gets INTERNAL with a generic message and an error id, the log gets the traceback.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+from engine.errors import InvalidRequest, ModelLoadError, OutOfBlocks, RequestNotFound
+
+
+class ServiceError(Exception):
+    """Base of the errors services raise on purpose. Same shape as engine.errors.InvalidRequest."""
+
+    def __init__(self, field: str, problem: str, fix: str) -> None:
+        self.field = field
+        self.problem = problem
+        self.fix = fix
+        super().__init__(f"{field}: {problem}; {fix}")
+
+
+class TicketNotFound(ServiceError):
+    """No ticket with this id is held here (released, committed or never reserved). NOT_FOUND."""
+
+
+class LeaseExpired(ServiceError):
+    """The ticket's lease ran out before Decode.Generate committed it. FAILED_PRECONDITION."""
+
+
+class NoCapacity(ServiceError):
+    """No worker can take the request now, or no plan meets its SLO. RESOURCE_EXHAUSTED."""
+
+
+class NoLiveWorker(ServiceError):
+    """No worker of the needed role and model is serving. UNAVAILABLE."""
+
+
+class ModelNotFound(ServiceError):
+    """No served model has this name. NOT_FOUND."""
+
+
+_BY_TYPE: dict[type[BaseException], grpc.StatusCode] = {
+    InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
+    OutOfBlocks: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    RequestNotFound: grpc.StatusCode.NOT_FOUND,
+    ModelLoadError: grpc.StatusCode.FAILED_PRECONDITION,
+    TicketNotFound: grpc.StatusCode.NOT_FOUND,
+    LeaseExpired: grpc.StatusCode.FAILED_PRECONDITION,
+    NoCapacity: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    NoLiveWorker: grpc.StatusCode.UNAVAILABLE,
+    ModelNotFound: grpc.StatusCode.NOT_FOUND,
+}
+
+# Errors of packages that the servers must not import just to map them (kvtransfer pulls in
+# ucxx), matched by (top-level package, class name) along the exception's MRO.
+# TransferFailed is UNAVAILABLE: the peer or the link failed, and the scheduler retries the
+# hand-off elsewhere.
+_BY_NAME: dict[tuple[str, str], grpc.StatusCode] = {
+    ("kvtransfer", "TransferFailed"): grpc.StatusCode.UNAVAILABLE,
+}
+
+
+def register_error(exc_type: type[BaseException], code: grpc.StatusCode) -> None:
+    """Map another typed error (and its subclasses) to `code`. Call at service start-up."""
+    _BY_TYPE[exc_type] = code
+
+
+def typed_code(exc: BaseException) -> grpc.StatusCode | None:
+    """The status code of a typed error, or None when `exc` is in no table (a bug)."""
+    for cls in type(exc).__mro__:
+        code = _BY_TYPE.get(cls) or _BY_NAME.get((cls.__module__.partition(".")[0], cls.__name__))
+        if code is not None:
+            return code
+    return None

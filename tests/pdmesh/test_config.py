@@ -1,0 +1,131 @@
+"""Settings from PDMESH_* variables: conversions, precedence, and errors that name the variable."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from pdmesh.config import ChannelConfig, ConfigError, ServerConfig, env_name, from_env
+
+
+class Policy(enum.Enum):
+    ROUND_ROBIN = "round_robin"
+    SLO = "slo"
+
+
+@dataclass(frozen=True)
+class ExampleConfig:
+    name: str = "x"
+    workers: int = 1
+    ratio: float = 0.5
+    verbose: bool = False
+    model_path: Path | None = None
+    ports: tuple[int, ...] = ()
+    tags: tuple[str, ...] = ()
+    policy: Policy = Policy.SLO
+
+
+def test_variable_names_are_prefix_section_and_field_in_upper_case() -> None:
+    assert env_name("server", "port") == "PDMESH_SERVER_PORT"
+    assert env_name("", "log_level") == "PDMESH_LOG_LEVEL"
+
+
+def test_unset_variables_keep_the_defaults() -> None:
+    assert from_env(ExampleConfig, "example", environ={}) == ExampleConfig()
+    assert from_env(ServerConfig, "server", environ={"PDMESH_OTHER_PORT": "1"}) == ServerConfig()
+
+
+def test_each_field_type_is_converted_from_its_variable() -> None:
+    environ = {
+        "PDMESH_EXAMPLE_NAME": "decode-0",
+        "PDMESH_EXAMPLE_WORKERS": " 4 ",
+        "PDMESH_EXAMPLE_RATIO": "1e-3",
+        "PDMESH_EXAMPLE_VERBOSE": "yes",
+        "PDMESH_EXAMPLE_MODEL_PATH": "/models/smollm2",
+        "PDMESH_EXAMPLE_PORTS": "50051, 50052,",
+        "PDMESH_EXAMPLE_TAGS": "a,b",
+        "PDMESH_EXAMPLE_POLICY": "round_robin",
+    }
+    assert from_env(ExampleConfig, "example", environ=environ) == ExampleConfig(
+        name="decode-0",
+        workers=4,
+        ratio=0.001,
+        verbose=True,
+        model_path=Path("/models/smollm2"),
+        ports=(50051, 50052),
+        tags=("a", "b"),
+        policy=Policy.ROUND_ROBIN,
+    )
+    for text, value in [
+        ("1", True),
+        ("TRUE", True),
+        ("on", True),
+        ("0", False),
+        ("off", False),
+        ("No", False),
+    ]:
+        assert from_env(ExampleConfig, "example", environ={"PDMESH_EXAMPLE_VERBOSE": text}).verbose is value
+
+
+def test_an_empty_value_of_an_optional_field_means_none() -> None:
+    assert from_env(ExampleConfig, "example", environ={"PDMESH_EXAMPLE_MODEL_PATH": ""}).model_path is None
+
+
+def test_overrides_win_over_the_environment() -> None:
+    config = from_env(
+        ServerConfig, "server", environ={"PDMESH_SERVER_PORT": "7000"}, port=0, host="127.0.0.1"
+    )
+    assert (config.host, config.port, config.address) == ("127.0.0.1", 0, "127.0.0.1:0")
+    with pytest.raises(TypeError, match="ServerConfig has no field.*prot"):
+        from_env(ServerConfig, "server", environ={}, prot=1)
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "message"),
+    [
+        ("PDMESH_EXAMPLE_WORKERS", "four", "PDMESH_EXAMPLE_WORKERS: is 'four'; expected an integer"),
+        ("PDMESH_EXAMPLE_RATIO", "half", "PDMESH_EXAMPLE_RATIO: is 'half'; expected a number"),
+        (
+            "PDMESH_EXAMPLE_VERBOSE",
+            "maybe",
+            "PDMESH_EXAMPLE_VERBOSE: is 'maybe'; expected a boolean (1/0, true",
+        ),
+        ("PDMESH_EXAMPLE_PORTS", "1,x", "PDMESH_EXAMPLE_PORTS: is 'x'; expected an integer"),
+        (
+            "PDMESH_EXAMPLE_POLICY",
+            "fastest",
+            "PDMESH_EXAMPLE_POLICY: is 'fastest'; expected one of round_robin, slo",
+        ),
+    ],
+)
+def test_a_value_that_does_not_convert_names_the_variable(variable: str, value: str, message: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        from_env(ExampleConfig, "example", environ={variable: value})
+    assert str(error.value).startswith(message)
+    assert error.value.field == variable
+
+
+def test_an_inconsistent_setting_names_the_variable_or_the_field_it_came_from() -> None:
+    with pytest.raises(
+        ConfigError, match=r"^PDMESH_SERVER_PORT: is 70000; use 0 \(any free port\) to 65535$"
+    ):
+        from_env(ServerConfig, "server", environ={"PDMESH_SERVER_PORT": "70000"})
+    with pytest.raises(ConfigError, match=r"^port: is 70000"):
+        from_env(ServerConfig, "server", environ={}, port=70000)
+    with pytest.raises(ConfigError, match=r"^PDMESH_SERVER_TLS_CERT_PATH: is set without tls_key_path"):
+        from_env(ServerConfig, "server", environ={"PDMESH_SERVER_TLS_CERT_PATH": "/certs/server.pem"})
+    with pytest.raises(ConfigError, match=r"^PDMESH_SERVER_MAX_MESSAGE_BYTES: is 0; use a positive value$"):
+        from_env(ServerConfig, "server", environ={"PDMESH_SERVER_MAX_MESSAGE_BYTES": "0"})
+
+
+def test_tls_settings_come_in_consistent_sets() -> None:
+    assert not ServerConfig().tls and not ChannelConfig().tls
+    assert ServerConfig(tls_cert_path=Path("c.pem"), tls_key_path=Path("k.pem")).tls
+    with pytest.raises(ConfigError, match="^tls_ca_path: verifying clients"):
+        ServerConfig(tls_ca_path=Path("ca.pem"))
+    with pytest.raises(ConfigError, match="^tls_ca_path: is unset, but a client certificate"):
+        ChannelConfig(tls_cert_path=Path("c.pem"), tls_key_path=Path("k.pem"))
+    assert ChannelConfig(tls_ca_path=Path("ca.pem")).tls
