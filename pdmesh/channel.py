@@ -13,16 +13,25 @@ import grpc.aio
 from pdmesh.config import ChannelConfig
 
 
-def channel_options(config: ChannelConfig) -> list[tuple[str, int | str]]:
-    options: list[tuple[str, int | str]] = [
-        ("grpc.max_send_message_length", config.max_message_bytes),
-        ("grpc.max_receive_message_length", config.max_message_bytes),
-        ("grpc.keepalive_time_ms", config.keepalive_time_ms),
-        ("grpc.keepalive_timeout_ms", config.keepalive_timeout_ms),
+def transport_options(
+    max_message_bytes: int, keepalive_time_ms: int, keepalive_timeout_ms: int
+) -> list[tuple[str, int | str]]:
+    """The message limits and keepalive that servers and channels share."""
+    return [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.keepalive_time_ms", keepalive_time_ms),
+        ("grpc.keepalive_timeout_ms", keepalive_timeout_ms),
         ("grpc.keepalive_permit_without_calls", 1),
         # Keep pinging through a call that sends nothing for minutes (a long prefill).
         ("grpc.http2.max_pings_without_data", 0),
     ]
+
+
+def channel_options(config: ChannelConfig) -> list[tuple[str, int | str]]:
+    options = transport_options(
+        config.max_message_bytes, config.keepalive_time_ms, config.keepalive_timeout_ms
+    )
     if config.tls_server_name:
         options.append(("grpc.ssl_target_name_override", config.tls_server_name))
     return options

@@ -11,7 +11,9 @@ A service builds its servicers, wraps each in a `ServicerBinding`, and calls `se
 - graceful shutdown on SIGTERM/SIGINT: health NOT_SERVING, new calls refused with UNAVAILABLE,
   calls in flight given ServerConfig.shutdown_grace_s to finish, then the server stops.
 
-Servicers stay thin: they convert, call and convert back, and raise typed errors.
+Servicers stay thin: they convert, call and convert back, and raise typed errors. A service that
+calls another opens its channel with pdmesh.channel.channel, which shares these limits and
+keepalive (it lives in pdmesh/ because the public client library needs it too).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from pdmesh.channel import transport_options
 from pdmesh.config import ServerConfig
 from services.status import typed_code
 
@@ -58,15 +61,10 @@ class ServicerBinding:
         return self.service.full_name
 
 
-def server_options(config: ServerConfig) -> list[tuple[str, int]]:
+def server_options(config: ServerConfig) -> list[tuple[str, int | str]]:
     return [
-        ("grpc.max_send_message_length", config.max_message_bytes),
-        ("grpc.max_receive_message_length", config.max_message_bytes),
-        ("grpc.keepalive_time_ms", config.keepalive_time_ms),
-        ("grpc.keepalive_timeout_ms", config.keepalive_timeout_ms),
-        ("grpc.keepalive_permit_without_calls", 1),
+        *transport_options(config.max_message_bytes, config.keepalive_time_ms, config.keepalive_timeout_ms),
         # Clients ping through long silent calls (a long prefill); never count that as abuse.
-        ("grpc.http2.max_pings_without_data", 0),
         ("grpc.http2.min_recv_ping_interval_without_data_ms", config.keepalive_min_ping_interval_ms),
         ("grpc.http2.max_ping_strikes", 0),
         # A port in use must fail the bind, not be shared silently with another server.
