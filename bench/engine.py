@@ -115,7 +115,8 @@ def time_decode(engine: Engine, batch: int, prompt_len: int, steps: int, device:
 def time_prefill(engine: Engine, prompt_len: int, device: str) -> float:
     best = float("inf")
     for rep in range(3):
-        engine.add_request(f"p{rep}", [(3 * j + rep) % 1000 + 1 for j in range(prompt_len)], SamplingParams(max_tokens=1))
+        prompt = [(3 * j + rep) % 1000 + 1 for j in range(prompt_len)]
+        engine.add_request(f"p{rep}", prompt, SamplingParams(max_tokens=1))
         sync(device)
         t = time.perf_counter()
         while engine.has_work():

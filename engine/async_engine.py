@@ -9,6 +9,7 @@ fails the requests in it, and the loop carries on with the rest.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import threading
@@ -165,10 +166,8 @@ class AsyncEngine:
 
 
 def _abort_quietly(engine: Engine, request_id: str) -> None:
-    try:
+    with contextlib.suppress(RequestNotFound):  # it finished on its own first
         engine.abort(request_id)
-    except RequestNotFound:
-        pass  # it finished on its own first
 
 
 __all__ = ["AsyncEngine", "FinishReason"]

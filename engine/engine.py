@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.batcher import BatchPlan, Batcher
+from engine.batcher import Batcher, BatchPlan
 from engine.block_pool import BlockPool
 from engine.config import EngineConfig
 from engine.cuda_graphs import DecodeGraphs
@@ -276,7 +276,9 @@ class Engine:
             raise InvalidRequest("prompt", "is empty", "send at least one token")
         vocab = self.model_config.vocab_size
         if any(not 0 <= t < vocab for t in [*prompt, *prior]):
-            raise InvalidRequest("prompt_token_ids", "contains an id outside the vocabulary", f"use ids in [0, {vocab})")
+            raise InvalidRequest(
+                "prompt_token_ids", "contains an id outside the vocabulary", f"use ids in [0, {vocab})"
+            )
         params.validate(vocab)
         if params.stop and self.tokenizer is None:
             raise InvalidRequest("stop", "needs a tokenizer, and this engine has none", "use stop_token_ids")
