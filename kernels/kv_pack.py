@@ -1,0 +1,158 @@
+"""Gather a request's scattered KV blocks into one contiguous staging buffer, and scatter them back.
+
+KV moves between workers over UCX, where large messages are fast and small ones slow
+(../shared/DESIGN.md §4), so the sender packs a request's blocks for a layer group into one staging
+buffer and the receiver unpacks the buffer into its own blocks:
+
+    kv_layers[l]  # (2, num_blocks, block_size, num_kv_heads, head_dim); [0] is K, [1] is V
+    staging       # (num_layers, 2, n, block_size, num_kv_heads, head_dim), contiguous
+    staging[l, kv, i] == kv_layers[l][kv, block_ids[i]]
+
+On CUDA tensors a Triton kernel copies whole blocks as machine words (any dtype), one launch per
+8 layers (kernels/_kv_pack_kernel.py); elsewhere index_select / index_copy_ do it, which is also the
+CPU production path. This module checks shapes, dtypes and devices but not block id values on the
+hot path (that would cost a device sync per call): the receiver validates a ticket's ids once with
+validate_block_ids, and the kernel skips any id outside the pool, so it never touches memory outside
+the caches and the staging buffer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from kernels._triton import check_triton_device, next_power_of_2, require_triton, triton_available
+
+_CHUNK_BYTES = 8192  # bytes one program copies
+
+
+def pack_blocks(
+    kv_layers: Sequence[torch.Tensor],
+    block_ids: torch.Tensor,
+    out: torch.Tensor,
+    *,
+    use_triton: bool | None = None,
+) -> None:
+    """out[l, kv, i] = kv_layers[l][kv, block_ids[i]]. block_ids: (n,) int64 on the layers' device."""
+    _check(kv_layers, block_ids, out, "out")
+    if _pick_triton(out, use_triton):
+        _copy_triton(out, kv_layers, block_ids, pack=True)
+    else:
+        pack_blocks_ref(kv_layers, block_ids, out)
+
+
+def unpack_blocks(
+    staging: torch.Tensor,
+    kv_layers: Sequence[torch.Tensor],
+    block_ids: torch.Tensor,
+    *,
+    use_triton: bool | None = None,
+) -> None:
+    """kv_layers[l][kv, block_ids[i]] = staging[l, kv, i]; the inverse of pack_blocks.
+
+    block_ids must be distinct and inside the pool: check a ticket's ids once with validate_block_ids.
+    """
+    _check(kv_layers, block_ids, staging, "staging")
+    if _pick_triton(staging, use_triton):
+        _copy_triton(staging, kv_layers, block_ids, pack=False)
+    else:
+        unpack_blocks_ref(staging, kv_layers, block_ids)
+
+
+def pack_blocks_ref(kv_layers: Sequence[torch.Tensor], block_ids: torch.Tensor, out: torch.Tensor) -> None:
+    """Torch reference of pack_blocks: one index_select per layer, straight into out."""
+    for layer, kv in enumerate(kv_layers):
+        torch.index_select(kv, 1, block_ids, out=out[layer])
+
+
+def unpack_blocks_ref(staging: torch.Tensor, kv_layers: Sequence[torch.Tensor], block_ids: torch.Tensor) -> None:
+    """Torch reference of unpack_blocks: one index_copy_ per layer, straight from staging."""
+    for layer, kv in enumerate(kv_layers):
+        kv.index_copy_(1, block_ids, staging[layer])
+
+
+def validate_block_ids(block_ids: torch.Tensor, num_blocks: int) -> None:
+    """ValueError unless block_ids is a 1-D int64 tensor of distinct ids in [0, num_blocks).
+
+    Reads the ids back to the host (a device sync on CUDA): call it once per ticket, not per layer.
+    """
+    if block_ids.dim() != 1 or block_ids.dtype != torch.int64:
+        raise ValueError(f"block_ids must be a 1-D int64 tensor, got {block_ids.dtype} {tuple(block_ids.shape)}")
+    if block_ids.numel() == 0:
+        return
+    ids = block_ids.cpu()
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0 or high >= num_blocks:
+        raise ValueError(f"block ids must lie in [0, {num_blocks}), got min {low} and max {high}")
+    repeats = ids.numel() - ids.unique().numel()
+    if repeats:
+        raise ValueError(f"block ids must be distinct, got {repeats} repeats")
+
+
+def _pick_triton(staging: torch.Tensor, use_triton: bool | None) -> bool:
+    if use_triton is None:
+        return staging.is_cuda and triton_available()
+    return use_triton
+
+
+def _copy_triton(staging: torch.Tensor, kv_layers: Sequence[torch.Tensor], block_ids: torch.Tensor, pack: bool) -> None:
+    require_triton()
+    check_triton_device(staging, block_ids, *kv_layers)
+    from kernels._kv_pack_kernel import MAX_LAYERS, WORD_TYPES, _copy_blocks_kernel
+
+    n = block_ids.numel()
+    if n == 0:
+        return
+    _, num_blocks, *block_shape = kv_layers[0].shape
+    block_bytes = staging.element_size() * block_shape[0] * block_shape[1] * block_shape[2]
+    word_bytes = next(
+        size
+        for size in (8, 4, 2, 1)
+        if block_bytes % size == 0 and all(t.data_ptr() % size == 0 for t in (staging, *kv_layers))
+    )
+    block_words = block_bytes // word_bytes
+    chunk = min(next_power_of_2(block_words), _CHUNK_BYTES // word_bytes)
+    chunks_per_block = -(-block_words // chunk)
+    for first in range(0, len(kv_layers), MAX_LAYERS):
+        group = list(kv_layers[first : first + MAX_LAYERS])
+        pointers = group + [group[0]] * (MAX_LAYERS - len(group))
+        _copy_blocks_kernel[(n * chunks_per_block, 2 * len(group))](
+            staging if len(group) == len(kv_layers) else staging[first : first + len(group)],
+            *pointers, block_ids, n, num_blocks,
+            PACK=pack, WORD=WORD_TYPES[word_bytes], BLOCK_WORDS=block_words, CHUNK=chunk,
+            CHUNKS_PER_BLOCK=chunks_per_block, num_warps=4,
+        )  # fmt: skip
+
+
+def _check(kv_layers: Sequence[torch.Tensor], block_ids: torch.Tensor, staging: torch.Tensor, name: str) -> None:
+    if len(kv_layers) == 0:
+        raise ValueError("kv_layers is empty: pass the layer group's KV tensors")
+    first = kv_layers[0]
+    if first.dim() != 5 or first.shape[0] != 2:
+        raise ValueError(
+            f"each KV layer must be (2, num_blocks, block_size, num_kv_heads, head_dim), got {tuple(first.shape)}"
+        )
+    for i, kv in enumerate(kv_layers):
+        if kv.shape != first.shape or kv.dtype != first.dtype or kv.device != first.device:
+            raise ValueError(
+                f"kv_layers[{i}] is {kv.dtype} {tuple(kv.shape)} on {kv.device}; kv_layers[0] is "
+                f"{first.dtype} {tuple(first.shape)} on {first.device}: a group must match"
+            )
+        if not kv.is_contiguous():
+            raise ValueError(f"kv_layers[{i}] must be contiguous")
+    if block_ids.dim() != 1 or block_ids.dtype != torch.int64 or block_ids.device != first.device:
+        raise ValueError(
+            f"block_ids must be a 1-D int64 tensor on {first.device}, got {block_ids.dtype} "
+            f"{tuple(block_ids.shape)} on {block_ids.device}"
+        )
+    if block_ids.numel() > 1 and block_ids.stride(0) != 1:
+        raise ValueError("block_ids must be contiguous")
+    want = (len(kv_layers), 2, block_ids.numel(), *first.shape[2:])
+    if tuple(staging.shape) != want or staging.dtype != first.dtype or staging.device != first.device:
+        raise ValueError(
+            f"{name} must be {first.dtype} {want} on {first.device}, got {staging.dtype} "
+            f"{tuple(staging.shape)} on {staging.device}"
+        )
+    if not staging.is_contiguous():
+        raise ValueError(f"{name} must be contiguous")
