@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernel_cases import kv_pool, same_bytes
+from kernel_cases import kv_pool, nan_staging, same_bytes
 
 from kernels._triton import interpreter_active
 from kernels.kv_pack import pack_blocks, pack_blocks_ref, unpack_blocks, unpack_blocks_ref
@@ -18,18 +18,13 @@ pytestmark = pytest.mark.skipif(not interpreter_active(), reason="needs TRITON_I
 IDS = {1: [6], 5: [9, 2, 11, 0, 5]}  # unsorted, with gaps
 
 
-def _staging(layers: list[torch.Tensor], n: int) -> torch.Tensor:
-    _, _, *block_shape = layers[0].shape
-    return torch.full((len(layers), 2, n, *block_shape), float("nan"), dtype=layers[0].dtype)
-
-
 @pytest.mark.parametrize("n", list(IDS))
 @pytest.mark.parametrize("num_layers", [1, 3])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
 def test_pack_and_unpack_match_reference_byte_for_byte(dtype: torch.dtype, num_layers: int, n: int) -> None:
     layers = kv_pool(num_layers, num_blocks=12, dtype=dtype)
     ids = torch.tensor(IDS[n])
-    got, want = _staging(layers, n), _staging(layers, n)
+    got, want = nan_staging(layers, n), nan_staging(layers, n)
 
     pack_blocks(layers, ids, got, use_triton=True)
     pack_blocks_ref(layers, ids, want)
@@ -47,7 +42,7 @@ def test_pack_and_unpack_match_reference_byte_for_byte(dtype: torch.dtype, num_l
 def test_more_layers_than_one_launch_takes() -> None:
     layers = kv_pool(10, num_blocks=5, block_size=2, num_kv_heads=1, head_dim=4, dtype=torch.bfloat16)
     ids = torch.tensor([3, 1])
-    got, want = _staging(layers, 2), _staging(layers, 2)
+    got, want = nan_staging(layers, 2), nan_staging(layers, 2)
 
     pack_blocks(layers, ids, got, use_triton=True)
     pack_blocks_ref(layers, ids, want)
@@ -59,7 +54,7 @@ def test_odd_sized_blocks_are_copied_in_narrower_words() -> None:
     # A block of 3 bf16 values is 6 bytes: no int64 or int32 word fits, int16 does.
     layers = kv_pool(2, num_blocks=4, block_size=3, num_kv_heads=1, head_dim=1, dtype=torch.bfloat16)
     ids = torch.tensor([2, 0])
-    got, want = _staging(layers, 2), _staging(layers, 2)
+    got, want = nan_staging(layers, 2), nan_staging(layers, 2)
 
     pack_blocks(layers, ids, got, use_triton=True)
     pack_blocks_ref(layers, ids, want)

@@ -94,6 +94,12 @@ def kv_pool(
     return [torch.randn(shape, generator=gen).to(device, dtype) for _ in range(num_layers)]
 
 
+def nan_staging(layers: list[torch.Tensor], n: int) -> torch.Tensor:
+    """A NaN-filled staging buffer for n blocks of these layers: (num_layers, 2, n, *block)."""
+    _, _, *block_shape = layers[0].shape
+    return torch.full((len(layers), 2, n, *block_shape), float("nan"), dtype=layers[0].dtype, device=layers[0].device)
+
+
 def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Bitwise equality (NaN poison compares equal to itself)."""
     return a.shape == b.shape and torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))

@@ -4,21 +4,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernel_cases import kv_pool, run_in_interpreter, same_bytes
+from kernel_cases import kv_pool, nan_staging, run_in_interpreter, same_bytes
 
 from kernels.kv_pack import pack_blocks, pack_blocks_ref, unpack_blocks, validate_block_ids
-
-
-def _staging_like(layers: list[torch.Tensor], n: int) -> torch.Tensor:
-    _, _, *block_shape = layers[0].shape
-    return torch.full((len(layers), 2, n, *block_shape), float("nan"), dtype=layers[0].dtype, device=layers[0].device)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
 def test_pack_lays_blocks_out_in_the_order_asked(dtype: torch.dtype) -> None:
     layers = kv_pool(2, num_blocks=10, dtype=dtype)
     ids = torch.tensor([7, 2, 9])
-    staging = _staging_like(layers, 3)
+    staging = nan_staging(layers, 3)
 
     pack_blocks(layers, ids, staging)
 
@@ -32,7 +27,7 @@ def test_unpack_into_a_fresh_pool_restores_the_blocks_and_touches_nothing_else()
     # The sender's blocks 4, 0, 6 land in the receiver's blocks 1, 8, 3 (its own allocation).
     sender = kv_pool(3, num_blocks=8)
     receiver = [torch.full((2, 9, 4, 2, 8), float("nan")) for _ in range(3)]
-    staging = _staging_like(sender, 3)
+    staging = nan_staging(sender, 3)
 
     pack_blocks(sender, torch.tensor([4, 0, 6]), staging)
     unpack_blocks(staging, receiver, torch.tensor([1, 8, 3]))
@@ -67,21 +62,21 @@ def test_pack_names_a_mismatched_argument() -> None:
     layers = kv_pool(2, num_blocks=6)
     ids = torch.tensor([1, 2])
     with pytest.raises(ValueError, match=r"must be torch.float32 \(2, 2, 2, 4, 2, 8\)"):
-        pack_blocks(layers, ids, _staging_like(layers, 3))
+        pack_blocks(layers, ids, nan_staging(layers, 3))
     with pytest.raises(ValueError, match="must be torch.float32"):
-        pack_blocks(layers, ids, _staging_like(layers, 2).half())
+        pack_blocks(layers, ids, nan_staging(layers, 2).half())
     with pytest.raises(ValueError, match="a group must match"):
-        pack_blocks([layers[0], layers[1].half()], ids, _staging_like(layers, 2))
+        pack_blocks([layers[0], layers[1].half()], ids, nan_staging(layers, 2))
     with pytest.raises(ValueError, match="1-D int64"):
-        pack_blocks(layers, ids.int(), _staging_like(layers, 2))
+        pack_blocks(layers, ids.int(), nan_staging(layers, 2))
     with pytest.raises(ValueError, match="kv_layers is empty"):
-        pack_blocks([], ids, _staging_like(layers, 2))
+        pack_blocks([], ids, nan_staging(layers, 2))
 
 
 def test_reference_refuses_an_id_outside_the_pool() -> None:
     layers = kv_pool(1, num_blocks=4)
     with pytest.raises(RuntimeError, match="out of"):
-        pack_blocks_ref(layers, torch.tensor([4]), _staging_like(layers, 1))
+        pack_blocks_ref(layers, torch.tensor([4]), nan_staging(layers, 1))
 
 
 def test_triton_kernel_matches_reference_in_interpreter() -> None:
@@ -96,7 +91,7 @@ def test_compiled_kernel_round_trips_llama_8b_blocks(num_layers: int) -> None:
         pytest.skip("needs CUDA")
     layers = kv_pool(num_layers, 300, block_size=16, num_kv_heads=8, head_dim=128, dtype=torch.bfloat16, device="cuda")
     ids = torch.randperm(300, device="cuda")[:64]
-    staging, want = _staging_like(layers, 64), _staging_like(layers, 64)
+    staging, want = nan_staging(layers, 64), nan_staging(layers, 64)
     receiver = [torch.full_like(layer, float("nan")) for layer in layers]
 
     pack_blocks(layers, ids, staging, use_triton=True)
