@@ -254,6 +254,9 @@ class Engine:
             num_prompt_tokens=request.num_prompt_tokens,
             num_cached_tokens=request.num_cached_tokens,
             num_output_tokens=request.num_output_tokens - request.num_prior_output_tokens,
+            queue_s=(
+                None if request.first_scheduled_time is None else request.first_scheduled_time - request.arrival_time
+            ),
         )
 
     # -- validation --------------------------------------------------------------------------

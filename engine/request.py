@@ -91,4 +91,5 @@ class RequestOutput:
     num_prompt_tokens: int
     num_cached_tokens: int
     num_output_tokens: int
+    queue_s: float | None = None  # arrival to first scheduled step, once scheduled
     error: str | None = None

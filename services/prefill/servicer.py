@@ -1,0 +1,90 @@
+"""The Prefill service: compute a prompt's KV, push it layer by layer to the ticket's decode
+worker while later layers compute, and answer with the first token.
+
+The answer comes only after every layer has landed on the decode worker, so an OK reply means
+the hand-off can be committed. Concurrent Prefill calls share the engine's batches. A cancelled
+call aborts the request, which cancels its push and tells the receiver.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import grpc
+
+from engine.async_engine import AsyncEngine
+from engine.errors import InvalidRequest
+from engine.request import FinishReason, RequestOutput
+from engine.sampling_params import SamplingParams
+from kvtransfer.sender import KVPush
+from kvtransfer.ticket import TicketId, TicketInfo
+from kvtransfer.transport import KVTransport
+from pdmesh.v1 import common_pb2, prefill_pb2, prefill_pb2_grpc
+from services.worker.convert import chunk_from_output, sampling_from_pb, token_ids_from_pb
+
+
+class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
+    def __init__(self, engine: AsyncEngine, transport: KVTransport, worker_id: str) -> None:
+        self.engine = engine
+        self.transport = transport
+        self.worker_id = worker_id
+
+    async def Prefill(  # noqa: N802 (gRPC method name)
+        self, request: prefill_pb2.PrefillRequest, context: grpc.aio.ServicerContext
+    ) -> prefill_pb2.PrefillResponse:
+        prompt = token_ids_from_pb(request.prompt_token_ids, "prompt_token_ids")
+        wanted = sampling_from_pb(request.sampling)
+        info = _ticket_info(request.ticket, prompt)
+        push = self.transport.push(info)
+        start = time.monotonic()
+        try:
+            one_token = sampling_from_pb(request.sampling, max_tokens=1)
+            first = await self._first_token(request.request_id, prompt, one_token, push)
+        except BaseException as exc:  # refused, cancelled or failed: the receiver must not wait for its lease
+            push.cancel(f"prefill ended early: {type(exc).__name__}")
+            raise
+        computed = time.monotonic()
+        stats = await push  # raises TransferFailed if the receiver did not get every layer
+        done = time.monotonic()
+        chunk = chunk_from_output(first)
+        if first.finish_reason is FinishReason.LENGTH and wanted.max_tokens > 1:
+            chunk.ClearField("finish")  # our one-token limit, not the client's: decode continues
+        return prefill_pb2.PrefillResponse(
+            chunk=chunk,
+            cached_prompt_tokens=first.num_cached_tokens,
+            queue_ms=(first.queue_s or 0.0) * 1000,
+            prefill_ms=(computed - start - (first.queue_s or 0.0)) * 1000,
+            transfer_bytes=stats.bytes,
+            transfer_ms=(done - computed) * 1000,  # the part of the push not hidden behind compute
+        )
+
+    async def _first_token(
+        self, request_id: str, prompt: Sequence[int], params: SamplingParams, push: KVPush
+    ) -> RequestOutput:
+        engine_id = f"{self.worker_id}/{request_id}/prefill-{time.monotonic_ns()}"
+        last: RequestOutput | None = None
+        async for out in self.engine.generate(engine_id, prompt, params, kv_export=push):
+            last = out
+        assert last is not None and last.finished
+        return last
+
+
+def _ticket_info(ticket: common_pb2.KVTicket, prompt: Sequence[int]) -> TicketInfo:
+    if not ticket.ticket_id or not ticket.kv_transfer_address:
+        raise InvalidRequest(
+            "ticket", "is missing its ticket_id or kv_transfer_address", "pass the ticket Decode.Reserve returned"
+        )
+    if ticket.num_tokens != len(prompt):
+        raise InvalidRequest(
+            "ticket.num_tokens",
+            f"is {ticket.num_tokens} but the prompt has {len(prompt)} tokens",
+            "reserve exactly the prompt's length",
+        )
+    return TicketInfo(
+        address=ticket.kv_transfer_address,
+        ticket_id=TicketId(ticket.ticket_id),
+        num_blocks=ticket.num_blocks,
+        num_tokens=ticket.num_tokens,
+        lease_expiry_unix_s=ticket.lease_expiry_unix_ms / 1000,
+    )
