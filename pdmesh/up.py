@@ -1,0 +1,162 @@
+"""`pdmesh up`: the whole mesh as local processes on one machine.
+
+Starts a scheduler, N prefill and M decode workers (each `pdmesh serve ...`, the same command
+lines docker-compose uses), waits until every worker has registered with the scheduler, prints
+the endpoint and an example command, shows every process's log behind its name, and on Ctrl-C
+(or SIGTERM) stops them all: SIGTERM first so each drains, SIGKILL for any that outstay the grace.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+
+from pdmesh.client import AsyncClient
+
+_STOP_GRACE_S = 15.0
+
+
+@dataclass(frozen=True)
+class MeshPlan:
+    port: int = 50051
+    prefill: int = 1
+    decode: int = 1
+    model: str = "smollm2"
+    device: str = "cpu"
+    threads: int | None = None
+    host: str = "127.0.0.1"
+    extra_worker_args: tuple[str, ...] = field(default_factory=tuple)
+
+    def commands(self) -> list[tuple[str, list[str], dict[str, str]]]:
+        """(name, argv, extra environment) of every process, scheduler first."""
+        exe = [sys.executable, "-m", "pdmesh"]
+        procs: list[tuple[str, list[str], dict[str, str]]] = [
+            ("scheduler", [*exe, "serve", "scheduler", "--port", str(self.port), "--model", self.model], {})
+        ]
+        gpus = _gpu_count() if self.device == "cuda" else 0
+        for role, count, offset in (("prefill", self.prefill, 1), ("decode", self.decode, 1 + self.prefill)):
+            for i in range(count):
+                n = offset + i
+                argv = [
+                    *exe, "serve", role, "--port", str(self.port + n), "--kv-port", str(self.port + 100 + n),
+                    "--scheduler", f"{self.host}:{self.port}", "--model", self.model, "--device", self.device,
+                    "--worker-id", f"{role}-{i}", *self.extra_worker_args,
+                ]  # fmt: skip
+                if self.threads:
+                    argv += ["--threads", str(self.threads)]
+                env = {}
+                if gpus:
+                    # Decode workers from GPU 0 up, prefill workers from the last GPU down.
+                    gpu = i % gpus if role == "decode" else (gpus - 1 - i % gpus)
+                    env["CUDA_VISIBLE_DEVICES"] = str(gpu)
+                procs.append((f"{role}-{i}", argv, env))
+        return procs
+
+
+def _gpu_count() -> int:
+    try:
+        import torch
+
+        return torch.cuda.device_count()
+    except ImportError:
+        return 0
+
+
+class Mesh:
+    def __init__(self, plan: MeshPlan) -> None:
+        self.plan = plan
+        self.procs: dict[str, asyncio.subprocess.Process] = {}
+        self._pumps: list[asyncio.Task[None]] = []
+
+    @property
+    def target(self) -> str:
+        return f"{self.plan.host}:{self.plan.port}"
+
+    async def start(self, timeout_s: float = 600.0) -> None:
+        for name, argv, env in self.plan.commands():
+            proc = await asyncio.create_subprocess_exec(
+                *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+                env={**os.environ, **env, "PYTHONUNBUFFERED": "1"}, start_new_session=True,
+            )  # fmt: skip
+            self.procs[name] = proc
+            self._pumps.append(asyncio.create_task(_pump(name, proc)))
+        await self.wait_ready(timeout_s)
+
+    async def wait_ready(self, timeout_s: float) -> None:
+        """Until the scheduler lists every worker as serving, or a process dies."""
+        want = self.plan.prefill + self.plan.decode
+        deadline = time.monotonic() + timeout_s
+        async with AsyncClient(self.target) as client:
+            while time.monotonic() < deadline:
+                dead = [n for n, p in self.procs.items() if p.returncode is not None]
+                if dead:
+                    raise RuntimeError(f"{', '.join(dead)} exited during start-up (see its log above)")
+                with contextlib.suppress(Exception):
+                    state = await client.cluster_state(timeout_s=2)
+                    if sum(1 for w in state.workers if w.health is not None and w.health.name == "SERVING") >= want:
+                        return
+                await asyncio.sleep(0.5)
+        raise TimeoutError(f"the mesh was not ready within {timeout_s:.0f} s")
+
+    async def stop(self) -> None:
+        live = [p for p in self.procs.values() if p.returncode is None]
+        for p in live:
+            with contextlib.suppress(ProcessLookupError):
+                p.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(asyncio.gather(*(p.wait() for p in live)), _STOP_GRACE_S)
+        except TimeoutError:
+            for p in live:
+                if p.returncode is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(p.pid, signal.SIGKILL)
+            await asyncio.gather(*(p.wait() for p in live))
+        for pump in self._pumps:
+            pump.cancel()
+
+
+async def _pump(name: str, proc: asyncio.subprocess.Process) -> None:
+    assert proc.stdout is not None
+    width = 10
+    async for line in proc.stdout:
+        sys.stderr.write(f"{name:>{width}} | {line.decode(errors='replace')}")
+    await proc.wait()
+    if proc.returncode not in (0, -signal.SIGTERM):
+        sys.stderr.write(f"{name:>{width}} | exited with {proc.returncode}\n")
+
+
+async def run_up(plan: MeshPlan, demo_prompt: str | None, exit_after_demo: bool) -> int:
+    mesh = Mesh(plan)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await mesh.start()
+        print(f"\npdmesh is up: scheduler at {mesh.target} ({plan.prefill} prefill, {plan.decode} decode, "
+              f"{plan.model} on {plan.device})")  # fmt: skip
+        print(f'try:  pdmesh generate --target {mesh.target} --chat "What is the capital of France?"\n', flush=True)
+        if demo_prompt is not None:
+            await _demo(mesh.target, demo_prompt)
+        if not exit_after_demo:
+            print("Ctrl-C stops the mesh.", flush=True)
+            await stop.wait()
+        return 0
+    finally:
+        print("stopping the mesh ...", file=sys.stderr, flush=True)
+        await mesh.stop()
+
+
+async def _demo(target: str, prompt: str) -> None:
+    print(f"> {prompt}", flush=True)
+    async with AsyncClient(target) as client:
+        async for chunk in client.generate([{"role": "user", "content": prompt}], max_tokens=64):
+            print(chunk.text, end="", flush=True)
+            if chunk.usage is not None:
+                u = chunk.usage
+                print(f"\n[{u.completion_tokens} tokens; TTFT {u.ttft_ms:.0f} ms, e2e {u.e2e_ms:.0f} ms]", flush=True)
