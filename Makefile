@@ -5,7 +5,7 @@ PIP     := $(PY) -m pip
 STAMP   := .venv/.installed
 SOURCES := pdmesh engine kernels kvtransfer services
 
-.PHONY: run test lint typecheck unit install protos bench-engine clean
+.PHONY: run test lint typecheck unit compose install protos bench-engine clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 run: $(STAMP)
-	.venv/bin/pdmesh demo
+	.venv/bin/pdmesh up --demo
 
 lint: $(STAMP)
 	.venv/bin/ruff check $(SOURCES) tests bench
@@ -30,7 +30,14 @@ typecheck: $(STAMP)
 unit: $(STAMP)
 	.venv/bin/python -m pytest -m "not gpu" -q
 
-test: lint typecheck unit
+# The compose files are checked, not run: no container engine here. docker-compose (v1, Debian's
+# package) validates and renders them.
+compose:
+	command -v docker-compose >/dev/null || (apt-get update -qq && apt-get install -y -qq docker-compose >/dev/null)
+	docker-compose -f docker-compose.yml config -q
+	docker-compose -f docker-compose.cpu.yml config -q
+
+test: lint typecheck compose unit
 
 protos: $(STAMP)
 	$(PY) -m pdmesh.protogen
