@@ -31,12 +31,13 @@ class MeshPlan:
     threads: int | None = None
     host: str = "127.0.0.1"
     extra_worker_args: tuple[str, ...] = field(default_factory=tuple)
+    env: tuple[tuple[str, str], ...] = ()  # extra PDMESH_* settings for every process
 
     def commands(self) -> list[tuple[str, list[str], dict[str, str]]]:
         """(name, argv, extra environment) of every process, scheduler first."""
         exe = [sys.executable, "-m", "pdmesh"]
         procs: list[tuple[str, list[str], dict[str, str]]] = [
-            ("scheduler", [*exe, "serve", "scheduler", "--port", str(self.port), "--model", self.model], {})
+            ("scheduler", [*exe, "serve", "scheduler", "--port", str(self.port), "--model", self.model], dict(self.env))
         ]
         gpus = _gpu_count() if self.device == "cuda" else 0
         for role, count, offset in (("prefill", self.prefill, 1), ("decode", self.decode, 1 + self.prefill)):
@@ -49,7 +50,7 @@ class MeshPlan:
                 ]  # fmt: skip
                 if self.threads:
                     argv += ["--threads", str(self.threads)]
-                env = {}
+                env = dict(self.env)
                 if gpus:
                     # Decode workers from GPU 0 up, prefill workers from the last GPU down.
                     gpu = i % gpus if role == "decode" else (gpus - 1 - i % gpus)
@@ -102,6 +103,10 @@ class Mesh:
                         return
                 await asyncio.sleep(0.5)
         raise TimeoutError(f"the mesh was not ready within {timeout_s:.0f} s")
+
+    def kill(self, name: str) -> None:
+        """SIGKILL one process of the mesh (failure tests): no drain, no goodbye."""
+        os.killpg(self.procs[name].pid, signal.SIGKILL)
 
     async def stop(self) -> None:
         live = [p for p in self.procs.values() if p.returncode is None]
