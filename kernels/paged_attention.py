@@ -16,6 +16,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from kernels._triton import (
     check_triton_device,
@@ -97,27 +98,33 @@ def paged_attention_decode_ref(
     """Plain-torch decode attention, same contract as paged_attention_decode.
 
     Gathers every sequence's blocks at once (up to the longest context), then a masked softmax in
-    float32. Memory is batch * longest context * num_kv_heads * head_dim floats for K and for V.
+    float32 — for a lone request one fused scaled_dot_product_attention instead (on CPU this is
+    the production path, and per-op overhead is a visible share of a small model's decode step).
+    Memory is batch * longest context * num_kv_heads * head_dim floats for K and for V.
     """
     batch, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
-    group = num_heads // num_kv_heads
     if batch == 0:
         return torch.empty_like(q)
     lens = context_lens.long()
-    blocks_used = min(block_tables.shape[1], -(-int(lens.max()) // block_size))
+    longest = int(lens.max())
+    blocks_used = min(block_tables.shape[1], -(-longest // block_size))
     table = block_tables[:, :blocks_used].long()  # (batch, blocks_used)
-    tokens = blocks_used * block_size
+    tokens = min(blocks_used * block_size, longest)
 
     def gather(cache: torch.Tensor) -> torch.Tensor:
         # (batch, blocks_used, block_size, kv_heads, head_dim) -> (batch, kv_heads, tokens, head_dim)
-        return cache[table].reshape(batch, tokens, num_kv_heads, head_dim).transpose(1, 2).float()
+        gathered = cache[table].reshape(batch, blocks_used * block_size, num_kv_heads, head_dim)
+        return gathered[:, :tokens].transpose(1, 2).float()
 
     k, v = gather(k_cache), gather(v_cache)
+    if batch == 1:  # no padding to mask: one fused kernel, the fewest ops for a lone request
+        out = F.scaled_dot_product_attention(q.float().unsqueeze(2), k, v, scale=scale, enable_gqa=True)
+        return out.squeeze(2).to(q.dtype)  # (1, num_heads, head_dim)
     invalid = torch.arange(tokens, device=q.device) >= lens[:, None]  # (batch, tokens)
     # Slots past a context may hold anything, NaN included, and 0 * NaN is NaN: zero them in V.
     v.masked_fill_(invalid[:, None, :, None], 0.0)
-    qg = q.reshape(batch, num_kv_heads, group, head_dim).float()
+    qg = q.reshape(batch, num_kv_heads, num_heads // num_kv_heads, head_dim).float()
     logits = torch.matmul(qg, k.transpose(-1, -2)) * scale  # (batch, kv_heads, group, tokens)
     logits.masked_fill_(invalid[:, None, None, :], float("-inf"))
     probs = torch.softmax(logits, dim=-1)
