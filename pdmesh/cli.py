@@ -1,20 +1,140 @@
-"""The `pdmesh` command line: one subcommand per job, each a thin call into its module."""
+"""The `pdmesh` command line: one subcommand per job, each a thin call into its module.
+
+    pdmesh up                       the whole mesh as local processes (scheduler, prefill, decode)
+    pdmesh serve ROLE               one service: scheduler, prefill or decode (what compose runs)
+    pdmesh generate PROMPT          stream a completion from a running mesh
+    pdmesh demo                     the engine alone in this process, one chat answer
+
+Flags override PDMESH_* environment variables, which override defaults (pdmesh/config.py).
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import sys
 from collections.abc import Sequence
+from typing import Any
 
 
-def _demo(args: argparse.Namespace) -> None:
+def _demo(args: argparse.Namespace) -> int:
     from pdmesh.demo import run_demo
 
     run_demo(args.model, args.device, args.prompt, args.max_tokens, args.threads)
+    return 0
+
+
+def _server_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    from pdmesh.config import ServerConfig, from_env
+
+    server: dict[str, Any] = {}
+    if args.port is not None:
+        server["port"] = args.port
+    if args.host is not None:
+        server["host"] = args.host
+    return {"server": from_env(ServerConfig, "server", **server)}
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from pdmesh.config import from_env
+    from services.logging import configure_logging
+
+    configure_logging(args.role, args.log_level)
+    overrides = _server_overrides(args)
+    if args.model is not None:
+        overrides["model"] = args.model
+    if args.role == "scheduler":
+        from services.scheduler.server import serve_scheduler
+
+        from pdmesh.config import SchedulerConfig
+
+        if args.policy is not None:
+            overrides["policy"] = args.policy
+        asyncio.run(serve_scheduler(from_env(SchedulerConfig, "scheduler", **overrides)))
+        return 0
+    from services.worker.config import Role, WorkerConfig
+    from services.worker.server import serve_worker
+
+    flags = {
+        "scheduler": args.scheduler, "device": args.device, "dtype": args.dtype, "torch_threads": args.threads,
+        "kv_port": args.kv_port, "worker_id": args.worker_id, "advertise_host": args.advertise_host,
+        "num_kv_blocks": args.kv_blocks, "block_size": args.block_size, "lease_ms": args.lease_ms,
+        "max_batched_tokens": args.max_batched_tokens,
+        "kv_cache_bytes": args.kv_cache_mib << 20 if args.kv_cache_mib else None,
+    }  # fmt: skip
+    overrides.update({k: v for k, v in flags.items() if v is not None})
+    asyncio.run(serve_worker(from_env(WorkerConfig, "worker", role=Role(args.role), **overrides)))
+    return 0
+
+
+def _up(args: argparse.Namespace) -> int:
+    from pdmesh.up import MeshPlan, run_up
+
+    extra: list[str] = []
+    if args.kv_blocks:
+        extra += ["--kv-blocks", str(args.kv_blocks)]
+    plan = MeshPlan(
+        port=args.port, prefill=args.prefill, decode=args.decode, model=args.model, device=args.device,
+        threads=args.threads, extra_worker_args=tuple(extra),
+    )  # fmt: skip
+    return asyncio.run(run_up(plan, args.demo, args.exit_after_demo))
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from pdmesh.generate import run_generate
+
+    return asyncio.run(run_generate(args))
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pdmesh", description="LLM serving with prefill and decode disaggregated")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="start the whole mesh as local processes")
+    up.add_argument("--port", type=int, default=50051, help="the scheduler's port (workers take the next ones)")
+    up.add_argument("--prefill", type=int, default=1, help="prefill workers")
+    up.add_argument("--decode", type=int, default=1, help="decode workers")
+    up.add_argument("--model", default="smollm2", help="smollm2, a Hugging Face directory or a GGUF file")
+    up.add_argument("--device", default="cpu", help="cpu or cuda (workers spread over the GPUs)")
+    up.add_argument("--threads", type=int, default=None, help="torch CPU threads per worker")
+    up.add_argument("--kv-blocks", type=int, default=None, help="KV blocks per worker (default: sized by memory)")
+    up.add_argument("--demo", nargs="?", const="What is the capital of France?", default=None,
+                    help="send one chat request once the mesh is up")  # fmt: skip
+    up.add_argument("--exit-after-demo", action="store_true", help="stop the mesh after the demo request")
+    up.set_defaults(func=_up)
+
+    serve = sub.add_parser("serve", help="run one service")
+    serve.add_argument("role", choices=["scheduler", "prefill", "decode"])
+    serve.add_argument("--port", type=int, default=None)
+    serve.add_argument("--host", default=None, help="the interface to listen on (default 0.0.0.0)")
+    serve.add_argument("--model", default=None)
+    serve.add_argument("--policy", default=None, help="scheduler: round_robin or least_loaded")
+    serve.add_argument("--scheduler", default=None, help="workers: the scheduler's host:port")
+    serve.add_argument("--advertise-host", default=None, help="workers: the host others reach this worker at")
+    serve.add_argument("--worker-id", default=None)
+    serve.add_argument("--device", default=None)
+    serve.add_argument("--dtype", default=None)
+    serve.add_argument("--threads", type=int, default=None)
+    serve.add_argument("--kv-port", type=int, default=None, help="workers: the UCX listener's port")
+    serve.add_argument("--kv-blocks", type=int, default=None)
+    serve.add_argument("--kv-cache-mib", type=int, default=None)
+    serve.add_argument("--block-size", type=int, default=None)
+    serve.add_argument("--lease-ms", type=int, default=None)
+    serve.add_argument("--max-batched-tokens", type=int, default=None, help="workers: per-step token budget")
+    serve.add_argument("--log-level", default="info")
+    serve.set_defaults(func=_serve)
+
+    gen = sub.add_parser("generate", help="stream a completion from a running mesh")
+    gen.add_argument("prompt")
+    gen.add_argument("--target", default="127.0.0.1:50051")
+    gen.add_argument("--chat", action="store_true", help="send the prompt as one user chat message")
+    gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--ttft-ms", type=float, default=None)
+    gen.add_argument("--tpot-ms", type=float, default=None)
+    gen.add_argument("--json", action="store_true", help="print one JSON object with text, tokens and timings")
+    gen.set_defaults(func=_generate)
 
     demo = sub.add_parser("demo", help="run the engine in this process and stream one chat answer")
     demo.add_argument("prompt", nargs="?", default="What is the capital of France?")
@@ -28,4 +148,4 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    args.func(args)
+    sys.exit(args.func(args))

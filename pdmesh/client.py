@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 from engine.sampling_params import SamplingParams
 from pdmesh.channel import channel, sync_channel
 from pdmesh.config import ChannelConfig
+from pdmesh.sampling import sampling_to_pb
 from pdmesh.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc, worker_pb2
 
 
@@ -188,23 +189,6 @@ def _chat_message_to_pb(message: ChatMessage) -> common_pb2.ChatMessage:
     if name not in common_pb2.ChatRole.DESCRIPTOR.values_by_name or name.endswith("UNSPECIFIED"):
         raise ValueError(f"role: is {message.role!r}; use system, user, assistant or tool")
     return common_pb2.ChatMessage(role=common_pb2.ChatRole.Value(name), content=message.content)
-
-
-def sampling_to_pb(sampling: SamplingParams) -> common_pb2.SamplingParams:
-    return common_pb2.SamplingParams(
-        max_tokens=sampling.max_tokens,
-        temperature=sampling.temperature,
-        top_k=sampling.top_k,
-        top_p=sampling.top_p,
-        min_p=sampling.min_p,
-        repetition_penalty=sampling.repetition_penalty,
-        seed=sampling.seed,
-        stop=sampling.stop,
-        stop_token_ids=sampling.stop_token_ids,
-        ignore_eos=sampling.ignore_eos,
-        logprobs=sampling.logprobs,
-        include_stop_str_in_output=sampling.include_stop_str_in_output,
-    )
 
 
 def generate_request(

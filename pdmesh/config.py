@@ -202,3 +202,24 @@ def _describe(tp: Any) -> str:
     if isinstance(tp, type) and issubclass(tp, enum.Enum):
         return "one of " + ", ".join(m.name.lower() for m in tp)
     return {int: "an integer", float: "a number"}.get(tp, f"a {getattr(tp, '__name__', tp)}")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """The scheduler service. Loaded from PDMESH_SCHEDULER_*."""
+
+    server: ServerConfig = dataclasses.field(default_factory=ServerConfig)
+    model: str = "smollm2"  # the served model: its tokenizer, and the name clients may ask for
+    policy: str = "least_loaded"  # least_loaded | round_robin
+    # A prompt with at most this many uncached tokens is prefilled on its decode worker: a hand-off
+    # costs more than computing a few tokens where they will be decoded.
+    local_prefill_max_tokens: int = 32
+    lease_ms: int = 10_000  # how long a decode worker holds an uncommitted reservation
+    report_interval_ms: int = 500  # workers report load this often
+    stale_after_ms: int = 3_000  # a worker silent this long leaves placement
+    max_attempts: int = 3  # hand-off attempts per request (prefill failures), decode failovers
+
+    def __post_init__(self) -> None:
+        if self.policy not in ("least_loaded", "round_robin"):
+            raise ConfigError("policy", f"is {self.policy!r}; use least_loaded or round_robin")
+        _check_positive(self, "lease_ms", "report_interval_ms", "stale_after_ms", "max_attempts")

@@ -16,6 +16,8 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+import grpc
+
 from pdmesh.client import AsyncClient
 
 _STOP_GRACE_S = 15.0
@@ -159,9 +161,13 @@ async def run_up(plan: MeshPlan, demo_prompt: str | None, exit_after_demo: bool)
 
 async def _demo(target: str, prompt: str) -> None:
     print(f"> {prompt}", flush=True)
-    async with AsyncClient(target) as client:
-        async for chunk in client.generate([{"role": "user", "content": prompt}], max_tokens=64):
-            print(chunk.text, end="", flush=True)
-            if chunk.usage is not None:
-                u = chunk.usage
-                print(f"\n[{u.completion_tokens} tokens; TTFT {u.ttft_ms:.0f} ms, e2e {u.e2e_ms:.0f} ms]", flush=True)
+    try:
+        async with AsyncClient(target) as client:
+            async for chunk in client.generate([{"role": "user", "content": prompt}], max_tokens=64):
+                print(chunk.text, end="", flush=True)
+                if chunk.usage is not None and chunk.placement is not None:
+                    u, p = chunk.usage, chunk.placement
+                    print(f"\n[{u.completion_tokens} tokens; TTFT {u.ttft_ms:.0f} ms, e2e {u.e2e_ms:.0f} ms; "
+                          f"plan {p.plan.name if p.plan else '?'}]", flush=True)  # fmt: skip
+    except grpc.aio.AioRpcError as e:
+        print(f"\ndemo request failed: {e.code().name}: {e.details()}", file=sys.stderr, flush=True)

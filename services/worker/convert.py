@@ -6,9 +6,12 @@ both worlds.
 
 from __future__ import annotations
 
+import dataclasses
+
 from engine.errors import InvalidRequest
 from engine.request import FinishReason, RequestOutput
 from engine.sampling_params import SamplingParams
+from pdmesh.sampling import sampling_from_pb as pb_to_sampling
 from pdmesh.v1 import common_pb2
 
 _FINISH = {
@@ -19,24 +22,10 @@ _FINISH = {
 
 
 def sampling_from_pb(pb: common_pb2.SamplingParams, *, max_tokens: int | None = None) -> SamplingParams:
-    """The engine's SamplingParams; proto3 `optional` fields left unset take the engine defaults."""
-    defaults = SamplingParams()
-    params = SamplingParams(
-        max_tokens=max_tokens if max_tokens is not None else (
-            pb.max_tokens if pb.HasField("max_tokens") else defaults.max_tokens
-        ),
-        temperature=pb.temperature,
-        top_k=pb.top_k,
-        top_p=pb.top_p if pb.HasField("top_p") else defaults.top_p,
-        min_p=pb.min_p,
-        repetition_penalty=pb.repetition_penalty if pb.HasField("repetition_penalty") else 1.0,
-        seed=pb.seed if pb.HasField("seed") else None,
-        stop=tuple(pb.stop),
-        stop_token_ids=tuple(pb.stop_token_ids),
-        ignore_eos=pb.ignore_eos,
-        logprobs=pb.logprobs,
-        include_stop_str_in_output=pb.include_stop_str_in_output,
-    )  # fmt: skip
+    """The engine's SamplingParams, validated; max_tokens overrides the request's (prefill: 1)."""
+    params = pb_to_sampling(pb)
+    if max_tokens is not None:
+        params = dataclasses.replace(params, max_tokens=max_tokens)
     params.validate()
     return params
 

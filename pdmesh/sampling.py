@@ -1,0 +1,45 @@
+"""SamplingParams <-> its protobuf message, in both directions, for every service and the client.
+
+Proto3 `optional` fields left unset take the engine's defaults, so a message with nothing set
+means the same as SamplingParams().
+"""
+
+from __future__ import annotations
+
+from engine.sampling_params import SamplingParams
+from pdmesh.v1 import common_pb2
+
+
+def sampling_to_pb(sampling: SamplingParams) -> common_pb2.SamplingParams:
+    return common_pb2.SamplingParams(
+        max_tokens=sampling.max_tokens,
+        temperature=sampling.temperature,
+        top_k=sampling.top_k,
+        top_p=sampling.top_p,
+        min_p=sampling.min_p,
+        repetition_penalty=sampling.repetition_penalty,
+        seed=sampling.seed,
+        stop=sampling.stop,
+        stop_token_ids=sampling.stop_token_ids,
+        ignore_eos=sampling.ignore_eos,
+        logprobs=sampling.logprobs,
+        include_stop_str_in_output=sampling.include_stop_str_in_output,
+    )
+
+
+def sampling_from_pb(pb: common_pb2.SamplingParams) -> SamplingParams:
+    defaults = SamplingParams()
+    return SamplingParams(
+        max_tokens=pb.max_tokens if pb.HasField("max_tokens") else defaults.max_tokens,
+        temperature=pb.temperature,
+        top_k=pb.top_k,
+        top_p=pb.top_p if pb.HasField("top_p") else defaults.top_p,
+        min_p=pb.min_p,
+        repetition_penalty=pb.repetition_penalty if pb.HasField("repetition_penalty") else defaults.repetition_penalty,
+        seed=pb.seed if pb.HasField("seed") else None,
+        stop=tuple(pb.stop),
+        stop_token_ids=tuple(pb.stop_token_ids),
+        ignore_eos=pb.ignore_eos,
+        logprobs=pb.logprobs,
+        include_stop_str_in_output=pb.include_stop_str_in_output,
+    )

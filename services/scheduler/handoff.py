@@ -1,0 +1,274 @@
+"""One request's life at the scheduler: place it, run the hand-off transaction, stream the
+tokens back, and move it when a worker dies.
+
+The transaction: Decode.Reserve (blocks under a lease) -> Prefill.Prefill(ticket) (which returns
+once every layer has landed) -> Decode.Generate(ticket) commits; on any failure before the commit
+the ticket is released (and its lease would free it anyway). A prefill worker that fails is
+replaced by another, or by prefilling on the decode worker; a decode worker that fails mid-stream
+is replaced by another decode worker that prefills prompt + output so far and continues with the
+same seed, so the client sees one unbroken stream. Every downstream call gets the time left of
+the client's deadline, and leaving this generator (client cancel) cancels every call in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import grpc
+import structlog
+
+from pdmesh.v1 import common_pb2, decode_pb2, prefill_pb2, scheduler_pb2
+from services.scheduler.convert import ParsedRequest
+from services.scheduler.errors import DownstreamFailed, from_rpc_error
+from services.scheduler.policy import Plan, Policy, RequestShape
+from services.scheduler.registry import Registry, Role, Worker
+from services.status import NoLiveWorker
+
+log = structlog.get_logger(__name__)
+T = TypeVar("T")
+# A worker that is gone (UNAVAILABLE) or a KV transfer that failed (UNAVAILABLE, ABORTED): try elsewhere.
+_RETRY_ELSEWHERE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED})
+
+
+@dataclass
+class _Measured:
+    start: float = field(default_factory=time.monotonic)
+    first_token: float | None = None
+    queue_ms: float = 0.0
+    prefill_ms: float = 0.0
+    transfer_ms: float = 0.0
+    transfer_bytes: int = 0
+    cached_tokens: int = 0
+    decode_ms: float = 0.0
+
+
+class RequestFlow:
+    def __init__(
+        self,
+        request: ParsedRequest,
+        registry: Registry,
+        policy: Policy,
+        lease_ms: int,
+        max_attempts: int,
+        time_remaining: float | None,
+    ) -> None:
+        self.request = request
+        self.registry = registry
+        self.policy = policy
+        self.lease_ms = lease_ms
+        self.max_attempts = max_attempts
+        self.deadline = None if time_remaining is None else time.monotonic() + time_remaining
+        self.shape = RequestShape(
+            prompt_tokens=len(request.prompt_token_ids), cached_tokens=0, max_tokens=request.max_tokens,
+            ttft_ms=request.slo.ttft_ms, tpot_ms=request.slo.tpot_ms,
+        )  # fmt: skip
+        self.outputs: list[int] = []
+        self.measured = _Measured()
+        self.placement = scheduler_pb2.Placement()
+        self._calls: set[grpc.aio.Call] = set()
+        self._open_ticket: tuple[Worker, str] | None = None
+        self._held: list[Worker] = []
+
+    # -- the flow ------------------------------------------------------------------------------
+
+    async def run(self) -> AsyncIterator[scheduler_pb2.GenerateResponse]:
+        try:
+            plan = self._place(exclude=())
+            stream = None
+            for _ in range(self.max_attempts):
+                if plan.local:
+                    stream = self._decode_generate(plan.decode, local=True)
+                    break
+                try:
+                    first = await self._prefill(plan)
+                except DownstreamFailed as failure:
+                    plan = self._replan(plan, failure)
+                    continue
+                if first.chunk.HasField("finish"):  # ended at its first token
+                    await self._release_open_ticket()
+                    yield self._response(first.chunk, final=True)
+                    return
+                yield self._response(first.chunk, final=False)
+                stream = self._decode_generate(plan.decode, local=False)
+                break
+            if stream is None:
+                raise NoLiveWorker("workers", "every placement attempt failed", "check the workers' logs")
+            self.placement.plan = common_plan(plan)
+            async for response in self._stream_with_failover(stream, plan.decode):
+                yield response
+        finally:
+            await self._cleanup()
+
+    def _place(self, exclude: tuple[Worker, ...]) -> Plan:
+        decode = self.registry.live(Role.DECODE, exclude)
+        if not decode:
+            raise NoLiveWorker("decode workers", "none is serving", "start a decode worker or wait for one")
+        prefill = self.registry.live(Role.PREFILL, exclude)
+        plan = self.policy.place(self.shape, prefill, decode)
+        if plan.prefill is not None:  # a prefill worker may pair only with a decode worker of the same KV layout
+            same = [w for w in prefill if w.info.kv_layout == plan.decode.info.kv_layout]
+            plan = Plan(plan.decode, plan.prefill if plan.prefill in same else (same[0] if same else None))
+        self.placement.plan = common_plan(plan)
+        self.placement.decode_worker_id = plan.decode.worker_id
+        self.placement.prefill_worker_id = plan.prefill.worker_id if plan.prefill else ""
+        return plan
+
+    def _replan(self, plan: Plan, failure: DownstreamFailed) -> Plan:
+        log.warning("hand-off failed; placing again", worker=failure.worker.worker_id, reason=str(failure))
+        self.registry.mark_dead(failure.worker)
+        return self._place(exclude=(failure.worker,))
+
+    async def _prefill(self, plan: Plan) -> prefill_pb2.PrefillResponse:
+        """Reserve on the decode worker, then prefill + push; the ticket stays open on success."""
+        assert plan.prefill is not None
+        request = self.request
+        reserve = decode_pb2.ReserveRequest(
+            request_id=request.request_id, num_tokens=len(request.prompt_token_ids), lease_ms=self.lease_ms
+        )
+        reply: decode_pb2.ReserveResponse = await self._unary(plan.decode, plan.decode.decode_stub().Reserve(reserve, timeout=self._timeout(10)))
+        ticket = reply.ticket
+        self._open_ticket = (plan.decode, ticket.ticket_id)
+        prefill = prefill_pb2.PrefillRequest(
+            request_id=request.request_id, prompt_token_ids=request.prompt_token_ids,
+            sampling=request.sampling, ticket=ticket,
+        )  # fmt: skip
+        try:
+            call = plan.prefill.prefill_stub().Prefill(prefill, timeout=self._timeout())
+            first: prefill_pb2.PrefillResponse = await self._unary(plan.prefill, call)
+        except BaseException:
+            await self._release_open_ticket()
+            raise
+        self.measured.first_token = time.monotonic()
+        m = self.measured
+        m.queue_ms, m.prefill_ms, m.transfer_ms = first.queue_ms, first.prefill_ms, first.transfer_ms
+        m.transfer_bytes, m.cached_tokens = first.transfer_bytes, first.cached_prompt_tokens
+        self.outputs += first.chunk.token_ids
+        return first
+
+    def _decode_generate(self, worker: Worker, local: bool) -> grpc.aio.UnaryStreamCall:
+        request = decode_pb2.DecodeGenerateRequest(
+            request_id=self.request.request_id, prompt_token_ids=self.request.prompt_token_ids,
+            output_token_ids=self.outputs, sampling=self.request.sampling,
+        )  # fmt: skip
+        if local:
+            request.local_prefill.SetInParent()
+        else:
+            assert self._open_ticket is not None
+            request.ticket_id = self._open_ticket[1]
+            self._open_ticket = None  # Generate commits it: the decode worker owns it from here
+        call = worker.decode_stub().Generate(request, timeout=self._timeout())
+        self._calls.add(call)
+        self._hold(worker)
+        return call
+
+    async def _stream_with_failover(
+        self, call: grpc.aio.UnaryStreamCall, worker: Worker
+    ) -> AsyncIterator[scheduler_pb2.GenerateResponse]:
+        failovers = 0
+        while True:
+            try:
+                async for response in call:
+                    if self.measured.first_token is None and response.chunk.token_ids:
+                        self.measured.first_token = time.monotonic()
+                    self.outputs += response.chunk.token_ids
+                    final = response.HasField("usage")
+                    if final:
+                        self._absorb_decode_usage(response.usage)
+                    yield self._response(response.chunk, final=final)
+                    if final:
+                        return
+                raise DownstreamFailed(worker, grpc.StatusCode.UNAVAILABLE, "the decode stream ended without a finish")
+            except grpc.aio.AioRpcError as e:
+                if e.code() not in _RETRY_ELSEWHERE or failovers >= self.max_attempts:
+                    raise from_rpc_error(e, worker) from None
+                failure_reason = e.details()
+            except DownstreamFailed as failure:
+                if failovers >= self.max_attempts:
+                    raise
+                failure_reason = str(failure)
+            finally:
+                self._calls.discard(call)
+            failovers += 1
+            self.placement.num_decode_failovers = failovers
+            log.warning("decode worker failed mid-stream; moving the request", worker=worker.worker_id,
+                        reason=failure_reason, tokens_so_far=len(self.outputs))  # fmt: skip
+            self.registry.mark_dead(worker)
+            others = self.registry.live(Role.DECODE, exclude=(worker,))
+            if not others:
+                raise NoLiveWorker("decode workers", "the request's decode worker failed and no other is serving",
+                                   "start another decode worker")  # fmt: skip
+            worker = self.policy.place(self.shape, [], others).decode
+            self.placement.decode_worker_id = worker.worker_id
+            call = self._decode_generate(worker, local=True)
+
+    # -- plumbing ------------------------------------------------------------------------------
+
+    async def _unary(self, worker: Worker, call: grpc.aio.UnaryUnaryCall[Any, T]) -> T:
+        self._calls.add(call)
+        try:
+            return await call
+        except grpc.aio.AioRpcError as e:
+            if e.code() in _RETRY_ELSEWHERE:
+                raise DownstreamFailed(worker, e.code(), e.details() or "") from None
+            raise from_rpc_error(e, worker) from None
+        finally:
+            self._calls.discard(call)
+
+    def _timeout(self, cap_s: float | None = None) -> float | None:
+        """The time left of the client's deadline (gRPC Python does not forward deadlines)."""
+        left = None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
+        if cap_s is None:
+            return left
+        return cap_s if left is None else min(cap_s, left)
+
+    def _hold(self, worker: Worker) -> None:
+        worker.assigned += 1
+        self._held.append(worker)
+
+    async def _release_open_ticket(self) -> None:
+        if self._open_ticket is None:
+            return
+        worker, ticket_id = self._open_ticket
+        self._open_ticket = None
+        with contextlib.suppress(grpc.aio.AioRpcError):
+            await worker.decode_stub().Release(decode_pb2.ReleaseRequest(ticket_id=ticket_id), timeout=5)
+
+    async def _cleanup(self) -> None:
+        for call in list(self._calls):
+            call.cancel()
+        for worker in self._held:
+            worker.assigned -= 1
+        # Shielded: this runs while the client's cancellation unwinds the handler.
+        await asyncio.shield(self._release_open_ticket())
+
+    def _absorb_decode_usage(self, usage: common_pb2.Usage) -> None:
+        m = self.measured
+        m.decode_ms = usage.decode_ms
+        if m.cached_tokens == 0:
+            m.cached_tokens = usage.cached_prompt_tokens
+        if self.placement.plan == scheduler_pb2.EXECUTION_PLAN_LOCAL_PREFILL and not m.queue_ms:
+            m.queue_ms = usage.queue_ms
+
+    def _response(self, chunk: common_pb2.TokenChunk, final: bool) -> scheduler_pb2.GenerateResponse:
+        response = scheduler_pb2.GenerateResponse(request_id=self.request.request_id, chunk=chunk)
+        if final:
+            m, now = self.measured, time.monotonic()
+            response.usage.CopyFrom(
+                common_pb2.Usage(
+                    prompt_tokens=len(self.request.prompt_token_ids), completion_tokens=len(self.outputs),
+                    cached_prompt_tokens=m.cached_tokens, queue_ms=m.queue_ms, prefill_ms=m.prefill_ms,
+                    transfer_ms=m.transfer_ms, transfer_bytes=m.transfer_bytes, decode_ms=m.decode_ms,
+                    ttft_ms=((m.first_token or now) - m.start) * 1000, e2e_ms=(now - m.start) * 1000,
+                )
+            )  # fmt: skip
+            response.placement.CopyFrom(self.placement)
+        return response
+
+
+def common_plan(plan: Plan) -> scheduler_pb2.ExecutionPlan:
+    return scheduler_pb2.EXECUTION_PLAN_LOCAL_PREFILL if plan.local else scheduler_pb2.EXECUTION_PLAN_DISAGGREGATED

@@ -1,0 +1,35 @@
+"""The scheduler process: tokenizer, registry, policy, and the two servicers on one server."""
+
+from __future__ import annotations
+
+import structlog
+
+from engine.tokenizer import Tokenizer
+from pdmesh.config import SchedulerConfig
+from pdmesh.v1 import scheduler_pb2, scheduler_pb2_grpc, worker_pb2, worker_pb2_grpc
+from services.bootstrap import ServicerBinding, serve
+from services.scheduler.policy import make_policy
+from services.scheduler.registry import Registry
+from services.scheduler.servicer import RegistryServicer, SchedulerServicer
+
+log = structlog.get_logger(__name__)
+
+
+async def serve_scheduler(config: SchedulerConfig) -> None:
+    tokenizer = Tokenizer.from_model(config.model)
+    registry = Registry(stale_after_s=config.stale_after_ms / 1000)
+    policy = make_policy(config.policy, config.local_prefill_max_tokens)
+    bindings = [
+        ServicerBinding(
+            SchedulerServicer(config, tokenizer, registry, policy),
+            scheduler_pb2_grpc.add_SchedulerServicer_to_server,
+            scheduler_pb2.DESCRIPTOR.services_by_name["Scheduler"],
+        ),
+        ServicerBinding(
+            RegistryServicer(registry, config.report_interval_ms),
+            worker_pb2_grpc.add_RegistryServicer_to_server,
+            worker_pb2.DESCRIPTOR.services_by_name["Registry"],
+        ),
+    ]
+    log.info("scheduler starting", model=config.model, policy=config.policy)
+    await serve(bindings, config.server, on_shutdown=registry.close)
