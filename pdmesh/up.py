@@ -12,13 +12,15 @@ import asyncio
 import contextlib
 import os
 import signal
+import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 
 import grpc
 
-from pdmesh.client import AsyncClient
+from pdmesh.client import AsyncClient, Client
 
 _STOP_GRACE_S = 15.0
 
@@ -71,70 +73,82 @@ def _gpu_count() -> int:
 
 
 class Mesh:
+    """The processes of one mesh. Plain subprocesses and a log thread each, so a mesh outlives any
+    one event loop (tests start it from sync code and talk to it from many loops)."""
+
     def __init__(self, plan: MeshPlan) -> None:
         self.plan = plan
-        self.procs: dict[str, asyncio.subprocess.Process] = {}
-        self._pumps: list[asyncio.Task[None]] = []
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self._pumps: list[threading.Thread] = []
 
     @property
     def target(self) -> str:
         return f"{self.plan.host}:{self.plan.port}"
 
-    async def start(self, timeout_s: float = 600.0) -> None:
+    def start(self, timeout_s: float = 600.0) -> None:
         for name, argv, env in self.plan.commands():
-            proc = await asyncio.create_subprocess_exec(
-                *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-                env={**os.environ, **env, "PYTHONUNBUFFERED": "1"}, start_new_session=True,
+            proc = subprocess.Popen(
+                argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+                env={**os.environ, **env, "PYTHONUNBUFFERED": "1"},
             )  # fmt: skip
             self.procs[name] = proc
-            self._pumps.append(asyncio.create_task(_pump(name, proc)))
-        await self.wait_ready(timeout_s)
+            pump = threading.Thread(target=_pump, args=(name, proc), name=f"log-{name}", daemon=True)
+            pump.start()
+            self._pumps.append(pump)
+        try:
+            self.wait_ready(timeout_s)
+        except BaseException:
+            self.stop()
+            raise
 
-    async def wait_ready(self, timeout_s: float) -> None:
+    def wait_ready(self, timeout_s: float) -> None:
         """Until the scheduler lists every worker as serving, or a process dies."""
         want = self.plan.prefill + self.plan.decode
         deadline = time.monotonic() + timeout_s
-        async with AsyncClient(self.target) as client:
+        with Client(self.target) as client:
             while time.monotonic() < deadline:
-                dead = [n for n, p in self.procs.items() if p.returncode is not None]
+                dead = [n for n, p in self.procs.items() if p.poll() is not None]
                 if dead:
                     raise RuntimeError(f"{', '.join(dead)} exited during start-up (see its log above)")
-                with contextlib.suppress(Exception):
-                    state = await client.cluster_state(timeout_s=2)
+                with contextlib.suppress(grpc.RpcError):
+                    state = client.cluster_state(timeout_s=2)
                     if sum(1 for w in state.workers if w.health is not None and w.health.name == "SERVING") >= want:
                         return
-                await asyncio.sleep(0.5)
+                time.sleep(0.3)
         raise TimeoutError(f"the mesh was not ready within {timeout_s:.0f} s")
 
     def kill(self, name: str) -> None:
         """SIGKILL one process of the mesh (failure tests): no drain, no goodbye."""
-        os.killpg(self.procs[name].pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.procs[name].pid, signal.SIGKILL)
+        self.procs[name].wait()
 
-    async def stop(self) -> None:
-        live = [p for p in self.procs.values() if p.returncode is None]
+    def stop(self) -> None:
+        """SIGTERM everything (each service drains), then SIGKILL what outstays the grace."""
+        live = [p for p in self.procs.values() if p.poll() is None]
         for p in live:
             with contextlib.suppress(ProcessLookupError):
                 p.send_signal(signal.SIGTERM)
-        try:
-            await asyncio.wait_for(asyncio.gather(*(p.wait() for p in live)), _STOP_GRACE_S)
-        except TimeoutError:
-            for p in live:
-                if p.returncode is None:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.killpg(p.pid, signal.SIGKILL)
-            await asyncio.gather(*(p.wait() for p in live))
+        deadline = time.monotonic() + _STOP_GRACE_S
+        for p in live:
+            try:
+                p.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
         for pump in self._pumps:
-            pump.cancel()
+            pump.join(timeout=5)
 
 
-async def _pump(name: str, proc: asyncio.subprocess.Process) -> None:
+def _pump(name: str, proc: subprocess.Popen[bytes]) -> None:
     assert proc.stdout is not None
     width = 10
-    async for line in proc.stdout:
+    for line in proc.stdout:
         sys.stderr.write(f"{name:>{width}} | {line.decode(errors='replace')}")
-    await proc.wait()
-    if proc.returncode not in (0, -signal.SIGTERM):
-        sys.stderr.write(f"{name:>{width}} | exited with {proc.returncode}\n")
+    code = proc.wait()
+    if code not in (0, -signal.SIGTERM, -signal.SIGKILL):
+        sys.stderr.write(f"{name:>{width}} | exited with {code}\n")
 
 
 async def run_up(plan: MeshPlan, demo_prompt: str | None, exit_after_demo: bool) -> int:
@@ -144,7 +158,7 @@ async def run_up(plan: MeshPlan, demo_prompt: str | None, exit_after_demo: bool)
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     try:
-        await mesh.start()
+        await asyncio.to_thread(mesh.start)
         print(f"\npdmesh is up: scheduler at {mesh.target} ({plan.prefill} prefill, {plan.decode} decode, "
               f"{plan.model} on {plan.device})")  # fmt: skip
         print(f'try:  pdmesh generate --target {mesh.target} --chat "What is the capital of France?"\n', flush=True)
@@ -156,7 +170,7 @@ async def run_up(plan: MeshPlan, demo_prompt: str | None, exit_after_demo: bool)
         return 0
     finally:
         print("stopping the mesh ...", file=sys.stderr, flush=True)
-        await mesh.stop()
+        await asyncio.to_thread(mesh.stop)
 
 
 async def _demo(target: str, prompt: str) -> None:

@@ -1,0 +1,76 @@
+"""Real meshes on loopback: a scheduler, prefill and decode workers as separate processes,
+KV moving between them over UCX/tcp. Each test module starts the mesh it needs."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from engine.config import BatcherConfig, CacheConfig, EngineConfig
+from engine.engine import Engine
+from engine.sampling_params import SamplingParams
+from pdmesh.up import Mesh, MeshPlan
+from tests.engine.conftest import save_tiny_model
+
+BLOCK_SIZE = 4
+KV_BLOCKS = 512
+
+
+@pytest.fixture(scope="session")
+def mesh_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # Long enough context for slow, chunked prefills in the failure tests.
+    return save_tiny_model(tmp_path_factory.mktemp("mesh_model"), max_position_embeddings=4096, seed=7)
+
+
+def free_port_base() -> int:
+    return random.randrange(20000, 40000, 200)
+
+
+def start_mesh(model: Path | str, prefill: int, decode: int, *extra: str, timeout_s: float = 180) -> Mesh:
+    args = ("--threads", "1", "--kv-blocks", str(KV_BLOCKS), "--block-size", str(BLOCK_SIZE), *extra)
+    plan = MeshPlan(
+        port=free_port_base(), prefill=prefill, decode=decode, model=str(model), extra_worker_args=args,
+        env=(("PDMESH_SCHEDULER_REPORT_INTERVAL_MS", "100"),),  # fresh load reports for the observers
+    )
+    mesh = Mesh(plan)
+    mesh.start(timeout_s)
+    return mesh
+
+
+def stop_mesh(mesh: Mesh) -> None:
+    mesh.stop()
+
+
+@pytest.fixture()
+def mesh_factory() -> Iterator:
+    started: list[Mesh] = []
+
+    def make(model: Path | str, prefill: int = 1, decode: int = 1, *extra: str) -> Mesh:
+        mesh = start_mesh(model, prefill, decode, *extra)
+        started.append(mesh)
+        return mesh
+
+    yield make
+    for mesh in started:
+        stop_mesh(mesh)
+
+
+def engine_greedy(model: Path | str, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
+    """The single-process engine's greedy continuation: what the mesh must reproduce."""
+    engine = Engine.from_config(
+        EngineConfig(
+            model=str(model), torch_threads=1,
+            cache=CacheConfig(block_size=BLOCK_SIZE, num_blocks=KV_BLOCKS), batcher=BatcherConfig(),
+        )
+    )  # fmt: skip
+    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+    for i, p in enumerate(prompts):
+        engine.add_request(f"r{i}", p, params)
+    out: dict[str, list[int]] = {}
+    while engine.has_work():
+        for o in engine.step():
+            out.setdefault(o.request_id, []).extend(o.new_token_ids)
+    return [out[f"r{i}"] for i in range(len(prompts))]

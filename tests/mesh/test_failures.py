@@ -1,0 +1,75 @@
+"""Workers killed with SIGKILL in the middle of a request: the client still gets every token,
+exactly the tokens of an undisturbed run, and no block stays held."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import pytest
+
+from pdmesh.client import AsyncClient, Chunk
+from tests.mesh.conftest import engine_greedy
+from tests.mesh.test_mesh import all_free, prompts_of, settled
+
+pytestmark = pytest.mark.slow
+
+
+def test_prefill_worker_killed_mid_push_the_request_completes_correctly(mesh_factory, mesh_model: Path) -> None:
+    # A slow prefill: 2,000 prompt tokens in chunks of 16 on the prefill worker.
+    mesh = mesh_factory(mesh_model, 1, 1, "--max-batched-tokens", "16")
+    prompt = prompts_of([2000], seed=11)[0]
+    expected = engine_greedy(mesh_model, [prompt], 8)[0]
+
+    async def run() -> tuple[list[int], list[Chunk]]:
+        async with AsyncClient(mesh.target) as client:
+            chunks: list[Chunk] = []
+
+            async def consume() -> None:
+                async for chunk in client.generate(prompt, max_tokens=8, ignore_eos=True):
+                    chunks.append(chunk)
+
+            task = asyncio.create_task(consume())
+            await asyncio.sleep(0.6)  # Reserve is done and the prefill is under way
+            assert not chunks, "the prefill finished before the kill; slow it down"
+            mesh.kill("prefill-0")
+            await asyncio.wait_for(task, 120)
+            state = await settled(client)
+            decode = [w for w in state.workers if w.role is not None and w.role.name == "DECODE"]
+            assert all_free(type(state)(**{**state.__dict__, "workers": decode}))
+            return [t for c in chunks for t in c.token_ids], chunks
+
+    tokens, chunks = asyncio.run(run())
+    assert tokens == expected
+    assert chunks[-1].placement is not None
+
+
+def test_decode_worker_killed_mid_stream_the_stream_continues_identically(mesh_factory, mesh_model: Path) -> None:
+    mesh = mesh_factory(mesh_model, 1, 2)
+    prompt = prompts_of([60], seed=5)[0]
+    expected = engine_greedy(mesh_model, [prompt], 300)[0]
+
+    async def run() -> tuple[list[int], Chunk]:
+        async with AsyncClient(mesh.target) as client:
+            tokens: list[int] = []
+            last: Chunk | None = None
+            killed = False
+            async for chunk in client.generate(prompt, max_tokens=300, ignore_eos=True):
+                tokens += chunk.token_ids
+                last = chunk
+                if not killed and len(tokens) >= 20:
+                    state = await client.cluster_state()
+                    busy = [w for w in state.workers if w.load is not None and w.load.num_running_requests > 0
+                            and w.role is not None and w.role.name == "DECODE"]  # fmt: skip
+                    if busy:
+                        mesh.kill(busy[0].worker_id)
+                        killed = True
+            assert killed, "never saw the decode worker busy"
+            assert last is not None
+            return tokens, last
+
+    deadline = time.monotonic() + 180
+    tokens, last = asyncio.run(asyncio.wait_for(run(), deadline - time.monotonic()))
+    assert tokens == expected
+    assert last.placement is not None and last.placement.num_decode_failovers == 1
