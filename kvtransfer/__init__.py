@@ -1,0 +1,35 @@
+"""KV block movement between workers over UCX (ucxx): connections, handshake, tickets, layer-wise push.
+
+The engine sees two small interfaces (engine.handoff): a prefill worker pushes a request's layers
+through a KVPush, a decode worker waits on a KVTicketImport. Both come from one KVTransport per
+worker process:
+
+    transport = KVTransport(layout, TransportConfig(ucx_tls="tcp,self"), kv_caches=engine_caches).start()
+    ticket = transport.expect("req-1", block_ids, num_tokens, timeout_s=30)   # decode side
+    push = transport.push(ticket.info)                                        # prefill side
+"""
+
+from kvtransfer.config import TransportConfig
+from kvtransfer.errors import IncompatiblePeer, TransferFailed
+from kvtransfer.receiver import KVReceiver, KVTicketImport
+from kvtransfer.sender import KVPush, KVSender
+from kvtransfer.telemetry import Direction, NullObserver, TransferObserver, TransferStats
+from kvtransfer.ticket import TicketId, TicketInfo
+from kvtransfer.transport import KVTransport
+
+__all__ = [
+    "Direction",
+    "IncompatiblePeer",
+    "KVPush",
+    "KVReceiver",
+    "KVSender",
+    "KVTicketImport",
+    "KVTransport",
+    "NullObserver",
+    "TicketId",
+    "TicketInfo",
+    "TransferFailed",
+    "TransferObserver",
+    "TransferStats",
+    "TransportConfig",
+]

@@ -1,0 +1,299 @@
+"""KV transfer between two worker processes, end to end, against a plain copy of the same bytes.
+
+Not a test. A request-shaped payload in Llama-3.1-8B dims (32 layers, 8 KV heads, head_dim 128,
+bf16, 16-token blocks scattered over a pool of --pool-blocks) of 256, 1k, 4k and 16k tokens is
+pushed layer by layer from a sending worker to a receiving worker through kvtransfer. One timing
+runs from the first push_layer (so packing is included) until the sender hears that the last layer
+landed (unpacked into the receiver's blocks): GB/s = payload bytes / that time, on one clock.
+
+  GPU (default): pairs of processes, each seeing one GPU (CUDA_VISIBLE_DEVICES), sender GPU first:
+      1:0  GPU1 -> GPU0 (cuda_ipc over NVLink); the ceiling is a torch peer copy cuda:1 -> cuda:0
+      0:0  GPU0 -> GPU0 between two processes; the ceiling is a device-to-device copy on cuda:0
+  --host: host memory over tcp (UCX_TLS tcp,self) on a CPU machine; the ceiling is a torch copy
+      of the same bytes in host memory (memcpy), measured in the same run.
+
+Every size is checked once: per-layer integer sums of the sender's and receiver's blocks must agree.
+Prints a table; writes JSON to --out.
+
+    python bench/kv_transfer.py --out bench/results/kv_transfer_gpu.json             # nvidia-h200-x2
+    python bench/kv_transfer.py --host --out bench/results/kv_transfer_host.json     # CPU machine
+    python bench/kv_transfer.py --quick                                              # smoke: 256/1k, 2 runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import multiprocessing
+import os
+import platform
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from engine.kv_layout import KVLayout  # noqa: E402
+
+LAYOUT = KVLayout("llama-3.1-8b", "bfloat16", block_size=16, num_layers=32, num_kv_heads=8, head_dim=128)
+TOKENS = (256, 1024, 4096, 16384)
+GPU_TLS = "cuda_ipc,cuda_copy,sm,tcp,self"  # sm carries UCX's rendezvous control faster than tcp
+HOST_TLS = "tcp,self"
+REPLY_S = 300.0
+
+
+def payload_bytes(tokens: int) -> int:
+    blocks = -(-tokens // LAYOUT.block_size)
+    return blocks * LAYOUT.block_elems_per_layer * 2 * LAYOUT.num_layers  # bf16: 2 bytes
+
+
+# ---- the worker processes
+
+
+def _worker(conn: Any, role: str, device: str, pool_blocks: int, tls: str, message_bytes: int) -> None:
+    """A sending or receiving worker with its own scattered KV pool, driven by (command, args) pairs."""
+    try:
+        torch.set_num_threads(2)
+        from kvtransfer import KVTransport, TransportConfig
+
+        if device.startswith("cuda"):
+            torch.cuda.set_device(device)
+        shape = (2, pool_blocks, LAYOUT.block_size, LAYOUT.num_kv_heads, LAYOUT.head_dim)
+        caches = [torch.zeros(shape, dtype=torch.bfloat16, device=device) for _ in range(LAYOUT.num_layers)]
+        order = torch.randperm(pool_blocks, generator=torch.Generator().manual_seed(0 if role == "recv" else 1))
+        config = TransportConfig(device=device, ucx_tls=tls, message_bytes=message_bytes)
+        transport = KVTransport(LAYOUT, config, kv_caches=caches if role == "recv" else None).start()
+        conn.send(("ok", transport.address))
+    except BaseException:
+        conn.send(("error", traceback.format_exc()))
+        return
+    imports: dict[str, Any] = {}
+    try:
+        while True:
+            command, args = conn.recv()
+            if command == "quit":
+                break
+            try:
+                blocks = order[: -(-args["tokens"] // LAYOUT.block_size)].tolist()
+                if command == "expect":
+                    imp = transport.expect(args["ticket"], blocks, args["tokens"], timeout_s=120)
+                    imports[args["ticket"]] = imp
+                    conn.send(("ok", imp.info))
+                elif command == "wait":
+                    imports.pop(args["ticket"]).wait(REPLY_S)
+                    conn.send(("ok", None))
+                elif command == "fill":
+                    ids = torch.tensor(blocks, device=device)
+                    for kv in caches:
+                        kv.index_copy_(1, ids, torch.randn((2, len(blocks), *shape[2:]), device=device).bfloat16())
+                    conn.send(("ok", None))
+                elif command == "push":
+                    conn.send(("ok", _push(transport, caches, blocks, args["info"], device)))
+                elif command == "sums":
+                    conn.send(("ok", _sums(caches, blocks, device)))
+            except BaseException:
+                conn.send(("error", traceback.format_exc()))
+    finally:
+        transport.close()
+
+
+def _push(transport: Any, caches: list[torch.Tensor], blocks: list[int], info: Any, device: str) -> float:
+    """Seconds from the first push_layer (packing included) until the receiver has every layer."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    push = transport.push(info)
+    started = time.perf_counter()
+    for layer, kv in enumerate(caches):
+        push.push_layer(layer, kv, blocks, info.num_tokens)
+    push.close()
+    push.wait(REPLY_S)
+    return time.perf_counter() - started
+
+
+def _sums(caches: list[torch.Tensor], blocks: list[int], device: str) -> list[int]:
+    ids = torch.tensor(blocks, device=device)
+    return [int(kv.index_select(1, ids).view(torch.int16).sum(dtype=torch.int64)) for kv in caches]
+
+
+class Worker:
+    def __init__(
+        self, role: str, device: str, visible: str | None, args: argparse.Namespace, tls: str, message_mib: int
+    ) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self.conn, theirs = ctx.Pipe()
+        saved = os.environ.get("CUDA_VISIBLE_DEVICES")
+        if visible is not None:
+            os.environ["CUDA_VISIBLE_DEVICES"] = visible  # read by the child at its CUDA init
+        worker_args = (theirs, role, device, args.pool_blocks, tls, message_mib << 20)
+        self.process = ctx.Process(target=_worker, args=worker_args, daemon=True)
+        self.process.start()
+        if visible is not None:
+            if saved is None:
+                del os.environ["CUDA_VISIBLE_DEVICES"]
+            else:
+                os.environ["CUDA_VISIBLE_DEVICES"] = saved
+        self.address = self._reply(REPLY_S)
+
+    def call(self, command: str, **args: Any) -> Any:
+        self.conn.send((command, args))
+        return self._reply(REPLY_S)
+
+    def _reply(self, timeout_s: float) -> Any:
+        if not self.conn.poll(timeout_s):
+            raise TimeoutError(f"worker did not answer within {timeout_s} s")
+        status, value = self.conn.recv()
+        if status != "ok":
+            raise RuntimeError(f"worker failed:\n{value}")
+        return value
+
+    def stop(self) -> None:
+        if self.process.is_alive():
+            with contextlib.suppress(OSError):
+                self.conn.send(("quit", {}))
+            self.process.join(60)
+        if self.process.is_alive():
+            self.process.kill()
+
+
+# ---- ceilings, measured in the parent
+
+
+def ceiling_gbps(nbytes: int, src: str, dst: str, iters: int) -> float:
+    """A plain torch copy of nbytes from src to dst (peer, device or host memcpy): payload GB/s."""
+    a = torch.empty(nbytes, dtype=torch.uint8, device=src).random_()
+    b = torch.empty(nbytes, dtype=torch.uint8, device=dst)
+    times = []
+    for _ in range(iters + 2):
+        if a.is_cuda:
+            torch.cuda.synchronize(a.device)
+            torch.cuda.synchronize(b.device)
+        started = time.perf_counter()
+        b.copy_(a)
+        if a.is_cuda:
+            torch.cuda.synchronize(a.device)
+            torch.cuda.synchronize(b.device)
+        times.append(time.perf_counter() - started)
+    return nbytes / statistics.median(times[2:]) / 1e9
+
+
+# ---- one pair of processes over every size
+
+
+def run_pair(
+    name: str, sender: Worker, receiver: Worker, args: argparse.Namespace, ceiling_devices: tuple[str, str]
+) -> list[dict]:
+    rows = []
+    for tokens in args.tokens:
+        nbytes = payload_bytes(tokens)
+        ceiling = ceiling_gbps(nbytes, *ceiling_devices, iters=args.iters)
+        sender.call("fill", tokens=tokens)
+        times = []
+        for i in range(args.warmup + args.iters):
+            ticket = f"{name}-{tokens}-{i}"
+            info = receiver.call("expect", ticket=ticket, tokens=tokens)
+            seconds = sender.call("push", tokens=tokens, info=info)
+            receiver.call("wait", ticket=ticket, tokens=tokens)
+            if i == 0:
+                exact = sender.call("sums", tokens=tokens) == receiver.call("sums", tokens=tokens)
+            if i >= args.warmup:
+                times.append(seconds)
+        gbps = [nbytes / t / 1e9 for t in times]
+        row = {
+            "pair": name, "tokens": tokens, "mib": nbytes / 2**20, "exact": exact,
+            "median_ms": statistics.median(times) * 1e3, "median_gbps": statistics.median(gbps),
+            "best_gbps": max(gbps), "ceiling_gbps": ceiling, "of_ceiling": statistics.median(gbps) / ceiling,
+        }  # fmt: skip
+        print(
+            f"{name:>14} {tokens:>6} {row['mib']:>8.0f} {row['median_ms']:>9.2f} {row['median_gbps']:>8.1f}"
+            f" {row['best_gbps']:>8.1f} {ceiling:>9.1f} {row['of_ceiling']:>7.0%} {'yes' if exact else 'NO'}",
+            flush=True,
+        )
+        rows.append(row)
+    return rows
+
+
+def device_name(host: bool) -> str:
+    if host or not torch.cuda.is_available():
+        return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
+    return torch.cuda.get_device_name(0)
+
+
+def _ints(text: str) -> list[int]:
+    return [int(t) for t in text.split(",")]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--host", action="store_true", help="host memory over tcp instead of GPUs")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 256 and 1k tokens, 1 warm-up, 2 runs")
+    parser.add_argument("--tokens", type=_ints, default=list(TOKENS))
+    parser.add_argument("--pairs", default="1:0,0:0", help="GPU mode: sender:receiver GPU pairs")
+    parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--pool-blocks", type=int, default=None, help="blocks per pool (default: 2x the largest)")
+    parser.add_argument(
+        "--message-mib", type=_ints, default=[32, 512], help="message sizes to compare (layers grouped up to it)"
+    )
+    parser.add_argument("--ucx-tls", default=None, help=f"default {GPU_TLS} (GPU) or {HOST_TLS} (--host)")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    if args.quick:
+        args.tokens, args.iters, args.warmup = [t for t in args.tokens if t <= 1024] or [256], 2, 1
+    args.pool_blocks = args.pool_blocks or 2 * -(-max(args.tokens) // LAYOUT.block_size)
+    os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
+    tls = args.ucx_tls or (HOST_TLS if args.host else GPU_TLS)
+
+    print(
+        f"{'pair':>14} {'tokens':>6} {'MiB':>8} {'ms':>9} {'GB/s':>8} {'best':>8} {'ceiling':>9} {'of ceil':>7} exact"
+    )
+    rows: list[dict] = []
+    failures: list[str] = []
+    if args.host:
+        plan = [("host", "cpu", None, "cpu", None, ("cpu", "cpu"))]
+    else:
+        count = torch.cuda.device_count()
+        plan = []
+        for pair in args.pairs.split(","):
+            src, dst = (int(x) for x in pair.split(":"))
+            if max(src, dst) >= count:
+                failures.append(f"pair {pair}: only {count} GPU(s) visible")
+                continue
+            plan.append((f"gpu{src}->{dst}", "cuda:0", str(dst), "cuda:0", str(src), (f"cuda:{src}", f"cuda:{dst}")))
+    for message_mib in args.message_mib:
+        for name, recv_device, recv_visible, send_device, send_visible, ceiling_devices in plan:
+            label = f"{name}/{message_mib}M"
+            workers: list[Worker] = []
+            try:
+                workers.append(Worker("recv", recv_device, recv_visible, args, tls, message_mib))
+                workers.append(Worker("send", send_device, send_visible, args, tls, message_mib))
+                rows += run_pair(label, workers[1], workers[0], args, ceiling_devices)
+            except Exception:
+                failures.append(f"{label}:\n{traceback.format_exc()}")
+                print(f"{label} FAILED:\n{failures[-1]}", flush=True)
+            finally:
+                for worker in workers:
+                    worker.stop()
+
+    report = {
+        "bench": "kv_transfer", "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "host": platform.node(), "device": device_name(args.host),
+        "cpus": os.cpu_count(), "torch": torch.__version__, "ucx_tls": tls,
+        "pool_blocks": args.pool_blocks, "iters": args.iters, "command": " ".join(sys.argv), "rows": rows,
+        "failures": failures,
+    }  # fmt: skip
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2))
+    if failures:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,43 @@
+"""The transport's configuration: one frozen dataclass, built by pdmesh's config module.
+
+kvtransfer reads no environment variable itself; UCX still reads its own UCX_* variables, and an
+option given here (ucx_tls, ucx_options) wins over the environment.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MiB = 1 << 20
+
+
+@dataclass(frozen=True)
+class TransportConfig:
+    host: str = "127.0.0.1"  # the address peers dial; the listener binds every interface
+    port: int = 0  # listener port; 0 picks a free one
+    device: str = "cpu"  # where staging buffers live: "cpu", or the KV cache's "cuda:N"
+    # UCX transports, e.g. "tcp,self" on CPU or "cuda_ipc,cuda_copy,tcp,self" on GPUs; None: UCX's choice.
+    ucx_tls: str | None = None
+    ucx_options: tuple[tuple[str, str], ...] = ()  # more UCX options without the UCX_ prefix
+    message_bytes: int = 32 * MiB  # layers are grouped into messages of about this size (at least one layer)
+    max_inflight_recv: int = 8  # messages being received at once; bounds the receiver's staging memory
+    staging_retain_bytes: int = 1024 * MiB  # free staging memory kept for reuse, per direction
+    checksum_samples: int = 0  # blocks hashed (xxh3) per message and checked on arrival; 0 turns it off
+    connect_timeout_s: float = 5.0  # dial plus handshake
+    # The receiver owns a ticket's lease; the sender gives up this much later, so that normally it
+    # hears the receiver's verdict rather than racing it.
+    sender_grace_s: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.message_bytes < 1 or self.max_inflight_recv < 1:
+            raise ValueError("message_bytes and max_inflight_recv must be positive")
+        if self.checksum_samples < 0:
+            raise ValueError(f"checksum_samples is {self.checksum_samples}; use 0 (off) or a positive count")
+
+    @property
+    def ucx_init_options(self) -> dict[str, str]:
+        # A restarted worker binds its port again even while the dead one's connections linger.
+        options = {"CM_REUSEADDR": "y", **dict(self.ucx_options)}
+        if self.ucx_tls is not None:
+            options["TLS"] = self.ucx_tls
+        return options

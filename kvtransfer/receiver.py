@@ -1,0 +1,350 @@
+"""The receiving side: expect a ticket into reserved blocks, scatter arrivals, report the outcome.
+
+KVTicketImport is what the decode engine holds (engine.handoff.KVImport). KVReceiver, on the
+transport's loop, checks every Data header against its ticket (known, from the bound peer, layers
+in range and not seen, exact byte size) before receiving its payload into a pooled staging buffer,
+verifies sampled checksums, and unpacks into exactly the ticket's blocks on a scatter thread. A
+ticket that fails (lease, peer lost, cancel, bad message) publishes its error only after any
+unpack in progress has finished: once error() is set, or cancel() has returned, the transport
+never writes those blocks again, so the engine may free them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import time
+from collections import OrderedDict
+from collections.abc import Generator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+import torch
+
+from engine.kv_layout import KVLayout
+from kernels.kv_pack import unpack_blocks, validate_block_ids
+from kvtransfer.checksum import first_mismatch
+from kvtransfer.config import TransportConfig
+from kvtransfer.connection import Connection, Tasks, notify, quietly
+from kvtransfer.errors import TransferFailed
+from kvtransfer.staging import StagingPool
+from kvtransfer.telemetry import Direction, TransferObserver, TransferStats
+from kvtransfer.ticket import TicketId, TicketInfo
+from kvtransfer.wire import Cancel, Data, Done, Failed, Message
+
+log = structlog.get_logger(__name__)
+
+_REMEMBERED_ENDINGS = 1024  # why recent tickets ended, to answer late messages precisely
+_CALL_TIMEOUT_S = 30.0  # a hop onto the transport's loop; only a wedged loop takes this long
+
+
+class KVTicketImport:
+    """One ticket's receiving side: done() once every layer landed, error() once it failed."""
+
+    def __init__(self, receiver: KVReceiver, info: TicketInfo, num_layers: int) -> None:
+        self.info = info
+        self.future: concurrent.futures.Future[TransferStats] = concurrent.futures.Future()
+        self._receiver = receiver
+        self._ready = [False] * num_layers  # written on the transport's loop
+
+    def done(self) -> bool:
+        return self.future.done() and self.future.exception() is None
+
+    def error(self) -> BaseException | None:
+        return self.future.exception() if self.future.done() else None
+
+    def layer_ready(self, layer: int) -> bool:
+        return self._ready[layer]
+
+    @property
+    def num_layers_ready(self) -> int:
+        return sum(self._ready)
+
+    def cancel(self, reason: str) -> None:
+        """Fail the ticket and tell the sender; when this returns the blocks are no longer written."""
+        self._receiver.cancel(self.info.ticket_id, reason)
+
+    def wait(self, timeout: float | None = None) -> TransferStats:
+        return self.future.result(timeout)
+
+    def __await__(self) -> Generator[Any, None, TransferStats]:
+        return asyncio.wrap_future(self.future).__await__()
+
+
+@dataclass(slots=True, eq=False)
+class _Incoming:
+    """The loop's record of one expected ticket."""
+
+    ticket: KVTicketImport
+    block_ids: torch.Tensor  # (num_blocks,) int64 on the cache's device, validated once
+    layer_bytes: int  # one layer of the ticket, packed
+    claimed: list[bool]  # per layer: a Data header for it was accepted
+    deadline: asyncio.TimerHandle | None = None
+    conn: Connection | None = None  # bound by the first accepted Data header
+    started: float | None = None
+    bytes_landed: int = 0
+    receiving: int = 0  # payload receives posted and not completed
+    scattering: int = 0  # unpacks running on the scatter thread
+    failure: TransferFailed | None = None
+
+
+def check_data(data: Data, num_blocks: int, layer_bytes: int, claimed: Sequence[bool]) -> str | None:
+    """Why a Data header cannot be accepted for a ticket, or None when it can."""
+    num_layers = len(claimed)
+    if data.num_blocks != num_blocks:
+        return f"the sender has {data.num_blocks} blocks, the reservation {num_blocks}"
+    last = data.first_layer + data.num_layers
+    if data.num_layers < 1 or data.first_layer < 0 or last > num_layers:
+        return f"layers [{data.first_layer}, {last}) are outside [0, {num_layers})"
+    if any(claimed[data.first_layer : last]):
+        return f"layers [{data.first_layer}, {last}) overlap layers already sent"
+    if data.nbytes != data.num_layers * layer_bytes:
+        want = data.num_layers * layer_bytes
+        return f"the payload is {data.nbytes} bytes; {data.num_layers} layers of this ticket are {want}"
+    chunks = data.num_layers * 2 * num_blocks
+    if any(not 0 <= c < chunks for c, _ in data.checksums):
+        return "a checksum names a block outside the payload"
+    return None
+
+
+class KVReceiver:
+    def __init__(
+        self,
+        layout: KVLayout,
+        config: TransportConfig,
+        kv_caches: Sequence[torch.Tensor],  # per layer (2, num_blocks, block_size, kv_heads, head_dim)
+        observer: TransferObserver,
+        loop: asyncio.AbstractEventLoop,
+        tasks: Tasks,
+        address: str,
+    ) -> None:
+        _check_caches(layout, kv_caches)
+        self.layout = layout
+        self.kv_caches = list(kv_caches)
+        self.pool = StagingPool(kv_caches[0].device, config.staging_retain_bytes)
+        self._dtype: torch.dtype = kv_caches[0].dtype
+        self._observer = observer
+        self._loop = loop
+        self._tasks = tasks
+        self._address = address
+        self._incoming: dict[str, _Incoming] = {}  # loop thread only
+        self._endings: OrderedDict[str, str] = OrderedDict()
+        self._slots = asyncio.Semaphore(config.max_inflight_recv)
+        self._scatter = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kvtransfer-scatter")
+        self._stream = torch.cuda.Stream(kv_caches[0].device) if kv_caches[0].is_cuda else None
+
+    # ---- any thread but the loop's
+    def expect(self, ticket_id: str, block_ids: Sequence[int], num_tokens: int, timeout_s: float) -> KVTicketImport:
+        """Register a ticket whose layers will land in block_ids; ValueError for a bad request."""
+        ticket, registered = self._submit(ticket_id, block_ids, num_tokens, timeout_s)
+        registered.result(_CALL_TIMEOUT_S)
+        return ticket
+
+    async def expect_async(
+        self, ticket_id: str, block_ids: Sequence[int], num_tokens: int, timeout_s: float
+    ) -> KVTicketImport:
+        """expect() for a caller on another event loop (a gRPC servicer)."""
+        ticket, registered = self._submit(ticket_id, block_ids, num_tokens, timeout_s)
+        await asyncio.wait_for(asyncio.wrap_future(registered), _CALL_TIMEOUT_S)
+        return ticket
+
+    def cancel(self, ticket_id: str, reason: str) -> None:
+        if self._loop.is_closed():
+            return
+        done = asyncio.run_coroutine_threadsafe(self._cancel(ticket_id, reason), self._loop)
+        if not _on_loop(self._loop):  # on the loop: the failure publishes once the unpack in progress ends
+            done.result(_CALL_TIMEOUT_S)
+
+    # ---- loop thread
+    def on_message(self, conn: Connection, message: Message) -> None:
+        if isinstance(message, Data):
+            self._tasks.spawn(self._receive(conn, message))
+        elif isinstance(message, Cancel):
+            entry = self._incoming.get(message.ticket)
+            if entry is not None and entry.conn in (None, conn):
+                self._fail(entry, f"the sender ended it: {message.reason}", tell_peer=False)
+
+    def on_lost(self, conn: Connection, reason: str) -> None:
+        for entry in [e for e in self._incoming.values() if e.conn is conn]:
+            self._fail(entry, f"connection lost: {reason}", tell_peer=False)
+
+    def shutdown(self) -> None:
+        for entry in list(self._incoming.values()):
+            self._fail(entry, "the transport closed", tell_peer=False)
+        self._scatter.shutdown(wait=True)
+        for entry in list(self._incoming.values()):
+            self._publish(entry)
+
+    def _submit(
+        self, ticket_id: str, block_ids: Sequence[int], num_tokens: int, timeout_s: float
+    ) -> tuple[KVTicketImport, concurrent.futures.Future[None]]:
+        if _on_loop(self._loop):
+            raise RuntimeError("expect() blocks: call it from the engine or a service thread, not the transport's")
+        layout = self.layout
+        want_blocks = -(-num_tokens // layout.block_size)
+        if num_tokens < 1 or len(block_ids) != want_blocks:
+            raise ValueError(
+                f"{num_tokens} tokens need {want_blocks} blocks of {layout.block_size}, got {len(block_ids)}"
+            )
+        if timeout_s <= 0:
+            raise ValueError(f"timeout_s is {timeout_s}; give the transfer a positive lease")
+        ids = torch.tensor(list(block_ids), dtype=torch.int64, device=self.kv_caches[0].device)
+        validate_block_ids(ids, self.kv_caches[0].shape[1])
+        info = TicketInfo(self._address, TicketId(ticket_id), len(block_ids), num_tokens, time.time() + timeout_s)
+        ticket = KVTicketImport(self, info, layout.num_layers)
+        return ticket, asyncio.run_coroutine_threadsafe(self._register(ticket, ids, timeout_s), self._loop)
+
+    async def _register(self, ticket: KVTicketImport, ids: torch.Tensor, timeout_s: float) -> None:
+        ticket_id = ticket.info.ticket_id
+        if ticket_id in self._incoming:
+            raise ValueError(f"ticket {ticket_id!r} is already expected")
+        self._endings.pop(ticket_id, None)
+        layer_bytes = ids.numel() * self.layout.block_elems_per_layer * self._dtype.itemsize
+        entry = _Incoming(ticket, ids, layer_bytes, [False] * self.layout.num_layers)
+        entry.deadline = self._loop.call_later(timeout_s, self._expire, entry)
+        self._incoming[ticket_id] = entry
+
+    async def _cancel(self, ticket_id: str, reason: str) -> None:
+        entry = self._incoming.get(ticket_id)
+        if entry is None:
+            return
+        self._fail(entry, f"cancelled: {reason}", tell_peer=True)
+        while entry.scattering:
+            await asyncio.sleep(0.001)
+
+    async def _receive(self, conn: Connection, data: Data) -> None:
+        entry = self._incoming.get(data.ticket)
+        problem = self._refusal(entry, conn, data)
+        if problem is not None or entry is None:
+            problem = problem or "unknown ticket"
+            if entry is not None:
+                self._fail(entry, problem, tell_peer=False)
+            await quietly(conn.send(Failed(data.ticket, problem)))
+            await quietly(conn.discard_payload(data.tag))
+            return
+        entry.conn = conn
+        entry.started = time.monotonic() if entry.started is None else entry.started
+        entry.claimed[data.first_layer : data.first_layer + data.num_layers] = [True] * data.num_layers
+        async with self._slots:
+            await self._land(entry, conn, data)
+
+    async def _land(self, entry: _Incoming, conn: Connection, data: Data) -> None:
+        staging = self.pool.acquire(data.nbytes)
+        try:
+            entry.receiving += 1
+            try:
+                await conn.recv_payload(staging.data, data.tag)
+            finally:
+                entry.receiving -= 1
+            if entry.failure is not None:
+                return
+            chunk_bytes = entry.layer_bytes // (2 * entry.block_ids.numel())
+            bad = first_mismatch(staging.data, chunk_bytes, data.checksums) if data.checksums else None
+            if bad is not None:
+                layer = data.first_layer + bad // (2 * entry.block_ids.numel())
+                self._fail(entry, f"checksum mismatch in layer {layer} (chunk {bad} of the payload)", tell_peer=True)
+                return
+            entry.scattering += 1
+            try:
+                await self._loop.run_in_executor(self._scatter, self._unpack, staging.data, data, entry.block_ids)
+            finally:
+                entry.scattering -= 1
+        except Exception as e:  # the payload never arrived whole: truncated, or the connection died
+            self._fail(entry, f"payload of layers {data.first_layer}+{data.num_layers} lost: {e}", tell_peer=True)
+        finally:
+            self.pool.release(staging)
+        if entry.failure is not None:
+            if entry.scattering == 0:
+                self._publish(entry)
+            return
+        self._landed(entry, data)
+
+    def _unpack(self, payload: torch.Tensor, data: Data, ids: torch.Tensor) -> None:
+        """On the scatter thread: payload (nbytes,) uint8 into the ticket's blocks of those layers."""
+        layout = self.layout
+        layers = self.kv_caches[data.first_layer : data.first_layer + data.num_layers]
+        shape = (data.num_layers, 2, data.num_blocks, layout.block_size, layout.num_kv_heads, layout.head_dim)
+        staging = payload.view(self._dtype).view(shape)
+        if self._stream is None:
+            unpack_blocks(staging, layers, ids)
+            return
+        with torch.cuda.stream(self._stream):
+            unpack_blocks(staging, layers, ids)
+        self._stream.synchronize()
+
+    def _landed(self, entry: _Incoming, data: Data) -> None:
+        entry.bytes_landed += data.nbytes
+        for layer in range(data.first_layer, data.first_layer + data.num_layers):
+            entry.ticket._ready[layer] = True
+        if not all(entry.ticket._ready):
+            return
+        self._forget(entry, "the ticket already completed")
+        assert entry.started is not None and entry.conn is not None
+        info = entry.ticket.info
+        stats = TransferStats(
+            info.ticket_id, entry.conn.peer, Direction.RECV, entry.bytes_landed, time.monotonic() - entry.started
+        )
+        entry.ticket.future.set_result(stats)
+        notify(self._observer.on_complete, stats)
+        self._tasks.spawn(quietly(entry.conn.send(Done(info.ticket_id, entry.bytes_landed))))
+
+    def _refusal(self, entry: _Incoming | None, conn: Connection, data: Data) -> str | None:
+        if entry is None:
+            return self._endings.get(data.ticket, "unknown ticket (never expected here)")
+        if entry.conn is not None and entry.conn is not conn:
+            return f"the ticket is bound to peer {entry.conn.peer}"
+        return check_data(data, entry.block_ids.numel(), entry.layer_bytes, entry.claimed)
+
+    def _expire(self, entry: _Incoming) -> None:
+        stalled = entry.receiving > 0 and entry.conn is not None
+        ready = entry.ticket.num_layers_ready
+        self._fail(entry, f"the lease expired with {ready} of {self.layout.num_layers} layers landed", tell_peer=True)
+        if stalled and entry.conn is not None:  # payloads the sender never delivered: it is stuck
+            entry.conn.abort("a ticket's payload stalled past its lease")
+
+    def _fail(self, entry: _Incoming, reason: str, *, tell_peer: bool) -> None:
+        if entry.failure is not None:
+            return
+        info = entry.ticket.info
+        peer = entry.conn.peer if entry.conn is not None else ""
+        entry.failure = TransferFailed(peer, info.ticket_id, entry.bytes_landed, reason)
+        self._forget(entry, reason)  # a late message hears the same reason
+        log.warning("kv import failed", ticket=info.ticket_id, peer=peer, reason=reason)
+        if tell_peer and entry.conn is not None and entry.conn.lost is None:
+            self._tasks.spawn(quietly(entry.conn.send(Failed(info.ticket_id, reason))))
+        if entry.scattering == 0:
+            self._publish(entry)
+
+    def _publish(self, entry: _Incoming) -> None:
+        if entry.failure is None or entry.ticket.future.done():
+            return
+        entry.ticket.future.set_exception(entry.failure)
+        notify(self._observer.on_failure, entry.failure, Direction.RECV)
+
+    def _forget(self, entry: _Incoming, ending: str) -> None:
+        ticket_id = entry.ticket.info.ticket_id
+        if self._incoming.get(ticket_id) is entry:
+            del self._incoming[ticket_id]
+        if entry.deadline is not None:
+            entry.deadline.cancel()
+        self._endings[ticket_id] = ending
+        while len(self._endings) > _REMEMBERED_ENDINGS:
+            self._endings.popitem(last=False)
+
+
+def _check_caches(layout: KVLayout, kv_caches: Sequence[torch.Tensor]) -> None:
+    if len(kv_caches) != layout.num_layers:
+        raise ValueError(f"kv_caches has {len(kv_caches)} layers, the layout {layout.num_layers}")
+    first = kv_caches[0]
+    want = (2, first.shape[1], layout.block_size, layout.num_kv_heads, layout.head_dim)
+    for i, kv in enumerate(kv_caches):
+        if tuple(kv.shape) != want or str(kv.dtype).removeprefix("torch.") != layout.dtype or kv.device != first.device:
+            raise ValueError(f"kv_caches[{i}] is {kv.dtype} {tuple(kv.shape)}, the layout wants {layout.dtype} {want}")
+
+
+def _on_loop(loop: asyncio.AbstractEventLoop) -> bool:
+    try:
+        return asyncio.get_running_loop() is loop
+    except RuntimeError:
+        return False

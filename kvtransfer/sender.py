@@ -1,0 +1,308 @@
+"""The sending side: push a request's layers for a ticket as they become final.
+
+KVPush is what the prefill engine holds (engine.handoff.KVExportSink). Layers are grouped into
+messages of about config.message_bytes. On the engine's step thread, the push_layer that completes
+a message packs the message's layers into a pooled staging buffer in one call (on CUDA one kernel
+launch per 8 layers, queued on the current stream, so the engine's later writes are ordered after
+it) and hands the message to the transport's loop; then push_layer returns. Packing a message's
+earlier layers only then, not one by one, relies on what engine.handoff promises: a pushed layer's
+blocks stay final for the rest of the step, and the last layer (which completes the last message)
+is pushed within that step. Per-layer packing cost a host-side kernel launch per layer, which
+dominated small transfers on GPUs.
+
+KVSender, on the loop, waits for the pack to finish, sends a Data header and the payload, and
+resolves the push's future when the receiver reports every layer landed (or fails it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import time
+from collections.abc import Awaitable, Callable, Generator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+import torch
+
+from engine.kv_layout import KVLayout
+from kernels.kv_pack import pack_blocks
+from kvtransfer.checksum import digest_chunks, sample_chunks
+from kvtransfer.config import TransportConfig
+from kvtransfer.connection import Connection, Tasks, notify, quietly
+from kvtransfer.errors import IncompatiblePeer, TransferFailed
+from kvtransfer.staging import Staging, StagingPool
+from kvtransfer.telemetry import Direction, TransferObserver, TransferStats
+from kvtransfer.ticket import TicketInfo
+from kvtransfer.wire import Cancel, Data, Done, Failed, Message
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(slots=True)
+class _Outbound:
+    """Packed layers [first_layer, first_layer + num_layers) of one ticket, ready once `packed` is."""
+
+    first_layer: int
+    num_layers: int
+    staging: Staging
+    packed: torch.cuda.Event | None  # None on CPU: packing was synchronous
+    pushed_at: float
+
+
+class KVPush:
+    """One ticket's sending side. push_layer/close/cancel come from the engine thread; `future`
+    resolves with TransferStats once the receiver has every layer, or raises TransferFailed."""
+
+    def __init__(self, sender: KVSender, info: TicketInfo, layout: KVLayout) -> None:
+        self.info = info
+        self.future: concurrent.futures.Future[TransferStats] = concurrent.futures.Future()
+        self._sender = sender
+        self._layout = layout
+        self._dtype: torch.dtype = getattr(torch, layout.dtype)
+        self._next_layer = 0
+        self._stopped = False  # cancelled or closed early: later calls do nothing
+        self._group: _Outbound | None = None  # the message being filled
+        self._group_view = torch.empty(0)  # its staging as (n, 2, num_blocks, block_size, kv_heads, head_dim)
+        self._layers: list[torch.Tensor] = []  # its layers pushed so far, packed when the last arrives
+        self._ids: torch.Tensor | None = None  # (num_blocks,) int64 on the cache's device
+        self._ids_list: list[int] = []
+
+    def push_layer(self, layer: int, kv_layer: torch.Tensor, block_ids: Sequence[int], num_tokens: int) -> None:
+        if self._stopped or self.future.done():
+            return
+        if layer != self._next_layer:
+            raise ValueError(f"layers must be pushed in order: expected layer {self._next_layer}, got {layer}")
+        if len(block_ids) != self.info.num_blocks:
+            return self._stop(f"the request has {len(block_ids)} blocks, the ticket {self.info.num_blocks}")
+        group = self._group or self._start_group(layer, len(block_ids), kv_layer.device)
+        self._layers.append(kv_layer)
+        self._next_layer += 1
+        if self._next_layer < group.first_layer + group.num_layers:
+            return
+        # (n, 2, num_blocks, block_size, kv_heads, head_dim): the message's layers in one pack, one launch per 8
+        pack_blocks(self._layers, self._block_ids(block_ids, kv_layer.device), self._group_view)
+        if kv_layer.is_cuda:
+            group.packed = torch.cuda.Event()
+            group.packed.record()
+        self._group, self._layers = None, []
+        self._sender.submit(self, group)
+
+    def close(self) -> None:
+        if not self._stopped and self._next_layer != self._layout.num_layers:
+            self._stop(f"closed after {self._next_layer} of {self._layout.num_layers} layers")
+
+    def cancel(self, reason: str) -> None:
+        if not self._stopped:
+            self._stop(f"cancelled: {reason}")
+
+    def wait(self, timeout: float | None = None) -> TransferStats:
+        return self.future.result(timeout)
+
+    def __await__(self) -> Generator[Any, None, TransferStats]:
+        return asyncio.wrap_future(self.future).__await__()
+
+    def _stop(self, reason: str) -> None:
+        self._stopped = True
+        if self._group is not None:
+            self._sender.pool.release(self._group.staging)
+            self._group, self._layers = None, []
+        self._sender.stop(self, reason)
+
+    def _start_group(self, first: int, num_blocks: int, device: torch.device) -> _Outbound:
+        layout = self._layout
+        layer_bytes = num_blocks * layout.block_elems_per_layer * self._dtype.itemsize
+        n = min(max(1, self._sender.config.message_bytes // layer_bytes), layout.num_layers - first)
+        staging = self._sender.pool.acquire(n * layer_bytes)
+        shape = (n, 2, num_blocks, layout.block_size, layout.num_kv_heads, layout.head_dim)
+        self._group = _Outbound(first, n, staging, None, time.monotonic())
+        self._group_view = staging.view(self._dtype, shape)
+        return self._group
+
+    def _block_ids(self, block_ids: Sequence[int], device: torch.device) -> torch.Tensor:
+        if self._ids is None or self._ids_list != list(block_ids):
+            self._ids_list = list(block_ids)
+            self._ids = torch.tensor(self._ids_list, dtype=torch.int64, device=device)
+        return self._ids
+
+
+@dataclass(slots=True, eq=False)
+class _Outgoing:
+    """The loop's record of one push in flight."""
+
+    push: KVPush
+    deadline: asyncio.TimerHandle | None = None
+    conn: Connection | None = None
+    started: float | None = None
+    bytes_sent: int = 0
+    in_flight: int = 0  # messages handed over and not yet fully sent
+    landed_bytes: int | None = None  # the receiver's Done; completes once in_flight is 0 too
+
+
+class KVSender:
+    """The loop side of every push. Messages of a ticket, and tickets, are sent concurrently."""
+
+    def __init__(
+        self,
+        layout: KVLayout,
+        config: TransportConfig,
+        observer: TransferObserver,
+        loop: asyncio.AbstractEventLoop,
+        tasks: Tasks,
+        connect: Callable[[str], Awaitable[Connection]],
+    ) -> None:
+        self.layout = layout
+        self.config = config
+        self.pool = StagingPool(torch.device(config.device), config.staging_retain_bytes)
+        self._observer = observer
+        self._loop = loop
+        self._tasks = tasks
+        self._connect = connect
+        self._outgoing: dict[str, _Outgoing] = {}  # loop thread only
+        self._waiter = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kvtransfer-pack-wait")
+
+    # ---- any thread
+    def open(self, info: TicketInfo) -> KVPush:
+        push = KVPush(self, info, self.layout)
+        self._loop.call_soon_threadsafe(self._register, push)
+        return push
+
+    def submit(self, push: KVPush, message: _Outbound) -> None:
+        self._loop.call_soon_threadsafe(self._start_send, push, message)
+
+    def stop(self, push: KVPush, reason: str) -> None:
+        self._loop.call_soon_threadsafe(self._stop, push, reason)
+
+    # ---- loop thread
+    def on_message(self, conn: Connection, message: Message) -> None:
+        out = self._outgoing.get(getattr(message, "ticket", ""))
+        if out is None or out.conn is not conn:
+            return  # a late reply for a ticket that already ended here
+        if isinstance(message, Done):
+            out.landed_bytes = message.bytes
+            if out.in_flight == 0:  # else the last send's completion, just behind, completes it
+                self._complete(out)
+        elif isinstance(message, Failed):
+            self._fail(out, f"the receiver ended it: {message.reason}", tell_peer=False)
+
+    def on_lost(self, conn: Connection, reason: str) -> None:
+        for out in [o for o in self._outgoing.values() if o.conn is conn]:
+            self._fail(out, f"connection lost: {reason}", tell_peer=False)
+
+    def shutdown(self) -> None:
+        for out in list(self._outgoing.values()):
+            self._fail(out, "the transport closed", tell_peer=False)
+        self._waiter.shutdown(wait=True)
+
+    def _register(self, push: KVPush) -> None:
+        ticket = push.info.ticket_id
+        if ticket in self._outgoing:
+            failure = TransferFailed(push.info.address, ticket, 0, "this ticket is already being pushed")
+            push.future.set_exception(failure)
+            return
+        out = _Outgoing(push)
+        lease_s = push.info.lease_expiry_unix_s - time.time() + self.config.sender_grace_s
+        out.deadline = self._loop.call_later(max(0.0, lease_s), self._expire, out)
+        self._outgoing[ticket] = out
+
+    def _start_send(self, push: KVPush, message: _Outbound) -> None:
+        out = self._outgoing.get(push.info.ticket_id)
+        if out is None or out.push is not push:
+            self.pool.release(message.staging)
+            return
+        out.started = message.pushed_at if out.started is None else out.started
+        out.in_flight += 1
+        self._tasks.spawn(self._send(out, message))
+
+    async def _send(self, out: _Outgoing, message: _Outbound) -> None:
+        try:
+            conn = await self._bind(out)
+            if message.packed is not None:
+                await self._loop.run_in_executor(self._waiter, message.packed.synchronize)
+            if self._outgoing.get(out.push.info.ticket_id) is not out:
+                return
+            header = self._header(out, message, conn.next_tag())
+            # Posted back to back (gather starts them in order), not one after the other's completion;
+            # both finish before the staging buffer goes back to the pool, even when one fails.
+            sent = await asyncio.gather(
+                conn.send(header), conn.send_payload(message.staging.data, header.tag), return_exceptions=True
+            )
+            for result in sent:
+                if isinstance(result, BaseException):
+                    raise result
+            out.bytes_sent += message.staging.nbytes
+        except TransferFailed as e:
+            self._fail(out, e.reason, tell_peer=False, error=e)
+        except Exception as e:  # UCX errors: the connection's loss handler usually got there first
+            self._fail(out, f"send failed: {type(e).__name__}: {e}", tell_peer=False)
+        finally:
+            out.in_flight -= 1
+            self.pool.release(message.staging)
+        if out.landed_bytes is not None and out.in_flight == 0 and self._outgoing.get(out.push.info.ticket_id) is out:
+            self._complete(out)  # every staging buffer of the ticket is back in the pool first
+
+    async def _bind(self, out: _Outgoing) -> Connection:
+        """The ticket's connection: every message of a ticket goes over the same one."""
+        info = out.push.info
+        try:
+            conn = await self._connect(info.address)
+        except IncompatiblePeer as e:
+            raise IncompatiblePeer(info.address, info.ticket_id, e.difference) from None
+        except Exception as e:
+            raise TransferFailed(info.address, info.ticket_id, 0, f"cannot connect: {type(e).__name__}: {e}") from e
+        if out.conn is None:
+            out.conn = conn
+        if conn is not out.conn or conn.lost is not None:
+            raise TransferFailed(info.address, info.ticket_id, out.bytes_sent, "connection lost mid-ticket")
+        return conn
+
+    def _header(self, out: _Outgoing, message: _Outbound, tag: int) -> Data:
+        info = out.push.info
+        checksums: tuple[tuple[int, int], ...] = ()
+        if self.config.checksum_samples:
+            chunk_bytes = message.staging.nbytes // (message.num_layers * 2 * info.num_blocks)
+            key = f"{info.ticket_id}:{message.first_layer}"
+            chunks = sample_chunks(message.num_layers * 2 * info.num_blocks, self.config.checksum_samples, key)
+            checksums = digest_chunks(message.staging.data, chunk_bytes, chunks)
+        return Data(
+            info.ticket_id, message.first_layer, message.num_layers, info.num_blocks, message.staging.nbytes, tag,
+            checksums,
+        )  # fmt: skip
+
+    def _stop(self, push: KVPush, reason: str) -> None:
+        out = self._outgoing.get(push.info.ticket_id)
+        if out is not None and out.push is push:
+            self._fail(out, reason, tell_peer=True)
+
+    def _expire(self, out: _Outgoing) -> None:
+        stalled = out.in_flight > 0 and out.conn is not None
+        self._fail(out, f"the lease expired with {out.bytes_sent} bytes sent", tell_peer=True)
+        if stalled and out.conn is not None:  # sends the receiver never took: the peer is stuck
+            out.conn.abort("a ticket's sends stalled past its lease")
+
+    def _complete(self, out: _Outgoing) -> None:
+        self._forget(out)
+        nbytes = out.landed_bytes or 0
+        started = out.started if out.started is not None else time.monotonic()
+        info = out.push.info
+        stats = TransferStats(info.ticket_id, info.address, Direction.SEND, nbytes, time.monotonic() - started)
+        out.push.future.set_result(stats)
+        notify(self._observer.on_complete, stats)
+
+    def _fail(self, out: _Outgoing, reason: str, *, tell_peer: bool, error: TransferFailed | None = None) -> None:
+        if self._outgoing.get(out.push.info.ticket_id) is not out:
+            return
+        self._forget(out)
+        info = out.push.info
+        error = error or TransferFailed(info.address, info.ticket_id, out.bytes_sent, reason)
+        log.warning("kv push failed", ticket=info.ticket_id, peer=info.address, reason=error.reason)
+        if tell_peer and out.conn is not None and out.conn.lost is None:
+            self._tasks.spawn(quietly(out.conn.send(Cancel(info.ticket_id, reason))))
+        out.push.future.set_exception(error)
+        notify(self._observer.on_failure, error, Direction.SEND)
+
+    def _forget(self, out: _Outgoing) -> None:
+        del self._outgoing[out.push.info.ticket_id]
+        if out.deadline is not None:
+            out.deadline.cancel()

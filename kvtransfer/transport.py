@@ -1,0 +1,277 @@
+"""KVTransport: one worker's UCX listener, connections, and the thread its event loop runs on.
+
+UCX (through ucxx's asyncio API) runs on an event loop in a thread of its own, so the engine's
+step thread and a gRPC service's event loop both call in thread-safely. The transport owns the
+process-wide ucxx context (one per process: ucxx keeps it global), the listener peers dial, and
+one cached connection per peer it dials; a connection that is lost (the peer died or restarted)
+is dropped and the next ticket to that peer dials again. Every new connection starts with a
+handshake comparing KV layouts; a peer whose layout differs is refused, naming the field.
+
+Which side does what lives in KVSender (sender.py) and KVReceiver (receiver.py); the transport
+routes control messages between them and the connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+import structlog
+import torch
+import ucxx
+
+from engine.kv_layout import KVLayout
+from kvtransfer.config import TransportConfig
+from kvtransfer.connection import CTL_TAG, Connection, Tasks
+from kvtransfer.errors import IncompatiblePeer
+from kvtransfer.receiver import KVReceiver, KVTicketImport
+from kvtransfer.sender import KVPush, KVSender
+from kvtransfer.telemetry import NullObserver, TransferObserver
+from kvtransfer.ticket import TicketInfo
+from kvtransfer.wire import FRAME_BYTES, Cancel, Data, Done, Failed, Hello, Message, Refuse, Welcome, decode, encode
+
+log = structlog.get_logger(__name__)
+
+_process_lock = threading.Lock()  # ucxx has one context per process, so one transport at a time
+_process_transport: KVTransport | None = None
+
+
+class KVTransport:
+    """Start with start() (or `with`), stop with close(). kv_caches enables the receiving side."""
+
+    def __init__(
+        self,
+        layout: KVLayout,
+        config: TransportConfig,
+        kv_caches: Sequence[torch.Tensor] | None = None,
+        observer: TransferObserver | None = None,
+    ) -> None:
+        self.layout = layout
+        self.config = config
+        self.instance = uuid.uuid4().hex
+        self._kv_caches = kv_caches
+        self._observer: TransferObserver = observer or NullObserver()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._ready = threading.Event()
+        self._startup_error: BaseException | None = None
+        self._stopping: asyncio.Event | None = None
+        self._listener: Any = None
+        self._port = 0
+        self._tasks = Tasks()
+        self._dialed: dict[str, Connection] = {}
+        self._dialing: dict[str, asyncio.Task[Connection]] = {}
+        self._accepted: set[Connection] = set()
+        self._sender: KVSender | None = None
+        self._receiver: KVReceiver | None = None
+
+    # ---- lifecycle (any thread)
+    def start(self, timeout_s: float = 30.0) -> KVTransport:
+        global _process_transport
+        with _process_lock:
+            if _process_transport is not None:
+                raise RuntimeError("a KVTransport is already running in this process (ucxx allows one context)")
+            _process_transport = self
+        self._thread = threading.Thread(target=self._run, name="kvtransfer", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(timeout_s) or self._startup_error is not None:
+            self.close()
+            raise RuntimeError(f"the KV transport did not start: {self._startup_error!r}")
+        log.info("kv transport listening", address=self.address, ucx_tls=self.config.ucx_tls)
+        return self
+
+    def close(self, timeout_s: float = 30.0) -> None:
+        """Fail what is in flight, close every connection and the listener, stop the thread."""
+        global _process_transport
+        loop, thread = self._loop, self._thread
+        if thread is None:
+            return
+        if loop is not None and self._stopping is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._stopping.set)
+        thread.join(timeout_s)
+        if thread.is_alive():
+            log.error("kv transport thread did not stop", timeout_s=timeout_s)
+        self._thread = None
+        with _process_lock:
+            if _process_transport is self:
+                _process_transport = None
+
+    def __enter__(self) -> KVTransport:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- the two sides (any thread)
+    @property
+    def address(self) -> str:
+        """This worker's listener, "host:port": what TicketInfo carries and peers dial."""
+        return f"{self.config.host}:{self._port}"
+
+    @property
+    def sender(self) -> KVSender:
+        if self._sender is None:
+            raise RuntimeError("the transport is not running: call start() first")
+        return self._sender
+
+    @property
+    def receiver(self) -> KVReceiver:
+        if self._receiver is None:
+            raise RuntimeError("this transport has no receiving side: pass kv_caches and call start()")
+        return self._receiver
+
+    def push(self, info: TicketInfo) -> KVPush:
+        """The sending side of a ticket another worker expects (an engine.handoff.KVExportSink)."""
+        return self.sender.open(info)
+
+    def expect(self, ticket_id: str, block_ids: Sequence[int], num_tokens: int, timeout_s: float) -> KVTicketImport:
+        """The receiving side of a ticket (an engine.handoff.KVImport); hand ticket.info to the sender."""
+        return self.receiver.expect(ticket_id, block_ids, num_tokens, timeout_s)
+
+    async def expect_async(
+        self, ticket_id: str, block_ids: Sequence[int], num_tokens: int, timeout_s: float
+    ) -> KVTicketImport:
+        return await self.receiver.expect_async(ticket_id, block_ids, num_tokens, timeout_s)
+
+    # ---- the loop thread
+    def _run(self) -> None:
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        asyncio.set_event_loop(loop)
+        try:
+            loop.run_until_complete(self._main())
+        finally:
+            loop.close()
+
+    async def _main(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._stopping = asyncio.Event()
+        try:
+            # ucxx binds its notifier to the loop running at init: it must be this one
+            ucxx.init(options=self.config.ucx_init_options, progress_mode="thread", enable_python_future=True)
+            self._listener = ucxx.create_listener(
+                self._accept, port=self.config.port or None, connect_timeout=self.config.connect_timeout_s
+            )
+            self._port = self._listener.port
+            self._sender = KVSender(self.layout, self.config, self._observer, loop, self._tasks, self._connect)
+            if self._kv_caches is not None:
+                self._receiver = KVReceiver(
+                    self.layout, self.config, self._kv_caches, self._observer, loop, self._tasks, self.address
+                )
+        except BaseException as e:
+            self._startup_error = e
+            self._ready.set()
+            await self._teardown()
+            return
+        self._ready.set()
+        await self._stopping.wait()
+        await self._teardown()
+
+    async def _teardown(self) -> None:
+        if self._sender is not None:
+            self._sender.shutdown()
+        if self._receiver is not None:
+            self._receiver.shutdown()
+        for conn in [*self._dialed.values(), *self._accepted]:
+            conn.abort("the transport closed")
+        await self._tasks.cancel_all()
+        for task in list(self._dialing.values()):
+            task.cancel()
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+        self._dialed.clear()
+        self._accepted.clear()
+        with contextlib.suppress(Exception):  # private ucxx API, only a speed-up: wake the notifier
+            ucxx.core._get_ctx().worker.stop_request_notifier_thread()  # now, not at its next 1 s poll
+        try:
+            ucxx.reset()
+        except Exception as e:  # a reference still held somewhere; the process can go on
+            log.warning("ucxx reset incomplete", error=str(e))
+
+    async def _connect(self, address: str) -> Connection:
+        conn = self._dialed.get(address)
+        if conn is not None and conn.lost is None:
+            return conn
+        dialing = self._dialing.get(address)
+        if dialing is None:
+            dialing = asyncio.get_running_loop().create_task(self._dial(address))
+            self._dialing[address] = dialing
+            dialing.add_done_callback(lambda _: self._dialing.pop(address, None))
+        return await asyncio.shield(dialing)
+
+    async def _dial(self, address: str) -> Connection:
+        host, port = address.rsplit(":", 1)
+        timeout = self.config.connect_timeout_s
+        ep = await asyncio.wait_for(ucxx.create_endpoint(host, int(port), connect_timeout=timeout), timeout)
+        try:
+            hello = Hello(self.address, self.instance, self.layout)
+            await asyncio.wait_for(ep.send(encode(hello), tag=CTL_TAG), timeout)
+            frame = bytearray(FRAME_BYTES)
+            await asyncio.wait_for(ep.recv(frame, tag=CTL_TAG), timeout)
+            reply = decode(frame)
+            if not isinstance(reply, Welcome | Refuse):
+                raise ValueError(f"the peer answered the handshake with {reply.kind}")
+            difference = self.layout.first_difference(reply.layout)
+            if difference is not None:
+                raise IncompatiblePeer(address, "", difference)
+            if isinstance(reply, Refuse):
+                raise IncompatiblePeer(address, "", reply.difference)
+        except BaseException:
+            ep.abort()
+            raise
+        conn = Connection(ep, address, reply.instance, self._route, self._lost)
+        conn.start(self._tasks)
+        self._dialed[address] = conn
+        log.info("kv peer connected", peer=address, instance=reply.instance)
+        return conn
+
+    async def _accept(self, ep: Any) -> None:
+        """Listener callback: the dialing peer's Hello, then Welcome or Refuse."""
+        timeout = self.config.connect_timeout_s
+        try:
+            frame = bytearray(FRAME_BYTES)
+            await asyncio.wait_for(ep.recv(frame, tag=CTL_TAG), timeout)
+            hello = decode(frame)
+            if not isinstance(hello, Hello):
+                raise ValueError(f"a peer opened with {hello.kind} instead of hello")
+            difference = self.layout.first_difference(hello.layout)
+            if difference is not None:
+                log.warning("kv peer refused", peer=hello.name, difference=difference)
+                await ep.send(encode(Refuse(self.layout, difference)), tag=CTL_TAG)
+                # the dialer hangs up once it has read the refusal; its hang-up ends this receive
+                await asyncio.wait_for(ep.recv(bytearray(FRAME_BYTES), tag=CTL_TAG), timeout)
+                return
+            await ep.send(encode(Welcome(self.address, self.instance, self.layout)), tag=CTL_TAG)
+        except Exception as e:
+            log.info("kv peer handshake ended", error=f"{type(e).__name__}: {e}")
+            ep.abort()
+            return
+        conn = Connection(ep, hello.name, hello.instance, self._route, self._lost)
+        conn.start(self._tasks)
+        self._accepted.add(conn)
+
+    def _route(self, conn: Connection, message: Message) -> None:
+        if isinstance(message, Data | Cancel):
+            if self._receiver is None:
+                conn.abort("a peer sent KV to a worker with no receiving side")
+                return
+            self._receiver.on_message(conn, message)
+        elif isinstance(message, Done | Failed):
+            self.sender.on_message(conn, message)
+        else:
+            conn.abort(f"unexpected {message.kind} message after the handshake")
+
+    def _lost(self, conn: Connection, reason: str) -> None:
+        if self._dialed.get(conn.peer) is conn:
+            del self._dialed[conn.peer]
+        self._accepted.discard(conn)
+        log.info("kv peer connection lost", peer=conn.peer, reason=reason)
+        if self._sender is not None:
+            self._sender.on_lost(conn, reason)
+        if self._receiver is not None:
+            self._receiver.on_lost(conn, reason)

@@ -1,0 +1,113 @@
+"""The control messages two workers exchange, and their frames.
+
+Every control message travels on one tag per endpoint in a fixed-size frame (a 4-byte length, then
+JSON), so the receiving side always posts the same small receive and UCX delivers frames in order.
+KV payloads travel separately, each on a tag of its own that the Data header announces:
+
+    sender                                   receiver
+    Hello(layout) ------------------------->            on dial; Refuse names the differing field
+             <------------------------------ Welcome(layout) | Refuse(layout, difference)
+    Data(ticket, layers, nbytes, tag) ----->  then the payload on `tag`; several in flight
+    Cancel(ticket, reason) ---------------->
+             <------------------------------ Done(ticket, bytes) | Failed(ticket, reason)
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import asdict, dataclass, fields
+from typing import ClassVar
+
+from engine.kv_layout import KVLayout
+
+FRAME_BYTES = 4096  # under UCX's rendezvous threshold: frames go eagerly, never waiting for a receive
+_LENGTH = struct.Struct("<I")
+
+
+@dataclass(frozen=True)
+class Hello:
+    kind: ClassVar[str] = "hello"
+    name: str  # the dialing worker's own listener address
+    instance: str  # random per process: a restarted peer is a new instance
+    layout: KVLayout
+
+
+@dataclass(frozen=True)
+class Welcome:
+    kind: ClassVar[str] = "welcome"
+    name: str
+    instance: str
+    layout: KVLayout
+
+
+@dataclass(frozen=True)
+class Refuse:
+    kind: ClassVar[str] = "refuse"
+    layout: KVLayout
+    difference: str
+
+
+@dataclass(frozen=True)
+class Data:
+    """Announces one payload: layers [first_layer, first_layer + num_layers) of a ticket, packed."""
+
+    kind: ClassVar[str] = "data"
+    ticket: str
+    first_layer: int
+    num_layers: int
+    num_blocks: int
+    nbytes: int
+    tag: int  # the payload's tag on this endpoint
+    checksums: tuple[tuple[int, int], ...] = ()  # (chunk index, xxh3 digest) of sampled blocks
+
+
+@dataclass(frozen=True)
+class Cancel:
+    kind: ClassVar[str] = "cancel"
+    ticket: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Done:
+    kind: ClassVar[str] = "done"
+    ticket: str
+    bytes: int
+
+
+@dataclass(frozen=True)
+class Failed:
+    kind: ClassVar[str] = "failed"
+    ticket: str
+    reason: str
+
+
+Message = Hello | Welcome | Refuse | Data | Cancel | Done | Failed
+_KINDS: dict[str, type[Message]] = {c.kind: c for c in (Hello, Welcome, Refuse, Data, Cancel, Done, Failed)}
+
+
+def encode(message: Message) -> bytearray:
+    body = json.dumps({"kind": message.kind, **asdict(message)}, separators=(",", ":")).encode()
+    if len(body) > FRAME_BYTES - _LENGTH.size:
+        raise ValueError(f"a {message.kind} message of {len(body)} bytes does not fit a control frame")
+    frame = bytearray(FRAME_BYTES)
+    _LENGTH.pack_into(frame, 0, len(body))
+    frame[_LENGTH.size : _LENGTH.size + len(body)] = body
+    return frame
+
+
+def decode(frame: bytes | bytearray) -> Message:
+    """The message in a frame; ValueError for anything malformed (the connection is then dropped)."""
+    try:
+        (length,) = _LENGTH.unpack_from(frame, 0)
+        raw = json.loads(bytes(frame[_LENGTH.size : _LENGTH.size + length]))
+        cls = _KINDS[raw.pop("kind")]
+        values = {f.name: raw[f.name] for f in fields(cls) if f.name in raw}
+        if "layout" in values:
+            values["layout"] = KVLayout(**values["layout"])
+        if "checksums" in values:
+            values["checksums"] = tuple((int(i), int(d)) for i, d in values["checksums"])
+        return cls(**values)
+    except (KeyError, TypeError, ValueError, struct.error) as e:
+        raise ValueError(f"malformed control frame: {e}") from e
