@@ -216,7 +216,7 @@ def main() -> None:
         floor_s = (weight_bytes(m, elem) + b * (prompt_len + steps / 2) * kv_per_token) / bw
         r = DecodeResult(b, step_s * 1000, b / step_s, floor_s * 1000)
         if hf is not None:
-            r.hf_ms_per_step = hf_decode_ms(hf, b, prompt_len, max(4, steps // 4), args.device)
+            r.hf_ms_per_step = hf_decode_ms(hf, b, prompt_len, max(8, steps // 2), args.device)
         results.append(r)
         print(f"decode batch {b}: {r.ms_per_step:.2f} ms/step ({r.tokens_per_s:.1f} tok/s), floor {r.floor_ms:.2f} ms"
               + (f", transformers {r.hf_ms_per_step:.2f} ms/step" if r.hf_ms_per_step else ""), flush=True)
