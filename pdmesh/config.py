@@ -218,8 +218,11 @@ class SchedulerConfig:
     report_interval_ms: int = 500  # workers report load this often
     stale_after_ms: int = 3_000  # a worker silent this long leaves placement
     max_attempts: int = 3  # hand-off attempts per request (prefill failures), decode failovers
+    # A request that finds every decode worker's KV cache full waits this long for blocks to free
+    # (less with a TTFT target) before RESOURCE_EXHAUSTED.
+    queue_timeout_ms: int = 30_000
 
     def __post_init__(self) -> None:
         if self.policy not in ("least_loaded", "round_robin"):
             raise ConfigError("policy", f"is {self.policy!r}; use least_loaded or round_robin")
-        _check_positive(self, "lease_ms", "report_interval_ms", "stale_after_ms", "max_attempts")
+        _check_positive(self, "lease_ms", "report_interval_ms", "stale_after_ms", "max_attempts", "queue_timeout_ms")

@@ -27,7 +27,7 @@ from services.scheduler.convert import ParsedRequest
 from services.scheduler.errors import DownstreamFailed, from_rpc_error
 from services.scheduler.policy import Plan, Policy, RequestShape
 from services.scheduler.registry import Registry, Role, Worker
-from services.status import NoLiveWorker
+from services.status import NoCapacity, NoLiveWorker
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
@@ -56,6 +56,7 @@ class RequestFlow:
         lease_ms: int,
         max_attempts: int,
         time_remaining: float | None,
+        queue_timeout_s: float,
     ) -> None:
         self.request = request
         self.registry = registry
@@ -63,6 +64,9 @@ class RequestFlow:
         self.lease_ms = lease_ms
         self.max_attempts = max_attempts
         self.deadline = None if time_remaining is None else time.monotonic() + time_remaining
+        if request.slo.ttft_ms > 0:
+            queue_timeout_s = min(queue_timeout_s, request.slo.ttft_ms / 1000)
+        self.queue_timeout_s = queue_timeout_s
         self.shape = RequestShape(
             prompt_tokens=len(request.prompt_token_ids), cached_tokens=0, max_tokens=request.max_tokens,
             ttft_ms=request.slo.ttft_ms, tpot_ms=request.slo.tpot_ms,
@@ -85,7 +89,7 @@ class RequestFlow:
                     stream = self._decode_generate(plan.decode, local=True)
                     break
                 try:
-                    first = await self._prefill(plan)
+                    plan, first = await self._prefill(plan)
                 except DownstreamFailed as failure:
                     plan = self._replan(plan, failure)
                     continue
@@ -123,16 +127,42 @@ class RequestFlow:
         self.registry.mark_dead(failure.worker)
         return self._place(exclude=(failure.worker,))
 
-    async def _prefill(self, plan: Plan) -> prefill_pb2.PrefillResponse:
-        """Reserve on the decode worker, then prefill + push; the ticket stays open on success."""
-        assert plan.prefill is not None
+    async def _reserve(self, plan: Plan) -> tuple[Plan, common_pb2.KVTicket]:
+        """A ticket on the plan's decode worker, or on another when its cache is full; when every
+        cache is full, wait for blocks to free (backing off) until the queue timeout."""
         request = self.request
         reserve = decode_pb2.ReserveRequest(
             request_id=request.request_id, num_tokens=len(request.prompt_token_ids), lease_ms=self.lease_ms
         )
-        reply: decode_pb2.ReserveResponse = await self._unary(plan.decode, plan.decode.decode_stub().Reserve(reserve, timeout=self._timeout(10)))
-        ticket = reply.ticket
+        give_up = time.monotonic() + self.queue_timeout_s
+        delay = 0.01
+        while True:
+            candidates = [plan.decode] + [
+                w for w in self.registry.live(Role.DECODE, exclude=(plan.decode,))
+                if plan.prefill is not None and w.info.kv_layout == plan.prefill.info.kv_layout
+            ]  # fmt: skip
+            for worker in candidates:
+                try:
+                    call = worker.decode_stub().Reserve(reserve, timeout=self._timeout(10))
+                    reply: decode_pb2.ReserveResponse = await self._unary(worker, call)
+                except NoCapacity as full:
+                    last_full = full
+                    continue
+                self.placement.decode_worker_id = worker.worker_id
+                return Plan(worker, plan.prefill), reply.ticket
+            left = self._timeout()
+            if time.monotonic() + delay > give_up or (left is not None and left < delay):
+                raise last_full
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.25)
+
+    async def _prefill(self, plan: Plan) -> tuple[Plan, prefill_pb2.PrefillResponse]:
+        """Reserve on a decode worker, then prefill + push; the ticket stays open on success."""
+        assert plan.prefill is not None
+        plan, ticket = await self._reserve(plan)
+        assert plan.prefill is not None
         self._open_ticket = (plan.decode, ticket.ticket_id)
+        request = self.request
         prefill = prefill_pb2.PrefillRequest(
             request_id=request.request_id, prompt_token_ids=request.prompt_token_ids,
             sampling=request.sampling, ticket=ticket,
@@ -148,7 +178,7 @@ class RequestFlow:
         m.queue_ms, m.prefill_ms, m.transfer_ms = first.queue_ms, first.prefill_ms, first.transfer_ms
         m.transfer_bytes, m.cached_tokens = first.transfer_bytes, first.cached_prompt_tokens
         self.outputs += first.chunk.token_ids
-        return first
+        return plan, first
 
     def _decode_generate(self, worker: Worker, local: bool) -> grpc.aio.UnaryStreamCall:
         request = decode_pb2.DecodeGenerateRequest(

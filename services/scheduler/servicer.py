@@ -14,7 +14,7 @@ from services.scheduler.convert import check_context, parse_generate
 from services.scheduler.handoff import RequestFlow
 from services.scheduler.policy import Policy
 from services.scheduler.registry import Registry, Role
-from services.status import ModelNotFound
+from services.status import ModelNotFound, NoCapacity
 
 
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
@@ -34,9 +34,10 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             )
         parsed = parse_generate(request, self.tokenizer)
         check_context(len(parsed.prompt_token_ids), parsed.max_tokens, self.registry.max_model_len)
+        check_fits(len(parsed.prompt_token_ids) + parsed.max_tokens, self.registry)
         flow = RequestFlow(
             parsed, self.registry, self.policy, self.config.lease_ms, self.config.max_attempts,
-            context.time_remaining(),
+            context.time_remaining(), self.config.queue_timeout_ms / 1000,
         )  # fmt: skip
         self.running += 1
         try:
@@ -72,6 +73,20 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             time_unix_ms=int(time.time() * 1000), policy=self.policy.name,
             num_running_requests=self.running, workers=states,
         )  # fmt: skip
+
+
+def check_fits(num_tokens: int, registry: Registry) -> None:
+    """Refuse at once a request no decode worker could ever hold, instead of queueing it forever."""
+    capacities = [
+        w.info.capacity.num_kv_blocks_total * w.info.kv_layout.block_size_tokens
+        for w in registry.live(Role.DECODE)
+    ]
+    if capacities and num_tokens > max(capacities):
+        raise NoCapacity(
+            "prompt",
+            f"the request needs KV for {num_tokens} tokens and the largest decode worker holds {max(capacities)}",
+            "shorten the prompt or max_tokens, or add decode memory",
+        )
 
 
 class RegistryServicer(worker_pb2_grpc.RegistryServicer):
