@@ -20,6 +20,10 @@ class CacheConfig:
     # Exact block count; overrides both of the above (tests force preemption with tiny pools).
     num_blocks: int | None = None
     enable_prefix_caching: bool = True
+    # Reservations for KV imports may not take the last blocks: this fraction of the pool stays for
+    # running requests to grow into. Without it a burst of reservations can fill the pool while the
+    # requests already admitted wait for one more block each — a deadlock.
+    reserve_watermark: float = 0.1
 
 
 @dataclass(frozen=True)

@@ -152,7 +152,16 @@ class Engine:
             raise InvalidRequest("request_id", f"{rid!r} is already in use", "use a unique request id")
         if num_tokens < 1:
             raise InvalidRequest("num_tokens", f"is {num_tokens}", "reserve at least one token")
-        blocks = self.pool.allocate(blocks_for(num_tokens, self.config.cache.block_size))
+        need = blocks_for(num_tokens, self.config.cache.block_size)
+        # An idle engine may lend every block (no one else could be starved of growth).
+        busy = bool(self.requests or self._reserved)
+        keep = int(self.pool.num_blocks * self.config.cache.reserve_watermark) if busy else 0
+        if need > self.pool.num_free - keep:
+            raise OutOfBlocks(
+                f"a reservation of {need} blocks would leave fewer than {keep} of {self.pool.num_blocks} "
+                f"free ({self.pool.num_free} are); retry when requests finish"
+            )
+        blocks = self.pool.allocate(need)
         self._reserved[rid] = (blocks, num_tokens)
         return list(blocks)
 

@@ -119,3 +119,18 @@ async def test_leaving_a_stream_early_aborts_the_request_and_frees_its_blocks(ti
         assert stats.num_free_blocks == stats.num_blocks and stats.num_running == 0
     finally:
         async_engine.shutdown()
+
+
+def test_reservations_leave_a_watermark_for_running_requests_to_grow(engine) -> None:
+    # 64 blocks, 10% watermark: while anything else holds blocks, reservations stop 6 blocks short.
+    engine.add_request("running", [1, 2, 3], greedy(4))
+    engine.step()
+    held = engine.stats().num_blocks - engine.stats().num_free_blocks
+    with pytest.raises(OutOfBlocks, match="would leave fewer than 6"):
+        engine.reserve("big", (64 - held - 5) * 4)
+    engine.reserve("fits", (64 - held - 6) * 4)
+    engine.abort("fits")
+    engine.abort("running")
+    # An idle engine lends every block.
+    assert len(engine.reserve("whole", 64 * 4)) == 64
+    engine.abort("whole")

@@ -40,11 +40,10 @@ async def settled(client: AsyncClient, timeout_s: float = 15.0) -> ClusterState:
     deadline = time.monotonic() + timeout_s
     while True:
         state = await client.cluster_state()
-        loads = [w.load for w in state.workers]
         if all(
-            ld is not None and ld.num_kv_blocks_free == ld.num_kv_blocks_total and ld.num_kv_reservations == 0
-            and ld.num_running_requests == 0
-            for ld in loads
+            w.num_kv_blocks_total > 0 and w.num_kv_blocks_free == w.num_kv_blocks_total
+            and w.num_kv_reservations == 0 and w.num_running_requests == 0
+            for w in state.workers
         ) or time.monotonic() > deadline:
             return state
         await asyncio.sleep(0.2)
@@ -52,10 +51,9 @@ async def settled(client: AsyncClient, timeout_s: float = 15.0) -> ClusterState:
 
 def all_free(state: ClusterState) -> bool:
     return all(
-        w.load is not None and w.load.num_kv_blocks_free == w.load.num_kv_blocks_total
-        and w.load.num_kv_reservations == 0
+        w.num_kv_blocks_total > 0 and w.num_kv_blocks_free == w.num_kv_blocks_total and w.num_kv_reservations == 0
         for w in state.workers
-    )  # fmt: skip
+    )
 
 
 @pytest.fixture(scope="module")
