@@ -26,7 +26,8 @@ def test_smollm2_through_the_mesh_equals_the_engine() -> None:
             async with AsyncClient(mesh.target) as client:
                 outs = []
                 for p in (prompt, long_prompt):
-                    outs.append([t async for c in client.generate(p, max_tokens=16, ignore_eos=True) for t in c.token_ids])
+                    stream = client.generate(p, max_tokens=16, ignore_eos=True)
+                    outs.append([t async for c in stream for t in c.token_ids])
                 text = "".join([c.text async for c in client.generate(chat, max_tokens=16)])
                 assert "Paris" in text
                 return outs
