@@ -44,9 +44,8 @@ def _serve(args: argparse.Namespace) -> int:
     if args.model is not None:
         overrides["model"] = args.model
     if args.role == "scheduler":
-        from services.scheduler.server import serve_scheduler
-
         from pdmesh.config import SchedulerConfig
+        from services.scheduler.server import serve_scheduler
 
         if args.policy is not None:
             overrides["policy"] = args.policy
