@@ -57,7 +57,7 @@ def prompt_ids(prompt: common_pb2.Prompt, tokenizer: Tokenizer) -> list[int]:
     if kind == "text":
         if not prompt.text:
             raise InvalidRequest("prompt.text", "is empty", "send some text, token ids or chat messages")
-        ids = tokenizer.encode(prompt.text)
+        ids = tokenizer.encode(prompt.text, add_special_tokens=True)  # BOS where the model expects one
     elif kind == "token_ids":
         ids = list(prompt.token_ids.ids)
         vocab = tokenizer.vocab_size

@@ -33,6 +33,16 @@ log = structlog.get_logger(__name__)
 T = TypeVar("T")
 # A worker that is gone (UNAVAILABLE) or a KV transfer that failed (UNAVAILABLE, ABORTED): try elsewhere.
 _RETRY_ELSEWHERE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED})
+# A prefill may fail in more ways without the request being at fault: the worker shutting down
+# (CANCELLED), hung (its own timeout), crashed mid-call (INTERNAL, UNKNOWN) or full. Each is worth
+# another worker, or prefilling on the decode worker; only a full worker is not marked dead.
+_PREFILL_RETRY = _RETRY_ELSEWHERE | {
+    grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.INTERNAL,
+    grpc.StatusCode.UNKNOWN, grpc.StatusCode.RESOURCE_EXHAUSTED,
+}  # fmt: skip
+# A committed ticket the decode worker no longer has (its lease ran out first): the worker is
+# fine, so continue there by prefilling prompt + output so far.
+_TICKET_LOST = frozenset({grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND})
 
 
 @dataclass
@@ -124,7 +134,8 @@ class RequestFlow:
 
     def _replan(self, plan: Plan, failure: DownstreamFailed) -> Plan:
         log.warning("hand-off failed; placing again", worker=failure.worker.worker_id, reason=str(failure))
-        self.registry.mark_dead(failure.worker)
+        if failure.code != grpc.StatusCode.RESOURCE_EXHAUSTED:
+            self.registry.mark_dead(failure.worker)
         return self._place(exclude=(failure.worker,))
 
     async def _reserve(self, plan: Plan) -> tuple[Plan, common_pb2.KVTicket]:
@@ -169,7 +180,7 @@ class RequestFlow:
         )  # fmt: skip
         try:
             call = plan.prefill.prefill_stub().Prefill(prefill, timeout=self._timeout())
-            first: prefill_pb2.PrefillResponse = await self._unary(plan.prefill, call)
+            first: prefill_pb2.PrefillResponse = await self._unary(plan.prefill, call, _PREFILL_RETRY)
         except BaseException:
             await self._release_open_ticket()
             raise
@@ -200,9 +211,12 @@ class RequestFlow:
         self, call: grpc.aio.UnaryStreamCall, worker: Worker
     ) -> AsyncIterator[scheduler_pb2.GenerateResponse]:
         failovers = 0
+        committed_ticket = True  # the first call commits the hand-off's ticket
         while True:
+            received = 0
             try:
                 async for response in call:
+                    received += 1
                     if self.measured.first_token is None and response.chunk.token_ids:
                         self.measured.first_token = time.monotonic()
                     self.outputs += response.chunk.token_ids
@@ -214,6 +228,11 @@ class RequestFlow:
                         return
                 raise DownstreamFailed(worker, grpc.StatusCode.UNAVAILABLE, "the decode stream ended without a finish")
             except grpc.aio.AioRpcError as e:
+                if e.code() in _TICKET_LOST and committed_ticket and received == 0 and self.outputs:
+                    log.warning("ticket lost before commit; prefilling on the decode worker", reason=e.details())
+                    committed_ticket = False
+                    call = self._decode_generate(worker, local=True)
+                    continue
                 if e.code() not in _RETRY_ELSEWHERE or failovers >= self.max_attempts:
                     raise from_rpc_error(e, worker) from None
                 failure_reason = e.details()
@@ -224,6 +243,7 @@ class RequestFlow:
             finally:
                 self._calls.discard(call)
             failovers += 1
+            committed_ticket = False
             self.placement.num_decode_failovers = failovers
             log.warning("decode worker failed mid-stream; moving the request", worker=worker.worker_id,
                         reason=failure_reason, tokens_so_far=len(self.outputs))  # fmt: skip
@@ -238,12 +258,18 @@ class RequestFlow:
 
     # -- plumbing ------------------------------------------------------------------------------
 
-    async def _unary(self, worker: Worker, call: grpc.aio.UnaryUnaryCall[Any, T]) -> T:
+    async def _unary(
+        self,
+        worker: Worker,
+        call: grpc.aio.UnaryUnaryCall[Any, T],
+        retry: frozenset[grpc.StatusCode] = _RETRY_ELSEWHERE,
+    ) -> T:
         self._calls.add(call)
         try:
             return await call
         except grpc.aio.AioRpcError as e:
-            if e.code() in _RETRY_ELSEWHERE:
+            out_of_time = self.deadline is not None and time.monotonic() >= self.deadline
+            if e.code() in retry and not out_of_time:
                 raise DownstreamFailed(worker, e.code(), e.details() or "") from None
             raise from_rpc_error(e, worker) from None
         finally:
@@ -261,20 +287,23 @@ class RequestFlow:
         self._held.append(worker)
 
     async def _release_open_ticket(self) -> None:
+        """Release the uncommitted ticket. The Release runs as a task of its own, so a cancellation
+        arriving now (client gone, deadline passed) cannot cut it short; the lease is the backstop."""
         if self._open_ticket is None:
             return
         worker, ticket_id = self._open_ticket
         self._open_ticket = None
-        with contextlib.suppress(grpc.aio.AioRpcError):
-            await worker.decode_stub().Release(decode_pb2.ReleaseRequest(ticket_id=ticket_id), timeout=5)
+        task = asyncio.ensure_future(_release(worker, ticket_id))
+        _releases.add(task)
+        task.add_done_callback(_releases.discard)
+        await asyncio.shield(task)
 
     async def _cleanup(self) -> None:
         for call in list(self._calls):
             call.cancel()
         for worker in self._held:
             worker.assigned -= 1
-        # Shielded: this runs while the client's cancellation unwinds the handler.
-        await asyncio.shield(self._release_open_ticket())
+        await self._release_open_ticket()
 
     def _absorb_decode_usage(self, usage: common_pb2.Usage) -> None:
         m = self.measured
@@ -298,6 +327,14 @@ class RequestFlow:
             )  # fmt: skip
             response.placement.CopyFrom(self.placement)
         return response
+
+
+_releases: set[asyncio.Future[None]] = set()  # Release calls in flight, kept from the garbage collector
+
+
+async def _release(worker: Worker, ticket_id: str) -> None:
+    with contextlib.suppress(grpc.aio.AioRpcError):
+        await worker.decode_stub().Release(decode_pb2.ReleaseRequest(ticket_id=ticket_id), timeout=5)
 
 
 def common_plan(plan: Plan) -> scheduler_pb2.ExecutionPlan:

@@ -67,10 +67,15 @@ class Registry:
         self.workers: dict[str, Worker] = {}
 
     async def register(self, info: worker_pb2.WorkerInfo) -> Worker:
+        """A new or restarted worker. At the same address the old channel is kept: a worker
+        re-registers after any lost report, and its streams in flight must not be cut."""
         old = self.workers.pop(info.worker_id, None)
-        if old is not None:
-            await old.close()
         worker = Worker(info)
+        if old is not None:
+            if old.info.address == info.address:
+                worker._channel, worker.assigned = old._channel, old.assigned
+            else:
+                await old.close()
         self.workers[info.worker_id] = worker
         return worker
 

@@ -67,7 +67,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                 info=w.info, health=self.registry.health(w), load=w.load,  # type: ignore[arg-type]
                 last_report_unix_ms=w.last_report_unix_ms, num_assigned_requests=w.assigned,
             )
-            for w in self.registry.workers.values()
+            for w in sorted(self.registry.workers.values(), key=lambda w: w.worker_id)
         ]  # fmt: skip
         return scheduler_pb2.GetClusterStateResponse(
             time_unix_ms=int(time.time() * 1000), policy=self.policy.name,

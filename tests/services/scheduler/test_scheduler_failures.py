@@ -66,17 +66,9 @@ def _gap(reason: str) -> pytest.MarkDecorator:
 PREFILL_FAILURES = [
     pytest.param(grpc.StatusCode.UNAVAILABLE, id="unavailable"),
     pytest.param(grpc.StatusCode.ABORTED, id="aborted"),
-    pytest.param(
-        grpc.StatusCode.CANCELLED, id="cancelled", marks=_gap("CANCELLED from Prefill is not retried: INTERNAL")
-    ),
-    pytest.param(
-        grpc.StatusCode.DEADLINE_EXCEEDED, id="deadline", marks=_gap("a Prefill timing out is not retried: INTERNAL")
-    ),
-    pytest.param(
-        grpc.StatusCode.RESOURCE_EXHAUSTED,
-        id="prefill-worker-full",
-        marks=_gap("a full prefill worker fails the request instead of prefilling on the decode worker"),
-    ),
+    pytest.param(grpc.StatusCode.CANCELLED, id="cancelled"),
+    pytest.param(grpc.StatusCode.DEADLINE_EXCEEDED, id="deadline"),
+    pytest.param(grpc.StatusCode.RESOURCE_EXHAUSTED, id="prefill-worker-full"),
 ]
 
 
@@ -100,7 +92,6 @@ async def test_a_failed_prefill_with_no_other_prefill_worker_is_prefilled_on_the
     assert decode.held == set()
 
 
-@_gap("a ticket lost at commit (lease expired) ends the stream FAILED_PRECONDITION after the first token")
 async def test_a_ticket_lost_before_commit_continues_by_prefilling_prompt_and_first_token_locally(
     mesh_factory: MeshFactory,
 ) -> None:

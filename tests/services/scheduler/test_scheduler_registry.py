@@ -8,7 +8,6 @@ import contextlib
 from collections.abc import AsyncGenerator
 from typing import cast
 
-import pytest
 from scheduler_mesh import Mesh, MeshFactory, eventually
 from scripted_workers import KV_BLOCKS, LAYOUT, MAX_MODEL_LEN, expected_tokens
 
@@ -99,9 +98,6 @@ async def test_registration_answers_the_report_interval_and_an_unknown_reporter_
     assert [(w.info.worker_id, w.info.address) for w in workers] == [("decode-9", "127.0.0.1:3")]
 
 
-@pytest.mark.xfail(
-    strict=True, reason="re-registering closes the worker's channel: streams on it hang (locally cancelled calls)"
-)
 async def test_a_worker_registering_again_at_the_same_address_keeps_its_streams(mesh_factory: MeshFactory) -> None:
     """A worker's reporter registers again after any failed report; its requests must not notice."""
     mesh = await mesh_factory(prefill=0, decode=1)
@@ -122,7 +118,6 @@ async def test_a_worker_registering_again_at_the_same_address_keeps_its_streams(
     assert await asyncio.wait_for(run(), 3) == expected_tokens(3, 3, 30)
 
 
-@pytest.mark.xfail(strict=True, reason="GetClusterState lists workers in registration order")
 async def test_cluster_state_lists_workers_sorted_by_id(mesh_factory: MeshFactory) -> None:
     mesh = await mesh_factory(prefill=0, decode=0)
     for worker_id in ("decode-b", "decode-a", "decode-c"):
