@@ -21,7 +21,7 @@ from engine.engine import Engine, EngineStats
 from engine.errors import InvalidRequest, RequestNotFound
 from engine.handoff import KVExportSink, KVImport
 from engine.ids import BlockId
-from engine.request import FinishReason, RequestOutput
+from engine.request import RequestOutput
 from engine.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -169,5 +169,3 @@ def _abort_quietly(engine: Engine, request_id: str) -> None:
     with contextlib.suppress(RequestNotFound):  # it finished on its own first
         engine.abort(request_id)
 
-
-__all__ = ["AsyncEngine", "FinishReason"]

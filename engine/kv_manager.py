@@ -50,6 +50,7 @@ class KVManager:
             hits.append(block_id)
         self.pool.touch(hits)
         request.block_ids = hits
+        request.num_published_blocks = len(hits)
         request.num_computed_tokens = len(hits) * self.block_size
         return request.num_computed_tokens
 
@@ -76,10 +77,13 @@ class KVManager:
             return
         self._update_hashes(request)
         full = min(request.num_computed_tokens // self.block_size, len(request.block_hashes))
-        for i in range(full):
+        # Only the blocks filled since the last call: this runs for every request on every step.
+        for i in range(request.num_published_blocks, full):
             self.pool.cache(request.block_ids[i], request.block_hashes[i])
+        request.num_published_blocks = max(request.num_published_blocks, full)
 
     def release(self, request: Request) -> None:
         """Give back every block; cached ones stay reusable until evicted."""
         self.pool.free(request.block_ids)
         request.block_ids = []
+        request.num_published_blocks = 0

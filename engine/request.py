@@ -44,6 +44,7 @@ class Request:
     num_computed_tokens: int = 0
     block_ids: list[BlockId] = field(default_factory=list)
     block_hashes: list[BlockHash] = field(default_factory=list)  # of the full blocks of token_ids
+    num_published_blocks: int = 0  # leading blocks already offered to the prefix cache
     num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache or an import
     num_imported_tokens: int = 0  # tokens whose KV an import writes (set by Engine.reserve)
     num_prior_output_tokens: int = 0  # outputs given at admission (a resumed request); not re-emitted
