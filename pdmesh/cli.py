@@ -4,6 +4,7 @@
     pdmesh serve ROLE               one service: scheduler, prefill or decode (what compose runs)
     pdmesh generate PROMPT          stream a completion from a running mesh
     pdmesh demo                     the engine alone in this process, one chat answer
+    pdmesh bench serve              load a running mesh: concurrency/rate sweeps, trace replay
 
 Flags override PDMESH_* environment variables, which override defaults (pdmesh/config.py).
 """
@@ -142,6 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--max-tokens", type=int, default=64)
     demo.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     demo.set_defaults(func=_demo)
+
+    from pdmesh.bench.cli import add_bench_parser
+
+    add_bench_parser(sub)
     return parser
 
 

@@ -1,0 +1,145 @@
+"""The `pdmesh bench ...` subcommands: their flags, and flags -> BenchPlan."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.util
+import math
+from pathlib import Path
+
+from pdmesh.bench.backend import Api, GenerationOptions
+from pdmesh.bench.metrics import Slo
+from pdmesh.bench.plan import BenchPlan, LoadMode, LoadPoint
+from pdmesh.bench.trace import TraceScaling
+from pdmesh.bench.workload import LengthRange, PromptKind
+
+DEFAULT_REQUESTS = 64
+EXAMPLES = """Load a running mesh and report throughput, latency percentiles and goodput. Examples:
+
+    pdmesh bench serve --target HOST:PORT --concurrency 1,8,32 --requests 64 \\
+        --input-len 256 --output-len 64 --out run.json --plot run.png
+    pdmesh bench serve --rate 0.5,1,2 --slo-ttft-ms 2000 --slo-tpot-ms 200 ...
+    pdmesh bench serve --trace ../shared/traces/mooncake_synthetic_trace.jsonl \\
+        --trace-input-scale 0.0625 --trace-speedup 1,2 --requests 200 ...
+"""
+
+
+def add_bench_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    bench = sub.add_parser("bench", help="measure a running mesh under load")
+    kinds = bench.add_subparsers(dest="bench_command", required=True)
+    serve = kinds.add_parser("serve", help="load a server: a concurrency or rate sweep, or a trace replay",
+                             description=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    _add_serve_flags(serve)
+    serve.set_defaults(func=_bench_serve)
+
+
+def _add_serve_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--target", default="127.0.0.1:50051", help="the scheduler's host:port")
+    p.add_argument("--api", choices=[a.value for a in Api], default=Api.GRPC.value)
+    p.add_argument("--model", default="", help="the model name to ask for (default: the server's)")
+    load = p.add_argument_group("load (one of)")
+    load.add_argument("--concurrency", help="closed loop: requests in flight, a list sweeps: 1,8,32")
+    load.add_argument("--rate", help="open loop: arrivals per second, a list sweeps: 1,2,inf")
+    load.add_argument("--trace", type=Path, help="replay a Mooncake-format trace (JSONL)")
+    load.add_argument("--max-concurrency", type=int, default=None, help="cap on in-flight requests of --rate/--trace")
+    load.add_argument("--burstiness", type=float, default=1.0, help="--rate: gamma shape; 1 is Poisson")
+    w = p.add_argument_group("workload")
+    w.add_argument("--requests", type=int, default=None,
+                   help=f"requests per load point (default {DEFAULT_REQUESTS}; with --trace: its first N, default all)")
+    w.add_argument("--input-len", default="256", help="prompt tokens: N or LOW:HIGH (uniform)")
+    w.add_argument("--output-len", default="64", help="output tokens: N or LOW:HIGH (uniform)")
+    w.add_argument("--prompt-kind", choices=[k.value for k in PromptKind], default="tokens",
+                   help="random token ids (any model, exact lengths) or text")  # fmt: skip
+    w.add_argument("--tokenizer", default=None, help="model name or path for the vocabulary (default: the served one)")
+    w.add_argument("--vocab-size", type=int, default=None, help="token prompts without a tokenizer: ids below this")
+    w.add_argument("--trace-speedup", default="1", help="--trace: replay speed factors, a list sweeps: 0.5,1,2")
+    w.add_argument("--trace-input-scale", type=float, default=1.0, help="--trace: prompt lengths and block size x this")
+    w.add_argument("--trace-output-scale", type=float, default=1.0, help="--trace: output lengths x this")
+    w.add_argument("--seed", type=int, default=0, help="seeds prompts, lengths and arrivals")
+    w.add_argument("--warmup", type=int, default=2, help="short uncounted requests before the first point")
+    g = p.add_argument_group("generation")
+    g.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True,
+                   help="generate exactly the output length (default on)")  # fmt: skip
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--sampling-seed", type=int, default=None, help="request i samples with seed + i")
+    g.add_argument("--timeout-s", type=float, default=600.0, help="per request; a late one fails DEADLINE_EXCEEDED")
+    s = p.add_argument_group("SLOs and output")
+    s.add_argument("--slo-ttft-ms", type=float, default=None, help="goodput: TTFT target")
+    s.add_argument("--slo-tpot-ms", type=float, default=None, help="goodput: TPOT target")
+    s.add_argument("--attainment", type=float, default=90.0, help="sweep goodput: %% of requests meeting both SLOs")
+    s.add_argument("--send-slo", action="store_true", help="also send the SLO targets with each request")
+    s.add_argument("--out", type=Path, default=None, help="JSON results")
+    s.add_argument("--plot", type=Path, default=None, help="PNG: latency percentiles and throughput against load")
+    s.add_argument("--per-request", action="store_true", help="keep every request's timings in the JSON")
+    s.add_argument("--no-progress", dest="progress", action="store_false")
+
+
+def _numbers(text: str, name: str, integer: bool = False) -> tuple[float, ...]:
+    try:
+        values = tuple(math.inf if v.strip() == "inf" else float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise ValueError(f"{name}: {text!r} is not a comma-separated list of numbers, e.g. 1,8,32") from None
+    if not values or any(v <= 0 for v in values) or (integer and any(v != int(v) for v in values)):
+        kind = "positive whole numbers" if integer else "positive numbers"
+        raise ValueError(f"{name}: {text!r} must list {kind}, e.g. 1,8,32")
+    return values
+
+
+def load_points(args: argparse.Namespace) -> tuple[LoadPoint, ...]:
+    given = [name for name in ("concurrency", "rate", "trace") if getattr(args, name) is not None]
+    if len(given) > 1:
+        raise ValueError(f"--{given[0]} and --{given[1]}: choose one load model (use --max-concurrency to cap a rate)")
+    if args.trace is not None:
+        return tuple(LoadPoint(LoadMode.TRACE, v) for v in _numbers(args.trace_speedup, "--trace-speedup"))
+    if args.rate is not None:
+        return tuple(LoadPoint(LoadMode.RATE, v) for v in _numbers(args.rate, "--rate"))
+    levels = _numbers(args.concurrency or "1", "--concurrency", integer=True)
+    if any(math.isinf(v) for v in levels):
+        raise ValueError("--concurrency: inf is not a concurrency; use --rate inf to send everything at once")
+    return tuple(LoadPoint(LoadMode.CONCURRENCY, v) for v in levels)
+
+
+def plan_from_args(args: argparse.Namespace) -> BenchPlan:
+    """ValueError names the flag to fix."""
+    if args.trace is not None and not args.trace.is_file():
+        raise ValueError(f"--trace: {args.trace} is not a file; pass a Mooncake-format JSONL trace")
+    if args.plot is not None and importlib.util.find_spec("matplotlib") is None:
+        raise ValueError("--plot: needs matplotlib; pip install 'pdmesh[bench]' (or matplotlib)")
+    if args.requests is not None and args.requests < 1:
+        raise ValueError(f"--requests: is {args.requests}; send at least 1")
+    slo = Slo(args.slo_ttft_ms, args.slo_tpot_ms)
+    options = GenerationOptions(
+        ignore_eos=args.ignore_eos, temperature=args.temperature, seed=args.sampling_seed,
+        slo_ttft_ms=slo.ttft_ms if args.send_slo else None, slo_tpot_ms=slo.tpot_ms if args.send_slo else None,
+        timeout_s=args.timeout_s, model=args.model,
+    )  # fmt: skip
+    return BenchPlan(
+        api=Api(args.api), target=args.target, points=load_points(args),
+        num_requests=args.requests if args.requests or args.trace else DEFAULT_REQUESTS,
+        input_len=LengthRange.parse(args.input_len, "--input-len"),
+        output_len=LengthRange.parse(args.output_len, "--output-len"),
+        prompt_kind=PromptKind(args.prompt_kind), options=options, slo=slo,
+        attainment_target_pct=args.attainment, max_concurrency=args.max_concurrency, burstiness=args.burstiness,
+        trace=args.trace, trace_scaling=TraceScaling(args.trace_input_scale, args.trace_output_scale),
+        tokenizer=args.tokenizer, vocab_size=args.vocab_size, seed=args.seed, warmup=args.warmup,
+        out=args.out, plot=args.plot, per_request=args.per_request, progress=args.progress,
+    )  # fmt: skip
+
+
+def _bench_serve(args: argparse.Namespace) -> int:
+    import sys
+
+    from rich.console import Console
+
+    from pdmesh.bench.serve import command_line, run_bench_serve
+
+    console = Console(stderr=True)
+    if not console.is_terminal:
+        console.width = 160  # a log file has room for the whole table
+    try:
+        plan = plan_from_args(args)
+    except ValueError as e:
+        console.print(f"[red]error:[/red] {e}")
+        return 2
+    return asyncio.run(run_bench_serve(plan, command_line(sys.argv[1:]), console))

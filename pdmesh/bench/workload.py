@@ -1,0 +1,120 @@
+"""What a benchmark sends: prompts and output lengths, reproducible from a seed.
+
+Prompts are random token ids (what a random-weight model needs: no text to tokenize, exact
+lengths) or text (random vocabulary decoded, then re-encoded and cut to the length, so it is
+about that many tokens; the server's usage gives the exact count). Lengths are fixed ("256") or
+drawn uniformly from a range ("128:512"). Special token ids (BOS, EOS, ...) never appear in a
+random prompt, so a prompt never ends itself early.
+
+Arrival times are not chosen here (see arrivals.py; traces carry their own).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from engine.tokenizer import Tokenizer
+
+
+class PromptKind(enum.Enum):
+    TOKENS = "tokens"
+    TEXT = "text"
+
+
+@dataclass(frozen=True, slots=True)
+class BenchRequest:
+    """One request to send. `prompt` is token ids or text; `prompt_len` counts tokens (for text,
+    as this side's tokenizer counts them); `arrival_s` is set by open-loop load models."""
+
+    index: int
+    prompt: tuple[int, ...] | str
+    prompt_len: int
+    output_len: int
+    arrival_s: float | None = None
+
+
+@dataclass(frozen=True)
+class LengthRange:
+    """A token count, fixed (low == high) or uniform over [low, high]."""
+
+    low: int
+    high: int
+
+    @classmethod
+    def parse(cls, text: str, name: str) -> LengthRange:
+        """'256' or '128:512'; ValueError names the option."""
+        try:
+            parts = [int(p) for p in text.split(":")]
+        except ValueError:
+            raise ValueError(f"{name}: {text!r} is not a token count; use N or LOW:HIGH, e.g. 256 or 128:512") from None
+        if len(parts) == 1:
+            parts *= 2
+        if len(parts) != 2 or not 1 <= parts[0] <= parts[1]:
+            raise ValueError(f"{name}: {text!r} is not a range; use N or LOW:HIGH with 1 <= LOW <= HIGH")
+        return cls(parts[0], parts[1])
+
+    def draw(self, rng: np.random.Generator, n: int) -> list[int]:
+        return [int(x) for x in rng.integers(self.low, self.high + 1, size=n)]
+
+    def __str__(self) -> str:
+        return str(self.low) if self.low == self.high else f"{self.low}:{self.high}"
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """The token ids a random prompt may use, and the tokenizer when text prompts are wanted."""
+
+    size: int
+    special_ids: frozenset[int] = frozenset()
+    tokenizer: Tokenizer | None = field(default=None, compare=False)
+
+    @classmethod
+    def of(cls, tokenizer: Tokenizer) -> Vocabulary:
+        special = {i for i in (tokenizer.bos_token_id, *tokenizer.eos_token_ids) if i is not None}
+        return cls(tokenizer.vocab_size, frozenset(special), tokenizer)
+
+    def allowed_ids(self) -> np.ndarray:
+        ids = np.arange(self.size, dtype=np.int64)
+        return ids[~np.isin(ids, list(self.special_ids))] if self.special_ids else ids
+
+    def random_ids(self, rng: np.random.Generator, n: int, allowed: np.ndarray | None = None) -> tuple[int, ...]:
+        allowed = self.allowed_ids() if allowed is None else allowed
+        return tuple(int(t) for t in allowed[rng.integers(0, len(allowed), size=n)])
+
+
+@dataclass(frozen=True)
+class SyntheticWorkload:
+    """`num_requests` prompts of `input_len` tokens asking for `output_len` tokens each."""
+
+    num_requests: int
+    input_len: LengthRange
+    output_len: LengthRange
+    prompt_kind: PromptKind = PromptKind.TOKENS
+
+    def build(self, vocab: Vocabulary, seed: int) -> list[BenchRequest]:
+        rng = np.random.default_rng(seed)
+        inputs = self.input_len.draw(rng, self.num_requests)
+        outputs = self.output_len.draw(rng, self.num_requests)
+        allowed = vocab.allowed_ids()
+        requests = []
+        for i, (n_in, n_out) in enumerate(zip(inputs, outputs, strict=True)):
+            ids = vocab.random_ids(rng, n_in, allowed)
+            prompt: tuple[int, ...] | str = ids
+            if self.prompt_kind is PromptKind.TEXT:
+                prompt = text_prompt(vocab, ids, n_in)
+            requests.append(BenchRequest(i, prompt, n_in, n_out))
+        return requests
+
+
+def text_prompt(vocab: Vocabulary, ids: Sequence[int], length: int) -> str:
+    """Text of about `length` tokens made from `ids`: decode, re-encode, cut, decode again (a
+    decoded string rarely re-encodes to the same ids, so one round of cutting is needed)."""
+    if vocab.tokenizer is None:
+        raise ValueError("--prompt-kind: text prompts need a tokenizer; pass --tokenizer MODEL or use tokens")
+    tok = vocab.tokenizer
+    text = tok.decode(list(ids))
+    return tok.decode(tok.encode(text)[:length])

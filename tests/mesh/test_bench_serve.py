@@ -1,0 +1,70 @@
+"""`pdmesh bench serve`, the command a user runs, against a live SmolLM2 mesh (1 prefill + 1 decode).
+
+A short concurrency sweep answers every request with exactly the asked tokens, and its JSON says
+so per run; requests the mesh refuses are counted as failed under their status code, never lost.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pdmesh.up import Mesh
+from tests.mesh.conftest import start_mesh, stop_mesh
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smollm2_mesh() -> Iterator[Mesh]:
+    mesh = start_mesh("smollm2", 1, 1)
+    yield mesh
+    stop_mesh(mesh)
+
+
+def bench(target: str, *argv: str) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "pdmesh", "bench", "serve", "--target", target, "--no-progress", *argv]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300)
+
+
+def test_a_concurrency_sweep_answers_every_request(smollm2_mesh: Mesh, tmp_path: Path) -> None:
+    out, png = tmp_path / "run.json", tmp_path / "run.png"
+    done = bench(smollm2_mesh.target, "--concurrency", "1,4", "--requests", "6", "--input-len", "32",
+                 "--output-len", "8", "--slo-ttft-ms", "60000", "--slo-tpot-ms", "60000",
+                 "--out", str(out), "--plot", str(png))  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    report = json.loads(out.read_text())
+    assert "--concurrency 1,4" in report["command"]
+    assert report["server"]["model"] == "smollm2"
+    assert [r["load"] for r in report["runs"]] == [{"mode": "concurrency", "value": v} for v in (1, 4)]
+    for run in report["runs"]:
+        assert (run["requests"], run["ok"], run["failed"], run["failed_by_code"]) == (6, 6, 0, {})
+        assert (run["total_input_tokens"], run["total_output_tokens"]) == (6 * 32, 6 * 8)
+        assert run["ttft_ms"]["count"] == 6 and run["tpot_ms"]["count"] == 6 and run["itl_ms"]["count"] == 6 * 7
+        assert 0 < run["ttft_ms"]["p50"] <= run["e2e_ms"]["p50"]
+        assert run["output_tokens_per_s"] > 0
+        assert run["goodput"]["good"] == 6 and run["goodput"]["attainment_pct"] == 100.0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_refused_requests_are_counted_by_status_code(smollm2_mesh: Mesh, tmp_path: Path) -> None:
+    out = tmp_path / "refused.json"
+    # 9000 prompt tokens exceed SmolLM2's 8192-token context: the scheduler refuses each one.
+    done = bench(smollm2_mesh.target, "--concurrency", "2", "--requests", "3", "--input-len", "9000",
+                 "--output-len", "4", "--warmup", "0", "--out", str(out))  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    (run,) = json.loads(out.read_text())["runs"]
+    assert (run["requests"], run["ok"], run["failed"], run["failed_by_code"]) == (3, 0, 3, {"INVALID_ARGUMENT": 3})
+    assert "prompt" in run["errors"][0]
+
+
+def test_an_unreachable_target_is_a_clear_error(tmp_path: Path) -> None:
+    done = bench("127.0.0.1:1", "--requests", "1", "--timeout-s", "5")
+    assert done.returncode == 2
+    assert "error:" in done.stderr and "UNAVAILABLE" in done.stderr
+    assert "Traceback" not in done.stderr
