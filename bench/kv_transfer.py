@@ -85,7 +85,7 @@ def _worker(conn: Any, role: str, device: str, pool_blocks: int, tls: str, messa
                 if command == "expect":
                     imp = transport.expect(args["ticket"], blocks, args["tokens"], timeout_s=120)
                     imports[args["ticket"]] = imp
-                    conn.send(("ok", imp.info))
+                    conn.send(("ok", imp.ticket))
                 elif command == "wait":
                     imports.pop(args["ticket"]).wait(REPLY_S)
                     conn.send(("ok", None))

@@ -1,20 +1,20 @@
 """KV block movement between workers over UCX (ucxx): connections, handshake, tickets, layer-wise push.
 
 The engine sees two small interfaces (engine.handoff): a prefill worker pushes a request's layers
-through a KVPush, a decode worker waits on a KVTicketImport. Both come from one KVTransport per
-worker process:
+through a KVPush, a decode worker waits on a TicketImport. Both come from one KVTransport per
+worker process, and one Ticket describes the hold between them:
 
     transport = KVTransport(layout, TransportConfig(ucx_tls="tcp,self"), kv_caches=engine_caches).start()
-    ticket = transport.expect("req-1", block_ids, num_tokens, timeout_s=30)   # decode side
-    push = transport.push(ticket.info)                                        # prefill side
+    imported = transport.expect("req-1", block_ids, num_tokens, timeout_s=30)   # decode side
+    push = transport.push(imported.ticket)                                      # prefill side
 """
 
 from kvtransfer.config import TransportConfig
 from kvtransfer.errors import IncompatiblePeer, TransferFailed
-from kvtransfer.receiver import KVReceiver, KVTicketImport
+from kvtransfer.receiver import KVReceiver, LeaseState, TicketImport
 from kvtransfer.sender import KVPush, KVSender
 from kvtransfer.telemetry import Direction, NullObserver, TransferObserver, TransferStats
-from kvtransfer.ticket import TicketId, TicketInfo
+from kvtransfer.ticket import Ticket, TicketId
 from kvtransfer.transport import KVTransport
 
 __all__ = [
@@ -23,11 +23,12 @@ __all__ = [
     "KVPush",
     "KVReceiver",
     "KVSender",
-    "KVTicketImport",
     "KVTransport",
+    "LeaseState",
     "NullObserver",
+    "Ticket",
     "TicketId",
-    "TicketInfo",
+    "TicketImport",
     "TransferFailed",
     "TransferObserver",
     "TransferStats",

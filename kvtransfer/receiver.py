@@ -1,21 +1,29 @@
 """The receiving side: expect a ticket into reserved blocks, scatter arrivals, report the outcome.
 
-KVTicketImport is what the decode engine holds (engine.handoff.KVImport). KVReceiver, on the
+TicketImport is what the decode engine holds (engine.handoff.KVImport). KVReceiver, on the
 transport's loop, checks every Data header against its ticket (known, from the bound peer, layers
 in range and not seen, exact byte size) before receiving its payload into a pooled staging buffer,
 verifies sampled checksums, and unpacks into exactly the ticket's blocks on a scatter thread. A
 ticket that fails (lease, peer lost, cancel, bad message) publishes its error only after any
 unpack in progress has finished: once error() is set, or cancel() has returned, the transport
 never writes those blocks again, so the engine may free them.
+
+The receiver owns the ticket's lease, the only clock of a hold: it runs from expect() until the
+ticket is committed (the decode engine takes the blocks over) or cancelled. A lease that runs out
+first fails a transfer still in flight and then calls the owner's on_expire, once nothing writes
+the blocks any more, so the owner frees them. A committed ticket's transfer must still land
+before the lease ends; if it does not, it fails and the engine frees the blocks.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import enum
+import threading
 import time
 from collections import OrderedDict
-from collections.abc import Generator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,7 +38,7 @@ from kvtransfer.connection import Connection, Tasks, notify, quietly
 from kvtransfer.errors import TransferFailed
 from kvtransfer.staging import StagingPool
 from kvtransfer.telemetry import Direction, TransferObserver, TransferStats
-from kvtransfer.ticket import TicketId, TicketInfo
+from kvtransfer.ticket import Ticket, TicketId
 from kvtransfer.wire import Cancel, Data, Done, Failed, Message
 
 log = structlog.get_logger(__name__)
@@ -39,14 +47,29 @@ _REMEMBERED_ENDINGS = 1024  # why recent tickets ended, to answer late messages 
 _CALL_TIMEOUT_S = 30.0  # a hop onto the transport's loop; only a wedged loop takes this long
 
 
-class KVTicketImport:
+class LeaseState(enum.Enum):
+    HELD = "held"  # the lease runs: expiry or cancel frees the blocks
+    COMMITTED = "committed"  # the decode engine owns the blocks; the lease only bounds the transfer
+    ENDED = "ended"  # expired or cancelled
+
+
+class TicketImport:
     """One ticket's receiving side: done() once every layer landed, error() once it failed."""
 
-    def __init__(self, receiver: KVReceiver, info: TicketInfo, num_layers: int) -> None:
-        self.info = info
+    def __init__(
+        self, receiver: KVReceiver, ticket: Ticket, num_layers: int, on_expire: Callable[[TicketImport], None] | None
+    ) -> None:
+        self.ticket = ticket
         self.future: concurrent.futures.Future[TransferStats] = concurrent.futures.Future()
         self._receiver = receiver
         self._ready = [False] * num_layers  # written on the transport's loop
+        self._on_expire = on_expire
+        self._lock = threading.Lock()  # commit() (a service thread) races expiry (the loop)
+        self._state = LeaseState.HELD
+
+    @property
+    def ticket_id(self) -> TicketId:
+        return self.ticket.ticket_id
 
     def done(self) -> bool:
         return self.future.done() and self.future.exception() is None
@@ -61,9 +84,21 @@ class KVTicketImport:
     def num_layers_ready(self) -> int:
         return sum(self._ready)
 
+    def commit(self) -> bool:
+        """Take the blocks over from the lease; False when the lease already ended (expired, cancelled)."""
+        return self._end_lease(LeaseState.COMMITTED)
+
     def cancel(self, reason: str) -> None:
-        """Fail the ticket and tell the sender; when this returns the blocks are no longer written."""
-        self._receiver.cancel(self.info.ticket_id, reason)
+        """End the lease, fail the ticket and tell the sender; when this returns nothing writes the blocks."""
+        done = self._receiver.cancel(self, reason)
+        if done is not None and not _on_loop(self._receiver.loop):
+            done.result(_CALL_TIMEOUT_S)  # on the loop the failure publishes once the unpack in progress ends
+
+    async def cancel_async(self, reason: str) -> None:
+        """cancel() for a caller on another event loop (a gRPC servicer)."""
+        done = self._receiver.cancel(self, reason)
+        if done is not None:
+            await asyncio.wait_for(asyncio.wrap_future(done), _CALL_TIMEOUT_S)
 
     def wait(self, timeout: float | None = None) -> TransferStats:
         return self.future.result(timeout)
@@ -71,16 +106,22 @@ class KVTicketImport:
     def __await__(self) -> Generator[Any, None, TransferStats]:
         return asyncio.wrap_future(self.future).__await__()
 
+    def _end_lease(self, state: LeaseState) -> bool:
+        with self._lock:
+            if self._state is not LeaseState.HELD:
+                return False
+            self._state = state
+            return True
+
 
 @dataclass(slots=True, eq=False)
 class _Incoming:
     """The loop's record of one expected ticket."""
 
-    ticket: KVTicketImport
+    ticket: TicketImport
     block_ids: torch.Tensor  # (num_blocks,) int64 on the cache's device, validated once
     layer_bytes: int  # one layer of the ticket, packed
     claimed: list[bool]  # per layer: a Data header for it was accepted
-    deadline: asyncio.TimerHandle | None = None
     conn: Connection | None = None  # bound by the first accepted Data header
     started: float | None = None
     bytes_landed: int = 0
@@ -125,36 +166,50 @@ class KVReceiver:
         self.pool = StagingPool(kv_caches[0].device, config.staging_retain_bytes)
         self._dtype: torch.dtype = kv_caches[0].dtype
         self._observer = observer
-        self._loop = loop
+        self.loop = loop
         self._tasks = tasks
         self._address = address
         self._incoming: dict[str, _Incoming] = {}  # loop thread only
+        self._leases: dict[TicketImport, asyncio.TimerHandle] = {}  # loop thread only
         self._endings: OrderedDict[str, str] = OrderedDict()
         self._slots = asyncio.Semaphore(config.max_inflight_recv)
         self._scatter = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kvtransfer-scatter")
         self._stream = torch.cuda.Stream(kv_caches[0].device) if kv_caches[0].is_cuda else None
 
     # ---- any thread but the loop's
-    def expect(self, ticket_id: str, block_ids: Sequence[int], num_tokens: int, timeout_s: float) -> KVTicketImport:
-        """Register a ticket whose layers will land in block_ids; ValueError for a bad request."""
-        ticket, registered = self._submit(ticket_id, block_ids, num_tokens, timeout_s)
+    def expect(
+        self,
+        ticket_id: str,
+        block_ids: Sequence[int],
+        num_tokens: int,
+        timeout_s: float,
+        on_expire: Callable[[TicketImport], None] | None = None,
+    ) -> TicketImport:
+        """Register a ticket whose layers will land in block_ids, leased for timeout_s; ValueError
+        for a bad request. on_expire runs on the transport's thread if the lease runs out uncommitted."""
+        ticket, registered = self._submit(ticket_id, block_ids, num_tokens, timeout_s, on_expire)
         registered.result(_CALL_TIMEOUT_S)
         return ticket
 
     async def expect_async(
-        self, ticket_id: str, block_ids: Sequence[int], num_tokens: int, timeout_s: float
-    ) -> KVTicketImport:
+        self,
+        ticket_id: str,
+        block_ids: Sequence[int],
+        num_tokens: int,
+        timeout_s: float,
+        on_expire: Callable[[TicketImport], None] | None = None,
+    ) -> TicketImport:
         """expect() for a caller on another event loop (a gRPC servicer)."""
-        ticket, registered = self._submit(ticket_id, block_ids, num_tokens, timeout_s)
+        ticket, registered = self._submit(ticket_id, block_ids, num_tokens, timeout_s, on_expire)
         await asyncio.wait_for(asyncio.wrap_future(registered), _CALL_TIMEOUT_S)
         return ticket
 
-    def cancel(self, ticket_id: str, reason: str) -> None:
-        if self._loop.is_closed():
-            return
-        done = asyncio.run_coroutine_threadsafe(self._cancel(ticket_id, reason), self._loop)
-        if not _on_loop(self._loop):  # on the loop: the failure publishes once the unpack in progress ends
-            done.result(_CALL_TIMEOUT_S)
+    def cancel(self, ticket: TicketImport, reason: str) -> concurrent.futures.Future[None] | None:
+        """End the ticket's lease and fail it; the future resolves once nothing writes its blocks."""
+        ticket._end_lease(LeaseState.ENDED)
+        if self.loop.is_closed():
+            return None
+        return asyncio.run_coroutine_threadsafe(self._cancel(ticket, reason), self.loop)
 
     # ---- loop thread
     def on_message(self, conn: Connection, message: Message) -> None:
@@ -170,6 +225,9 @@ class KVReceiver:
             self._fail(entry, f"connection lost: {reason}", tell_peer=False)
 
     def shutdown(self) -> None:
+        for lease in self._leases.values():
+            lease.cancel()
+        self._leases.clear()
         for entry in list(self._incoming.values()):
             self._fail(entry, "the transport closed", tell_peer=False)
         self._scatter.shutdown(wait=True)
@@ -177,9 +235,14 @@ class KVReceiver:
             self._publish(entry)
 
     def _submit(
-        self, ticket_id: str, block_ids: Sequence[int], num_tokens: int, timeout_s: float
-    ) -> tuple[KVTicketImport, concurrent.futures.Future[None]]:
-        if _on_loop(self._loop):
+        self,
+        ticket_id: str,
+        block_ids: Sequence[int],
+        num_tokens: int,
+        timeout_s: float,
+        on_expire: Callable[[TicketImport], None] | None,
+    ) -> tuple[TicketImport, concurrent.futures.Future[None]]:
+        if _on_loop(self.loop):
             raise RuntimeError("expect() blocks: call it from the engine or a service thread, not the transport's")
         layout = self.layout
         want_blocks = -(-num_tokens // layout.block_size)
@@ -191,25 +254,46 @@ class KVReceiver:
             raise ValueError(f"timeout_s is {timeout_s}; give the transfer a positive lease")
         ids = torch.tensor(list(block_ids), dtype=torch.int64, device=self.kv_caches[0].device)
         validate_block_ids(ids, self.kv_caches[0].shape[1])
-        info = TicketInfo(self._address, TicketId(ticket_id), len(block_ids), num_tokens, time.time() + timeout_s)
-        ticket = KVTicketImport(self, info, layout.num_layers)
-        return ticket, asyncio.run_coroutine_threadsafe(self._register(ticket, ids, timeout_s), self._loop)
+        expiry_ms = int((time.time() + timeout_s) * 1000)
+        ticket = Ticket(TicketId(ticket_id), self._address, num_tokens, len(block_ids), expiry_ms)
+        imported = TicketImport(self, ticket, layout.num_layers, on_expire)
+        return imported, asyncio.run_coroutine_threadsafe(self._register(imported, ids, timeout_s), self.loop)
 
-    async def _register(self, ticket: KVTicketImport, ids: torch.Tensor, timeout_s: float) -> None:
-        ticket_id = ticket.info.ticket_id
+    async def _register(self, ticket: TicketImport, ids: torch.Tensor, timeout_s: float) -> None:
+        ticket_id = ticket.ticket_id
         if ticket_id in self._incoming:
             raise ValueError(f"ticket {ticket_id!r} is already expected")
         self._endings.pop(ticket_id, None)
         layer_bytes = ids.numel() * self.layout.block_elems_per_layer * self._dtype.itemsize
-        entry = _Incoming(ticket, ids, layer_bytes, [False] * self.layout.num_layers)
-        entry.deadline = self._loop.call_later(timeout_s, self._expire, entry)
-        self._incoming[ticket_id] = entry
+        self._incoming[ticket_id] = _Incoming(ticket, ids, layer_bytes, [False] * self.layout.num_layers)
+        self._leases[ticket] = self.loop.call_later(timeout_s, lambda: self._tasks.spawn(self._expire(ticket)))
 
-    async def _cancel(self, ticket_id: str, reason: str) -> None:
-        entry = self._incoming.get(ticket_id)
-        if entry is None:
+    async def _cancel(self, ticket: TicketImport, reason: str) -> None:
+        lease = self._leases.pop(ticket, None)
+        if lease is not None:
+            lease.cancel()
+        await self._stop_transfer(ticket, f"cancelled: {reason}")
+
+    async def _expire(self, ticket: TicketImport) -> None:
+        """The lease ran out: fail a transfer still in flight, then let an uncommitted hold go."""
+        self._leases.pop(ticket, None)
+        entry = self._incoming.get(ticket.ticket_id)
+        if entry is not None and entry.ticket is ticket:
+            stalled = entry.receiving > 0 and entry.conn is not None
+            ready = ticket.num_layers_ready
+            reason = f"the lease expired with {ready} of {self.layout.num_layers} layers landed"
+            await self._stop_transfer(ticket, reason)
+            if stalled and entry.conn is not None:  # payloads the sender never delivered: it is stuck
+                entry.conn.abort("a ticket's payload stalled past its lease")
+        if ticket._end_lease(LeaseState.ENDED) and ticket._on_expire is not None:
+            notify(ticket._on_expire, ticket)
+
+    async def _stop_transfer(self, ticket: TicketImport, reason: str) -> None:
+        """Fail the ticket's transfer if it is in flight; return once no unpack writes its blocks."""
+        entry = self._incoming.get(ticket.ticket_id)
+        if entry is None or entry.ticket is not ticket:
             return
-        self._fail(entry, f"cancelled: {reason}", tell_peer=True)
+        self._fail(entry, reason, tell_peer=True)
         while entry.scattering:
             await asyncio.sleep(0.001)
 
@@ -247,7 +331,7 @@ class KVReceiver:
                 return
             entry.scattering += 1
             try:
-                await self._loop.run_in_executor(self._scatter, self._unpack, staging.data, data, entry.block_ids)
+                await self.loop.run_in_executor(self._scatter, self._unpack, staging.data, data, entry.block_ids)
             finally:
                 entry.scattering -= 1
         except Exception as e:  # the payload never arrived whole: truncated, or the connection died
@@ -281,13 +365,13 @@ class KVReceiver:
             return
         self._forget(entry, "the ticket already completed")
         assert entry.started is not None and entry.conn is not None
-        info = entry.ticket.info
+        ticket_id = entry.ticket.ticket_id
         stats = TransferStats(
-            info.ticket_id, entry.conn.peer, Direction.RECV, entry.bytes_landed, time.monotonic() - entry.started
+            ticket_id, entry.conn.peer, Direction.RECV, entry.bytes_landed, time.monotonic() - entry.started
         )
         entry.ticket.future.set_result(stats)
         notify(self._observer.on_complete, stats)
-        self._tasks.spawn(quietly(entry.conn.send(Done(info.ticket_id, entry.bytes_landed))))
+        self._tasks.spawn(quietly(entry.conn.send(Done(ticket_id, entry.bytes_landed))))
 
     def _refusal(self, entry: _Incoming | None, conn: Connection, data: Data) -> str | None:
         if entry is None:
@@ -296,23 +380,16 @@ class KVReceiver:
             return f"the ticket is bound to peer {entry.conn.peer}"
         return check_data(data, entry.block_ids.numel(), entry.layer_bytes, entry.claimed)
 
-    def _expire(self, entry: _Incoming) -> None:
-        stalled = entry.receiving > 0 and entry.conn is not None
-        ready = entry.ticket.num_layers_ready
-        self._fail(entry, f"the lease expired with {ready} of {self.layout.num_layers} layers landed", tell_peer=True)
-        if stalled and entry.conn is not None:  # payloads the sender never delivered: it is stuck
-            entry.conn.abort("a ticket's payload stalled past its lease")
-
     def _fail(self, entry: _Incoming, reason: str, *, tell_peer: bool) -> None:
         if entry.failure is not None:
             return
-        info = entry.ticket.info
+        ticket_id = entry.ticket.ticket_id
         peer = entry.conn.peer if entry.conn is not None else ""
-        entry.failure = TransferFailed(peer, info.ticket_id, entry.bytes_landed, reason)
+        entry.failure = TransferFailed(peer, ticket_id, entry.bytes_landed, reason)
         self._forget(entry, reason)  # a late message hears the same reason
-        log.warning("kv import failed", ticket=info.ticket_id, peer=peer, reason=reason)
+        log.warning("kv import failed", ticket=ticket_id, peer=peer, reason=reason)
         if tell_peer and entry.conn is not None and entry.conn.lost is None:
-            self._tasks.spawn(quietly(entry.conn.send(Failed(info.ticket_id, reason))))
+            self._tasks.spawn(quietly(entry.conn.send(Failed(ticket_id, reason))))
         if entry.scattering == 0:
             self._publish(entry)
 
@@ -323,11 +400,9 @@ class KVReceiver:
         notify(self._observer.on_failure, entry.failure, Direction.RECV)
 
     def _forget(self, entry: _Incoming, ending: str) -> None:
-        ticket_id = entry.ticket.info.ticket_id
+        ticket_id = entry.ticket.ticket_id
         if self._incoming.get(ticket_id) is entry:
             del self._incoming[ticket_id]
-        if entry.deadline is not None:
-            entry.deadline.cancel()
         self._endings[ticket_id] = ending
         while len(self._endings) > _REMEMBERED_ENDINGS:
             self._endings.popitem(last=False)

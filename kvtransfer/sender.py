@@ -34,7 +34,7 @@ from kvtransfer.connection import Connection, Tasks, notify, quietly
 from kvtransfer.errors import IncompatiblePeer, TransferFailed
 from kvtransfer.staging import Staging, StagingPool
 from kvtransfer.telemetry import Direction, TransferObserver, TransferStats
-from kvtransfer.ticket import TicketInfo
+from kvtransfer.ticket import Ticket
 from kvtransfer.wire import Cancel, Data, Done, Failed, Message
 
 log = structlog.get_logger(__name__)
@@ -55,8 +55,8 @@ class KVPush:
     """One ticket's sending side. push_layer/close/cancel come from the engine thread; `future`
     resolves with TransferStats once the receiver has every layer, or raises TransferFailed."""
 
-    def __init__(self, sender: KVSender, info: TicketInfo, layout: KVLayout) -> None:
-        self.info = info
+    def __init__(self, sender: KVSender, ticket: Ticket, layout: KVLayout) -> None:
+        self.ticket = ticket
         self.future: concurrent.futures.Future[TransferStats] = concurrent.futures.Future()
         self._sender = sender
         self._layout = layout
@@ -74,8 +74,8 @@ class KVPush:
             return
         if layer != self._next_layer:
             raise ValueError(f"layers must be pushed in order: expected layer {self._next_layer}, got {layer}")
-        if len(block_ids) != self.info.num_blocks:
-            return self._stop(f"the request has {len(block_ids)} blocks, the ticket {self.info.num_blocks}")
+        if len(block_ids) != self.ticket.num_blocks:
+            return self._stop(f"the request has {len(block_ids)} blocks, the ticket {self.ticket.num_blocks}")
         group = self._group or self._start_group(layer, len(block_ids), kv_layer.device)
         self._layers.append(kv_layer)
         self._next_layer += 1
@@ -163,8 +163,8 @@ class KVSender:
         self._waiter = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kvtransfer-pack-wait")
 
     # ---- any thread
-    def open(self, info: TicketInfo) -> KVPush:
-        push = KVPush(self, info, self.layout)
+    def open(self, ticket: Ticket) -> KVPush:
+        push = KVPush(self, ticket, self.layout)
         self._loop.call_soon_threadsafe(self._register, push)
         return push
 
@@ -196,18 +196,18 @@ class KVSender:
         self._waiter.shutdown(wait=True)
 
     def _register(self, push: KVPush) -> None:
-        ticket = push.info.ticket_id
+        ticket = push.ticket.ticket_id
         if ticket in self._outgoing:
-            failure = TransferFailed(push.info.address, ticket, 0, "this ticket is already being pushed")
+            failure = TransferFailed(push.ticket.address, ticket, 0, "this ticket is already being pushed")
             push.future.set_exception(failure)
             return
         out = _Outgoing(push)
-        lease_s = push.info.lease_expiry_unix_s - time.time() + self.config.sender_grace_s
+        lease_s = push.ticket.lease_left_s() + self.config.sender_grace_s
         out.deadline = self._loop.call_later(max(0.0, lease_s), self._expire, out)
         self._outgoing[ticket] = out
 
     def _start_send(self, push: KVPush, message: _Outbound) -> None:
-        out = self._outgoing.get(push.info.ticket_id)
+        out = self._outgoing.get(push.ticket.ticket_id)
         if out is None or out.push is not push:
             self.pool.release(message.staging)
             return
@@ -220,7 +220,7 @@ class KVSender:
             conn = await self._bind(out)
             if message.packed is not None:
                 await self._loop.run_in_executor(self._waiter, message.packed.synchronize)
-            if self._outgoing.get(out.push.info.ticket_id) is not out:
+            if self._outgoing.get(out.push.ticket.ticket_id) is not out:
                 return
             header = self._header(out, message, conn.next_tag())
             # Posted back to back (gather starts them in order), not one after the other's completion;
@@ -239,12 +239,12 @@ class KVSender:
         finally:
             out.in_flight -= 1
             self.pool.release(message.staging)
-        if out.landed_bytes is not None and out.in_flight == 0 and self._outgoing.get(out.push.info.ticket_id) is out:
+        if out.landed_bytes is not None and out.in_flight == 0 and self._outgoing.get(out.push.ticket.ticket_id) is out:
             self._complete(out)  # every staging buffer of the ticket is back in the pool first
 
     async def _bind(self, out: _Outgoing) -> Connection:
         """The ticket's connection: every message of a ticket goes over the same one."""
-        info = out.push.info
+        info = out.push.ticket
         try:
             conn = await self._connect(info.address)
         except IncompatiblePeer as e:
@@ -258,7 +258,7 @@ class KVSender:
         return conn
 
     def _header(self, out: _Outgoing, message: _Outbound, tag: int) -> Data:
-        info = out.push.info
+        info = out.push.ticket
         checksums: tuple[tuple[int, int], ...] = ()
         if self.config.checksum_samples:
             chunk_bytes = message.staging.nbytes // (message.num_layers * 2 * info.num_blocks)
@@ -271,7 +271,7 @@ class KVSender:
         )  # fmt: skip
 
     def _stop(self, push: KVPush, reason: str) -> None:
-        out = self._outgoing.get(push.info.ticket_id)
+        out = self._outgoing.get(push.ticket.ticket_id)
         if out is not None and out.push is push:
             self._fail(out, reason, tell_peer=True)
 
@@ -285,16 +285,16 @@ class KVSender:
         self._forget(out)
         nbytes = out.landed_bytes or 0
         started = out.started if out.started is not None else time.monotonic()
-        info = out.push.info
+        info = out.push.ticket
         stats = TransferStats(info.ticket_id, info.address, Direction.SEND, nbytes, time.monotonic() - started)
         out.push.future.set_result(stats)
         notify(self._observer.on_complete, stats)
 
     def _fail(self, out: _Outgoing, reason: str, *, tell_peer: bool, error: TransferFailed | None = None) -> None:
-        if self._outgoing.get(out.push.info.ticket_id) is not out:
+        if self._outgoing.get(out.push.ticket.ticket_id) is not out:
             return
         self._forget(out)
-        info = out.push.info
+        info = out.push.ticket
         error = error or TransferFailed(info.address, info.ticket_id, out.bytes_sent, reason)
         log.warning("kv push failed", ticket=info.ticket_id, peer=info.address, reason=error.reason)
         if tell_peer and out.conn is not None and out.conn.lost is None:
@@ -303,6 +303,6 @@ class KVSender:
         notify(self._observer.on_failure, error, Direction.SEND)
 
     def _forget(self, out: _Outgoing) -> None:
-        del self._outgoing[out.push.info.ticket_id]
+        del self._outgoing[out.push.ticket.ticket_id]
         if out.deadline is not None:
             out.deadline.cancel()

@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import threading
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import structlog
@@ -28,10 +28,10 @@ from engine.kv_layout import KVLayout
 from kvtransfer.config import TransportConfig
 from kvtransfer.connection import CTL_TAG, Connection, Tasks
 from kvtransfer.errors import IncompatiblePeer
-from kvtransfer.receiver import KVReceiver, KVTicketImport
+from kvtransfer.receiver import KVReceiver, TicketImport
 from kvtransfer.sender import KVPush, KVSender
 from kvtransfer.telemetry import NullObserver, TransferObserver
-from kvtransfer.ticket import TicketInfo
+from kvtransfer.ticket import Ticket
 from kvtransfer.wire import FRAME_BYTES, Cancel, Data, Done, Failed, Hello, Message, Refuse, Welcome, decode, encode
 
 log = structlog.get_logger(__name__)
@@ -109,7 +109,7 @@ class KVTransport:
     # ---- the two sides (any thread)
     @property
     def address(self) -> str:
-        """This worker's listener, "host:port": what TicketInfo carries and peers dial."""
+        """This worker's listener, "host:port": what a Ticket carries and peers dial."""
         return f"{self.config.host}:{self._port}"
 
     @property
@@ -124,18 +124,31 @@ class KVTransport:
             raise RuntimeError("this transport has no receiving side: pass kv_caches and call start()")
         return self._receiver
 
-    def push(self, info: TicketInfo) -> KVPush:
+    def push(self, ticket: Ticket) -> KVPush:
         """The sending side of a ticket another worker expects (an engine.handoff.KVExportSink)."""
-        return self.sender.open(info)
+        return self.sender.open(ticket)
 
-    def expect(self, ticket_id: str, block_ids: Sequence[int], num_tokens: int, timeout_s: float) -> KVTicketImport:
-        """The receiving side of a ticket (an engine.handoff.KVImport); hand ticket.info to the sender."""
-        return self.receiver.expect(ticket_id, block_ids, num_tokens, timeout_s)
+    def expect(
+        self,
+        ticket_id: str,
+        block_ids: Sequence[int],
+        num_tokens: int,
+        timeout_s: float,
+        on_expire: Callable[[TicketImport], None] | None = None,
+    ) -> TicketImport:
+        """The receiving side of a ticket (an engine.handoff.KVImport), leased for timeout_s; hand
+        its .ticket to the sender. on_expire: see KVReceiver.expect."""
+        return self.receiver.expect(ticket_id, block_ids, num_tokens, timeout_s, on_expire)
 
     async def expect_async(
-        self, ticket_id: str, block_ids: Sequence[int], num_tokens: int, timeout_s: float
-    ) -> KVTicketImport:
-        return await self.receiver.expect_async(ticket_id, block_ids, num_tokens, timeout_s)
+        self,
+        ticket_id: str,
+        block_ids: Sequence[int],
+        num_tokens: int,
+        timeout_s: float,
+        on_expire: Callable[[TicketImport], None] | None = None,
+    ) -> TicketImport:
+        return await self.receiver.expect_async(ticket_id, block_ids, num_tokens, timeout_s, on_expire)
 
     # ---- the loop thread
     def _run(self) -> None:

@@ -155,20 +155,18 @@ class Usage(_message.Message):
     def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., cached_prompt_tokens: _Optional[int] = ..., queue_ms: _Optional[float] = ..., prefill_ms: _Optional[float] = ..., transfer_ms: _Optional[float] = ..., ttft_ms: _Optional[float] = ..., decode_ms: _Optional[float] = ..., e2e_ms: _Optional[float] = ..., transfer_bytes: _Optional[int] = ...) -> None: ...
 
 class KVTicket(_message.Message):
-    __slots__ = ("ticket_id", "decode_worker_id", "kv_transfer_address", "num_tokens", "num_blocks", "lease_expiry_unix_ms")
+    __slots__ = ("ticket_id", "kv_transfer_address", "num_tokens", "num_blocks", "lease_expiry_unix_ms")
     TICKET_ID_FIELD_NUMBER: _ClassVar[int]
-    DECODE_WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     KV_TRANSFER_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
     NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     LEASE_EXPIRY_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     ticket_id: str
-    decode_worker_id: str
     kv_transfer_address: str
     num_tokens: int
     num_blocks: int
     lease_expiry_unix_ms: int
-    def __init__(self, ticket_id: _Optional[str] = ..., decode_worker_id: _Optional[str] = ..., kv_transfer_address: _Optional[str] = ..., num_tokens: _Optional[int] = ..., num_blocks: _Optional[int] = ..., lease_expiry_unix_ms: _Optional[int] = ...) -> None: ...
+    def __init__(self, ticket_id: _Optional[str] = ..., kv_transfer_address: _Optional[str] = ..., num_tokens: _Optional[int] = ..., num_blocks: _Optional[int] = ..., lease_expiry_unix_ms: _Optional[int] = ...) -> None: ...
 
 class KVLayout(_message.Message):
     __slots__ = ("model_fingerprint", "dtype", "block_size_tokens", "num_layers", "num_kv_heads", "head_dim", "layout_version")

@@ -14,14 +14,12 @@ from collections.abc import Sequence
 import grpc
 
 from engine.async_engine import AsyncEngine
-from engine.errors import InvalidRequest
 from engine.request import FinishReason, RequestOutput
 from engine.sampling_params import SamplingParams
 from kvtransfer.sender import KVPush
-from kvtransfer.ticket import TicketId, TicketInfo
 from kvtransfer.transport import KVTransport
-from pdmesh.v1 import common_pb2, prefill_pb2, prefill_pb2_grpc
-from services.worker.convert import chunk_from_output, sampling_from_pb, token_ids_from_pb
+from pdmesh.v1 import prefill_pb2, prefill_pb2_grpc
+from services.worker.convert import chunk_from_output, sampling_from_pb, ticket_from_pb, token_ids_from_pb
 
 
 class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
@@ -35,8 +33,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
     ) -> prefill_pb2.PrefillResponse:
         prompt = token_ids_from_pb(request.prompt_token_ids, "prompt_token_ids")
         wanted = sampling_from_pb(request.sampling)
-        info = _ticket_info(request.ticket, prompt)
-        push = self.transport.push(info)
+        push = self.transport.push(ticket_from_pb(request.ticket))
         start = time.monotonic()
         try:
             one_token = sampling_from_pb(request.sampling, max_tokens=1)
@@ -68,23 +65,3 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             last = out
         assert last is not None and last.finished
         return last
-
-
-def _ticket_info(ticket: common_pb2.KVTicket, prompt: Sequence[int]) -> TicketInfo:
-    if not ticket.ticket_id or not ticket.kv_transfer_address:
-        raise InvalidRequest(
-            "ticket", "is missing its ticket_id or kv_transfer_address", "pass the ticket Decode.Reserve returned"
-        )
-    if ticket.num_tokens != len(prompt):
-        raise InvalidRequest(
-            "ticket.num_tokens",
-            f"is {ticket.num_tokens} but the prompt has {len(prompt)} tokens",
-            "reserve exactly the prompt's length",
-        )
-    return TicketInfo(
-        address=ticket.kv_transfer_address,
-        ticket_id=TicketId(ticket.ticket_id),
-        num_blocks=ticket.num_blocks,
-        num_tokens=ticket.num_tokens,
-        lease_expiry_unix_s=ticket.lease_expiry_unix_ms / 1000,
-    )

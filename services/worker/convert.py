@@ -11,6 +11,7 @@ import dataclasses
 from engine.errors import InvalidRequest
 from engine.request import FinishReason, RequestOutput
 from engine.sampling_params import SamplingParams
+from kvtransfer.ticket import Ticket, TicketId
 from pdmesh.sampling import sampling_from_pb as pb_to_sampling
 from pdmesh.v1 import common_pb2
 
@@ -60,3 +61,23 @@ def usage_of(out: RequestOutput, *, decode_s: float | None = None, prefill_s: fl
     if prefill_s is not None:
         usage.prefill_ms = prefill_s * 1000
     return usage
+
+
+def ticket_to_pb(ticket: Ticket) -> common_pb2.KVTicket:
+    return common_pb2.KVTicket(
+        ticket_id=ticket.ticket_id,
+        kv_transfer_address=ticket.address,
+        num_tokens=ticket.num_tokens,
+        num_blocks=ticket.num_blocks,
+        lease_expiry_unix_ms=ticket.lease_expiry_unix_ms,
+    )
+
+
+def ticket_from_pb(pb: common_pb2.KVTicket) -> Ticket:
+    return Ticket(
+        ticket_id=TicketId(pb.ticket_id),
+        address=pb.kv_transfer_address,
+        num_tokens=pb.num_tokens,
+        num_blocks=pb.num_blocks,
+        lease_expiry_unix_ms=pb.lease_expiry_unix_ms,
+    )

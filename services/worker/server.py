@@ -16,6 +16,7 @@ from kvtransfer.config import TransportConfig
 from kvtransfer.transport import KVTransport
 from pdmesh.v1 import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc, worker_pb2
 from services.bootstrap import Server, ServicerBinding, serve
+from services.decode.reservations import Reservations
 from services.decode.servicer import DecodeServicer
 from services.prefill.servicer import PrefillServicer
 from services.worker.config import Role, WorkerConfig
@@ -67,10 +68,12 @@ async def serve_worker(config: WorkerConfig) -> None:
     receiving = config.role is Role.DECODE
     transport = KVTransport(engine.kv_layout, transport_config(config), engine.kv_caches if receiving else None)
     await asyncio.to_thread(transport.start)
-    decode = DecodeServicer(async_engine, transport, config.id, config.lease_ms) if receiving else None
-    if decode is not None:
+    reservations = Reservations(async_engine, transport, config.id, config.lease_ms) if receiving else None
+    if reservations is not None:
         binding = ServicerBinding(
-            decode, decode_pb2_grpc.add_DecodeServicer_to_server, decode_pb2.DESCRIPTOR.services_by_name["Decode"]
+            DecodeServicer(async_engine, reservations, config.id),
+            decode_pb2_grpc.add_DecodeServicer_to_server,
+            decode_pb2.DESCRIPTOR.services_by_name["Decode"],
         )
     else:
         binding = ServicerBinding(
@@ -87,7 +90,7 @@ async def serve_worker(config: WorkerConfig) -> None:
             num_kv_blocks_total=stats.num_blocks,
             num_running_requests=stats.num_running,
             num_waiting_requests=stats.num_waiting,
-            num_kv_reservations=len(decode.reservations) if decode is not None else 0,
+            num_kv_reservations=len(reservations) if reservations is not None else 0,
         )
 
     async def on_ready(server: Server) -> None:
@@ -99,8 +102,8 @@ async def serve_worker(config: WorkerConfig) -> None:
     async def on_shutdown() -> None:
         if reporter is not None:
             await reporter.stop()
-        if decode is not None:
-            await decode.close()
+        if reservations is not None:
+            await reservations.close()
         async_engine.shutdown()
         await asyncio.to_thread(transport.close)
 

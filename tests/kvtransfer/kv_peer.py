@@ -113,6 +113,7 @@ def start_peers(*specs: PeerSpec) -> list[Peer]:
 class _Observed:
     completed: list[Any] = field(default_factory=list)
     failed: list[Any] = field(default_factory=list)
+    expired: list[str] = field(default_factory=list)  # tickets whose lease ran out uncommitted
 
     def on_complete(self, stats: Any) -> None:
         self.completed.append(stats)
@@ -148,7 +149,7 @@ class _Worker:
         self.pool.free(blocks)
 
     def observations(self) -> dict[str, Any]:
-        return {"completed": self.observed.completed, "failed": self.observed.failed}
+        return {"completed": self.observed.completed, "failed": self.observed.failed, "expired": self.observed.expired}
 
     def cancel(self, ticket: str, reason: str) -> None:
         (self.pushes.get(ticket) or self.imports[ticket]).cancel(reason)
@@ -157,8 +158,14 @@ class _Worker:
     def expect(self, ticket: str, num_tokens: int, seed: int, timeout_s: float) -> Any:
         blocks = self.allocate(ticket, num_tokens)
         self.seeds[ticket] = seed
-        self.imports[ticket] = self.transport.expect(ticket, blocks, num_tokens, timeout_s)
-        return self.imports[ticket].info
+        self.imports[ticket] = self.transport.expect(
+            ticket, blocks, num_tokens, timeout_s, on_expire=lambda imp: self.observed.expired.append(imp.ticket_id)
+        )
+        return self.imports[ticket].ticket
+
+    def commit(self, ticket: str) -> bool:
+        """The engine takes the ticket's blocks over (what Decode.Generate does)."""
+        return bool(self.imports[ticket].commit())
 
     def wait(self, tickets: list[str], timeout_s: float, check_strays: bool = True) -> dict[str, Any]:
         """Wait for each ticket like the engine does (done() or error()), check it, free its blocks."""

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from engine.kv_layout import KVLayout
-from kvtransfer import IncompatiblePeer, TicketInfo, TransferFailed
+from kvtransfer import IncompatiblePeer, Ticket, TransferFailed
 from kvtransfer.checksum import digest_chunks, first_mismatch, sample_chunks
 from kvtransfer.receiver import check_data
 from kvtransfer.wire import FRAME_BYTES, Cancel, Data, Done, Failed, Hello, Refuse, Welcome, decode, encode
@@ -94,6 +94,6 @@ def test_failures_keep_their_fields_across_processes() -> None:
 
 
 def test_a_ticket_names_the_address_to_dial() -> None:
-    info = TicketInfo("10.1.2.3:13337", "req-1", 63, 1000, 1.7e9)  # type: ignore[arg-type]
+    info = Ticket("req-1", "10.1.2.3:13337", 1000, 63, 1_700_000_000_000)  # type: ignore[arg-type]
 
     assert (info.host, info.port) == ("10.1.2.3", 13337)

@@ -6,6 +6,7 @@ every request's blocks lie scattered over a pool of 2,100 blocks on both sides.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from dataclasses import replace
 
@@ -16,6 +17,7 @@ from kvtransfer import TransferFailed
 
 POOL = 2100
 BLOCK_BYTES = 30 * 2 * 16 * 3 * 64 * 4  # one block, every layer, K and V, float32
+TWO = ("kept", "left")
 
 
 @pytest.fixture(scope="module")
@@ -146,3 +148,24 @@ def test_a_stalled_sender_fails_the_ticket_at_its_lease(pair: tuple[Peer, Peer])
     assert landed["free_blocks"] == POOL
     sent = prefill.call("wait_push", tickets=["stalled"], timeout_s=10)
     assert not sent["tickets"]["stalled"]["ok"]
+
+
+def test_the_lease_is_one_clock_a_landed_ticket_left_uncommitted_expires_a_committed_one_does_not(
+    pair: tuple[Peer, Peer],
+) -> None:
+    decode, prefill = pair
+    infos = [decode.call("expect", ticket=t, num_tokens=64, seed=i, timeout_s=3.0) for i, t in enumerate(TWO)]
+    sent = prefill.call("push", infos=infos, seeds=[0, 1], layers=None, timeout_s=60)
+    assert [sent["tickets"][t]["ok"] for t in TWO] == [True, True]
+
+    assert decode.call("commit", ticket="kept") is True
+    deadline = time.monotonic() + 15
+    while "left" not in decode.call("observations")["expired"]:
+        assert time.monotonic() < deadline, "the uncommitted ticket's lease never ended"
+        time.sleep(0.1)
+
+    assert decode.call("commit", ticket="left") is False  # too late: its lease ended
+    expired = decode.call("observations")["expired"]
+    assert expired.count("left") == 1 and "kept" not in expired
+    landed = decode.call("wait", tickets=["kept", "left"], timeout_s=10)
+    assert [landed["tickets"][t]["ok"] for t in TWO] == [True, True]  # both had landed whole

@@ -103,7 +103,7 @@ class ScriptedDecode(decode_pb2_grpc.DecodeServicer):
         ticket_id = f"{self.worker_id}/t{len(self.reserves)}"
         self.held.add(ticket_id)
         ticket = common_pb2.KVTicket(
-            ticket_id=ticket_id, decode_worker_id=self.worker_id, kv_transfer_address="127.0.0.1:9",
+            ticket_id=ticket_id, kv_transfer_address="127.0.0.1:9",
             num_tokens=request.num_tokens, num_blocks=-(-request.num_tokens // BLOCK_SIZE),
             lease_expiry_unix_ms=1,
         )  # fmt: skip
