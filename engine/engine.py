@@ -29,7 +29,7 @@ from engine.output import OutputProcessor
 from engine.request import FinishReason, Request, RequestOutput, RequestStatus
 from engine.runner import ModelRunner
 from engine.sampler import Sampler, SamplingRow
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import SamplingParams, check_context
 from engine.tokenizer import Tokenizer
 from engine.weights import load_checkpoint
 
@@ -119,12 +119,15 @@ class Engine:
         prior_output_ids: Sequence[int] = (),
         kv_import: KVImport | None = None,
         kv_export: KVExportSink | None = None,
+        prefill_only: bool = False,
     ) -> None:
         """Queue a request. `prior_output_ids` are outputs some other worker already produced
         (they count toward max_tokens and are not emitted again). With `kv_import` the request's
-        blocks must have been reserved under the same id."""
+        blocks must have been reserved under the same id. A `prefill_only` request ends after its
+        first token, with no finish reason unless the generation itself ended there: another
+        worker continues it (its KV goes there through `kv_export`)."""
         rid = RequestId(request_id)
-        self._validate(rid, prompt_token_ids, prior_output_ids, params, kv_import)
+        self._validate(rid, prompt_token_ids, prior_output_ids, params, kv_import, prefill_only)
         seed = params.seed if params.seed is not None else self._seeds.getrandbits(63)
         request = Request(
             request_id=rid,
@@ -135,6 +138,7 @@ class Engine:
             kv_import=kv_import,
             kv_export=kv_export,
             num_prior_output_tokens=len(prior_output_ids),
+            prefill_only=prefill_only,
         )
         if kv_import is not None:
             request.block_ids, request.num_imported_tokens = self._reserved.pop(rid)
@@ -226,15 +230,21 @@ class Engine:
             request.first_token_time = time.monotonic()
         text, finish = self._outputs[request.request_id].on_token(request, token_id)
         logprobs = [logprob] if request.params.logprobs and logprob is not None else None
-        if finish is not None:
+        if finish is None and request.prefill_only:
+            # Handed on: the worker that continues starts its stop checks afresh, so nothing stays held.
+            text += self._outputs[request.request_id].flush()
+        if finish is not None or request.prefill_only:
             out = self._finish(request, finish, text)
             out.new_token_ids, out.new_logprobs = [token_id], logprobs
             return out
         return self._output(request, [token_id], logprobs, text)
 
-    def _finish(self, request: Request, reason: FinishReason, text: str, error: str | None = None) -> RequestOutput:
+    def _finish(
+        self, request: Request, reason: FinishReason | None, text: str, error: str | None = None
+    ) -> RequestOutput:
+        """End the request; reason None: a prefill_only request handed on, its generation not over."""
         if request.kv_export is not None:
-            request.kv_export.cancel(reason.value if error is None else error)
+            request.kv_export.cancel(error or (reason.value if reason is not None else "ended"))
             request.kv_export = None
         self.batcher.remove(request)
         self.kv.release(request)
@@ -277,6 +287,7 @@ class Engine:
         prior: Sequence[int],
         params: SamplingParams,
         kv_import: KVImport | None,
+        prefill_only: bool,
     ) -> None:
         if rid in self.requests:
             raise InvalidRequest("request_id", f"{rid!r} is already in use", "use a unique request id")
@@ -294,16 +305,9 @@ class Engine:
         params.validate(vocab)
         if params.stop and self.tokenizer is None:
             raise InvalidRequest("stop", "needs a tokenizer, and this engine has none", "use stop_token_ids")
-        limit, total = self.max_model_len, len(prompt) + len(prior)
-        if total >= limit:
-            raise InvalidRequest("prompt", f"has {total} tokens, the context length is {limit}", "shorten the prompt")
-        if total + params.max_tokens - len(prior) > limit:
-            raise InvalidRequest(
-                "max_tokens",
-                f"prompt ({total} tokens) plus max_tokens ({params.max_tokens}) exceeds the context length {limit}",
-                f"ask for at most {limit - total} tokens or shorten the prompt",
-            )
-        need = blocks_for(len(prompt) + params.max_tokens, self.config.cache.block_size)
+        check_context(len(prompt) + len(prior), params.max_tokens, self.max_model_len, len(prior))
+        new_tokens = 1 if prefill_only else params.max_tokens  # a prefill_only request holds no output here
+        need = blocks_for(len(prompt) + new_tokens, self.config.cache.block_size)
         if need > self.pool.num_blocks:
             raise OutOfBlocks(
                 f"the request needs {need} KV blocks and the whole cache has {self.pool.num_blocks}; "

@@ -37,15 +37,16 @@ class OutputProcessor:
     def on_token(self, request: Request, token_id: int) -> tuple[str, FinishReason | None]:
         """Account for a token already appended to request.token_ids; returns (text delta, finish)."""
         if token_id in self.stop_ids:
-            return self._flush(), FinishReason.STOP
+            return self.flush(), FinishReason.STOP
         text = self.detok.step(token_id) if self.detok is not None else ""
         if self.stops is not None:
             text, matched = self.stops.feed(text)
             if matched:
                 return text, FinishReason.STOP
         if request.num_output_tokens >= request.params.max_tokens or request.num_tokens >= self.max_model_len:
-            return text + self._flush(), FinishReason.LENGTH
+            return text + self.flush(), FinishReason.LENGTH
         return text, None
 
-    def _flush(self) -> str:
+    def flush(self) -> str:
+        """The text held back for a possible stop string, released (the request ends here)."""
         return self.stops.flush() if self.stops is not None else ""

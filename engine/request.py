@@ -48,6 +48,7 @@ class Request:
     num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache or an import
     num_imported_tokens: int = 0  # tokens whose KV an import writes (set by Engine.reserve)
     num_prior_output_tokens: int = 0  # outputs given at admission (a resumed request); not re-emitted
+    prefill_only: bool = False  # ends after its first token; another worker continues it
     num_preemptions: int = 0
     finish_reason: FinishReason | None = None
     arrival_time: float = field(default_factory=time.monotonic)
@@ -81,7 +82,10 @@ class Request:
 
 @dataclass(slots=True)
 class RequestOutput:
-    """What one step produced for one request. Token ids and text are deltas, not totals."""
+    """What one step produced for one request. Token ids and text are deltas, not totals.
+
+    finished with finish_reason None: a prefill_only request, handed on after its first token.
+    """
 
     request_id: RequestId
     new_token_ids: list[int]

@@ -1,7 +1,8 @@
-"""What a caller may ask of one generation, checked once at the door.
+"""What a caller may ask of one generation, and the rules that check it.
 
-Validation lives here so every front end (the in-process API, the gRPC services) refuses bad
-input with the same words: the field, what is wrong, and the fix.
+The rules live here, torch-free, so every door refuses bad input with the same words (the field,
+what is wrong, the fix): the scheduler at the mesh's front door, and the engine for in-process
+callers. Workers behind the scheduler convert what it sends and check nothing again.
 """
 
 from __future__ import annotations
@@ -74,3 +75,19 @@ class SamplingParams:
                     )
         if self.seed is not None and not 0 <= self.seed < 2**63:
             raise InvalidRequest("seed", f"is {self.seed}", "use a non-negative 63-bit integer")
+
+
+def check_context(num_tokens: int, max_tokens: int, max_model_len: int, num_output_tokens: int = 0) -> None:
+    """Refuse a request that cannot fit the model's context. num_tokens counts the prompt plus the
+    num_output_tokens some worker already generated; max_tokens counts those outputs too."""
+    if num_tokens >= max_model_len:
+        raise InvalidRequest(
+            "prompt", f"has {num_tokens} tokens, the context length is {max_model_len}", "shorten the prompt"
+        )
+    if num_tokens - num_output_tokens + max_tokens > max_model_len:
+        raise InvalidRequest(
+            "max_tokens",
+            f"prompt ({num_tokens - num_output_tokens} tokens) plus max_tokens ({max_tokens}) exceeds the context "
+            f"length {max_model_len}",
+            f"ask for at most {max_model_len - num_tokens + num_output_tokens} tokens or shorten the prompt",
+        )

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import grpc
 
 from engine.async_engine import AsyncEngine
-from engine.request import FinishReason, RequestOutput
+from engine.request import RequestOutput
 from engine.sampling_params import SamplingParams
 from kvtransfer.sender import KVPush
 from kvtransfer.transport import KVTransport
@@ -32,23 +32,19 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         self, request: prefill_pb2.PrefillRequest, context: grpc.aio.ServicerContext
     ) -> prefill_pb2.PrefillResponse:
         prompt = token_ids_from_pb(request.prompt_token_ids, "prompt_token_ids")
-        wanted = sampling_from_pb(request.sampling)
+        params = sampling_from_pb(request.sampling)
         push = self.transport.push(ticket_from_pb(request.ticket))
         start = time.monotonic()
         try:
-            one_token = sampling_from_pb(request.sampling, max_tokens=1)
-            first = await self._first_token(request.request_id, prompt, one_token, push)
+            first = await self._first_token(request.request_id, prompt, params, push)
         except BaseException as exc:  # refused, cancelled or failed: the receiver must not wait for its lease
             push.cancel(f"prefill ended early: {type(exc).__name__}")
             raise
         computed = time.monotonic()
         stats = await push  # raises TransferFailed if the receiver did not get every layer
         done = time.monotonic()
-        chunk = chunk_from_output(first)
-        if first.finish_reason is FinishReason.LENGTH and wanted.max_tokens > 1:
-            chunk.ClearField("finish")  # our one-token limit, not the client's: decode continues
         return prefill_pb2.PrefillResponse(
-            chunk=chunk,
+            chunk=chunk_from_output(first),  # finish set only when the generation ended at its first token
             cached_prompt_tokens=first.num_cached_tokens,
             queue_ms=(first.queue_s or 0.0) * 1000,
             prefill_ms=(computed - start - (first.queue_s or 0.0)) * 1000,
@@ -61,7 +57,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
     ) -> RequestOutput:
         engine_id = f"{self.worker_id}/{request_id}/prefill-{time.monotonic_ns()}"
         last: RequestOutput | None = None
-        async for out in self.engine.generate(engine_id, prompt, params, kv_export=push):
+        async for out in self.engine.generate(engine_id, prompt, params, kv_export=push, prefill_only=True):
             last = out
         assert last is not None and last.finished
         return last

@@ -80,19 +80,3 @@ def _role(role: int, index: int) -> str:
     if role not in _ROLES:
         raise InvalidRequest(f"prompt.chat.messages[{index}].role", "is unset", "use system, user, assistant or tool")
     return _ROLES[role]
-
-
-def check_context(prompt_tokens: int, max_tokens: int, max_model_len: int | None) -> None:
-    if max_model_len is None:
-        return
-    if prompt_tokens >= max_model_len:
-        raise InvalidRequest(
-            "prompt", f"has {prompt_tokens} tokens, the context length is {max_model_len}", "shorten the prompt"
-        )
-    if prompt_tokens + max_tokens > max_model_len:
-        raise InvalidRequest(
-            "sampling.max_tokens",
-            f"prompt ({prompt_tokens} tokens) plus max_tokens ({max_tokens}) exceeds the context length "
-            f"{max_model_len}",
-            f"ask for at most {max_model_len - prompt_tokens} tokens or shorten the prompt",
-        )

@@ -7,10 +7,11 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from engine.sampling_params import check_context
 from engine.tokenizer import Tokenizer
 from pdmesh.config import SchedulerConfig
 from pdmesh.v1 import scheduler_pb2, scheduler_pb2_grpc, worker_pb2, worker_pb2_grpc
-from services.scheduler.convert import check_context, parse_generate
+from services.scheduler.convert import parse_generate
 from services.scheduler.handoff import RequestFlow
 from services.scheduler.policy import Policy
 from services.scheduler.registry import Registry, Role
@@ -33,7 +34,8 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                 "model", f"{request.model!r} is not served here", f"use {self.config.model!r} or leave it empty"
             )
         parsed = parse_generate(request, self.tokenizer)
-        check_context(len(parsed.prompt_token_ids), parsed.max_tokens, self.registry.max_model_len)
+        if self.registry.max_model_len is not None:
+            check_context(len(parsed.prompt_token_ids), parsed.max_tokens, self.registry.max_model_len)
         check_fits(len(parsed.prompt_token_ids) + parsed.max_tokens, self.registry)
         flow = RequestFlow(
             parsed, self.registry, self.policy, self.config.lease_ms, self.config.max_attempts,

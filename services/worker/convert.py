@@ -1,18 +1,16 @@
-"""Protobuf <-> engine types for the worker services: the one place they meet.
+"""Protobuf <-> engine and kvtransfer types for the worker services: the one place they meet.
 
 Engine types never grow to_pb/from_pb; servicers call these functions and nothing else touches
-both worlds.
+both worlds. Workers trust what the scheduler sends (it validated the request at the door): the
+sampling parameters are converted, not checked again, and the engine keeps its own invariants.
 """
 
 from __future__ import annotations
 
-import dataclasses
-
 from engine.errors import InvalidRequest
 from engine.request import FinishReason, RequestOutput
-from engine.sampling_params import SamplingParams
 from kvtransfer.ticket import Ticket, TicketId
-from pdmesh.sampling import sampling_from_pb as pb_to_sampling
+from pdmesh.sampling import sampling_from_pb as sampling_from_pb  # re-exported: the servicers convert here
 from pdmesh.v1 import common_pb2
 
 _FINISH = {
@@ -20,15 +18,6 @@ _FINISH = {
     FinishReason.LENGTH: common_pb2.FINISH_REASON_LENGTH,
     FinishReason.ABORT: common_pb2.FINISH_REASON_ABORT,
 }
-
-
-def sampling_from_pb(pb: common_pb2.SamplingParams, *, max_tokens: int | None = None) -> SamplingParams:
-    """The engine's SamplingParams, validated; max_tokens overrides the request's (prefill: 1)."""
-    params = pb_to_sampling(pb)
-    if max_tokens is not None:
-        params = dataclasses.replace(params, max_tokens=max_tokens)
-    params.validate()
-    return params
 
 
 def token_ids_from_pb(ids: object, field: str) -> list[int]:

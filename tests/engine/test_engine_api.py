@@ -134,3 +134,22 @@ def test_reservations_leave_a_watermark_for_running_requests_to_grow(engine) -> 
     # An idle engine lends every block.
     assert len(engine.reserve("whole", 64 * 4)) == 64
     engine.abort("whole")
+
+
+def test_a_prefill_only_request_hands_on_after_its_first_token(engine) -> None:
+    engine.add_request("full", [5, 6, 7], greedy(6))
+    first_of_full = run_to_completion(engine)["full"][0]
+    total = engine.stats().num_blocks
+
+    # 200 prompt tokens + 100 to generate would need 75 of the 64 blocks; handing on needs 51.
+    engine.add_request("handed", [5, 6, 7], greedy(6), prefill_only=True)
+    engine.add_request("long", [1] * 200, greedy(100), prefill_only=True)
+    outs = [o for _ in range(50) for o in engine.step()]
+
+    handed = next(o for o in outs if o.request_id == "handed")
+    assert handed.finished and handed.finish_reason is None and handed.new_token_ids == [first_of_full]
+    assert next(o for o in outs if o.request_id == "long").finish_reason is None
+    assert not engine.has_work() and engine.stats().num_free_blocks == total
+
+    engine.add_request("one", [5, 6, 7], greedy(1), prefill_only=True)  # the generation itself ends here
+    assert engine.step()[0].finish_reason is FinishReason.LENGTH
