@@ -51,6 +51,9 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
     w.add_argument("--output-len", default="64", help="output tokens: N or LOW:HIGH (uniform)")
     w.add_argument("--prompt-kind", choices=[k.value for k in PromptKind], default="tokens",
                    help="random token ids (any model, exact lengths) or text")  # fmt: skip
+    w.add_argument("--shared-prefix-len", type=int, default=0,
+                   help="tokens of a shared prefix before each prompt's own --input-len")  # fmt: skip
+    w.add_argument("--prefix-groups", type=int, default=1, help="distinct shared prefixes (request i takes i mod G)")
     w.add_argument("--tokenizer", default=None, help="model name or path for the vocabulary (default: the served one)")
     w.add_argument("--vocab-size", type=int, default=None, help="token prompts without a tokenizer: ids below this")
     w.add_argument("--trace-speedup", default="1", help="--trace: replay speed factors, a list sweeps: 0.5,1,2")
@@ -108,6 +111,8 @@ def plan_from_args(args: argparse.Namespace) -> BenchPlan:
         raise ValueError("--plot: needs matplotlib; pip install 'pdmesh[bench]' (or matplotlib)")
     if args.requests is not None and args.requests < 1:
         raise ValueError(f"--requests: is {args.requests}; send at least 1")
+    if args.shared_prefix_len < 0 or args.prefix_groups < 1:
+        raise ValueError("--shared-prefix-len / --prefix-groups: use a length >= 0 and at least 1 group")
     slo = Slo(args.slo_ttft_ms, args.slo_tpot_ms)
     options = GenerationOptions(
         ignore_eos=args.ignore_eos, temperature=args.temperature, seed=args.sampling_seed,
@@ -120,6 +125,7 @@ def plan_from_args(args: argparse.Namespace) -> BenchPlan:
         input_len=LengthRange.parse(args.input_len, "--input-len"),
         output_len=LengthRange.parse(args.output_len, "--output-len"),
         prompt_kind=PromptKind(args.prompt_kind), options=options, slo=slo,
+        prefix_len=args.shared_prefix_len, prefix_groups=args.prefix_groups,
         attainment_target_pct=args.attainment, max_concurrency=args.max_concurrency, burstiness=args.burstiness,
         trace=args.trace, trace_scaling=TraceScaling(args.trace_input_scale, args.trace_output_scale),
         tokenizer=args.tokenizer, vocab_size=args.vocab_size, seed=args.seed, warmup=args.warmup,

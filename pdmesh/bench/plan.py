@@ -54,6 +54,8 @@ class BenchPlan:
     attainment_target_pct: float = 90.0
     max_concurrency: int | None = None  # a cap on open-loop runs
     burstiness: float = 1.0
+    prefix_len: int = 0  # a shared prefix before each synthetic prompt
+    prefix_groups: int = 1
     trace: Path | None = None
     trace_scaling: TraceScaling = TraceScaling()
     tokenizer: str | None = None  # a model name or path; None: the served model's
@@ -81,7 +83,10 @@ class BenchPlan:
             records = load_trace(self.trace, self.num_requests)
             return time_scaled(trace_requests(records, vocab, self.trace_scaling, seed), point.value)
         n = self.num_requests or 0
-        requests = SyntheticWorkload(n, self.input_len, self.output_len, self.prompt_kind).build(vocab, seed)
+        workload = SyntheticWorkload(
+            n, self.input_len, self.output_len, self.prompt_kind, self.prefix_len, self.prefix_groups
+        )
+        requests = workload.build(vocab, seed)
         if point.mode is LoadMode.RATE:
             return with_arrivals(requests, arrival_times(n, point.value, seed, self.burstiness))
         return requests

@@ -143,6 +143,10 @@ def write_plot(sweep: SweepResult, path: Path) -> None:
         ax.legend()
     axes[2].plot(xs, [p.metrics.output_tokens_per_s for p in sweep.points], "o-")
     axes[2].set_title("Output tokens/s")
+    for x, p in zip(xs, sweep.points, strict=True):
+        if p.metrics.failed:  # throughput without its failures would mislead
+            axes[2].annotate(f"{p.metrics.failed} failed", (x, p.metrics.output_tokens_per_s), color="red",
+                             textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8)  # fmt: skip
     if slo.is_set:
         axes[3].plot(xs, [p.metrics.goodput.attainment_pct if p.metrics.goodput else math.nan for p in sweep.points],
                      "o-")  # fmt: skip

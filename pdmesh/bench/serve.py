@@ -44,14 +44,18 @@ async def run_bench_serve(plan: BenchPlan, command: str, console: Console | None
             for i, point in enumerate(plan.points):
                 requests = plan.requests(i, vocab)
                 warn_if_too_long(requests, server, console)
+                if (cap := plan.max_in_flight(point)) and len(requests) < cap:
+                    console.print(f"[yellow]warning:[/yellow] {len(requests)} requests never reach {cap} in flight; "
+                                  "raise --requests")  # fmt: skip
                 results = await _run_with_progress(backend, plan, i, requests, console)
                 sweep.points.append(PointResult(point, summarize(results, plan.slo), results))
+                if plan.out is not None:
+                    write_json(sweep, plan.out)  # after every point: a long sweep cut short keeps its figures
     except (SetupError, RequestFailed, ValueError, OSError) as e:
         console.print(f"[red]error:[/red] {e}")
         return 2
     print_table(sweep, console)
     if plan.out is not None:
-        write_json(sweep, plan.out)
         console.print(f"wrote {plan.out}")
     if plan.plot is not None:
         write_plot(sweep, plan.plot)
@@ -100,17 +104,26 @@ def warn_if_too_long(requests: list[BenchRequest], server: ServerInfo, console: 
 async def _run_with_progress(
     backend: Backend, plan: BenchPlan, index: int, requests: list[BenchRequest], console: Console
 ) -> list[RequestResult]:
+    """run_point with a live bar on a terminal, or a line per tenth done in a log file (a bar
+    there would only be drawn at the end)."""
     point = plan.points[index]
     columns = (TextColumn(f"{point.label:>16}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("{task.fields[failed]} failed"))  # fmt: skip
-    with Progress(*columns, console=console, disable=not plan.progress, transient=False) as progress:
+    live = plan.progress and console.is_terminal
+    with Progress(*columns, console=console, disable=not live) as progress:
         task = progress.add_task(point.label, total=len(requests), failed=0)
-        failed = 0
+        done_count = failed = 0
+        started = time.monotonic()
 
         def done(result: RequestResult) -> None:
-            nonlocal failed
+            nonlocal done_count, failed
+            done_count += 1
             failed += not result.ok
             progress.update(task, advance=1, failed=failed)
+            tenth = max(1, len(requests) // 10)
+            if plan.progress and not live and (done_count % tenth == 0 or done_count == len(requests)):
+                console.print(f"{point.label}: {done_count}/{len(requests)} done, {failed} failed, "
+                              f"{time.monotonic() - started:.0f} s")  # fmt: skip
 
         return await run_point(backend, requests, plan.options, plan.max_in_flight(point), done)
 

@@ -88,25 +88,33 @@ class Vocabulary:
 
 @dataclass(frozen=True)
 class SyntheticWorkload:
-    """`num_requests` prompts of `input_len` tokens asking for `output_len` tokens each."""
+    """`num_requests` prompts of `input_len` tokens asking for `output_len` tokens each.
+
+    With `prefix_len`, every prompt starts with one of `prefix_groups` shared prefixes of that
+    many tokens (request i takes prefix i mod groups) before its own `input_len` tokens: the
+    shared-system-prompt workload that prefix caching and prefix-aware routing are for.
+    """
 
     num_requests: int
     input_len: LengthRange
     output_len: LengthRange
     prompt_kind: PromptKind = PromptKind.TOKENS
+    prefix_len: int = 0
+    prefix_groups: int = 1
 
     def build(self, vocab: Vocabulary, seed: int) -> list[BenchRequest]:
         rng = np.random.default_rng(seed)
         inputs = self.input_len.draw(rng, self.num_requests)
         outputs = self.output_len.draw(rng, self.num_requests)
         allowed = vocab.allowed_ids()
+        prefixes = [vocab.random_ids(rng, self.prefix_len, allowed) for _ in range(self.prefix_groups)]
         requests = []
         for i, (n_in, n_out) in enumerate(zip(inputs, outputs, strict=True)):
-            ids = vocab.random_ids(rng, n_in, allowed)
+            ids = prefixes[i % self.prefix_groups] + vocab.random_ids(rng, n_in, allowed)
             prompt: tuple[int, ...] | str = ids
             if self.prompt_kind is PromptKind.TEXT:
-                prompt = text_prompt(vocab, ids, n_in)
-            requests.append(BenchRequest(i, prompt, n_in, n_out))
+                prompt = text_prompt(vocab, ids, len(ids))
+            requests.append(BenchRequest(i, prompt, len(ids), n_out))
         return requests
 
 

@@ -36,7 +36,7 @@ def test_a_concurrency_sweep_answers_every_request(smollm2_mesh: Mesh, tmp_path:
     out, png = tmp_path / "run.json", tmp_path / "run.png"
     done = bench(smollm2_mesh.target, "--concurrency", "1,4", "--requests", "6", "--input-len", "32",
                  "--output-len", "8", "--slo-ttft-ms", "60000", "--slo-tpot-ms", "60000",
-                 "--out", str(out), "--plot", str(png))  # fmt: skip
+                 "--per-request", "--out", str(out), "--plot", str(png))  # fmt: skip
     assert done.returncode == 0, done.stderr
     report = json.loads(out.read_text())
     assert "--concurrency 1,4" in report["command"]
@@ -49,6 +49,9 @@ def test_a_concurrency_sweep_answers_every_request(smollm2_mesh: Mesh, tmp_path:
         assert 0 < run["ttft_ms"]["p50"] <= run["e2e_ms"]["p50"]
         assert run["output_tokens_per_s"] > 0
         assert run["goodput"]["good"] == 6 and run["goodput"]["attainment_pct"] == 100.0
+        limit = run["load"]["value"]
+        spans = [(r["start_s"], r["start_s"] + r["e2e_s"]) for r in run["per_request"]]
+        assert max(sum(1 for s, e in spans if s <= t < e) for t, _ in spans) == limit  # never more in flight
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

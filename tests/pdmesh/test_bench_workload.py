@@ -41,6 +41,16 @@ def test_synthetic_prompts_are_seeded_in_range_and_free_of_special_ids() -> None
     assert ids.isdisjoint(VOCAB.special_ids) and ids <= set(range(1000))
 
 
+def test_shared_prefixes_start_every_prompt_of_their_group() -> None:
+    work = SyntheticWorkload(6, LengthRange(10, 10), LengthRange(4, 4), prefix_len=20, prefix_groups=2)
+    reqs = work.build(VOCAB, seed=5)
+    assert [r.prompt_len for r in reqs] == [30] * 6
+    group0 = {r.prompt[:20] for r in reqs[0::2]}
+    group1 = {r.prompt[:20] for r in reqs[1::2]}
+    assert len(group0) == len(group1) == 1 and group0 != group1
+    assert len({r.prompt[20:] for r in reqs}) == 6  # each request's own tokens differ
+
+
 def test_text_prompts_need_a_tokenizer() -> None:
     with pytest.raises(ValueError, match="--tokenizer"):
         SyntheticWorkload(1, LengthRange(8, 8), LengthRange(4, 4), PromptKind.TEXT).build(VOCAB, seed=0)
