@@ -9,6 +9,10 @@ Cached and free blocks wait together in one LRU queue. Allocation takes from the
 (least recently freed), evicting the hash of a cached block it takes. A request's blocks are
 released tail first, so when memory runs short the ends of old prompts go before their shared
 beginnings. The pool knows blocks, counts and hashes — not requests, tokens or tensors.
+
+It also keeps the changes to its set of cached hashes (KVEvents) for a worker to report to the
+scheduler, which places requests where their prefix is cached. The record is bounded: past
+_MAX_EVENTS_PER_BLOCK events per block untaken it is dropped, and the next take is a snapshot.
 """
 
 from __future__ import annotations
@@ -19,6 +23,18 @@ from dataclasses import dataclass
 
 from engine.errors import OutOfBlocks
 from engine.ids import BlockHash, BlockId
+
+_MAX_EVENTS_PER_BLOCK = 4
+
+
+@dataclass(frozen=True)
+class KVEvents:
+    """Prefix-cache changes since the last take: hashes that became reusable and hashes evicted;
+    or, when `snapshot`, every hash cached now (the reader replaces what it knew)."""
+
+    snapshot: bool = False
+    stored: tuple[BlockHash, ...] = ()
+    removed: tuple[BlockHash, ...] = ()
 
 
 @dataclass(slots=True)
@@ -36,6 +52,9 @@ class BlockPool:
         # Every block with ref_count 0, least recently freed first. Values unused: an ordered set.
         self._queue: OrderedDict[BlockId, None] = OrderedDict((b.block_id, None) for b in self.blocks)
         self._by_hash: dict[BlockHash, BlockId] = {}
+        self._stored: list[BlockHash] = []
+        self._removed: list[BlockHash] = []
+        self._events_lost = True  # the first take is a snapshot
 
     @property
     def num_blocks(self) -> int:
@@ -68,6 +87,7 @@ class BlockPool:
             block = self.blocks[block_id]
             if block.hash is not None:
                 del self._by_hash[block.hash]
+                self._record(self._removed, block.hash)
                 block.hash = None
             block.ref_count = 1
             taken.append(block_id)
@@ -102,6 +122,7 @@ class BlockPool:
             return
         block.hash = block_hash
         self._by_hash[block_hash] = block_id
+        self._record(self._stored, block_hash)
 
     def reset_cache(self) -> int:
         """Forget every cached hash of unheld blocks; returns how many were dropped."""
@@ -110,6 +131,23 @@ class BlockPool:
             block = self.blocks[block_id]
             if block.hash is not None:
                 del self._by_hash[block.hash]
+                self._record(self._removed, block.hash)
                 block.hash = None
                 dropped += 1
         return dropped
+
+    def take_events(self, snapshot: bool = False) -> KVEvents:
+        """The changes since the last take, or a snapshot when asked for or when changes were lost."""
+        if snapshot or self._events_lost:
+            events = KVEvents(snapshot=True, stored=tuple(self._by_hash))
+        else:
+            events = KVEvents(stored=tuple(self._stored), removed=tuple(self._removed))
+        self._stored, self._removed, self._events_lost = [], [], False
+        return events
+
+    def _record(self, events: list[BlockHash], block_hash: BlockHash) -> None:
+        if self._events_lost:
+            return  # a snapshot comes next anyway
+        events.append(block_hash)
+        if len(self._stored) + len(self._removed) > _MAX_EVENTS_PER_BLOCK * len(self.blocks):
+            self._stored, self._removed, self._events_lost = [], [], True

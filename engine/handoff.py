@@ -21,9 +21,10 @@ The engine knows nothing of tickets, peers or UCX: kvtransfer implements these p
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-import torch
+if TYPE_CHECKING:  # annotations only: engine.request (and the client library through it) stays torch-free
+    import torch
 
 
 class KVExportSink(Protocol):

@@ -177,6 +177,9 @@ class KVReceiver:
         self._stream = torch.cuda.Stream(kv_caches[0].device) if kv_caches[0].is_cuda else None
 
     # ---- any thread but the loop's
+    def __len__(self) -> int:
+        return len(self._incoming)
+
     def expect(
         self,
         ticket_id: str,

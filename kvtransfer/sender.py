@@ -163,6 +163,9 @@ class KVSender:
         self._waiter = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kvtransfer-pack-wait")
 
     # ---- any thread
+    def __len__(self) -> int:
+        return len(self._outgoing)
+
     def open(self, ticket: Ticket) -> KVPush:
         push = KVPush(self, ticket, self.layout)
         self._loop.call_soon_threadsafe(self._register, push)

@@ -113,6 +113,12 @@ class KVTransport:
         return f"{self.config.host}:{self._port}"
 
     @property
+    def num_in_flight(self) -> int:
+        """Tickets being pushed or received now (read from any thread: a snapshot, not a lock)."""
+        sending = len(self._sender) if self._sender is not None else 0
+        return sending + (len(self._receiver) if self._receiver is not None else 0)
+
+    @property
     def sender(self) -> KVSender:
         if self._sender is None:
             raise RuntimeError("the transport is not running: call start() first")

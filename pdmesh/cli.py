@@ -45,11 +45,12 @@ def _serve(args: argparse.Namespace) -> int:
     if args.model is not None:
         overrides["model"] = args.model
     if args.role == "scheduler":
-        from pdmesh.config import SchedulerConfig
+        from pdmesh.config import ChannelConfig, PolicyName, SchedulerConfig
         from services.scheduler.server import serve_scheduler
 
         if args.policy is not None:
-            overrides["policy"] = args.policy
+            overrides["policy"] = PolicyName(args.policy)
+        overrides["channel"] = from_env(ChannelConfig, "channel")
         asyncio.run(serve_scheduler(from_env(SchedulerConfig, "scheduler", **overrides)))
         return 0
     from services.worker.config import Role, WorkerConfig
@@ -108,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=None)
     serve.add_argument("--host", default=None, help="the interface to listen on (default 0.0.0.0)")
     serve.add_argument("--model", default=None)
-    serve.add_argument("--policy", default=None, help="scheduler: round_robin or least_loaded")
+    serve.add_argument("--policy", default=None, choices=["least_loaded", "round_robin"], help="scheduler's placement")
     serve.add_argument("--scheduler", default=None, help="workers: the scheduler's host:port")
     serve.add_argument("--advertise-host", default=None, help="workers: the host others reach this worker at")
     serve.add_argument("--worker-id", default=None)

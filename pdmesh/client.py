@@ -13,44 +13,16 @@ nowhere else. Errors arrive as grpc.RpcError with the status code and a message 
 from __future__ import annotations
 
 import dataclasses
-import enum
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 from engine.sampling_params import SamplingParams
 from pdmesh.channel import channel, sync_channel
 from pdmesh.config import ChannelConfig
-from pdmesh.sampling import sampling_to_pb
+from pdmesh.convert import enum_from_pb, enum_to_pb, sampling_to_pb
+from pdmesh.enums import ExecutionPlan, FinishReason, Priority, WorkerHealth, WorkerRole  # re-exported: the client API
 from pdmesh.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc, worker_pb2
-
-
-class FinishReason(enum.Enum):
-    STOP = "stop"  # EOS, a stop token or a stop string
-    LENGTH = "length"  # max_tokens, or the model's context is full
-    ABORT = "abort"  # the server ended the request
-
-
-class Priority(enum.Enum):
-    LOW = "low"
-    NORMAL = "normal"
-    HIGH = "high"
-
-
-class WorkerRole(enum.Enum):
-    PREFILL = "prefill"
-    DECODE = "decode"
-
-
-class WorkerHealth(enum.Enum):
-    SERVING = "serving"
-    DRAINING = "draining"
-    STALE = "stale"
-
-
-class ExecutionPlan(enum.Enum):
-    DISAGGREGATED = "disaggregated"
-    LOCAL_PREFILL = "local_prefill"
 
 
 @dataclass(frozen=True)
@@ -210,24 +182,11 @@ def generate_request(
         prompt=prompt_to_pb(prompt),
         sampling=sampling_to_pb(sampling),
         slo=common_pb2.Slo(ttft_ms=ttft_ms or 0.0, tpot_ms=tpot_ms or 0.0),
-        priority=common_pb2.Priority.Value(f"PRIORITY_{priority.name}"),
+        priority=enum_to_pb(priority, common_pb2.Priority),  # type: ignore[arg-type]
     )
 
 
 # ---- from protobuf --------------------------------------------------------------------------
-
-E = TypeVar("E", bound=enum.Enum)
-
-
-def _enum(cls: type[E], pb_enum: Any, value: int) -> E | None:
-    """The member of `cls` named like the protobuf enum value without its prefix; None for
-    UNSPECIFIED or a value this client does not know (a newer server)."""
-    prefix = pb_enum.Name(0).removesuffix("UNSPECIFIED")
-    try:
-        return cls(pb_enum.Name(value).removeprefix(prefix).lower()) if value else None
-    except ValueError:
-        return None
-
 
 def _fields(cls: type, message: Any) -> dict[str, Any]:
     return {f.name: getattr(message, f.name) for f in dataclasses.fields(cls)}
@@ -242,10 +201,10 @@ def chunk_from_pb(response: scheduler_pb2.GenerateResponse) -> Chunk:
         token_ids=tuple(chunk.token_ids),
         text=chunk.text,
         logprobs=tuple(chunk.logprobs),
-        finish_reason=_enum(FinishReason, common_pb2.FinishReason, chunk.finish.reason) if last else None,
+        finish_reason=enum_from_pb(FinishReason, common_pb2.FinishReason, chunk.finish.reason) if last else None,
         usage=Usage(**_fields(Usage, response.usage)) if response.HasField("usage") else None,
         placement=Placement(
-            plan=_enum(ExecutionPlan, scheduler_pb2.ExecutionPlan, placement.plan),
+            plan=enum_from_pb(ExecutionPlan, scheduler_pb2.ExecutionPlan, placement.plan),
             prefill_worker_id=placement.prefill_worker_id,
             decode_worker_id=placement.decode_worker_id,
             num_decode_failovers=placement.num_decode_failovers,
@@ -264,10 +223,10 @@ def cluster_state_from_pb(response: scheduler_pb2.GetClusterStateResponse) -> Cl
         load = w.load
         return WorkerState(
             worker_id=w.info.worker_id,
-            role=_enum(WorkerRole, worker_pb2.WorkerRole, w.info.role),
+            role=enum_from_pb(WorkerRole, worker_pb2.WorkerRole, w.info.role),
             address=w.info.address,
             model=w.info.model,
-            health=_enum(WorkerHealth, worker_pb2.WorkerHealth, w.health),
+            health=enum_from_pb(WorkerHealth, worker_pb2.WorkerHealth, w.health),
             num_kv_blocks_free=load.num_kv_blocks_free,
             num_kv_blocks_total=load.num_kv_blocks_total,
             num_running_requests=load.num_running_requests,

@@ -204,13 +204,21 @@ def _describe(tp: Any) -> str:
     return {int: "an integer", float: "a number"}.get(tp, f"a {getattr(tp, '__name__', tp)}")
 
 
+class PolicyName(enum.Enum):
+    """The scheduler's placement policies (services/scheduler/policy.py)."""
+
+    LEAST_LOADED = "least_loaded"
+    ROUND_ROBIN = "round_robin"
+
+
 @dataclass(frozen=True)
 class SchedulerConfig:
     """The scheduler service. Loaded from PDMESH_SCHEDULER_*."""
 
     server: ServerConfig = dataclasses.field(default_factory=ServerConfig)
+    channel: ChannelConfig = dataclasses.field(default_factory=ChannelConfig)  # its calls to workers
     model: str = "smollm2"  # the served model: its tokenizer, and the name clients may ask for
-    policy: str = "least_loaded"  # least_loaded | round_robin
+    policy: PolicyName = PolicyName.LEAST_LOADED
     # A prompt with at most this many uncached tokens is prefilled on its decode worker: a hand-off
     # costs more than computing a few tokens where they will be decoded.
     local_prefill_max_tokens: int = 32
@@ -223,6 +231,4 @@ class SchedulerConfig:
     queue_timeout_ms: int = 30_000
 
     def __post_init__(self) -> None:
-        if self.policy not in ("least_loaded", "round_robin"):
-            raise ConfigError("policy", f"is {self.policy!r}; use least_loaded or round_robin")
         _check_positive(self, "lease_ms", "report_interval_ms", "stale_after_ms", "max_attempts", "queue_timeout_ms")

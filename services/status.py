@@ -44,6 +44,10 @@ class ModelNotFound(ServiceError):
     """No served model has this name. NOT_FOUND."""
 
 
+class DeadlineExceeded(ServiceError):
+    """The caller's deadline passed while a downstream worker was busy with it. DEADLINE_EXCEEDED."""
+
+
 _BY_TYPE: dict[type[BaseException], grpc.StatusCode] = {
     InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
     OutOfBlocks: grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -54,6 +58,7 @@ _BY_TYPE: dict[type[BaseException], grpc.StatusCode] = {
     NoCapacity: grpc.StatusCode.RESOURCE_EXHAUSTED,
     NoLiveWorker: grpc.StatusCode.UNAVAILABLE,
     ModelNotFound: grpc.StatusCode.NOT_FOUND,
+    DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
 }
 
 # Errors of packages that the servers must not import just to map them (kvtransfer pulls in

@@ -1,19 +1,26 @@
-"""Protobuf <-> the scheduler's own types: the one module that reads GenerateRequest fields.
+"""Protobuf <-> the scheduler's own types, for the clients' side: the one module that reads
+GenerateRequest and writes GenerateResponse, ListModels and GetClusterState answers.
 
 Validation happens here, at the door, with the engine's own rules (SamplingParams.validate) so a
-request the scheduler accepts is one every worker accepts.
+request the scheduler accepts is one every worker accepts. The workers' messages are converted in
+convert_workers.py.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import uuid
-from dataclasses import dataclass
+from collections.abc import Iterable
 
 from engine.errors import InvalidRequest
 from engine.tokenizer import Tokenizer
-from pdmesh.sampling import sampling_from_pb
-from pdmesh.v1 import common_pb2, scheduler_pb2
+from pdmesh.convert import enum_from_pb, enum_to_pb, sampling_from_pb
+from pdmesh.enums import Priority, WorkerHealth
+from pdmesh.v1 import common_pb2, scheduler_pb2, worker_pb2
+from services.scheduler.convert_workers import load_to_pb, worker_info_to_pb
+from services.scheduler.registry import Worker
+from services.scheduler.request import PlacementReport, Response, SchedulerRequest, Slo, TokenChunk, Usage
 
 _ROLES: dict[int, str] = {
     common_pb2.CHAT_ROLE_SYSTEM: "system",
@@ -24,31 +31,19 @@ _ROLES: dict[int, str] = {
 _seeds = random.SystemRandom()
 
 
-@dataclass(frozen=True)
-class ParsedRequest:
-    request_id: str
-    prompt_token_ids: list[int]
-    sampling: common_pb2.SamplingParams  # what workers get: the seed is always set
-    max_tokens: int
-    slo: common_pb2.Slo
-
-
-def parse_generate(request: scheduler_pb2.GenerateRequest, tokenizer: Tokenizer) -> ParsedRequest:
+def request_from_pb(request: scheduler_pb2.GenerateRequest, tokenizer: Tokenizer) -> SchedulerRequest:
     prompt = prompt_ids(request.prompt, tokenizer)
-    params = sampling_from_pb(request.sampling)
-    params.validate(tokenizer.vocab_size)
-    sampling = common_pb2.SamplingParams()
-    sampling.CopyFrom(request.sampling)
-    sampling.max_tokens = params.max_tokens
-    if not sampling.HasField("seed"):
+    sampling = sampling_from_pb(request.sampling)
+    sampling.validate(tokenizer.vocab_size)
+    if sampling.seed is None:
         # Drawn here so that any worker continuing this request draws the same tokens.
-        sampling.seed = _seeds.getrandbits(63)
-    return ParsedRequest(
+        sampling = dataclasses.replace(sampling, seed=_seeds.getrandbits(63))
+    return SchedulerRequest(
         request_id=request.request_id or uuid.uuid4().hex,
-        prompt_token_ids=prompt,
+        prompt_token_ids=tuple(prompt),
         sampling=sampling,
-        max_tokens=params.max_tokens,
-        slo=request.slo,
+        slo=Slo(ttft_ms=request.slo.ttft_ms, tpot_ms=request.slo.tpot_ms),
+        priority=enum_from_pb(Priority, common_pb2.Priority, request.priority) or Priority.NORMAL,
     )
 
 
@@ -80,3 +75,62 @@ def _role(role: int, index: int) -> str:
     if role not in _ROLES:
         raise InvalidRequest(f"prompt.chat.messages[{index}].role", "is unset", "use system, user, assistant or tool")
     return _ROLES[role]
+
+
+def response_to_pb(response: Response) -> scheduler_pb2.GenerateResponse:
+    pb = scheduler_pb2.GenerateResponse(request_id=response.request_id, chunk=chunk_to_pb(response.chunk))
+    if response.usage is not None:
+        pb.usage.CopyFrom(usage_to_pb(response.usage))
+    if response.placement is not None:
+        pb.placement.CopyFrom(placement_to_pb(response.placement))
+    return pb
+
+
+def chunk_to_pb(chunk: TokenChunk) -> common_pb2.TokenChunk:
+    pb = common_pb2.TokenChunk(token_ids=chunk.token_ids, logprobs=chunk.logprobs, text=chunk.text)
+    finish = chunk.finish
+    if finish is not None:
+        pb.finish.reason = enum_to_pb(finish.reason, common_pb2.FinishReason)  # type: ignore[assignment]
+        if finish.stop_token_id is not None:
+            pb.finish.stop_token_id = finish.stop_token_id
+        elif finish.stop_string is not None:
+            pb.finish.stop_string = finish.stop_string
+    return pb
+
+
+def usage_to_pb(usage: Usage) -> common_pb2.Usage:
+    return common_pb2.Usage(**dataclasses.asdict(usage))
+
+
+def placement_to_pb(placement: PlacementReport) -> scheduler_pb2.Placement:
+    plan = enum_to_pb(placement.plan, scheduler_pb2.ExecutionPlan) if placement.plan is not None else 0
+    return scheduler_pb2.Placement(
+        plan=plan,  # type: ignore[arg-type]
+        prefill_worker_id=placement.prefill_worker_id,
+        decode_worker_id=placement.decode_worker_id,
+        num_decode_failovers=placement.num_decode_failovers,
+    )
+
+
+def model_info_to_pb(
+    name: str, workers: Iterable[Worker], max_model_len: int | None, num_prefill: int, num_decode: int
+) -> scheduler_pb2.ModelInfo:
+    fingerprint = next((w.info.kv_layout.model_fingerprint for w in workers), "")
+    return scheduler_pb2.ModelInfo(
+        name=name, model_fingerprint=fingerprint, max_model_len_tokens=max_model_len or 0,
+        num_prefill_workers=num_prefill, num_decode_workers=num_decode,
+    )  # fmt: skip
+
+
+def worker_state_to_pb(worker: Worker, health: WorkerHealth) -> scheduler_pb2.WorkerState:
+    last_report_unix_ms = worker.load.time_unix_ms if worker.load is not None else 0
+    state = scheduler_pb2.WorkerState(
+        info=worker_info_to_pb(worker.info),
+        health=enum_to_pb(health, worker_pb2.WorkerHealth),  # type: ignore[arg-type]
+        last_report_unix_ms=last_report_unix_ms,
+        num_assigned_requests=worker.assigned,
+    )
+    if worker.load is not None:
+        state.load.CopyFrom(load_to_pb(worker.load))
+    return state
+

@@ -1,11 +1,11 @@
 """Placement policies: which workers run a request, and whether its prefill is handed off.
 
-Contract (every policy): given the request's shape and the live workers, return a Plan naming a
-decode worker and either a prefill worker (disaggregated) or none (the decode worker prefills
-itself). A policy never blocks and never calls a worker; it reads the registry's last reports.
-The rule shared by all: prefill on the decode worker when the uncached prompt is short (a
-hand-off costs more than computing a few tokens where they will be decoded) or when no prefill
-worker is live.
+Contract (every policy): given the request's shape and the live workers, return a Placement
+naming a decode worker and either a prefill worker (ExecutionPlan.DISAGGREGATED) or none (the
+decode worker prefills itself, LOCAL_PREFILL). A policy never blocks and never calls a worker; it
+reads the registry's last reports. The rule shared by all: prefill on the decode worker when the
+prompt tokens it does not hold cached are few (a hand-off costs more than computing a few tokens
+where they will be decoded) or when no prefill worker is live.
 """
 
 from __future__ import annotations
@@ -15,52 +15,69 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from services.scheduler.registry import Worker
+from pdmesh.config import PolicyName
+from pdmesh.enums import ExecutionPlan, WorkerRole
+from services.scheduler.prefix import PromptBlocks
+from services.scheduler.registry import Registry, Worker
+from services.scheduler.request import SchedulerRequest
+from services.status import NoLiveWorker
 
 
 @dataclass(frozen=True)
 class RequestShape:
-    prompt_tokens: int
-    cached_tokens: int  # the policy's estimate of the prompt prefix already cached on a worker
+    """What a policy may know of a request."""
+
+    prompt: PromptBlocks
     max_tokens: int
     ttft_ms: float  # 0: no target
     tpot_ms: float
 
+    @classmethod
+    def of(cls, request: SchedulerRequest) -> RequestShape:
+        return cls(
+            PromptBlocks(request.prompt_token_ids), request.sampling.max_tokens, request.slo.ttft_ms,
+            request.slo.tpot_ms,
+        )  # fmt: skip
+
     @property
-    def uncached_tokens(self) -> int:
-        return self.prompt_tokens - self.cached_tokens
+    def prompt_tokens(self) -> int:
+        return len(self.prompt.token_ids)
+
+    def uncached_tokens(self, worker: Worker) -> int:
+        """Prompt tokens the worker would compute: those it does not hold cached."""
+        return self.prompt_tokens - self.prompt.cached_tokens(worker)
 
 
 @dataclass(frozen=True)
-class Plan:
+class Placement:
     decode: Worker
     prefill: Worker | None  # None: the decode worker prefills itself
 
     @property
-    def local(self) -> bool:
-        return self.prefill is None
+    def plan(self) -> ExecutionPlan:
+        return ExecutionPlan.LOCAL_PREFILL if self.prefill is None else ExecutionPlan.DISAGGREGATED
 
 
 class Policy(Protocol):
-    name: str
+    name: PolicyName
 
-    def place(self, shape: RequestShape, prefill: Sequence[Worker], decode: Sequence[Worker]) -> Plan:
-        """A plan over the given (non-empty `decode`) live workers."""
+    def place(self, shape: RequestShape, prefill: Sequence[Worker], decode: Sequence[Worker]) -> Placement:
+        """A placement over the given (non-empty `decode`) live workers."""
         ...
 
 
 class _Base:
-    name = "base"
+    name: PolicyName
 
     def __init__(self, local_prefill_max_tokens: int) -> None:
         self.local_prefill_max_tokens = local_prefill_max_tokens
 
-    def place(self, shape: RequestShape, prefill: Sequence[Worker], decode: Sequence[Worker]) -> Plan:
+    def place(self, shape: RequestShape, prefill: Sequence[Worker], decode: Sequence[Worker]) -> Placement:
         assert decode, "the caller checks that a decode worker is live"
         decode_worker = self.pick_decode(decode)
-        if not prefill or shape.uncached_tokens <= self.local_prefill_max_tokens:
-            return Plan(decode_worker, None)
-        return Plan(decode_worker, self.pick_prefill(prefill))
+        if not prefill or shape.uncached_tokens(decode_worker) <= self.local_prefill_max_tokens:
+            return Placement(decode_worker, None)
+        return Placement(decode_worker, self.pick_prefill(prefill))
 
     def pick_decode(self, workers: Sequence[Worker]) -> Worker:
         raise NotImplementedError
@@ -72,7 +89,7 @@ class _Base:
 class RoundRobin(_Base):
     """Each role's workers in turn, in registration order."""
 
-    name = "round_robin"
+    name = PolicyName.ROUND_ROBIN
 
     def __init__(self, local_prefill_max_tokens: int) -> None:
         super().__init__(local_prefill_max_tokens)
@@ -90,20 +107,38 @@ class LeastLoaded(_Base):
     """Decode: the most free KV blocks, then the fewest requests (running, waiting and assigned
     here since the last report). Prefill: the least queued work."""
 
-    name = "least_loaded"
+    name = PolicyName.LEAST_LOADED
 
     def pick_decode(self, workers: Sequence[Worker]) -> Worker:
-        def score(w: Worker) -> tuple[float, int]:
-            total = max(1, w.load.num_kv_blocks_total)
-            busy = w.load.num_running_requests + w.load.num_waiting_requests
-            return (-w.load.num_kv_blocks_free / total, max(busy, w.assigned))
-
-        return min(workers, key=score)
+        return min(workers, key=lambda w: (-w.free_fraction, w.busy))
 
     def pick_prefill(self, workers: Sequence[Worker]) -> Worker:
-        return min(workers, key=lambda w: (max(w.load.num_waiting_requests + w.load.num_running_requests, w.assigned)))
+        return min(workers, key=lambda w: w.busy)
 
 
-def make_policy(name: str, local_prefill_max_tokens: int) -> Policy:
-    policies: dict[str, type[_Base]] = {"round_robin": RoundRobin, "least_loaded": LeastLoaded}
+def make_policy(name: PolicyName, local_prefill_max_tokens: int) -> Policy:
+    policies: dict[PolicyName, type[_Base]] = {PolicyName.ROUND_ROBIN: RoundRobin, PolicyName.LEAST_LOADED: LeastLoaded}
     return policies[name](local_prefill_max_tokens)
+
+
+def place(policy: Policy, registry: Registry, shape: RequestShape, exclude: Sequence[Worker] = ()) -> Placement:
+    """The policy's placement over the live workers but `exclude`; a prefill worker pairs only
+    with a decode worker of the same KV layout."""
+    decode = registry.live(WorkerRole.DECODE, exclude)
+    if not decode:
+        raise NoLiveWorker("decode workers", "none is serving", "start a decode worker or wait for one")
+    prefill = registry.live(WorkerRole.PREFILL, exclude)
+    placement = policy.place(shape, prefill, decode)
+    if placement.prefill is None:
+        return placement
+    same = [w for w in prefill if w.info.kv_layout == placement.decode.info.kv_layout]
+    return Placement(placement.decode, placement.prefill if placement.prefill in same else (same[0] if same else None))
+
+
+def replace_decode(policy: Policy, registry: Registry, shape: RequestShape, failed: Worker) -> Worker:
+    """Another decode worker for a request whose decode worker failed mid-stream."""
+    others = registry.live(WorkerRole.DECODE, exclude=(failed,))
+    if not others:
+        raise NoLiveWorker("decode workers", "the request's decode worker failed and no other is serving",
+                           "start another decode worker")  # fmt: skip
+    return policy.place(shape, [], others).decode

@@ -1,105 +1,150 @@
 """Which workers exist, what they last reported, and whether they may be placed on.
 
 A worker registers when it starts and reports its load periodically; one whose reports stop for
-`stale_after_ms`, or that a call found dead, is stale and takes no new requests until it reports
-again. Re-registering under the same id replaces the old entry (a restarted worker).
+`stale_after_s`, or that a call found dead, is stale and takes no new requests until it reports
+again; one that reports DRAINING takes none until it reports SERVING. Re-registering under the
+same id replaces the old entry (a restarted worker). Each worker's reports also carry its prefix
+cache's changes (KVEvents), from which the registry keeps the set of block hashes it holds; a gap
+in the reports' sequence numbers asks the worker for a snapshot.
+
+The channel to each worker is built here, from the scheduler's ChannelConfig (TLS and limits).
 """
 
 from __future__ import annotations
 
-import enum
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import grpc
 
+from engine.block_pool import KVEvents
+from engine.ids import BlockHash
+from engine.kv_layout import KVLayout
 from pdmesh.channel import channel
-from pdmesh.v1 import decode_pb2_grpc, prefill_pb2_grpc, worker_pb2
+from pdmesh.config import ChannelConfig
+from pdmesh.enums import WorkerHealth, WorkerRole
 
 
-class Role(enum.Enum):
-    PREFILL = worker_pb2.WORKER_ROLE_PREFILL
-    DECODE = worker_pb2.WORKER_ROLE_DECODE
+@dataclass(frozen=True)
+class Capacity:
+    num_kv_blocks_total: int = 0
+    max_num_running_requests: int = 0
+    max_num_batched_tokens: int = 0
+    max_model_len_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    """What a worker registers with; fixed while it runs."""
+
+    worker_id: str
+    role: WorkerRole | None
+    address: str
+    kv_transfer_address: str
+    model: str
+    kv_layout: KVLayout
+    capacity: Capacity
+    device: str = ""
+    version: str = ""
+
+    @property
+    def kv_capacity_tokens(self) -> int:
+        return self.capacity.num_kv_blocks_total * self.kv_layout.block_size
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    """One periodic report of a worker."""
+
+    worker_id: str
+    report_seq: int = 0
+    time_unix_ms: int = 0
+    health: WorkerHealth | None = None
+    num_kv_blocks_free: int = 0
+    num_kv_blocks_total: int = 0
+    num_running_requests: int = 0
+    num_waiting_requests: int = 0
+    num_kv_reservations: int = 0
+    num_kv_transfers_in_flight: int = 0
+    kv_events: KVEvents = KVEvents()
 
 
 @dataclass(eq=False)
 class Worker:
-    info: worker_pb2.WorkerInfo
+    info: WorkerInfo
+    channel: grpc.aio.Channel
     registered_at: float = field(default_factory=time.monotonic)
     last_seen: float = field(default_factory=time.monotonic)
-    load: worker_pb2.ReportLoadRequest = field(default_factory=worker_pb2.ReportLoadRequest)
-    last_report_unix_ms: int = 0
+    load: LoadReport | None = None
     draining: bool = False
     dead: bool = False  # a call found it unreachable; cleared by its next report
     assigned: int = 0  # requests this scheduler has on it now
-    _channel: grpc.aio.Channel | None = None
+    cached: set[BlockHash] = field(default_factory=set)  # block hashes in its prefix cache
 
     @property
     def worker_id(self) -> str:
         return self.info.worker_id
 
     @property
-    def role(self) -> Role:
-        return Role(self.info.role)
+    def role(self) -> WorkerRole | None:
+        return self.info.role
 
     @property
-    def channel(self) -> grpc.aio.Channel:
-        if self._channel is None:
-            self._channel = channel(self.info.address)
-        return self._channel
+    def busy(self) -> int:
+        """Requests on it: its last report's running and waiting, or what this scheduler placed since."""
+        reported = self.load.num_running_requests + self.load.num_waiting_requests if self.load else 0
+        return max(reported, self.assigned)
 
-    def decode_stub(self) -> decode_pb2_grpc.DecodeStub:
-        return decode_pb2_grpc.DecodeStub(self.channel)
-
-    def prefill_stub(self) -> prefill_pb2_grpc.PrefillStub:
-        return prefill_pb2_grpc.PrefillStub(self.channel)
-
-    async def close(self) -> None:
-        if self._channel is not None:
-            await self._channel.close()
-            self._channel = None
+    @property
+    def free_fraction(self) -> float:
+        """Its KV pool's free share at the last report (0 before any)."""
+        if self.load is None:
+            return 0.0
+        return self.load.num_kv_blocks_free / max(1, self.load.num_kv_blocks_total)
 
 
 class Registry:
-    def __init__(self, stale_after_s: float) -> None:
+    def __init__(self, stale_after_s: float, channel_config: ChannelConfig) -> None:
         self.stale_after_s = stale_after_s
+        self.channel_config = channel_config
         self.workers: dict[str, Worker] = {}
 
-    async def register(self, info: worker_pb2.WorkerInfo) -> Worker:
+    async def register(self, info: WorkerInfo) -> Worker:
         """A new or restarted worker. At the same address the old channel is kept: a worker
         re-registers after any lost report, and its streams in flight must not be cut."""
         old = self.workers.pop(info.worker_id, None)
-        worker = Worker(info)
-        if old is not None:
-            if old.info.address == info.address:
-                worker._channel, worker.assigned = old._channel, old.assigned
-            else:
-                await old.close()
+        if old is not None and old.info.address == info.address:
+            worker = Worker(info, old.channel, assigned=old.assigned)
+        else:
+            if old is not None:
+                await old.channel.close()
+            worker = Worker(info, channel(info.address, self.channel_config))
         self.workers[info.worker_id] = worker
         return worker
 
-    def report(self, load: worker_pb2.ReportLoadRequest) -> bool:
-        """Record a load report; False when the worker is unknown (it must register again)."""
+    def report(self, load: LoadReport) -> tuple[bool, bool]:
+        """Record a report: (known, snapshot_wanted). Unknown: it must register again. A snapshot
+        is wanted when reports went missing, so the cached hashes may be wrong."""
         worker = self.workers.get(load.worker_id)
         if worker is None:
-            return False
+            return False, False
+        missed = worker.load is not None and load.report_seq != worker.load.report_seq + 1
         worker.load = load
         worker.last_seen = time.monotonic()
-        worker.last_report_unix_ms = load.time_unix_ms
-        worker.draining = load.health == worker_pb2.WORKER_HEALTH_DRAINING
+        worker.draining = load.health is WorkerHealth.DRAINING
         worker.dead = False
-        return True
+        return True, not _apply(worker.cached, load.kv_events, missed)
 
     def is_stale(self, worker: Worker) -> bool:
         return worker.dead or time.monotonic() - worker.last_seen > self.stale_after_s
 
-    def health(self, worker: Worker) -> int:
+    def health(self, worker: Worker) -> WorkerHealth:
         if self.is_stale(worker):
-            return worker_pb2.WORKER_HEALTH_STALE
-        return worker_pb2.WORKER_HEALTH_DRAINING if worker.draining else worker_pb2.WORKER_HEALTH_SERVING
+            return WorkerHealth.STALE
+        return WorkerHealth.DRAINING if worker.draining else WorkerHealth.SERVING
 
-    def live(self, role: Role, exclude: Iterable[Worker] = ()) -> list[Worker]:
+    def live(self, role: WorkerRole, exclude: Iterable[Worker] = ()) -> list[Worker]:
         """Workers of `role` that may take a new request now."""
         skip = set(map(id, exclude))
         return [
@@ -117,4 +162,17 @@ class Registry:
 
     async def close(self) -> None:
         for worker in self.workers.values():
-            await worker.close()
+            await worker.channel.close()
+
+
+def _apply(cached: set[BlockHash], events: KVEvents, missed: bool) -> bool:
+    """Apply a report's cache changes; False when they cannot be trusted (a report went missing)."""
+    if events.snapshot:
+        cached.clear()
+        cached.update(events.stored)
+        return True
+    if missed:
+        return False
+    cached.difference_update(events.removed)
+    cached.update(events.stored)
+    return True

@@ -17,7 +17,7 @@ log = structlog.get_logger(__name__)
 
 async def serve_scheduler(config: SchedulerConfig) -> None:
     tokenizer = Tokenizer.from_model(config.model)
-    registry = Registry(stale_after_s=config.stale_after_ms / 1000)
+    registry = Registry(config.stale_after_ms / 1000, config.channel)
     policy = make_policy(config.policy, config.local_prefill_max_tokens)
     bindings = [
         ServicerBinding(
@@ -31,5 +31,5 @@ async def serve_scheduler(config: SchedulerConfig) -> None:
             worker_pb2.DESCRIPTOR.services_by_name["Registry"],
         ),
     ]
-    log.info("scheduler starting", model=config.model, policy=config.policy)
+    log.info("scheduler starting", model=config.model, policy=config.policy.value)
     await serve(bindings, config.server, on_shutdown=registry.close)

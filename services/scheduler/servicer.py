@@ -10,11 +10,14 @@ import grpc
 from engine.sampling_params import check_context
 from engine.tokenizer import Tokenizer
 from pdmesh.config import SchedulerConfig
+from pdmesh.enums import WorkerRole
 from pdmesh.v1 import scheduler_pb2, scheduler_pb2_grpc, worker_pb2, worker_pb2_grpc
-from services.scheduler.convert import parse_generate
-from services.scheduler.handoff import RequestFlow
+from services.scheduler import convert
+from services.scheduler.convert_workers import load_from_pb, worker_info_from_pb
+from services.scheduler.flow import FlowSettings, RequestFlow
 from services.scheduler.policy import Policy
-from services.scheduler.registry import Registry, Role
+from services.scheduler.registry import Registry
+from services.scheduler.request import Deadline, SchedulerRequest
 from services.status import ModelNotFound, NoCapacity
 
 
@@ -24,7 +27,8 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         self.tokenizer = tokenizer
         self.registry = registry
         self.policy = policy
-        self.running = 0
+        self.settings = FlowSettings(config.lease_ms, config.max_attempts, config.queue_timeout_ms / 1000)
+        self.flows: set[RequestFlow] = set()
 
     async def Generate(  # noqa: N802 (gRPC method name)
         self, request: scheduler_pb2.GenerateRequest, context: grpc.aio.ServicerContext
@@ -33,62 +37,50 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             raise ModelNotFound(
                 "model", f"{request.model!r} is not served here", f"use {self.config.model!r} or leave it empty"
             )
-        parsed = parse_generate(request, self.tokenizer)
-        if self.registry.max_model_len is not None:
-            check_context(len(parsed.prompt_token_ids), parsed.max_tokens, self.registry.max_model_len)
-        check_fits(len(parsed.prompt_token_ids) + parsed.max_tokens, self.registry)
-        flow = RequestFlow(
-            parsed, self.registry, self.policy, self.config.lease_ms, self.config.max_attempts,
-            context.time_remaining(), self.config.queue_timeout_ms / 1000,
-        )  # fmt: skip
-        self.running += 1
+        accepted = convert.request_from_pb(request, self.tokenizer)
+        self._check_fits(accepted)
+        deadline = Deadline.after(context.time_remaining())
+        flow = RequestFlow(accepted, self.registry, self.policy, self.settings, deadline)
+        self.flows.add(flow)
         try:
             async for response in flow.run():
-                yield response
+                yield convert.response_to_pb(response)
         finally:
-            self.running -= 1
+            self.flows.discard(flow)
 
     async def ListModels(  # noqa: N802
         self, request: scheduler_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> scheduler_pb2.ListModelsResponse:
-        workers = list(self.registry.workers.values())
-        info = scheduler_pb2.ModelInfo(
-            name=self.config.model,
-            model_fingerprint=workers[0].info.kv_layout.model_fingerprint if workers else "",
-            max_model_len_tokens=self.registry.max_model_len or 0,
-            num_prefill_workers=len(self.registry.live(Role.PREFILL)),
-            num_decode_workers=len(self.registry.live(Role.DECODE)),
-        )
+        registry = self.registry
+        info = convert.model_info_to_pb(
+            self.config.model, registry.workers.values(), registry.max_model_len,
+            len(registry.live(WorkerRole.PREFILL)), len(registry.live(WorkerRole.DECODE)),
+        )  # fmt: skip
         return scheduler_pb2.ListModelsResponse(models=[info])
 
     async def GetClusterState(  # noqa: N802
         self, request: scheduler_pb2.GetClusterStateRequest, context: grpc.aio.ServicerContext
     ) -> scheduler_pb2.GetClusterStateResponse:
-        states = [
-            scheduler_pb2.WorkerState(
-                info=w.info, health=self.registry.health(w), load=w.load,  # type: ignore[arg-type]
-                last_report_unix_ms=w.last_report_unix_ms, num_assigned_requests=w.assigned,
-            )
-            for w in sorted(self.registry.workers.values(), key=lambda w: w.worker_id)
-        ]  # fmt: skip
+        workers = sorted(self.registry.workers.values(), key=lambda w: w.worker_id)
+        queued = sum(f.waiting for f in self.flows)
         return scheduler_pb2.GetClusterStateResponse(
-            time_unix_ms=int(time.time() * 1000), policy=self.policy.name,
-            num_running_requests=self.running, workers=states,
+            time_unix_ms=int(time.time() * 1000), policy=self.policy.name.value,
+            num_queued_requests=queued, num_running_requests=len(self.flows) - queued,
+            workers=[convert.worker_state_to_pb(w, self.registry.health(w)) for w in workers],
         )  # fmt: skip
 
-
-def check_fits(num_tokens: int, registry: Registry) -> None:
-    """Refuse at once a request no decode worker could ever hold, instead of queueing it forever."""
-    capacities = [
-        w.info.capacity.num_kv_blocks_total * w.info.kv_layout.block_size_tokens
-        for w in registry.live(Role.DECODE)
-    ]
-    if capacities and num_tokens > max(capacities):
-        raise NoCapacity(
-            "prompt",
-            f"the request needs KV for {num_tokens} tokens and the largest decode worker holds {max(capacities)}",
-            "shorten the prompt or max_tokens, or add decode memory",
-        )
+    def _check_fits(self, request: SchedulerRequest) -> None:
+        """Refuse at once what no decode worker could ever hold, instead of queueing it forever."""
+        if self.registry.max_model_len is not None:
+            check_context(request.num_prompt_tokens, request.sampling.max_tokens, self.registry.max_model_len)
+        num_tokens = request.num_prompt_tokens + request.sampling.max_tokens
+        capacities = [w.info.kv_capacity_tokens for w in self.registry.live(WorkerRole.DECODE)]
+        if capacities and num_tokens > max(capacities):
+            raise NoCapacity(
+                "prompt",
+                f"the request needs KV for {num_tokens} tokens and the largest decode worker holds {max(capacities)}",
+                "shorten the prompt or max_tokens, or add decode memory",
+            )
 
 
 class RegistryServicer(worker_pb2_grpc.RegistryServicer):
@@ -99,10 +91,11 @@ class RegistryServicer(worker_pb2_grpc.RegistryServicer):
     async def RegisterWorker(  # noqa: N802
         self, request: worker_pb2.RegisterWorkerRequest, context: grpc.aio.ServicerContext
     ) -> worker_pb2.RegisterWorkerResponse:
-        await self.registry.register(request.worker)
+        await self.registry.register(worker_info_from_pb(request.worker))
         return worker_pb2.RegisterWorkerResponse(report_interval_ms=self.report_interval_ms)
 
     async def ReportLoad(  # noqa: N802
         self, request: worker_pb2.ReportLoadRequest, context: grpc.aio.ServicerContext
     ) -> worker_pb2.ReportLoadResponse:
-        return worker_pb2.ReportLoadResponse(reregister=not self.registry.report(request))
+        known, snapshot_wanted = self.registry.report(load_from_pb(request))
+        return worker_pb2.ReportLoadResponse(reregister=not known, kv_snapshot_requested=snapshot_wanted)

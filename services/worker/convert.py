@@ -7,11 +7,13 @@ sampling parameters are converted, not checked again, and the engine keeps its o
 
 from __future__ import annotations
 
+from engine.block_pool import KVEvents
+from engine.engine import EngineStats
 from engine.errors import InvalidRequest
 from engine.request import FinishReason, RequestOutput
 from kvtransfer.ticket import Ticket, TicketId
-from pdmesh.sampling import sampling_from_pb as sampling_from_pb  # re-exported: the servicers convert here
-from pdmesh.v1 import common_pb2
+from pdmesh.convert import sampling_from_pb as sampling_from_pb  # re-exported: the servicers convert here
+from pdmesh.v1 import common_pb2, worker_pb2
 
 _FINISH = {
     FinishReason.STOP: common_pb2.FINISH_REASON_STOP,
@@ -69,4 +71,21 @@ def ticket_from_pb(pb: common_pb2.KVTicket) -> Ticket:
         num_tokens=pb.num_tokens,
         num_blocks=pb.num_blocks,
         lease_expiry_unix_ms=pb.lease_expiry_unix_ms,
+    )
+
+
+def load_report_to_pb(
+    stats: EngineStats, events: KVEvents, num_reservations: int, num_transfers: int
+) -> worker_pb2.ReportLoadRequest:
+    """A load report's figures; the reporter stamps its id, sequence, time and health."""
+    return worker_pb2.ReportLoadRequest(
+        num_kv_blocks_free=stats.num_free_blocks,
+        num_kv_blocks_total=stats.num_blocks,
+        num_running_requests=stats.num_running,
+        num_waiting_requests=stats.num_waiting,
+        num_kv_reservations=num_reservations,
+        num_kv_transfers_in_flight=num_transfers,
+        kv_cache_events=worker_pb2.KVCacheEvents(
+            is_snapshot=events.snapshot, block_hashes_stored=events.stored, block_hashes_removed=events.removed
+        ),
     )

@@ -20,7 +20,8 @@ from services.decode.reservations import Reservations
 from services.decode.servicer import DecodeServicer
 from services.prefill.servicer import PrefillServicer
 from services.worker.config import Role, WorkerConfig
-from services.worker.reporter import Reporter
+from services.worker.convert import load_report_to_pb
+from services.worker.registry_client import Reporter
 
 log = structlog.get_logger(__name__)
 _ROLE = {Role.PREFILL: worker_pb2.WORKER_ROLE_PREFILL, Role.DECODE: worker_pb2.WORKER_ROLE_DECODE}
@@ -83,15 +84,10 @@ async def serve_worker(config: WorkerConfig) -> None:
         )
     reporter: Reporter | None = None
 
-    async def load() -> worker_pb2.ReportLoadRequest:
-        stats = await async_engine.stats()
-        return worker_pb2.ReportLoadRequest(
-            num_kv_blocks_free=stats.num_free_blocks,
-            num_kv_blocks_total=stats.num_blocks,
-            num_running_requests=stats.num_running,
-            num_waiting_requests=stats.num_waiting,
-            num_kv_reservations=len(reservations) if reservations is not None else 0,
-        )
+    async def load(snapshot: bool) -> worker_pb2.ReportLoadRequest:
+        stats, events = await async_engine.call(lambda e: (e.stats(), e.pool.take_events(snapshot)))
+        reserved = len(reservations) if reservations is not None else 0
+        return load_report_to_pb(stats, events, reserved, transport.num_in_flight)
 
     async def on_ready(server: Server) -> None:
         nonlocal reporter

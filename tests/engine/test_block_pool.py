@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from engine.block_hash import chain_hashes
-from engine.block_pool import BlockPool
+from engine.block_pool import BlockPool, KVEvents
 from engine.errors import OutOfBlocks
 from engine.ids import BlockHash, BlockId
 
@@ -86,3 +86,27 @@ def test_chain_hashes_cover_whole_prefixes_and_are_namespaced_by_model() -> None
     assert chain_hashes([9, 1, 2, 3, 4, 5, 6, 7], 4, "m1")[1] != h[1]  # same block, other parent
     assert chain_hashes(tokens, 4, "m2")[0] != h[0]
     assert chain_hashes(tokens, 4, "m1", start=1, parent=h[0]) == h[1:]
+
+
+def test_cache_changes_are_taken_as_events_starting_with_a_snapshot() -> None:
+    pool = BlockPool(4)
+    a, b = pool.allocate(2)
+    pool.cache(a, BlockHash(11))
+    assert pool.take_events() == KVEvents(snapshot=True, stored=(BlockHash(11),))
+
+    pool.cache(b, BlockHash(22))
+    pool.free([a, b])
+    pool.allocate(4)  # evicts both cached hashes, the tail (freed first) first
+    assert pool.take_events() == KVEvents(stored=(BlockHash(22),), removed=(BlockHash(22), BlockHash(11)))
+    assert pool.take_events() == KVEvents()
+    assert pool.take_events(snapshot=True) == KVEvents(snapshot=True)
+
+
+def test_an_untaken_event_record_is_bounded_and_turns_into_a_snapshot() -> None:
+    pool = BlockPool(1)
+    pool.take_events()
+    for i in range(10):  # cache and evict the one block, over and over
+        (block,) = pool.allocate(1)
+        pool.cache(block, BlockHash(i))
+        pool.free([block])
+    assert pool.take_events() == KVEvents(snapshot=True, stored=(BlockHash(9),))

@@ -19,7 +19,7 @@ import grpc
 from pdmesh.config import ServerConfig
 from pdmesh.v1 import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc, worker_pb2
 from services.bootstrap import Server, ServicerBinding
-from services.worker.reporter import Reporter
+from services.worker.registry_client import Reporter
 
 KV_BLOCKS = 64
 BLOCK_SIZE = 16
@@ -165,6 +165,7 @@ class ScriptedWorker:
     server: Server
     reporter: Reporter | None = None
     free_blocks: int = KV_BLOCKS  # what its load reports say
+    cached: tuple[int, ...] = ()  # the block hashes its reports say its prefix cache holds
 
     @property
     def address(self) -> str:
@@ -181,11 +182,12 @@ class ScriptedWorker:
             ),
         )  # fmt: skip
 
-    async def load(self) -> worker_pb2.ReportLoadRequest:
+    async def load(self, snapshot: bool) -> worker_pb2.ReportLoadRequest:
         running = self.servicer.running if isinstance(self.servicer, ScriptedDecode) else 0
         return worker_pb2.ReportLoadRequest(
-            num_kv_blocks_free=self.free_blocks, num_kv_blocks_total=KV_BLOCKS, num_running_requests=running
-        )
+            num_kv_blocks_free=self.free_blocks, num_kv_blocks_total=KV_BLOCKS, num_running_requests=running,
+            kv_cache_events=worker_pb2.KVCacheEvents(is_snapshot=True, block_hashes_stored=self.cached),
+        )  # fmt: skip
 
     def start_reporting(self, scheduler: str, model: str) -> None:
         self.reporter = Reporter(scheduler, self.info(model), self.load)

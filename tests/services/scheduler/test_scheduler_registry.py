@@ -12,6 +12,7 @@ from scheduler_mesh import Mesh, MeshFactory, eventually
 from scripted_workers import KV_BLOCKS, LAYOUT, MAX_MODEL_LEN, expected_tokens
 
 from pdmesh.client import Chunk, ExecutionPlan
+from pdmesh.config import PolicyName
 from pdmesh.v1 import scheduler_pb2, worker_pb2
 
 SERVING, DRAINING, STALE = (
@@ -169,7 +170,7 @@ async def test_list_models_names_the_served_model_with_its_workers(mesh_factory:
 
 
 async def test_round_robin_takes_the_decode_workers_in_turn(mesh_factory: MeshFactory) -> None:
-    mesh = await mesh_factory(prefill=0, decode=2, policy="round_robin")
+    mesh = await mesh_factory(prefill=0, decode=2, policy=PolicyName.ROUND_ROBIN)
 
     placed = [await decode_worker_of(mesh, [1, 2, 3]) for _ in range(4)]
 
@@ -178,7 +179,7 @@ async def test_round_robin_takes_the_decode_workers_in_turn(mesh_factory: MeshFa
 
 
 async def test_least_loaded_takes_the_decode_worker_with_the_most_free_blocks(mesh_factory: MeshFactory) -> None:
-    mesh = await mesh_factory(prefill=0, decode=2, policy="least_loaded")
+    mesh = await mesh_factory(prefill=0, decode=2, policy=PolicyName.LEAST_LOADED)
     mesh.decode[0].free_blocks = 8
     await mesh.wait_reported()
 

@@ -1,13 +1,19 @@
-"""SamplingParams <-> its protobuf message, in both directions, for every service and the client.
+"""Protobuf <-> the types every side shares: sampling parameters and the mesh's enums.
 
-Proto3 `optional` fields left unset take the engine's defaults, so a message with nothing set
-means the same as SamplingParams().
+Used by the client library and by the convert modules of the services, so a message means the
+same everywhere. Proto3 `optional` fields left unset take the engine's defaults, so a
+SamplingParams message with nothing set means the same as SamplingParams().
 """
 
 from __future__ import annotations
 
+import enum
+from typing import Any, TypeVar
+
 from engine.sampling_params import SamplingParams
 from pdmesh.v1 import common_pb2
+
+E = TypeVar("E", bound=enum.Enum)
 
 
 def sampling_to_pb(sampling: SamplingParams) -> common_pb2.SamplingParams:
@@ -43,3 +49,21 @@ def sampling_from_pb(pb: common_pb2.SamplingParams) -> SamplingParams:
         logprobs=pb.logprobs,
         include_stop_str_in_output=pb.include_stop_str_in_output,
     )
+
+
+def enum_to_pb(member: enum.Enum, pb_enum: Any) -> int:
+    """The proto value named like `member` (WorkerRole.DECODE -> WORKER_ROLE_DECODE)."""
+    prefix = pb_enum.Name(0).removesuffix("UNSPECIFIED")
+    return int(pb_enum.Value(prefix + member.name))
+
+
+def enum_from_pb(cls: type[E], pb_enum: Any, value: int) -> E | None:
+    """The member of `cls` named like the proto value without its prefix; None for UNSPECIFIED or
+    a value this side does not know (a newer peer)."""
+    if not value:
+        return None
+    prefix = pb_enum.Name(0).removesuffix("UNSPECIFIED")
+    try:
+        return cls[pb_enum.Name(value).removeprefix(prefix)]
+    except (KeyError, ValueError):
+        return None

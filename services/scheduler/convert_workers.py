@@ -1,0 +1,157 @@
+"""Protobuf <-> the scheduler's own types, for the workers' side: registration, load reports, and
+the calls the scheduler makes to prefill and decode workers."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from engine.block_pool import KVEvents
+from engine.ids import BlockHash
+from engine.kv_layout import KVLayout
+from pdmesh.convert import enum_from_pb, enum_to_pb, sampling_to_pb
+from pdmesh.enums import FinishReason, WorkerHealth, WorkerRole
+from pdmesh.v1 import common_pb2, decode_pb2, prefill_pb2, worker_pb2
+from services.scheduler.registry import Capacity, LoadReport, WorkerInfo
+from services.scheduler.request import Decoded, Finish, Prefilled, SchedulerRequest, TicketHandle, TokenChunk, Usage
+
+# ---- registration and load reports
+
+
+def layout_from_pb(pb: common_pb2.KVLayout) -> KVLayout:
+    return KVLayout(
+        model_fingerprint=pb.model_fingerprint, dtype=pb.dtype, block_size=pb.block_size_tokens,
+        num_layers=pb.num_layers, num_kv_heads=pb.num_kv_heads, head_dim=pb.head_dim,
+        layout_version=pb.layout_version,
+    )  # fmt: skip
+
+
+def layout_to_pb(layout: KVLayout) -> common_pb2.KVLayout:
+    return common_pb2.KVLayout(
+        model_fingerprint=layout.model_fingerprint, dtype=layout.dtype, block_size_tokens=layout.block_size,
+        num_layers=layout.num_layers, num_kv_heads=layout.num_kv_heads, head_dim=layout.head_dim,
+        layout_version=layout.layout_version,
+    )  # fmt: skip
+
+
+def worker_info_from_pb(pb: worker_pb2.WorkerInfo) -> WorkerInfo:
+    c = pb.capacity
+    return WorkerInfo(
+        worker_id=pb.worker_id,
+        role=enum_from_pb(WorkerRole, worker_pb2.WorkerRole, pb.role),
+        address=pb.address,
+        kv_transfer_address=pb.kv_transfer_address,
+        model=pb.model,
+        kv_layout=layout_from_pb(pb.kv_layout),
+        capacity=Capacity(
+            c.num_kv_blocks_total, c.max_num_running_requests, c.max_num_batched_tokens, c.max_model_len_tokens
+        ),
+        device=pb.device,
+        version=pb.version,
+    )
+
+
+def worker_info_to_pb(info: WorkerInfo) -> worker_pb2.WorkerInfo:
+    return worker_pb2.WorkerInfo(
+        worker_id=info.worker_id,
+        role=enum_to_pb(info.role, worker_pb2.WorkerRole) if info.role is not None else 0,  # type: ignore[arg-type]
+        address=info.address,
+        kv_transfer_address=info.kv_transfer_address,
+        model=info.model,
+        kv_layout=layout_to_pb(info.kv_layout),
+        capacity=worker_pb2.WorkerCapacity(**dataclasses.asdict(info.capacity)),
+        device=info.device,
+        version=info.version,
+    )
+
+
+_LOAD_COUNTS = (
+    "num_kv_blocks_free", "num_kv_blocks_total", "num_running_requests", "num_waiting_requests",
+    "num_kv_reservations", "num_kv_transfers_in_flight",
+)  # fmt: skip
+
+
+def load_from_pb(pb: worker_pb2.ReportLoadRequest) -> LoadReport:
+    events = pb.kv_cache_events
+    return LoadReport(
+        worker_id=pb.worker_id,
+        report_seq=pb.report_seq,
+        time_unix_ms=pb.time_unix_ms,
+        health=enum_from_pb(WorkerHealth, worker_pb2.WorkerHealth, pb.health),
+        kv_events=KVEvents(
+            snapshot=events.is_snapshot,
+            stored=tuple(BlockHash(h) for h in events.block_hashes_stored),
+            removed=tuple(BlockHash(h) for h in events.block_hashes_removed),
+        ),
+        **{name: getattr(pb, name) for name in _LOAD_COUNTS},
+    )
+
+
+def load_to_pb(load: LoadReport) -> worker_pb2.ReportLoadRequest:
+    """The report as GetClusterState shows it: its cache events left out."""
+    health = enum_to_pb(load.health, worker_pb2.WorkerHealth) if load.health is not None else 0
+    return worker_pb2.ReportLoadRequest(
+        worker_id=load.worker_id, report_seq=load.report_seq, time_unix_ms=load.time_unix_ms,
+        health=health,  # type: ignore[arg-type]
+        **{name: getattr(load, name) for name in _LOAD_COUNTS},
+    )  # fmt: skip
+
+
+# ---- calls to workers
+
+
+def reserve_to_pb(request: SchedulerRequest, lease_ms: int) -> decode_pb2.ReserveRequest:
+    return decode_pb2.ReserveRequest(
+        request_id=request.request_id, num_tokens=request.num_prompt_tokens, lease_ms=lease_ms
+    )
+
+
+def ticket_from_pb(reply: decode_pb2.ReserveResponse) -> TicketHandle:
+    return TicketHandle(reply.ticket.ticket_id, reply.ticket.SerializeToString())
+
+
+def prefill_to_pb(request: SchedulerRequest, ticket: TicketHandle) -> prefill_pb2.PrefillRequest:
+    return prefill_pb2.PrefillRequest(
+        request_id=request.request_id,
+        prompt_token_ids=request.prompt_token_ids,
+        sampling=sampling_to_pb(request.sampling),
+        ticket=common_pb2.KVTicket.FromString(ticket.encoded),
+    )
+
+
+def prefilled_from_pb(pb: prefill_pb2.PrefillResponse) -> Prefilled:
+    usage = Usage(
+        cached_prompt_tokens=pb.cached_prompt_tokens, queue_ms=pb.queue_ms, prefill_ms=pb.prefill_ms,
+        transfer_ms=pb.transfer_ms, transfer_bytes=pb.transfer_bytes,
+    )  # fmt: skip
+    return Prefilled(chunk_from_pb(pb.chunk), usage)
+
+
+def decode_to_pb(
+    request: SchedulerRequest, outputs: list[int], ticket: TicketHandle | None
+) -> decode_pb2.DecodeGenerateRequest:
+    pb = decode_pb2.DecodeGenerateRequest(
+        request_id=request.request_id, prompt_token_ids=request.prompt_token_ids, output_token_ids=outputs,
+        sampling=sampling_to_pb(request.sampling),
+    )  # fmt: skip
+    if ticket is None:
+        pb.local_prefill.SetInParent()
+    else:
+        pb.ticket_id = ticket.ticket_id
+    return pb
+
+
+def decoded_from_pb(pb: decode_pb2.DecodeGenerateResponse) -> Decoded:
+    usage = Usage(**{f.name: getattr(pb.usage, f.name) for f in dataclasses.fields(Usage)})
+    return Decoded(chunk_from_pb(pb.chunk), usage if pb.HasField("usage") else None)
+
+
+def chunk_from_pb(pb: common_pb2.TokenChunk) -> TokenChunk:
+    finish = None
+    if pb.HasField("finish"):
+        matched = pb.finish.WhichOneof("matched")
+        finish = Finish(
+            reason=enum_from_pb(FinishReason, common_pb2.FinishReason, pb.finish.reason) or FinishReason.STOP,
+            stop_token_id=pb.finish.stop_token_id if matched == "stop_token_id" else None,
+            stop_string=pb.finish.stop_string if matched == "stop_string" else None,
+        )
+    return TokenChunk(tuple(pb.token_ids), pb.text, tuple(pb.logprobs), finish)

@@ -1,0 +1,46 @@
+"""Where one request's time went: what the scheduler measured and what its workers reported,
+added up into the Usage the client gets on the last response."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+
+from services.scheduler.request import Usage
+
+
+@dataclass
+class UsageMeter:
+    start: float = field(default_factory=time.monotonic)
+    first_token: float | None = None  # when the first token went to the client
+    reported: Usage = Usage()  # the workers' figures: cache, queue, prefill, transfer, decode
+
+    def token_sent(self) -> None:
+        if self.first_token is None:
+            self.first_token = time.monotonic()
+
+    def prefilled(self, usage: Usage) -> None:
+        """A prefill worker's figures (the first token came from it)."""
+        self.reported = usage
+
+    def decoded(self, usage: Usage, local_prefill: bool) -> None:
+        """A decode worker's last figures: its decode time, its cache hits unless a prefill worker
+        reported some, and its queue time when it prefilled the request itself."""
+        r = self.reported
+        self.reported = dataclasses.replace(
+            r,
+            decode_ms=usage.decode_ms,
+            cached_prompt_tokens=r.cached_prompt_tokens or usage.cached_prompt_tokens,
+            queue_ms=(r.queue_ms or usage.queue_ms) if local_prefill else r.queue_ms,
+        )
+
+    def usage(self, prompt_tokens: int, completion_tokens: int) -> Usage:
+        now = time.monotonic()
+        return dataclasses.replace(
+            self.reported,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            ttft_ms=((self.first_token or now) - self.start) * 1000,
+            e2e_ms=(now - self.start) * 1000,
+        )
