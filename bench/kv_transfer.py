@@ -26,6 +26,7 @@ import argparse
 import contextlib
 import datetime
 import json
+import math
 import multiprocessing
 import os
 import platform
@@ -43,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from engine.kv_layout import KVLayout  # noqa: E402
 
 LAYOUT = KVLayout("llama-3.1-8b", "bfloat16", block_size=16, num_layers=32, num_kv_heads=8, head_dim=128)
-TOKENS = (256, 1024, 4096, 16384)
+TOKENS = (16, 256, 1024, 4096, 16384)  # 16 tokens (one block a layer): mostly the fixed cost per ticket
 GPU_TLS = "cuda_ipc,cuda_copy,sm,tcp,self"  # sm carries UCX's rendezvous control faster than tcp
 HOST_TLS = "tcp,self"
 REPLY_S = 300.0
@@ -219,6 +220,20 @@ def run_pair(
     return rows
 
 
+def fixed_costs(rows: list[dict]) -> dict[str, dict[str, float]]:
+    """Per pair: median ms = fixed + bytes / marginal rate, fitted by least squares over the sizes."""
+    fits = {}
+    for label in dict.fromkeys(r["pair"] for r in rows):
+        xs = [r["mib"] * 2**20 for r in rows if r["pair"] == label]
+        ys = [r["median_ms"] for r in rows if r["pair"] == label]
+        if len(xs) < 2:
+            continue
+        mx, my = statistics.fmean(xs), statistics.fmean(ys)
+        slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum((x - mx) ** 2 for x in xs)
+        fits[label] = {"fixed_ms": my - slope * mx, "marginal_gbps": 1e-6 / slope if slope > 0 else math.inf}
+    return fits
+
+
 def device_name(host: bool) -> str:
     if host or not torch.cuda.is_available():
         return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
@@ -281,12 +296,19 @@ def main() -> None:
                 for worker in workers:
                     worker.stop()
 
+    fits = fixed_costs(rows)
+    for label, fit in fits.items():
+        print(
+            f"{label}: fixed cost per ticket {fit['fixed_ms']:.2f} ms (least-squares intercept of ms against MiB), "
+            f"{fit['marginal_gbps']:.1f} GB/s marginal",
+            flush=True,
+        )
     report = {
         "bench": "kv_transfer", "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "host": platform.node(), "device": device_name(args.host),
         "cpus": os.cpu_count(), "torch": torch.__version__, "ucx_tls": tls,
         "pool_blocks": args.pool_blocks, "iters": args.iters, "command": " ".join(sys.argv), "rows": rows,
-        "failures": failures,
+        "fixed_costs": fits, "failures": failures,
     }  # fmt: skip
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)

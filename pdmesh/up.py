@@ -87,19 +87,44 @@ class Mesh:
 
     def start(self, timeout_s: float = 600.0) -> None:
         for name, argv, env in self.plan.commands():
-            proc = subprocess.Popen(
-                argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
-                env={**os.environ, **env, "PYTHONUNBUFFERED": "1"},
-            )  # fmt: skip
-            self.procs[name] = proc
-            pump = threading.Thread(target=_pump, args=(name, proc), name=f"log-{name}", daemon=True)
-            pump.start()
-            self._pumps.append(pump)
+            self._spawn(name, argv, env)
         try:
             self.wait_ready(timeout_s)
         except BaseException:
             self.stop()
             raise
+
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str]) -> None:
+        proc = subprocess.Popen(
+            argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+            env={**os.environ, **env, "PYTHONUNBUFFERED": "1"},
+        )  # fmt: skip
+        self.procs[name] = proc
+        pump = threading.Thread(target=_pump, args=(name, proc), name=f"log-{name}", daemon=True)
+        pump.start()
+        self._pumps.append(pump)
+
+    def restart(self, name: str, timeout_s: float = 600.0) -> None:
+        """Start a killed process again with its own command line (failure tests: a worker that
+        comes back), and wait until the scheduler lists every worker as serving again."""
+        if self.procs[name].poll() is None:
+            raise RuntimeError(f"{name} is still running; kill it first")
+        argv, env = next((a, e) for n, a, e in self.plan.commands() if n == name)
+        since_ms = time.time() * 1000
+        self._spawn(name, argv, env)
+        deadline = time.monotonic() + timeout_s
+        with Client(self.target) as client:
+            while time.monotonic() < deadline:
+                if self.procs[name].poll() is not None:
+                    raise RuntimeError(f"{name} exited during start-up (see its log above)")
+                with contextlib.suppress(grpc.RpcError, StopIteration):
+                    # Its old registration can linger until the scheduler notices the death: wait for
+                    # a report from the new process.
+                    w = client.cluster_state(timeout_s=2).worker(name)
+                    if w.health is not None and w.health.name == "SERVING" and w.last_report_unix_ms > since_ms:
+                        return
+                time.sleep(0.3)
+        raise TimeoutError(f"{name} was not serving again within {timeout_s:.0f} s")
 
     def wait_ready(self, timeout_s: float) -> None:
         """Until the scheduler lists every worker as serving, or a process dies."""
