@@ -160,6 +160,7 @@ async def disturbed(
         if ready(state, outs):
             scenario.state_at_kill = {
                 "workers": worker_rows(state), "requests_done": sum(t.done() for t in tasks),
+                "kv_transfers_in_flight": sum(w.num_kv_transfers_in_flight for w in state.workers),
                 "requests_with_tokens": sum(bool(o.tokens) for o in outs),
             }  # fmt: skip
             scenario.kill_after_s = time.monotonic() - started
@@ -184,8 +185,16 @@ async def scenarios(mesh: Mesh, args: argparse.Namespace) -> list[Scenario]:
         oracle = await undisturbed(client, prompts, args.push_tokens, args.deadline_s)
         push = Scenario("prefill-killed", len(prompts), "prefill-0")
 
+        first_reservation: list[float] = []
+
         def pushing(state: ClusterState, outs: list[Outcome]) -> bool:
-            return any(w.num_kv_transfers_in_flight or w.num_kv_reservations for w in state.workers)
+            # Mid-push: a report shows KV on the wire. Reports are 100 ms apart and a short push can
+            # fall between two, so after --push-wait-s of prefill under way, kill anyway (and say so).
+            if any(w.num_kv_transfers_in_flight for w in state.workers):
+                return True
+            if any(w.num_kv_reservations for w in state.workers) and not first_reservation:
+                first_reservation.append(time.monotonic())
+            return bool(first_reservation) and time.monotonic() - first_reservation[0] > args.push_wait_s
 
         outs = await disturbed(client, mesh, push, prompts, args.push_tokens, args.deadline_s, pushing)
         judge(push, outs, oracle, args.deadline_s)
@@ -240,6 +249,7 @@ def main() -> None:
     p.add_argument("--vocab", type=int, default=100000, help="prompt token ids below this")
     p.add_argument("--push-prompt", type=_range, default=(256, 768), help="prefill-killed prompt tokens LOW:HIGH")
     p.add_argument("--push-tokens", type=int, default=16)
+    p.add_argument("--push-wait-s", type=float, default=2.0, help="kill after this long if no push is seen")
     p.add_argument("--stream-prompt", type=_range, default=(64, 256), help="decode-killed prompt tokens LOW:HIGH")
     p.add_argument("--stream-tokens", type=int, default=128)
     p.add_argument("--deadline-s", type=float, default=60.0, help="each request's deadline")

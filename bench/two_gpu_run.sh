@@ -11,6 +11,7 @@
 #
 #   TRACE=../shared/traces/mooncake_synthetic_trace.jsonl bench/two_gpu_run.sh     # repository root
 #   DEVICE=cpu MODEL=/tmp/tiny PHASES="mesh" bench/two_gpu_run.sh                   # CPU rehearsal
+# COMMIT names the commit measured where the tree travels without its .git (the device copy).
 #
 # Every step has its own time limit and the whole run a deadline (BUDGET_S), with time held back
 # for the failure step, so a stuck step costs only itself. Writes $OUT/summary.txt (what each step
@@ -89,7 +90,7 @@ mesh() {
 }
 
 if wants setup; then
-  phase setup 60 0 bash -c 'nvidia-smi -L; nvidia-smi topo -m; git log -1 --format="%H %s" 2>/dev/null;
+  phase setup 60 0 bash -c 'nvidia-smi -L; nvidia-smi topo -m; echo "measured commit: ${COMMIT:-$(git rev-parse HEAD 2>/dev/null)}";
     python3 -c "import torch, grpc, ucxx; n = torch.cuda.device_count(); print(torch.__version__, grpc.__version__, n, \"GPUs\");
 print(\"peer access 1->0:\", n > 1 and torch.cuda.can_device_access_peer(1, 0))"'
 fi
