@@ -49,6 +49,16 @@ def test_prefill_worker_killed_mid_push_the_request_completes_correctly(mesh_fac
     assert tokens == expected
     assert chunks[-1].placement is not None
 
+    # Started again with its own command line, the prefill worker takes disaggregated work again.
+    mesh.restart("prefill-0", timeout_s=120)
+
+    async def after_restart() -> Chunk:
+        async with AsyncClient(mesh.target) as client:
+            return [c async for c in client.generate(prompt, max_tokens=2, ignore_eos=True)][-1]
+
+    last = asyncio.run(asyncio.wait_for(after_restart(), 120))
+    assert last.placement is not None and last.placement.prefill_worker_id == "prefill-0"
+
 
 def test_decode_worker_killed_mid_stream_the_stream_continues_identically(mesh_factory, mesh_model: Path) -> None:
     mesh = mesh_factory(mesh_model, 1, 2)
@@ -78,3 +88,4 @@ def test_decode_worker_killed_mid_stream_the_stream_continues_identically(mesh_f
     tokens, last = asyncio.run(asyncio.wait_for(run(), deadline - time.monotonic()))
     assert tokens == expected
     assert last.placement is not None and last.placement.num_decode_failovers == 1
+
