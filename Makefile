@@ -5,7 +5,7 @@ PIP     := $(PY) -m pip
 STAMP   := .venv/.installed
 SOURCES := pdmesh engine kernels kvtransfer services
 
-.PHONY: run test lint typecheck unit compose install protos bench-engine clean
+.PHONY: run test lint typecheck unit compose compose-test install protos bench-engine clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
@@ -30,12 +30,22 @@ typecheck: $(STAMP)
 unit: $(STAMP)
 	.venv/bin/python -m pytest -m "not gpu" -q
 
-# The compose files are checked, not run: no container engine here. docker-compose (v1, Debian's
-# package) validates and renders them.
+APT_GET := apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq
+
+# Both compose files rendered and validated by docker-compose (v1, Debian's package); no engine needed.
 compose:
-	command -v docker-compose >/dev/null || (apt-get update -qq && apt-get install -y -qq docker-compose >/dev/null)
+	command -v docker-compose >/dev/null || ($(APT_GET) docker-compose >/dev/null)
 	docker-compose -f docker-compose.yml config -q
 	docker-compose -f docker-compose.cpu.yml config -q
+
+# `docker compose up` for real (tests/deploy/test_compose.py): uses the running container engine or
+# starts dockerd (root), builds the images, runs the CPU mesh under compose, kills a container,
+# takes it all down. Debian's docker.io, docker-compose and debootstrap are installed if missing.
+compose-test: $(STAMP)
+	command -v dockerd >/dev/null || ($(APT_GET) docker.io >/dev/null)
+	docker compose version >/dev/null 2>&1 || command -v docker-compose >/dev/null || ($(APT_GET) docker-compose >/dev/null)
+	command -v debootstrap >/dev/null || ($(APT_GET) debootstrap >/dev/null)
+	$(PY) -m pytest -m compose -v -s --durations=0 tests/deploy
 
 test: lint typecheck compose unit
 
