@@ -30,6 +30,7 @@ from tests.deploy.container_engine import STATE_DIR, ContainerEngine, build_comm
 LOCAL_BASE = "localhost/pdmesh-base:bookworm-python3.11"
 DEBIAN_MIRROR = "http://deb.debian.org/debian"  # plain http: apt checks signatures, no CA needed
 IMAGE_PYTHON = "3.11"  # the Python of both python:3.11-slim and bookworm: what the torch wheel must fit
+IMAGE_LABEL = "org.opencontainers.image.title=pdmesh"  # set by deploy/Dockerfile
 _BUILD_TIMEOUT_S = 1800.0
 
 
@@ -107,6 +108,8 @@ def build_images(engine: ContainerEngine, config: dict[str, Any]) -> None:
         argv += ["--secret", f"id=pip-ca,src={secret}"] if secret else []
         engine.stream([*argv, str(context)], timeout_s=_BUILD_TIMEOUT_S, extra_env=builder_env)
         built.add(image)
+    # Each rebuild leaves the image it replaced untagged; remove those (ours only), keep the cache.
+    engine.docker("image", "prune", "--force", "--filter", f"label={IMAGE_LABEL}")
 
 
 def _ca_bundle() -> Path | None:
