@@ -49,12 +49,14 @@ def test_prefill_worker_killed_mid_push_the_request_completes_correctly(mesh_fac
     assert tokens == expected
     assert chunks[-1].placement is not None
 
-    # Started again with its own command line, the prefill worker takes disaggregated work again.
+    # Started again with its own command line, the prefill worker takes disaggregated work again
+    # (a fresh prompt: the first one is cached on the decode worker now, so it would stay local).
     mesh.restart("prefill-0", timeout_s=120)
+    fresh = prompts_of([200], seed=12)[0]
 
     async def after_restart() -> Chunk:
         async with AsyncClient(mesh.target) as client:
-            return [c async for c in client.generate(prompt, max_tokens=2, ignore_eos=True)][-1]
+            return [c async for c in client.generate(fresh, max_tokens=2, ignore_eos=True)][-1]
 
     last = asyncio.run(asyncio.wait_for(after_restart(), 120))
     assert last.placement is not None and last.placement.prefill_worker_id == "prefill-0"
