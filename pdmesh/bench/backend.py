@@ -1,26 +1,24 @@
-"""How a benchmark talks to a server: the Backend contract and pdmesh's gRPC backend.
+"""How a benchmark talks to a server: the Backend contract, and which backend an --api names.
 
 The runner times everything itself; a backend only turns one BenchRequest into the server's
-stream of chunks. Another protocol (OpenAI HTTP) is one more subclass: implement `stream` and
-`describe`, map its failures to RequestFailed codes, and add it to BACKENDS.
+stream of chunks. Backends: `grpc_backend.GrpcBackend` (pdmesh's own door, through the client
+library) and `openai_backend.OpenAIBackend` (any OpenAI-compatible HTTP server). Another protocol
+is one more subclass: implement `stream` and `describe`, map failures to RequestFailed codes.
 """
 
 from __future__ import annotations
 
 import abc
 import enum
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import cast
-
-import grpc
 
 from pdmesh.bench.workload import BenchRequest
-from pdmesh.client import AsyncClient, Chunk, FinishReason
 
 
 class Api(enum.Enum):
-    GRPC = "grpc"
+    GRPC = "grpc"  # pdmesh's Scheduler.Generate
+    OPENAI = "openai"  # /v1/completions of any OpenAI-compatible server, streamed
 
 
 @dataclass(frozen=True)
@@ -43,6 +41,9 @@ class Delta:
     num_tokens: int
     prompt_tokens: int | None = None
     finish_reason: str | None = None
+    # The server's count of all output tokens so far, when it says (OpenAI usage): it corrects
+    # a count a backend could only estimate from chunks.
+    output_tokens: int | None = None
 
 
 @dataclass(frozen=True)
@@ -85,53 +86,12 @@ class Backend(abc.ABC):
     def stream(self, request: BenchRequest, options: GenerationOptions) -> AsyncIterator[Delta]: ...
 
 
-class GrpcBackend(Backend):
-    """pdmesh's Scheduler.Generate through the client library (pdmesh.client.AsyncClient)."""
+def make_backend(api: Api, target: str, api_key: str | None = None) -> Backend:
+    """The backend for `api`; `target` is host:port for gRPC, the base URL for OpenAI."""
+    if api is Api.OPENAI:
+        from pdmesh.bench.openai_backend import OpenAIBackend
 
-    def __init__(self, target: str) -> None:
-        self._client = AsyncClient(target)
-        self.target = target
+        return OpenAIBackend(target, api_key)
+    from pdmesh.bench.grpc_backend import GrpcBackend
 
-    async def close(self) -> None:
-        await self._client.close()
-
-    async def describe(self) -> ServerInfo:
-        try:
-            models = await self._client.list_models()
-        except grpc.aio.AioRpcError as e:
-            raise RequestFailed(e.code().name, f"ListModels at {self.target}: {e.details()}") from None
-        if not models:
-            raise RequestFailed("UNAVAILABLE", f"the mesh at {self.target} serves no model yet")
-        m = models[0]
-        detail = f"{m.num_prefill_workers} prefill + {m.num_decode_workers} decode workers"
-        return ServerInfo(model=m.name, max_model_len=m.max_model_len_tokens or None, detail=detail)
-
-    async def stream(self, request: BenchRequest, options: GenerationOptions) -> AsyncIterator[Delta]:
-        prompt = request.prompt if isinstance(request.prompt, str) else list(request.prompt)
-        seed = None if options.seed is None else options.seed + request.index
-        chunks = cast(AsyncGenerator[Chunk, None], self._client.generate(
-            prompt, timeout_s=options.timeout_s, model=options.model, max_tokens=request.output_len,
-            ignore_eos=options.ignore_eos, temperature=options.temperature, seed=seed,
-            ttft_ms=options.slo_ttft_ms, tpot_ms=options.slo_tpot_ms,
-        ))  # fmt: skip
-        finished = False
-        try:
-            async for chunk in chunks:
-                reason = chunk.finish_reason
-                if reason is FinishReason.ABORT:
-                    raise RequestFailed("FINISH_ABORT", "the server ended the stream (finish reason abort)")
-                finished = finished or reason is not None
-                prompt_tokens = chunk.usage.prompt_tokens if chunk.usage is not None else None
-                yield Delta(len(chunk.token_ids), prompt_tokens, reason.value if reason else None)
-        except grpc.aio.AioRpcError as e:
-            raise RequestFailed(e.code().name, e.details() or "") from None
-        finally:
-            await chunks.aclose()  # cancels the call now, not when the generator is collected
-        if not finished:
-            raise RequestFailed("NO_FINISH", "the stream ended without a finish reason")
-
-
-def make_backend(api: Api, target: str) -> Backend:
-    if api is Api.GRPC:
-        return GrpcBackend(target)
-    raise ValueError(f"--api: {api.value} has no backend yet")
+    return GrpcBackend(target)

@@ -35,8 +35,11 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[t
 
 
 def _add_serve_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--target", default="127.0.0.1:50051", help="the scheduler's host:port")
-    p.add_argument("--api", choices=[a.value for a in Api], default=Api.GRPC.value)
+    p.add_argument("--target", default="127.0.0.1:50051", help="--api grpc: the scheduler's host:port")
+    p.add_argument("--api", choices=[a.value for a in Api], default=None,
+                   help="grpc (pdmesh's door, the default) or openai (any OpenAI-compatible server)")  # fmt: skip
+    p.add_argument("--base-url", default=None, help="--api openai: e.g. http://127.0.0.1:8000/v1 (implies openai)")
+    p.add_argument("--api-key", default=None, help="--api openai: bearer token, if the server wants one")
     p.add_argument("--model", default="", help="the model name to ask for (default: the server's)")
     load = p.add_argument_group("load (one of)")
     load.add_argument("--concurrency", help="closed loop: requests in flight, a list sweeps: 1,8,32")
@@ -103,6 +106,17 @@ def load_points(args: argparse.Namespace) -> tuple[LoadPoint, ...]:
     return tuple(LoadPoint(LoadMode.CONCURRENCY, v) for v in levels)
 
 
+def _api_target(args: argparse.Namespace) -> tuple[Api, str]:
+    api = Api(args.api) if args.api else Api.OPENAI if args.base_url else Api.GRPC
+    if api is Api.GRPC:
+        if args.base_url:
+            raise ValueError("--base-url: is for --api openai; pdmesh's gRPC door takes --target HOST:PORT")
+        return api, args.target
+    if not args.base_url or not args.base_url.startswith(("http://", "https://")):
+        raise ValueError("--base-url: --api openai needs the server's URL, e.g. http://127.0.0.1:8000/v1")
+    return api, args.base_url
+
+
 def plan_from_args(args: argparse.Namespace) -> BenchPlan:
     """ValueError names the flag to fix."""
     if args.trace is not None and not args.trace.is_file():
@@ -119,8 +133,9 @@ def plan_from_args(args: argparse.Namespace) -> BenchPlan:
         slo_ttft_ms=slo.ttft_ms if args.send_slo else None, slo_tpot_ms=slo.tpot_ms if args.send_slo else None,
         timeout_s=args.timeout_s, model=args.model,
     )  # fmt: skip
+    api, target = _api_target(args)
     return BenchPlan(
-        api=Api(args.api), target=args.target, points=load_points(args),
+        api=api, target=target, api_key=args.api_key, points=load_points(args),
         num_requests=args.requests if args.requests or args.trace else DEFAULT_REQUESTS,
         input_len=LengthRange.parse(args.input_len, "--input-len"),
         output_len=LengthRange.parse(args.output_len, "--output-len"),

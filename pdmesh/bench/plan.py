@@ -66,6 +66,7 @@ class BenchPlan:
     plot: Path | None = None
     per_request: bool = False
     progress: bool = True
+    api_key: str | None = dataclasses.field(default=None, repr=False)  # never written to the JSON
 
     @property
     def mode(self) -> LoadMode:
@@ -95,7 +96,9 @@ class BenchPlan:
         return int(point.value) if point.mode is LoadMode.CONCURRENCY else self.max_concurrency
 
     def to_json(self) -> dict[str, Any]:
-        return _jsonable(dataclasses.asdict(self))
+        doc = _jsonable(dataclasses.asdict(self))
+        doc["api_key"] = "(set)" if self.api_key else None
+        return doc
 
 
 def _jsonable(value: Any) -> Any:

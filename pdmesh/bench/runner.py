@@ -55,6 +55,7 @@ async def measure(backend: Backend, request: BenchRequest, options: GenerationOp
         index=request.index, ok=False, prompt_tokens=request.prompt_len,
         scheduled_s=request.arrival_s, start_s=start - t0,
     )  # fmt: skip
+    server_count: int | None = None
     try:
         async for delta in backend.stream(request, options):
             result.add_chunk(delta.num_tokens, time.perf_counter() - start)
@@ -62,6 +63,10 @@ async def measure(backend: Backend, request: BenchRequest, options: GenerationOp
                 result.prompt_tokens = delta.prompt_tokens
             if delta.finish_reason is not None:
                 result.finish_reason = delta.finish_reason
+            if delta.output_tokens is not None:
+                server_count = delta.output_tokens
+        if server_count is not None and result.ttft_s is not None:
+            result.output_tokens = server_count  # the server's count wins over one estimated from chunks
         result.ok = result.ttft_s is not None
         if not result.ok:
             result.code, result.error = "NO_TOKENS", "the stream finished without a single token"

@@ -35,7 +35,7 @@ class SetupError(Exception):
 async def run_bench_serve(plan: BenchPlan, command: str, console: Console | None = None) -> int:
     console = console or Console(stderr=True)
     try:
-        async with make_backend(plan.api, plan.target) as backend:
+        async with make_backend(plan.api, plan.target, plan.api_key) as backend:
             server = await backend.describe()
             vocab = vocabulary(plan, server)
             sweep = SweepResult(plan, command, server, time.time(), [])

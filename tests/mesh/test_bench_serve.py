@@ -55,6 +55,26 @@ def test_a_concurrency_sweep_answers_every_request(smollm2_mesh: Mesh, tmp_path:
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_a_trace_replay_sends_every_record_with_its_scaled_lengths(smollm2_mesh: Mesh, tmp_path: Path) -> None:
+    trace, out = tmp_path / "trace.jsonl", tmp_path / "trace.json"
+    records = [(0, 1000, 40, [1, 2]), (100, 700, 20, [1, 3]), (150, 1500, 40, [4, 5, 6]), (400, 900, 20, [1, 2])]
+    trace.write_text("".join(
+        json.dumps({"timestamp": t, "input_length": n, "output_length": m, "hash_ids": h}) + "\n"
+        for t, n, m, h in records
+    ))  # fmt: skip
+    done = bench(smollm2_mesh.target, "--trace", str(trace), "--trace-input-scale", "0.0625",
+                 "--trace-output-scale", "0.1", "--trace-speedup", "2", "--per-request", "--out", str(out))  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    (run,) = json.loads(out.read_text())["runs"]
+    assert run["load"] == {"mode": "trace", "value": 2.0}
+    assert (run["requests"], run["ok"], run["failed"]) == (4, 4, 0)
+    by_index = sorted(run["per_request"], key=lambda r: r["index"])
+    # The mesh's own usage counts: lengths x 1/16 and x 1/10; arrivals at half the trace's times.
+    assert [r["prompt_tokens"] for r in by_index] == [62, 44, 94, 56]
+    assert [r["output_tokens"] for r in by_index] == [4, 2, 4, 2]
+    assert [r["scheduled_s"] for r in by_index] == [0.0, 0.05, 0.075, 0.2]
+
+
 def test_refused_requests_are_counted_by_status_code(smollm2_mesh: Mesh, tmp_path: Path) -> None:
     out = tmp_path / "refused.json"
     # 9000 prompt tokens exceed SmolLM2's 8192-token context: the scheduler refuses each one.

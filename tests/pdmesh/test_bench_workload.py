@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from pdmesh.bench.arrivals import arrival_times, time_scaled
+from pdmesh.bench.backend import Api
 from pdmesh.bench.cli import add_bench_parser, plan_from_args
 from pdmesh.bench.plan import LoadMode
 from pdmesh.bench.trace import TraceRecord, TraceScaling, load_trace, trace_requests
@@ -139,6 +140,13 @@ def test_the_command_line_builds_the_sweep() -> None:
     assert rate.num_requests == 64 and rate.slo.ttft_ms == 500 and rate.options.slo_ttft_ms is None
 
 
+def test_an_openai_server_is_named_by_its_url_and_its_key_stays_out_of_the_json() -> None:
+    plan = plan_from_args(parse("--base-url", "http://127.0.0.1:8000/v1", "--api-key", "sk-secret"))
+    assert (plan.api, plan.target) == (Api.OPENAI, "http://127.0.0.1:8000/v1")
+    assert "sk-secret" not in json.dumps(plan.to_json()) and "sk-secret" not in repr(plan)
+    assert plan_from_args(parse()).api is Api.GRPC
+
+
 def test_a_trace_replays_every_record_unless_told(tmp_path: Path) -> None:
     path = tmp_path / "t.jsonl"
     path.write_text(json.dumps({"timestamp": 0, "input_length": 5, "output_length": 1, "hash_ids": [1]}) + "\n")
@@ -157,6 +165,9 @@ def test_a_trace_replays_every_record_unless_told(tmp_path: Path) -> None:
         (("--requests", "0"), "--requests"),
         (("--trace", "/nonexistent.jsonl"), "--trace"),
         (("--output-len", "0"), "--output-len"),
+        (("--api", "openai"), "--base-url"),
+        (("--base-url", "localhost:8000"), "--base-url"),
+        (("--api", "grpc", "--base-url", "http://127.0.0.1:8000/v1"), "--base-url"),
     ],
 )
 def test_bad_flags_are_refused_by_name(argv: tuple[str, ...], flag: str) -> None:
