@@ -14,6 +14,7 @@ import sys
 from collections.abc import Sequence
 
 import structlog
+from structlog.tracebacks import ExceptionDictTransformer
 from structlog.typing import Processor
 
 
@@ -49,7 +50,9 @@ def configure_logging(service_name: str, level: str | int = "info", extra: Seque
             foreign_pre_chain=shared,
             processors=[
                 structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-                structlog.processors.dict_tracebacks,
+                # The traceback, never the frames' locals (structlog's default): a failed step's
+                # locals hold whole tensors, megabytes of log per error, and request contents.
+                structlog.processors.ExceptionRenderer(ExceptionDictTransformer(show_locals=False)),
                 structlog.processors.JSONRenderer(),
             ],
         )
