@@ -3,18 +3,26 @@
 Owns the model and the KV cache tensors. Knows nothing of sampling parameters or finishing.
 Export hooks fire here: a request whose last prompt chunk is in this step hands each layer to its
 KVExportSink right after the model finishes that layer.
+
+A step's inputs are built on the host as numpy arrays and reach the device in two copies (one
+int64, one int32) from pinned memory, queued without waiting: a torch.tensor(list, device=...)
+per input would cost a blocking copy each, and each blocking call is a point where the step
+thread must win the GIL back from the service's event loop.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from engine.attention import AttentionMetadata, PrefillSpan
 from engine.batcher import ScheduledChunk
 from engine.cuda_graphs import DecodeGraphs
 from engine.model import LlamaModel
+from engine.step_timer import StepKind
 
 
 @dataclass(slots=True)
@@ -26,6 +34,24 @@ class ForwardInputs:
     order: list[ScheduledChunk]  # chunks in row order (decodes first)
 
 
+def upload(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A host array on `device`; on CUDA through a fresh pinned buffer, copied without a sync (the
+    host allocator keeps that buffer until the copy has run)."""
+    host = torch.from_numpy(array)
+    if device.type != "cuda":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
+
+
+def chunk_slots(block_ids: Sequence[int], start: int, end: int, block_size: int) -> np.ndarray:
+    """(end - start,) int64: the cache slot of each position in [start, end)."""
+    first, last = start // block_size, -(-end // block_size)
+    blocks = np.asarray(block_ids[first:last], dtype=np.int64)
+    slots = (blocks[:, None] * block_size + np.arange(block_size, dtype=np.int64)).ravel()
+    offset = start - first * block_size
+    return slots[offset : offset + end - start]
+
+
 class ModelRunner:
     def __init__(
         self, model: LlamaModel, kv_caches: list[torch.Tensor], block_size: int, graphs: DecodeGraphs | None = None
@@ -35,55 +61,55 @@ class ModelRunner:
         self.block_size = block_size
         self.device = kv_caches[0].device
         self.graphs = graphs
+        self.last_kind = StepKind.EAGER_DECODE  # how the latest execute() ran
 
     def prepare(self, chunks: list[ScheduledChunk]) -> ForwardInputs:
         order = [c for c in chunks if c.num_new_tokens == 1] + [c for c in chunks if c.num_new_tokens > 1]
-        num_decodes = sum(1 for c in order if c.num_new_tokens == 1)
-        ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
+        decodes = [c for c in order if c.num_new_tokens == 1]
+        nd, bs = len(decodes), self.block_size
+        ids, positions, slots, span_blocks = [], [], [], []
         logits_rows: list[int] = []
-        prefills: list[PrefillSpan] = []
-        bs = self.block_size
+        spans: list[tuple[int, int, int]] = []  # (row0, num_new, end) of each prefill chunk
+        row = 0
         for chunk in order:
             r, start = chunk.request, chunk.request.num_computed_tokens
             end = start + chunk.num_new_tokens
-            row0 = len(ids)
-            ids += r.token_ids[start:end]
-            positions += range(start, end)
-            slots += [r.block_ids[p // bs] * bs + p % bs for p in range(start, end)]
-            if chunk.completes:
-                logits_rows.append(len(ids) - 1)
+            ids.append(np.asarray(r.token_ids[start:end], dtype=np.int64))
+            positions.append(np.arange(start, end, dtype=np.int64))
+            slots.append(chunk_slots(r.block_ids, start, end, bs))
             if chunk.num_new_tokens > 1:
-                blocks = torch.tensor(r.block_ids[: -(-end // bs)], dtype=torch.int64, device=self.device)
-                prefills.append(PrefillSpan(row0, chunk.num_new_tokens, end, blocks))
-        tables, lens = self._decode_tables(order[:num_decodes])
-        dev = self.device
+                spans.append((row, chunk.num_new_tokens, end))
+                span_blocks.append(np.asarray(r.block_ids[: -(-end // bs)], dtype=np.int64))
+            row += chunk.num_new_tokens
+            if chunk.completes:
+                logits_rows.append(row - 1)
+        flat = np.concatenate([*ids, *positions, *slots, np.asarray(logits_rows, dtype=np.int64), *span_blocks])
+        dev64 = upload(flat, self.device)
+        tables, lens = self._decode_tables(decodes)
+        parts = _split(dev64, [row, row, row, len(logits_rows), *(len(b) for b in span_blocks)])
+        input_ids, pos, slot_mapping, rows_t, *blocks = parts
+        prefills = [PrefillSpan(r0, n, end, b) for (r0, n, end), b in zip(spans, blocks, strict=True)]
         meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
-            num_decodes=num_decodes,
+            slot_mapping=slot_mapping,
+            num_decodes=nd,
             decode_block_tables=tables,
             decode_context_lens=lens,
             prefills=prefills,
         )
-        return ForwardInputs(
-            input_ids=torch.tensor(ids, dtype=torch.int64, device=dev),
-            positions=torch.tensor(positions, dtype=torch.int64, device=dev),
-            meta=meta,
-            logits_rows=torch.tensor(logits_rows, dtype=torch.int64, device=dev),
-            order=order,
-        )
+        return ForwardInputs(input_ids=input_ids, positions=pos, meta=meta, logits_rows=rows_t, order=order)
 
     def _decode_tables(self, decodes: list[ScheduledChunk]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         if not decodes:
             return None, None
+        n = len(decodes)
         width = max(len(c.request.block_ids) for c in decodes)
-        table = [c.request.block_ids + [0] * (width - len(c.request.block_ids)) for c in decodes]
-        lens = [c.request.num_computed_tokens + 1 for c in decodes]
-        return (
-            torch.tensor(table, dtype=torch.int32, device=self.device),
-            torch.tensor(lens, dtype=torch.int32, device=self.device),
-        )
+        host = np.zeros(n * width + n, dtype=np.int32)  # the table, row-major, then the lengths
+        table = host[: n * width].reshape(n, width)
+        for i, c in enumerate(decodes):
+            table[i, : len(c.request.block_ids)] = c.request.block_ids
+            host[n * width + i] = c.request.num_computed_tokens + 1
+        dev = upload(host, self.device)
+        return dev[: n * width].view(n, width), dev[n * width :]
 
     @torch.inference_mode()
     def execute(self, inputs: ForwardInputs) -> torch.Tensor:
@@ -91,12 +117,13 @@ class ModelRunner:
         exporting = [c for c in inputs.order if c.completes and c.request.kv_export is not None]
         meta = inputs.meta
         decode_only = not meta.prefills and len(inputs.logits_rows) == meta.num_decodes
-        if self.graphs is not None and decode_only and not exporting and self.graphs.can_run(meta.num_decodes):
-            assert meta.decode_block_tables is not None and meta.decode_context_lens is not None
-            return self.graphs.run(
-                inputs.input_ids, inputs.positions, meta.slot_mapping, meta.decode_block_tables,
-                meta.decode_context_lens,
-            )
+        self.last_kind = StepKind.EAGER_DECODE if decode_only else StepKind.MIXED
+        if self.graphs is not None and decode_only and not exporting:
+            tables, lens = meta.decode_block_tables, meta.decode_context_lens
+            assert tables is not None and lens is not None
+            if self.graphs.can_run(meta.num_decodes, tables.shape[1]):
+                self.last_kind = StepKind.GRAPH
+                return self.graphs.run(inputs.input_ids, inputs.positions, meta.slot_mapping, tables, lens)
 
         def on_layer_done(layer: int) -> None:
             for chunk in exporting:
@@ -108,3 +135,11 @@ class ModelRunner:
             inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta, on_layer_done if exporting else None
         )
         return self.model.logits(hidden[inputs.logits_rows])
+
+
+def _split(flat: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
+    out, at = [], 0
+    for n in sizes:
+        out.append(flat[at : at + n])
+        at += n
+    return out

@@ -69,12 +69,16 @@ def draw_seed(seed: int, position: int) -> int:
     return _splitmix64((_splitmix64(seed) + position * _GOLDEN_GAMMA) & _MASK64)
 
 
-def check_finite(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
-    """Raise if a row holds NaN or +inf or no finite value: the model, not the request, is wrong."""
-    row_max = logits.amax(dim=-1)  # (batch,); NaN propagates, all -inf stays -inf
-    if bool(torch.isfinite(row_max).all()):
+def finite_rows(logits: torch.Tensor) -> torch.Tensor:
+    """(batch,) bool on the logits' device: False where a row holds NaN or +inf or no finite value."""
+    return torch.isfinite(logits.amax(dim=-1))  # NaN propagates through amax, all -inf stays -inf
+
+
+def check_finite(finite: Sequence[bool], rows: Sequence[SamplingRow]) -> None:
+    """Raise if a row is not finite (finite_rows, read back): the model, not the request, is wrong."""
+    if all(finite):
         return
-    bad = int((~torch.isfinite(row_max)).nonzero()[0, 0])
+    bad = list(finite).index(False)
     row = rows[bad]
     raise RuntimeError(
         f"sampler: logits row {bad} (seed {row.seed}, position {row.position}) holds NaN or +inf "
@@ -148,18 +152,21 @@ class Sampler:
         if logits.dim() != 2 or logits.shape[0] != len(rows):
             raise ValueError(f"sampler: logits {tuple(logits.shape)} do not match {len(rows)} rows")
         raw = logits.float()  # (batch, vocab); the same tensor when already float32: never mutated
-        check_finite(raw, rows)
+        finite = finite_rows(raw)
         penalised = penalize(raw, rows)
         tokens = penalised.argmax(dim=-1)  # (batch,): greedy rows keep this
         sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
         if sampled:
             subset = penalised if len(sampled) == len(rows) else penalised[sampled]
             tokens[sampled] = self._draw(subset, [rows[i] for i in sampled])
+        # One read-back for the tokens and the finiteness check: each is a wait for the device.
+        token_ids, finite_list = torch.stack([tokens, finite.to(tokens.dtype)]).tolist()
+        check_finite([bool(f) for f in finite_list], rows)
         logprobs = None
         if any(r.params.logprobs for r in rows):
             chosen = torch.log_softmax(raw, dim=-1).gather(1, tokens[:, None])  # (batch, 1)
             logprobs = chosen.squeeze(1).tolist()
-        return SampleOutput(token_ids=tokens.tolist(), logprobs=logprobs)
+        return SampleOutput(token_ids=token_ids, logprobs=logprobs)
 
     def _draw(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
         """Exponential race: argmax(probs / E), E ~ Exp(1) drawn from (seed, position) alone."""
