@@ -2,8 +2,9 @@
 
 TicketImport is what the decode engine holds (engine.handoff.KVImport). KVReceiver, on the
 transport's loop, checks every Data header against its ticket (known, from the bound peer, layers
-in range and not seen, exact byte size) before receiving its payload into a pooled staging buffer,
-verifies sampled checksums, and unpacks into exactly the ticket's blocks on a scatter thread. A
+in range and not seen, exact byte size) before receiving its payload into a pooled staging buffer;
+a scatter thread verifies sampled checksums and unpacks into exactly the ticket's blocks, on the
+receiver's own CUDA stream (neither the loop nor the default stream touches the device here). A
 ticket that fails (lease, peer lost, cancel, bad message) publishes its error only after any
 unpack in progress has finished: once error() is set, or cancel() has returned, the transport
 never writes those blocks again, so the engine may free them.
@@ -119,7 +120,7 @@ class _Incoming:
     """The loop's record of one expected ticket."""
 
     ticket: TicketImport
-    block_ids: torch.Tensor  # (num_blocks,) int64 on the cache's device, validated once
+    block_ids: torch.Tensor  # (num_blocks,) int64 on the host, validated once
     layer_bytes: int  # one layer of the ticket, packed
     claimed: list[bool]  # per layer: a Data header for it was accepted
     conn: Connection | None = None  # bound by the first accepted Data header
@@ -128,6 +129,7 @@ class _Incoming:
     receiving: int = 0  # payload receives posted and not completed
     scattering: int = 0  # unpacks running on the scatter thread
     failure: TransferFailed | None = None
+    device_ids: torch.Tensor | None = None  # block_ids on the cache's device; scatter thread only
 
 
 def check_data(data: Data, num_blocks: int, layer_bytes: int, claimed: Sequence[bool]) -> str | None:
@@ -255,7 +257,7 @@ class KVReceiver:
             )
         if timeout_s <= 0:
             raise ValueError(f"timeout_s is {timeout_s}; give the transfer a positive lease")
-        ids = torch.tensor(list(block_ids), dtype=torch.int64, device=self.kv_caches[0].device)
+        ids = torch.tensor(list(block_ids), dtype=torch.int64)  # the device copy is made on the scatter thread
         validate_block_ids(ids, self.kv_caches[0].shape[1])
         expiry_ms = int((time.time() + timeout_s) * 1000)
         ticket = Ticket(TicketId(ticket_id), self._address, num_tokens, len(block_ids), expiry_ms)
@@ -326,17 +328,15 @@ class KVReceiver:
                 entry.receiving -= 1
             if entry.failure is not None:
                 return
-            chunk_bytes = entry.layer_bytes // (2 * entry.block_ids.numel())
-            bad = first_mismatch(staging.data, chunk_bytes, data.checksums) if data.checksums else None
+            entry.scattering += 1
+            try:
+                bad = await self.loop.run_in_executor(self._scatter, self._check_and_unpack, staging.data, data, entry)
+            finally:
+                entry.scattering -= 1
             if bad is not None:
                 layer = data.first_layer + bad // (2 * entry.block_ids.numel())
                 self._fail(entry, f"checksum mismatch in layer {layer} (chunk {bad} of the payload)", tell_peer=True)
                 return
-            entry.scattering += 1
-            try:
-                await self.loop.run_in_executor(self._scatter, self._unpack, staging.data, data, entry.block_ids)
-            finally:
-                entry.scattering -= 1
         except Exception as e:  # the payload never arrived whole: truncated, or the connection died
             self._fail(entry, f"payload of layers {data.first_layer}+{data.num_layers} lost: {e}", tell_peer=True)
         finally:
@@ -347,18 +347,34 @@ class KVReceiver:
             return
         self._landed(entry, data)
 
-    def _unpack(self, payload: torch.Tensor, data: Data, ids: torch.Tensor) -> None:
-        """On the scatter thread: payload (nbytes,) uint8 into the ticket's blocks of those layers."""
+    def _check_and_unpack(self, payload: torch.Tensor, data: Data, entry: _Incoming) -> int | None:
+        """On the scatter thread: verify the sampled checksums of payload (nbytes,) uint8, then unpack it
+        into the ticket's blocks of those layers; returns the first bad chunk instead when one is.
+
+        All of the receiver's device work happens here, on the receiver's own stream, and is finished
+        when this returns: never on the transport's loop, never on the default stream the engine's
+        step runs on, so it neither waits for a step nor makes a step wait for it.
+        """
+        if self._stream is None:
+            return self._check_and_unpack_here(payload, data, entry)
+        with torch.cuda.stream(self._stream):
+            bad = self._check_and_unpack_here(payload, data, entry)
+        self._stream.synchronize()
+        return bad
+
+    def _check_and_unpack_here(self, payload: torch.Tensor, data: Data, entry: _Incoming) -> int | None:
+        if data.checksums:
+            chunk_bytes = entry.layer_bytes // (2 * entry.block_ids.numel())
+            bad = first_mismatch(payload, chunk_bytes, data.checksums)
+            if bad is not None:
+                return bad
+        if entry.device_ids is None:
+            entry.device_ids = entry.block_ids.to(self.kv_caches[0].device)
         layout = self.layout
         layers = self.kv_caches[data.first_layer : data.first_layer + data.num_layers]
         shape = (data.num_layers, 2, data.num_blocks, layout.block_size, layout.num_kv_heads, layout.head_dim)
-        staging = payload.view(self._dtype).view(shape)
-        if self._stream is None:
-            unpack_blocks(staging, layers, ids)
-            return
-        with torch.cuda.stream(self._stream):
-            unpack_blocks(staging, layers, ids)
-        self._stream.synchronize()
+        unpack_blocks(payload.view(self._dtype).view(shape), layers, entry.device_ids)
+        return None
 
     def _landed(self, entry: _Incoming, data: Data) -> None:
         entry.bytes_landed += data.nbytes

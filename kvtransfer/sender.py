@@ -161,6 +161,8 @@ class KVSender:
         self._connect = connect
         self._outgoing: dict[str, _Outgoing] = {}  # loop thread only
         self._waiter = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kvtransfer-pack-wait")
+        device = torch.device(config.device)
+        self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None  # the waiter thread's
 
     # ---- any thread
     def __len__(self) -> int:
@@ -222,10 +224,12 @@ class KVSender:
         try:
             conn = await self._bind(out)
             if message.packed is not None:
-                await self._loop.run_in_executor(self._waiter, message.packed.synchronize)
+                checksums = await self._loop.run_in_executor(self._waiter, self._packed_checksums, out, message)
+            else:
+                checksums = self._checksums(out, message)
             if self._outgoing.get(out.push.ticket.ticket_id) is not out:
                 return
-            header = self._header(out, message, conn.next_tag())
+            header = self._header(out, message, conn.next_tag(), checksums)
             # Posted back to back (gather starts them in order), not one after the other's completion;
             # both finish before the staging buffer goes back to the pool, even when one fails.
             sent = await asyncio.gather(
@@ -260,14 +264,27 @@ class KVSender:
             raise TransferFailed(info.address, info.ticket_id, out.bytes_sent, "connection lost mid-ticket")
         return conn
 
-    def _header(self, out: _Outgoing, message: _Outbound, tag: int) -> Data:
+    def _packed_checksums(self, out: _Outgoing, message: _Outbound) -> tuple[tuple[int, int], ...]:
+        """On the waiter thread: wait for the pack, then hash on the sender's own stream — a read-back
+        on the default stream would wait for every step the engine has queued since the pack."""
+        assert message.packed is not None
+        message.packed.synchronize()
+        if self._stream is None:
+            return self._checksums(out, message)
+        with torch.cuda.stream(self._stream):
+            return self._checksums(out, message)
+
+    def _checksums(self, out: _Outgoing, message: _Outbound) -> tuple[tuple[int, int], ...]:
         info = out.push.ticket
-        checksums: tuple[tuple[int, int], ...] = ()
-        if self.config.checksum_samples:
-            chunk_bytes = message.staging.nbytes // (message.num_layers * 2 * info.num_blocks)
-            key = f"{info.ticket_id}:{message.first_layer}"
-            chunks = sample_chunks(message.num_layers * 2 * info.num_blocks, self.config.checksum_samples, key)
-            checksums = digest_chunks(message.staging.data, chunk_bytes, chunks)
+        if not self.config.checksum_samples:
+            return ()
+        chunk_bytes = message.staging.nbytes // (message.num_layers * 2 * info.num_blocks)
+        key = f"{info.ticket_id}:{message.first_layer}"
+        chunks = sample_chunks(message.num_layers * 2 * info.num_blocks, self.config.checksum_samples, key)
+        return digest_chunks(message.staging.data, chunk_bytes, chunks)
+
+    def _header(self, out: _Outgoing, message: _Outbound, tag: int, checksums: tuple[tuple[int, int], ...]) -> Data:
+        info = out.push.ticket
         return Data(
             info.ticket_id, message.first_layer, message.num_layers, info.num_blocks, message.staging.nbytes, tag,
             checksums,
