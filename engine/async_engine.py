@@ -2,8 +2,14 @@
 
 Every engine mutation runs on the step thread: callers submit small commands (add, abort,
 reserve, stats) and the thread runs them between steps, so the Engine itself needs no locks.
-Outputs travel back to each caller's event loop through call_soon_threadsafe. A step that raises
-fails the requests in it, and the loop carries on with the rest.
+Outputs travel back to each caller's event loop in one call_soon_threadsafe per loop per step
+(not one per request: each is a wake-up of that loop, paid under the GIL the step thread needs
+next). A caller that falls behind gets the outputs queued meanwhile merged into one.
+
+A step that raises fails the requests in it, and the loop carries on with the rest — unless the
+device is lost (the engine says so, or steps keep failing): then every request fails with
+DeviceLost, later calls are refused with it, the thread ends and `on_device_lost` is called, so
+that the service can stop serving and exit for its supervisor to restart it.
 """
 
 from __future__ import annotations
@@ -13,40 +19,82 @@ import contextlib
 import logging
 import queue
 import threading
+from collections import defaultdict, deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import Future
 from typing import TypeVar
 
 from engine.engine import Engine, EngineStats
-from engine.errors import InvalidRequest, RequestNotFound
+from engine.errors import DeviceLost, InvalidRequest, RequestNotFound
 from engine.handoff import KVExportSink, KVImport
 from engine.ids import BlockId
 from engine.request import RequestOutput
 from engine.sampling_params import SamplingParams
+from engine.step_timer import Phase, Stopwatch
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 _IDLE_POLL_S = 0.002  # how often an engine with only KV-import waiters looks again
+_MAX_FAILED_STEPS = 3  # failed steps in a row that mean the engine cannot run, whatever the probe says
+
+Item = RequestOutput | BaseException
 
 
 class _Stream:
-    """Where one request's outputs go: a queue on the caller's event loop."""
+    """Where one request's outputs go: a queue read on the caller's event loop."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
-        self.queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        self.items: deque[Item] = deque()
+        self.ready = asyncio.Event()
 
-    def put(self, item: RequestOutput | BaseException) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+    def put(self, item: Item) -> None:  # on self.loop
+        self.items.append(item)
+        self.ready.set()
+
+    async def next(self) -> RequestOutput:
+        """The next output, merged with every output already queued behind it; raises a queued error."""
+        while not self.items:
+            self.ready.clear()
+            await self.ready.wait()
+        item = self.items.popleft()
+        if isinstance(item, BaseException):
+            raise item
+        while not item.finished and self.items and not isinstance(self.items[0], BaseException):
+            later = self.items.popleft()
+            assert not isinstance(later, BaseException)
+            item = merge(item, later)
+        return item
+
+
+def _deliver(batch: list[tuple[_Stream, Item]]) -> None:
+    """On the caller's loop: one step's items for the streams of that loop."""
+    for stream, item in batch:
+        stream.put(item)
+
+
+def merge(first: RequestOutput, later: RequestOutput) -> RequestOutput:
+    """One output standing for two consecutive ones of a request (deltas joined, totals the later's)."""
+    logprobs = None
+    if first.new_logprobs is not None or later.new_logprobs is not None:
+        logprobs = (first.new_logprobs or []) + (later.new_logprobs or [])
+    later.new_token_ids = first.new_token_ids + later.new_token_ids
+    later.new_logprobs = logprobs
+    later.text_delta = first.text_delta + later.text_delta
+    later.queue_s = first.queue_s if first.queue_s is not None else later.queue_s
+    return later
 
 
 class AsyncEngine:
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, on_device_lost: Callable[[DeviceLost], None] | None = None) -> None:
         self.engine = engine
+        self.on_device_lost = on_device_lost
+        self.lost: DeviceLost | None = None
         self._commands: queue.SimpleQueue[tuple[Callable[[Engine], object], Future[object]]] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._streams: dict[str, _Stream] = {}
+        self._failed_steps = 0
         self._thread = threading.Thread(target=self._run, name="engine-step", daemon=True)
         self._thread.start()
 
@@ -54,6 +102,8 @@ class AsyncEngine:
 
     def submit(self, fn: Callable[[Engine], T]) -> Future[T]:
         """Run fn(engine) on the step thread between steps."""
+        if self.lost is not None:
+            raise self.lost
         if self._stop.is_set():
             raise RuntimeError("the engine is shut down")
         future: Future[T] = Future()
@@ -86,23 +136,20 @@ class AsyncEngine:
                 request_id, prompt_token_ids, params,
                 prior_output_ids=prior_output_ids, kv_import=kv_import, kv_export=kv_export,
                 prefill_only=prefill_only,
-            )
+            )  # fmt: skip
 
         finished = False
         try:
             await self.call(add)  # validation errors surface here, in the caller
-            while True:
-                item = await stream.queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                finished = item.finished
-                yield item
-                if finished:
-                    return
+            while not finished:
+                out = await stream.next()
+                finished = out.finished
+                yield out
         finally:
             self._streams.pop(request_id, None)
             if not finished and not self._stop.is_set():
-                self.submit(lambda e: _abort_quietly(e, request_id))
+                with contextlib.suppress(DeviceLost):
+                    self.submit(lambda e: _abort_quietly(e, request_id))
 
     async def abort(self, request_id: str) -> None:
         await self.call(lambda e: _abort_quietly(e, request_id))
@@ -117,28 +164,56 @@ class AsyncEngine:
         self._stop.set()
         self._wake.set()
         self._thread.join(timeout=30)
+        log.info("engine step loop: %s", self.engine.step_times.summary())
 
     # -- the step thread -----------------------------------------------------------------------
 
     def _run(self) -> None:
+        times = self.engine.step_times
         while not self._stop.is_set():
+            watch = Stopwatch(times)
             self._run_commands()
+            watch.lap(Phase.COMMANDS)
             if not self.engine.has_work():
                 self._wake.wait()
                 self._wake.clear()
+                watch.lap(Phase.IDLE)
                 continue
             try:
                 outputs = self.engine.step()
             except Exception as exc:  # a model bug or OOM must not take the other requests down
-                log.exception("engine step failed; failing the requests in flight")
-                self._fail_all(exc)
+                if self._step_failed(exc):
+                    return
                 continue
+            self._failed_steps = 0
+            watch = Stopwatch(times)
             if outputs:
-                self._dispatch(outputs)
+                self._dispatch([(o.request_id, o) for o in outputs])
+                watch.lap(Phase.DISPATCH)
             elif self.engine.batcher.waiting and not self.engine.batcher.running:
                 self._wake.wait(_IDLE_POLL_S)  # only KV imports in flight: don't spin
                 self._wake.clear()
+                watch.lap(Phase.IDLE)
         self._fail_all(RuntimeError("the engine shut down"))
+
+    def _step_failed(self, exc: Exception) -> bool:
+        """Fail the requests in flight; True when the device is lost and the loop must end."""
+        self._failed_steps += 1
+        problem = self.engine.device_problem()
+        if problem is None and self._failed_steps >= _MAX_FAILED_STEPS:
+            problem = f"{self._failed_steps} steps in a row failed, the last with {type(exc).__name__}: {exc}"
+        if problem is None:
+            log.error("engine step failed; failing the requests in flight", exc_info=exc)
+            self._fail_all(exc)
+            return False
+        log.critical("the engine's device is lost; failing every request and stopping: %s", problem, exc_info=exc)
+        self.lost = DeviceLost(problem)
+        self._stop.set()
+        self._fail_all(self.lost)
+        self._refuse_commands(self.lost)
+        if self.on_device_lost is not None:
+            self.on_device_lost(self.lost)
+        return True
 
     def _run_commands(self) -> None:
         while True:
@@ -153,21 +228,33 @@ class AsyncEngine:
             except BaseException as exc:
                 future.set_exception(exc)
 
-    def _dispatch(self, outputs: list[RequestOutput]) -> None:
-        for out in outputs:
-            stream = self._streams.get(out.request_id)
-            if stream is not None:
-                stream.put(out)
+    def _refuse_commands(self, exc: BaseException) -> None:
+        while True:
+            try:
+                _, future = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if future.set_running_or_notify_cancel():
+                future.set_exception(exc)
 
-    def _fail_all(self, exc: BaseException) -> None:
-        for request_id in list(self.engine.requests):
-            _abort_quietly(self.engine, request_id)
+    def _dispatch(self, items: Sequence[tuple[str, Item]]) -> None:
+        by_loop: defaultdict[asyncio.AbstractEventLoop, list[tuple[_Stream, Item]]] = defaultdict(list)
+        for request_id, item in items:
             stream = self._streams.get(request_id)
             if stream is not None:
-                stream.put(exc)
+                by_loop[stream.loop].append((stream, item))
+        for loop, batch in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # that loop is closed: its caller is gone
+                loop.call_soon_threadsafe(_deliver, batch)
+
+    def _fail_all(self, exc: BaseException) -> None:
+        failed: list[tuple[str, Item]] = []
+        for request_id in list(self.engine.requests):
+            _abort_quietly(self.engine, request_id)
+            failed.append((request_id, exc))
+        self._dispatch(failed)
 
 
 def _abort_quietly(engine: Engine, request_id: str) -> None:
     with contextlib.suppress(RequestNotFound):  # it finished on its own first
         engine.abort(request_id)
-

@@ -17,7 +17,7 @@ from engine.batcher import Batcher, BatchPlan
 from engine.block_pool import BlockPool
 from engine.config import EngineConfig
 from engine.cuda_graphs import DecodeGraphs
-from engine.errors import InvalidRequest, OutOfBlocks, RequestNotFound
+from engine.errors import DeviceLost, InvalidRequest, OutOfBlocks, RequestNotFound
 from engine.handoff import KVExportSink, KVImport
 from engine.ids import BlockId, RequestId
 from engine.kv_cache import allocate_kv_cache, plan_num_blocks
@@ -30,6 +30,7 @@ from engine.request import FinishReason, Request, RequestOutput, RequestStatus
 from engine.runner import ModelRunner
 from engine.sampler import Sampler, SamplingRow
 from engine.sampling_params import SamplingParams, check_context
+from engine.step_timer import Phase, StepTimes, Stopwatch
 from engine.tokenizer import Tokenizer
 from engine.weights import load_checkpoint
 
@@ -64,10 +65,17 @@ class Engine:
         self.pool = BlockPool(num_blocks)
         self.kv = KVManager(self.pool, cache.block_size, fingerprint, cache.enable_prefix_caching)
         self.batcher = Batcher(config.batcher, self.kv)
-        graphs = None
+        graphs, self.graph_capture = None, None
         if self.device.type == "cuda" and config.cuda_graph_max_batch > 0:
-            graphs = DecodeGraphs(model, self.kv_caches, cache.block_size, num_blocks, config.cuda_graph_max_batch)
+            max_batch = min(config.cuda_graph_max_batch, config.batcher.max_running)
+            max_width = min(blocks_for(self.model_config.max_position_embeddings, cache.block_size), num_blocks)
+            graphs = DecodeGraphs(model, self.kv_caches, cache.block_size, num_blocks, max_batch, max_width)
+            # Now, while no other thread of the process can touch the device (cuda_graphs.py says why).
+            self.graph_capture = graphs.capture_all()
         self.runner = ModelRunner(model, self.kv_caches, cache.block_size, graphs)
+        self.num_steps = 0
+        self.step_times = StepTimes()
+        self._lost: str | None = None  # why the device is unusable, once known
         self.sampler = Sampler()
         self.requests: dict[RequestId, Request] = {}
         self._outputs: dict[RequestId, OutputProcessor] = {}
@@ -201,12 +209,20 @@ class Engine:
     # -- the step ----------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        self.num_steps += 1
+        if self.num_steps == self.config.inject_device_loss_at_step:
+            self._lost = f"device loss injected at step {self.num_steps} (inject_device_loss_at_step)"
+            raise DeviceLost(self._lost)
+        watch = Stopwatch(self.step_times)
         plan = self.batcher.schedule()
         outputs = self._fail_imports(plan)
+        watch.lap(Phase.SCHEDULE)
         if not plan.chunks:
             return outputs
         inputs = self.runner.prepare(plan.chunks)
+        watch.lap(Phase.PREPARE)
         logits = self.runner.execute(inputs)  # (completing chunks, vocab)
+        watch.lap(Phase.LAUNCH)
         sampled: list[Request] = []
         for chunk in inputs.order:
             request, completes = chunk.request, chunk.completes
@@ -219,10 +235,25 @@ class Engine:
                     request.kv_export = None
         rows = [SamplingRow(r.params, r.seed, r.num_tokens, r.token_ids) for r in sampled]
         result = self.sampler.sample(logits, rows)
+        watch.lap(Phase.SAMPLE)
         for i, request in enumerate(sampled):
             logprob = result.logprobs[i] if result.logprobs is not None else None
             outputs.append(self._accept_token(request, result.token_ids[i], logprob))
+        watch.lap(Phase.OUTPUT)
+        self.step_times.add_step(self.runner.last_kind, watch.elapsed, plan.num_tokens, len(sampled))
         return outputs
+
+    def device_problem(self) -> str | None:
+        """After a failed step: why the device can no longer run steps, or None when it still can
+        (a tiny kernel runs and the device synchronises)."""
+        if self._lost is None and self.device.type == "cuda":
+            try:
+                probe = torch.ones(1, device=self.device)
+                probe.add_(1)
+                torch.cuda.synchronize(self.device)
+            except Exception as e:  # a sticky CUDA error fails every call from now on
+                self._lost = f"the device no longer runs kernels: {e}"
+        return self._lost
 
     def _accept_token(self, request: Request, token_id: int, logprob: float | None) -> RequestOutput:
         request.token_ids.append(token_id)

@@ -45,3 +45,9 @@ class OutOfBlocks(EngineError):
 
 class RequestNotFound(EngineError, KeyError):
     """No request with this id is known (finished, aborted or never added). Maps to NOT_FOUND."""
+
+
+class DeviceLost(EngineError):
+    """The engine's device can no longer run steps: a sticky CUDA error, steps that keep failing,
+    or (tests) a loss injected through EngineConfig.inject_device_loss_at_step. The engine is
+    finished and its requests must move to another worker. Maps to UNAVAILABLE."""

@@ -17,6 +17,7 @@ def make_engine(
     max_batched_tokens: int = 512,
     max_prefill_chunk: int = 512,
     prefix_caching: bool = True,
+    inject_device_loss_at_step: int = 0,
 ) -> Engine:
     config = EngineConfig(
         model=str(path),
@@ -24,6 +25,7 @@ def make_engine(
         cache=CacheConfig(block_size=block_size, num_blocks=num_blocks, enable_prefix_caching=prefix_caching),
         batcher=BatcherConfig(max_batched_tokens=max_batched_tokens, max_prefill_chunk=max_prefill_chunk),
         torch_threads=2,
+        inject_device_loss_at_step=inject_device_loss_at_step,
     )
     return Engine.from_config(config)
 

@@ -1,0 +1,78 @@
+"""Where a worker's step loop spends its time, by phase, cheap enough to stay on.
+
+The engine times the phases of each step (plan, build inputs, launch, wait for the device and
+sample, account for tokens); the async engine adds what surrounds the steps (commands, handing
+outputs to callers, idle waits). The sums answer "is the device waiting for Python, or Python for
+the device?" under real load: with CUDA graphs the launch is quick and `sample` is mostly the
+device's own time, so the rest is host overhead the device sat idle through.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+
+class Phase(enum.Enum):
+    SCHEDULE = "schedule"  # the batcher's plan
+    PREPARE = "prepare"  # host arrays built and queued to the device
+    LAUNCH = "launch"  # the forward pass queued (eager) or replayed (graph)
+    SAMPLE = "sample"  # waiting for the device, sampling, reading tokens back
+    OUTPUT = "output"  # per-request accounting: detokenize, stop checks, outputs
+    COMMANDS = "commands"  # add/abort/reserve/stats run between steps
+    DISPATCH = "dispatch"  # outputs handed to the callers' event loops
+    IDLE = "idle"  # nothing to do, or only KV imports in flight
+
+
+class StepKind(enum.Enum):
+    GRAPH = "graph"  # decode-only, replayed from a CUDA graph
+    EAGER_DECODE = "eager_decode"  # decode-only, launched op by op
+    MIXED = "mixed"  # prefill chunks in the batch
+
+
+@dataclass
+class StepTimes:
+    seconds: dict[Phase, float] = field(default_factory=lambda: dict.fromkeys(Phase, 0.0))
+    steps: dict[StepKind, int] = field(default_factory=lambda: dict.fromkeys(StepKind, 0))
+    step_seconds: dict[StepKind, float] = field(default_factory=lambda: dict.fromkeys(StepKind, 0.0))
+    tokens: int = 0  # tokens computed (prefill and decode)
+    sampled: int = 0  # tokens sampled
+
+    def add(self, phase: Phase, seconds: float) -> None:
+        self.seconds[phase] += seconds
+
+    def add_step(self, kind: StepKind, seconds: float, tokens: int, sampled: int) -> None:
+        self.steps[kind] += 1
+        self.step_seconds[kind] += seconds
+        self.tokens += tokens
+        self.sampled += sampled
+
+    def summary(self) -> dict[str, object]:
+        """Totals in ms and mean ms per step of each kind, for a log line."""
+        return {
+            "phase_ms": {p.value: round(s * 1000, 1) for p, s in self.seconds.items()},
+            "steps": {k.value: n for k, n in self.steps.items() if n},
+            "mean_step_ms": {
+                k.value: round(self.step_seconds[k] / n * 1000, 2) for k, n in self.steps.items() if n
+            },
+            "tokens": self.tokens,
+            "sampled": self.sampled,
+        }
+
+
+class Stopwatch:
+    """Laps of one step: each lap() charges the time since the previous one to a phase."""
+
+    def __init__(self, times: StepTimes) -> None:
+        self.times = times
+        self.start = self._last = time.perf_counter()
+
+    def lap(self, phase: Phase) -> None:
+        now = time.perf_counter()
+        self.times.add(phase, now - self._last)
+        self._last = now
+
+    @property
+    def elapsed(self) -> float:
+        return self._last - self.start

@@ -1,0 +1,58 @@
+"""The async engine under trouble: a lost device ends it cleanly, a slow reader loses nothing."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from engine.async_engine import AsyncEngine
+from engine.errors import DeviceLost
+from tests.engine.engine_helpers import greedy, make_engine, run_to_completion
+
+
+async def test_a_lost_device_fails_every_request_refuses_new_ones_and_tells_the_owner(tiny_llama: Path) -> None:
+    told: list[DeviceLost] = []
+    async_engine = AsyncEngine(make_engine(tiny_llama, num_blocks=64, inject_device_loss_at_step=4), told.append)
+    try:
+
+        async def tokens_until_failure(rid: str, prompt: list[int]) -> tuple[int, BaseException | None]:
+            n = 0
+            try:
+                async for out in async_engine.generate(rid, prompt, greedy(50)):
+                    n += len(out.new_token_ids)
+            except DeviceLost as e:
+                return n, e
+            return n, None
+
+        results = await asyncio.gather(tokens_until_failure("a", [1, 2, 3]), tokens_until_failure("b", [4, 5]))
+        # Step 1 prefills both and samples their first tokens; steps 2 and 3 add one each; step 4 fails.
+        assert [n for n, _ in results] == [3, 3]
+        assert all(isinstance(e, DeviceLost) and "injected at step 4" in str(e) for _, e in results)
+        assert len(told) == 1 and told[0] is async_engine.lost
+        with pytest.raises(DeviceLost):
+            async for _ in async_engine.generate("c", [1, 2], greedy(2)):
+                pass
+        with pytest.raises(DeviceLost):
+            await async_engine.stats()
+    finally:
+        async_engine.shutdown()
+
+
+async def test_a_reader_that_falls_behind_gets_the_queued_outputs_merged_and_every_token(tiny_llama: Path) -> None:
+    expected_engine = make_engine(tiny_llama, num_blocks=64)
+    expected_engine.add_request("slow", [7, 8, 9], greedy(30))
+    expected = run_to_completion(expected_engine)["slow"]
+    async_engine = AsyncEngine(make_engine(tiny_llama, num_blocks=64))
+    try:
+        outputs = []
+        async for out in async_engine.generate("slow", [7, 8, 9], greedy(30)):
+            outputs.append(out)
+            if len(outputs) == 1:
+                await asyncio.sleep(0.5)  # the engine runs on meanwhile
+        assert [t for o in outputs for t in o.new_token_ids] == expected
+        assert len(outputs) < len(expected)
+        assert outputs[-1].finished and outputs[-1].num_output_tokens == 30
+    finally:
+        async_engine.shutdown()
