@@ -112,6 +112,29 @@ def time_decode(engine: Engine, batch: int, prompt_len: int, steps: int, device:
     return elapsed / steps
 
 
+def time_mixed(engine: Engine, batch: int, prompt_len: int, chunk: int, device: str, reps: int = 8) -> float:
+    """Median seconds of a step that decodes `batch` requests while one new `chunk`-token prompt
+    prefills in the same step (what a serving worker's steps look like under mixed load)."""
+    params = SamplingParams(max_tokens=reps * 4 + 16, ignore_eos=True)
+    for i in range(batch):
+        engine.add_request(f"m{batch}-{i}", [(5 * i + j) % 1000 + 1 for j in range(prompt_len)], params)
+    while any(r.num_computed_tokens < r.num_prompt_tokens for r in engine.requests.values()):
+        engine.step()
+    gen = torch.Generator().manual_seed(chunk)
+    times = []
+    for rep in range(reps + 1):  # the first is a warm-up
+        prompt = torch.randint(1, 30_000, (chunk,), generator=gen).tolist()  # distinct: no prefix hits
+        engine.add_request(f"chunk{chunk}-{rep}", prompt, SamplingParams(max_tokens=1))
+        sync(device)
+        t = time.perf_counter()
+        engine.step()
+        sync(device)
+        times.append(time.perf_counter() - t)
+    for rid in list(engine.requests):
+        engine.abort(rid)
+    return sorted(times[1:])[reps // 2]
+
+
 def time_prefill(engine: Engine, prompt_len: int, device: str) -> float:
     best = float("inf")
     for rep in range(3):
@@ -147,7 +170,8 @@ def build_engines(args: argparse.Namespace) -> tuple[Engine, ModelConfig, torch.
     if cuda:
         config = EngineConfig(
             device=args.device, cache=CacheConfig(gpu_memory_fraction=0.35),
-            batcher=BatcherConfig(max_batched_tokens=4096, max_prefill_chunk=4096),
+            # max_running above the largest decode batch, so a mixed step can add a prompt to it.
+            batcher=BatcherConfig(max_running=128, max_batched_tokens=4096, max_prefill_chunk=4096),
         )
         engine = Engine.with_random_weights(LLAMA_8B, config)
         return engine, LLAMA_8B, (hf_random_llama(LLAMA_8B, args.device) if args.transformers else None)
@@ -193,6 +217,7 @@ def main() -> None:
     parser.add_argument("--prefill-len", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--mixed-chunks", default="", help="prompt chunk sizes to time joining the largest batch")
     parser.add_argument("--no-transformers", dest="transformers", action="store_false")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -220,6 +245,12 @@ def main() -> None:
         results.append(r)
         print(f"decode batch {b}: {r.ms_per_step:.2f} ms/step ({r.tokens_per_s:.1f} tok/s), floor {r.floor_ms:.2f} ms"
               + (f", transformers {r.hf_ms_per_step:.2f} ms/step" if r.hf_ms_per_step else ""), flush=True)
+    mixed = []
+    for chunk in [int(c) for c in args.mixed_chunks.split(",") if c]:
+        b = batches[-1]
+        ms = time_mixed(engine, b, prompt_len, chunk, args.device) * 1000
+        mixed.append({"batch": b, "chunk": chunk, "ms_per_step": ms})
+        print(f"mixed step: batch {b} decoding + a {chunk}-token prompt chunk: {ms:.2f} ms", flush=True)
     prefill_s = time_prefill(engine, prefill_len, args.device)
     params = weight_bytes(m, elem) // elem
     attn = 2 * m.num_layers * m.num_heads * m.head_dim * prefill_len * prefill_len  # causal QK^T and PV
@@ -232,6 +263,8 @@ def main() -> None:
         "copy_bandwidth_GBps": bw / 1e9,
         "matmul_TFLOPs": flops / 1e12,
         "decode": [r.__dict__ for r in results],
+        "mixed": mixed,
+        "graph_capture": engine.graph_capture.__dict__ if engine.graph_capture else None,
         "prefill": {"tokens": prefill_len, "ms": prefill_s * 1000, "floor_ms": prefill_flops / flops * 1000,
                     "achieved_TFLOPs": prefill_flops / prefill_s / 1e12},
     }  # fmt: skip
