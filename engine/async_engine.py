@@ -95,6 +95,9 @@ class AsyncEngine:
         self._stop = threading.Event()
         self._streams: dict[str, _Stream] = {}
         self._failed_steps = 0
+        self._pending: list[tuple[str, Item]] = []  # the latest step's outputs, handed over during the next
+        if engine.graph_capture is not None:
+            log.info("decode CUDA graphs captured before serving: %s", engine.graph_capture)
         self._thread = threading.Thread(target=self._run, name="engine-step", daemon=True)
         self._thread.start()
 
@@ -175,26 +178,36 @@ class AsyncEngine:
             self._run_commands()
             watch.lap(Phase.COMMANDS)
             if not self.engine.has_work():
+                self._flush()
                 self._wake.wait()
                 self._wake.clear()
                 watch.lap(Phase.IDLE)
                 continue
             try:
-                outputs = self.engine.step()
+                # The previous step's outputs go to their callers while this step runs on the device.
+                outputs = self.engine.step(while_device_runs=self._flush)
             except Exception as exc:  # a model bug or OOM must not take the other requests down
+                self._flush()
                 if self._step_failed(exc):
                     return
                 continue
             self._failed_steps = 0
             watch = Stopwatch(times)
-            if outputs:
-                self._dispatch([(o.request_id, o) for o in outputs])
-                watch.lap(Phase.DISPATCH)
-            elif self.engine.batcher.waiting and not self.engine.batcher.running:
+            self._flush()  # a step that launched nothing (only KV imports in flight) called no one
+            self._pending = [(o.request_id, o) for o in outputs]
+            watch.lap(Phase.DISPATCH)
+            if not outputs and self.engine.batcher.waiting and not self.engine.batcher.running:
                 self._wake.wait(_IDLE_POLL_S)  # only KV imports in flight: don't spin
                 self._wake.clear()
                 watch.lap(Phase.IDLE)
+        self._flush()
         self._fail_all(RuntimeError("the engine shut down"))
+
+    def _flush(self) -> None:
+        """Hand the held outputs to their callers."""
+        if self._pending:
+            pending, self._pending = self._pending, []
+            self._dispatch(pending)
 
     def _step_failed(self, exc: Exception) -> bool:
         """Fail the requests in flight; True when the device is lost and the loop must end."""
@@ -209,10 +222,10 @@ class AsyncEngine:
         log.critical("the engine's device is lost; failing every request and stopping: %s", problem, exc_info=exc)
         self.lost = DeviceLost(problem)
         self._stop.set()
+        if self.on_device_lost is not None:  # first: the owner stops serving before callers hear of it
+            self.on_device_lost(self.lost)
         self._fail_all(self.lost)
         self._refuse_commands(self.lost)
-        if self.on_device_lost is not None:
-            self.on_device_lost(self.lost)
         return True
 
     def _run_commands(self) -> None:

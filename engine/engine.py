@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -208,7 +208,10 @@ class Engine:
 
     # -- the step ----------------------------------------------------------------------------
 
-    def step(self) -> list[RequestOutput]:
+    def step(self, while_device_runs: Callable[[], None] | None = None) -> list[RequestOutput]:
+        """One step of the batch. `while_device_runs` is called once the step's work is queued on
+        the device, before waiting for it: host work done there overlaps the device's instead of
+        delaying the next launch (the async engine hands over the previous step's outputs)."""
         self.num_steps += 1
         if self.num_steps == self.config.inject_device_loss_at_step:
             self._lost = f"device loss injected at step {self.num_steps} (inject_device_loss_at_step)"
@@ -223,6 +226,9 @@ class Engine:
         watch.lap(Phase.PREPARE)
         logits = self.runner.execute(inputs)  # (completing chunks, vocab)
         watch.lap(Phase.LAUNCH)
+        if while_device_runs is not None:
+            while_device_runs()
+            watch.lap(Phase.DISPATCH)
         sampled: list[Request] = []
         for chunk in inputs.order:
             request, completes = chunk.request, chunk.completes

@@ -1,0 +1,128 @@
+#!/usr/bin/env bash
+# Every GPU figure of issue 15 in one run on one GPU: the engine's offline rates (the baseline),
+# the GPU tests, and the mesh under load, disaggregated and colocated, with the load generator.
+#
+#   PHASES="engine tests mesh" bench/gpu_run.sh            # from the repository root
+#
+# Writes $OUT/summary.txt (what each phase printed last) and $OUT/logs.tgz (every log and JSON).
+# Each phase has its own time limit and the whole run a deadline (BUDGET_S), so that a stuck phase
+# costs only itself. Phases: setup engine profile tests model mesh-disagg mesh-coloc.
+set -u
+OUT=${OUT:-/tmp/gpu_run}
+LOGS=$OUT/logs
+mkdir -p "$LOGS"
+export PYTHONUNBUFFERED=1
+PHASES=${PHASES:-"setup model tests engine mesh-disagg mesh-coloc"}
+BUDGET_S=${BUDGET_S:-570}
+MODEL=${MODEL:-/tmp/llama8b-random}
+KV_BLOCKS=${KV_BLOCKS:-8192}
+LOADS=${LOADS:-"c64"}  # which bench serve loads run on each mesh (see load_args)
+T0=$(date +%s)
+PY=python3
+
+left() { echo $((BUDGET_S - ($(date +%s) - T0))); }
+say() { echo "$*" | tee -a "$OUT/summary.txt"; }
+
+# phase NAME LIMIT_S CMD...: run with a limit (never past the deadline), log to $LOGS/NAME.log.
+phase() {
+  local name=$1 limit=$2
+  shift 2
+  local remaining
+  remaining=$(left)
+  if ((remaining < 20)); then say "== $name skipped: $remaining s left"; return 1; fi
+  ((limit > remaining - 10)) && limit=$((remaining - 10))
+  local start=$(date +%s)
+  timeout -k 5 "$limit" "$@" >"$LOGS/$name.log" 2>&1
+  local rc=$?
+  say "== $name rc=$rc $(($(date +%s) - start))s (limit ${limit}s)"
+  tail -n "${TAIL:-12}" "$LOGS/$name.log" | cut -c1-300 | tee -a "$OUT/summary.txt"
+  return $rc
+}
+
+brief() {  # one line per load point of a bench serve JSON
+  $PY - "$1" <<'PYEOF' | tee -a "$OUT/summary.txt"
+import json, sys
+d = json.load(open(sys.argv[1]))
+f = lambda x, n=0: "-" if x is None else f"{x:.{n}f}"
+for r in d["runs"]:
+    t, p, i = r["ttft_ms"], r["tpot_ms"], r["itl_ms"]
+    print(f"  {sys.argv[1].rsplit('/', 1)[-1]} {r['load']['mode']}={r['load']['value']}: ok {r['ok']} failed "
+          f"{r['failed']} {r['failed_by_code'] or ''} out_tok/s {f(r['output_tokens_per_s'])} TTFT p50/p99 "
+          f"{f(t['p50'])}/{f(t['p99'])} TPOT p50/p99 {f(p['p50'], 1)}/{f(p['p99'], 1)} ITL p50 {f(i['p50'], 1)} "
+          f"in {f(r['duration_s'], 1)}s")
+PYEOF
+}
+
+wants() { [[ " $PHASES " == *" $1 "* ]]; }
+
+load_args() {  # the bench serve arguments of a load name
+  case $1 in
+    c8) echo "--concurrency 8 --requests 16 --input-len 1024 --output-len 256" ;;
+    c16) echo "--concurrency 16 --requests 48 --input-len 1024 --output-len 256" ;;
+    c64) echo "--concurrency 64 --requests 192 --input-len 1024 --output-len 256" ;;
+    c256) echo "--concurrency 256 --requests 512 --input-len 1024 --output-len 128" ;;
+    seq4k) echo "--concurrency 1 --requests 8 --input-len 4096 --output-len 16" ;;
+    c16x4k) echo "--concurrency 16 --requests 48 --input-len 4096 --output-len 64" ;;
+  esac
+}
+
+# mesh NAME PORT UP_ARGS...: start `pdmesh up`, run every load of $LOADS against it, stop it (its
+# workers log their step-loop summaries as they stop).
+mesh() {
+  local name=$1 port=$2
+  shift 2
+  $PY -m pdmesh up --model "$MODEL" --device "${DEVICE:-cuda}" --kv-blocks "$KV_BLOCKS" --port "$port" "$@" \
+    >"$LOGS/$name.up.log" 2>&1 &
+  local pid=$!
+  local waited=0
+  until grep -q "pdmesh is up" "$LOGS/$name.up.log" 2>/dev/null; do
+    if ! kill -0 $pid 2>/dev/null || ((waited > 240)); then
+      say "== $name: the mesh did not come up"; tail -n 30 "$LOGS/$name.up.log" | tee -a "$OUT/summary.txt"
+      kill -INT $pid 2>/dev/null; wait $pid; return 1
+    fi
+    sleep 1; waited=$((waited + 1))
+  done
+  say "== $name up after ${waited}s"
+  for load in $LOADS; do
+    # shellcheck disable=SC2046
+    phase "$name-$load" 240 $PY -m pdmesh bench serve --target "127.0.0.1:$port" $(load_args "$load") \
+      --warmup 2 --no-progress --out "$LOGS/$name-$load.json" && brief "$LOGS/$name-$load.json"
+  done
+  kill -INT $pid
+  timeout 60 tail --pid=$pid -f /dev/null
+  kill -9 $pid 2>/dev/null
+  grep -a "step loop\|device is lost\|captured\|Traceback\|Error" "$LOGS/$name.up.log" | cut -c1-600 | tail -n 20 \
+    | tee -a "$OUT/summary.txt"
+}
+
+if wants setup; then
+  phase setup 60 bash -c 'nvidia-smi -L; nvidia-smi --query-gpu=memory.used,memory.total --format=csv;
+    python3 -c "import torch, triton, grpc, ucxx, structlog; print(torch.__version__, triton.__version__, grpc.__version__)"'
+fi
+if wants model; then  # in the background: the tests below share the GPU but time nothing
+  (timeout 240 $PY bench/random_model.py "$MODEL" --max-position 8192 >"$LOGS/model.log" 2>&1; echo "rc=$?" >>"$LOGS/model.log") &
+  MODEL_PID=$!
+fi
+if wants tests; then
+  phase tests 200 $PY -m pytest -q -m gpu -p no:cacheprovider --timeout 180 \
+    tests/mesh/test_mesh_gpu.py tests/engine/test_oracle_gpu.py
+fi
+if wants model; then
+  wait "$MODEL_PID"; say "== model: $(tail -n 2 "$LOGS/model.log" | tr '\n' ' ')"
+fi
+if wants engine; then
+  phase engine 150 $PY bench/engine.py --device cuda --batches 1,16,64 --prompt-len 1024 --steps 30 \
+    --mixed-chunks 128,256,512,1024,2048 --no-transformers --out "$LOGS/engine.json"
+fi
+if wants profile; then
+  phase profile 100 $PY bench/step_profile.py --batch 64 --prompt-len 1024 --chunks 0,256,1024 --steps 4 \
+    --out-dir "$LOGS/profile"
+fi
+if wants mesh-disagg; then
+  mesh mesh-disagg 50051 --prefill 1 --decode 1
+fi
+if wants mesh-coloc; then
+  PDMESH_SCHEDULER_LOCAL_PREFILL_MAX_TOKENS=1000000 mesh mesh-coloc 51051 --prefill 0 --decode 1
+fi
+say "== total $(($(date +%s) - T0))s"
+tar -czf "$OUT/logs.tgz" -C "$OUT" logs && rm -rf "$LOGS"
