@@ -246,11 +246,17 @@ def main() -> None:
         print(f"decode batch {b}: {r.ms_per_step:.2f} ms/step ({r.tokens_per_s:.1f} tok/s), floor {r.floor_ms:.2f} ms"
               + (f", transformers {r.hf_ms_per_step:.2f} ms/step" if r.hf_ms_per_step else ""), flush=True)
     mixed = []
+    pieces = engine.runner.pieces
     for chunk in [int(c) for c in args.mixed_chunks.split(",") if c]:
         b = batches[-1]
-        ms = time_mixed(engine, b, prompt_len, chunk, args.device) * 1000
-        mixed.append({"batch": b, "chunk": chunk, "ms_per_step": ms})
-        print(f"mixed step: batch {b} decoding + a {chunk}-token prompt chunk: {ms:.2f} ms", flush=True)
+        row = {"batch": b, "chunk": chunk, "ms_per_step": time_mixed(engine, b, prompt_len, chunk, args.device) * 1000}
+        if pieces is not None:  # the same step launched op by op, for comparison
+            engine.runner.pieces = None
+            row["op_by_op_ms_per_step"] = time_mixed(engine, b, prompt_len, chunk, args.device) * 1000
+            engine.runner.pieces = pieces
+        mixed.append(row)
+        print(f"mixed step: batch {b} decoding + a {chunk}-token prompt chunk: {row['ms_per_step']:.2f} ms"
+              + (f" (op by op {row['op_by_op_ms_per_step']:.2f} ms)" if pieces is not None else ""), flush=True)
     prefill_s = time_prefill(engine, prefill_len, args.device)
     params = weight_bytes(m, elem) // elem
     attn = 2 * m.num_layers * m.num_heads * m.head_dim * prefill_len * prefill_len  # causal QK^T and PV
@@ -264,7 +270,7 @@ def main() -> None:
         "matmul_TFLOPs": flops / 1e12,
         "decode": [r.__dict__ for r in results],
         "mixed": mixed,
-        "graph_capture": engine.graph_capture.__dict__ if engine.graph_capture else None,
+        "graph_capture": [c.__dict__ for c in engine.graph_capture],
         "prefill": {"tokens": prefill_len, "ms": prefill_s * 1000, "floor_ms": prefill_flops / flops * 1000,
                     "achieved_TFLOPs": prefill_flops / prefill_s / 1e12},
     }  # fmt: skip

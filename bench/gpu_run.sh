@@ -6,17 +6,17 @@
 #
 # Writes $OUT/summary.txt (what each phase printed last) and $OUT/logs.tgz (every log and JSON).
 # Each phase has its own time limit and the whole run a deadline (BUDGET_S), so that a stuck phase
-# costs only itself. Phases: setup engine profile tests model mesh-disagg mesh-coloc.
+# costs only itself. Phases: setup model tests engine profile mesh-disagg mesh-coloc mesh-coloc512.
 set -u
 OUT=${OUT:-/tmp/gpu_run}
 LOGS=$OUT/logs
 mkdir -p "$LOGS"
 export PYTHONUNBUFFERED=1
-PHASES=${PHASES:-"setup model tests engine mesh-disagg mesh-coloc"}
+PHASES=${PHASES:-"setup model tests engine mesh-disagg mesh-coloc mesh-coloc512"}
 BUDGET_S=${BUDGET_S:-570}
 MODEL=${MODEL:-/tmp/llama8b-random}
 KV_BLOCKS=${KV_BLOCKS:-8192}
-LOADS=${LOADS:-"c64"}  # which bench serve loads run on each mesh (see load_args)
+LOADS=${LOADS:-"seq4k c16 c64 c256 c16x4k"}  # the bench serve loads run on each mesh (see load_args)
 T0=$(date +%s)
 PY=python3
 
@@ -58,11 +58,11 @@ wants() { [[ " $PHASES " == *" $1 "* ]]; }
 load_args() {  # the bench serve arguments of a load name
   case $1 in
     c8) echo "--concurrency 8 --requests 16 --input-len 1024 --output-len 256" ;;
-    c16) echo "--concurrency 16 --requests 48 --input-len 1024 --output-len 256" ;;
-    c64) echo "--concurrency 64 --requests 192 --input-len 1024 --output-len 256" ;;
-    c256) echo "--concurrency 256 --requests 512 --input-len 1024 --output-len 128" ;;
-    seq4k) echo "--concurrency 1 --requests 8 --input-len 4096 --output-len 16" ;;
-    c16x4k) echo "--concurrency 16 --requests 48 --input-len 4096 --output-len 64" ;;
+    c16) echo "--concurrency 16 --requests 32 --input-len 1024 --output-len 256" ;;
+    c64) echo "--concurrency 64 --requests 128 --input-len 1024 --output-len 256" ;;
+    c256) echo "--concurrency 256 --requests 256 --input-len 1024 --output-len 128" ;;
+    seq4k) echo "--concurrency 1 --requests 6 --input-len 4096 --output-len 16" ;;
+    c16x4k) echo "--concurrency 16 --requests 32 --input-len 4096 --output-len 32" ;;
   esac
 }
 
@@ -105,14 +105,14 @@ if wants model; then  # in the background: the tests below share the GPU but tim
 fi
 if wants tests; then
   phase tests 200 $PY -m pytest -q -m gpu -p no:cacheprovider --timeout 180 \
-    tests/mesh/test_mesh_gpu.py tests/engine/test_oracle_gpu.py
+    tests/mesh/test_mesh_gpu.py tests/engine/test_oracle_gpu.py tests/kvtransfer/test_transfer_gpu.py
 fi
 if wants model; then
   wait "$MODEL_PID"; say "== model: $(tail -n 2 "$LOGS/model.log" | tr '\n' ' ')"
 fi
 if wants engine; then
   phase engine 150 $PY bench/engine.py --device cuda --batches 1,16,64 --prompt-len 1024 --steps 30 \
-    --mixed-chunks 128,256,512,1024,2048 --no-transformers --out "$LOGS/engine.json"
+    --mixed-chunks ${MIXED_CHUNKS:-256,512,1024,2048} --no-transformers --out "$LOGS/engine.json"
 fi
 if wants profile; then
   phase profile 100 $PY bench/step_profile.py --batch 64 --prompt-len 1024 --chunks 0,256,1024 --steps 4 \
@@ -123,6 +123,10 @@ if wants mesh-disagg; then
 fi
 if wants mesh-coloc; then
   PDMESH_SCHEDULER_LOCAL_PREFILL_MAX_TOKENS=1000000 mesh mesh-coloc 51051 --prefill 0 --decode 1
+fi
+if wants mesh-coloc512; then  # colocated with 512-token steps: smaller prefill chunks beside the decodes
+  PDMESH_WORKER_MAX_BATCHED_TOKENS=512 PDMESH_SCHEDULER_LOCAL_PREFILL_MAX_TOKENS=1000000 LOADS=${LOADS512:-c64} \
+    mesh mesh-coloc512 52051 --prefill 0 --decode 1
 fi
 say "== total $(($(date +%s) - T0))s"
 tar -czf "$OUT/logs.tgz" -C "$OUT" logs && rm -rf "$LOGS"

@@ -96,8 +96,8 @@ class AsyncEngine:
         self._streams: dict[str, _Stream] = {}
         self._failed_steps = 0
         self._pending: list[tuple[str, Item]] = []  # the latest step's outputs, handed over during the next
-        if engine.graph_capture is not None:
-            log.info("decode CUDA graphs captured before serving: %s", engine.graph_capture)
+        if engine.graph_capture:
+            log.info("CUDA graphs captured before serving: %s", engine.graph_capture)
         self._thread = threading.Thread(target=self._run, name="engine-step", daemon=True)
         self._thread.start()
 

@@ -8,12 +8,19 @@ CPU), each prefill chunk through scaled_dot_product_attention over its cached pr
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.bias import causal_lower_right
 
 from kernels.paged_attention import paged_attention_decode
+
+# Not cuDNN, which SDPA picks first on Hopper: its host side cost ~0.6 ms a call on an H100 (one
+# per prefill chunk per layer: ~20 ms of a step's launch time), more for every new chunk length.
+_CUDA_PREFILL_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 @dataclass(slots=True)
@@ -82,17 +89,24 @@ def _prefill_chunk(
         gathered = kv_layer[:, span.block_ids]  # (2, nb, block_size, kv_heads, head_dim)
         gathered = gathered.flatten(1, 2)[:, :ctx]  # (2, ctx, kv_heads, head_dim)
         keys, values = gathered[0], gathered[1]
-        # Query i sits at position ctx - n + i and sees keys 0 ..= that position.
-        q_pos = torch.arange(ctx - n, ctx, device=q.device)
-        mask = torch.arange(ctx, device=q.device)[None, :] <= q_pos[:, None]  # (n, ctx)
+        # Query i sits at position ctx - n + i and sees keys 0 ..= that position: causal aligned to
+        # the lower right, which flash attention does without a mask on CUDA.
+        mask = causal_lower_right(n, ctx) if q.is_cuda else _lower_right_mask(n, ctx, q.device)
         causal = False
-    out = F.scaled_dot_product_attention(
-        q.transpose(0, 1).unsqueeze(0),  # (1, num_heads, n, head_dim)
-        keys.transpose(0, 1).unsqueeze(0),  # (1, kv_heads, ctx, head_dim)
-        values.transpose(0, 1).unsqueeze(0),
-        attn_mask=mask,
-        is_causal=causal,
-        scale=scale,
-        enable_gqa=True,
-    )  # (1, num_heads, n, head_dim)
+    with sdpa_kernel(_CUDA_PREFILL_BACKENDS) if q.is_cuda else contextlib.nullcontext():
+        out = F.scaled_dot_product_attention(
+            q.transpose(0, 1).unsqueeze(0),  # (1, num_heads, n, head_dim)
+            keys.transpose(0, 1).unsqueeze(0),  # (1, kv_heads, ctx, head_dim)
+            values.transpose(0, 1).unsqueeze(0),
+            attn_mask=mask,
+            is_causal=causal,
+            scale=scale,
+            enable_gqa=True,
+        )  # (1, num_heads, n, head_dim)
     return out[0].transpose(0, 1)
+
+
+def _lower_right_mask(n: int, ctx: int, device: torch.device) -> torch.Tensor:
+    """(n, ctx) bool: query i (at position ctx - n + i) may see keys 0 ..= its position."""
+    q_pos = torch.arange(ctx - n, ctx, device=device)
+    return torch.arange(ctx, device=device)[None, :] <= q_pos[:, None]

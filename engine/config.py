@@ -44,6 +44,8 @@ class EngineConfig:
     torch_threads: int | None = None  # CPU threads for torch; None leaves torch's default
     seed: int = 0  # seeds the per-request seeds drawn for requests that bring none
     cuda_graph_max_batch: int = 64  # decode steps up to this batch replay captured CUDA graphs; 0: off
+    # Other steps (prefill chunks in the batch) replay captured pieces around eager attention.
+    piecewise_cuda_graphs: bool = True
     # Test-only: the step with this number (1-based) fails as though the device were lost, so that
     # tests can show a broken worker handing its requests over. 0: never.
     inject_device_loss_at_step: int = 0

@@ -16,7 +16,7 @@ import torch
 from engine.batcher import Batcher, BatchPlan
 from engine.block_pool import BlockPool
 from engine.config import EngineConfig
-from engine.cuda_graphs import DecodeGraphs
+from engine.cuda_graphs import CaptureReport, DecodeGraphs
 from engine.errors import DeviceLost, InvalidRequest, OutOfBlocks, RequestNotFound
 from engine.handoff import KVExportSink, KVImport
 from engine.ids import BlockId, RequestId
@@ -26,6 +26,7 @@ from engine.kv_manager import KVManager, blocks_for
 from engine.model import LlamaModel, Rotary
 from engine.model_config import ModelConfig
 from engine.output import OutputProcessor
+from engine.piecewise import PiecewiseGraphs
 from engine.request import FinishReason, Request, RequestOutput, RequestStatus
 from engine.runner import ModelRunner
 from engine.sampler import Sampler, SamplingRow
@@ -65,14 +66,10 @@ class Engine:
         self.pool = BlockPool(num_blocks)
         self.kv = KVManager(self.pool, cache.block_size, fingerprint, cache.enable_prefix_caching)
         self.batcher = Batcher(config.batcher, self.kv)
-        graphs, self.graph_capture = None, None
-        if self.device.type == "cuda" and config.cuda_graph_max_batch > 0:
-            max_batch = min(config.cuda_graph_max_batch, config.batcher.max_running)
-            max_width = min(blocks_for(self.model_config.max_position_embeddings, cache.block_size), num_blocks)
-            graphs = DecodeGraphs(model, self.kv_caches, cache.block_size, num_blocks, max_batch, max_width)
-            # Now, while no other thread of the process can touch the device (cuda_graphs.py says why).
-            self.graph_capture = graphs.capture_all()
-        self.runner = ModelRunner(model, self.kv_caches, cache.block_size, graphs)
+        self.runner = ModelRunner(model, self.kv_caches, cache.block_size)
+        self.graph_capture: list[CaptureReport] = []
+        if self.device.type == "cuda":
+            self._capture_graphs(model, num_blocks)
         self.num_steps = 0
         self.step_times = StepTimes()
         self._lost: str | None = None  # why the device is unusable, once known
@@ -86,6 +83,21 @@ class Engine:
         )
 
     # -- construction ------------------------------------------------------------------------
+
+    def _capture_graphs(self, model: LlamaModel, num_blocks: int) -> None:
+        """Every CUDA graph the engine will replay, now, while no other thread of the process can
+        touch the device (engine/cuda_graphs.py says why)."""
+        config, block_size = self.config, self.config.cache.block_size
+        if config.cuda_graph_max_batch > 0:
+            max_batch = min(config.cuda_graph_max_batch, config.batcher.max_running)
+            max_width = min(blocks_for(self.model_config.max_position_embeddings, block_size), num_blocks)
+            graphs = DecodeGraphs(model, self.kv_caches, block_size, num_blocks, max_batch, max_width)
+            self.graph_capture.append(graphs.capture_all())
+            self.runner.graphs = graphs
+        if config.piecewise_cuda_graphs:
+            pieces = PiecewiseGraphs(model, self.kv_caches, config.batcher.max_batched_tokens)
+            self.graph_capture.append(pieces.capture_all())
+            self.runner.pieces = pieces
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> Engine:

@@ -82,12 +82,18 @@ class Attention(nn.Module):
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
+        q, k, v = self.project(x, cos, sin)
+        out = paged_attention(q, k, v, kv_layer, meta, self.scale)  # (tokens, heads, head_dim)
+        return self.o_proj(out.flatten(1))
+
+    def project(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q (tokens, heads, head_dim) and k (tokens, kv_heads, head_dim) with rotary applied, and v."""
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = apply_rotary(q.view(-1, self.num_heads, self.head_dim), cos, sin)
         k = apply_rotary(k.view(-1, self.num_kv_heads, self.head_dim), cos, sin)
-        v = v.view(-1, self.num_kv_heads, self.head_dim)
-        out = paged_attention(q, k, v, kv_layer, meta, self.scale)  # (tokens, heads, head_dim)
-        return self.o_proj(out.flatten(1))
+        return q, k, v.view(-1, self.num_kv_heads, self.head_dim)
 
 
 class MLP(nn.Module):

@@ -28,7 +28,8 @@ class Phase(enum.Enum):
 class StepKind(enum.Enum):
     GRAPH = "graph"  # decode-only, replayed from a CUDA graph
     EAGER_DECODE = "eager_decode"  # decode-only, launched op by op
-    MIXED = "mixed"  # prefill chunks in the batch
+    PIECEWISE = "piecewise"  # prefill chunks in the batch, attention eager between captured pieces
+    MIXED = "mixed"  # prefill chunks in the batch, launched op by op
 
 
 @dataclass
