@@ -71,6 +71,7 @@ load_args() {  # the bench serve arguments of a load name
 mesh() {
   local name=$1 port=$2
   shift 2
+  if (($(left) < ${MESH_MIN_S:-80})); then say "== $name skipped: $(left) s left"; return 1; fi
   $PY -m pdmesh up --model "$MODEL" --device "${DEVICE:-cuda}" --kv-blocks "$KV_BLOCKS" --port "$port" "$@" \
     >"$LOGS/$name.up.log" 2>&1 &
   local pid=$!
@@ -85,7 +86,7 @@ mesh() {
   say "== $name up after ${waited}s"
   for load in $LOADS; do
     # shellcheck disable=SC2046
-    phase "$name-$load" 240 $PY -m pdmesh bench serve --target "127.0.0.1:$port" $(load_args "$load") \
+    phase "$name-$load" 150 $PY -m pdmesh bench serve --target "127.0.0.1:$port" $(load_args "$load") \
       --warmup 2 --no-progress --out "$LOGS/$name-$load.json" && brief "$LOGS/$name-$load.json"
   done
   kill -INT $pid
