@@ -106,7 +106,8 @@ if wants model; then  # in the background: the tests below share the GPU but tim
 fi
 if wants tests; then
   phase tests 200 $PY -m pytest -q -m gpu -p no:cacheprovider --timeout 180 \
-    tests/mesh/test_mesh_gpu.py tests/engine/test_oracle_gpu.py tests/kvtransfer/test_transfer_gpu.py
+    tests/mesh/test_mesh_gpu.py tests/engine/test_oracle_gpu.py tests/engine/test_attention_gpu.py \
+    tests/kvtransfer/test_transfer_gpu.py
 fi
 if wants model; then
   wait "$MODEL_PID"; say "== model: $(tail -n 2 "$LOGS/model.log" | tr '\n' ' ')"
