@@ -2,13 +2,13 @@
 
 Attention in such a step depends on each chunk's length and cached prefix, so the step cannot be
 captured once for all steps; everything else in a layer (norms, projections, rotary, MLP,
-residuals) depends only on the number of tokens. So each token-count bucket gets num_layers + 1
-captured pieces — embedding to the first layer's q/k/v, then from each layer's attention output
-to the next layer's q/k/v (the last to the final norm) — and attention runs eagerly between them
-on the bucket's static buffers. The host launches a few ops a layer instead of ~40: launched op
-by op, a step of 64 decodes and a 256-token chunk took ~47 ms of host time on an H100, about twice
-the device's. Rows past the step's tokens are padding: the pieces compute on them, attention and
-the KV cache never see them.
+residuals) depends only on the number of tokens. So each token-count bucket (up to 768 tokens:
+larger steps keep the device busy op by op) gets num_layers + 1 captured pieces — embedding to
+the first layer's q/k/v, then from each layer's attention output to the next layer's q/k/v (the
+last to the final norm) — and attention runs eagerly between them on the bucket's static buffers.
+The host launches a few ops a layer instead of ~40: launched op by op, a step of 64 decodes and a
+256-token chunk took ~47 ms of host time on an H100, about twice the device's. Rows past the
+step's tokens are padding: the pieces compute on them, attention and the KV cache never see them.
 
 Like DecodeGraphs, every piece is captured at construction, before any other thread exists.
 Owns the buckets' static buffers and pieces; knows nothing of requests.
@@ -28,7 +28,11 @@ from engine.attention import AttentionMetadata, paged_attention
 from engine.cuda_graphs import CaptureReport
 from engine.model import DecoderLayer, LlamaModel
 
-_TOKEN_BUCKETS = (64, 128, 192, 256, 384, 512, 640, 768, 1024, 1280, 1536, 2048, 3072, 4096)
+# Up to 768 tokens only. Measured on an H100 (8B shapes, 64 decodes plus one prompt chunk): with a
+# 256- or 512-token chunk the pieces took 22 and 28 ms against 58 and 54 ms op by op; with a 1024-
+# or 2048-token chunk op by op was faster (38 and 51 ms against 45 and 100): so many tokens keep
+# the device busy on their own, and a bucket's padding then costs more than the launches it saves.
+_TOKEN_BUCKETS = (64, 96, 128, 160, 192, 256, 320, 384, 448, 512, 576, 640, 768)
 
 
 @dataclass
@@ -54,9 +58,8 @@ class PiecewiseGraphs:
         self.model = model
         self.layers = cast(list[DecoderLayer], list(model.layers))
         self.kv_caches = kv_caches
-        self.sizes = tuple(b for b in _TOKEN_BUCKETS if b < max_tokens) + (
-            next((b for b in _TOKEN_BUCKETS if b >= max_tokens), _TOKEN_BUCKETS[-1]),
-        )
+        cover = [b for b in _TOKEN_BUCKETS if b >= max_tokens][:1]
+        self.sizes = tuple(b for b in _TOKEN_BUCKETS if b < max_tokens) + tuple(cover)  # larger steps: op by op
         self.buckets: dict[int, _Bucket] = {}
         self._graphs: list[torch.cuda.CUDAGraph] = []
         self.pool = torch.cuda.graph_pool_handle() if kv_caches[0].is_cuda else None
