@@ -112,15 +112,18 @@ def time_decode(engine: Engine, batch: int, prompt_len: int, steps: int, device:
     return elapsed / steps
 
 
-def time_mixed(engine: Engine, batch: int, prompt_len: int, chunk: int, device: str, reps: int = 8) -> float:
+def time_mixed(
+    engine: Engine, batch: int, prompt_len: int, chunk: int, device: str, seed: int, reps: int = 8
+) -> float:
     """Median seconds of a step that decodes `batch` requests while one new `chunk`-token prompt
-    prefills in the same step (what a serving worker's steps look like under mixed load)."""
+    prefills in the same step (what a serving worker's steps look like under mixed load). Give
+    each call its own seed: a prompt seen before would be served from the prefix cache."""
     params = SamplingParams(max_tokens=reps * 4 + 16, ignore_eos=True)
     for i in range(batch):
         engine.add_request(f"m{batch}-{i}", [(5 * i + j) % 1000 + 1 for j in range(prompt_len)], params)
     while any(r.num_computed_tokens < r.num_prompt_tokens for r in engine.requests.values()):
         engine.step()
-    gen = torch.Generator().manual_seed(chunk)
+    gen = torch.Generator().manual_seed(seed)
     times = []
     for rep in range(reps + 1):  # the first is a warm-up
         prompt = torch.randint(1, 30_000, (chunk,), generator=gen).tolist()  # distinct: no prefix hits
@@ -249,10 +252,11 @@ def main() -> None:
     pieces = engine.runner.pieces
     for chunk in [int(c) for c in args.mixed_chunks.split(",") if c]:
         b = batches[-1]
-        row = {"batch": b, "chunk": chunk, "ms_per_step": time_mixed(engine, b, prompt_len, chunk, args.device) * 1000}
-        if pieces is not None:  # the same step launched op by op, for comparison
+        ms = time_mixed(engine, b, prompt_len, chunk, args.device, seed=2 * chunk) * 1000
+        row = {"batch": b, "chunk": chunk, "ms_per_step": ms}
+        if pieces is not None:  # the same step launched op by op, for comparison (fresh prompts)
             engine.runner.pieces = None
-            row["op_by_op_ms_per_step"] = time_mixed(engine, b, prompt_len, chunk, args.device) * 1000
+            row["op_by_op_ms_per_step"] = time_mixed(engine, b, prompt_len, chunk, args.device, 2 * chunk + 1) * 1000
             engine.runner.pieces = pieces
         mixed.append(row)
         print(f"mixed step: batch {b} decoding + a {chunk}-token prompt chunk: {row['ms_per_step']:.2f} ms"

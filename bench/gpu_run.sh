@@ -84,10 +84,12 @@ mesh() {
     sleep 1; waited=$((waited + 1))
   done
   say "== $name up after ${waited}s"
+  local seed=0
   for load in $LOADS; do
+    seed=$((seed + 1))  # each load its own prompts: a later load must not hit an earlier one's prefix cache
     # shellcheck disable=SC2046
     phase "$name-$load" 150 $PY -m pdmesh bench serve --target "127.0.0.1:$port" $(load_args "$load") \
-      --warmup 2 --no-progress --out "$LOGS/$name-$load.json" && brief "$LOGS/$name-$load.json"
+      --seed "$seed" --warmup 2 --no-progress --out "$LOGS/$name-$load.json" && brief "$LOGS/$name-$load.json"
   done
   kill -INT $pid
   timeout 60 tail --pid=$pid -f /dev/null

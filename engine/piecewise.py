@@ -28,10 +28,11 @@ from engine.attention import AttentionMetadata, paged_attention
 from engine.cuda_graphs import CaptureReport
 from engine.model import DecoderLayer, LlamaModel
 
-# Up to 768 tokens only. Measured on an H100 (8B shapes, 64 decodes plus one prompt chunk): with a
-# 256- or 512-token chunk the pieces took 22 and 28 ms against 58 and 54 ms op by op; with a 1024-
-# or 2048-token chunk op by op was faster (38 and 51 ms against 45 and 100): so many tokens keep
-# the device busy on their own, and a bucket's padding then costs more than the launches it saves.
+# Up to 768 tokens only. Measured on an H100 (8B shapes, 64 decodes plus one new prompt chunk,
+# BENCHMARKS.md): with a 256- or 512-token chunk the pieces took 20 and 26 ms against 47 and 48 ms
+# op by op; with a 1024- or 2048-token chunk op by op took 42 and 75 ms against 45 and 100 ms in
+# pieces padded to 1280 and 3072 tokens: so many tokens keep the device busy on their own, and a
+# bucket's padding then costs more than the launches it saves.
 _TOKEN_BUCKETS = (64, 96, 128, 160, 192, 256, 320, 384, 448, 512, 576, 640, 768)
 
 

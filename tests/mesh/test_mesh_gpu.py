@@ -67,8 +67,10 @@ def test_64_concurrent_requests_on_one_gpu_succeed_with_their_solo_tokens(mesh_m
 
         async def run() -> tuple[list[list[int]], list[tuple[list[int], ExecutionPlan | None] | BaseException]]:
             async with AsyncClient(mesh.target) as client:
-                alone = [(await generate(client, p))[0] for p in batch]
+                # Together first, on a cold cache: alone afterwards, prefix-cache hits on the decode
+                # worker would turn the disaggregated plan into local prefills.
                 together = await asyncio.gather(*(generate(client, p) for p in batch), return_exceptions=True)
+                alone = [(await generate(client, p))[0] for p in batch]
                 assert all_free(await settled(client, timeout_s=30))
                 return alone, together
 
