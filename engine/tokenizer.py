@@ -83,19 +83,15 @@ class Tokenizer:
                    special_tokens=special)
 
     @classmethod
-    def from_gguf(cls, reader_or_path: Any) -> Tokenizer:
-        """From a GGUF file's metadata; takes a path or an already open `gguf.GGUFReader`."""
-        from engine.weights.gguf_file import open_reader
+    def from_gguf(cls, path: str | Path) -> Tokenizer:
+        """From a GGUF file's metadata alone: the tensors are not read."""
+        from engine.weights.gguf_metadata import read_metadata
         from engine.weights.gguf_tokenizer import build
 
-        if isinstance(reader_or_path, str | Path):
-            reader = open_reader(reader_or_path)
-        else:
-            reader = reader_or_path
-        path = str(getattr(reader.data, "filename", reader_or_path))
+        metadata = read_metadata(path)
         with library_errors(path, "building the tokenizer from GGUF metadata",
                             "re-download the file, or re-convert it with llama.cpp's convert_hf_to_gguf.py"):
-            built = build(path, reader)
+            built = build(str(path), metadata)
         return cls(built.backend, bos_token_id=built.bos_token_id, eos_token_ids=built.eos_token_ids,
                    chat_template=built.chat_template, special_tokens=built.special_tokens)
 

@@ -99,7 +99,7 @@ class GGUFFile:
     def tokenizer(self) -> Tokenizer:
         from engine.tokenizer import Tokenizer
 
-        return Tokenizer.from_gguf(self.reader)
+        return Tokenizer.from_gguf(self.path)
 
 
 def open_reader(path: Path | str) -> GGUFReader:

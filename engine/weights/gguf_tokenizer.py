@@ -19,15 +19,15 @@ Torch-free.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cache
+from typing import Any
 
-from gguf import GGUFReader
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
 from tokenizers import Tokenizer as Backend
 
 from engine.errors import ModelLoadError, UnsupportedModel
-from engine.weights.gguf_file import field
 
 _CONTROL, _USER_DEFINED = 3, 4
 
@@ -69,21 +69,22 @@ class GGUFTokenizer:
     special_tokens: dict[str, str]  # "bos_token" -> "<|im_start|>", ... (chat template variables)
 
 
-def build(path: str, reader: GGUFReader) -> GGUFTokenizer:
-    kind = field(reader, "tokenizer.ggml.model")
+def build(path: str, metadata: Mapping[str, Any]) -> GGUFTokenizer:
+    """The tokenizer `metadata` (gguf_metadata.read_metadata of the file at `path`) describes."""
+    kind = metadata.get("tokenizer.ggml.model")
     if kind != "gpt2":
         raise UnsupportedModel(path, f"tokenizer.ggml.model is {kind!r}; only byte-level BPE ('gpt2') is rebuilt",
                                "use the model's HF directory (with tokenizer.json) instead of the GGUF file")
-    tokens: list[str] | None = field(reader, "tokenizer.ggml.tokens")
+    tokens: list[str] | None = metadata.get("tokenizer.ggml.tokens")
     if not tokens:
         raise ModelLoadError(path, "metadata key tokenizer.ggml.tokens is missing",
                              "re-convert the model with llama.cpp's convert_hf_to_gguf.py")
-    types: list[int] = field(reader, "tokenizer.ggml.token_type") or [1] * len(tokens)
-    merges = [tuple(m.split(" ", 1)) for m in field(reader, "tokenizer.ggml.merges", [])]
+    types: list[int] = metadata.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+    merges = [tuple(m.split(" ", 1)) for m in metadata.get("tokenizer.ggml.merges", [])]
     alphabet = _byte_alphabet()
     vocab = {_respell(t, alphabet): i for i, t in enumerate(tokens)}
     backend = Backend(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
-    backend.pre_tokenizer = _pre_tokenizer(path, field(reader, "tokenizer.ggml.pre", "gpt-2"))
+    backend.pre_tokenizer = _pre_tokenizer(path, metadata.get("tokenizer.ggml.pre", "gpt-2"))
     backend.decoder = decoders.ByteLevel()
     # Control tokens spelled outside the byte alphabet are llama.cpp mislabels; adding them would
     # grow the vocabulary past the model's (transformers skips them too).
@@ -92,16 +93,16 @@ def build(path: str, reader: GGUFReader) -> GGUFTokenizer:
     backend.add_tokens([AddedToken(t, normalized=False, special=False)
                         for t, k in zip(tokens, types, strict=True) if k == _USER_DEFINED and t in vocab])
 
-    ids = {k: field(reader, f"tokenizer.ggml.{k}_token_id") for k in ("bos", "eos", "eot", "eom", "unknown", "padding")}
+    ids = {k: metadata.get(f"tokenizer.ggml.{k}_token_id") for k in ("bos", "eos", "eot", "eom", "unknown", "padding")}
     names = {"bos": "bos", "eos": "eos", "unk": "unknown", "pad": "padding"}  # template variable -> GGUF key
     special = {f"{n}_token": tokens[i] for n, k in names.items() if (i := ids[k]) is not None}
-    _add_bos_eos(backend, special, ids, field(reader, "tokenizer.ggml.add_bos_token", False),
-                 field(reader, "tokenizer.ggml.add_eos_token", False))
+    _add_bos_eos(backend, special, ids, metadata.get("tokenizer.ggml.add_bos_token", False),
+                 metadata.get("tokenizer.ggml.add_eos_token", False))
     return GGUFTokenizer(
         backend=backend,
         bos_token_id=ids["bos"],
         eos_token_ids=tuple(dict.fromkeys(i for k in ("eos", "eot", "eom") if (i := ids[k]) is not None)),
-        chat_template=field(reader, "tokenizer.chat_template"),
+        chat_template=metadata.get("tokenizer.chat_template"),
         special_tokens=special,
     )
 
