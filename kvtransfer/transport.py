@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import threading
 import uuid
 from collections.abc import Callable, Sequence
@@ -170,6 +171,7 @@ class KVTransport:
         loop = asyncio.get_running_loop()
         self._stopping = asyncio.Event()
         try:
+            _drop_stale_ucx_variable()
             # ucxx binds its notifier to the loop running at init: it must be this one
             ucxx.init(options=self.config.ucx_init_options, progress_mode="thread", enable_python_future=True)
             self._listener = ucxx.create_listener(
@@ -205,8 +207,8 @@ class KVTransport:
             self._listener = None
         self._dialed.clear()
         self._accepted.clear()
-        with contextlib.suppress(Exception):  # private ucxx API, only a speed-up: wake the notifier
-            ucxx.core._get_ctx().worker.stop_request_notifier_thread()  # now, not at its next 1 s poll
+        with contextlib.suppress(Exception):  # private ucxx API, only a speed-up and quiet: see below
+            _stop_notifier(ucxx.core._ctx)
         try:
             ucxx.reset()
         except Exception as e:  # a reference still held somewhere; the process can go on
@@ -294,3 +296,25 @@ class KVTransport:
             self._sender.on_lost(conn, reason)
         if self._receiver is not None:
             self._receiver.on_lost(conn, reason)
+
+
+def _drop_stale_ucx_variable() -> None:
+    """ucxx sets UCX_MEMTYPE_CACHE=n in this process's environment when imported, for the UCX
+    releases that had that option; UCX 1.20 has none and warns about the unknown variable at every
+    start. The value has no effect there, so it goes before UCX reads the environment."""
+    if ucxx.get_ucx_version() >= (1, 20) and os.environ.get("UCX_MEMTYPE_CACHE") == "n":
+        del os.environ["UCX_MEMTYPE_CACHE"]
+
+
+def _stop_notifier(ctx: Any) -> None:
+    """Stop ucxx's notifier thread now, and leave it marked stopped.
+
+    ucxx.reset() stops the thread too, but only at the thread's next 1 s poll, and the thread
+    consumes the stop request on its way out, which leaves the C++ notifier marked running: the
+    worker's destructor then warns at process exit ("The notifier thread should be explicitly
+    stopped"). So: wake it, join it, mark it stopped again."""
+    if ctx is None:
+        return
+    ctx.worker.stop_request_notifier_thread()
+    ctx.stop_notifier_thread()
+    ctx.worker.stop_request_notifier_thread()

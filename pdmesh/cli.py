@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 
@@ -33,14 +34,33 @@ def _server_overrides(args: argparse.Namespace) -> dict[str, Any]:
         server["port"] = args.port
     if args.host is not None:
         server["host"] = args.host
+    if args.shutdown_grace_s is not None:
+        server["shutdown_grace_s"] = args.shutdown_grace_s
     return {"server": from_env(ServerConfig, "server", **server)}
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from pdmesh.config import from_env
+    """Run one service; settings it cannot use end it with EX_CONFIG, which `pdmesh up` does not
+    restart (a restart cannot fix them), after one log line saying what is wrong."""
+    import structlog
+
+    from engine.errors import ModelLoadError
+    from pdmesh.config import ConfigError
+    from pdmesh.supervisor import EX_CONFIG
     from services.logging import configure_logging
 
     configure_logging(args.role, args.log_level)
+    try:
+        _run_service(args)
+    except (ConfigError, ModelLoadError) as e:
+        structlog.get_logger("pdmesh.serve").error("cannot start: unusable settings", role=args.role, error=str(e))
+        return EX_CONFIG
+    return 0
+
+
+def _run_service(args: argparse.Namespace) -> None:
+    from pdmesh.config import from_env
+
     overrides = _server_overrides(args)
     if args.model is not None:
         overrides["model"] = args.model
@@ -52,7 +72,7 @@ def _serve(args: argparse.Namespace) -> int:
             overrides["policy"] = PolicyName(args.policy)
         overrides["channel"] = from_env(ChannelConfig, "channel")
         asyncio.run(serve_scheduler(from_env(SchedulerConfig, "scheduler", **overrides)))
-        return 0
+        return
     from services.worker.config import Role, WorkerConfig
     from services.worker.server import serve_worker
 
@@ -65,20 +85,23 @@ def _serve(args: argparse.Namespace) -> int:
     }  # fmt: skip
     overrides.update({k: v for k, v in flags.items() if v is not None})
     asyncio.run(serve_worker(from_env(WorkerConfig, "worker", role=Role(args.role), **overrides)))
-    return 0
 
 
 def _up(args: argparse.Namespace) -> int:
-    from pdmesh.up import MeshPlan, run_up
+    from pdmesh.up import MeshPlan, UpOptions, run_up
 
     extra: list[str] = []
     if args.kv_blocks:
         extra += ["--kv-blocks", str(args.kv_blocks)]
     plan = MeshPlan(
         port=args.port, prefill=args.prefill, decode=args.decode, model=args.model, device=args.device,
-        threads=args.threads, extra_worker_args=tuple(extra),
+        threads=args.threads, host=args.host, grace_s=args.grace_s, extra_worker_args=tuple(extra),
     )  # fmt: skip
-    return asyncio.run(run_up(plan, args.demo, args.exit_after_demo))
+    options = UpOptions(
+        demo_prompt=args.demo, exit_after_demo=args.exit_after_demo, verbose=args.verbose, log_dir=args.log_dir,
+        restart=not args.no_restart,
+    )  # fmt: skip
+    return asyncio.run(run_up(plan, options))
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -102,6 +125,13 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--demo", nargs="?", const="What is the capital of France?", default=None,
                     help="send one chat request once the mesh is up")  # fmt: skip
     up.add_argument("--exit-after-demo", action="store_true", help="stop the mesh after the demo request")
+    up.add_argument("--host", default="127.0.0.1",
+                    help="the address every listener binds (default loopback only; 0.0.0.0 opens the mesh)")
+    up.add_argument("--grace-s", type=float, default=30.0,
+                    help="on stop, how long streams in flight get to finish before they are cut")
+    up.add_argument("--log-dir", type=Path, default=None, help="each process's log file (default: a new temp dir)")
+    up.add_argument("--verbose", action="store_true", help="show every log line, not only warnings and errors")
+    up.add_argument("--no-restart", action="store_true", help="leave a process that exits down")
     up.set_defaults(func=_up)
 
     serve = sub.add_parser("serve", help="run one service")
@@ -122,6 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--block-size", type=int, default=None)
     serve.add_argument("--lease-ms", type=int, default=None)
     serve.add_argument("--max-batched-tokens", type=int, default=None, help="workers: per-step token budget")
+    serve.add_argument("--shutdown-grace-s", type=float, default=None,
+                       help="on SIGTERM, how long calls in flight get to finish")
     serve.add_argument("--log-level", default="info")
     serve.set_defaults(func=_serve)
 

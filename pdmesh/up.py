@@ -1,66 +1,103 @@
-"""`pdmesh up`: the whole mesh as local processes on one machine.
+"""`pdmesh up`: the whole mesh as local processes on one machine, supervised.
 
 Starts a scheduler, N prefill and M decode workers (each `pdmesh serve ...`, the same command
-lines docker-compose uses), waits until every worker has registered with the scheduler, prints
-the endpoint and an example command, shows every process's log behind its name, and on Ctrl-C
-(or SIGTERM) stops them all: SIGTERM first so each drains, SIGKILL for any that outstay the grace.
+lines docker-compose uses) under a Supervisor (pdmesh/supervisor.py): a process that exits is
+restarted with backoff, repeated fast failures stop the mesh, and the children die with `up`
+however it dies. Before anything starts, every port the mesh will listen on is checked
+(pdmesh/ports.py). Every listener binds loopback unless `--host` says otherwise.
+
+Ready means the scheduler lists each of *this* mesh's workers (by id) as serving, so a foreign
+server on the port can never pass for the mesh. Stopping goes in order: the scheduler first, which
+stops taking requests and lets the streams in flight finish within the grace while the workers
+still serve them; then the workers; SIGKILL only for what outstays its grace by a margin.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 
-from pdmesh.client import AsyncClient, Client
+from pdmesh.client import AsyncClient, Client, WorkerHealth
+from pdmesh.ports import WILDCARD_HOSTS, PortClaim, check_free
+from pdmesh.process_output import Echo, ProcessOutput
+from pdmesh.supervisor import ChildSpec, RestartPolicy, Supervisor
 
-_STOP_GRACE_S = 15.0
+# What a service needs beyond its drain grace to stop: the engine, the KV transport, its channels.
+_STOP_MARGIN_S = 15.0
+_KV_PORT_OFFSET = 100
+_PORT_FIX = "Stop whatever listens there (`ss -ltnp` names it) or give `pdmesh up --port N` free ports"
 
 
 @dataclass(frozen=True)
 class MeshPlan:
-    port: int = 50051
+    port: int = 50051  # the scheduler's; workers take the next ones, their KV listeners port + 100 + n
     prefill: int = 1
     decode: int = 1
     model: str = "smollm2"
     device: str = "cpu"
     threads: int | None = None
-    host: str = "127.0.0.1"
+    host: str = "127.0.0.1"  # every listener binds this; a wildcard opens the mesh to the network
+    grace_s: float = 30.0  # each service's drain on SIGTERM
     extra_worker_args: tuple[str, ...] = field(default_factory=tuple)
     env: tuple[tuple[str, str], ...] = ()  # extra PDMESH_* settings for every process
 
-    def commands(self) -> list[tuple[str, list[str], dict[str, str]]]:
-        """(name, argv, extra environment) of every process, scheduler first."""
-        exe = [sys.executable, "-m", "pdmesh"]
-        procs: list[tuple[str, list[str], dict[str, str]]] = [
-            ("scheduler", [*exe, "serve", "scheduler", "--port", str(self.port), "--model", self.model], dict(self.env))
+    @property
+    def reach_host(self) -> str:
+        """The address the mesh's processes dial each other at."""
+        return "127.0.0.1" if self.host in WILDCARD_HOSTS else self.host
+
+    @property
+    def workers(self) -> list[tuple[str, int, int]]:
+        """(role, index within the role, port offset) of every worker: prefill-0 is ("prefill", 0, 1)."""
+        return [("prefill", i, 1 + i) for i in range(self.prefill)] + [
+            ("decode", i, 1 + self.prefill + i) for i in range(self.decode)
         ]
+
+    @property
+    def worker_ids(self) -> list[str]:
+        return [f"{role}-{i}" for role, i, _ in self.workers]
+
+    def commands(self) -> list[ChildSpec]:
+        """Every process, scheduler first."""
+        exe = (sys.executable, "-m", "pdmesh", "serve")
+        common = ("--host", self.host, "--model", self.model, "--shutdown-grace-s", str(self.grace_s))
+        specs = [ChildSpec("scheduler", (*exe, "scheduler", "--port", str(self.port), *common), self.env)]
         gpus = _gpu_count() if self.device == "cuda" else 0
-        for role, count, offset in (("prefill", self.prefill, 1), ("decode", self.decode, 1 + self.prefill)):
-            for i in range(count):
-                n = offset + i
-                argv = [
-                    *exe, "serve", role, "--port", str(self.port + n), "--kv-port", str(self.port + 100 + n),
-                    "--scheduler", f"{self.host}:{self.port}", "--model", self.model, "--device", self.device,
-                    "--worker-id", f"{role}-{i}", *self.extra_worker_args,
-                ]  # fmt: skip
-                if self.threads:
-                    argv += ["--threads", str(self.threads)]
-                env = dict(self.env)
-                if gpus:
-                    # Decode workers from GPU 0 up, prefill workers from the last GPU down.
-                    gpu = i % gpus if role == "decode" else (gpus - 1 - i % gpus)
-                    env["CUDA_VISIBLE_DEVICES"] = str(gpu)
-                procs.append((f"{role}-{i}", argv, env))
-        return procs
+        for role, i, n in self.workers:
+            worker_id = f"{role}-{i}"
+            argv = (
+                *exe, role, *common, "--port", str(self.port + n), "--kv-port", str(self.port + _KV_PORT_OFFSET + n),
+                "--advertise-host", self.reach_host, "--scheduler", f"{self.reach_host}:{self.port}",
+                "--device", self.device, "--worker-id", worker_id, *self.extra_worker_args,
+            )  # fmt: skip
+            if self.threads:
+                argv += ("--threads", str(self.threads))
+            env = self.env
+            if gpus:
+                # Decode workers from GPU 0 up, prefill workers from the last GPU down.
+                gpu = i % gpus if role == "decode" else (gpus - 1 - i % gpus)
+                env = (*env, ("CUDA_VISIBLE_DEVICES", str(gpu)))
+            specs.append(ChildSpec(worker_id, argv, env))
+        return specs
+
+    def port_claims(self) -> list[PortClaim]:
+        claims = [PortClaim(self.port, self.host, "the scheduler's gRPC port")]
+        for role, i, n in self.workers:
+            worker_id = f"{role}-{i}"
+            claims.append(PortClaim(self.port + n, self.host, f"{worker_id}'s gRPC port"))
+            # ucxx cannot bind its listener to one address: it takes the port on every interface.
+            claims.append(PortClaim(self.port + _KV_PORT_OFFSET + n, "0.0.0.0", f"{worker_id}'s KV (UCX) port"))
+        return claims
 
 
 def _gpu_count() -> int:
@@ -73,129 +110,176 @@ def _gpu_count() -> int:
 
 
 class Mesh:
-    """The processes of one mesh. Plain subprocesses and a log thread each, so a mesh outlives any
-    one event loop (tests start it from sync code and talk to it from many loops)."""
+    """The supervised processes of one mesh. Threads, not an event loop, watch them, so a mesh
+    outlives any one loop (tests start it from sync code and talk to it from many loops).
+    Restarts are off unless the policy says otherwise (`pdmesh up` turns them on)."""
 
-    def __init__(self, plan: MeshPlan) -> None:
+    def __init__(
+        self, plan: MeshPlan, policy: RestartPolicy | None = None, output: ProcessOutput | None = None
+    ) -> None:
         self.plan = plan
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
-        self._pumps: list[threading.Thread] = []
+        self.output = output or ProcessOutput()
+        self.supervisor = Supervisor(plan.commands(), policy or RestartPolicy(restart=False), self.output)
+        self._stopping = threading.Event()
+        self._stop_lock = threading.Lock()
 
     @property
     def target(self) -> str:
-        return f"{self.plan.host}:{self.plan.port}"
+        return f"{self.plan.reach_host}:{self.plan.port}"
+
+    @property
+    def failure(self) -> str | None:
+        """Why the supervisor gave up on the mesh, once it has."""
+        return self.supervisor.failure
 
     def start(self, timeout_s: float = 600.0) -> None:
-        for name, argv, env in self.plan.commands():
-            self._spawn(name, argv, env)
+        check_free(self.plan.port_claims(), _PORT_FIX)
+        self.supervisor.start()
         try:
             self.wait_ready(timeout_s)
         except BaseException:
             self.stop()
             raise
 
-    def _spawn(self, name: str, argv: list[str], env: dict[str, str]) -> None:
-        proc = subprocess.Popen(
-            argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
-            env={**os.environ, **env, "PYTHONUNBUFFERED": "1"},
-        )  # fmt: skip
-        self.procs[name] = proc
-        pump = threading.Thread(target=_pump, args=(name, proc), name=f"log-{name}", daemon=True)
-        pump.start()
-        self._pumps.append(pump)
-
-    def restart(self, name: str, timeout_s: float = 600.0) -> None:
-        """Start a killed process again with its own command line (failure tests: a worker that
-        comes back), and wait until the scheduler lists every worker as serving again."""
-        if self.procs[name].poll() is None:
-            raise RuntimeError(f"{name} is still running; kill it first")
-        argv, env = next((a, e) for n, a, e in self.plan.commands() if n == name)
-        since_ms = time.time() * 1000
-        self._spawn(name, argv, env)
-        deadline = time.monotonic() + timeout_s
-        with Client(self.target) as client:
-            while time.monotonic() < deadline:
-                if self.procs[name].poll() is not None:
-                    raise RuntimeError(f"{name} exited during start-up (see its log above)")
-                with contextlib.suppress(grpc.RpcError, StopIteration):
-                    # Its old registration can linger until the scheduler notices the death: wait for
-                    # a report from the new process.
-                    w = client.cluster_state(timeout_s=2).worker(name)
-                    if w.health is not None and w.health.name == "SERVING" and w.last_report_unix_ms > since_ms:
-                        return
-                time.sleep(0.3)
-        raise TimeoutError(f"{name} was not serving again within {timeout_s:.0f} s")
-
     def wait_ready(self, timeout_s: float) -> None:
-        """Until the scheduler lists every worker as serving, or a process dies."""
-        want = self.plan.prefill + self.plan.decode
+        """Until the scheduler lists every worker of this mesh as serving."""
+        want = set(self.plan.worker_ids)
         deadline = time.monotonic() + timeout_s
         with Client(self.target) as client:
             while time.monotonic() < deadline:
-                dead = [n for n, p in self.procs.items() if p.poll() is not None]
-                if dead:
-                    raise RuntimeError(f"{', '.join(dead)} exited during start-up (see its log above)")
+                if self._stopping.is_set():
+                    raise RuntimeError("the mesh was stopped while starting")
+                if self.failure is not None:
+                    raise RuntimeError(f"the mesh did not start: {self.failure}")
                 with contextlib.suppress(grpc.RpcError):
                     state = client.cluster_state(timeout_s=2)
-                    if sum(1 for w in state.workers if w.health is not None and w.health.name == "SERVING") >= want:
+                    if want <= {w.worker_id for w in state.workers if w.health is WorkerHealth.SERVING}:
                         return
                 time.sleep(0.3)
         raise TimeoutError(f"the mesh was not ready within {timeout_s:.0f} s")
 
+    @property
+    def procs(self) -> dict[str, subprocess.Popen[bytes] | None]:
+        """The latest process of each name, running or not."""
+        return {name: child.process for name, child in self.supervisor.children.items()}
+
     def kill(self, name: str) -> None:
         """SIGKILL one process of the mesh (failure tests): no drain, no goodbye."""
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.procs[name].pid, signal.SIGKILL)
-        self.procs[name].wait()
+        self.supervisor.kill(name)
+
+    def restart(self, name: str, timeout_s: float = 600.0) -> None:
+        """Start a killed process again with its own command line (failure tests with restarts
+        off: a worker that comes back), and wait until the scheduler has a report from it."""
+        since_ms = time.time() * 1000
+        self.supervisor.restart(name)
+        deadline = time.monotonic() + timeout_s
+        with Client(self.target) as client:
+            while time.monotonic() < deadline:
+                if self.failure is not None:
+                    raise RuntimeError(f"{name} did not come back: {self.failure}")
+                with contextlib.suppress(grpc.RpcError, StopIteration):
+                    # Its old registration can linger until the scheduler notices the death: wait
+                    # for a report from the new process.
+                    w = client.cluster_state(timeout_s=2).worker(name)
+                    if w.health is WorkerHealth.SERVING and w.last_report_unix_ms > since_ms:
+                        return
+                time.sleep(0.3)
+        raise TimeoutError(f"{name} was not serving again within {timeout_s:.0f} s")
 
     def stop(self) -> None:
-        """SIGTERM everything (each service drains), then SIGKILL what outstays the grace."""
-        live = [p for p in self.procs.values() if p.poll() is None]
-        for p in live:
-            with contextlib.suppress(ProcessLookupError):
-                p.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + _STOP_GRACE_S
-        for p in live:
-            try:
-                p.wait(max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
-        for pump in self._pumps:
-            pump.join(timeout=5)
+        """The scheduler first (its streams finish on the workers), then the workers. A second
+        call (from another thread) waits for the first."""
+        self._stopping.set()
+        with self._stop_lock:
+            self.supervisor.stop([["scheduler"], self.plan.worker_ids], self.plan.grace_s + _STOP_MARGIN_S)
+
+    def kill_all(self) -> None:
+        self._stopping.set()
+        self.supervisor.kill_all()
 
 
-def _pump(name: str, proc: subprocess.Popen[bytes]) -> None:
-    assert proc.stdout is not None
-    width = 10
-    for line in proc.stdout:
-        sys.stderr.write(f"{name:>{width}} | {line.decode(errors='replace')}")
-    code = proc.wait()
-    if code not in (0, -signal.SIGTERM, -signal.SIGKILL):
-        sys.stderr.write(f"{name:>{width}} | exited with {code}\n")
+@dataclass(frozen=True)
+class UpOptions:
+    demo_prompt: str | None = None
+    exit_after_demo: bool = False
+    verbose: bool = False  # every log line on the terminal, not only warnings and errors
+    log_dir: Path | None = None  # None: a new directory under the system's temporary one
+    restart: bool = True
 
 
-async def run_up(plan: MeshPlan, demo_prompt: str | None, exit_after_demo: bool) -> int:
-    mesh = Mesh(plan)
-    stop = asyncio.Event()
+async def run_up(plan: MeshPlan, options: UpOptions) -> int:
+    """The mesh until Ctrl-C, SIGTERM, the end of the demo, or a process the supervisor gave up on."""
+    log_dir = options.log_dir or Path(tempfile.mkdtemp(prefix="pdmesh-up-"))
+    output = ProcessOutput(Echo.ALL if options.verbose else Echo.WARNINGS, log_dir)
+    mesh = Mesh(plan, RestartPolicy(restart=options.restart), output)
     loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+
+    def given_up(_reason: str) -> None:  # on a watcher thread
+        loop.call_soon_threadsafe(stop.set)
+
+    mesh.supervisor.on_give_up = given_up
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    output.note("", f"starting the mesh; every process logs to {log_dir}/")
     try:
-        await asyncio.to_thread(mesh.start)
-        print(f"\npdmesh is up: scheduler at {mesh.target} ({plan.prefill} prefill, {plan.decode} decode, "
-              f"{plan.model} on {plan.device})")  # fmt: skip
-        print(f'try:  pdmesh generate --target {mesh.target} --chat "What is the capital of France?"\n', flush=True)
-        if demo_prompt is not None:
-            await _demo(mesh.target, demo_prompt)
-        if not exit_after_demo:
+        if not await _start(mesh, stop):
+            return 130
+    except Exception as e:  # a port in use, a process given up on: one clear line, no traceback
+        output.note("", f"pdmesh up failed: {e}")
+        return 1
+    try:
+        _print_banner(mesh)
+        if options.demo_prompt is not None:
+            await _demo(mesh.target, options.demo_prompt)
+        if not options.exit_after_demo:
             print("Ctrl-C stops the mesh.", flush=True)
             await stop.wait()
+        if mesh.failure is not None:
+            output.note("", f"stopping the mesh: {mesh.failure}")
+            return 1
         return 0
     finally:
-        print("stopping the mesh ...", file=sys.stderr, flush=True)
+        await _stop(mesh, output)
+
+
+async def _start(mesh: Mesh, stop: asyncio.Event) -> bool:
+    """Start and wait until ready; False when a signal came first (the mesh is then stopped)."""
+    starting = asyncio.ensure_future(asyncio.to_thread(mesh.start))
+    stopped = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({starting, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    stopped.cancel()
+    if starting.done():
+        starting.result()
+        return True
+    await _stop(mesh, mesh.output)  # wait_ready sees the stop and gives up
+    with contextlib.suppress(Exception):
+        await starting
+    return False
+
+
+def _print_banner(mesh: Mesh) -> None:
+    plan = mesh.plan
+    print(f"\npdmesh is up: scheduler at {mesh.target} ({plan.prefill} prefill, {plan.decode} decode, "
+          f"{plan.model} on {plan.device})")  # fmt: skip
+    if plan.host in WILDCARD_HOSTS:
+        print(f"listening on every interface (--host {plan.host}): anyone who reaches this machine can use it")
+    else:
+        print(f"listening on {plan.host} only; --host 0.0.0.0 opens the mesh to the network")
+    print(f'try:  pdmesh generate --target {mesh.target} --chat "What is the capital of France?"\n', flush=True)
+
+
+async def _stop(mesh: Mesh, output: ProcessOutput) -> None:
+    """Stop in order; a second Ctrl-C (or SIGTERM) kills everything at once."""
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, mesh.kill_all)
+    output.note("", f"stopping the mesh (streams in flight get {mesh.plan.grace_s:.0f} s; Ctrl-C again kills it)")
+    try:
         await asyncio.to_thread(mesh.stop)
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
 
 
 async def _demo(target: str, prompt: str) -> None:
