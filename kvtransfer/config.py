@@ -8,12 +8,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from kvtransfer.listen import is_loopback, loopback_device
+
 MiB = 1 << 20
 
 
 @dataclass(frozen=True)
 class TransportConfig:
-    host: str = "127.0.0.1"  # the address peers dial; the listener binds every interface
+    host: str = "127.0.0.1"  # the address peers dial; the listener binds every interface (listen.py)
     port: int = 0  # listener port; 0 picks a free one
     device: str = "cpu"  # where staging buffers live: "cpu", or the KV cache's "cuda:N"
     # UCX transports, e.g. "tcp,self" on CPU or "cuda_ipc,cuda_copy,tcp,self" on GPUs; None: UCX's choice.
@@ -27,6 +29,9 @@ class TransportConfig:
     # The receiver owns a ticket's lease; the sender gives up this much later, so that normally it
     # hears the receiver's verdict rather than racing it.
     sender_grace_s: float = 2.0
+    # Accept connections that arrive on loopback only; None: exactly when `host` is a loopback
+    # address, since then no peer elsewhere could have been told to dial this worker.
+    loopback_only: bool | None = None
 
     def __post_init__(self) -> None:
         if self.message_bytes < 1 or self.max_inflight_recv < 1:
@@ -35,9 +40,17 @@ class TransportConfig:
             raise ValueError(f"checksum_samples is {self.checksum_samples}; use 0 (off) or a positive count")
 
     @property
+    def accepts_loopback_only(self) -> bool:
+        return is_loopback(self.host) if self.loopback_only is None else self.loopback_only
+
+    @property
     def ucx_init_options(self) -> dict[str, str]:
         # A restarted worker binds its port again even while the dead one's connections linger.
-        options = {"CM_REUSEADDR": "y", **dict(self.ucx_options)}
+        options = {"CM_REUSEADDR": "y"}
+        if self.accepts_loopback_only:
+            # UCX's data listeners and lanes on the loopback device only; wire-up must then not
+            # look for other devices (CM_USE_ALL_DEVICES), or it fails with "unreachable".
+            options |= {"NET_DEVICES": loopback_device(), "CM_USE_ALL_DEVICES": "n"}
         if self.ucx_tls is not None:
             options["TLS"] = self.ucx_tls
-        return options
+        return options | dict(self.ucx_options)

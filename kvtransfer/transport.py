@@ -29,6 +29,7 @@ from engine.kv_layout import KVLayout
 from kvtransfer.config import TransportConfig
 from kvtransfer.connection import CTL_TAG, Connection, Tasks
 from kvtransfer.errors import IncompatiblePeer
+from kvtransfer.listen import arrived_on_loopback, local_address
 from kvtransfer.receiver import KVReceiver, TicketImport
 from kvtransfer.sender import KVPush, KVSender
 from kvtransfer.telemetry import NullObserver, TransferObserver
@@ -254,6 +255,11 @@ class KVTransport:
     async def _accept(self, ep: Any) -> None:
         """Listener callback: the dialing peer's Hello, then Welcome or Refuse."""
         timeout = self.config.connect_timeout_s
+        if self.config.accepts_loopback_only and not arrived_on_loopback(ep):
+            log.warning("kv connection refused: this worker accepts loopback peers only",
+                        local=local_address(ep.ucp_endpoint))  # fmt: skip
+            ep.abort()
+            return
         try:
             frame = bytearray(FRAME_BYTES)
             await asyncio.wait_for(ep.recv(frame, tag=CTL_TAG), timeout)

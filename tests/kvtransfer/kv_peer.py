@@ -18,6 +18,7 @@ import multiprocessing
 import os
 import random
 import signal
+import socket
 import time
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
@@ -46,6 +47,8 @@ class PeerSpec:
     message_bytes: int = 8 << 20
     device: str = "cpu"
     ucx_tls: str = "tcp,self"
+    host: str = "127.0.0.1"  # the address the peer advertises
+    loopback_only: bool | None = None
 
 
 def pattern(seed: int, layer: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -92,6 +95,17 @@ class Peer:
         if not ok:
             raise RuntimeError(f"peer command failed: {value}")
         return value
+
+
+def outside_address() -> str | None:
+    """An address of this machine that is not loopback (the one its default route leaves by)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("192.0.2.1", 9))  # TEST-NET-1: no packet is sent, only a route chosen
+        except OSError:
+            return None
+        address = probe.getsockname()[0]
+    return None if address.startswith("127.") else address
 
 
 def start_peers(*specs: PeerSpec) -> list[Peer]:
@@ -255,8 +269,8 @@ def _main(conn: Connection, spec: PeerSpec) -> None:
     random.Random(spec.pool_blocks).shuffle(shuffled)
     pool.free(shuffled)  # later allocations come back in this scattered order
     config = TransportConfig(
-        port=spec.port, device=spec.device, ucx_tls=spec.ucx_tls, checksum_samples=spec.checksum_samples,
-        message_bytes=spec.message_bytes,
+        host=spec.host, port=spec.port, device=spec.device, ucx_tls=spec.ucx_tls,
+        checksum_samples=spec.checksum_samples, message_bytes=spec.message_bytes, loopback_only=spec.loopback_only,
     )  # fmt: skip
     observed = _Observed()
     transport = KVTransport(layout, config, kv_caches=caches if spec.receive else None, observer=observed).start()

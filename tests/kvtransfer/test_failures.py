@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
-from kv_peer import Peer, PeerSpec, start_peers
+import pytest
+from kv_peer import Peer, PeerSpec, outside_address, start_peers
 
 from kvtransfer import IncompatiblePeer, TransferFailed
 
@@ -118,3 +120,25 @@ def test_an_incompatible_peer_is_refused_naming_the_field() -> None:
     finally:
         decode.stop()
         prefill.stop()
+
+
+def test_a_worker_advertised_on_loopback_refuses_connections_from_other_addresses() -> None:
+    outside = outside_address()
+    if outside is None:
+        pytest.skip("this machine has no address besides loopback")
+    # The decode peer advertises 127.0.0.1, so it accepts loopback connections only. One prefill
+    # peer uses every device and dials the decode peer's port on another address of this machine.
+    decode, stranger, neighbour = start_peers(
+        spec(), replace(spec(receive=False), host=outside, loopback_only=False), spec(receive=False)
+    )
+    try:
+        info = decode.call("expect", ticket="t7", num_tokens=512, seed=0, timeout_s=LEASE_S)
+        elsewhere = replace(info, address=f"{outside}:{info.port}")
+        sent = stranger.call("push", infos=[elsewhere], seeds=[0], layers=None, timeout_s=10)
+        assert not sent["tickets"]["t7"]["ok"], "the connection from outside loopback was accepted"
+        decode.call("cancel", ticket="t7", reason="test over")
+
+        assert full_transfer(decode, neighbour, "t8")["exact"], "loopback peers are still served"
+    finally:
+        for peer in (decode, stranger, neighbour):
+            peer.stop()
