@@ -12,10 +12,13 @@ it and decides what its exit means:
 
 Children die with the supervisor however it dies. A normal exit stops them in order (stop());
 for the deaths that run no code at all (SIGKILL, a segfault, the OOM killer) each child asks the
-kernel to SIGKILL it when its parent goes (Linux PR_SET_PDEATHSIG, set between fork and exec).
-Two details make that reliable: the death signal follows the *thread* that forked the child, so
+kernel to SIGKILL it when its parent goes (Linux PR_SET_PDEATHSIG). The request is made by a
+few lines of Python that the child runs first and that then exec the real command (the setting
+survives exec): a preexec_fn would do the same between fork and exec, but it makes subprocess
+fork a process full of gRPC threads, which gRPC complains about on stderr and which is unsafe.
+Two details make it reliable: the death signal follows the *thread* that forked the child, so
 each child is forked by its own watcher thread, which outlives the child; and a parent that died
-before prctl ran is caught by comparing getppid() with the pid that forked. SIGKILL rather than
+before prctl ran is caught by comparing getppid() with the supervisor's pid. SIGKILL rather than
 SIGTERM because nobody is left to escalate after a grace, and only SIGKILL frees the ports at once.
 
 Each child leads its own process group (so a terminal's Ctrl-C reaches only the supervisor, which
@@ -26,8 +29,8 @@ once the child is gone.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -39,7 +42,6 @@ from dataclasses import dataclass
 from pdmesh.process_output import ProcessOutput
 
 EX_CONFIG = 78  # sysexits.h: configuration error; `pdmesh serve` exits with it when its settings are unusable
-_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 @dataclass(frozen=True)
@@ -200,29 +202,29 @@ class Child:
             if self._stopping.is_set():
                 return None
             self._proc = subprocess.Popen(
-                self.spec.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                start_new_session=True, env={**os.environ, **dict(self.spec.env), "PYTHONUNBUFFERED": "1"},
-                preexec_fn=_die_with_parent(),
+                _die_with_parent(self.spec.argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT, start_new_session=True,
+                env={**os.environ, **dict(self.spec.env), "PYTHONUNBUFFERED": "1"},
             )  # fmt: skip
             return self._proc
 
 
-def _die_with_parent() -> Callable[[], None] | None:
-    """A preexec_fn asking the kernel to SIGKILL the child when its parent dies (Linux only).
+# Run by the child before its command: SIGKILL on the parent's death, then exec the command.
+_DEATH_SIGNAL_THEN_EXEC = (
+    "import ctypes, os, sys\n"
+    "ctypes.CDLL(None, use_errno=True).prctl(1, 9, 0, 0, 0)  # PR_SET_PDEATHSIG, SIGKILL\n"
+    "if os.getppid() != int(sys.argv[1]):  # the parent died before prctl: no signal will come\n"
+    "    os._exit(1)\n"
+    "os.execv(sys.argv[2], sys.argv[2:])\n"
+)
 
-    prctl is looked up here, before the fork: the hook runs between fork and exec, where as
-    little as possible should happen."""
+
+def _die_with_parent(argv: tuple[str, ...]) -> list[str]:
+    """argv, run so that the kernel SIGKILLs it when this process dies (Linux only)."""
     if not sys.platform.startswith("linux"):
-        return None
-    prctl = ctypes.CDLL(None, use_errno=True).prctl
-    parent = os.getpid()
-
-    def hook() -> None:
-        prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
-        if os.getppid() != parent:  # the parent died before prctl: no signal will ever come
-            os._exit(1)
-
-    return hook
+        return list(argv)
+    executable = shutil.which(argv[0]) or argv[0]
+    return [sys.executable, "-S", "-c", _DEATH_SIGNAL_THEN_EXEC, str(os.getpid()), executable, *argv[1:]]
 
 
 class Supervisor:

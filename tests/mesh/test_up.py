@@ -150,9 +150,9 @@ def test_the_demo_reads_cleanly_from_start_to_stop(tmp_path: Path) -> None:
     up = Up(free_port_base(), Path("smollm2"), "--demo", "--exit-after-demo", log_dir=tmp_path)
     assert up.finish(300) == 0, up.report()
     out, err = "".join(up.out), "".join(up.err)
-    assert "pdmesh is up" in out and "listening on 127.0.0.1 only" in out
-    assert "> What is the capital of France?\nThe capital of France is Paris.\n[8 tokens; TTFT" in out
-    assert "{" not in out, "no log line inside the answer"
+    assert "pdmesh is up" in out and "listening on 127.0.0.1 only" in out, up.report()
+    assert "> What is the capital of France?\nThe capital of France is Paris.\n[8 tokens; TTFT" in out, up.report()
+    assert "{" not in out, f"no log line inside the answer\n{up.report()}"
     # A worker whose report lands in the moment between the scheduler's exit and its own stop
     # still warns; the reporter learns to tell that from an outage in a later change.
     shown = "".join(line for line in up.err if '"event": "scheduler unreachable"' not in line)
