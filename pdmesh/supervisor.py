@@ -116,8 +116,8 @@ class Child:
         """Start watching (and so running) the child; again after it stayed down, a fresh run."""
         if self.pid is not None:
             raise RuntimeError(f"{self.name} is still running; kill it first")
-        self._thread.join(10)  # the watcher of the last run finishing its notes
         if self._thread.ident is not None:  # a thread runs once: a new one for a new run
+            self._thread.join(10)  # the watcher of the last run finishing its notes
             self._thread = threading.Thread(target=self._watch, name=f"watch-{self.name}", daemon=True)
         self._stopping.clear()
         self._thread.start()
