@@ -2,7 +2,8 @@
 
 Used by the public client library and by services calling each other (the scheduler calling
 prefill and decode workers), so both sides of every hop agree on message size limits and on
-pings that keep a long silent call (a long prefill) alive.
+pings that keep a long silent call (a long prefill) alive. Asyncio channels carry the caller's
+trace context (pdmesh/tracing.py), so a request's spans in every process join one trace.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import grpc
 import grpc.aio
 
 from pdmesh.config import ChannelConfig
+from pdmesh.tracing import client_interceptors
 
 
 def transport_options(
@@ -51,9 +53,10 @@ def channel(target: str, config: ChannelConfig | None = None) -> grpc.aio.Channe
     config = config or ChannelConfig()
     creds = channel_credentials(config)
     options = channel_options(config)
+    interceptors = client_interceptors()
     if creds is None:
-        return grpc.aio.insecure_channel(target, options=options)
-    return grpc.aio.secure_channel(target, creds, options=options)
+        return grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)
+    return grpc.aio.secure_channel(target, creds, options=options, interceptors=interceptors)
 
 
 def sync_channel(target: str, config: ChannelConfig | None = None) -> grpc.Channel:

@@ -16,7 +16,10 @@ import asyncio
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pdmesh.config import TelemetryConfig
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -42,26 +45,34 @@ def _server_overrides(args: argparse.Namespace) -> dict[str, Any]:
 def _serve(args: argparse.Namespace) -> int:
     """Run one service; settings it cannot use end it with EX_CONFIG, which `pdmesh up` does not
     restart (a restart cannot fix them), after one log line saying what is wrong."""
+    import logging
+
     import structlog
 
     from engine.errors import ModelLoadError
-    from pdmesh.config import ConfigError
+    from pdmesh.config import ConfigError, TelemetryConfig, from_env
     from pdmesh.supervisor import EX_CONFIG
     from services.logging import configure_logging
 
-    configure_logging(args.role, args.log_level)
     try:
-        _run_service(args)
+        logs_and_metrics = _given(log_level=args.log_level, metrics_port=args.metrics_port)
+        telemetry = from_env(TelemetryConfig, "telemetry", **logs_and_metrics)
+        configure_logging(args.role, telemetry.log_level, telemetry.log_format)
+        _run_service(args, telemetry)
     except (ConfigError, ModelLoadError) as e:
+        if not logging.getLogger().handlers:  # the logging settings themselves were unusable
+            configure_logging(args.role)
         structlog.get_logger("pdmesh.serve").error("cannot start: unusable settings", role=args.role, error=str(e))
         return EX_CONFIG
     return 0
 
 
-def _run_service(args: argparse.Namespace) -> None:
-    from pdmesh.config import from_env
+def _run_service(args: argparse.Namespace, telemetry: TelemetryConfig) -> None:
+    from pdmesh.config import from_env, otel_export
+    from services.telemetry.otel import ServiceName, start_otel
 
     overrides = _server_overrides(args)
+    overrides["telemetry"] = telemetry
     if args.model is not None:
         overrides["model"] = args.model
     if args.role == "scheduler":
@@ -71,7 +82,12 @@ def _run_service(args: argparse.Namespace) -> None:
         if args.policy is not None:
             overrides["policy"] = PolicyName(args.policy)
         overrides["channel"] = from_env(ChannelConfig, "channel")
-        asyncio.run(serve_scheduler(from_env(SchedulerConfig, "scheduler", **overrides)))
+        scheduler = from_env(SchedulerConfig, "scheduler", **overrides)
+        otel = start_otel(ServiceName.SCHEDULER, f"scheduler-{scheduler.server.port}", otel_export())
+        try:
+            asyncio.run(serve_scheduler(scheduler))
+        finally:
+            otel.shutdown()
         return
     from services.worker.config import Role, WorkerConfig
     from services.worker.server import serve_worker
@@ -84,7 +100,17 @@ def _run_service(args: argparse.Namespace) -> None:
         "kv_cache_bytes": args.kv_cache_mib << 20 if args.kv_cache_mib else None,
     }  # fmt: skip
     overrides.update({k: v for k, v in flags.items() if v is not None})
-    asyncio.run(serve_worker(from_env(WorkerConfig, "worker", role=Role(args.role), **overrides)))
+    worker = from_env(WorkerConfig, "worker", role=Role(args.role), **overrides)
+    otel = start_otel(ServiceName(f"pdmesh-{args.role}"), worker.id, otel_export())
+    try:
+        asyncio.run(serve_worker(worker))
+    finally:
+        otel.shutdown()
+
+
+def _given(**flags: Any) -> dict[str, Any]:
+    """The flags given on the command line (argparse leaves the others None)."""
+    return {name: value for name, value in flags.items() if value is not None}
 
 
 def _up(args: argparse.Namespace) -> int:
@@ -154,7 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-batched-tokens", type=int, default=None, help="workers: per-step token budget")
     serve.add_argument("--shutdown-grace-s", type=float, default=None,
                        help="on SIGTERM, how long calls in flight get to finish")
-    serve.add_argument("--log-level", default="info")
+    serve.add_argument("--log-level", default=None, help="debug, info (default), warning, error")
+    serve.add_argument("--metrics-port", type=int, default=None, help="Prometheus /metrics port (default: none)")
     serve.set_defaults(func=_serve)
 
     gen = sub.add_parser("generate", help="stream a completion from a running mesh")

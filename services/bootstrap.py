@@ -6,6 +6,8 @@ A service builds its servicers, wraps each in a `ServicerBinding`, and calls `se
 - the standard health service (grpc.health.v1): NOT_SERVING until ready, SERVING once ready,
   NOT_SERVING again from the moment it starts draining;
 - server reflection listing every service (grpcurl, grpc_cli);
+- OpenTelemetry's server interceptor (pdmesh/tracing.py): each call's span joins the caller's
+  trace through the W3C traceparent in its metadata;
 - one interceptor that maps typed errors to status codes (services/status.py) for unary and
   streaming calls alike, errors raised mid-stream included, and never sends a traceback;
 - graceful shutdown on SIGTERM/SIGINT: health NOT_SERVING, new calls refused with UNAVAILABLE,
@@ -36,6 +38,7 @@ from grpc_reflection.v1alpha import reflection
 
 from pdmesh.channel import transport_options
 from pdmesh.config import ServerConfig
+from pdmesh.tracing import server_interceptor
 from services.status import typed_code
 
 log = structlog.get_logger(__name__)
@@ -203,8 +206,10 @@ class Server:
 
     async def start(self) -> int:
         """Bind and start, health NOT_SERVING; returns the bound port."""
+        # The tracing interceptor outermost: its span covers the call, and sees the status the
+        # error interceptor aborts with (through the servicer context it hands on).
         server = grpc.aio.server(
-            interceptors=[_Interceptor(self._in_flight)], options=server_options(self.config)
+            interceptors=[server_interceptor(), _Interceptor(self._in_flight)], options=server_options(self.config)
         )
         for binding in self._bindings:
             binding.add_to_server(binding.servicer, server)

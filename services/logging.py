@@ -1,37 +1,47 @@
 """Structured logging for every service, configured in one place.
 
 `configure_logging("decode", "info")` once at process start; after it, both structlog loggers
-and the standard library's (grpc, asyncio, ...) write one JSON object per line to stderr with
-the service name, level, timestamp, logger name and any context bound with
-structlog.contextvars (request_id, trace_id, span_id). Modules get their logger with
+and the standard library's (grpc, asyncio, ...) write to stderr one line per event with the
+service name, level, timestamp, logger name, the current trace and span ids (OpenTelemetry's, so
+a request's lines in every process share its trace id) and any context bound with
+structlog.contextvars (request_id: see `request_context`). JSON objects for collectors;
+readable key=value lines on a terminal (LogFormat). Modules get their logger with
 `structlog.get_logger(__name__)` and never configure anything.
+
+An exception is logged with its traceback and never with its frames' local variables: a failed
+engine step's locals hold whole tensors (megabytes of log per error) and request contents.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import structlog
 from structlog.tracebacks import ExceptionDictTransformer
-from structlog.typing import Processor
+from structlog.typing import EventDict, Processor
+
+from pdmesh.config import LogFormat
+from services.telemetry.spans import ids
 
 
-def configure_logging(service_name: str, level: str | int = "info", extra: Sequence[Processor] = ()) -> None:
-    """Route structlog and stdlib logging to JSON lines on stderr at `level`.
+def configure_logging(
+    service_name: str, level: str | int = "info", fmt: LogFormat = LogFormat.AUTO, extra: Sequence[Processor] = ()
+) -> None:
+    """Route structlog and stdlib logging to stderr at `level`, as JSON lines or for a terminal.
 
-    `extra` processors run before rendering (telemetry adds the current trace and span ids).
+    `extra` processors run before rendering.
     """
 
-    def add_service(
-        _logger: object, _method: str, event: structlog.typing.EventDict
-    ) -> structlog.typing.EventDict:
+    def add_service(_logger: object, _method: str, event: EventDict) -> EventDict:
         event.setdefault("service", service_name)
         return event
 
     shared: list[Processor] = [
         structlog.contextvars.merge_contextvars,
+        add_trace_ids,
         structlog.stdlib.add_log_level,
         structlog.stdlib.add_logger_name,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
@@ -48,15 +58,38 @@ def configure_logging(service_name: str, level: str | int = "info", extra: Seque
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             foreign_pre_chain=shared,
-            processors=[
-                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-                # The traceback, never the frames' locals (structlog's default): a failed step's
-                # locals hold whole tensors, megabytes of log per error, and request contents.
-                structlog.processors.ExceptionRenderer(ExceptionDictTransformer(show_locals=False)),
-                structlog.processors.JSONRenderer(),
-            ],
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *_renderer(fmt)],
         )
     )
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper() if isinstance(level, str) else level)
+
+
+def _renderer(fmt: LogFormat) -> list[Processor]:
+    if fmt is LogFormat.AUTO:
+        fmt = LogFormat.CONSOLE if sys.stderr.isatty() else LogFormat.JSON
+    if fmt is LogFormat.CONSOLE:
+        # plain_traceback: rich's formatter (the default when rich is installed) prints locals.
+        plain = structlog.dev.plain_traceback
+        return [structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty(), exception_formatter=plain)]
+    return [
+        structlog.processors.ExceptionRenderer(ExceptionDictTransformer(show_locals=False)),
+        structlog.processors.JSONRenderer(),
+    ]
+
+
+def add_trace_ids(_logger: object, _method: str, event: EventDict) -> EventDict:
+    """The current OpenTelemetry trace and span ids, when the line is written inside a span."""
+    current = ids()
+    if current is not None:
+        event.setdefault("trace_id", current[0])
+        event.setdefault("span_id", current[1])
+    return event
+
+
+@contextlib.contextmanager
+def request_context(request_id: str) -> Iterator[None]:
+    """Every line logged inside carries request_id (a servicer wraps one call's work in it)."""
+    with structlog.contextvars.bound_contextvars(request_id=request_id):
+        yield

@@ -7,7 +7,7 @@ import enum
 from dataclasses import dataclass, field
 
 from engine.config import BatcherConfig, CacheConfig, EngineConfig
-from pdmesh.config import ConfigError, ServerConfig
+from pdmesh.config import ConfigError, ServerConfig, TelemetryConfig
 
 
 class Role(enum.Enum):
@@ -35,6 +35,7 @@ class WorkerConfig:
     lease_ms: int = 10_000  # an uncommitted reservation frees its blocks after this long
     transfer_deadline_ms: int = 30_000
     server: ServerConfig = field(default_factory=ServerConfig)
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
 
     def __post_init__(self) -> None:
         if self.lease_ms <= 0:

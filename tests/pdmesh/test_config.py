@@ -8,7 +8,18 @@ from pathlib import Path
 
 import pytest
 
-from pdmesh.config import ChannelConfig, ConfigError, ServerConfig, env_name, from_env
+from pdmesh.config import (
+    ChannelConfig,
+    ConfigError,
+    LogFormat,
+    OtelExport,
+    OtlpProtocol,
+    ServerConfig,
+    TelemetryConfig,
+    env_name,
+    from_env,
+    otel_export,
+)
 
 
 class Policy(enum.Enum):
@@ -75,9 +86,7 @@ def test_an_empty_value_of_an_optional_field_means_none() -> None:
 
 
 def test_overrides_win_over_the_environment() -> None:
-    config = from_env(
-        ServerConfig, "server", environ={"PDMESH_SERVER_PORT": "7000"}, port=0, host="127.0.0.1"
-    )
+    config = from_env(ServerConfig, "server", environ={"PDMESH_SERVER_PORT": "7000"}, port=0, host="127.0.0.1")
     assert (config.host, config.port, config.address) == ("127.0.0.1", 0, "127.0.0.1:0")
     with pytest.raises(TypeError, match="ServerConfig has no field.*prot"):
         from_env(ServerConfig, "server", environ={}, prot=1)
@@ -109,9 +118,7 @@ def test_a_value_that_does_not_convert_names_the_variable(variable: str, value: 
 
 
 def test_an_inconsistent_setting_names_the_variable_or_the_field_it_came_from() -> None:
-    with pytest.raises(
-        ConfigError, match=r"^PDMESH_SERVER_PORT: is 70000; use 0 \(any free port\) to 65535$"
-    ):
+    with pytest.raises(ConfigError, match=r"^PDMESH_SERVER_PORT: is 70000; use 0 \(any free port\) to 65535$"):
         from_env(ServerConfig, "server", environ={"PDMESH_SERVER_PORT": "70000"})
     with pytest.raises(ConfigError, match=r"^port: is 70000"):
         from_env(ServerConfig, "server", environ={}, port=70000)
@@ -129,3 +136,34 @@ def test_tls_settings_come_in_consistent_sets() -> None:
     with pytest.raises(ConfigError, match="^tls_ca_path: is unset, but a client certificate"):
         ChannelConfig(tls_cert_path=Path("c.pem"), tls_key_path=Path("k.pem"))
     assert ChannelConfig(tls_ca_path=Path("ca.pem")).tls
+
+
+def test_telemetry_settings_come_from_pdmesh_telemetry() -> None:
+    env = {
+        "PDMESH_TELEMETRY_LOG_LEVEL": "debug",
+        "PDMESH_TELEMETRY_LOG_FORMAT": "json",
+        "PDMESH_TELEMETRY_METRICS_PORT": "9400",
+    }
+    config = from_env(TelemetryConfig, "telemetry", env)
+    assert (config.log_level, config.log_format, config.metrics_port) == ("debug", LogFormat.JSON, 9400)
+    assert from_env(TelemetryConfig, "telemetry", {"PDMESH_TELEMETRY_METRICS_PORT": ""}).metrics_port is None
+    with pytest.raises(ConfigError, match="PDMESH_TELEMETRY_LOG_LEVEL: is 'loud'; use one of debug, info"):
+        from_env(TelemetryConfig, "telemetry", {"PDMESH_TELEMETRY_LOG_LEVEL": "loud"})
+
+
+def test_nothing_is_exported_unless_an_otlp_endpoint_is_set() -> None:
+    assert otel_export({}) == OtelExport()
+    assert otel_export({"OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"}) == OtelExport()
+    everything = otel_export({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4317"})
+    assert everything == OtelExport(OtlpProtocol.GRPC, OtlpProtocol.GRPC)
+    traces_over_http = {
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://collector:4318/v1/traces",
+        "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "http/protobuf",
+    }
+    assert otel_export(traces_over_http) == OtelExport(traces=OtlpProtocol.HTTP)
+    assert otel_export({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4317", "OTEL_METRICS_EXPORTER": "none"}) == OtelExport(
+        traces=OtlpProtocol.GRPC
+    )
+    assert otel_export({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4317", "OTEL_SDK_DISABLED": "true"}) == OtelExport()
+    with pytest.raises(ConfigError, match="OTEL_EXPORTER_OTLP_TRACES_PROTOCOL: is 'thrift'"):
+        otel_export({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4317", "OTEL_EXPORTER_OTLP_PROTOCOL": "thrift"})
