@@ -11,7 +11,7 @@ worker process, and one Ticket describes the hold between them:
 
 from kvtransfer.config import TransportConfig
 from kvtransfer.errors import IncompatiblePeer, TransferFailed
-from kvtransfer.receiver import KVReceiver, LeaseState, TicketImport
+from kvtransfer.receiver import KVCaches, KVReceiver, LeaseState, TicketImport
 from kvtransfer.sender import KVPush, KVSender
 from kvtransfer.telemetry import Direction, NullObserver, TransferObserver, TransferStats
 from kvtransfer.ticket import Ticket, TicketId
@@ -21,6 +21,7 @@ __all__ = [
     "Direction",
     "IncompatiblePeer",
     "KVPush",
+    "KVCaches",
     "KVReceiver",
     "KVSender",
     "KVTransport",

@@ -18,6 +18,7 @@ import structlog
 import torch
 from ucxx.exceptions import UCXMessageTruncatedError
 
+from engine.kv_layout import KVLayout
 from kvtransfer.wire import FRAME_BYTES, Message, decode, encode
 
 log = structlog.get_logger(__name__)
@@ -77,12 +78,14 @@ class Connection:
         ep: Any,  # ucxx Endpoint
         peer: str,  # the peer's listener address, "host:port"
         instance: str,  # the peer process's random id
+        layout: KVLayout,  # what the handshake agreed on: every block on this connection has it
         on_message: Callable[[Connection, Message], None],
         on_lost: Callable[[Connection, str], None],
     ) -> None:
         self.ep = ep
         self.peer = peer
         self.instance = instance
+        self.layout = layout
         self.lost: str | None = None  # why the connection ended, once it has
         self._on_message = on_message
         self._on_lost = on_lost

@@ -5,8 +5,10 @@ transport's loop, checks every Data header against its ticket (known, from the b
 in range and not seen, exact byte size) before receiving its payload into a pooled staging buffer;
 a scatter thread verifies sampled checksums and unpacks into exactly the ticket's blocks, on the
 receiver's own CUDA stream (neither the loop nor the default stream touches the device here). A
-ticket that fails (lease, peer lost, cancel, bad message) publishes its error only after any
-unpack in progress has finished: once error() is set, or cancel() has returned, the transport
+ticket lands in the receiver's own caches (a worker's engine) unless expect() names others
+(KVCaches: a KV store keeps one set per KV layout it holds); a Data header is accepted only over a
+connection whose handshake agreed on that ticket's layout. A ticket that fails (lease, peer lost,
+cancel, bad message) publishes its error only after any unpack in progress has finished: once error() is set, or cancel() has returned, the transport
 never writes those blocks again, so the engine may free them.
 
 The receiver owns the ticket's lease, the only clock of a hold: it runs from expect() until the
@@ -46,6 +48,31 @@ log = structlog.get_logger(__name__)
 
 _REMEMBERED_ENDINGS = 1024  # why recent tickets ended, to answer late messages precisely
 _CALL_TIMEOUT_S = 30.0  # a hop onto the transport's loop; only a wedged loop takes this long
+
+
+@dataclass(frozen=True, eq=False)
+class KVCaches:
+    """Paged KV tensors a ticket's blocks live in, and their layout."""
+
+    layout: KVLayout
+    tensors: Sequence[torch.Tensor]  # per layer (2, num_blocks, block_size, kv_heads, head_dim)
+
+    def check(self) -> None:
+        """ValueError unless every tensor has the layout's shape and dtype, on one device."""
+        layout, tensors = self.layout, self.tensors
+        if len(tensors) != layout.num_layers:
+            raise ValueError(f"kv_caches has {len(tensors)} layers, the layout {layout.num_layers}")
+        first = tensors[0]
+        want = (2, first.shape[1], layout.block_size, layout.num_kv_heads, layout.head_dim)
+        for i, kv in enumerate(tensors):
+            dtype = str(kv.dtype).removeprefix("torch.")
+            if tuple(kv.shape) != want or dtype != layout.dtype or kv.device != first.device:
+                got = f"{kv.dtype} {tuple(kv.shape)}"
+                raise ValueError(f"kv_caches[{i}] is {got}, the layout wants {layout.dtype} {want}")
+
+    @property
+    def num_blocks(self) -> int:
+        return self.tensors[0].shape[1]
 
 
 class LeaseState(enum.Enum):
@@ -120,6 +147,7 @@ class _Incoming:
     """The loop's record of one expected ticket."""
 
     ticket: TicketImport
+    caches: KVCaches  # where the blocks are
     block_ids: torch.Tensor  # (num_blocks,) int64 on the host, validated once
     layer_bytes: int  # one layer of the ticket, packed
     claimed: list[bool]  # per layer: a Data header for it was accepted
@@ -154,19 +182,18 @@ def check_data(data: Data, num_blocks: int, layer_bytes: int, claimed: Sequence[
 class KVReceiver:
     def __init__(
         self,
-        layout: KVLayout,
+        caches: KVCaches | None,  # where tickets land unless expect() names other caches
         config: TransportConfig,
-        kv_caches: Sequence[torch.Tensor],  # per layer (2, num_blocks, block_size, kv_heads, head_dim)
         observer: TransferObserver,
         loop: asyncio.AbstractEventLoop,
         tasks: Tasks,
         address: str,
     ) -> None:
-        _check_caches(layout, kv_caches)
-        self.layout = layout
-        self.kv_caches = list(kv_caches)
-        self.pool = StagingPool(kv_caches[0].device, config.staging_retain_bytes)
-        self._dtype: torch.dtype = kv_caches[0].dtype
+        if caches is not None:
+            caches.check()
+        self.caches = caches
+        device = caches.tensors[0].device if caches is not None else torch.device(config.device)
+        self.pool = StagingPool(device, config.staging_retain_bytes)
         self._observer = observer
         self.loop = loop
         self._tasks = tasks
@@ -176,7 +203,7 @@ class KVReceiver:
         self._endings: OrderedDict[str, str] = OrderedDict()
         self._slots = asyncio.Semaphore(config.max_inflight_recv)
         self._scatter = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kvtransfer-scatter")
-        self._stream = torch.cuda.Stream(kv_caches[0].device) if kv_caches[0].is_cuda else None
+        self._streams: dict[torch.device, torch.cuda.Stream] = {}  # per CUDA device unpacked into
 
     # ---- any thread but the loop's
     def __len__(self) -> int:
@@ -189,10 +216,12 @@ class KVReceiver:
         num_tokens: int,
         timeout_s: float,
         on_expire: Callable[[TicketImport], None] | None = None,
+        caches: KVCaches | None = None,
     ) -> TicketImport:
-        """Register a ticket whose layers will land in block_ids, leased for timeout_s; ValueError
-        for a bad request. on_expire runs on the transport's thread if the lease runs out uncommitted."""
-        ticket, registered = self._submit(ticket_id, block_ids, num_tokens, timeout_s, on_expire)
+        """Register a ticket whose layers will land in block_ids (of `caches`, else the receiver's
+        own), leased for timeout_s; ValueError for a bad request. on_expire runs on the transport's
+        thread if the lease runs out uncommitted."""
+        ticket, registered = self._submit(ticket_id, block_ids, num_tokens, timeout_s, on_expire, caches)
         registered.result(_CALL_TIMEOUT_S)
         return ticket
 
@@ -203,9 +232,10 @@ class KVReceiver:
         num_tokens: int,
         timeout_s: float,
         on_expire: Callable[[TicketImport], None] | None = None,
+        caches: KVCaches | None = None,
     ) -> TicketImport:
         """expect() for a caller on another event loop (a gRPC servicer)."""
-        ticket, registered = self._submit(ticket_id, block_ids, num_tokens, timeout_s, on_expire)
+        ticket, registered = self._submit(ticket_id, block_ids, num_tokens, timeout_s, on_expire, caches)
         await asyncio.wait_for(asyncio.wrap_future(registered), _CALL_TIMEOUT_S)
         return ticket
 
@@ -246,10 +276,17 @@ class KVReceiver:
         num_tokens: int,
         timeout_s: float,
         on_expire: Callable[[TicketImport], None] | None,
+        caches: KVCaches | None,
     ) -> tuple[TicketImport, concurrent.futures.Future[None]]:
         if _on_loop(self.loop):
             raise RuntimeError("expect() blocks: call it from the engine or a service thread, not the transport's")
-        layout = self.layout
+        if caches is None:
+            if self.caches is None:
+                raise ValueError("this receiver has no caches of its own: name the caches the ticket lands in")
+            caches = self.caches
+        elif caches is not self.caches:
+            caches.check()
+        layout = caches.layout
         want_blocks = -(-num_tokens // layout.block_size)
         if num_tokens < 1 or len(block_ids) != want_blocks:
             raise ValueError(
@@ -258,19 +295,21 @@ class KVReceiver:
         if timeout_s <= 0:
             raise ValueError(f"timeout_s is {timeout_s}; give the transfer a positive lease")
         ids = torch.tensor(list(block_ids), dtype=torch.int64)  # the device copy is made on the scatter thread
-        validate_block_ids(ids, self.kv_caches[0].shape[1])
+        validate_block_ids(ids, caches.num_blocks)
         expiry_ms = int((time.time() + timeout_s) * 1000)
         ticket = Ticket(TicketId(ticket_id), self._address, num_tokens, len(block_ids), expiry_ms)
         imported = TicketImport(self, ticket, layout.num_layers, on_expire)
-        return imported, asyncio.run_coroutine_threadsafe(self._register(imported, ids, timeout_s), self.loop)
+        registered = self._register(imported, caches, ids, timeout_s)
+        return imported, asyncio.run_coroutine_threadsafe(registered, self.loop)
 
-    async def _register(self, ticket: TicketImport, ids: torch.Tensor, timeout_s: float) -> None:
+    async def _register(self, ticket: TicketImport, caches: KVCaches, ids: torch.Tensor, timeout_s: float) -> None:
         ticket_id = ticket.ticket_id
         if ticket_id in self._incoming:
             raise ValueError(f"ticket {ticket_id!r} is already expected")
         self._endings.pop(ticket_id, None)
-        layer_bytes = ids.numel() * self.layout.block_elems_per_layer * self._dtype.itemsize
-        self._incoming[ticket_id] = _Incoming(ticket, ids, layer_bytes, [False] * self.layout.num_layers)
+        layout = caches.layout
+        layer_bytes = ids.numel() * layout.block_elems_per_layer * caches.tensors[0].dtype.itemsize
+        self._incoming[ticket_id] = _Incoming(ticket, caches, ids, layer_bytes, [False] * layout.num_layers)
         self._leases[ticket] = self.loop.call_later(timeout_s, lambda: self._tasks.spawn(self._expire(ticket)))
 
     async def _cancel(self, ticket: TicketImport, reason: str) -> None:
@@ -286,7 +325,7 @@ class KVReceiver:
         if entry is not None and entry.ticket is ticket:
             stalled = entry.receiving > 0 and entry.conn is not None
             ready = ticket.num_layers_ready
-            reason = f"the lease expired with {ready} of {self.layout.num_layers} layers landed"
+            reason = f"the lease expired with {ready} of {entry.caches.layout.num_layers} layers landed"
             await self._stop_transfer(ticket, reason)
             if stalled and entry.conn is not None:  # payloads the sender never delivered: it is stuck
                 entry.conn.abort("a ticket's payload stalled past its lease")
@@ -355,11 +394,15 @@ class KVReceiver:
         when this returns: never on the transport's loop, never on the default stream the engine's
         step runs on, so it neither waits for a step nor makes a step wait for it.
         """
-        if self._stream is None:
+        device = entry.caches.tensors[0].device
+        if device.type != "cuda":
             return self._check_and_unpack_here(payload, data, entry)
-        with torch.cuda.stream(self._stream):
+        stream = self._streams.get(device)
+        if stream is None:
+            stream = self._streams[device] = torch.cuda.Stream(device)
+        with torch.cuda.stream(stream):
             bad = self._check_and_unpack_here(payload, data, entry)
-        self._stream.synchronize()
+        stream.synchronize()
         return bad
 
     def _check_and_unpack_here(self, payload: torch.Tensor, data: Data, entry: _Incoming) -> int | None:
@@ -368,12 +411,12 @@ class KVReceiver:
             bad = first_mismatch(payload, chunk_bytes, data.checksums)
             if bad is not None:
                 return bad
+        layout, tensors = entry.caches.layout, entry.caches.tensors
         if entry.device_ids is None:
-            entry.device_ids = entry.block_ids.to(self.kv_caches[0].device)
-        layout = self.layout
-        layers = self.kv_caches[data.first_layer : data.first_layer + data.num_layers]
+            entry.device_ids = entry.block_ids.to(tensors[0].device)
+        layers = list(tensors[data.first_layer : data.first_layer + data.num_layers])
         shape = (data.num_layers, 2, data.num_blocks, layout.block_size, layout.num_kv_heads, layout.head_dim)
-        unpack_blocks(payload.view(self._dtype).view(shape), layers, entry.device_ids)
+        unpack_blocks(payload.view(tensors[0].dtype).view(shape), layers, entry.device_ids)
         return None
 
     def _landed(self, entry: _Incoming, data: Data) -> None:
@@ -397,6 +440,9 @@ class KVReceiver:
             return self._endings.get(data.ticket, "unknown ticket (never expected here)")
         if entry.conn is not None and entry.conn is not conn:
             return f"the ticket is bound to peer {entry.conn.peer}"
+        difference = entry.caches.layout.first_difference(conn.layout)
+        if difference is not None:
+            return f"the ticket's KV layout differs from the connection's: {difference}"
         return check_data(data, entry.block_ids.numel(), entry.layer_bytes, entry.claimed)
 
     def _fail(self, entry: _Incoming, reason: str, *, tell_peer: bool) -> None:
@@ -425,16 +471,6 @@ class KVReceiver:
         self._endings[ticket_id] = ending
         while len(self._endings) > _REMEMBERED_ENDINGS:
             self._endings.popitem(last=False)
-
-
-def _check_caches(layout: KVLayout, kv_caches: Sequence[torch.Tensor]) -> None:
-    if len(kv_caches) != layout.num_layers:
-        raise ValueError(f"kv_caches has {len(kv_caches)} layers, the layout {layout.num_layers}")
-    first = kv_caches[0]
-    want = (2, first.shape[1], layout.block_size, layout.num_kv_heads, layout.head_dim)
-    for i, kv in enumerate(kv_caches):
-        if tuple(kv.shape) != want or str(kv.dtype).removeprefix("torch.") != layout.dtype or kv.device != first.device:
-            raise ValueError(f"kv_caches[{i}] is {kv.dtype} {tuple(kv.shape)}, the layout wants {layout.dtype} {want}")
 
 
 def _on_loop(loop: asyncio.AbstractEventLoop) -> bool:

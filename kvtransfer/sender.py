@@ -57,9 +57,9 @@ class KVPush:
 
     def __init__(self, sender: KVSender, ticket: Ticket, layout: KVLayout) -> None:
         self.ticket = ticket
+        self.layout = layout  # of the blocks pushed: the receiver's handshake must agree on it
         self.future: concurrent.futures.Future[TransferStats] = concurrent.futures.Future()
         self._sender = sender
-        self._layout = layout
         self._dtype: torch.dtype = getattr(torch, layout.dtype)
         self._next_layer = 0
         self._stopped = False  # cancelled or closed early: later calls do nothing
@@ -90,8 +90,8 @@ class KVPush:
         self._sender.submit(self, group)
 
     def close(self) -> None:
-        if not self._stopped and self._next_layer != self._layout.num_layers:
-            self._stop(f"closed after {self._next_layer} of {self._layout.num_layers} layers")
+        if not self._stopped and self._next_layer != self.layout.num_layers:
+            self._stop(f"closed after {self._next_layer} of {self.layout.num_layers} layers")
 
     def cancel(self, reason: str) -> None:
         if not self._stopped:
@@ -111,7 +111,7 @@ class KVPush:
         self._sender.stop(self, reason)
 
     def _start_group(self, first: int, num_blocks: int, device: torch.device) -> _Outbound:
-        layout = self._layout
+        layout = self.layout
         layer_bytes = num_blocks * layout.block_elems_per_layer * self._dtype.itemsize
         n = min(max(1, self._sender.config.message_bytes // layer_bytes), layout.num_layers - first)
         staging = self._sender.pool.acquire(n * layer_bytes)
@@ -145,12 +145,12 @@ class KVSender:
 
     def __init__(
         self,
-        layout: KVLayout,
+        layout: KVLayout | None,  # of the blocks pushed unless open() names another; None: always named
         config: TransportConfig,
         observer: TransferObserver,
         loop: asyncio.AbstractEventLoop,
         tasks: Tasks,
-        connect: Callable[[str], Awaitable[Connection]],
+        connect: Callable[[str, KVLayout], Awaitable[Connection]],
     ) -> None:
         self.layout = layout
         self.config = config
@@ -168,8 +168,11 @@ class KVSender:
     def __len__(self) -> int:
         return len(self._outgoing)
 
-    def open(self, ticket: Ticket) -> KVPush:
-        push = KVPush(self, ticket, self.layout)
+    def open(self, ticket: Ticket, layout: KVLayout | None = None) -> KVPush:
+        layout = layout or self.layout
+        if layout is None:
+            raise ValueError("this transport serves several KV layouts: name the layout of the blocks pushed")
+        push = KVPush(self, ticket, layout)
         self._loop.call_soon_threadsafe(self._register, push)
         return push
 
@@ -253,7 +256,7 @@ class KVSender:
         """The ticket's connection: every message of a ticket goes over the same one."""
         info = out.push.ticket
         try:
-            conn = await self._connect(info.address)
+            conn = await self._connect(info.address, out.push.layout)
         except IncompatiblePeer as e:
             raise IncompatiblePeer(info.address, info.ticket_id, e.difference) from None
         except Exception as e:

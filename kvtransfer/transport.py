@@ -7,6 +7,11 @@ one cached connection per peer it dials; a connection that is lost (the peer die
 is dropped and the next ticket to that peer dials again. Every new connection starts with a
 handshake comparing KV layouts; a peer whose layout differs is refused, naming the field.
 
+A worker's transport has one layout, its engine's. A KV store's (layout None) holds
+blocks of every layout its clients bring: it accepts each peer with the layout that peer names,
+dials with the layout of the blocks it pushes (one connection per peer and layout), and lands
+each ticket in the caches expect() names, refusing data whose connection agreed on another layout.
+
 Which side does what lives in KVSender (sender.py) and KVReceiver (receiver.py); the transport
 routes control messages between them and the connections.
 """
@@ -30,7 +35,7 @@ from kvtransfer.config import TransportConfig
 from kvtransfer.connection import CTL_TAG, Connection, Tasks
 from kvtransfer.errors import IncompatiblePeer
 from kvtransfer.listen import arrived_on_loopback, local_address
-from kvtransfer.receiver import KVReceiver, TicketImport
+from kvtransfer.receiver import KVCaches, KVReceiver, TicketImport
 from kvtransfer.sender import KVPush, KVSender
 from kvtransfer.telemetry import NullObserver, TransferObserver
 from kvtransfer.ticket import Ticket
@@ -43,11 +48,13 @@ _process_transport: KVTransport | None = None
 
 
 class KVTransport:
-    """Start with start() (or `with`), stop with close(). kv_caches enables the receiving side."""
+    """Start with start() (or `with`), stop with close(). kv_caches enables the receiving side;
+    layout None makes a transport for blocks of any layout (a KV store), always receiving, into the
+    caches each expect() names."""
 
     def __init__(
         self,
-        layout: KVLayout,
+        layout: KVLayout | None,
         config: TransportConfig,
         kv_caches: Sequence[torch.Tensor] | None = None,
         observer: TransferObserver | None = None,
@@ -55,7 +62,12 @@ class KVTransport:
         self.layout = layout
         self.config = config
         self.instance = uuid.uuid4().hex
-        self._kv_caches = kv_caches
+        self._caches: KVCaches | None = None
+        if kv_caches is not None:
+            if layout is None:
+                raise ValueError("kv_caches need their layout: pass it, or no caches for a transport of any layout")
+            self._caches = KVCaches(layout, kv_caches)
+        self._receiving = kv_caches is not None or layout is None
         self._observer: TransferObserver = observer or NullObserver()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -65,8 +77,8 @@ class KVTransport:
         self._listener: Any = None
         self._port = 0
         self._tasks = Tasks()
-        self._dialed: dict[str, Connection] = {}
-        self._dialing: dict[str, asyncio.Task[Connection]] = {}
+        self._dialed: dict[tuple[str, KVLayout], Connection] = {}
+        self._dialing: dict[tuple[str, KVLayout], asyncio.Task[Connection]] = {}
         self._accepted: set[Connection] = set()
         self._sender: KVSender | None = None
         self._receiver: KVReceiver | None = None
@@ -132,9 +144,10 @@ class KVTransport:
             raise RuntimeError("this transport has no receiving side: pass kv_caches and call start()")
         return self._receiver
 
-    def push(self, ticket: Ticket) -> KVPush:
-        """The sending side of a ticket another worker expects (an engine.handoff.KVExportSink)."""
-        return self.sender.open(ticket)
+    def push(self, ticket: Ticket, layout: KVLayout | None = None) -> KVPush:
+        """The sending side of a ticket another worker expects (an engine.handoff.KVExportSink);
+        `layout` is the pushed blocks' when it is not this transport's own."""
+        return self.sender.open(ticket, layout)
 
     def expect(
         self,
@@ -143,10 +156,11 @@ class KVTransport:
         num_tokens: int,
         timeout_s: float,
         on_expire: Callable[[TicketImport], None] | None = None,
+        caches: KVCaches | None = None,
     ) -> TicketImport:
         """The receiving side of a ticket (an engine.handoff.KVImport), leased for timeout_s; hand
-        its .ticket to the sender. on_expire: see KVReceiver.expect."""
-        return self.receiver.expect(ticket_id, block_ids, num_tokens, timeout_s, on_expire)
+        its .ticket to the sender. on_expire, caches: see KVReceiver.expect."""
+        return self.receiver.expect(ticket_id, block_ids, num_tokens, timeout_s, on_expire, caches)
 
     async def expect_async(
         self,
@@ -155,8 +169,9 @@ class KVTransport:
         num_tokens: int,
         timeout_s: float,
         on_expire: Callable[[TicketImport], None] | None = None,
+        caches: KVCaches | None = None,
     ) -> TicketImport:
-        return await self.receiver.expect_async(ticket_id, block_ids, num_tokens, timeout_s, on_expire)
+        return await self.receiver.expect_async(ticket_id, block_ids, num_tokens, timeout_s, on_expire, caches)
 
     # ---- the loop thread
     def _run(self) -> None:
@@ -180,10 +195,8 @@ class KVTransport:
             )
             self._port = self._listener.port
             self._sender = KVSender(self.layout, self.config, self._observer, loop, self._tasks, self._connect)
-            if self._kv_caches is not None:
-                self._receiver = KVReceiver(
-                    self.layout, self.config, self._kv_caches, self._observer, loop, self._tasks, self.address
-                )
+            if self._receiving:
+                self._receiver = KVReceiver(self._caches, self.config, self._observer, loop, self._tasks, self.address)
         except BaseException as e:
             self._startup_error = e
             self._ready.set()
@@ -215,30 +228,31 @@ class KVTransport:
         except Exception as e:  # a reference still held somewhere; the process can go on
             log.warning("ucxx reset incomplete", error=str(e))
 
-    async def _connect(self, address: str) -> Connection:
-        conn = self._dialed.get(address)
+    async def _connect(self, address: str, layout: KVLayout) -> Connection:
+        key = (address, layout)
+        conn = self._dialed.get(key)
         if conn is not None and conn.lost is None:
             return conn
-        dialing = self._dialing.get(address)
+        dialing = self._dialing.get(key)
         if dialing is None:
-            dialing = asyncio.get_running_loop().create_task(self._dial(address))
-            self._dialing[address] = dialing
-            dialing.add_done_callback(lambda _: self._dialing.pop(address, None))
+            dialing = asyncio.get_running_loop().create_task(self._dial(address, layout))
+            self._dialing[key] = dialing
+            dialing.add_done_callback(lambda _: self._dialing.pop(key, None))
         return await asyncio.shield(dialing)
 
-    async def _dial(self, address: str) -> Connection:
+    async def _dial(self, address: str, layout: KVLayout) -> Connection:
         host, port = address.rsplit(":", 1)
         timeout = self.config.connect_timeout_s
         ep = await asyncio.wait_for(ucxx.create_endpoint(host, int(port), connect_timeout=timeout), timeout)
         try:
-            hello = Hello(self.address, self.instance, self.layout)
+            hello = Hello(self.address, self.instance, layout)
             await asyncio.wait_for(ep.send(encode(hello), tag=CTL_TAG), timeout)
             frame = bytearray(FRAME_BYTES)
             await asyncio.wait_for(ep.recv(frame, tag=CTL_TAG), timeout)
             reply = decode(frame)
             if not isinstance(reply, Welcome | Refuse):
                 raise ValueError(f"the peer answered the handshake with {reply.kind}")
-            difference = self.layout.first_difference(reply.layout)
+            difference = layout.first_difference(reply.layout)
             if difference is not None:
                 raise IncompatiblePeer(address, "", difference)
             if isinstance(reply, Refuse):
@@ -246,9 +260,9 @@ class KVTransport:
         except BaseException:
             ep.abort()
             raise
-        conn = Connection(ep, address, reply.instance, self._route, self._lost)
+        conn = Connection(ep, address, reply.instance, layout, self._route, self._lost)
         conn.start(self._tasks)
-        self._dialed[address] = conn
+        self._dialed[(address, layout)] = conn
         log.info("kv peer connected", peer=address, instance=reply.instance)
         return conn
 
@@ -266,19 +280,20 @@ class KVTransport:
             hello = decode(frame)
             if not isinstance(hello, Hello):
                 raise ValueError(f"a peer opened with {hello.kind} instead of hello")
-            difference = self.layout.first_difference(hello.layout)
+            layout = self.layout or hello.layout  # a store takes each peer's own
+            difference = layout.first_difference(hello.layout)
             if difference is not None:
                 log.warning("kv peer refused", peer=hello.name, difference=difference)
-                await ep.send(encode(Refuse(self.layout, difference)), tag=CTL_TAG)
+                await ep.send(encode(Refuse(layout, difference)), tag=CTL_TAG)
                 # the dialer hangs up once it has read the refusal; its hang-up ends this receive
                 await asyncio.wait_for(ep.recv(bytearray(FRAME_BYTES), tag=CTL_TAG), timeout)
                 return
-            await ep.send(encode(Welcome(self.address, self.instance, self.layout)), tag=CTL_TAG)
+            await ep.send(encode(Welcome(self.address, self.instance, layout)), tag=CTL_TAG)
         except Exception as e:
             log.info("kv peer handshake ended", error=f"{type(e).__name__}: {e}")
             ep.abort()
             return
-        conn = Connection(ep, hello.name, hello.instance, self._route, self._lost)
+        conn = Connection(ep, hello.name, hello.instance, layout, self._route, self._lost)
         conn.start(self._tasks)
         self._accepted.add(conn)
 
@@ -294,8 +309,8 @@ class KVTransport:
             conn.abort(f"unexpected {message.kind} message after the handshake")
 
     def _lost(self, conn: Connection, reason: str) -> None:
-        if self._dialed.get(conn.peer) is conn:
-            del self._dialed[conn.peer]
+        if self._dialed.get((conn.peer, conn.layout)) is conn:
+            del self._dialed[(conn.peer, conn.layout)]
         self._accepted.discard(conn)
         log.info("kv peer connection lost", peer=conn.peer, reason=reason)
         if self._sender is not None:
