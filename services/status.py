@@ -48,6 +48,11 @@ class DeadlineExceeded(ServiceError):
     """The caller's deadline passed while a downstream worker was busy with it. DEADLINE_EXCEEDED."""
 
 
+class StaleBlock(ServiceError):
+    """A KV store block is gone, or holds another generation than the one looked up: refused,
+    never served stale. FAILED_PRECONDITION."""
+
+
 _BY_TYPE: dict[type[BaseException], grpc.StatusCode] = {
     InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
     OutOfBlocks: grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -59,6 +64,7 @@ _BY_TYPE: dict[type[BaseException], grpc.StatusCode] = {
     NoLiveWorker: grpc.StatusCode.UNAVAILABLE,
     ModelNotFound: grpc.StatusCode.NOT_FOUND,
     DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+    StaleBlock: grpc.StatusCode.FAILED_PRECONDITION,
 }
 
 # Errors of packages that the servers must not import just to map them (kvtransfer pulls in

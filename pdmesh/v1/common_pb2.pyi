@@ -131,7 +131,7 @@ class TokenChunk(_message.Message):
     def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[float]] = ..., text: _Optional[str] = ..., finish: _Optional[_Union[Finish, _Mapping]] = ...) -> None: ...
 
 class Usage(_message.Message):
-    __slots__ = ("prompt_tokens", "completion_tokens", "cached_prompt_tokens", "queue_ms", "prefill_ms", "transfer_ms", "ttft_ms", "decode_ms", "e2e_ms", "transfer_bytes")
+    __slots__ = ("prompt_tokens", "completion_tokens", "cached_prompt_tokens", "queue_ms", "prefill_ms", "transfer_ms", "ttft_ms", "decode_ms", "e2e_ms", "transfer_bytes", "computed_prompt_tokens", "worker_cached_prompt_tokens", "store_cached_prompt_tokens", "transferred_prompt_tokens")
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
     CACHED_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -142,6 +142,10 @@ class Usage(_message.Message):
     DECODE_MS_FIELD_NUMBER: _ClassVar[int]
     E2E_MS_FIELD_NUMBER: _ClassVar[int]
     TRANSFER_BYTES_FIELD_NUMBER: _ClassVar[int]
+    COMPUTED_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    WORKER_CACHED_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    STORE_CACHED_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TRANSFERRED_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     prompt_tokens: int
     completion_tokens: int
     cached_prompt_tokens: int
@@ -152,7 +156,11 @@ class Usage(_message.Message):
     decode_ms: float
     e2e_ms: float
     transfer_bytes: int
-    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., cached_prompt_tokens: _Optional[int] = ..., queue_ms: _Optional[float] = ..., prefill_ms: _Optional[float] = ..., transfer_ms: _Optional[float] = ..., ttft_ms: _Optional[float] = ..., decode_ms: _Optional[float] = ..., e2e_ms: _Optional[float] = ..., transfer_bytes: _Optional[int] = ...) -> None: ...
+    computed_prompt_tokens: int
+    worker_cached_prompt_tokens: int
+    store_cached_prompt_tokens: int
+    transferred_prompt_tokens: int
+    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., cached_prompt_tokens: _Optional[int] = ..., queue_ms: _Optional[float] = ..., prefill_ms: _Optional[float] = ..., transfer_ms: _Optional[float] = ..., ttft_ms: _Optional[float] = ..., decode_ms: _Optional[float] = ..., e2e_ms: _Optional[float] = ..., transfer_bytes: _Optional[int] = ..., computed_prompt_tokens: _Optional[int] = ..., worker_cached_prompt_tokens: _Optional[int] = ..., store_cached_prompt_tokens: _Optional[int] = ..., transferred_prompt_tokens: _Optional[int] = ...) -> None: ...
 
 class KVTicket(_message.Message):
     __slots__ = ("ticket_id", "kv_transfer_address", "num_tokens", "num_blocks", "lease_expiry_unix_ms")

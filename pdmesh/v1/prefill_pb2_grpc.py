@@ -48,7 +48,7 @@ class PrefillServicer:
 
     def Prefill(self, request, context):
         """Computes the prompt (reusing any cached prefix from the worker's own cache, then the KV
-        store), pushes each layer's KV to the ticket's decode worker as soon as that layer is
+        store: a fetch that fails only costs the time to notice it), pushes each layer's KV to the ticket's decode worker as soon as that layer is
         computed, samples the first token, and returns once every layer has been sent: an OK answer
         means the decode worker holds the prompt's whole KV. The call's deadline bounds the work.
         Errors: INVALID_ARGUMENT (a field is out of range), RESOURCE_EXHAUSTED (the prompt does not

@@ -23,36 +23,39 @@ _sym_db = _symbol_database.Default()
 
 
 from pdmesh.v1 import common_pb2 as pdmesh_dot_v1_dot_common__pb2
+from pdmesh.v1 import kvstore_pb2 as pdmesh_dot_v1_dot_kvstore__pb2
 from pdmesh.v1 import worker_pb2 as pdmesh_dot_v1_dot_worker__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19pdmesh/v1/scheduler.proto\x12\tpdmesh.v1\x1a\x16pdmesh/v1/common.proto\x1a\x16pdmesh/v1/worker.proto\"\xc8\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12!\n\x06prompt\x18\x03 \x01(\x0b\x32\x11.pdmesh.v1.Prompt\x12+\n\x08sampling\x18\x04 \x01(\x0b\x32\x19.pdmesh.v1.SamplingParams\x12\x1b\n\x03slo\x18\x05 \x01(\x0b\x32\x0e.pdmesh.v1.Slo\x12%\n\x08priority\x18\x06 \x01(\x0e\x32\x13.pdmesh.v1.Priority\"\x86\x01\n\tPlacement\x12&\n\x04plan\x18\x01 \x01(\x0e\x32\x18.pdmesh.v1.ExecutionPlan\x12\x19\n\x11prefill_worker_id\x18\x02 \x01(\t\x12\x18\n\x10\x64\x65\x63ode_worker_id\x18\x03 \x01(\t\x12\x1c\n\x14num_decode_failovers\x18\x04 \x01(\r\"\x96\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12$\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x15.pdmesh.v1.TokenChunk\x12\x1f\n\x05usage\x18\x03 \x01(\x0b\x32\x10.pdmesh.v1.Usage\x12\'\n\tplacement\x18\x04 \x01(\x0b\x32\x14.pdmesh.v1.Placement\"\x13\n\x11ListModelsRequest\"\x8b\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x02 \x01(\t\x12\x1c\n\x14max_model_len_tokens\x18\x03 \x01(\r\x12\x1b\n\x13num_prefill_workers\x18\x04 \x01(\r\x12\x1a\n\x12num_decode_workers\x18\x05 \x01(\r\":\n\x12ListModelsResponse\x12$\n\x06models\x18\x01 \x03(\x0b\x32\x14.pdmesh.v1.ModelInfo\"\x18\n\x16GetClusterStateRequest\"\xc3\x01\n\x0bWorkerState\x12#\n\x04info\x18\x01 \x01(\x0b\x32\x15.pdmesh.v1.WorkerInfo\x12\'\n\x06health\x18\x02 \x01(\x0e\x32\x17.pdmesh.v1.WorkerHealth\x12*\n\x04load\x18\x03 \x01(\x0b\x32\x1c.pdmesh.v1.ReportLoadRequest\x12\x1b\n\x13last_report_unix_ms\x18\x04 \x01(\x04\x12\x1d\n\x15num_assigned_requests\x18\x05 \x01(\r\"\xa3\x01\n\x17GetClusterStateResponse\x12\x14\n\x0ctime_unix_ms\x18\x01 \x01(\x04\x12\x0e\n\x06policy\x18\x02 \x01(\t\x12\x1b\n\x13num_queued_requests\x18\x03 \x01(\r\x12\x1c\n\x14num_running_requests\x18\x04 \x01(\r\x12\'\n\x07workers\x18\x05 \x03(\x0b\x32\x16.pdmesh.v1.WorkerState*s\n\rExecutionPlan\x12\x1e\n\x1a\x45XECUTION_PLAN_UNSPECIFIED\x10\x00\x12 \n\x1c\x45XECUTION_PLAN_DISAGGREGATED\x10\x01\x12 \n\x1c\x45XECUTION_PLAN_LOCAL_PREFILL\x10\x02\x32\xf7\x01\n\tScheduler\x12\x45\n\x08Generate\x12\x1a.pdmesh.v1.GenerateRequest\x1a\x1b.pdmesh.v1.GenerateResponse0\x01\x12I\n\nListModels\x12\x1c.pdmesh.v1.ListModelsRequest\x1a\x1d.pdmesh.v1.ListModelsResponse\x12X\n\x0fGetClusterState\x12!.pdmesh.v1.GetClusterStateRequest\x1a\".pdmesh.v1.GetClusterStateResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19pdmesh/v1/scheduler.proto\x12\tpdmesh.v1\x1a\x16pdmesh/v1/common.proto\x1a\x17pdmesh/v1/kvstore.proto\x1a\x16pdmesh/v1/worker.proto\"\xc8\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12!\n\x06prompt\x18\x03 \x01(\x0b\x32\x11.pdmesh.v1.Prompt\x12+\n\x08sampling\x18\x04 \x01(\x0b\x32\x19.pdmesh.v1.SamplingParams\x12\x1b\n\x03slo\x18\x05 \x01(\x0b\x32\x0e.pdmesh.v1.Slo\x12%\n\x08priority\x18\x06 \x01(\x0e\x32\x13.pdmesh.v1.Priority\"\x86\x01\n\tPlacement\x12&\n\x04plan\x18\x01 \x01(\x0e\x32\x18.pdmesh.v1.ExecutionPlan\x12\x19\n\x11prefill_worker_id\x18\x02 \x01(\t\x12\x18\n\x10\x64\x65\x63ode_worker_id\x18\x03 \x01(\t\x12\x1c\n\x14num_decode_failovers\x18\x04 \x01(\r\"\x96\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12$\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x15.pdmesh.v1.TokenChunk\x12\x1f\n\x05usage\x18\x03 \x01(\x0b\x32\x10.pdmesh.v1.Usage\x12\'\n\tplacement\x18\x04 \x01(\x0b\x32\x14.pdmesh.v1.Placement\"\x13\n\x11ListModelsRequest\"\x8b\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x02 \x01(\t\x12\x1c\n\x14max_model_len_tokens\x18\x03 \x01(\r\x12\x1b\n\x13num_prefill_workers\x18\x04 \x01(\r\x12\x1a\n\x12num_decode_workers\x18\x05 \x01(\r\":\n\x12ListModelsResponse\x12$\n\x06models\x18\x01 \x03(\x0b\x32\x14.pdmesh.v1.ModelInfo\"\x18\n\x16GetClusterStateRequest\"\xc3\x01\n\x0bWorkerState\x12#\n\x04info\x18\x01 \x01(\x0b\x32\x15.pdmesh.v1.WorkerInfo\x12\'\n\x06health\x18\x02 \x01(\x0e\x32\x17.pdmesh.v1.WorkerHealth\x12*\n\x04load\x18\x03 \x01(\x0b\x32\x1c.pdmesh.v1.ReportLoadRequest\x12\x1b\n\x13last_report_unix_ms\x18\x04 \x01(\x04\x12\x1d\n\x15num_assigned_requests\x18\x05 \x01(\r\"\xcf\x01\n\x17GetClusterStateResponse\x12\x14\n\x0ctime_unix_ms\x18\x01 \x01(\x04\x12\x0e\n\x06policy\x18\x02 \x01(\t\x12\x1b\n\x13num_queued_requests\x18\x03 \x01(\r\x12\x1c\n\x14num_running_requests\x18\x04 \x01(\r\x12\'\n\x07workers\x18\x05 \x03(\x0b\x32\x16.pdmesh.v1.WorkerState\x12*\n\tkv_stores\x18\x06 \x03(\x0b\x32\x17.pdmesh.v1.KVStoreState\"\xc0\x01\n\x0cKVStoreState\x12$\n\x04info\x18\x01 \x01(\x0b\x32\x16.pdmesh.v1.KVStoreInfo\x12\'\n\x06health\x18\x02 \x01(\x0e\x32\x17.pdmesh.v1.WorkerHealth\x12(\n\x06status\x18\x03 \x01(\x0b\x32\x18.pdmesh.v1.KVStoreStatus\x12\x1b\n\x13last_report_unix_ms\x18\x04 \x01(\x04\x12\x1a\n\x12num_indexed_blocks\x18\x05 \x01(\x04*s\n\rExecutionPlan\x12\x1e\n\x1a\x45XECUTION_PLAN_UNSPECIFIED\x10\x00\x12 \n\x1c\x45XECUTION_PLAN_DISAGGREGATED\x10\x01\x12 \n\x1c\x45XECUTION_PLAN_LOCAL_PREFILL\x10\x02\x32\xf7\x01\n\tScheduler\x12\x45\n\x08Generate\x12\x1a.pdmesh.v1.GenerateRequest\x1a\x1b.pdmesh.v1.GenerateResponse0\x01\x12I\n\nListModels\x12\x1c.pdmesh.v1.ListModelsRequest\x1a\x1d.pdmesh.v1.ListModelsResponse\x12X\n\x0fGetClusterState\x12!.pdmesh.v1.GetClusterStateRequest\x1a\".pdmesh.v1.GetClusterStateResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pdmesh.v1.scheduler_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_EXECUTIONPLAN']._serialized_start=1194
-  _globals['_EXECUTIONPLAN']._serialized_end=1309
-  _globals['_GENERATEREQUEST']._serialized_start=89
-  _globals['_GENERATEREQUEST']._serialized_end=289
-  _globals['_PLACEMENT']._serialized_start=292
-  _globals['_PLACEMENT']._serialized_end=426
-  _globals['_GENERATERESPONSE']._serialized_start=429
-  _globals['_GENERATERESPONSE']._serialized_end=579
-  _globals['_LISTMODELSREQUEST']._serialized_start=581
-  _globals['_LISTMODELSREQUEST']._serialized_end=600
-  _globals['_MODELINFO']._serialized_start=603
-  _globals['_MODELINFO']._serialized_end=742
-  _globals['_LISTMODELSRESPONSE']._serialized_start=744
-  _globals['_LISTMODELSRESPONSE']._serialized_end=802
-  _globals['_GETCLUSTERSTATEREQUEST']._serialized_start=804
-  _globals['_GETCLUSTERSTATEREQUEST']._serialized_end=828
-  _globals['_WORKERSTATE']._serialized_start=831
-  _globals['_WORKERSTATE']._serialized_end=1026
-  _globals['_GETCLUSTERSTATERESPONSE']._serialized_start=1029
-  _globals['_GETCLUSTERSTATERESPONSE']._serialized_end=1192
-  _globals['_SCHEDULER']._serialized_start=1312
-  _globals['_SCHEDULER']._serialized_end=1559
+  _globals['_EXECUTIONPLAN']._serialized_start=1458
+  _globals['_EXECUTIONPLAN']._serialized_end=1573
+  _globals['_GENERATEREQUEST']._serialized_start=114
+  _globals['_GENERATEREQUEST']._serialized_end=314
+  _globals['_PLACEMENT']._serialized_start=317
+  _globals['_PLACEMENT']._serialized_end=451
+  _globals['_GENERATERESPONSE']._serialized_start=454
+  _globals['_GENERATERESPONSE']._serialized_end=604
+  _globals['_LISTMODELSREQUEST']._serialized_start=606
+  _globals['_LISTMODELSREQUEST']._serialized_end=625
+  _globals['_MODELINFO']._serialized_start=628
+  _globals['_MODELINFO']._serialized_end=767
+  _globals['_LISTMODELSRESPONSE']._serialized_start=769
+  _globals['_LISTMODELSRESPONSE']._serialized_end=827
+  _globals['_GETCLUSTERSTATEREQUEST']._serialized_start=829
+  _globals['_GETCLUSTERSTATEREQUEST']._serialized_end=853
+  _globals['_WORKERSTATE']._serialized_start=856
+  _globals['_WORKERSTATE']._serialized_end=1051
+  _globals['_GETCLUSTERSTATERESPONSE']._serialized_start=1054
+  _globals['_GETCLUSTERSTATERESPONSE']._serialized_end=1261
+  _globals['_KVSTORESTATE']._serialized_start=1264
+  _globals['_KVSTORESTATE']._serialized_end=1456
+  _globals['_SCHEDULER']._serialized_start=1576
+  _globals['_SCHEDULER']._serialized_end=1823
 # @@protoc_insertion_point(module_scope)

@@ -1,4 +1,5 @@
 from pdmesh.v1 import common_pb2 as _common_pb2
+from pdmesh.v1 import kvstore_pb2 as _kvstore_pb2
 from pdmesh.v1 import worker_pb2 as _worker_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
@@ -101,15 +102,31 @@ class WorkerState(_message.Message):
     def __init__(self, info: _Optional[_Union[_worker_pb2.WorkerInfo, _Mapping]] = ..., health: _Optional[_Union[_worker_pb2.WorkerHealth, str]] = ..., load: _Optional[_Union[_worker_pb2.ReportLoadRequest, _Mapping]] = ..., last_report_unix_ms: _Optional[int] = ..., num_assigned_requests: _Optional[int] = ...) -> None: ...
 
 class GetClusterStateResponse(_message.Message):
-    __slots__ = ("time_unix_ms", "policy", "num_queued_requests", "num_running_requests", "workers")
+    __slots__ = ("time_unix_ms", "policy", "num_queued_requests", "num_running_requests", "workers", "kv_stores")
     TIME_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
     NUM_QUEUED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     NUM_RUNNING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     WORKERS_FIELD_NUMBER: _ClassVar[int]
+    KV_STORES_FIELD_NUMBER: _ClassVar[int]
     time_unix_ms: int
     policy: str
     num_queued_requests: int
     num_running_requests: int
     workers: _containers.RepeatedCompositeFieldContainer[WorkerState]
-    def __init__(self, time_unix_ms: _Optional[int] = ..., policy: _Optional[str] = ..., num_queued_requests: _Optional[int] = ..., num_running_requests: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[WorkerState, _Mapping]]] = ...) -> None: ...
+    kv_stores: _containers.RepeatedCompositeFieldContainer[KVStoreState]
+    def __init__(self, time_unix_ms: _Optional[int] = ..., policy: _Optional[str] = ..., num_queued_requests: _Optional[int] = ..., num_running_requests: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[WorkerState, _Mapping]]] = ..., kv_stores: _Optional[_Iterable[_Union[KVStoreState, _Mapping]]] = ...) -> None: ...
+
+class KVStoreState(_message.Message):
+    __slots__ = ("info", "health", "status", "last_report_unix_ms", "num_indexed_blocks")
+    INFO_FIELD_NUMBER: _ClassVar[int]
+    HEALTH_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    LAST_REPORT_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    NUM_INDEXED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    info: _worker_pb2.KVStoreInfo
+    health: _worker_pb2.WorkerHealth
+    status: _kvstore_pb2.KVStoreStatus
+    last_report_unix_ms: int
+    num_indexed_blocks: int
+    def __init__(self, info: _Optional[_Union[_worker_pb2.KVStoreInfo, _Mapping]] = ..., health: _Optional[_Union[_worker_pb2.WorkerHealth, str]] = ..., status: _Optional[_Union[_kvstore_pb2.KVStoreStatus, _Mapping]] = ..., last_report_unix_ms: _Optional[int] = ..., num_indexed_blocks: _Optional[int] = ...) -> None: ...

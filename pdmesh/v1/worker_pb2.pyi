@@ -1,4 +1,5 @@
 from pdmesh.v1 import common_pb2 as _common_pb2
+from pdmesh.v1 import kvstore_pb2 as _kvstore_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
@@ -69,10 +70,12 @@ class RegisterWorkerRequest(_message.Message):
     def __init__(self, worker: _Optional[_Union[WorkerInfo, _Mapping]] = ...) -> None: ...
 
 class RegisterWorkerResponse(_message.Message):
-    __slots__ = ("report_interval_ms",)
+    __slots__ = ("report_interval_ms", "kv_store_address")
     REPORT_INTERVAL_MS_FIELD_NUMBER: _ClassVar[int]
+    KV_STORE_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     report_interval_ms: int
-    def __init__(self, report_interval_ms: _Optional[int] = ...) -> None: ...
+    kv_store_address: str
+    def __init__(self, report_interval_ms: _Optional[int] = ..., kv_store_address: _Optional[str] = ...) -> None: ...
 
 class PrefillSample(_message.Message):
     __slots__ = ("num_tokens", "num_cached_tokens", "duration_ms")
@@ -145,6 +148,64 @@ class ReportLoadRequest(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., report_seq: _Optional[int] = ..., time_unix_ms: _Optional[int] = ..., health: _Optional[_Union[WorkerHealth, str]] = ..., num_kv_blocks_free: _Optional[int] = ..., num_kv_blocks_total: _Optional[int] = ..., num_running_requests: _Optional[int] = ..., num_waiting_requests: _Optional[int] = ..., num_kv_reservations: _Optional[int] = ..., num_kv_transfers_in_flight: _Optional[int] = ..., prefill_samples: _Optional[_Iterable[_Union[PrefillSample, _Mapping]]] = ..., decode_step_samples: _Optional[_Iterable[_Union[DecodeStepSample, _Mapping]]] = ..., transfer_samples: _Optional[_Iterable[_Union[TransferSample, _Mapping]]] = ..., kv_cache_events: _Optional[_Union[KVCacheEvents, _Mapping]] = ...) -> None: ...
 
 class ReportLoadResponse(_message.Message):
+    __slots__ = ("reregister", "kv_snapshot_requested", "kv_store_address")
+    REREGISTER_FIELD_NUMBER: _ClassVar[int]
+    KV_SNAPSHOT_REQUESTED_FIELD_NUMBER: _ClassVar[int]
+    KV_STORE_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    reregister: bool
+    kv_snapshot_requested: bool
+    kv_store_address: str
+    def __init__(self, reregister: _Optional[bool] = ..., kv_snapshot_requested: _Optional[bool] = ..., kv_store_address: _Optional[str] = ...) -> None: ...
+
+class KVStoreInfo(_message.Message):
+    __slots__ = ("store_id", "address", "kv_transfer_address", "version")
+    STORE_ID_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    KV_TRANSFER_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    store_id: str
+    address: str
+    kv_transfer_address: str
+    version: str
+    def __init__(self, store_id: _Optional[str] = ..., address: _Optional[str] = ..., kv_transfer_address: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
+
+class RegisterKVStoreRequest(_message.Message):
+    __slots__ = ("store",)
+    STORE_FIELD_NUMBER: _ClassVar[int]
+    store: KVStoreInfo
+    def __init__(self, store: _Optional[_Union[KVStoreInfo, _Mapping]] = ...) -> None: ...
+
+class RegisterKVStoreResponse(_message.Message):
+    __slots__ = ("report_interval_ms",)
+    REPORT_INTERVAL_MS_FIELD_NUMBER: _ClassVar[int]
+    report_interval_ms: int
+    def __init__(self, report_interval_ms: _Optional[int] = ...) -> None: ...
+
+class KVStoreEvents(_message.Message):
+    __slots__ = ("kv_layout", "events")
+    KV_LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    kv_layout: _common_pb2.KVLayout
+    events: KVCacheEvents
+    def __init__(self, kv_layout: _Optional[_Union[_common_pb2.KVLayout, _Mapping]] = ..., events: _Optional[_Union[KVCacheEvents, _Mapping]] = ...) -> None: ...
+
+class ReportKVStoreRequest(_message.Message):
+    __slots__ = ("store_id", "report_seq", "time_unix_ms", "health", "status", "events")
+    STORE_ID_FIELD_NUMBER: _ClassVar[int]
+    REPORT_SEQ_FIELD_NUMBER: _ClassVar[int]
+    TIME_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    HEALTH_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    store_id: str
+    report_seq: int
+    time_unix_ms: int
+    health: WorkerHealth
+    status: _kvstore_pb2.KVStoreStatus
+    events: _containers.RepeatedCompositeFieldContainer[KVStoreEvents]
+    def __init__(self, store_id: _Optional[str] = ..., report_seq: _Optional[int] = ..., time_unix_ms: _Optional[int] = ..., health: _Optional[_Union[WorkerHealth, str]] = ..., status: _Optional[_Union[_kvstore_pb2.KVStoreStatus, _Mapping]] = ..., events: _Optional[_Iterable[_Union[KVStoreEvents, _Mapping]]] = ...) -> None: ...
+
+class ReportKVStoreResponse(_message.Message):
     __slots__ = ("reregister", "kv_snapshot_requested")
     REREGISTER_FIELD_NUMBER: _ClassVar[int]
     KV_SNAPSHOT_REQUESTED_FIELD_NUMBER: _ClassVar[int]

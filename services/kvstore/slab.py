@@ -1,0 +1,54 @@
+"""The memory tier of one KV layout: a slab of host memory cut into block slots.
+
+The slab is laid out as a worker's paged KV cache (one (2, slots, block_size, kv_heads, head_dim)
+tensor per layer), so kvtransfer lands offered blocks in it and packs fetched blocks out of it
+exactly as it does for an engine's cache. Pinned when a GPU is present, so pushes to and from GPU
+workers go by DMA. Free slots are handed out lowest first: on CPU the untouched tail of the slab
+never becomes resident.
+"""
+
+from __future__ import annotations
+
+import heapq
+
+import torch
+
+from engine.kv_layout import KVLayout
+
+
+def block_bytes(layout: KVLayout) -> int:
+    """Bytes of one block, every layer, K and V."""
+    itemsize = torch.empty((), dtype=getattr(torch, layout.dtype)).element_size()
+    return layout.num_layers * layout.block_elems_per_layer * itemsize
+
+
+class HostSlab:
+    def __init__(self, layout: KVLayout, num_slots: int, pin: bool) -> None:
+        if num_slots < 1:
+            raise ValueError(f"a slab of {num_slots} slots holds nothing")
+        self.layout = layout
+        self.num_slots = num_slots
+        shape = (2, num_slots, layout.block_size, layout.num_kv_heads, layout.head_dim)
+        dtype = getattr(torch, layout.dtype)
+        # per layer (2, num_slots, block_size, kv_heads, head_dim)
+        self.tensors = [torch.empty(shape, dtype=dtype, pin_memory=pin) for _ in range(layout.num_layers)]
+        self._free = list(range(num_slots))  # a heap
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def take(self) -> int | None:
+        return heapq.heappop(self._free) if self._free else None
+
+    def give_back(self, slot: int) -> None:
+        heapq.heappush(self._free, slot)
+
+    def read(self, slot: int) -> torch.Tensor:
+        """A copy of one block: (num_layers, 2, block_size, kv_heads, head_dim)."""
+        return torch.stack([kv[:, slot] for kv in self.tensors])
+
+    def write(self, slot: int, block: torch.Tensor) -> None:
+        """block: (num_layers, 2, block_size, kv_heads, head_dim), as read() returns it."""
+        for layer, kv in enumerate(self.tensors):
+            kv[:, slot].copy_(block[layer])

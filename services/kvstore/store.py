@@ -1,0 +1,109 @@
+"""The store's blocks, every namespace: lookups, offers, fetches and what a report tells.
+
+BlockStore owns one Namespace per KV layout met (created at a layout's first offer, or found on
+disk at start), the generation counter and the counters. Generations are unique for the life of
+the disk directory: a 32-bit epoch drawn at start above a per-run counter, so a block restored
+after a restart never carries a generation a lookup saw before it.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import itertools
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from engine.block_pool import KVEvents
+from engine.ids import BlockHash
+from engine.kv_layout import KVLayout
+from services.kvstore.config import TierConfig
+from services.kvstore.disk import DiskShelf, known_namespaces
+from services.kvstore.namespace import Namespace, StoreCounters
+from services.status import NoCapacity
+
+
+@dataclass(frozen=True)
+class StoreStatus:
+    memory_capacity_bytes: int
+    memory_used_bytes: int
+    disk_capacity_bytes: int
+    disk_used_bytes: int
+    num_namespaces: int
+    num_memory_blocks: int
+    num_disk_blocks: int
+    counters: StoreCounters
+
+
+class BlockStore:
+    def __init__(self, tiers: TierConfig, pin: bool | None = None) -> None:
+        self.tiers = tiers
+        self.pin = torch.cuda.is_available() if pin is None else pin
+        self.counters = StoreCounters()
+        self.namespaces: dict[KVLayout, Namespace] = {}
+        self._io = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kvstore-disk")
+        self._epoch = secrets.randbits(32) << 32
+        self._counter = itertools.count(1)
+
+    def new_generation(self) -> int:
+        return self._epoch | next(self._counter)
+
+    def restore(self) -> None:
+        """Index the blocks a previous run left on disk, each under a new generation."""
+        if self.tiers.disk_path is None:
+            return
+        for layout in known_namespaces(self.tiers.disk_path):
+            if len(self.namespaces) < self.tiers.max_namespaces:
+                self._create(layout)
+
+    def namespace(self, layout: KVLayout, create: bool = False) -> Namespace | None:
+        """The layout's namespace; created when asked (NoCapacity past max_namespaces)."""
+        namespace = self.namespaces.get(layout)
+        if namespace is None and create:
+            if len(self.namespaces) >= self.tiers.max_namespaces:
+                raise NoCapacity(
+                    "kv_layout", f"the store holds {len(self.namespaces)} KV layouts already",
+                    "raise the store's max_namespaces, or run a store per model",
+                )  # fmt: skip
+            namespace = self._create(layout)
+        return namespace
+
+    def lookup(self, layout: KVLayout, hashes: Sequence[BlockHash]) -> list[int]:
+        namespace = self.namespaces.get(layout)
+        found = namespace.lookup(hashes) if namespace is not None else []
+        self.counters.lookups += 1
+        self.counters.lookup_blocks += len(hashes)
+        self.counters.lookup_hit_blocks += len(found)
+        return found
+
+    def take_events(self, snapshot: bool) -> list[tuple[KVLayout, KVEvents]]:
+        return [(layout, ns.take_events(snapshot)) for layout, ns in self.namespaces.items()]
+
+    def status(self) -> StoreStatus:
+        spaces = self.namespaces.values()
+        return StoreStatus(
+            memory_capacity_bytes=self.tiers.memory_bytes,
+            memory_used_bytes=sum(ns.memory_used_bytes for ns in spaces),
+            disk_capacity_bytes=self.tiers.disk_bytes if self.tiers.disk_path is not None else 0,
+            disk_used_bytes=sum(ns.disk.used_bytes for ns in spaces if ns.disk is not None),
+            num_namespaces=len(self.namespaces),
+            num_memory_blocks=sum(ns.num_memory_blocks for ns in spaces),
+            num_disk_blocks=sum(ns.num_disk_blocks for ns in spaces),
+            counters=self.counters,
+        )
+
+    def close(self) -> None:
+        """Finish the file writes under way (what is on disk survives a restart)."""
+        self._io.shutdown(wait=True)
+
+    def _create(self, layout: KVLayout) -> Namespace:
+        disk = None
+        if self.tiers.disk_path is not None:
+            disk = DiskShelf(self.tiers.disk_path, layout, self.tiers.disk_bytes, self._io)
+        namespace = Namespace(layout, self.tiers.memory_bytes, disk, self.pin, self.new_generation, self.counters)
+        if disk is not None:
+            namespace.restore(disk.restore())  # what a previous run left, under new generations
+        self.namespaces[layout] = namespace
+        return namespace
