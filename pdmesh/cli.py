@@ -1,7 +1,7 @@
 """The `pdmesh` command line: one subcommand per job, each a thin call into its module.
 
     pdmesh up                       the whole mesh as local processes (scheduler, prefill, decode)
-    pdmesh serve ROLE               one service: scheduler, prefill or decode (what compose runs)
+    pdmesh serve ROLE               one service: scheduler, prefill, decode or kvstore (what compose runs)
     pdmesh generate PROMPT          stream a completion from a running mesh
     pdmesh demo                     the engine alone in this process, one chat answer
     pdmesh bench serve              load a running mesh: concurrency/rate sweeps, trace replay
@@ -89,6 +89,9 @@ def _run_service(args: argparse.Namespace, telemetry: TelemetryConfig) -> None:
         finally:
             otel.shutdown()
         return
+    if args.role == "kvstore":
+        _serve_kvstore(args, overrides)
+        return
     from services.worker.config import Role, WorkerConfig
     from services.worker.server import serve_worker
 
@@ -111,6 +114,29 @@ def _run_service(args: argparse.Namespace, telemetry: TelemetryConfig) -> None:
 def _given(**flags: Any) -> dict[str, Any]:
     """The flags given on the command line (argparse leaves the others None)."""
     return {name: value for name, value in flags.items() if value is not None}
+
+
+def _serve_kvstore(args: argparse.Namespace, overrides: dict[str, Any]) -> None:
+    from pdmesh.config import ChannelConfig, from_env, otel_export
+    from services.kvstore.config import KVStoreConfig
+    from services.kvstore.server import serve_kvstore
+    from services.telemetry.otel import ServiceName, start_otel
+
+    flags = {
+        "scheduler": args.scheduler, "kv_port": args.kv_port, "store_id": args.worker_id,
+        "advertise_host": args.advertise_host, "disk_path": Path(args.disk_path) if args.disk_path else None,
+        "memory_bytes": args.memory_mib << 20 if args.memory_mib else None,
+        "disk_bytes": args.disk_mib << 20 if args.disk_mib else None,
+    }  # fmt: skip
+    overrides.pop("model", None)
+    overrides.update({k: v for k, v in flags.items() if v is not None})
+    overrides["channel"] = from_env(ChannelConfig, "channel")
+    store = from_env(KVStoreConfig, "kvstore", **overrides)
+    otel = start_otel(ServiceName.KVSTORE, store.id, otel_export())
+    try:
+        asyncio.run(serve_kvstore(store))
+    finally:
+        otel.shutdown()
 
 
 def _up(args: argparse.Namespace) -> int:
@@ -161,14 +187,14 @@ def build_parser() -> argparse.ArgumentParser:
     up.set_defaults(func=_up)
 
     serve = sub.add_parser("serve", help="run one service")
-    serve.add_argument("role", choices=["scheduler", "prefill", "decode"])
+    serve.add_argument("role", choices=["scheduler", "prefill", "decode", "kvstore"])
     serve.add_argument("--port", type=int, default=None)
     serve.add_argument("--host", default=None, help="the interface to listen on (default 0.0.0.0)")
     serve.add_argument("--model", default=None)
     serve.add_argument("--policy", default=None, choices=["least_loaded", "round_robin"], help="scheduler's placement")
     serve.add_argument("--scheduler", default=None, help="workers: the scheduler's host:port")
     serve.add_argument("--advertise-host", default=None, help="workers: the host others reach this worker at")
-    serve.add_argument("--worker-id", default=None)
+    serve.add_argument("--worker-id", default=None, help="workers and the KV store: the id in the mesh")
     serve.add_argument("--device", default=None)
     serve.add_argument("--dtype", default=None)
     serve.add_argument("--threads", type=int, default=None)
@@ -180,6 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-batched-tokens", type=int, default=None, help="workers: per-step token budget")
     serve.add_argument("--shutdown-grace-s", type=float, default=None,
                        help="on SIGTERM, how long calls in flight get to finish")
+    serve.add_argument("--memory-mib", type=int, default=None, help="kvstore: host memory for blocks, per KV layout")
+    serve.add_argument("--disk-path", default=None, help="kvstore: a directory for blocks evicted from memory")
+    serve.add_argument("--disk-mib", type=int, default=None, help="kvstore: the disk tier's size, per KV layout")
     serve.add_argument("--log-level", default=None, help="debug, info (default), warning, error")
     serve.add_argument("--metrics-port", type=int, default=None, help="Prometheus /metrics port (default: none)")
     serve.set_defaults(func=_serve)

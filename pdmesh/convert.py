@@ -1,4 +1,4 @@
-"""Protobuf <-> the types every side shares: sampling parameters and the mesh's enums.
+"""Protobuf <-> the types every side shares: sampling parameters, KV layouts and the mesh's enums.
 
 Used by the client library and by the convert modules of the services, so a message means the
 same everywhere. Proto3 `optional` fields left unset take the engine's defaults, so a
@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 from typing import Any, TypeVar
 
+from engine.kv_layout import KVLayout
 from engine.sampling_params import SamplingParams
 from pdmesh.v1 import common_pb2
 
@@ -49,6 +50,22 @@ def sampling_from_pb(pb: common_pb2.SamplingParams) -> SamplingParams:
         logprobs=pb.logprobs,
         include_stop_str_in_output=pb.include_stop_str_in_output,
     )
+
+
+def layout_from_pb(pb: common_pb2.KVLayout) -> KVLayout:
+    return KVLayout(
+        model_fingerprint=pb.model_fingerprint, dtype=pb.dtype, block_size=pb.block_size_tokens,
+        num_layers=pb.num_layers, num_kv_heads=pb.num_kv_heads, head_dim=pb.head_dim,
+        layout_version=pb.layout_version,
+    )  # fmt: skip
+
+
+def layout_to_pb(layout: KVLayout) -> common_pb2.KVLayout:
+    return common_pb2.KVLayout(
+        model_fingerprint=layout.model_fingerprint, dtype=layout.dtype, block_size_tokens=layout.block_size,
+        num_layers=layout.num_layers, num_kv_heads=layout.num_kv_heads, head_dim=layout.head_dim,
+        layout_version=layout.layout_version,
+    )  # fmt: skip
 
 
 def enum_to_pb(member: enum.Enum, pb_enum: Any) -> int:

@@ -45,6 +45,16 @@ class RegistryStub:
                 request_serializer=pdmesh_dot_v1_dot_worker__pb2.ReportLoadRequest.SerializeToString,
                 response_deserializer=pdmesh_dot_v1_dot_worker__pb2.ReportLoadResponse.FromString,
                 _registered_method=True)
+        self.RegisterKVStore = channel.unary_unary(
+                '/pdmesh.v1.Registry/RegisterKVStore',
+                request_serializer=pdmesh_dot_v1_dot_worker__pb2.RegisterKVStoreRequest.SerializeToString,
+                response_deserializer=pdmesh_dot_v1_dot_worker__pb2.RegisterKVStoreResponse.FromString,
+                _registered_method=True)
+        self.ReportKVStore = channel.unary_unary(
+                '/pdmesh.v1.Registry/ReportKVStore',
+                request_serializer=pdmesh_dot_v1_dot_worker__pb2.ReportKVStoreRequest.SerializeToString,
+                response_deserializer=pdmesh_dot_v1_dot_worker__pb2.ReportKVStoreResponse.FromString,
+                _registered_method=True)
 
 
 class RegistryServicer:
@@ -69,6 +79,22 @@ class RegistryServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RegisterKVStore(self, request, context):
+        """Adds a KV store to the mesh, or refreshes it when the same store_id registers again. Workers
+        hear its address in their next ReportLoadResponse.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReportKVStore(self, request, context):
+        """One periodic report of a KV store: its status and the blocks stored and removed since the
+        previous report, per KV layout. Unary, like ReportLoad.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RegistryServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -81,6 +107,16 @@ def add_RegistryServicer_to_server(servicer, server):
                     servicer.ReportLoad,
                     request_deserializer=pdmesh_dot_v1_dot_worker__pb2.ReportLoadRequest.FromString,
                     response_serializer=pdmesh_dot_v1_dot_worker__pb2.ReportLoadResponse.SerializeToString,
+            ),
+            'RegisterKVStore': grpc.unary_unary_rpc_method_handler(
+                    servicer.RegisterKVStore,
+                    request_deserializer=pdmesh_dot_v1_dot_worker__pb2.RegisterKVStoreRequest.FromString,
+                    response_serializer=pdmesh_dot_v1_dot_worker__pb2.RegisterKVStoreResponse.SerializeToString,
+            ),
+            'ReportKVStore': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportKVStore,
+                    request_deserializer=pdmesh_dot_v1_dot_worker__pb2.ReportKVStoreRequest.FromString,
+                    response_serializer=pdmesh_dot_v1_dot_worker__pb2.ReportKVStoreResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -138,6 +174,60 @@ class Registry:
             '/pdmesh.v1.Registry/ReportLoad',
             pdmesh_dot_v1_dot_worker__pb2.ReportLoadRequest.SerializeToString,
             pdmesh_dot_v1_dot_worker__pb2.ReportLoadResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RegisterKVStore(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdmesh.v1.Registry/RegisterKVStore',
+            pdmesh_dot_v1_dot_worker__pb2.RegisterKVStoreRequest.SerializeToString,
+            pdmesh_dot_v1_dot_worker__pb2.RegisterKVStoreResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportKVStore(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdmesh.v1.Registry/ReportKVStore',
+            pdmesh_dot_v1_dot_worker__pb2.ReportKVStoreRequest.SerializeToString,
+            pdmesh_dot_v1_dot_worker__pb2.ReportKVStoreResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kvtransfer.config import TransportConfig
-from pdmesh.config import ChannelConfig, ConfigError, ServerConfig
+from pdmesh.config import ChannelConfig, ConfigError, ServerConfig, TelemetryConfig
 
 GiB = 1 << 30
 
@@ -36,6 +36,7 @@ class KVStoreConfig:
     offer_lease_ms: int = 10_000
     server: ServerConfig = field(default_factory=ServerConfig)
     channel: ChannelConfig = field(default_factory=ChannelConfig)  # its calls to the scheduler
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
 
     def __post_init__(self) -> None:
         for name in ("memory_bytes", "disk_bytes", "max_namespaces", "offer_lease_ms"):

@@ -30,29 +30,10 @@ from engine.kv_layout import KVLayout
 from kvtransfer.receiver import KVCaches
 from services.kvstore.disk import CorruptBlock, DiskShelf
 from services.kvstore.slab import HostSlab, block_bytes
+from services.kvstore.stats import StoreCounters
 from services.status import NoCapacity, StaleBlock
 
 _MAX_EVENTS = 65_536  # changes kept between two reports before the next one becomes a snapshot
-
-
-@dataclass
-class StoreCounters:
-    """What the store did since it started: plain attributes, read by reports and metrics."""
-
-    lookups: int = 0
-    lookup_blocks: int = 0
-    lookup_hit_blocks: int = 0
-    fetches: int = 0
-    fetched_blocks: int = 0
-    fetches_refused: int = 0
-    fetches_failed: int = 0
-    fetches_in_flight: int = 0
-    offers: int = 0
-    stored_blocks: int = 0
-    demoted_blocks: int = 0
-    promoted_blocks: int = 0
-    evicted_blocks: int = 0
-    restored_blocks: int = 0
 
 
 @dataclass(slots=True, eq=False)
@@ -130,9 +111,10 @@ class Namespace:
 
     # ---- lookup and offer
     def lookup(self, hashes: Sequence[BlockHash]) -> list[int]:
-        """Generations of the longest leading run of hashes held (memory or disk)."""
+        """Generations of the longest leading run of hashes held (memory or disk), up to what one
+        fetch can read: a fetch pushes from memory, so it holds at most the memory tier."""
         found: list[int] = []
-        for block_hash in hashes:
+        for block_hash in hashes[: self.num_slots]:
             entry = self.blocks.get(block_hash)
             if entry is None:
                 break

@@ -12,7 +12,6 @@ import concurrent.futures
 import itertools
 import secrets
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 
@@ -21,20 +20,9 @@ from engine.ids import BlockHash
 from engine.kv_layout import KVLayout
 from services.kvstore.config import TierConfig
 from services.kvstore.disk import DiskShelf, known_namespaces
-from services.kvstore.namespace import Namespace, StoreCounters
+from services.kvstore.namespace import Namespace
+from services.kvstore.stats import StoreCounters, StoreStatus
 from services.status import NoCapacity
-
-
-@dataclass(frozen=True)
-class StoreStatus:
-    memory_capacity_bytes: int
-    memory_used_bytes: int
-    disk_capacity_bytes: int
-    disk_used_bytes: int
-    num_namespaces: int
-    num_memory_blocks: int
-    num_disk_blocks: int
-    counters: StoreCounters
 
 
 class BlockStore:

@@ -18,8 +18,8 @@ from engine.tokenizer import Tokenizer
 from pdmesh.convert import enum_from_pb, enum_to_pb, sampling_from_pb
 from pdmesh.enums import Priority, WorkerHealth
 from pdmesh.v1 import common_pb2, scheduler_pb2, worker_pb2
-from services.scheduler.convert_workers import load_to_pb, worker_info_to_pb
-from services.scheduler.registry import Worker
+from services.scheduler.convert_workers import load_to_pb, store_info_to_pb, store_status_to_pb, worker_info_to_pb
+from services.scheduler.registry import Registry, Store, Worker
 from services.scheduler.request import PlacementReport, Response, SchedulerRequest, Slo, TokenChunk, Usage
 
 _ROLES: dict[int, str] = {
@@ -134,3 +134,15 @@ def worker_state_to_pb(worker: Worker, health: WorkerHealth) -> scheduler_pb2.Wo
         state.load.CopyFrom(load_to_pb(worker.load))
     return state
 
+
+
+def store_state_to_pb(store: Store, registry: Registry) -> scheduler_pb2.KVStoreState:
+    state = scheduler_pb2.KVStoreState(
+        info=store_info_to_pb(store.info),
+        health=enum_to_pb(registry.store_health(store), worker_pb2.WorkerHealth),  # type: ignore[arg-type]
+        num_indexed_blocks=registry.index.num_blocks(store.store_id),
+    )
+    if store.report is not None:
+        state.status.CopyFrom(store_status_to_pb(store.report.status))
+        state.last_report_unix_ms = store.report.time_unix_ms
+    return state

@@ -7,30 +7,14 @@ import dataclasses
 
 from engine.block_pool import KVEvents
 from engine.ids import BlockHash
-from engine.kv_layout import KVLayout
-from pdmesh.convert import enum_from_pb, enum_to_pb, sampling_to_pb
+from pdmesh.convert import enum_from_pb, enum_to_pb, layout_from_pb, layout_to_pb, sampling_to_pb
 from pdmesh.enums import FinishReason, WorkerHealth, WorkerRole
-from pdmesh.v1 import common_pb2, decode_pb2, prefill_pb2, worker_pb2
-from services.scheduler.registry import Capacity, LoadReport, WorkerInfo
+from pdmesh.v1 import common_pb2, decode_pb2, kvstore_pb2, prefill_pb2, worker_pb2
+from services.kvstore.stats import StoreCounters, StoreStatus
+from services.scheduler.registry import Capacity, LoadReport, StoreInfo, StoreReport, WorkerInfo
 from services.scheduler.request import Decoded, Finish, Prefilled, SchedulerRequest, TicketHandle, TokenChunk, Usage
 
 # ---- registration and load reports
-
-
-def layout_from_pb(pb: common_pb2.KVLayout) -> KVLayout:
-    return KVLayout(
-        model_fingerprint=pb.model_fingerprint, dtype=pb.dtype, block_size=pb.block_size_tokens,
-        num_layers=pb.num_layers, num_kv_heads=pb.num_kv_heads, head_dim=pb.head_dim,
-        layout_version=pb.layout_version,
-    )  # fmt: skip
-
-
-def layout_to_pb(layout: KVLayout) -> common_pb2.KVLayout:
-    return common_pb2.KVLayout(
-        model_fingerprint=layout.model_fingerprint, dtype=layout.dtype, block_size_tokens=layout.block_size,
-        num_layers=layout.num_layers, num_kv_heads=layout.num_kv_heads, head_dim=layout.head_dim,
-        layout_version=layout.layout_version,
-    )  # fmt: skip
 
 
 def worker_info_from_pb(pb: worker_pb2.WorkerInfo) -> WorkerInfo:
@@ -77,11 +61,7 @@ def load_from_pb(pb: worker_pb2.ReportLoadRequest) -> LoadReport:
         report_seq=pb.report_seq,
         time_unix_ms=pb.time_unix_ms,
         health=enum_from_pb(WorkerHealth, worker_pb2.WorkerHealth, pb.health),
-        kv_events=KVEvents(
-            snapshot=events.is_snapshot,
-            stored=tuple(BlockHash(h) for h in events.block_hashes_stored),
-            removed=tuple(BlockHash(h) for h in events.block_hashes_removed),
-        ),
+        kv_events=events_from_pb(events),
         **{name: getattr(pb, name) for name in _LOAD_COUNTS},
     )
 
@@ -94,6 +74,46 @@ def load_to_pb(load: LoadReport) -> worker_pb2.ReportLoadRequest:
         health=health,  # type: ignore[arg-type]
         **{name: getattr(load, name) for name in _LOAD_COUNTS},
     )  # fmt: skip
+
+
+def events_from_pb(events: worker_pb2.KVCacheEvents) -> KVEvents:
+    return KVEvents(
+        snapshot=events.is_snapshot,
+        stored=tuple(BlockHash(h) for h in events.block_hashes_stored),
+        removed=tuple(BlockHash(h) for h in events.block_hashes_removed),
+    )
+
+
+# ---- KV stores
+
+
+def store_info_from_pb(pb: worker_pb2.KVStoreInfo) -> StoreInfo:
+    return StoreInfo(pb.store_id, pb.address, pb.kv_transfer_address, pb.version)
+
+
+def store_info_to_pb(info: StoreInfo) -> worker_pb2.KVStoreInfo:
+    return worker_pb2.KVStoreInfo(**dataclasses.asdict(info))
+
+
+def store_report_from_pb(pb: worker_pb2.ReportKVStoreRequest) -> StoreReport:
+    return StoreReport(
+        store_id=pb.store_id, report_seq=pb.report_seq, time_unix_ms=pb.time_unix_ms,
+        health=enum_from_pb(WorkerHealth, worker_pb2.WorkerHealth, pb.health),
+        status=store_status_from_pb(pb.status),
+        events=tuple((layout_from_pb(e.kv_layout), events_from_pb(e.events)) for e in pb.events),
+    )  # fmt: skip
+
+
+def store_status_from_pb(pb: kvstore_pb2.KVStoreStatus) -> StoreStatus:
+    counters = StoreCounters(**{f.name: getattr(pb, f"num_{f.name}") for f in dataclasses.fields(StoreCounters)})
+    fields = {f.name: getattr(pb, f.name) for f in dataclasses.fields(StoreStatus) if f.name != "counters"}
+    return StoreStatus(**fields, counters=counters)
+
+
+def store_status_to_pb(status: StoreStatus) -> kvstore_pb2.KVStoreStatus:
+    counters = {f"num_{name}": value for name, value in dataclasses.asdict(status.counters).items()}
+    fields = {f.name: getattr(status, f.name) for f in dataclasses.fields(status) if f.name != "counters"}
+    return kvstore_pb2.KVStoreStatus(**fields, **counters)
 
 
 # ---- calls to workers

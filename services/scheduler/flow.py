@@ -57,7 +57,7 @@ class RequestFlow:
         self.policy = policy
         self.settings = settings
         self.deadline = deadline
-        self.shape = RequestShape.of(request)
+        self.shape = RequestShape.of(request, registry.index)
         self.outputs: list[int] = []  # every token sent to the client
         self.meter = UsageMeter()
         self.report = PlacementReport()

@@ -18,6 +18,7 @@ from typing import Protocol
 from pdmesh.config import PolicyName
 from pdmesh.enums import ExecutionPlan, WorkerRole
 from services.scheduler.prefix import PromptBlocks
+from services.scheduler.prefix_index import PrefixIndex
 from services.scheduler.registry import Registry, Worker
 from services.scheduler.request import SchedulerRequest
 from services.status import NoLiveWorker
@@ -33,9 +34,9 @@ class RequestShape:
     tpot_ms: float
 
     @classmethod
-    def of(cls, request: SchedulerRequest) -> RequestShape:
+    def of(cls, request: SchedulerRequest, index: PrefixIndex | None = None) -> RequestShape:
         return cls(
-            PromptBlocks(request.prompt_token_ids), request.sampling.max_tokens, request.slo.ttft_ms,
+            PromptBlocks(request.prompt_token_ids, index), request.sampling.max_tokens, request.slo.ttft_ms,
             request.slo.tpot_ms,
         )  # fmt: skip
 

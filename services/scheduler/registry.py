@@ -4,8 +4,11 @@ A worker registers when it starts and reports its load periodically; one whose r
 `stale_after_s`, or that a call found dead, is stale and takes no new requests until it reports
 again; one that reports DRAINING takes none until it reports SERVING. Re-registering under the
 same id replaces the old entry (a restarted worker). Each worker's reports also carry its prefix
-cache's changes (KVEvents), from which the registry keeps the set of block hashes it holds; a gap
-in the reports' sequence numbers asks the worker for a snapshot.
+cache's changes (KVEvents), which the registry applies to the prefix index (prefix_index.py); a
+gap in the reports' sequence numbers asks the worker for a snapshot.
+
+KV stores register and report the same way (their blocks go to the same index, per layout); the
+live store's address is what workers are told to fill and fetch from.
 
 The channel to each worker is built here, from the scheduler's ChannelConfig (TLS and limits).
 """
@@ -19,11 +22,12 @@ from dataclasses import dataclass, field
 import grpc
 
 from engine.block_pool import KVEvents
-from engine.ids import BlockHash
 from engine.kv_layout import KVLayout
 from pdmesh.channel import channel
 from pdmesh.config import ChannelConfig
 from pdmesh.enums import WorkerHealth, WorkerRole
+from services.kvstore.stats import StoreStatus
+from services.scheduler.prefix_index import PrefixIndex
 
 
 @dataclass(frozen=True)
@@ -80,7 +84,6 @@ class Worker:
     draining: bool = False
     dead: bool = False  # a call found it unreachable; cleared by its next report
     assigned: int = 0  # requests this scheduler has on it now
-    cached: set[BlockHash] = field(default_factory=set)  # block hashes in its prefix cache
 
     @property
     def worker_id(self) -> str:
@@ -104,11 +107,49 @@ class Worker:
         return self.load.num_kv_blocks_free / max(1, self.load.num_kv_blocks_total)
 
 
+@dataclass(frozen=True)
+class StoreInfo:
+    """What a KV store registers with."""
+
+    store_id: str
+    address: str
+    kv_transfer_address: str
+    version: str = ""
+
+
+@dataclass(frozen=True)
+class StoreReport:
+    store_id: str
+    report_seq: int = 0
+    time_unix_ms: int = 0
+    health: WorkerHealth | None = None
+    status: StoreStatus = StoreStatus()
+    events: tuple[tuple[KVLayout, KVEvents], ...] = ()
+
+
+@dataclass(eq=False)
+class Store:
+    info: StoreInfo
+    registered_at: float = field(default_factory=time.monotonic)
+    last_seen: float = field(default_factory=time.monotonic)
+    report: StoreReport | None = None
+
+    @property
+    def store_id(self) -> str:
+        return self.info.store_id
+
+    @property
+    def draining(self) -> bool:
+        return self.report is not None and self.report.health is WorkerHealth.DRAINING
+
+
 class Registry:
     def __init__(self, stale_after_s: float, channel_config: ChannelConfig) -> None:
         self.stale_after_s = stale_after_s
         self.channel_config = channel_config
         self.workers: dict[str, Worker] = {}
+        self.stores: dict[str, Store] = {}
+        self.index = PrefixIndex()
 
     async def register(self, info: WorkerInfo) -> Worker:
         """A new or restarted worker. At the same address the old channel is kept: a worker
@@ -121,6 +162,7 @@ class Registry:
                 await old.channel.close()
             worker = Worker(info, channel(info.address, self.channel_config))
         self.workers[info.worker_id] = worker
+        self.index.forget(info.worker_id)  # its first report is a snapshot
         return worker
 
     def report(self, load: LoadReport) -> tuple[bool, bool]:
@@ -134,10 +176,45 @@ class Registry:
         worker.last_seen = time.monotonic()
         worker.draining = load.health is WorkerHealth.DRAINING
         worker.dead = False
-        return True, not _apply(worker.cached, load.kv_events, missed)
+        if missed and not load.kv_events.snapshot:
+            return True, True  # these changes follow ones never seen: wait for a snapshot
+        self.index.apply(worker.worker_id, worker.info.kv_layout, load.kv_events)
+        return True, False
+
+    def register_store(self, info: StoreInfo) -> Store:
+        """A new or restarted store; what the index knew of it is dropped (a snapshot follows)."""
+        store = self.stores[info.store_id] = Store(info)
+        self.index.forget(info.store_id)
+        return store
+
+    def report_store(self, report: StoreReport) -> tuple[bool, bool]:
+        """Record a store's report: (known, snapshot_wanted), as for a worker's."""
+        store = self.stores.get(report.store_id)
+        if store is None:
+            return False, False
+        missed = store.report is not None and report.report_seq != store.report.report_seq + 1
+        store.report, store.last_seen = report, time.monotonic()
+        if missed and not all(events.snapshot for _, events in report.events):
+            return True, True
+        for layout, events in report.events:
+            self.index.apply(store.store_id, layout, events)
+        return True, False
+
+    def live_store(self) -> Store | None:
+        """The KV store workers should use: the most recently registered one that reports."""
+        live = [s for s in self.stores.values() if not s.draining and not self._silent(s.last_seen)]
+        return max(live, key=lambda s: s.registered_at, default=None)
+
+    def store_health(self, store: Store) -> WorkerHealth:
+        if self._silent(store.last_seen):
+            return WorkerHealth.STALE
+        return WorkerHealth.DRAINING if store.draining else WorkerHealth.SERVING
+
+    def _silent(self, last_seen: float) -> bool:
+        return time.monotonic() - last_seen > self.stale_after_s
 
     def is_stale(self, worker: Worker) -> bool:
-        return worker.dead or time.monotonic() - worker.last_seen > self.stale_after_s
+        return worker.dead or self._silent(worker.last_seen)
 
     def health(self, worker: Worker) -> WorkerHealth:
         if self.is_stale(worker):
@@ -164,15 +241,3 @@ class Registry:
         for worker in self.workers.values():
             await worker.channel.close()
 
-
-def _apply(cached: set[BlockHash], events: KVEvents, missed: bool) -> bool:
-    """Apply a report's cache changes; False when they cannot be trusted (a report went missing)."""
-    if events.snapshot:
-        cached.clear()
-        cached.update(events.stored)
-        return True
-    if missed:
-        return False
-    cached.difference_update(events.removed)
-    cached.update(events.stored)
-    return True

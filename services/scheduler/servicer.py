@@ -13,7 +13,12 @@ from pdmesh.config import SchedulerConfig
 from pdmesh.enums import WorkerRole
 from pdmesh.v1 import scheduler_pb2, scheduler_pb2_grpc, worker_pb2, worker_pb2_grpc
 from services.scheduler import convert
-from services.scheduler.convert_workers import load_from_pb, worker_info_from_pb
+from services.scheduler.convert_workers import (
+    load_from_pb,
+    store_info_from_pb,
+    store_report_from_pb,
+    worker_info_from_pb,
+)
 from services.scheduler.flow import FlowSettings, RequestFlow
 from services.scheduler.policy import Policy
 from services.scheduler.registry import Registry
@@ -61,12 +66,15 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
     async def GetClusterState(  # noqa: N802
         self, request: scheduler_pb2.GetClusterStateRequest, context: grpc.aio.ServicerContext
     ) -> scheduler_pb2.GetClusterStateResponse:
-        workers = sorted(self.registry.workers.values(), key=lambda w: w.worker_id)
+        registry = self.registry
+        workers = sorted(registry.workers.values(), key=lambda w: w.worker_id)
+        stores = sorted(registry.stores.values(), key=lambda s: s.store_id)
         queued = sum(f.waiting for f in self.flows)
         return scheduler_pb2.GetClusterStateResponse(
             time_unix_ms=int(time.time() * 1000), policy=self.policy.name.value,
             num_queued_requests=queued, num_running_requests=len(self.flows) - queued,
             workers=[convert.worker_state_to_pb(w, self.registry.health(w)) for w in workers],
+            kv_stores=[convert.store_state_to_pb(s, registry) for s in stores],
         )  # fmt: skip
 
     def _check_fits(self, request: SchedulerRequest) -> None:
@@ -92,10 +100,30 @@ class RegistryServicer(worker_pb2_grpc.RegistryServicer):
         self, request: worker_pb2.RegisterWorkerRequest, context: grpc.aio.ServicerContext
     ) -> worker_pb2.RegisterWorkerResponse:
         await self.registry.register(worker_info_from_pb(request.worker))
-        return worker_pb2.RegisterWorkerResponse(report_interval_ms=self.report_interval_ms)
+        return worker_pb2.RegisterWorkerResponse(
+            report_interval_ms=self.report_interval_ms, kv_store_address=self._store_address()
+        )
 
     async def ReportLoad(  # noqa: N802
         self, request: worker_pb2.ReportLoadRequest, context: grpc.aio.ServicerContext
     ) -> worker_pb2.ReportLoadResponse:
         known, snapshot_wanted = self.registry.report(load_from_pb(request))
-        return worker_pb2.ReportLoadResponse(reregister=not known, kv_snapshot_requested=snapshot_wanted)
+        return worker_pb2.ReportLoadResponse(
+            reregister=not known, kv_snapshot_requested=snapshot_wanted, kv_store_address=self._store_address()
+        )
+
+    async def RegisterKVStore(  # noqa: N802
+        self, request: worker_pb2.RegisterKVStoreRequest, context: grpc.aio.ServicerContext
+    ) -> worker_pb2.RegisterKVStoreResponse:
+        self.registry.register_store(store_info_from_pb(request.store))
+        return worker_pb2.RegisterKVStoreResponse(report_interval_ms=self.report_interval_ms)
+
+    async def ReportKVStore(  # noqa: N802
+        self, request: worker_pb2.ReportKVStoreRequest, context: grpc.aio.ServicerContext
+    ) -> worker_pb2.ReportKVStoreResponse:
+        known, snapshot_wanted = self.registry.report_store(store_report_from_pb(request))
+        return worker_pb2.ReportKVStoreResponse(reregister=not known, kv_snapshot_requested=snapshot_wanted)
+
+    def _store_address(self) -> str:
+        store = self.registry.live_store()
+        return store.info.address if store is not None else ""

@@ -54,20 +54,23 @@ def report(seq: int, events: KVEvents) -> LoadReport:
     return LoadReport("decode-0", report_seq=seq, health=WorkerHealth.SERVING, kv_events=events)
 
 
-def test_cache_events_build_the_set_and_a_lost_report_asks_for_a_snapshot() -> None:
+def test_cache_events_build_the_index_and_a_lost_report_asks_for_a_snapshot() -> None:
     registry = Registry(stale_after_s=60, channel_config=ChannelConfig())
     layout = KVLayout("fp", "float32", 4, 2, 2, 8)
     info = WorkerInfo("decode-0", WorkerRole.DECODE, "127.0.0.1:1", "127.0.0.1:2", "m", layout, Capacity())
-    worker = registry.workers["decode-0"] = Worker(info, channel=None)  # type: ignore[arg-type]  # never called
+    registry.workers["decode-0"] = Worker(info, channel=None)  # type: ignore[arg-type]  # never called
     h = [BlockHash(i) for i in range(5)]
+
+    def held() -> set[BlockHash]:
+        return {x for x in h if registry.index.match(layout, [x]).blocks.get("decode-0")}
 
     assert registry.report(report(1, KVEvents(snapshot=True, stored=(h[0], h[1])))) == (True, False)
     assert registry.report(report(2, KVEvents(stored=(h[2],), removed=(h[0],)))) == (True, False)
-    assert worker.cached == {h[1], h[2]}
+    assert held() == {h[1], h[2]}
 
     # Report 3 never arrived: its changes are unknown, so 4's are not applied and a snapshot is wanted.
     assert registry.report(report(4, KVEvents(stored=(h[3],)))) == (True, True)
-    assert worker.cached == {h[1], h[2]}
+    assert held() == {h[1], h[2]}
     assert registry.report(report(5, KVEvents(snapshot=True, stored=(h[4],)))) == (True, False)
-    assert worker.cached == {h[4]}
+    assert held() == {h[4]}
     assert registry.report(LoadReport("ghost")) == (False, False)

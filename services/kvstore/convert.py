@@ -1,0 +1,75 @@
+"""Protobuf <-> the store's own types: the one place KVStore messages are read and written.
+
+Requests are checked here, at the door: a layout with an empty field, a hash list past the limit
+or generations that do not pair with their hashes are INVALID_ARGUMENT naming the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from engine.block_pool import KVEvents
+from engine.errors import InvalidRequest
+from engine.ids import BlockHash
+from engine.kv_layout import KVLayout
+from pdmesh.convert import layout_from_pb, layout_to_pb
+from pdmesh.v1 import common_pb2, kvstore_pb2, worker_pb2
+from services.kvstore.stats import StoreStatus
+from services.kvstore.transfers import OfferAnswer
+from services.worker.convert import ticket_to_pb
+
+MAX_BLOCKS = 1 << 16  # a million tokens of 16-token blocks in one call
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def layout_of(pb: common_pb2.KVLayout) -> KVLayout:
+    layout = layout_from_pb(pb)
+    if not layout.model_fingerprint:
+        raise InvalidRequest("kv_layout.model_fingerprint", "is empty", "send the worker's KV layout")
+    if layout.dtype not in DTYPES:
+        raise InvalidRequest("kv_layout.dtype", f"is {layout.dtype!r}", f"use one of {', '.join(DTYPES)}")
+    for name in ("block_size", "num_layers", "num_kv_heads", "head_dim"):
+        if getattr(layout, name) < 1:
+            raise InvalidRequest(f"kv_layout.{name}", "is 0", "send the worker's KV layout")
+    return layout
+
+
+def hashes_of(pb_hashes: object) -> list[BlockHash]:
+    hashes = [BlockHash(h) for h in pb_hashes]  # type: ignore[attr-defined]
+    if len(hashes) > MAX_BLOCKS:
+        raise InvalidRequest("block_hashes", f"has {len(hashes)} hashes", f"send at most {MAX_BLOCKS} per call")
+    return hashes
+
+
+def generations_of(request: kvstore_pb2.FetchRequest) -> list[int]:
+    if len(request.generations) != len(request.block_hashes):
+        raise InvalidRequest(
+            "generations", f"has {len(request.generations)} entries for {len(request.block_hashes)} hashes",
+            "send the generation Lookup returned for each block",
+        )  # fmt: skip
+    return list(request.generations)
+
+
+def offer_to_pb(answer: OfferAnswer) -> kvstore_pb2.OfferResponse:
+    response = kvstore_pb2.OfferResponse(wanted=answer.wanted)
+    if answer.ticket is not None:
+        response.ticket.CopyFrom(ticket_to_pb(answer.ticket))
+    return response
+
+
+def status_to_pb(status: StoreStatus) -> kvstore_pb2.KVStoreStatus:
+    counters = {f"num_{name}": value for name, value in dataclasses.asdict(status.counters).items()}
+    fields = {f.name: getattr(status, f.name) for f in dataclasses.fields(status) if f.name != "counters"}
+    return kvstore_pb2.KVStoreStatus(**fields, **counters)
+
+
+def events_to_pb(events: list[tuple[KVLayout, KVEvents]]) -> list[worker_pb2.KVStoreEvents]:
+    return [
+        worker_pb2.KVStoreEvents(
+            kv_layout=layout_to_pb(layout),
+            events=worker_pb2.KVCacheEvents(
+                is_snapshot=e.snapshot, block_hashes_stored=e.stored, block_hashes_removed=e.removed
+            ),
+        )
+        for layout, e in events
+    ]

@@ -1,0 +1,75 @@
+"""The store's calls to the scheduler's Registry: registration, then a report every interval with
+its status and the blocks each namespace stored and removed (a snapshot after each registration
+and whenever the scheduler asks for one). Like a worker's reports, a lost one costs only
+freshness: failures are logged and the next tick tries again."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+
+import grpc
+import structlog
+
+from pdmesh.channel import channel
+from pdmesh.config import ChannelConfig
+from pdmesh.v1 import worker_pb2, worker_pb2_grpc
+from services.kvstore import convert
+from services.kvstore.store import BlockStore
+
+log = structlog.get_logger(__name__)
+_RETRY_S = 0.5
+
+
+class StoreReporter:
+    def __init__(
+        self, scheduler: str, info: worker_pb2.KVStoreInfo, store: BlockStore, config: ChannelConfig | None = None
+    ) -> None:
+        self.info = info
+        self.store = store
+        self.draining = False
+        self._channel = channel(scheduler, config)
+        self._stub = worker_pb2_grpc.RegistryStub(self._channel)
+        self._task: asyncio.Task[None] | None = None
+        self._seq = 0
+        self._interval: float | None = None  # None: not registered
+        self._snapshot = True
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="kvstore-reporter")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self._channel.close()
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await asyncio.sleep(await self._report())
+            except grpc.aio.AioRpcError as e:
+                log.warning("scheduler unreachable", code=e.code().name, detail=e.details())
+                self._interval = None  # register again; the report's changes are lost, so a snapshot follows
+                await asyncio.sleep(_RETRY_S)
+
+    async def _report(self) -> float:
+        if self._interval is None:
+            reply = await self._stub.RegisterKVStore(worker_pb2.RegisterKVStoreRequest(store=self.info), timeout=5)
+            self._interval, self._snapshot = max(reply.report_interval_ms, 50) / 1000, True
+            log.info("registered", store_id=self.info.store_id, scheduler_interval_ms=reply.report_interval_ms)
+        self._seq += 1
+        health = worker_pb2.WORKER_HEALTH_DRAINING if self.draining else worker_pb2.WORKER_HEALTH_SERVING
+        report = worker_pb2.ReportKVStoreRequest(
+            store_id=self.info.store_id, report_seq=self._seq, time_unix_ms=int(time.time() * 1000), health=health,
+            status=convert.status_to_pb(self.store.status()),
+            events=convert.events_to_pb(self.store.take_events(self._snapshot)),
+        )  # fmt: skip
+        reply = await self._stub.ReportKVStore(report, timeout=5)
+        self._snapshot = reply.kv_snapshot_requested
+        if reply.reregister:
+            self._interval = None
+            return 0.0
+        return self._interval

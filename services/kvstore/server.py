@@ -1,0 +1,58 @@
+"""The KV store process: the block store (its disk restored), a KV transport of any layout, the
+KVStore service, and reports to the scheduler."""
+
+from __future__ import annotations
+
+import asyncio
+
+import structlog
+
+from kvtransfer.transport import KVTransport
+from pdmesh.v1 import kvstore_pb2, kvstore_pb2_grpc, worker_pb2
+from services.bootstrap import Server, ServicerBinding, serve
+from services.kvstore.config import KVStoreConfig
+from services.kvstore.reporter import StoreReporter
+from services.kvstore.servicer import KVStoreServicer
+from services.kvstore.store import BlockStore
+from services.kvstore.transfers import StoreTransfers
+
+log = structlog.get_logger(__name__)
+
+
+async def serve_kvstore(config: KVStoreConfig) -> None:
+    store = BlockStore(config.tiers())
+    await asyncio.to_thread(store.restore)
+    transport = KVTransport(None, config.transport())
+    await asyncio.to_thread(transport.start)
+    transfers = StoreTransfers(store, transport, config.offer_lease_ms / 1000)
+    binding = ServicerBinding(
+        KVStoreServicer(store, transfers),
+        kvstore_pb2_grpc.add_KVStoreServicer_to_server,
+        kvstore_pb2.DESCRIPTOR.services_by_name["KVStore"],
+    )
+    reporter: StoreReporter | None = None
+
+    async def on_ready(server: Server) -> None:
+        nonlocal reporter
+        status = store.status()
+        log.info(
+            "kvstore ready", port=server.port, kv=transport.address, pinned=store.pin,
+            memory_bytes=status.memory_capacity_bytes, disk_bytes=status.disk_capacity_bytes,
+            restored_blocks=status.counters.restored_blocks,
+        )  # fmt: skip
+        if config.scheduler:
+            info = worker_pb2.KVStoreInfo(
+                store_id=config.id, address=f"{config.advertise_host}:{server.port}",
+                kv_transfer_address=transport.address, version="0.1.0",
+            )  # fmt: skip
+            reporter = StoreReporter(config.scheduler, info, store, config.channel)
+            reporter.start()
+
+    async def on_shutdown() -> None:
+        if reporter is not None:
+            await reporter.stop()
+        await transfers.close()
+        await asyncio.to_thread(transport.close)
+        await asyncio.to_thread(store.close)
+
+    await serve([binding], config.server, on_ready=on_ready, on_shutdown=on_shutdown)

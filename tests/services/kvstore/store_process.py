@@ -1,0 +1,156 @@
+"""A KV store as a real process (`pdmesh serve kvstore`), and a worker's side of it in the test
+process: a KV transport over a small paged cache, with the calls a worker makes (offer and push,
+lookup, fetch into its own blocks)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from engine.block_hash import chain_hashes
+from engine.ids import BlockHash
+from engine.kv_layout import KVLayout
+from kvtransfer import KVTransport, TransportConfig
+from pdmesh.convert import layout_to_pb
+from pdmesh.v1 import kvstore_pb2, kvstore_pb2_grpc
+from services.worker.convert import ticket_from_pb, ticket_to_pb
+
+ROOT = Path(__file__).resolve().parents[3]
+LAYOUT = KVLayout("store-test-model", "float32", block_size=4, num_layers=3, num_kv_heads=2, head_dim=16)
+BLOCK_BYTES = 3 * 2 * 4 * 2 * 16 * 4  # 1536
+_SERVING = health_pb2.HealthCheckResponse.SERVING
+
+
+@dataclass
+class StoreProcess:
+    port: int
+    kv_port: int
+    disk: Path | None
+    memory_bytes: int
+    disk_bytes: int = 1 << 20
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self, timeout_s: float = 60) -> StoreProcess:
+        argv = [
+            sys.executable, "-m", "pdmesh", "serve", "kvstore", "--port", str(self.port),
+            "--kv-port", str(self.kv_port), "--scheduler", "",
+        ]  # fmt: skip
+        if self.disk is not None:
+            argv += ["--disk-path", str(self.disk)]
+        env = {
+            **os.environ, "PYTHONUNBUFFERED": "1", "PDMESH_KVSTORE_MEMORY_BYTES": str(self.memory_bytes),
+            "PDMESH_KVSTORE_DISK_BYTES": str(self.disk_bytes),
+        }  # fmt: skip
+        self.proc = subprocess.Popen(argv, cwd=ROOT, env=env)
+        deadline = time.monotonic() + timeout_s
+        with grpc.insecure_channel(self.address) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            while time.monotonic() < deadline:
+                assert self.proc.poll() is None, "the store exited during start-up"
+                with contextlib.suppress(grpc.RpcError):
+                    if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == _SERVING:
+                        return self
+                time.sleep(0.1)
+        raise TimeoutError("the store did not serve")
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(30)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+def free_ports() -> tuple[int, int]:
+    base = random.randrange(20000, 40000, 10)
+    return base, base + 1
+
+
+def value_of(block_hash: int, layer: int) -> float:
+    return float(block_hash % 9973) + layer / 8
+
+
+class StoreUser:
+    """A worker's side: its own KV pool (64 blocks), its transport, and a channel to the store."""
+
+    def __init__(self, store_address: str, layout: KVLayout = LAYOUT) -> None:
+        self.layout = layout
+        shape = (2, 64, layout.block_size, layout.num_kv_heads, layout.head_dim)
+        self.caches = [torch.zeros(shape, dtype=getattr(torch, layout.dtype)) for _ in range(layout.num_layers)]
+        self.transport = KVTransport(layout, TransportConfig(ucx_tls="tcp,self"), self.caches).start()
+        self.channel = grpc.insecure_channel(store_address)
+        self.stub = kvstore_pb2_grpc.KVStoreStub(self.channel)
+
+    def close(self) -> None:
+        self.channel.close()
+        self.transport.close()
+
+    def chain(self, tokens: list[int]) -> list[BlockHash]:
+        return chain_hashes(tokens, self.layout.block_size, self.layout.model_fingerprint)
+
+    def offer(self, hashes: list[BlockHash], blocks: list[int]) -> list[int]:
+        """Fill `blocks` with each hash's values, offer, push what is wanted; the positions wanted."""
+        for block_hash, block in zip(hashes, blocks, strict=True):
+            for layer, kv in enumerate(self.caches):
+                kv[:, block] = value_of(block_hash, layer)
+        reply = self.stub.Offer(kvstore_pb2.OfferRequest(kv_layout=layout_to_pb(self.layout), block_hashes=hashes))
+        wanted = list(reply.wanted)
+        if wanted:
+            push = self.transport.push(ticket_from_pb(reply.ticket))
+            ids = [blocks[i] for i in wanted]
+            for layer, kv in enumerate(self.caches):
+                push.push_layer(layer, kv, ids, len(ids) * self.layout.block_size)
+            push.close()
+            push.wait(30)
+        return wanted
+
+    def lookup(self, hashes: list[BlockHash], layout: KVLayout | None = None) -> list[int]:
+        request = kvstore_pb2.LookupRequest(kv_layout=layout_to_pb(layout or self.layout), block_hashes=hashes)
+        return list(self.stub.Lookup(request).generations)
+
+    def fetch(self, hashes: list[BlockHash], generations: list[int], into: list[int]) -> bool:
+        """Fetch into `into`; True when every block landed holding its hash's values."""
+        for kv in self.caches:
+            kv[:, into] = 0
+        imported = self.transport.expect(f"fetch-{random.getrandbits(40)}", into,
+                                         len(into) * self.layout.block_size, timeout_s=30)  # fmt: skip
+        imported.commit()
+        request = kvstore_pb2.FetchRequest(
+            kv_layout=layout_to_pb(self.layout), block_hashes=hashes, generations=generations,
+            ticket=ticket_to_pb(imported.ticket),
+        )  # fmt: skip
+        try:
+            self.stub.Fetch(request, timeout=30)
+        except grpc.RpcError:
+            imported.cancel("the fetch failed")
+            raise
+        imported.wait(30)
+        return all(
+            bool((kv[:, block] == value_of(h, layer)).all())
+            for h, block in zip(hashes, into, strict=True)
+            for layer, kv in enumerate(self.caches)
+        )
+
+    def status(self) -> kvstore_pb2.KVStoreStatus:
+        return self.stub.GetStatus(kvstore_pb2.GetStatusRequest())

@@ -1,0 +1,67 @@
+"""The prefix index: which workers and stores hold each block, and how long a leading run of a
+prompt's chain each one holds."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from engine.block_hash import chain_hashes
+from engine.block_pool import KVEvents
+from engine.kv_layout import KVLayout
+from pdmesh.config import ChannelConfig
+from pdmesh.enums import WorkerHealth
+from services.kvstore.stats import StoreStatus
+from services.scheduler.prefix_index import PrefixIndex
+from services.scheduler.registry import Registry, StoreInfo, StoreReport
+
+LAYOUT = KVLayout("fp", "float32", 4, 2, 2, 8)
+CHAIN = chain_hashes(list(range(40)), 4, "fp")  # 10 blocks
+
+
+def test_each_location_holds_the_leading_run_it_has() -> None:
+    index = PrefixIndex()
+    index.apply("decode-0", LAYOUT, KVEvents(snapshot=True, stored=tuple(CHAIN[:6])))
+    index.apply("prefill-0", LAYOUT, KVEvents(snapshot=True, stored=(CHAIN[0], CHAIN[1], CHAIN[3])))  # a gap
+    index.apply("kvstore-0", LAYOUT, KVEvents(snapshot=True, stored=tuple(CHAIN)))
+    index.apply("prefill-1", LAYOUT, KVEvents(snapshot=True, stored=tuple(CHAIN[1:])))  # no first block
+
+    match = index.match(LAYOUT, CHAIN)
+    assert match.blocks == {"decode-0": 6, "prefill-0": 2, "kvstore-0": 10}
+    assert match.tokens("decode-0") == 24 and match.tokens("prefill-1") == 0
+    assert match.best(["prefill-0", "prefill-1"]) == 8
+
+
+def test_changes_apply_a_snapshot_replaces_and_a_location_that_leaves_is_forgotten() -> None:
+    index = PrefixIndex()
+    index.apply("w", LAYOUT, KVEvents(snapshot=True, stored=tuple(CHAIN[:4])))
+    index.apply("w", LAYOUT, KVEvents(stored=(CHAIN[4],), removed=(CHAIN[2],)))
+    assert index.match(LAYOUT, CHAIN).blocks == {"w": 2}
+    assert index.num_blocks("w") == 4
+
+    index.apply("w", LAYOUT, KVEvents(snapshot=True, stored=(CHAIN[0],)))
+    assert index.match(LAYOUT, CHAIN).blocks == {"w": 1}
+    index.forget("w")
+    assert index.match(LAYOUT, CHAIN).blocks == {} and index.num_blocks("w") == 0
+
+
+def test_blocks_of_another_layout_never_match() -> None:
+    index = PrefixIndex()
+    index.apply("kvstore-0", replace(LAYOUT, dtype="bfloat16"), KVEvents(snapshot=True, stored=tuple(CHAIN)))
+    assert index.match(LAYOUT, CHAIN).blocks == {}
+
+
+def test_a_store_reports_its_namespaces_and_a_lost_report_asks_for_a_snapshot() -> None:
+    registry = Registry(stale_after_s=60, channel_config=ChannelConfig())
+    registry.register_store(StoreInfo("kvstore-0", "127.0.0.1:7", "127.0.0.1:8"))
+
+    def report(seq: int, events: KVEvents) -> StoreReport:
+        return StoreReport("kvstore-0", seq, health=WorkerHealth.SERVING, status=StoreStatus(),
+                           events=((LAYOUT, events),))  # fmt: skip
+
+    assert registry.report_store(report(1, KVEvents(snapshot=True, stored=tuple(CHAIN[:3])))) == (True, False)
+    assert registry.index.match(LAYOUT, CHAIN).blocks == {"kvstore-0": 3}
+    assert registry.report_store(report(3, KVEvents(stored=(CHAIN[3],)))) == (True, True)
+    assert registry.index.match(LAYOUT, CHAIN).blocks == {"kvstore-0": 3}
+    live = registry.live_store()
+    assert live is not None and live.info.address == "127.0.0.1:7"
+    assert registry.report_store(StoreReport("ghost")) == (False, False)
