@@ -5,5 +5,5 @@ host memory (`slab`) and, once evicted from memory, on local disk (`disk`), unde
 and a generation per stored block (`store`). Control arrives over gRPC (`servicer`, protobuf in
 `convert`); KV bytes move over kvtransfer (`transfers`), the store's slabs being the caches its
 tickets land in and its pushes read from. The store reports the blocks it stores and removes to
-the scheduler (`reporter`), which routes requests to where their prefix lives.
+the scheduler (`registry_client`), which routes requests to where their prefix lives.
 """

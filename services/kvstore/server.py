@@ -11,7 +11,7 @@ from kvtransfer.transport import KVTransport
 from pdmesh.v1 import kvstore_pb2, kvstore_pb2_grpc, worker_pb2
 from services.bootstrap import Server, ServicerBinding, serve
 from services.kvstore.config import KVStoreConfig
-from services.kvstore.reporter import StoreReporter
+from services.kvstore.registry_client import StoreReporter
 from services.kvstore.servicer import KVStoreServicer
 from services.kvstore.store import BlockStore
 from services.kvstore.transfers import StoreTransfers
