@@ -8,8 +8,9 @@ receiver's own CUDA stream (neither the loop nor the default stream touches the 
 ticket lands in the receiver's own caches (a worker's engine) unless expect() names others
 (KVCaches: a KV store keeps one set per KV layout it holds); a Data header is accepted only over a
 connection whose handshake agreed on that ticket's layout. A ticket that fails (lease, peer lost,
-cancel, bad message) publishes its error only after any unpack in progress has finished: once error() is set, or cancel() has returned, the transport
-never writes those blocks again, so the engine may free them.
+cancel, bad message) publishes its error only after any unpack in progress has finished: once
+error() is set, or cancel() has returned, the transport never writes those blocks again, so the
+engine may free them.
 
 The receiver owns the ticket's lease, the only clock of a hold: it runs from expect() until the
 ticket is committed (the decode engine takes the blocks over) or cancelled. A lease that runs out
