@@ -56,3 +56,31 @@ async def test_a_reader_that_falls_behind_gets_the_queued_outputs_merged_and_eve
         assert outputs[-1].finished and outputs[-1].num_output_tokens == 30
     finally:
         async_engine.shutdown()
+
+
+class _BrokenExport:
+    """A KV export whose transport is gone: every layer push raises (engine.handoff.KVExportSink)."""
+
+    def push_layer(self, layer: int, kv_layer: object, block_ids: object, num_tokens: int) -> None:
+        raise RuntimeError("the KV transport is gone")
+
+    def close(self) -> None:
+        pass
+
+    def cancel(self, reason: str) -> None:
+        pass
+
+
+async def test_steps_that_keep_failing_mean_the_device_is_lost_though_the_probe_passes(tiny_llama: Path) -> None:
+    async_engine = AsyncEngine(make_engine(tiny_llama, num_blocks=64))
+    try:
+        errors = []
+        for i in range(3):
+            with pytest.raises(Exception) as failed:
+                async for _ in async_engine.generate(f"r{i}", [1, 2, 3], greedy(2), kv_export=_BrokenExport()):
+                    pass
+            errors.append(failed.value)
+        assert [type(e) for e in errors] == [RuntimeError, RuntimeError, DeviceLost]
+        assert "3 steps in a row failed" in str(errors[2]) and "KV transport is gone" in str(errors[2])
+    finally:
+        async_engine.shutdown()
