@@ -86,7 +86,8 @@ def _prefill_chunk(
     if ctx == n:  # no cached prefix: the chunk's own K/V are all the keys
         keys, values, mask, causal = k, v, None, True
     else:
-        gathered = kv_layer[:, span.block_ids]  # (2, nb, block_size, kv_heads, head_dim)
+        # index_select copies whole blocks; advanced indexing would copy element by element.
+        gathered = kv_layer.index_select(1, span.block_ids)  # (2, nb, block_size, kv_heads, head_dim)
         gathered = gathered.flatten(1, 2)[:, :ctx]  # (2, ctx, kv_heads, head_dim)
         keys, values = gathered[0], gathered[1]
         # Query i sits at position ctx - n + i and sees keys 0 ..= that position: causal aligned to

@@ -49,6 +49,9 @@ class EngineConfig:
     # Test-only: the step with this number (1-based) fails as though the device were lost, so that
     # tests can show a broken worker handing its requests over. 0: never.
     inject_device_loss_at_step: int = 0
+    # CPU: linears through oneDNN with weights reordered once at load (engine.cpu_linear); False
+    # keeps torch's default BLAS (MKL), which is slow on non-Intel CPUs.
+    cpu_packed_linears: bool = True
 
     def __post_init__(self) -> None:
         if self.cache.block_size < 1:

@@ -16,6 +16,7 @@ import torch
 from engine.batcher import Batcher, BatchPlan
 from engine.block_pool import BlockPool
 from engine.config import EngineConfig
+from engine.cpu_linear import packing_supported
 from engine.cuda_graphs import CaptureReport, DecodeGraphs
 from engine.errors import DeviceLost, InvalidRequest, OutOfBlocks, RequestNotFound
 from engine.handoff import KVExportSink, KVImport
@@ -66,6 +67,8 @@ class Engine:
         self.pool = BlockPool(num_blocks)
         self.kv = KVManager(self.pool, cache.block_size, fingerprint, cache.enable_prefix_caching)
         self.batcher = Batcher(config.batcher, self.kv)
+        if self.device.type == "cpu" and config.cpu_packed_linears and packing_supported(self.dtype):
+            model.pack_for_cpu()
         self.runner = ModelRunner(model, self.kv_caches, cache.block_size)
         self.graph_capture: list[CaptureReport] = []
         if self.device.type == "cuda":

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.attention import AttentionMetadata, paged_attention
+from engine.cpu_linear import PackedLinear, pack_linears
 from engine.model_config import ModelConfig, RopeScaling
 
 
@@ -133,7 +134,7 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary = Rotary(config)
-        self.lm_head = (
+        self.lm_head: nn.Module | None = (
             None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         )
 
@@ -154,8 +155,17 @@ class LlamaModel(nn.Module):
         return self.norm(h)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:  # (rows, hidden) -> (rows, vocab) float32
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight).float()
+        head = self.lm_head
+        return (F.linear(hidden, self.embed_tokens.weight) if head is None else head(hidden)).float()
+
+    def pack_for_cpu(self) -> None:
+        """Every linear, the LM head included, through oneDNN-packed weights (engine.cpu_linear).
+
+        After the weights are loaded, once. A tied LM head gets a packed copy of the embedding
+        (the embedding itself stays a plain table for the row lookups)."""
+        pack_linears(self)
+        if self.lm_head is None:
+            self.lm_head = PackedLinear(self.embed_tokens.weight, None)
 
     def load_weights(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy Hugging Face-named tensors into the fused layout; every parameter must be set."""

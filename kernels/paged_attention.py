@@ -5,7 +5,7 @@ blocks scattered through the cache (engine/kv_layout.py); a block table row list
 The current token's K and V are already in the cache, so `context_lens` counts it.
 
 `paged_attention_decode` runs the Triton kernel (kernels/_paged_attention_kernel.py) for CUDA
-tensors and the torch reference otherwise; the reference is also the CPU production path. Both
+tensors, kernels/paged_attention_cpu.py for CPU ones, and the torch reference otherwise. All
 accumulate in float32 and return q's dtype. This module refuses to know how blocks are allocated:
 it reads the tables it is given.
 """
@@ -26,6 +26,7 @@ from kernels._triton import (
     require_triton,
     triton_available,
 )
+from kernels.paged_attention_cpu import paged_attention_decode_cpu
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -83,6 +84,8 @@ def paged_attention_decode(
     if use_triton is None:
         use_triton = q.is_cuda and triton_available()
     if not use_triton:
+        if q.device.type == "cpu":
+            return paged_attention_decode_cpu(q, k_cache, v_cache, block_tables, context_lens, scale)
         return paged_attention_decode_ref(q, k_cache, v_cache, block_tables, context_lens, scale)
     return _decode_triton(q, k_cache, v_cache, block_tables, context_lens, scale, config or DecodeLaunchConfig())
 
@@ -98,8 +101,8 @@ def paged_attention_decode_ref(
     """Plain-torch decode attention, same contract as paged_attention_decode.
 
     Gathers every sequence's blocks at once (up to the longest context), then a masked softmax in
-    float32 — for a lone request one fused scaled_dot_product_attention instead (on CPU this is
-    the production path, and per-op overhead is a visible share of a small model's decode step).
+    float32 — for a lone request one fused scaled_dot_product_attention instead. The oracle for
+    the other paths (CPU tensors take kernels/paged_attention_cpu.py, fewer passes over K/V).
     Memory is batch * longest context * num_kv_heads * head_dim floats for K and for V.
     """
     batch, num_heads, head_dim = q.shape

@@ -11,9 +11,10 @@ import random
 from pathlib import Path
 
 import pytest
+import torch
 
 from engine.inprocess_link import InProcessExport, InProcessImport
-from tests.engine.conftest import hf_greedy
+from tests.engine.conftest import assert_greedy_up_to_ties, hf_greedy, hf_model
 from tests.engine.engine_helpers import greedy, make_engine, run_to_completion
 
 NEW_TOKENS = 10
@@ -54,6 +55,21 @@ def test_tied_embeddings_and_qwen2_biases_match(fixture: str, request: pytest.Fi
     engine = make_engine(path)
     submit(engine, prompts)
     assert results(run_to_completion(engine), 3) == hf_greedy(path, prompts, NEW_TOKENS)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_llama_tied"])
+def test_bfloat16_follows_transformers_in_bfloat16(fixture: str, request: pytest.FixtureRequest) -> None:
+    # The CPU fast paths (oneDNN-packed linears, the fused decode attention) in 16 bits.
+    path = request.getfixturevalue(fixture)
+    engine = make_engine(path, dtype="bfloat16")
+    submit(engine, MIXED)
+    assert_greedy_up_to_ties(hf_model(path, torch.bfloat16), MIXED, results(run_to_completion(engine), len(MIXED)))
+
+
+def test_torch_default_linears_match_too(tiny_llama: Path, expected: list[list[int]]) -> None:
+    engine = make_engine(tiny_llama, packed_linears=False)
+    submit(engine, MIXED)
+    assert results(run_to_completion(engine), len(MIXED)) == expected
 
 
 def test_prefix_cache_hits_skip_compute_and_keep_tokens(tiny_llama: Path) -> None:

@@ -1,13 +1,16 @@
-"""Paged decode attention: the torch reference against textbook attention, the wrapper's checks,
-the Triton kernel against the reference (under the interpreter here, compiled on a GPU)."""
+"""Paged decode attention: the torch reference and the CPU path against textbook attention, the
+wrapper's checks, the Triton kernel against the reference (under the interpreter here, compiled on a GPU)."""
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import pytest
 import torch
 from kernel_cases import decode_case, dense_attention_f64, run_in_interpreter
 
 from kernels.paged_attention import DecodeLaunchConfig, paged_attention_decode, paged_attention_decode_ref
+from kernels.paged_attention_cpu import paged_attention_decode_cpu
 
 
 @pytest.mark.parametrize("block_size", [8, 16])
@@ -41,10 +44,28 @@ def test_reference_keeps_16_bit_inputs_within_their_precision(dtype: torch.dtype
     torch.testing.assert_close(out.double(), dense_attention_f64(case), atol=2e-2, rtol=2e-2)
 
 
-def test_cpu_tensors_take_the_reference_path() -> None:
-    case = decode_case([5, 40], num_kv_heads=2, group=2, head_dim=16, block_size=16)
+@pytest.mark.parametrize("lens", [[5, 40, 16, 1], [33]])
+@pytest.mark.parametrize("unused", ["nan", "finite"])
+def test_cpu_path_equals_dense_float64_attention(lens: list[int], unused: str) -> None:
+    # NaN in the slots past a context takes the recompute; finite stale values the fast path.
+    case = decode_case(lens, num_kv_heads=2, group=3, head_dim=16, block_size=16)
+    if unused == "finite":
+        case = replace(case, k_cache=case.k_cache.nan_to_num(7.0), v_cache=case.v_cache.nan_to_num(-5.0))
 
-    assert torch.equal(paged_attention_decode(*case.args), paged_attention_decode_ref(*case.args))
+    out = paged_attention_decode_cpu(*case.args)
+
+    assert torch.equal(out, paged_attention_decode(*case.args))  # what CPU tensors run
+    torch.testing.assert_close(out.double(), dense_attention_f64(case), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cpu_path_keeps_16_bit_inputs_within_their_precision(dtype: torch.dtype) -> None:
+    case = decode_case([30, 9], num_kv_heads=2, group=2, head_dim=32, block_size=16, dtype=dtype)
+
+    out = paged_attention_decode_cpu(*case.args)
+
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.double(), dense_attention_f64(case), atol=2e-2, rtol=2e-2)
 
 
 def _bad(field: str, value: object):  # one broken argument, everything else valid
