@@ -36,6 +36,9 @@ LLAMA_8B = ModelConfig(
 )  # fmt: skip
 
 
+CLOCK = [time.perf_counter]  # --clock thread swaps in time.thread_time
+
+
 def sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -51,11 +54,11 @@ def copy_bandwidth(device: str) -> float:
         dst.copy_(src)
     sync(device)
     reps = 20 if device.startswith("cuda") else 5
-    t = time.perf_counter()
+    t = CLOCK[0]()
     for _ in range(reps):
         dst.copy_(src)
     sync(device)
-    return 2 * n * reps / (time.perf_counter() - t)
+    return 2 * n * reps / (CLOCK[0]() - t)
 
 
 def matmul_rate(device: str, dtype: torch.dtype) -> float:
@@ -65,11 +68,11 @@ def matmul_rate(device: str, dtype: torch.dtype) -> float:
         a @ b
     sync(device)
     reps = 20 if device.startswith("cuda") else 5
-    t = time.perf_counter()
+    t = CLOCK[0]()
     for _ in range(reps):
         a @ b
     sync(device)
-    return 2 * n**3 * reps / (time.perf_counter() - t)
+    return 2 * n**3 * reps / (CLOCK[0]() - t)
 
 
 @dataclass
@@ -102,11 +105,11 @@ def time_decode(engine: Engine, batch: int, prompt_len: int, steps: int, device:
     for _ in range(3):
         engine.step()  # warm up (captures the CUDA graph for this batch)
     sync(device)
-    t = time.perf_counter()
+    t = CLOCK[0]()
     for _ in range(steps):
         engine.step()
     sync(device)
-    elapsed = time.perf_counter() - t
+    elapsed = CLOCK[0]() - t
     for rid in list(engine.requests):
         engine.abort(rid)
     return elapsed / steps
@@ -129,10 +132,10 @@ def time_mixed(
         prompt = torch.randint(1, 30_000, (chunk,), generator=gen).tolist()  # distinct: no prefix hits
         engine.add_request(f"chunk{chunk}-{rep}", prompt, SamplingParams(max_tokens=1))
         sync(device)
-        t = time.perf_counter()
+        t = CLOCK[0]()
         engine.step()
         sync(device)
-        times.append(time.perf_counter() - t)
+        times.append(CLOCK[0]() - t)
     for rid in list(engine.requests):
         engine.abort(rid)
     return sorted(times[1:])[reps // 2]
@@ -144,11 +147,11 @@ def time_prefill(engine: Engine, prompt_len: int, device: str) -> float:
         prompt = [(3 * j + rep) % 1000 + 1 for j in range(prompt_len)]
         engine.add_request(f"p{rep}", prompt, SamplingParams(max_tokens=1))
         sync(device)
-        t = time.perf_counter()
+        t = CLOCK[0]()
         while engine.has_work():
             engine.step()
         sync(device)
-        best = min(best, time.perf_counter() - t)
+        best = min(best, CLOCK[0]() - t)
     return best
 
 
@@ -159,10 +162,10 @@ def hf_decode_ms(model: torch.nn.Module, batch: int, prompt_len: int, steps: int
 
     def run(n: int) -> float:
         sync(device)
-        t = time.perf_counter()
+        t = CLOCK[0]()
         model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
         sync(device)
-        return time.perf_counter() - t
+        return CLOCK[0]() - t
 
     run(2)
     return (run(steps + 1) - run(1)) / steps * 1000
@@ -178,9 +181,12 @@ def build_engines(args: argparse.Namespace) -> tuple[Engine, ModelConfig, torch.
         )
         engine = Engine.with_random_weights(LLAMA_8B, config)
         return engine, LLAMA_8B, (hf_random_llama(LLAMA_8B, args.device) if args.transformers else None)
-    config = EngineConfig(model="smollm2", cache=CacheConfig(capacity_bytes=512 << 20), torch_threads=args.threads)
+    config = EngineConfig(
+        model="smollm2", dtype=args.dtype, cache=CacheConfig(capacity_bytes=512 << 20), torch_threads=args.threads,
+        cpu_packed_linears=not args.torch_linears,
+    )  # fmt: skip
     engine = Engine.from_config(config)
-    return engine, engine.model_config, (hf_smollm2(args.threads) if args.transformers else None)
+    return engine, engine.model_config, (hf_smollm2(engine.dtype) if args.transformers else None)
 
 
 def hf_random_llama(m: ModelConfig, device: str) -> torch.nn.Module:
@@ -201,13 +207,13 @@ def hf_random_llama(m: ModelConfig, device: str) -> torch.nn.Module:
     return model.eval()
 
 
-def hf_smollm2(threads: int | None) -> torch.nn.Module:
+def hf_smollm2(dtype: torch.dtype) -> torch.nn.Module:
     import transformers
 
     from engine.weights.default_model import resolve_model_path
 
     path = Path(resolve_model_path("smollm2"))
-    model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
     model.generation_config.eos_token_id = None
     return model.eval()
 
@@ -221,6 +227,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--mixed-chunks", default="", help="prompt chunk sizes to time joining the largest batch")
+    parser.add_argument("--dtype", default=None, help="CPU: float32 (default) or bfloat16; transformers runs the same")
+    parser.add_argument("--torch-linears", action="store_true", help="CPU: torch's own BLAS, not oneDNN-packed weights")
+    parser.add_argument(
+        "--clock", choices=["wall", "thread"], default="wall",
+        help="thread: this thread's CPU time, which a busy shared machine disturbs far less (only with --threads 1)",
+    )  # fmt: skip
     parser.add_argument("--no-transformers", dest="transformers", action="store_false")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -231,6 +243,10 @@ def main() -> None:
     steps = args.steps or (50 if cuda else 16)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.clock == "thread":
+        if args.threads != 1 or cuda:
+            parser.error("--clock thread measures one CPU thread: use it with --threads 1 on CPU")
+        CLOCK[0] = time.thread_time
 
     engine, m, hf = build_engines(args)
     dtype = engine.dtype
@@ -268,6 +284,10 @@ def main() -> None:
     summary = {
         "device": torch.cuda.get_device_name() if cuda else "cpu",
         "torch": torch.__version__,
+        "dtype": str(engine.dtype).removeprefix("torch."),
+        "threads": torch.get_num_threads(),
+        "clock": args.clock,
+        "linears": "torch" if args.torch_linears else "oneDNN-packed",
         "date": time.strftime("%Y-%m-%d"),
         "model": "llama-3.1-8b-shape random bf16" if cuda else "SmolLM2-135M-Instruct (GGUF, float32)",
         "copy_bandwidth_GBps": bw / 1e9,

@@ -3,6 +3,7 @@ greedily as transformers does on the same file."""
 
 from __future__ import annotations
 
+import copy
 import random
 
 import pytest
@@ -60,7 +61,8 @@ def test_batched_greedy_follows_transformers_on_the_same_gguf(dtype: str) -> Non
         engine.add_request(f"r{i}", prompt, SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True))
     tokens = run_to_completion(engine)
     outputs = [tokens[f"r{i}"] for i in range(len(prompts))]
-    reference = smollm2_transformers_model().to(getattr(torch, dtype)).eval()
+    # A copy: the loaded reference is cached for other tests, and Module.to casts in place.
+    reference = copy.deepcopy(smollm2_transformers_model()).to(getattr(torch, dtype)).eval()
     if dtype == "bfloat16":
         assert_greedy_up_to_ties(reference, prompts, outputs)
         return
