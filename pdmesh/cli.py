@@ -145,6 +145,8 @@ def _up(args: argparse.Namespace) -> int:
     extra: list[str] = []
     if args.kv_blocks:
         extra += ["--kv-blocks", str(args.kv_blocks)]
+    if args.dtype:
+        extra += ["--dtype", args.dtype]
     plan = MeshPlan(
         port=args.port, prefill=args.prefill, decode=args.decode, model=args.model, device=args.device,
         threads=args.threads, host=args.host, grace_s=args.grace_s, extra_worker_args=tuple(extra),
@@ -173,6 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--model", default="smollm2", help="smollm2, a Hugging Face directory or a GGUF file")
     up.add_argument("--device", default="cpu", help="cpu or cuda (workers spread over the GPUs)")
     up.add_argument("--threads", type=int, default=None, help="torch CPU threads per worker")
+    up.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                    help="weights and KV cache (default: float32 on CPU, bfloat16 on CUDA)")  # fmt: skip
     up.add_argument("--kv-blocks", type=int, default=None, help="KV blocks per worker (default: sized by memory)")
     up.add_argument("--demo", nargs="?", const="What is the capital of France?", default=None,
                     help="send one chat request once the mesh is up")  # fmt: skip
