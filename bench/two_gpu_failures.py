@@ -38,7 +38,7 @@ import grpc
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from pdmesh.client import AsyncClient, ClusterState  # noqa: E402
-from pdmesh.up import Mesh, MeshPlan  # noqa: E402
+from pdmesh.up import Mesh, MeshSpec  # noqa: E402
 
 UNCLEAR = {"UNKNOWN", "INTERNAL", "OK"}
 
@@ -256,12 +256,12 @@ def main() -> None:
     p.add_argument("--worker-arg", action="append", default=[], help="extra `pdmesh serve` worker argument")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
-    plan = MeshPlan(
+    spec = MeshSpec(
         port=args.port, prefill=1, decode=1, model=args.model, device=args.device,
         extra_worker_args=("--dtype", args.dtype, "--kv-blocks", str(args.kv_blocks), *args.worker_arg),
         env=(("PDMESH_SCHEDULER_REPORT_INTERVAL_MS", "100"),),
     )  # fmt: skip
-    mesh = Mesh(plan)
+    mesh = Mesh(spec)
     started = time.monotonic()
     mesh.start(300)
     print(f"mesh up after {time.monotonic() - started:.0f}s", flush=True)

@@ -35,7 +35,7 @@ class ScheduledChunk:
 
 
 @dataclass(slots=True)
-class BatchPlan:
+class Batch:
     chunks: list[ScheduledChunk] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
     failed_imports: list[Request] = field(default_factory=list)
@@ -67,34 +67,34 @@ class Batcher:
     def has_work(self) -> bool:
         return bool(self.running or self.waiting)
 
-    def schedule(self) -> BatchPlan:
-        plan = BatchPlan()
+    def schedule(self) -> Batch:
+        batch = Batch()
         budget = self.config.max_batched_tokens
-        budget = self._schedule_running(plan, budget)
-        if not plan.preempted:
-            self._admit_waiting(plan, budget)
-        return plan
+        budget = self._schedule_running(batch, budget)
+        if not batch.preempted:
+            self._admit_waiting(batch, budget)
+        return batch
 
     def _chunk_size(self, request: Request, budget: int) -> int:
         return min(request.num_uncomputed_tokens, budget, self.config.max_prefill_chunk)
 
-    def _schedule_running(self, plan: BatchPlan, budget: int) -> int:
+    def _schedule_running(self, batch: Batch, budget: int) -> int:
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
             n = self._chunk_size(request, budget)
             while not self.kv.can_grow(request, n):
                 victim = self.running[-1]
-                self._preempt(victim, plan)
+                self._preempt(victim, batch)
                 if victim is request:
                     return budget
             self.kv.grow(request, n)
-            plan.chunks.append(ScheduledChunk(request, n))
+            batch.chunks.append(ScheduledChunk(request, n))
             budget -= n
             i += 1
         return budget
 
-    def _preempt(self, request: Request, plan: BatchPlan) -> None:
+    def _preempt(self, request: Request, batch: Batch) -> None:
         self.running.remove(request)
         self.kv.release(request)
         request.num_computed_tokens = 0
@@ -102,13 +102,13 @@ class Batcher:
         self.num_preemptions += 1
         request.status = RequestStatus.WAITING
         self.waiting.appendleft(request)
-        plan.preempted.append(request)
+        batch.preempted.append(request)
 
-    def _admit_waiting(self, plan: BatchPlan, budget: int) -> None:
+    def _admit_waiting(self, batch: Batch, budget: int) -> None:
         skipped: list[Request] = []
         while self.waiting and budget > 0 and len(self.running) < self.config.max_running:
             request = self.waiting.popleft()
-            if request.status is RequestStatus.WAITING_FOR_KV and not self._import_landed(request, plan):
+            if request.status is RequestStatus.WAITING_FOR_KV and not self._import_landed(request, batch):
                 if request.kv_import is not None:  # still in flight: let others pass
                     skipped.append(request)
                 continue
@@ -123,17 +123,17 @@ class Batcher:
             if request.first_scheduled_time is None:
                 request.first_scheduled_time = time.monotonic()
             self.running.append(request)
-            plan.chunks.append(ScheduledChunk(request, n))
+            batch.chunks.append(ScheduledChunk(request, n))
             budget -= n
         self.waiting.extendleft(reversed(skipped))
 
-    def _import_landed(self, request: Request, plan: BatchPlan) -> bool:
-        """Whether a WAITING_FOR_KV request may run now; a failed import goes to plan.failed_imports."""
+    def _import_landed(self, request: Request, batch: Batch) -> bool:
+        """Whether a WAITING_FOR_KV request may run now; a failed import goes to batch.failed_imports."""
         kv_import = request.kv_import
         assert kv_import is not None
         if kv_import.error() is not None:
             request.kv_import = None
-            plan.failed_imports.append(request)
+            batch.failed_imports.append(request)
             return False
         if not kv_import.done():
             return False

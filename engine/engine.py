@@ -1,7 +1,7 @@
 """The Engine: one model, one KV pool, one batcher; add requests, step, abort.
 
 Synchronous and single-threaded on purpose: engine.async_engine runs it on a thread for asyncio
-callers. The step is: plan a batch, run the model, sample, account for the new tokens.
+callers. The step is: form a batch, run the model, sample, account for the new tokens.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.batcher import Batcher, BatchPlan
+from engine.batcher import Batch, Batcher
 from engine.block_pool import BlockPool
 from engine.config import EngineConfig
 from engine.cpu_linear import packing_supported
@@ -232,12 +232,12 @@ class Engine:
             self._lost = f"device loss injected at step {self.num_steps} (inject_device_loss_at_step)"
             raise DeviceLost(self._lost)
         watch = Stopwatch(self.step_times)
-        plan = self.batcher.schedule()
-        outputs = self._fail_imports(plan)
+        batch = self.batcher.schedule()
+        outputs = self._fail_imports(batch)
         watch.lap(Phase.SCHEDULE)
-        if not plan.chunks:
+        if not batch.chunks:
             return outputs
-        inputs = self.runner.prepare(plan.chunks)
+        inputs = self.runner.prepare(batch.chunks)
         watch.lap(Phase.PREPARE)
         logits = self.runner.execute(inputs)  # (completing chunks, vocab)
         watch.lap(Phase.LAUNCH)
@@ -261,7 +261,7 @@ class Engine:
             logprob = result.logprobs[i] if result.logprobs is not None else None
             outputs.append(self._accept_token(request, result.token_ids[i], logprob))
         watch.lap(Phase.OUTPUT)
-        self.step_times.add_step(self.runner.last_kind, watch.elapsed, plan.num_tokens, len(sampled))
+        self.step_times.add_step(self.runner.last_kind, watch.elapsed, batch.num_tokens, len(sampled))
         return outputs
 
     def device_problem(self) -> str | None:
@@ -308,9 +308,9 @@ class Engine:
         out.error = error
         return out
 
-    def _fail_imports(self, plan: BatchPlan) -> list[RequestOutput]:
+    def _fail_imports(self, batch: Batch) -> list[RequestOutput]:
         outputs = []
-        for request in plan.failed_imports:
+        for request in batch.failed_imports:
             outputs.append(self._finish(request, FinishReason.ERROR, "", error="KV import failed"))
         return outputs
 

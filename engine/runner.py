@@ -1,4 +1,4 @@
-"""The model runner: turns a BatchPlan into tensors, runs the model, returns the rows to sample.
+"""The model runner: turns a Batch into tensors, runs the model, returns the rows to sample.
 
 Owns the model and the KV cache tensors. Knows nothing of sampling parameters or finishing.
 Export hooks fire here: a request whose last prompt chunk is in this step hands each layer to its

@@ -1,9 +1,12 @@
 """Client channels to pdmesh services, with the same limits and keepalive as the servers.
 
 Used by the public client library and by services calling each other (the scheduler calling
-prefill and decode workers), so both sides of every hop agree on message size limits and on
-pings that keep a long silent call (a long prefill) alive. Asyncio channels carry the caller's
-trace context (pdmesh/tracing.py), so a request's spans in every process join one trace.
+prefill and decode workers, workers reporting to the scheduler), so both sides of every hop agree
+on message size limits and on pings that keep a long silent call (a long prefill) alive. Services
+pass the ChannelConfig of their loaded configuration; a caller that passes none gets the one
+PDMESH_CHANNEL_* describes (TLS files included), so every pdmesh command reaches a TLS mesh.
+Asyncio channels carry the caller's trace context (pdmesh/tracing.py), so a request's spans in
+every process join one trace.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from __future__ import annotations
 import grpc
 import grpc.aio
 
-from pdmesh.config import ChannelConfig
+from pdmesh.config import ChannelConfig, from_env
 from pdmesh.tracing import client_interceptors
 
 
@@ -50,7 +53,7 @@ def channel_credentials(config: ChannelConfig) -> grpc.ChannelCredentials | None
 
 def channel(target: str, config: ChannelConfig | None = None) -> grpc.aio.Channel:
     """An asyncio channel to `target` ("host:port")."""
-    config = config or ChannelConfig()
+    config = config if config is not None else from_env(ChannelConfig, "channel")
     creds = channel_credentials(config)
     options = channel_options(config)
     interceptors = client_interceptors()
@@ -61,7 +64,7 @@ def channel(target: str, config: ChannelConfig | None = None) -> grpc.aio.Channe
 
 def sync_channel(target: str, config: ChannelConfig | None = None) -> grpc.Channel:
     """A blocking channel to `target`, for the synchronous client."""
-    config = config or ChannelConfig()
+    config = config if config is not None else from_env(ChannelConfig, "channel")
     creds = channel_credentials(config)
     options = channel_options(config)
     if creds is None:

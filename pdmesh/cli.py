@@ -29,19 +29,6 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _server_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    from pdmesh.config import ServerConfig, from_env
-
-    server: dict[str, Any] = {}
-    if args.port is not None:
-        server["port"] = args.port
-    if args.host is not None:
-        server["host"] = args.host
-    if args.shutdown_grace_s is not None:
-        server["shutdown_grace_s"] = args.shutdown_grace_s
-    return {"server": from_env(ServerConfig, "server", **server)}
-
-
 def _serve(args: argparse.Namespace) -> int:
     """Run one service; settings it cannot use end it with EX_CONFIG, which `pdmesh up` does not
     restart (a restart cannot fix them), after one log line saying what is wrong."""
@@ -71,18 +58,15 @@ def _run_service(args: argparse.Namespace, telemetry: TelemetryConfig) -> None:
     from pdmesh.config import from_env, otel_export
     from services.telemetry.otel import ServiceName, start_otel
 
-    overrides = _server_overrides(args)
-    overrides["telemetry"] = telemetry
-    if args.model is not None:
-        overrides["model"] = args.model
+    server = _given(port=args.port, host=args.host, shutdown_grace_s=args.shutdown_grace_s)
     if args.role == "scheduler":
-        from pdmesh.config import ChannelConfig, PolicyName, SchedulerConfig
+        from pdmesh.config import PolicyName, SchedulerConfig
         from services.scheduler.server import serve_scheduler
 
-        if args.policy is not None:
-            overrides["policy"] = PolicyName(args.policy)
-        overrides["channel"] = from_env(ChannelConfig, "channel")
-        scheduler = from_env(SchedulerConfig, "scheduler", **overrides)
+        policy = PolicyName(args.policy) if args.policy else None
+        scheduler = from_env(
+            SchedulerConfig, "scheduler", server=server, telemetry=telemetry, **_given(model=args.model, policy=policy)
+        )
         otel = start_otel(ServiceName.SCHEDULER, f"scheduler-{scheduler.server.port}", otel_export())
         try:
             asyncio.run(serve_scheduler(scheduler))
@@ -90,20 +74,24 @@ def _run_service(args: argparse.Namespace, telemetry: TelemetryConfig) -> None:
             otel.shutdown()
         return
     if args.role == "kvstore":
-        _serve_kvstore(args, overrides)
+        _serve_kvstore(args, {"server": server, "telemetry": telemetry})
         return
-    from services.worker.config import Role, WorkerConfig
+    from pdmesh.enums import WorkerRole
+    from services.worker.config import WorkerConfig
     from services.worker.server import serve_worker
 
-    flags = {
-        "scheduler": args.scheduler, "device": args.device, "dtype": args.dtype, "torch_threads": args.threads,
-        "kv_port": args.kv_port, "worker_id": args.worker_id, "advertise_host": args.advertise_host,
-        "num_kv_blocks": args.kv_blocks, "block_size": args.block_size, "lease_ms": args.lease_ms,
-        "max_batched_tokens": args.max_batched_tokens,
-        "kv_cache_bytes": args.kv_cache_mib << 20 if args.kv_cache_mib else None,
-    }  # fmt: skip
-    overrides.update({k: v for k, v in flags.items() if v is not None})
-    worker = from_env(WorkerConfig, "worker", role=Role(args.role), **overrides)
+    kv_cache_bytes = args.kv_cache_mib << 20 if args.kv_cache_mib else None
+    cache = _given(num_blocks=args.kv_blocks, block_size=args.block_size, capacity_bytes=kv_cache_bytes)
+    batcher = _given(max_batched_tokens=args.max_batched_tokens, max_prefill_chunk=args.max_batched_tokens)
+    engine = _given(model=args.model, device=args.device, dtype=args.dtype, torch_threads=args.threads)
+    flags = _given(
+        scheduler=args.scheduler, kv_port=args.kv_port, worker_id=args.worker_id,
+        advertise_host=args.advertise_host, lease_ms=args.lease_ms,
+    )  # fmt: skip
+    worker = from_env(
+        WorkerConfig, "worker", role=WorkerRole(args.role), server=server, telemetry=telemetry,
+        engine={**engine, "cache": cache, "batcher": batcher}, **flags,
+    )  # fmt: skip
     otel = start_otel(ServiceName(f"pdmesh-{args.role}"), worker.id, otel_export())
     try:
         asyncio.run(serve_worker(worker))
@@ -117,7 +105,7 @@ def _given(**flags: Any) -> dict[str, Any]:
 
 
 def _serve_kvstore(args: argparse.Namespace, overrides: dict[str, Any]) -> None:
-    from pdmesh.config import ChannelConfig, from_env, otel_export
+    from pdmesh.config import from_env, otel_export
     from services.kvstore.config import KVStoreConfig
     from services.kvstore.server import serve_kvstore
     from services.telemetry.otel import ServiceName, start_otel
@@ -130,7 +118,6 @@ def _serve_kvstore(args: argparse.Namespace, overrides: dict[str, Any]) -> None:
     }  # fmt: skip
     overrides.pop("model", None)
     overrides.update({k: v for k, v in flags.items() if v is not None})
-    overrides["channel"] = from_env(ChannelConfig, "channel")
     store = from_env(KVStoreConfig, "kvstore", **overrides)
     otel = start_otel(ServiceName.KVSTORE, store.id, otel_export())
     try:
@@ -140,14 +127,14 @@ def _serve_kvstore(args: argparse.Namespace, overrides: dict[str, Any]) -> None:
 
 
 def _up(args: argparse.Namespace) -> int:
-    from pdmesh.up import MeshPlan, UpOptions, run_up
+    from pdmesh.up import MeshSpec, UpOptions, run_up
 
     extra: list[str] = []
     if args.kv_blocks:
         extra += ["--kv-blocks", str(args.kv_blocks)]
     if args.dtype:
         extra += ["--dtype", args.dtype]
-    plan = MeshPlan(
+    spec = MeshSpec(
         port=args.port, prefill=args.prefill, decode=args.decode, model=args.model, device=args.device,
         threads=args.threads, host=args.host, grace_s=args.grace_s, extra_worker_args=tuple(extra),
     )  # fmt: skip
@@ -155,7 +142,7 @@ def _up(args: argparse.Namespace) -> int:
         demo_prompt=args.demo, exit_after_demo=args.exit_after_demo, verbose=args.verbose, log_dir=args.log_dir,
         restart=not args.no_restart,
     )  # fmt: skip
-    return asyncio.run(run_up(plan, options))
+    return asyncio.run(run_up(spec, options))
 
 
 def _generate(args: argparse.Namespace) -> int:

@@ -250,7 +250,8 @@ def cluster_state_from_pb(response: scheduler_pb2.GetClusterStateResponse) -> Cl
 
 
 class AsyncClient:
-    """asyncio client of the scheduler. Use as `async with AsyncClient(target) as client:`."""
+    """asyncio client of the scheduler. Use as `async with AsyncClient(target) as client:`.
+    config: TLS files and limits; None takes them from PDMESH_CHANNEL_* (plain text when unset)."""
 
     def __init__(self, target: str, config: ChannelConfig | None = None) -> None:
         self._channel = channel(target, config)

@@ -1,10 +1,14 @@
 """Configuration: the only module that reads the environment.
 
-Every setting is a field of a frozen dataclass; `from_env(ServerConfig, "server")` fills one from
-PDMESH_SERVER_<FIELD> variables, converting each to the field's type and naming the variable in
-the error when it cannot. Unset variables keep the field's default. A component that needs new
-settings declares them as fields of its own dataclass (engine configs live in engine/) and loads
-it with the same `from_env`; nothing else calls os.environ.
+A process's configuration is a tree of frozen dataclasses: SchedulerConfig or WorkerConfig at the
+root, each component's own config a field of it (server, channel, engine, cache, batcher), so each
+component is handed the narrowest config it needs. One loader fills a tree:
+`from_env(SchedulerConfig, "scheduler")` reads PDMESH_SCHEDULER_<FIELD> for its own fields, and
+every sub-config from the section named after its field, wherever it sits: `server` from
+PDMESH_SERVER_*, `channel` from PDMESH_CHANNEL_*, `cache` from PDMESH_CACHE_*. Each value is
+converted to the field's type; an error names the variable. Unset variables keep the defaults. A
+variable of a section being loaded that names no field is refused, naming it (a misspelt or stale
+setting must not be ignored silently). Nothing else calls os.environ.
 
 The one sanctioned exception: OpenTelemetry's standard OTEL_* variables (exporter endpoint,
 protocol, headers, sampler, resource attributes) are read by the OpenTelemetry SDK itself, as
@@ -13,7 +17,8 @@ every OpenTelemetry user expects. This module reads only whether an exporter is 
 to the SDK.
 
 Field types understood: str, int, float, bool, Path, enum members (by name), `X | None` (an
-empty value means None) and tuple[str, ...] / tuple[int, ...] (comma-separated).
+empty value means None), tuple[str, ...] / tuple[int, ...] (comma-separated) and dataclasses
+(a sub-config).
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
+
+from engine.errors import InvalidRequest
 
 PREFIX = "PDMESH_"
 MiB = 1 << 20
@@ -138,33 +145,54 @@ def env_name(section: str, field: str) -> str:
 def from_env(
     cls: type[T], section: str = "", environ: Mapping[str, str] | None = None, **overrides: Any
 ) -> T:
-    """Build the dataclass `cls` from PDMESH_<SECTION>_<FIELD> variables.
+    """Build the dataclass tree `cls` from PDMESH_<SECTION>_<FIELD> variables.
 
     `overrides` (e.g. from command-line flags) win over the environment; fields set by neither
-    keep their defaults. Raises ConfigError naming the variable when a value does not convert.
+    keep their defaults. An override of a sub-config is a dataclass (used as it is) or a dict of
+    overrides for it. Raises ConfigError naming the variable when a value does not convert, or
+    when a variable of the section names no field.
     """
     if not (dataclasses.is_dataclass(cls) and isinstance(cls, type)):
         raise TypeError(f"{cls!r} is not a dataclass type")
     env = os.environ if environ is None else environ
     hints = typing.get_type_hints(cls)
+    fields = [f for f in dataclasses.fields(cls) if f.init]
+    _check_known(section, {f.name for f in fields}, env)
     values: dict[str, Any] = {}
     given = set(overrides)
-    for f in dataclasses.fields(cls):
-        if not f.init:
-            continue
-        name = env_name(section, f.name)
-        if f.name in overrides:
-            values[f.name] = overrides.pop(f.name)
+    for f in fields:
+        name, tp = env_name(section, f.name), hints[f.name]
+        override = overrides.pop(f.name, None) if f.name in overrides else _UNSET
+        if _is_config(tp) and not dataclasses.is_dataclass(override):
+            values[f.name] = from_env(tp, f.name, env, **(override if isinstance(override, dict) else {}))
+        elif override is not _UNSET:
+            values[f.name] = override
         elif name in env:
-            values[f.name] = _convert(env[name], hints[f.name], name)
+            values[f.name] = _convert(env[name], tp, name)
     if overrides:
         raise TypeError(f"{cls.__name__} has no field(s) {', '.join(sorted(overrides))}")
     try:
         return cls(**values)
-    except ConfigError as e:
+    except (ConfigError, InvalidRequest) as e:
         if e.field in values and e.field not in given:
             raise ConfigError(env_name(section, e.field), e.problem) from None
         raise
+
+
+_UNSET = object()
+
+
+def _is_config(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _check_known(section: str, names: set[str], env: Mapping[str, str]) -> None:
+    if not section:
+        return
+    head = env_name(section, "") + "_"
+    for variable in env:
+        if variable.startswith(head) and variable[len(head) :].lower() not in names:
+            raise ConfigError(variable, f"is not a setting; {section} has {', '.join(sorted(names))}")
 
 
 def _convert(raw: str, tp: Any, name: str) -> Any:

@@ -39,7 +39,7 @@ _PORT_FIX = "Stop whatever listens there (`ss -ltnp` names it) or give `pdmesh u
 
 
 @dataclass(frozen=True)
-class MeshPlan:
+class MeshSpec:
     port: int = 50051  # the scheduler's; workers take the next ones, their KV listeners port + 100 + n
     prefill: int = 1
     decode: int = 1
@@ -115,17 +115,17 @@ class Mesh:
     Restarts are off unless the policy says otherwise (`pdmesh up` turns them on)."""
 
     def __init__(
-        self, plan: MeshPlan, policy: RestartPolicy | None = None, output: ProcessOutput | None = None
+        self, spec: MeshSpec, policy: RestartPolicy | None = None, output: ProcessOutput | None = None
     ) -> None:
-        self.plan = plan
+        self.spec = spec
         self.output = output or ProcessOutput()
-        self.supervisor = Supervisor(plan.commands(), policy or RestartPolicy(restart=False), self.output)
+        self.supervisor = Supervisor(spec.commands(), policy or RestartPolicy(restart=False), self.output)
         self._stopping = threading.Event()
         self._stop_lock = threading.Lock()
 
     @property
     def target(self) -> str:
-        return f"{self.plan.reach_host}:{self.plan.port}"
+        return f"{self.spec.reach_host}:{self.spec.port}"
 
     @property
     def failure(self) -> str | None:
@@ -133,7 +133,7 @@ class Mesh:
         return self.supervisor.failure
 
     def start(self, timeout_s: float = 600.0) -> None:
-        check_free(self.plan.port_claims(), _PORT_FIX)
+        check_free(self.spec.port_claims(), _PORT_FIX)
         self.supervisor.start()
         try:
             self.wait_ready(timeout_s)
@@ -143,7 +143,7 @@ class Mesh:
 
     def wait_ready(self, timeout_s: float) -> None:
         """Until the scheduler lists every worker of this mesh as serving."""
-        want = set(self.plan.worker_ids)
+        want = set(self.spec.worker_ids)
         deadline = time.monotonic() + timeout_s
         with Client(self.target) as client:
             while time.monotonic() < deadline:
@@ -191,7 +191,7 @@ class Mesh:
         call (from another thread) waits for the first."""
         self._stopping.set()
         with self._stop_lock:
-            self.supervisor.stop([["scheduler"], self.plan.worker_ids], self.plan.grace_s + _STOP_MARGIN_S)
+            self.supervisor.stop([["scheduler"], self.spec.worker_ids], self.spec.grace_s + _STOP_MARGIN_S)
 
     def kill_all(self) -> None:
         self._stopping.set()
@@ -207,11 +207,11 @@ class UpOptions:
     restart: bool = True
 
 
-async def run_up(plan: MeshPlan, options: UpOptions) -> int:
+async def run_up(spec: MeshSpec, options: UpOptions) -> int:
     """The mesh until Ctrl-C, SIGTERM, the end of the demo, or a process the supervisor gave up on."""
     log_dir = options.log_dir or Path(tempfile.mkdtemp(prefix="pdmesh-up-"))
     output = ProcessOutput(Echo.ALL if options.verbose else Echo.WARNINGS, log_dir)
-    mesh = Mesh(plan, RestartPolicy(restart=options.restart), output)
+    mesh = Mesh(spec, RestartPolicy(restart=options.restart), output)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
 
@@ -259,13 +259,13 @@ async def _start(mesh: Mesh, stop: asyncio.Event) -> bool:
 
 
 def _print_banner(mesh: Mesh) -> None:
-    plan = mesh.plan
-    print(f"\npdmesh is up: scheduler at {mesh.target} ({plan.prefill} prefill, {plan.decode} decode, "
-          f"{plan.model} on {plan.device})")  # fmt: skip
-    if plan.host in WILDCARD_HOSTS:
-        print(f"listening on every interface (--host {plan.host}): anyone who reaches this machine can use it")
+    spec = mesh.spec
+    print(f"\npdmesh is up: scheduler at {mesh.target} ({spec.prefill} prefill, {spec.decode} decode, "
+          f"{spec.model} on {spec.device})")  # fmt: skip
+    if spec.host in WILDCARD_HOSTS:
+        print(f"listening on every interface (--host {spec.host}): anyone who reaches this machine can use it")
     else:
-        print(f"listening on {plan.host} only; --host 0.0.0.0 opens the mesh to the network")
+        print(f"listening on {spec.host} only; --host 0.0.0.0 opens the mesh to the network")
     print(f'try:  pdmesh generate --target {mesh.target} --chat "What is the capital of France?"\n', flush=True)
 
 
@@ -274,7 +274,7 @@ async def _stop(mesh: Mesh, output: ProcessOutput) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, mesh.kill_all)
-    output.note("", f"stopping the mesh (streams in flight get {mesh.plan.grace_s:.0f} s; Ctrl-C again kills it)")
+    output.note("", f"stopping the mesh (streams in flight get {mesh.spec.grace_s:.0f} s; Ctrl-C again kills it)")
     try:
         await asyncio.to_thread(mesh.stop)
     finally:

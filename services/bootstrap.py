@@ -256,11 +256,13 @@ async def serve(
     config: ServerConfig,
     *,
     on_ready: Callable[[Server], Awaitable[None]] | None = None,
+    on_drain: Callable[[], Awaitable[None]] | None = None,
     on_shutdown: Callable[[], Awaitable[None]] | None = None,
 ) -> None:
     """Run a server until SIGTERM or SIGINT, then drain and return.
 
     on_ready runs once the server is SERVING (register with the scheduler, report the port);
+    on_drain runs when the stop begins, before the drain (tell the scheduler: DRAINING);
     on_shutdown runs after the server stopped (stop the engine, close channels).
     """
     server = Server(bindings, config)
@@ -280,6 +282,11 @@ async def serve(
         for sig in signals:
             loop.remove_signal_handler(sig)
         log.info("draining", grace_s=config.shutdown_grace_s)
+        if on_drain is not None:
+            try:
+                await on_drain()
+            except Exception:  # the drain must go on: calls in flight still get their grace
+                log.exception("on_drain failed")
         await server.stop()
         log.info("stopped")
         if on_shutdown is not None:

@@ -7,13 +7,17 @@ sampling parameters are converted, not checked again, and the engine keeps its o
 
 from __future__ import annotations
 
+import importlib.metadata
+
 from engine.block_pool import KVEvents
-from engine.engine import EngineStats
+from engine.engine import Engine, EngineStats
 from engine.errors import InvalidRequest
 from engine.request import FinishReason, RequestOutput
 from kvtransfer.ticket import Ticket, TicketId
+from pdmesh.convert import enum_to_pb
 from pdmesh.convert import sampling_from_pb as sampling_from_pb  # re-exported: the servicers convert here
 from pdmesh.v1 import common_pb2, worker_pb2
+from services.worker.config import WorkerConfig
 
 _FINISH = {
     FinishReason.STOP: common_pb2.FINISH_REASON_STOP,
@@ -88,4 +92,27 @@ def load_report_to_pb(
         kv_cache_events=worker_pb2.KVCacheEvents(
             is_snapshot=events.snapshot, block_hashes_stored=events.stored, block_hashes_removed=events.removed
         ),
+    )
+
+
+def worker_info_to_pb(config: WorkerConfig, engine: Engine, kv_address: str, port: int) -> worker_pb2.WorkerInfo:
+    layout = engine.kv_layout
+    batcher = config.engine.batcher
+    return worker_pb2.WorkerInfo(
+        worker_id=config.id,
+        role=enum_to_pb(config.role, worker_pb2.WorkerRole),  # type: ignore[arg-type]
+        address=f"{config.advertise_host}:{port}",
+        kv_transfer_address=kv_address,
+        model=config.engine.model,
+        kv_layout=common_pb2.KVLayout(
+            model_fingerprint=layout.model_fingerprint, dtype=layout.dtype, block_size_tokens=layout.block_size,
+            num_layers=layout.num_layers, num_kv_heads=layout.num_kv_heads, head_dim=layout.head_dim,
+            layout_version=layout.layout_version,
+        ),  # fmt: skip
+        capacity=worker_pb2.WorkerCapacity(
+            num_kv_blocks_total=engine.pool.num_blocks, max_num_running_requests=batcher.max_running,
+            max_num_batched_tokens=batcher.max_batched_tokens, max_model_len_tokens=engine.max_model_len,
+        ),  # fmt: skip
+        device=config.engine.device,
+        version=importlib.metadata.version("pdmesh"),
     )

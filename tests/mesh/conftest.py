@@ -12,7 +12,7 @@ import pytest
 from engine.config import BatcherConfig, CacheConfig, EngineConfig
 from engine.engine import Engine
 from engine.sampling_params import SamplingParams
-from pdmesh.up import Mesh, MeshPlan
+from pdmesh.up import Mesh, MeshSpec
 from tests.engine.conftest import save_tiny_model
 
 BLOCK_SIZE = 4
@@ -29,13 +29,17 @@ def free_port_base() -> int:
     return random.randrange(20000, 40000, 200)
 
 
-def start_mesh(model: Path | str, prefill: int, decode: int, *extra: str, timeout_s: float = 180) -> Mesh:
+def start_mesh(
+    model: Path | str, prefill: int, decode: int, *extra: str, timeout_s: float = 180, env: dict[str, str] | None = None
+) -> Mesh:
+    """A mesh of real processes; `env` adds PDMESH_* settings to every one of them."""
     args = ("--threads", "1", "--kv-blocks", str(KV_BLOCKS), "--block-size", str(BLOCK_SIZE), *extra)
-    plan = MeshPlan(
+    settings = {"PDMESH_SCHEDULER_REPORT_INTERVAL_MS": "100", **(env or {})}  # fresh load reports for the observers
+    spec = MeshSpec(
         port=free_port_base(), prefill=prefill, decode=decode, model=str(model), extra_worker_args=args,
-        env=(("PDMESH_SCHEDULER_REPORT_INTERVAL_MS", "100"),),  # fresh load reports for the observers
+        env=tuple(settings.items()),
     )
-    mesh = Mesh(plan)
+    mesh = Mesh(spec)
     mesh.start(timeout_s)
     return mesh
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from pdmesh.client import AsyncClient, ExecutionPlan
-from pdmesh.up import Mesh, MeshPlan
+from pdmesh.up import Mesh, MeshSpec
 from tests.mesh.conftest import free_port_base
 from tests.mesh.test_mesh import all_free, settled
 
@@ -35,11 +35,11 @@ def gpu_mesh(model: Path, *, colocated: bool) -> Mesh:
     env = [("PDMESH_SCHEDULER_REPORT_INTERVAL_MS", "100")]
     if colocated:  # every prompt is "short enough" to prefill on its decode worker
         env.append(("PDMESH_SCHEDULER_LOCAL_PREFILL_MAX_TOKENS", "1000000"))
-    plan = MeshPlan(
+    spec = MeshSpec(
         port=free_port_base(), prefill=0 if colocated else 1, decode=1, model=str(model), device="cuda",
         extra_worker_args=("--dtype", "float32", "--kv-blocks", "4096", "--block-size", "16"), env=tuple(env),
     )  # fmt: skip
-    mesh = Mesh(plan)
+    mesh = Mesh(spec)
     mesh.start(300)
     return mesh
 

@@ -20,6 +20,7 @@ from pdmesh.config import (
     from_env,
     otel_export,
 )
+from services.worker.config import WorkerConfig
 
 
 class Policy(enum.Enum):
@@ -167,3 +168,30 @@ def test_nothing_is_exported_unless_an_otlp_endpoint_is_set() -> None:
     assert otel_export({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4317", "OTEL_SDK_DISABLED": "true"}) == OtelExport()
     with pytest.raises(ConfigError, match="OTEL_EXPORTER_OTLP_TRACES_PROTOCOL: is 'thrift'"):
         otel_export({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4317", "OTEL_EXPORTER_OTLP_PROTOCOL": "thrift"})
+
+
+@dataclass(frozen=True)
+class Inner:
+    size: int = 1
+
+
+@dataclass(frozen=True)
+class Tree:
+    name: str = "root"
+    server: ServerConfig = ServerConfig()
+    inner: Inner = Inner()
+
+
+def test_a_tree_loads_each_sub_config_from_its_own_section_and_takes_dict_overrides() -> None:
+    environ = {"PDMESH_TREE_NAME": "t", "PDMESH_SERVER_PORT": "7000", "PDMESH_INNER_SIZE": "3"}
+    assert from_env(Tree, "tree", environ=environ) == Tree("t", ServerConfig(port=7000), Inner(3))
+    overridden = from_env(Tree, "tree", environ=environ, server={"host": "127.0.0.1"}, inner=Inner(9))
+    assert overridden == Tree("t", ServerConfig(host="127.0.0.1", port=7000), Inner(9))
+
+
+def test_a_variable_that_names_no_setting_of_its_section_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"^PDMESH_INNER_SIZ: is not a setting; inner has size$"):
+        from_env(Tree, "tree", environ={"PDMESH_INNER_SIZ": "3"})
+    with pytest.raises(ConfigError, match=r"^PDMESH_WORKER_MODEL: is not a setting"):
+        from_env(WorkerConfig, "worker", environ={"PDMESH_WORKER_MODEL": "smollm2"})
+    assert from_env(WorkerConfig, "worker", environ={"PDMESH_ENGINE_MODEL": "/m"}).engine.model == "/m"

@@ -29,6 +29,7 @@ from pdmesh.channel import channel, sync_channel
 from pdmesh.config import ChannelConfig, ServerConfig
 from pdmesh.v1 import decode_pb2, decode_pb2_grpc
 from services.bootstrap import Server
+from tests.certs import make_certs
 
 HERE = Path(__file__).parent
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -203,23 +204,6 @@ async def test_sigterm_drains_a_real_server_process_which_exits_zero() -> None:
             proc.kill()
         stderr = proc.stderr.read() if proc.stderr else ""
     assert '"event": "draining"' in stderr and '"event": "stopped"' in stderr
-
-
-def make_certs(tmp: Path) -> dict[str, Path]:
-    """A CA, a server certificate for 127.0.0.1 and a client certificate, via the openssl CLI."""
-
-    def run(*args: str) -> None:
-        subprocess.run(["openssl", *args], cwd=tmp, check=True, capture_output=True)
-
-    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=pdmesh-test-ca",
-        "-keyout", "ca.key", "-out", "ca.pem")  # fmt: skip
-    for name, san in (("server", "IP:127.0.0.1,DNS:localhost"), ("client", "DNS:client")):
-        run("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}", "-keyout", f"{name}.key",
-            "-out", f"{name}.csr")  # fmt: skip
-        (tmp / f"{name}.ext").write_text(f"subjectAltName={san}\n")
-        run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-            "-days", "1", "-extfile", f"{name}.ext", "-out", f"{name}.pem")  # fmt: skip
-    return {p.stem + p.suffix: p for p in tmp.iterdir()}
 
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl CLI to make certificates")

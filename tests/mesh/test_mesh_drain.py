@@ -1,0 +1,63 @@
+"""A worker told to stop (SIGTERM) drains: the scheduler sees it DRAINING at once and places no
+new request on it, while the stream it is serving runs to its end; then it exits cleanly."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from pdmesh.client import AsyncClient, Chunk, ClusterState, WorkerHealth
+from tests.mesh.conftest import engine_greedy
+from tests.mesh.test_mesh import prompts_of
+
+pytestmark = pytest.mark.slow
+
+
+async def until(client: AsyncClient, check, timeout_s: float = 30.0) -> ClusterState:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout_s
+    while True:
+        state = await client.cluster_state()
+        if check(state):
+            return state
+        assert time.monotonic() < deadline, f"cluster never reached the state: {state}"
+        await asyncio.sleep(0.05)
+
+
+def test_a_draining_worker_takes_no_new_requests_and_finishes_its_stream(mesh_factory, mesh_model: Path) -> None:
+    mesh = mesh_factory(mesh_model, 0, 2)
+    prompt, short = prompts_of([20, 10], seed=8)
+    expected = engine_greedy(mesh_model, [prompt], 400)[0]
+
+    async def run() -> tuple[list[int], list[str], str, WorkerHealth | None]:
+        async with AsyncClient(mesh.target) as client:
+            chunks: list[Chunk] = []
+
+            async def consume() -> None:
+                async for chunk in client.generate(prompt, max_tokens=400, ignore_eos=True):
+                    chunks.append(chunk)
+
+            stream = asyncio.create_task(consume())
+            busy = await until(client, lambda s: any(w.num_assigned_requests for w in s.workers))
+            draining = next(w.worker_id for w in busy.workers if w.num_assigned_requests)
+            mesh.procs[draining].send_signal(signal.SIGTERM)
+            state = await until(client, lambda s: s.worker(draining).health is WorkerHealth.DRAINING)
+            assert not stream.done(), "the stream ended before the worker was seen draining; make it longer"
+
+            placed = []
+            for _ in range(4):
+                finished = [c async for c in client.generate(short, max_tokens=2)]
+                assert finished[-1].placement is not None
+                placed.append(finished[-1].placement.decode_worker_id)
+            await asyncio.wait_for(stream, 120)
+            assert chunks[-1].placement is not None
+            return [t for c in chunks for t in c.token_ids], placed, draining, state.worker(draining).health
+
+    tokens, placed, draining, health = asyncio.run(run())
+    assert health is WorkerHealth.DRAINING
+    assert draining not in placed and len(set(placed)) == 1
+    assert tokens == expected  # its stream ran to the end on the draining worker
+    assert mesh.procs[draining].wait(60) == 0  # then it stopped cleanly
