@@ -30,14 +30,14 @@ async def until(client: AsyncClient, check, timeout_s: float = 30.0) -> ClusterS
 def test_a_draining_worker_takes_no_new_requests_and_finishes_its_stream(mesh_factory, mesh_model: Path) -> None:
     mesh = mesh_factory(mesh_model, 0, 2)
     prompt, short = prompts_of([20, 10], seed=8)
-    expected = engine_greedy(mesh_model, [prompt], 400)[0]
+    expected = engine_greedy(mesh_model, [prompt], 1000)[0]
 
     async def run() -> tuple[list[int], list[str], str, WorkerHealth | None]:
         async with AsyncClient(mesh.target) as client:
             chunks: list[Chunk] = []
 
             async def consume() -> None:
-                async for chunk in client.generate(prompt, max_tokens=400, ignore_eos=True):
+                async for chunk in client.generate(prompt, max_tokens=1000, ignore_eos=True):
                     chunks.append(chunk)
 
             stream = asyncio.create_task(consume())
