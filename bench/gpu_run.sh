@@ -129,7 +129,7 @@ if wants mesh-coloc; then
   PDMESH_SCHEDULER_LOCAL_PREFILL_MAX_TOKENS=1000000 mesh mesh-coloc 51051 --prefill 0 --decode 1
 fi
 if wants mesh-coloc512; then  # colocated with 512-token steps: smaller prefill chunks beside the decodes
-  PDMESH_WORKER_MAX_BATCHED_TOKENS=512 PDMESH_SCHEDULER_LOCAL_PREFILL_MAX_TOKENS=1000000 LOADS=${LOADS512:-c64} \
+  PDMESH_BATCHER_MAX_BATCHED_TOKENS=512 PDMESH_SCHEDULER_LOCAL_PREFILL_MAX_TOKENS=1000000 LOADS=${LOADS512:-c64} \
     mesh mesh-coloc512 52051 --prefill 0 --decode 1
 fi
 say "== total $(($(date +%s) - T0))s"

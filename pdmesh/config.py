@@ -157,7 +157,7 @@ def from_env(
     env = os.environ if environ is None else environ
     hints = typing.get_type_hints(cls)
     fields = [f for f in dataclasses.fields(cls) if f.init]
-    _check_known(section, {f.name for f in fields}, env)
+    _check_known(cls, section, {f.name for f in fields if not _is_config(hints[f.name])}, env)
     values: dict[str, Any] = {}
     given = set(overrides)
     for f in fields:
@@ -186,13 +186,25 @@ def _is_config(tp: Any) -> bool:
     return isinstance(tp, type) and dataclasses.is_dataclass(tp)
 
 
-def _check_known(section: str, names: set[str], env: Mapping[str, str]) -> None:
+def _check_known(cls: type, section: str, names: set[str], env: Mapping[str, str]) -> None:
     if not section:
         return
     head = env_name(section, "") + "_"
     for variable in env:
         if variable.startswith(head) and variable[len(head) :].lower() not in names:
-            raise ConfigError(variable, f"is not a setting; {section} has {', '.join(sorted(names))}")
+            others = ", ".join(f"{env_name(s, '')}_*" for s in _sections(cls))
+            hint = f"; the rest are in {others}" if others else ""
+            raise ConfigError(variable, f"is not a setting; {section} has {', '.join(sorted(names))}{hint}")
+
+
+def _sections(cls: type) -> list[str]:
+    """The sections of the sub-configs under `cls`, depth first."""
+    hints = typing.get_type_hints(cls)
+    found: list[str] = []
+    for f in dataclasses.fields(cls):
+        if _is_config(hints[f.name]):
+            found += [f.name, *_sections(hints[f.name])]
+    return found
 
 
 def _convert(raw: str, tp: Any, name: str) -> Any:
