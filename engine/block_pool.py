@@ -124,18 +124,6 @@ class BlockPool:
         self._by_hash[block_hash] = block_id
         self._record(self._stored, block_hash)
 
-    def reset_cache(self) -> int:
-        """Forget every cached hash of unheld blocks; returns how many were dropped."""
-        dropped = 0
-        for block_id in self._queue:
-            block = self.blocks[block_id]
-            if block.hash is not None:
-                del self._by_hash[block.hash]
-                self._record(self._removed, block.hash)
-                block.hash = None
-                dropped += 1
-        return dropped
-
     def take_events(self, snapshot: bool = False) -> KVEvents:
         """The changes since the last take, or a snapshot when asked for or when changes were lost."""
         if snapshot or self._events_lost:

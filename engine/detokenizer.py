@@ -67,6 +67,7 @@ class StopChecker:
         self._include = include_stop
         self._held = ""
         self._stopped = False
+        self.matched: str | None = None  # the stop string that ended the text
 
     @property
     def stopped(self) -> bool:
@@ -81,6 +82,7 @@ class StopChecker:
         if match is not None:
             self._stopped, self._held = True, ""
             start, stop = match
+            self.matched = stop
             return text[: start + len(stop) if self._include else start], True
         keep = self._partial_suffix(text)
         self._held = text[len(text) - keep:] if keep else ""

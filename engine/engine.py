@@ -280,14 +280,15 @@ class Engine:
         request.token_ids.append(token_id)
         if request.first_token_time is None:
             request.first_token_time = time.monotonic()
-        text, finish = self._outputs[request.request_id].on_token(request, token_id)
+        processor = self._outputs[request.request_id]
+        text, finish = processor.on_token(request, token_id)
         logprobs = [logprob] if request.params.logprobs and logprob is not None else None
         if finish is None and request.prefill_only:
             # Handed on: the worker that continues starts its stop checks afresh, so nothing stays held.
-            text += self._outputs[request.request_id].flush()
+            text += processor.flush()
         if finish is not None or request.prefill_only:
             out = self._finish(request, finish, text)
-            out.new_token_ids, out.new_logprobs = [token_id], logprobs
+            out.new_token_ids, out.new_logprobs, out.stop = [token_id], logprobs, processor.stop
             return out
         return self._output(request, [token_id], logprobs, text)
 

@@ -33,15 +33,18 @@ class OutputProcessor:
             stop_ids.update(eos_token_ids)
         self.stop_ids = frozenset(stop_ids)
         self.max_model_len = max_model_len
+        self.stop: int | str | None = None  # what matched, once a stop finished the request
 
     def on_token(self, request: Request, token_id: int) -> tuple[str, FinishReason | None]:
         """Account for a token already appended to request.token_ids; returns (text delta, finish)."""
         if token_id in self.stop_ids:
+            self.stop = token_id
             return self.flush(), FinishReason.STOP
         text = self.detok.step(token_id) if self.detok is not None else ""
         if self.stops is not None:
             text, matched = self.stops.feed(text)
             if matched:
+                self.stop = self.stops.matched
                 return text, FinishReason.STOP
         if request.num_output_tokens >= request.params.max_tokens or request.num_tokens >= self.max_model_len:
             return text + self.flush(), FinishReason.LENGTH

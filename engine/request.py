@@ -98,3 +98,4 @@ class RequestOutput:
     num_output_tokens: int
     queue_s: float | None = None  # arrival to first scheduled step, once scheduled
     error: str | None = None
+    stop: int | str | None = None  # with FinishReason.STOP: the stop or EOS token id, or the stop string

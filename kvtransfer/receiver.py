@@ -106,9 +106,6 @@ class TicketImport:
     def error(self) -> BaseException | None:
         return self.future.exception() if self.future.done() else None
 
-    def layer_ready(self, layer: int) -> bool:
-        return self._ready[layer]
-
     @property
     def num_layers_ready(self) -> int:
         return sum(self._ready)

@@ -8,10 +8,12 @@ A service builds its servicers, wraps each in a `ServicerBinding`, and calls `se
 - server reflection listing every service (grpcurl, grpc_cli);
 - OpenTelemetry's server interceptor (pdmesh/tracing.py): each call's span joins the caller's
   trace through the W3C traceparent in its metadata;
-- one interceptor that maps typed errors to status codes (services/status.py) for unary and
-  streaming calls alike, errors raised mid-stream included, and never sends a traceback;
-- graceful shutdown on SIGTERM/SIGINT: health NOT_SERVING, new calls refused with UNAVAILABLE,
-  calls in flight given ServerConfig.shutdown_grace_s to finish, then the server stops.
+- one interceptor (services/interceptor.py) that maps typed errors to status codes
+  (services/status.py) for unary and streaming calls alike, errors raised mid-stream included,
+  and never sends a traceback;
+- graceful shutdown on SIGTERM/SIGINT: the service's on_drain first (a worker reports DRAINING),
+  then health NOT_SERVING, new calls refused with UNAVAILABLE, calls in flight given
+  ServerConfig.shutdown_grace_s to finish, then the server stops.
 
 Servicers stay thin: they convert, call and convert back, and raise typed errors. A service that
 calls another opens its channel with pdmesh.channel.channel, which shares these limits and
@@ -21,11 +23,8 @@ keepalive (it lives in pdmesh/ because the public client library needs it too).
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import inspect
 import signal
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,7 +38,7 @@ from grpc_reflection.v1alpha import reflection
 from pdmesh.channel import transport_options
 from pdmesh.config import ServerConfig
 from pdmesh.tracing import server_interceptor
-from services.status import typed_code
+from services.interceptor import ErrorInterceptor, InFlight
 
 log = structlog.get_logger(__name__)
 
@@ -87,106 +86,6 @@ def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
     )
 
 
-class _InFlight:
-    """Counts calls in flight so that draining can wait for the last one."""
-
-    def __init__(self) -> None:
-        self.count = 0
-        self.draining = False
-        self._idle = asyncio.Event()
-        self._idle.set()
-
-    def enter(self) -> None:
-        self.count += 1
-        self._idle.clear()
-
-    def exit(self) -> None:
-        self.count -= 1
-        if self.count == 0:
-            self._idle.set()
-
-    async def wait_idle(self, timeout_s: float) -> bool:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._idle.wait(), timeout_s)
-        return self._idle.is_set()
-
-
-def _status_of(exc: Exception, method: str) -> tuple[grpc.StatusCode, str]:
-    """The code and client-facing message of an exception a servicer raised."""
-    code = typed_code(exc)
-    if code is not None:
-        log.info("call refused", method=method, code=code.name, error=str(exc))
-        return code, str(exc)
-    error_id = uuid.uuid4().hex[:12]
-    log.error("call failed", method=method, error_id=error_id, exc_info=exc)
-    return grpc.StatusCode.INTERNAL, f"internal error {error_id}; the server log has the details"
-
-
-class _Interceptor(grpc.aio.ServerInterceptor):
-    """Refuses new calls while draining, counts calls in flight, and maps exceptions to statuses."""
-
-    def __init__(self, in_flight: _InFlight) -> None:
-        self._in_flight = in_flight
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        method: str = handler_call_details.method  # type: ignore[attr-defined]
-        if handler is None or method.startswith(_PLUMBING):
-            return handler
-        codecs = {
-            "request_deserializer": handler.request_deserializer,
-            "response_serializer": handler.response_serializer,
-        }
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(self._unary(handler.unary_unary, method), **codecs)
-        if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(self._unary(handler.stream_unary, method), **codecs)
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(
-                self._streaming(handler.unary_stream, method), **codecs
-            )
-        return grpc.stream_stream_rpc_method_handler(self._streaming(handler.stream_stream, method), **codecs)
-
-    def _unary(self, behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
-        async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            async with self._guard(method, context):
-                return await behavior(request, context)
-
-        return call
-
-    def _streaming(self, behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
-        async def call(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            async with self._guard(method, context):
-                responses = behavior(request, context)
-                if inspect.isawaitable(responses):  # the servicer writes with context.write()
-                    await responses
-                    return
-                async with contextlib.aclosing(responses):
-                    async for response in responses:
-                        yield response
-
-        return call
-
-    @contextlib.asynccontextmanager
-    async def _guard(self, method: str, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
-        if self._in_flight.draining:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "server is draining; retry on another worker")
-        self._in_flight.enter()
-        try:
-            yield
-        except grpc.aio.AbortError:  # the servicer aborted with its own status
-            raise
-        except Exception as exc:
-            code, message = _status_of(exc, method)
-            await context.abort(code, message)
-        finally:
-            self._in_flight.exit()
-
-
 class Server:
     """A started gRPC server with health, reflection, the interceptor and graceful stop."""
 
@@ -195,7 +94,7 @@ class Server:
         self.service_names = tuple(b.name for b in bindings)
         self.port = 0
         self._bindings = tuple(bindings)
-        self._in_flight = _InFlight()
+        self._in_flight = InFlight()
         self._health = health.aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
         self._stopping: asyncio.Future[None] | None = None
@@ -209,7 +108,8 @@ class Server:
         # The tracing interceptor outermost: its span covers the call, and sees the status the
         # error interceptor aborts with (through the servicer context it hands on).
         server = grpc.aio.server(
-            interceptors=[server_interceptor(), _Interceptor(self._in_flight)], options=server_options(self.config)
+            interceptors=[server_interceptor(), ErrorInterceptor(self._in_flight, _PLUMBING)],
+            options=server_options(self.config),
         )
         for binding in self._bindings:
             binding.add_to_server(binding.servicer, server)

@@ -76,11 +76,6 @@ _BY_NAME: dict[tuple[str, str], grpc.StatusCode] = {
 }
 
 
-def register_error(exc_type: type[BaseException], code: grpc.StatusCode) -> None:
-    """Map another typed error (and its subclasses) to `code`. Call at service start-up."""
-    _BY_TYPE[exc_type] = code
-
-
 def typed_code(exc: BaseException) -> grpc.StatusCode | None:
     """The status code of a typed error, or None when `exc` is in no table (a bug)."""
     for cls in type(exc).__mro__:

@@ -77,34 +77,6 @@ class RegisterWorkerResponse(_message.Message):
     kv_store_address: str
     def __init__(self, report_interval_ms: _Optional[int] = ..., kv_store_address: _Optional[str] = ...) -> None: ...
 
-class PrefillSample(_message.Message):
-    __slots__ = ("num_tokens", "num_cached_tokens", "duration_ms")
-    NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
-    NUM_CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
-    DURATION_MS_FIELD_NUMBER: _ClassVar[int]
-    num_tokens: int
-    num_cached_tokens: int
-    duration_ms: float
-    def __init__(self, num_tokens: _Optional[int] = ..., num_cached_tokens: _Optional[int] = ..., duration_ms: _Optional[float] = ...) -> None: ...
-
-class DecodeStepSample(_message.Message):
-    __slots__ = ("batch_size", "num_context_tokens", "duration_ms")
-    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
-    NUM_CONTEXT_TOKENS_FIELD_NUMBER: _ClassVar[int]
-    DURATION_MS_FIELD_NUMBER: _ClassVar[int]
-    batch_size: int
-    num_context_tokens: int
-    duration_ms: float
-    def __init__(self, batch_size: _Optional[int] = ..., num_context_tokens: _Optional[int] = ..., duration_ms: _Optional[float] = ...) -> None: ...
-
-class TransferSample(_message.Message):
-    __slots__ = ("num_bytes", "duration_ms")
-    NUM_BYTES_FIELD_NUMBER: _ClassVar[int]
-    DURATION_MS_FIELD_NUMBER: _ClassVar[int]
-    num_bytes: int
-    duration_ms: float
-    def __init__(self, num_bytes: _Optional[int] = ..., duration_ms: _Optional[float] = ...) -> None: ...
-
 class KVCacheEvents(_message.Message):
     __slots__ = ("is_snapshot", "block_hashes_stored", "block_hashes_removed")
     IS_SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
@@ -116,7 +88,7 @@ class KVCacheEvents(_message.Message):
     def __init__(self, is_snapshot: _Optional[bool] = ..., block_hashes_stored: _Optional[_Iterable[int]] = ..., block_hashes_removed: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ReportLoadRequest(_message.Message):
-    __slots__ = ("worker_id", "report_seq", "time_unix_ms", "health", "num_kv_blocks_free", "num_kv_blocks_total", "num_running_requests", "num_waiting_requests", "num_kv_reservations", "num_kv_transfers_in_flight", "prefill_samples", "decode_step_samples", "transfer_samples", "kv_cache_events")
+    __slots__ = ("worker_id", "report_seq", "time_unix_ms", "health", "num_kv_blocks_free", "num_kv_blocks_total", "num_running_requests", "num_waiting_requests", "num_kv_reservations", "num_kv_transfers_in_flight", "kv_cache_events")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     REPORT_SEQ_FIELD_NUMBER: _ClassVar[int]
     TIME_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
@@ -127,9 +99,6 @@ class ReportLoadRequest(_message.Message):
     NUM_WAITING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     NUM_KV_RESERVATIONS_FIELD_NUMBER: _ClassVar[int]
     NUM_KV_TRANSFERS_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
-    PREFILL_SAMPLES_FIELD_NUMBER: _ClassVar[int]
-    DECODE_STEP_SAMPLES_FIELD_NUMBER: _ClassVar[int]
-    TRANSFER_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     KV_CACHE_EVENTS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     report_seq: int
@@ -141,11 +110,8 @@ class ReportLoadRequest(_message.Message):
     num_waiting_requests: int
     num_kv_reservations: int
     num_kv_transfers_in_flight: int
-    prefill_samples: _containers.RepeatedCompositeFieldContainer[PrefillSample]
-    decode_step_samples: _containers.RepeatedCompositeFieldContainer[DecodeStepSample]
-    transfer_samples: _containers.RepeatedCompositeFieldContainer[TransferSample]
     kv_cache_events: KVCacheEvents
-    def __init__(self, worker_id: _Optional[str] = ..., report_seq: _Optional[int] = ..., time_unix_ms: _Optional[int] = ..., health: _Optional[_Union[WorkerHealth, str]] = ..., num_kv_blocks_free: _Optional[int] = ..., num_kv_blocks_total: _Optional[int] = ..., num_running_requests: _Optional[int] = ..., num_waiting_requests: _Optional[int] = ..., num_kv_reservations: _Optional[int] = ..., num_kv_transfers_in_flight: _Optional[int] = ..., prefill_samples: _Optional[_Iterable[_Union[PrefillSample, _Mapping]]] = ..., decode_step_samples: _Optional[_Iterable[_Union[DecodeStepSample, _Mapping]]] = ..., transfer_samples: _Optional[_Iterable[_Union[TransferSample, _Mapping]]] = ..., kv_cache_events: _Optional[_Union[KVCacheEvents, _Mapping]] = ...) -> None: ...
+    def __init__(self, worker_id: _Optional[str] = ..., report_seq: _Optional[int] = ..., time_unix_ms: _Optional[int] = ..., health: _Optional[_Union[WorkerHealth, str]] = ..., num_kv_blocks_free: _Optional[int] = ..., num_kv_blocks_total: _Optional[int] = ..., num_running_requests: _Optional[int] = ..., num_waiting_requests: _Optional[int] = ..., num_kv_reservations: _Optional[int] = ..., num_kv_transfers_in_flight: _Optional[int] = ..., kv_cache_events: _Optional[_Union[KVCacheEvents, _Mapping]] = ...) -> None: ...
 
 class ReportLoadResponse(_message.Message):
     __slots__ = ("reregister", "kv_snapshot_requested", "kv_store_address")

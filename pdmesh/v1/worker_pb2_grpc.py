@@ -63,8 +63,7 @@ class RegistryServicer:
 
     def RegisterWorker(self, request, context):
         """Adds a worker to placement, or refreshes it when the same worker_id registers again (a
-        restarted worker). FAILED_PRECONDITION when its model or KV layout cannot serve beside the
-        workers already registered for the same model.
+        restarted worker, or one whose report went missing).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

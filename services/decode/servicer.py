@@ -14,11 +14,10 @@ from collections.abc import AsyncIterator
 import grpc
 
 from engine.async_engine import AsyncEngine
-from engine.errors import InvalidRequest
 from engine.request import FinishReason
 from pdmesh.v1 import decode_pb2, decode_pb2_grpc
 from services.decode.reservations import Reservations, import_failure
-from services.worker.convert import chunk_from_output, sampling_from_pb, ticket_to_pb, token_ids_from_pb, usage_of
+from services.worker.convert import chunk_from_output, sampling_from_pb, ticket_to_pb, usage_of
 
 
 class DecodeServicer(decode_pb2_grpc.DecodeServicer):
@@ -30,16 +29,13 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
     async def Reserve(  # noqa: N802 (gRPC method name)
         self, request: decode_pb2.ReserveRequest, context: grpc.aio.ServicerContext
     ) -> decode_pb2.ReserveResponse:
-        if request.num_tokens < 1:
-            raise InvalidRequest("num_tokens", f"is {request.num_tokens}", "reserve at least one token")
         ticket = await self.reservations.reserve(request.request_id, request.num_tokens, request.lease_ms)
         return decode_pb2.ReserveResponse(ticket=ticket_to_pb(ticket))
 
     async def Generate(  # noqa: N802
         self, request: decode_pb2.DecodeGenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[decode_pb2.DecodeGenerateResponse]:
-        prompt = token_ids_from_pb(request.prompt_token_ids, "prompt_token_ids")
-        prior = token_ids_from_pb(request.output_token_ids, "output_token_ids")
+        prompt, prior = list(request.prompt_token_ids), list(request.output_token_ids)
         params = sampling_from_pb(request.sampling)
         if request.WhichOneof("kv_source") == "ticket_id":
             engine_id, imported = request.ticket_id, self.reservations.commit(request.ticket_id, len(prompt))

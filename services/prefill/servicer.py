@@ -19,7 +19,7 @@ from engine.sampling_params import SamplingParams
 from kvtransfer.sender import KVPush
 from kvtransfer.transport import KVTransport
 from pdmesh.v1 import prefill_pb2, prefill_pb2_grpc
-from services.worker.convert import chunk_from_output, sampling_from_pb, ticket_from_pb, token_ids_from_pb
+from services.worker.convert import chunk_from_output, sampling_from_pb, ticket_from_pb
 
 
 class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
@@ -31,7 +31,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
     async def Prefill(  # noqa: N802 (gRPC method name)
         self, request: prefill_pb2.PrefillRequest, context: grpc.aio.ServicerContext
     ) -> prefill_pb2.PrefillResponse:
-        prompt = token_ids_from_pb(request.prompt_token_ids, "prompt_token_ids")
+        prompt = list(request.prompt_token_ids)
         params = sampling_from_pb(request.sampling)
         push = self.transport.push(ticket_from_pb(request.ticket))
         start = time.monotonic()

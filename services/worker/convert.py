@@ -11,7 +11,6 @@ import importlib.metadata
 
 from engine.block_pool import KVEvents
 from engine.engine import Engine, EngineStats
-from engine.errors import InvalidRequest
 from engine.request import FinishReason, RequestOutput
 from kvtransfer.ticket import Ticket, TicketId
 from pdmesh.convert import enum_to_pb
@@ -19,26 +18,17 @@ from pdmesh.convert import sampling_from_pb as sampling_from_pb  # re-exported: 
 from pdmesh.v1 import common_pb2, worker_pb2
 from services.worker.config import WorkerConfig
 
-_FINISH = {
-    FinishReason.STOP: common_pb2.FINISH_REASON_STOP,
-    FinishReason.LENGTH: common_pb2.FINISH_REASON_LENGTH,
-    FinishReason.ABORT: common_pb2.FINISH_REASON_ABORT,
-}
-
-
-def token_ids_from_pb(ids: object, field: str) -> list[int]:
-    out = list(ids)  # type: ignore[call-overload]
-    if field == "prompt_token_ids" and not out:
-        raise InvalidRequest(field, "is empty", "send at least one prompt token")
-    return out
-
 
 def chunk_from_output(out: RequestOutput) -> common_pb2.TokenChunk:
     chunk = common_pb2.TokenChunk(token_ids=out.new_token_ids, text=out.text_delta)
     if out.new_logprobs:
         chunk.logprobs.extend(out.new_logprobs)
-    if out.finished and out.finish_reason in _FINISH:
-        chunk.finish.reason = _FINISH[out.finish_reason]
+    if out.finished and out.finish_reason not in (None, FinishReason.ERROR):  # an error ends the call instead
+        chunk.finish.reason = enum_to_pb(out.finish_reason, common_pb2.FinishReason)  # type: ignore[assignment]
+        if isinstance(out.stop, int):
+            chunk.finish.stop_token_id = out.stop
+        elif isinstance(out.stop, str):
+            chunk.finish.stop_string = out.stop
     return chunk
 
 

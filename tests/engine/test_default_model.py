@@ -46,6 +46,7 @@ def test_stop_string_cuts_the_answer_exactly(smollm2: Engine) -> None:
     answer = "".join(o.text_delta for o in outs)
     assert "Paris" not in answer and answer.endswith("is ")
     assert outs[-1].finish_reason.value == "stop"
+    assert outs[-1].stop == "Paris"  # what matched rides on the last output
     assert run_to_completion(smollm2) == {}
 
 

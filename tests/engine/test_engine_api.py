@@ -78,6 +78,7 @@ def test_stop_token_ids_and_max_tokens_finish_with_the_right_reason(engine) -> N
     engine.add_request("stop", [5, 6, 7], SamplingParams(max_tokens=5, stop_token_ids=(first,)))
     out = engine.step()[0]
     assert out.finish_reason is FinishReason.STOP and out.new_token_ids == [first]
+    assert out.stop == first and outs[-1].stop is None
 
 
 async def test_async_engine_streams_and_survives_bad_requests(tiny_llama: Path) -> None:

@@ -1,0 +1,126 @@
+"""The interceptor every server runs: calls in flight counted (so draining can wait for the
+last), new calls refused while draining, and every exception a servicer raises turned into a
+status code (services/status.py) with a message naming the field, never a traceback; an
+exception in no table is a bug, logged with an error id the client gets.
+
+Unary and streaming calls alike, errors raised mid-stream included.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+import grpc.aio
+import structlog
+
+from services.status import typed_code
+
+log = structlog.get_logger(__name__)
+
+
+class InFlight:
+    """Counts calls in flight so that draining can wait for the last one."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.draining = False
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def enter(self) -> None:
+        self.count += 1
+        self._idle.clear()
+
+    def exit(self) -> None:
+        self.count -= 1
+        if self.count == 0:
+            self._idle.set()
+
+    async def wait_idle(self, timeout_s: float) -> bool:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+        return self._idle.is_set()
+
+
+def status_of(exc: Exception, method: str) -> tuple[grpc.StatusCode, str]:
+    """The code and client-facing message of an exception a servicer raised."""
+    code = typed_code(exc)
+    if code is not None:
+        log.info("call refused", method=method, code=code.name, error=str(exc))
+        return code, str(exc)
+    error_id = uuid.uuid4().hex[:12]
+    log.error("call failed", method=method, error_id=error_id, exc_info=exc)
+    return grpc.StatusCode.INTERNAL, f"internal error {error_id}; the server log has the details"
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
+    """Refuses new calls while draining, counts calls in flight, and maps exceptions to statuses.
+    Calls whose method starts with one of `passthrough` (health, reflection) are left alone."""
+
+    def __init__(self, in_flight: InFlight, passthrough: tuple[str, ...]) -> None:
+        self._in_flight = in_flight
+        self._passthrough = passthrough
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        method: str = handler_call_details.method  # type: ignore[attr-defined]
+        if handler is None or method.startswith(self._passthrough):
+            return handler
+        codecs = {
+            "request_deserializer": handler.request_deserializer,
+            "response_serializer": handler.response_serializer,
+        }
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(self._unary(handler.unary_unary, method), **codecs)
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(self._unary(handler.stream_unary, method), **codecs)
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                self._streaming(handler.unary_stream, method), **codecs
+            )
+        return grpc.stream_stream_rpc_method_handler(self._streaming(handler.stream_stream, method), **codecs)
+
+    def _unary(self, behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
+        async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            async with self._guard(method, context):
+                return await behavior(request, context)
+
+        return call
+
+    def _streaming(self, behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
+        async def call(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            async with self._guard(method, context):
+                responses = behavior(request, context)
+                if inspect.isawaitable(responses):  # the servicer writes with context.write()
+                    await responses
+                    return
+                async with contextlib.aclosing(responses):
+                    async for response in responses:
+                        yield response
+
+        return call
+
+    @contextlib.asynccontextmanager
+    async def _guard(self, method: str, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+        if self._in_flight.draining:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "server is draining; retry on another worker")
+        self._in_flight.enter()
+        try:
+            yield
+        except grpc.aio.AbortError:  # the servicer aborted with its own status
+            raise
+        except Exception as exc:
+            code, message = status_of(exc, method)
+            await context.abort(code, message)
+        finally:
+            self._in_flight.exit()
