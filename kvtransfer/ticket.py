@@ -21,6 +21,8 @@ class Ticket:
     num_tokens: the first num_tokens prompt tokens, whose KV fills num_blocks blocks.
     lease_expiry_unix_ms: wall-clock time after which the receiver gives the hold up unless it was
     committed; the sender gives up a grace period later (TransportConfig.sender_grace_s).
+    traceparent: the W3C trace context of the request the hold is for ("" when none), so the
+    spans of the transfer join the request's trace on both sides (kvtransfer itself ignores it).
     """
 
     ticket_id: TicketId
@@ -28,6 +30,7 @@ class Ticket:
     num_tokens: int
     num_blocks: int
     lease_expiry_unix_ms: int
+    traceparent: str = ""
 
     @property
     def host(self) -> str:

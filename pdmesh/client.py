@@ -43,6 +43,8 @@ class Usage:
     decode_ms: float
     e2e_ms: float
     transfer_bytes: int
+    schedule_ms: float = 0.0  # arrival until the prompt went to the worker computing it
+    transfer_overlap_ms: float = 0.0  # KV transfer hidden behind prefill compute
 
     @property
     def tpot_ms(self) -> float:

@@ -35,12 +35,15 @@ from pdmesh.supervisor import ChildSpec, RestartPolicy, Supervisor
 # What a service needs beyond its drain grace to stop: the engine, the KV transport, its channels.
 _STOP_MARGIN_S = 15.0
 _KV_PORT_OFFSET = 100
+_METRICS_PORT_OFFSET = 200  # each process's Prometheus /metrics: port + 200 + n (the scheduler's n is 0)
 _PORT_FIX = "Stop whatever listens there (`ss -ltnp` names it) or give `pdmesh up --port N` free ports"
 
 
 @dataclass(frozen=True)
 class MeshSpec:
-    port: int = 50051  # the scheduler's; workers take the next ones, their KV listeners port + 100 + n
+    # The scheduler's; workers take the next ones, their KV listeners port + 100 + n, every
+    # process's /metrics port + 200 + n.
+    port: int = 50051
     prefill: int = 1
     decode: int = 1
     model: str = "smollm2"
@@ -71,18 +74,21 @@ class MeshSpec:
         """Every process, scheduler first."""
         exe = (sys.executable, "-m", "pdmesh", "serve")
         common = ("--host", self.host, "--model", self.model, "--shutdown-grace-s", str(self.grace_s))
-        specs = [ChildSpec("scheduler", (*exe, "scheduler", "--port", str(self.port), *common), self.env)]
+        # /metrics listens where the gRPC servers do (loopback unless --host says otherwise).
+        base_env = (*self.env, ("PDMESH_TELEMETRY_METRICS_HOST", self.host))
+        scheduler = (*exe, "scheduler", "--port", str(self.port), *common, *self._metrics_flag(0))
+        specs = [ChildSpec("scheduler", scheduler, base_env)]
         gpus = _gpu_count() if self.device == "cuda" else 0
         for role, i, n in self.workers:
             worker_id = f"{role}-{i}"
             argv = (
                 *exe, role, *common, "--port", str(self.port + n), "--kv-port", str(self.port + _KV_PORT_OFFSET + n),
                 "--advertise-host", self.reach_host, "--scheduler", f"{self.reach_host}:{self.port}",
-                "--device", self.device, "--worker-id", worker_id, *self.extra_worker_args,
+                "--device", self.device, "--worker-id", worker_id, *self._metrics_flag(n), *self.extra_worker_args,
             )  # fmt: skip
             if self.threads:
                 argv += ("--threads", str(self.threads))
-            env = self.env
+            env = base_env
             if gpus:
                 # Decode workers from GPU 0 up, prefill workers from the last GPU down.
                 gpu = i % gpus if role == "decode" else (gpus - 1 - i % gpus)
@@ -97,7 +103,16 @@ class MeshSpec:
             claims.append(PortClaim(self.port + n, self.host, f"{worker_id}'s gRPC port"))
             # ucxx cannot bind its listener to one address: it takes the port on every interface.
             claims.append(PortClaim(self.port + _KV_PORT_OFFSET + n, "0.0.0.0", f"{worker_id}'s KV (UCX) port"))
+        for name, n in self.metrics_ports():
+            claims.append(PortClaim(self.port + _METRICS_PORT_OFFSET + n, self.host, f"{name}'s /metrics port"))
         return claims
+
+    def metrics_ports(self) -> list[tuple[str, int]]:
+        """(process name, port offset) of every /metrics endpoint; its port is port + 200 + offset."""
+        return [("scheduler", 0), *((f"{role}-{i}", n) for role, i, n in self.workers)]
+
+    def _metrics_flag(self, n: int) -> tuple[str, ...]:
+        return ("--metrics-port", str(self.port + _METRICS_PORT_OFFSET + n))
 
 
 def _gpu_count() -> int:
@@ -266,6 +281,8 @@ def _print_banner(mesh: Mesh) -> None:
         print(f"listening on every interface (--host {spec.host}): anyone who reaches this machine can use it")
     else:
         print(f"listening on {spec.host} only; --host 0.0.0.0 opens the mesh to the network")
+    first, last = spec.port + _METRICS_PORT_OFFSET, spec.port + _METRICS_PORT_OFFSET + len(spec.workers)
+    print(f"metrics: http://{spec.reach_host}:{first}/metrics (scheduler) to :{last} (one port per process)")
     print(f'try:  pdmesh generate --target {mesh.target} --chat "What is the capital of France?"\n', flush=True)
 
 

@@ -131,7 +131,7 @@ class TokenChunk(_message.Message):
     def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[float]] = ..., text: _Optional[str] = ..., finish: _Optional[_Union[Finish, _Mapping]] = ...) -> None: ...
 
 class Usage(_message.Message):
-    __slots__ = ("prompt_tokens", "completion_tokens", "cached_prompt_tokens", "queue_ms", "prefill_ms", "transfer_ms", "ttft_ms", "decode_ms", "e2e_ms", "transfer_bytes", "computed_prompt_tokens", "worker_cached_prompt_tokens", "store_cached_prompt_tokens", "transferred_prompt_tokens")
+    __slots__ = ("prompt_tokens", "completion_tokens", "cached_prompt_tokens", "queue_ms", "prefill_ms", "transfer_ms", "ttft_ms", "decode_ms", "e2e_ms", "transfer_bytes", "computed_prompt_tokens", "worker_cached_prompt_tokens", "store_cached_prompt_tokens", "transferred_prompt_tokens", "schedule_ms", "transfer_overlap_ms")
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
     CACHED_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -146,6 +146,8 @@ class Usage(_message.Message):
     WORKER_CACHED_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     STORE_CACHED_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TRANSFERRED_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SCHEDULE_MS_FIELD_NUMBER: _ClassVar[int]
+    TRANSFER_OVERLAP_MS_FIELD_NUMBER: _ClassVar[int]
     prompt_tokens: int
     completion_tokens: int
     cached_prompt_tokens: int
@@ -160,21 +162,25 @@ class Usage(_message.Message):
     worker_cached_prompt_tokens: int
     store_cached_prompt_tokens: int
     transferred_prompt_tokens: int
-    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., cached_prompt_tokens: _Optional[int] = ..., queue_ms: _Optional[float] = ..., prefill_ms: _Optional[float] = ..., transfer_ms: _Optional[float] = ..., ttft_ms: _Optional[float] = ..., decode_ms: _Optional[float] = ..., e2e_ms: _Optional[float] = ..., transfer_bytes: _Optional[int] = ..., computed_prompt_tokens: _Optional[int] = ..., worker_cached_prompt_tokens: _Optional[int] = ..., store_cached_prompt_tokens: _Optional[int] = ..., transferred_prompt_tokens: _Optional[int] = ...) -> None: ...
+    schedule_ms: float
+    transfer_overlap_ms: float
+    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., cached_prompt_tokens: _Optional[int] = ..., queue_ms: _Optional[float] = ..., prefill_ms: _Optional[float] = ..., transfer_ms: _Optional[float] = ..., ttft_ms: _Optional[float] = ..., decode_ms: _Optional[float] = ..., e2e_ms: _Optional[float] = ..., transfer_bytes: _Optional[int] = ..., computed_prompt_tokens: _Optional[int] = ..., worker_cached_prompt_tokens: _Optional[int] = ..., store_cached_prompt_tokens: _Optional[int] = ..., transferred_prompt_tokens: _Optional[int] = ..., schedule_ms: _Optional[float] = ..., transfer_overlap_ms: _Optional[float] = ...) -> None: ...
 
 class KVTicket(_message.Message):
-    __slots__ = ("ticket_id", "kv_transfer_address", "num_tokens", "num_blocks", "lease_expiry_unix_ms")
+    __slots__ = ("ticket_id", "kv_transfer_address", "num_tokens", "num_blocks", "lease_expiry_unix_ms", "traceparent")
     TICKET_ID_FIELD_NUMBER: _ClassVar[int]
     KV_TRANSFER_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
     NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     LEASE_EXPIRY_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    TRACEPARENT_FIELD_NUMBER: _ClassVar[int]
     ticket_id: str
     kv_transfer_address: str
     num_tokens: int
     num_blocks: int
     lease_expiry_unix_ms: int
-    def __init__(self, ticket_id: _Optional[str] = ..., kv_transfer_address: _Optional[str] = ..., num_tokens: _Optional[int] = ..., num_blocks: _Optional[int] = ..., lease_expiry_unix_ms: _Optional[int] = ...) -> None: ...
+    traceparent: str
+    def __init__(self, ticket_id: _Optional[str] = ..., kv_transfer_address: _Optional[str] = ..., num_tokens: _Optional[int] = ..., num_blocks: _Optional[int] = ..., lease_expiry_unix_ms: _Optional[int] = ..., traceparent: _Optional[str] = ...) -> None: ...
 
 class KVLayout(_message.Message):
     __slots__ = ("model_fingerprint", "dtype", "block_size_tokens", "num_layers", "num_kv_heads", "head_dim", "layout_version")

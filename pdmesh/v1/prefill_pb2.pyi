@@ -20,7 +20,7 @@ class PrefillRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., ticket: _Optional[_Union[_common_pb2.KVTicket, _Mapping]] = ...) -> None: ...
 
 class PrefillResponse(_message.Message):
-    __slots__ = ("chunk", "cached_prompt_tokens", "queue_ms", "prefill_ms", "transfer_bytes", "transfer_ms", "store_cached_prompt_tokens")
+    __slots__ = ("chunk", "cached_prompt_tokens", "queue_ms", "prefill_ms", "transfer_bytes", "transfer_ms", "store_cached_prompt_tokens", "transfer_overlap_ms")
     CHUNK_FIELD_NUMBER: _ClassVar[int]
     CACHED_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     QUEUE_MS_FIELD_NUMBER: _ClassVar[int]
@@ -28,6 +28,7 @@ class PrefillResponse(_message.Message):
     TRANSFER_BYTES_FIELD_NUMBER: _ClassVar[int]
     TRANSFER_MS_FIELD_NUMBER: _ClassVar[int]
     STORE_CACHED_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TRANSFER_OVERLAP_MS_FIELD_NUMBER: _ClassVar[int]
     chunk: _common_pb2.TokenChunk
     cached_prompt_tokens: int
     queue_ms: float
@@ -35,4 +36,5 @@ class PrefillResponse(_message.Message):
     transfer_bytes: int
     transfer_ms: float
     store_cached_prompt_tokens: int
-    def __init__(self, chunk: _Optional[_Union[_common_pb2.TokenChunk, _Mapping]] = ..., cached_prompt_tokens: _Optional[int] = ..., queue_ms: _Optional[float] = ..., prefill_ms: _Optional[float] = ..., transfer_bytes: _Optional[int] = ..., transfer_ms: _Optional[float] = ..., store_cached_prompt_tokens: _Optional[int] = ...) -> None: ...
+    transfer_overlap_ms: float
+    def __init__(self, chunk: _Optional[_Union[_common_pb2.TokenChunk, _Mapping]] = ..., cached_prompt_tokens: _Optional[int] = ..., queue_ms: _Optional[float] = ..., prefill_ms: _Optional[float] = ..., transfer_bytes: _Optional[int] = ..., transfer_ms: _Optional[float] = ..., store_cached_prompt_tokens: _Optional[int] = ..., transfer_overlap_ms: _Optional[float] = ...) -> None: ...

@@ -7,33 +7,55 @@ computes the prompt here, and streams the engine's outputs back.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
 from collections.abc import AsyncIterator
 
 import grpc
+import structlog
 
 from engine.async_engine import AsyncEngine
-from engine.request import FinishReason
+from engine.request import FinishReason, RequestOutput
 from pdmesh.v1 import decode_pb2, decode_pb2_grpc
 from services.decode.reservations import Reservations, import_failure
+from services.logging import request_context
+from services.telemetry.spans import traceparent
 from services.worker.convert import chunk_from_output, sampling_from_pb, ticket_to_pb, usage_of
+from services.worker.telemetry import DecodeTimes, LandingClock, PrefillTimes, WorkerTelemetry
+
+log = structlog.get_logger(__name__)
 
 
 class DecodeServicer(decode_pb2_grpc.DecodeServicer):
-    def __init__(self, engine: AsyncEngine, reservations: Reservations, worker_id: str) -> None:
+    def __init__(
+        self, engine: AsyncEngine, reservations: Reservations, worker_id: str, telemetry: WorkerTelemetry
+    ) -> None:
         self.engine = engine
         self.reservations = reservations
         self.worker_id = worker_id
+        self.telemetry = telemetry
 
     async def Reserve(  # noqa: N802 (gRPC method name)
         self, request: decode_pb2.ReserveRequest, context: grpc.aio.ServicerContext
     ) -> decode_pb2.ReserveResponse:
-        ticket = await self.reservations.reserve(request.request_id, request.num_tokens, request.lease_ms)
+        with request_context(request.request_id):
+            ticket = await self.reservations.reserve(request.request_id, request.num_tokens, request.lease_ms)
+        # The KV hop carries the request's trace context, for the transfer's spans on both sides.
+        ticket = dataclasses.replace(ticket, traceparent=traceparent())
+        self.telemetry.expecting(ticket)
+        log.debug("reserved", ticket_id=ticket.ticket_id, blocks=ticket.num_blocks, request_id=request.request_id)
         return decode_pb2.ReserveResponse(ticket=ticket_to_pb(ticket))
 
     async def Generate(  # noqa: N802
         self, request: decode_pb2.DecodeGenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[decode_pb2.DecodeGenerateResponse]:
+        with request_context(request.request_id):
+            async for response in self._generate(request):
+                yield response
+
+    async def _generate(
+        self, request: decode_pb2.DecodeGenerateRequest
     ) -> AsyncIterator[decode_pb2.DecodeGenerateResponse]:
         prompt, prior = list(request.prompt_token_ids), list(request.output_token_ids)
         params = sampling_from_pb(request.sampling)
@@ -42,14 +64,31 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         else:
             engine_id, imported = f"{self.worker_id}/{request.request_id}/local-{uuid.uuid4().hex[:8]}", None
         start = time.monotonic()
+        landing = LandingClock(imported.future) if imported is not None else None
+        first: float | None = None
+        num_tokens = 0
         stream = self.engine.generate(engine_id, prompt, params, prior_output_ids=prior, kv_import=imported)
         async for out in stream:
             if out.finish_reason is FinishReason.ERROR:
                 raise import_failure(imported, out.error)
+            now = time.monotonic()
+            first = now if first is None and out.new_token_ids else first
+            num_tokens += len(out.new_token_ids)
             response = decode_pb2.DecodeGenerateResponse(chunk=chunk_from_output(out))
             if out.finished:
-                response.usage.CopyFrom(usage_of(out, decode_s=time.monotonic() - start))
+                times = DecodeTimes(start, landing.at if landing else None, first or now, now)
+                prefill_s = self._finished(times, out, num_tokens, request.request_id)
+                response.usage.CopyFrom(usage_of(out, decode_s=now - start, prefill_s=prefill_s))
             yield response
+
+    def _finished(self, times: DecodeTimes, out: RequestOutput, num_tokens: int, request_id: str) -> float | None:
+        """Record a finished stream; the prefill time when this worker computed the prompt."""
+        self.telemetry.decoded(times, num_tokens, request_id)
+        if times.kv_landed is not None:
+            return None
+        prefill = PrefillTimes(times.arrived, times.arrived + (out.queue_s or 0.0), times.first_token)
+        self.telemetry.prefilled(prefill, out.num_prompt_tokens, out.num_cached_tokens, request_id)
+        return prefill.first_token - prefill.computing
 
     async def Release(  # noqa: N802
         self, request: decode_pb2.ReleaseRequest, context: grpc.aio.ServicerContext

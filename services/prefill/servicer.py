@@ -19,18 +19,25 @@ from engine.sampling_params import SamplingParams
 from kvtransfer.sender import KVPush
 from kvtransfer.transport import KVTransport
 from pdmesh.v1 import prefill_pb2, prefill_pb2_grpc
+from services.logging import request_context
 from services.worker.convert import chunk_from_output, sampling_from_pb, ticket_from_pb
+from services.worker.telemetry import PrefillTimes, WorkerTelemetry
 
 
 class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
-    def __init__(self, engine: AsyncEngine, transport: KVTransport, worker_id: str) -> None:
+    def __init__(self, engine: AsyncEngine, transport: KVTransport, worker_id: str, telemetry: WorkerTelemetry) -> None:
         self.engine = engine
         self.transport = transport
         self.worker_id = worker_id
+        self.telemetry = telemetry
 
     async def Prefill(  # noqa: N802 (gRPC method name)
         self, request: prefill_pb2.PrefillRequest, context: grpc.aio.ServicerContext
     ) -> prefill_pb2.PrefillResponse:
+        with request_context(request.request_id):
+            return await self._prefill(request)
+
+    async def _prefill(self, request: prefill_pb2.PrefillRequest) -> prefill_pb2.PrefillResponse:
         prompt = list(request.prompt_token_ids)
         params = sampling_from_pb(request.sampling)
         push = self.transport.push(ticket_from_pb(request.ticket))
@@ -43,13 +50,18 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         computed = time.monotonic()
         stats = await push  # raises TransferFailed if the receiver did not get every layer
         done = time.monotonic()
+        times = PrefillTimes(start, start + (first.queue_s or 0.0), computed)
+        self.telemetry.prefilled(times, first.num_prompt_tokens, first.num_cached_tokens, request.request_id)
+        self.telemetry.pushed(stats, computed, done, request.request_id)
+        exposed = done - computed  # the part of the push not hidden behind compute
         return prefill_pb2.PrefillResponse(
             chunk=chunk_from_output(first),  # finish set only when the generation ended at its first token
             cached_prompt_tokens=first.num_cached_tokens,
-            queue_ms=(first.queue_s or 0.0) * 1000,
-            prefill_ms=(computed - start - (first.queue_s or 0.0)) * 1000,
+            queue_ms=(times.computing - times.arrived) * 1000,
+            prefill_ms=(times.first_token - times.computing) * 1000,
             transfer_bytes=stats.bytes,
-            transfer_ms=(done - computed) * 1000,  # the part of the push not hidden behind compute
+            transfer_ms=exposed * 1000,
+            transfer_overlap_ms=max(0.0, stats.seconds - exposed) * 1000,
         )
 
     async def _first_token(

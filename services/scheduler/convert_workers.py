@@ -141,7 +141,7 @@ def prefill_to_pb(request: SchedulerRequest, ticket: TicketHandle) -> prefill_pb
 def prefilled_from_pb(pb: prefill_pb2.PrefillResponse) -> Prefilled:
     usage = Usage(
         cached_prompt_tokens=pb.cached_prompt_tokens, queue_ms=pb.queue_ms, prefill_ms=pb.prefill_ms,
-        transfer_ms=pb.transfer_ms, transfer_bytes=pb.transfer_bytes,
+        transfer_ms=pb.transfer_ms, transfer_overlap_ms=pb.transfer_overlap_ms, transfer_bytes=pb.transfer_bytes,
     )  # fmt: skip
     return Prefilled(chunk_from_pb(pb.chunk), usage)
 

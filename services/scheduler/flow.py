@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 
 import structlog
+from opentelemetry import trace
+from opentelemetry.trace import Span
 
-from pdmesh.enums import ExecutionPlan
+from pdmesh.enums import ExecutionPlan, WorkerRole
 from services.scheduler import capacity, worker_client
 from services.scheduler.errors import DownstreamFailed
 from services.scheduler.policy import Placement, Policy, RequestShape, place, replace_decode
@@ -37,6 +39,7 @@ from services.scheduler.request import (
 from services.scheduler.retry import Verdict, classify
 from services.scheduler.usage import UsageMeter
 from services.status import NoLiveWorker
+from services.telemetry.spans import Attr, SpanName, tracer
 
 log = structlog.get_logger(__name__)
 
@@ -64,6 +67,7 @@ class RequestFlow:
         self.waiting = False  # for KV blocks (the scheduler's queue)
         self._ticket: tuple[Worker, TicketHandle] | None = None  # reserved and not yet committed
         self._held: list[Worker] = []
+        self._schedule_span: Span | None = None  # pdmesh.schedule, open until the prompt is sent
 
     async def run(self) -> AsyncIterator[Response]:
         try:
@@ -78,6 +82,7 @@ class RequestFlow:
             async for response in self._stream(placement.decode):
                 yield response
         finally:
+            self._scheduled()
             await self._release_ticket()
             for worker in self._held:
                 worker.assigned -= 1
@@ -85,11 +90,25 @@ class RequestFlow:
     # -- placement and the hand-off ---------------------------------------------------------------
 
     def _place(self, exclude: tuple[Worker, ...]) -> Placement:
-        placement = place(self.policy, self.registry, self.shape, exclude)
+        with self._scheduling() as span:
+            placement = place(self.policy, self.registry, self.shape, exclude)
+            if span.is_recording():
+                self._describe(span, placement, exclude)
         self.report.plan = placement.plan
         self.report.decode_worker_id = placement.decode.worker_id
         self.report.prefill_worker_id = placement.prefill.worker_id if placement.prefill else ""
+        log.debug("placed", plan=placement.plan.value, decode=self.report.decode_worker_id,
+                  prefill=self.report.prefill_worker_id)  # fmt: skip
         return placement
+
+    def _describe(self, span: Span, placement: Placement, exclude: tuple[Worker, ...]) -> None:
+        live = [*self.registry.live(WorkerRole.PREFILL, exclude), *self.registry.live(WorkerRole.DECODE, exclude)]
+        span.set_attributes({
+            Attr.PLAN: placement.plan.value, Attr.DECODE_WORKER: placement.decode.worker_id,
+            Attr.PREFILL_WORKER: placement.prefill.worker_id if placement.prefill else "",
+            Attr.CANDIDATES: [w.worker_id for w in live],
+            Attr.CACHED_TOKENS: self.shape.prompt_tokens - self.shape.uncached_tokens(placement.decode),
+        })  # fmt: skip
 
     async def _hand_off(self, placement: Placement) -> tuple[Placement, Prefilled | None]:
         """Prefill on a prefill worker, placing again after each failure; None: the decode worker
@@ -107,10 +126,12 @@ class RequestFlow:
 
     async def _prefill(self, placement: Placement) -> tuple[Placement, Prefilled]:
         """Reserve on a decode worker, then prefill + push; the ticket stays open on success."""
-        placement, ticket = await capacity.reserve(
-            self.registry, self.request, placement, self.settings.lease_ms, self.settings.queue_timeout_s,
-            self.deadline, self._waiting,
-        )  # fmt: skip
+        with self._scheduling():
+            placement, ticket = await capacity.reserve(
+                self.registry, self.request, placement, self.settings.lease_ms, self.settings.queue_timeout_s,
+                self.deadline, self._waiting,
+            )  # fmt: skip
+        self._scheduled()
         self.report.decode_worker_id = placement.decode.worker_id
         assert placement.prefill is not None
         self._ticket = (placement.decode, ticket)
@@ -139,6 +160,7 @@ class RequestFlow:
     async def _stream(self, worker: Worker) -> AsyncIterator[Response]:
         ticket = self._ticket[1] if self._ticket is not None else None
         self._ticket = None  # Generate commits it: the decode worker owns it from here
+        self._scheduled()  # a local prefill: the prompt goes to the decode worker now
         failovers = 0
         while True:
             self._hold(worker)
@@ -174,6 +196,22 @@ class RequestFlow:
                 yield self._response(decoded.chunk, final=decoded.usage is not None)
 
     # -- bookkeeping ------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _scheduling(self) -> Iterator[Span]:
+        """Inside the request's pdmesh.schedule span (opened by the first placement, or again by a
+        placement after a failed attempt), so the reservation's call is its child."""
+        if self._schedule_span is None:
+            self._schedule_span = tracer().start_span(SpanName.SCHEDULE.value)
+        with trace.use_span(self._schedule_span, end_on_exit=False):
+            yield self._schedule_span
+
+    def _scheduled(self) -> None:
+        """The prompt goes to the worker that computes it: scheduling is over."""
+        if self._schedule_span is not None:
+            self._schedule_span.end()
+            self._schedule_span = None
+            self.meter.prompt_sent()
 
     def _waiting(self, waiting: bool) -> None:
         self.waiting = waiting

@@ -97,6 +97,8 @@ class Usage:
     decode_ms: float = 0.0
     e2e_ms: float = 0.0
     transfer_bytes: int = 0
+    schedule_ms: float = 0.0  # arrival until the prompt went to the worker computing it
+    transfer_overlap_ms: float = 0.0  # KV transfer hidden behind prefill compute
 
 
 @dataclass(frozen=True)
@@ -104,7 +106,7 @@ class Prefilled:
     """A prefill worker's answer: the first token, and what computing and pushing it cost."""
 
     chunk: TokenChunk
-    usage: Usage  # cached_prompt_tokens, queue_ms, prefill_ms, transfer_ms, transfer_bytes
+    usage: Usage  # cached_prompt_tokens, queue_ms, prefill_ms, transfer_ms, transfer_overlap_ms, transfer_bytes
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from services.bootstrap import ServicerBinding, serve
 from services.scheduler.policy import make_policy
 from services.scheduler.registry import Registry
 from services.scheduler.servicer import RegistryServicer, SchedulerServicer
+from services.telemetry.metrics import MetricsEndpoint
 
 log = structlog.get_logger(__name__)
 
@@ -19,9 +20,11 @@ async def serve_scheduler(config: SchedulerConfig) -> None:
     tokenizer = Tokenizer.from_model(config.model)
     registry = Registry(config.stale_after_ms / 1000, config.channel)
     policy = make_policy(config.policy, config.local_prefill_max_tokens)
+    scheduler = SchedulerServicer(config, tokenizer, registry, policy)
+    metrics = MetricsEndpoint.start(scheduler.metrics.registry, config.telemetry)
     bindings = [
         ServicerBinding(
-            SchedulerServicer(config, tokenizer, registry, policy),
+            scheduler,
             scheduler_pb2_grpc.add_SchedulerServicer_to_server,
             scheduler_pb2.DESCRIPTOR.services_by_name["Scheduler"],
         ),
@@ -32,4 +35,10 @@ async def serve_scheduler(config: SchedulerConfig) -> None:
         ),
     ]
     log.info("scheduler starting", model=config.model, policy=config.policy.value)
-    await serve(bindings, config.server, on_shutdown=registry.close)
+
+    async def on_shutdown() -> None:
+        await registry.close()
+        if metrics is not None:
+            metrics.close()
+
+    await serve(bindings, config.server, on_shutdown=on_shutdown)

@@ -23,6 +23,7 @@ from services.scheduler.flow import FlowSettings, RequestFlow
 from services.scheduler.policy import Policy
 from services.scheduler.registry import Registry
 from services.scheduler.request import Deadline, SchedulerRequest
+from services.scheduler.telemetry import RequestWatch, SchedulerMetrics
 from services.status import ModelNotFound, NoCapacity
 
 
@@ -34,24 +35,28 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         self.policy = policy
         self.settings = FlowSettings(config.lease_ms, config.max_attempts, config.queue_timeout_ms / 1000)
         self.flows: set[RequestFlow] = set()
+        self.metrics = SchedulerMetrics(config.model, self._num_running, self._num_waiting)
 
     async def Generate(  # noqa: N802 (gRPC method name)
         self, request: scheduler_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[scheduler_pb2.GenerateResponse]:
-        if request.model and request.model != self.config.model:
-            raise ModelNotFound(
-                "model", f"{request.model!r} is not served here", f"use {self.config.model!r} or leave it empty"
-            )
-        accepted = convert.request_from_pb(request, self.tokenizer)
-        self._check_fits(accepted)
-        deadline = Deadline.after(context.time_remaining())
-        flow = RequestFlow(accepted, self.registry, self.policy, self.settings, deadline)
-        self.flows.add(flow)
-        try:
-            async for response in flow.run():
-                yield convert.response_to_pb(response)
-        finally:
-            self.flows.discard(flow)
+        with RequestWatch(self.metrics, context.invocation_metadata()) as watch:
+            if request.model and request.model != self.config.model:
+                raise ModelNotFound(
+                    "model", f"{request.model!r} is not served here", f"use {self.config.model!r} or leave it empty"
+                )
+            accepted = convert.request_from_pb(request, self.tokenizer)
+            watch.accepted(accepted)
+            self._check_fits(accepted)
+            deadline = Deadline.after(context.time_remaining())
+            flow = RequestFlow(accepted, self.registry, self.policy, self.settings, deadline)
+            self.flows.add(flow)
+            try:
+                async for response in flow.run():
+                    watch.sent(response)
+                    yield convert.response_to_pb(response)
+            finally:
+                self.flows.discard(flow)
 
     async def ListModels(  # noqa: N802
         self, request: scheduler_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
@@ -69,13 +74,18 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         registry = self.registry
         workers = sorted(registry.workers.values(), key=lambda w: w.worker_id)
         stores = sorted(registry.stores.values(), key=lambda s: s.store_id)
-        queued = sum(f.waiting for f in self.flows)
         return scheduler_pb2.GetClusterStateResponse(
             time_unix_ms=int(time.time() * 1000), policy=self.policy.name.value,
-            num_queued_requests=queued, num_running_requests=len(self.flows) - queued,
+            num_queued_requests=self._num_waiting(), num_running_requests=self._num_running(),
             workers=[convert.worker_state_to_pb(w, self.registry.health(w)) for w in workers],
             kv_stores=[convert.store_state_to_pb(s, registry) for s in stores],
         )  # fmt: skip
+
+    def _num_waiting(self) -> int:
+        return sum(f.waiting for f in self.flows)
+
+    def _num_running(self) -> int:
+        return len(self.flows) - self._num_waiting()
 
     def _check_fits(self, request: SchedulerRequest) -> None:
         """Refuse at once what no decode worker could ever hold, instead of queueing it forever."""

@@ -13,8 +13,14 @@ from services.scheduler.request import Usage
 @dataclass
 class UsageMeter:
     start: float = field(default_factory=time.monotonic)
+    scheduled: float | None = None  # when the prompt went to the worker that computes it
     first_token: float | None = None  # when the first token went to the client
     reported: Usage = Usage()  # the workers' figures: cache, queue, prefill, transfer, decode
+
+    def prompt_sent(self) -> None:
+        """The prompt is going to the worker that computes it now: scheduling ends here (the
+        last time, when a failed attempt is placed again)."""
+        self.scheduled = time.monotonic()
 
     def token_sent(self) -> None:
         if self.first_token is None:
@@ -26,13 +32,14 @@ class UsageMeter:
 
     def decoded(self, usage: Usage, local_prefill: bool) -> None:
         """A decode worker's last figures: its decode time, its cache hits unless a prefill worker
-        reported some, and its queue time when it prefilled the request itself."""
+        reported some, and its queue and prefill times when it prefilled the request itself."""
         r = self.reported
         self.reported = dataclasses.replace(
             r,
             decode_ms=usage.decode_ms,
             cached_prompt_tokens=r.cached_prompt_tokens or usage.cached_prompt_tokens,
             queue_ms=(r.queue_ms or usage.queue_ms) if local_prefill else r.queue_ms,
+            prefill_ms=(r.prefill_ms or usage.prefill_ms) if local_prefill else r.prefill_ms,
         )
 
     def usage(self, prompt_tokens: int, completion_tokens: int) -> Usage:
@@ -42,5 +49,6 @@ class UsageMeter:
             prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens,
             ttft_ms=((self.first_token or now) - self.start) * 1000,
+            schedule_ms=((self.scheduled or self.first_token or now) - self.start) * 1000,
             e2e_ms=(now - self.start) * 1000,
         )

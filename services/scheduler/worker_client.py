@@ -26,17 +26,13 @@ _RELEASE_TIMEOUT_S = 5.0
 _releases: set[asyncio.Task[None]] = set()  # Release calls in flight, kept from the garbage collector
 
 
-async def reserve(
-    worker: Worker, request: SchedulerRequest, lease_ms: int, timeout: float | None
-) -> TicketHandle:
+async def reserve(worker: Worker, request: SchedulerRequest, lease_ms: int, timeout: float | None) -> TicketHandle:
     stub = decode_pb2_grpc.DecodeStub(worker.channel)
     reply = await _unary(worker, Phase.RESERVE, stub.Reserve(convert.reserve_to_pb(request, lease_ms), timeout=timeout))
     return convert.ticket_from_pb(reply)
 
 
-async def prefill(
-    worker: Worker, request: SchedulerRequest, ticket: TicketHandle, timeout: float | None
-) -> Prefilled:
+async def prefill(worker: Worker, request: SchedulerRequest, ticket: TicketHandle, timeout: float | None) -> Prefilled:
     stub = prefill_pb2_grpc.PrefillStub(worker.channel)
     reply = await _unary(worker, Phase.PREFILL, stub.Prefill(convert.prefill_to_pb(request, ticket), timeout=timeout))
     return convert.prefilled_from_pb(reply)
@@ -51,18 +47,22 @@ async def generate(
     stub = decode_pb2_grpc.DecodeStub(worker.channel)
     call = stub.Generate(convert.decode_to_pb(request, outputs, ticket), timeout=timeout)
     phase = Phase.COMMIT if ticket is not None else Phase.DECODE
+    finished = False
     try:
         async for pb in call:
             phase = Phase.DECODE
             decoded = convert.decoded_from_pb(pb)
+            finished = finished or decoded.usage is not None
             yield decoded
-            if decoded.usage is not None:
-                return
+        # Read on to the stream's end after the last chunk: it follows at once, and the call's
+        # trace span ends only there.
     except grpc.aio.AioRpcError as e:
-        raise DownstreamFailed(worker, e.code(), e.details() or "", phase) from None
+        if not finished:
+            raise DownstreamFailed(worker, e.code(), e.details() or "", phase) from None
     finally:
         call.cancel()  # leaving early (client gone): the worker aborts the request
-    raise DownstreamFailed(worker, grpc.StatusCode.UNAVAILABLE, "the decode stream ended without a finish", phase)
+    if not finished:
+        raise DownstreamFailed(worker, grpc.StatusCode.UNAVAILABLE, "the decode stream ended without a finish", phase)
 
 
 async def release(worker: Worker, ticket_id: str) -> None:

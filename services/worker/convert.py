@@ -55,6 +55,7 @@ def ticket_to_pb(ticket: Ticket) -> common_pb2.KVTicket:
         num_tokens=ticket.num_tokens,
         num_blocks=ticket.num_blocks,
         lease_expiry_unix_ms=ticket.lease_expiry_unix_ms,
+        traceparent=ticket.traceparent,
     )
 
 
@@ -65,6 +66,7 @@ def ticket_from_pb(pb: common_pb2.KVTicket) -> Ticket:
         num_tokens=pb.num_tokens,
         num_blocks=pb.num_blocks,
         lease_expiry_unix_ms=pb.lease_expiry_unix_ms,
+        traceparent=pb.traceparent,
     )
 
 

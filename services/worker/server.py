@@ -21,9 +21,11 @@ from services.bootstrap import Server, ServicerBinding, serve
 from services.decode.reservations import Reservations
 from services.decode.servicer import DecodeServicer
 from services.prefill.servicer import PrefillServicer
+from services.telemetry.metrics import MetricsEndpoint
 from services.worker.config import WorkerConfig
 from services.worker.convert import load_report_to_pb, worker_info_to_pb
 from services.worker.registry_client import Reporter
+from services.worker.telemetry import WorkerTelemetry
 
 log = structlog.get_logger(__name__)
 
@@ -34,18 +36,21 @@ async def serve_worker(config: WorkerConfig) -> None:
     engine = await asyncio.to_thread(Engine.from_config, engine_config)
     async_engine = AsyncEngine(engine)
     receiving = config.role is WorkerRole.DECODE
-    transport = KVTransport(engine.kv_layout, config.transport(), engine.kv_caches if receiving else None)
+    kv_config = config.transport()
+    telemetry = WorkerTelemetry(config.id, kv_config.ucx_tls or "ucx default", engine.kv_layout.num_layers)
+    metrics = MetricsEndpoint.start(telemetry.registry, config.telemetry)
+    transport = KVTransport(engine.kv_layout, kv_config, engine.kv_caches if receiving else None, telemetry)
     await asyncio.to_thread(transport.start)
     reservations = Reservations(async_engine, transport, config.id, config.lease_ms) if receiving else None
     if reservations is not None:
         binding = ServicerBinding(
-            DecodeServicer(async_engine, reservations, config.id),
+            DecodeServicer(async_engine, reservations, config.id, telemetry),
             decode_pb2_grpc.add_DecodeServicer_to_server,
             decode_pb2.DESCRIPTOR.services_by_name["Decode"],
         )
     else:
         binding = ServicerBinding(
-            PrefillServicer(async_engine, transport, config.id),
+            PrefillServicer(async_engine, transport, config.id, telemetry),
             prefill_pb2_grpc.add_PrefillServicer_to_server,
             prefill_pb2.DESCRIPTOR.services_by_name["Prefill"],
         )
@@ -54,6 +59,7 @@ async def serve_worker(config: WorkerConfig) -> None:
     async def load(snapshot: bool) -> worker_pb2.ReportLoadRequest:
         stats, events = await async_engine.call(lambda e: (e.stats(), e.pool.take_events(snapshot)))
         reserved = len(reservations) if reservations is not None else 0
+        telemetry.load(stats)
         return load_report_to_pb(stats, events, reserved, transport.num_in_flight)
 
     async def on_ready(server: Server) -> None:
@@ -75,5 +81,7 @@ async def serve_worker(config: WorkerConfig) -> None:
             await reservations.close()
         async_engine.shutdown()
         await asyncio.to_thread(transport.close)
+        if metrics is not None:
+            metrics.close()
 
     await serve([binding], config.server, on_ready=on_ready, on_drain=on_drain, on_shutdown=on_shutdown)
