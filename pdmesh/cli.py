@@ -214,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--ttft-ms", type=float, default=None)
     gen.add_argument("--tpot-ms", type=float, default=None)
     gen.add_argument("--json", action="store_true", help="print one JSON object with text, tokens and timings")
+    gen.add_argument("--explain", action="store_true", help="show where the time to first token went")
     gen.set_defaults(func=_generate)
 
     demo = sub.add_parser("demo", help="run the engine in this process and stream one chat answer")

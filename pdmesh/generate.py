@@ -10,6 +10,7 @@ import sys
 import grpc
 
 from pdmesh.client import AsyncClient, Chunk, Completion, PromptInput
+from pdmesh.explain import waterfall
 
 
 async def run_generate(args: argparse.Namespace) -> int:
@@ -34,7 +35,9 @@ async def run_generate(args: argparse.Namespace) -> int:
         print(json.dumps(dataclasses.asdict(done), default=lambda o: getattr(o, "name", str(o))))
     else:
         print()
-        if done.usage is not None:
+        if done.usage is not None and args.explain:
+            print("\n".join(waterfall(done.usage, done.placement)), file=sys.stderr)
+        elif done.usage is not None:
             u = done.usage
             print(f"[{u.completion_tokens} tokens, TTFT {u.ttft_ms:.0f} ms, e2e {u.e2e_ms:.0f} ms]", file=sys.stderr)
     return 0
