@@ -135,6 +135,7 @@ def worker_state_to_pb(worker: Worker, health: WorkerHealth) -> scheduler_pb2.Wo
     return state
 
 
+
 def store_state_to_pb(store: Store, registry: Registry) -> scheduler_pb2.KVStoreState:
     state = scheduler_pb2.KVStoreState(
         info=store_info_to_pb(store.info),

@@ -40,3 +40,4 @@ class DownstreamFailed(Exception):
         if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED):
             return NoLiveWorker("workers", details, "retry; the mesh moves requests off failed workers")
         return ServiceError("worker", details, "see the worker's log")
+
