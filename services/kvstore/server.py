@@ -14,15 +14,20 @@ from services.kvstore.config import KVStoreConfig
 from services.kvstore.registry_client import StoreReporter
 from services.kvstore.servicer import KVStoreServicer
 from services.kvstore.store import BlockStore
+from services.kvstore.telemetry import StoreMetrics
 from services.kvstore.transfers import StoreTransfers
+from services.telemetry.metrics import MetricsEndpoint
 
 log = structlog.get_logger(__name__)
+_METRICS_REFRESH_S = 1.0  # how fresh the /metrics figures are
 
 
 async def serve_kvstore(config: KVStoreConfig) -> None:
     store = BlockStore(config.tiers())
     await asyncio.to_thread(store.restore)
-    transport = KVTransport(None, config.transport())
+    metrics = StoreMetrics()
+    endpoint = MetricsEndpoint.start(metrics.registry, config.telemetry)
+    transport = KVTransport(None, config.transport(), observer=metrics.transfers)
     await asyncio.to_thread(transport.start)
     transfers = StoreTransfers(store, transport, config.offer_lease_ms / 1000)
     binding = ServicerBinding(
@@ -31,6 +36,13 @@ async def serve_kvstore(config: KVStoreConfig) -> None:
         kvstore_pb2.DESCRIPTOR.services_by_name["KVStore"],
     )
     reporter: StoreReporter | None = None
+
+    async def refresh_metrics() -> None:
+        while True:
+            metrics.refresh(store.status())
+            await asyncio.sleep(_METRICS_REFRESH_S)
+
+    refreshing = asyncio.get_running_loop().create_task(refresh_metrics())
 
     async def on_ready(server: Server) -> None:
         nonlocal reporter
@@ -49,6 +61,9 @@ async def serve_kvstore(config: KVStoreConfig) -> None:
             reporter.start()
 
     async def on_shutdown() -> None:
+        refreshing.cancel()
+        if endpoint is not None:
+            endpoint.close()
         if reporter is not None:
             await reporter.stop()
         await transfers.close()

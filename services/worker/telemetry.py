@@ -23,8 +23,9 @@ from engine.engine import EngineStats
 from kvtransfer.errors import TransferFailed
 from kvtransfer.telemetry import Direction, TransferStats
 from kvtransfer.ticket import Ticket
-from services.telemetry.metrics import REQUEST_BUCKETS, TRANSFER_BUCKETS, counter, gauge, histogram
+from services.telemetry.metrics import REQUEST_BUCKETS, counter, gauge, histogram
 from services.telemetry.spans import Attr, Attributes, SpanName, context_of, record
+from services.telemetry.transfers import TransferMetrics
 
 log = structlog.get_logger(__name__)
 _EXPECTED_MEMORY = 4096  # tickets whose trace context is kept until their transfer ends
@@ -65,14 +66,7 @@ class WorkerTelemetry:
         self.cache_hits = counter(r, "prefix_cache_hits", "Prompt tokens found in the prefix cache")
         self.queue_time = histogram(r, "request_queue_time_seconds", "Time in the engine's queue", REQUEST_BUCKETS)
         self.prefill_time = histogram(r, "request_prefill_time_seconds", "Prompt compute time", REQUEST_BUCKETS)
-        self.kv_bytes = counter(r, "kv_transfer_bytes", "KV bytes moved", "direction")
-        self.kv_seconds = histogram(
-            r, "kv_transfer_seconds", "Duration of one KV transfer", TRANSFER_BUCKETS, "direction"
-        )
-        self.kv_failures = counter(r, "kv_transfer_failures", "KV transfers that failed", "direction")
-        for d in Direction:  # every series exists from the start, at 0
-            self.kv_bytes.labels(d.value)
-            self.kv_failures.labels(d.value)
+        self.transfers = TransferMetrics(r)
         self._expected: OrderedDict[str, str] = OrderedDict()  # ticket id -> traceparent
         self._lock = threading.Lock()  # the transport's thread and the event loop both use _expected
 
@@ -127,8 +121,7 @@ class WorkerTelemetry:
     # -- the KV transport (its thread): TransferObserver ------------------------------------------
 
     def on_complete(self, stats: TransferStats) -> None:
-        self.kv_bytes.labels(stats.direction.value).inc(stats.bytes)
-        self.kv_seconds.labels(stats.direction.value).observe(stats.seconds)
+        self.transfers.on_complete(stats)
         if stats.direction is Direction.RECV:
             with self._lock:
                 parent = self._expected.pop(stats.ticket, "")
@@ -136,7 +129,7 @@ class WorkerTelemetry:
             record(SpanName.KV_TRANSFER, now - stats.seconds, now, self._transfer_attributes(stats), context_of(parent))
 
     def on_failure(self, error: TransferFailed, direction: Direction) -> None:
-        self.kv_failures.labels(direction.value).inc()
+        self.transfers.on_failure(error, direction)
         if direction is Direction.RECV:
             with self._lock:
                 self._expected.pop(error.ticket, None)

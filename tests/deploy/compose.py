@@ -44,6 +44,10 @@ class ComposeProject:
         rendered: dict[str, Any] = yaml.safe_load(self.compose("config"))
         return rendered
 
+    def default_services(self) -> set[str]:
+        """The services `up` starts without --profile (the observability ones need a profile)."""
+        return {name for name, service in self.config()["services"].items() if not service.get("profiles")}
+
     def containers(self) -> list[dict[str, Any]]:
         """`docker inspect` of every container of the project."""
         ids = self._labelled("ps", "--all", "--quiet")
@@ -59,7 +63,7 @@ class ComposeProject:
 
         Fails at once when a container exits or a health check fails for good, with its log.
         """
-        wanted = set(self.config()["services"])
+        wanted = self.default_services()
         deadline = time.monotonic() + timeout_s
         while True:
             containers = self.containers()

@@ -71,7 +71,7 @@ def expected_tokens() -> list[int]:
 
 def test_every_service_becomes_healthy(project: ComposeProject) -> None:
     containers = project.wait_healthy(HEALTHY_TIMEOUT_S)
-    assert {service_of(c) for c in containers} == set(project.config()["services"])
+    assert {service_of(c) for c in containers} == project.default_services()
     assert all(c["HostConfig"]["Init"] for c in containers), "every service runs under an init"
 
 
