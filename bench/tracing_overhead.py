@@ -26,14 +26,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pdmesh.process_output import Echo, ProcessOutput  # noqa: E402
-from pdmesh.up import Mesh, MeshPlan  # noqa: E402
+from pdmesh.up import Mesh, MeshSpec  # noqa: E402
 from tests.otlp_receiver import OtlpReceiver  # noqa: E402
 
 
 def start(port: int, args: argparse.Namespace, env: tuple[tuple[str, str], ...], logs: Path) -> Mesh:
     extra = ("--threads", str(args.threads))
-    plan = MeshPlan(port=port, model=args.model, extra_worker_args=extra, env=env)
-    mesh = Mesh(plan, output=ProcessOutput(Echo.WARNINGS, log_dir=logs))
+    spec = MeshSpec(port=port, model=args.model, extra_worker_args=extra, env=env)
+    mesh = Mesh(spec, output=ProcessOutput(Echo.WARNINGS, log_dir=logs))
     mesh.start(600)
     return mesh
 

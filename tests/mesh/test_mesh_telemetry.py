@@ -21,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from pdmesh.client import Client, Completion, ExecutionPlan
 from pdmesh.process_output import Echo, ProcessOutput
-from pdmesh.up import Mesh, MeshPlan
+from pdmesh.up import Mesh, MeshSpec
 from tests.mesh.conftest import BLOCK_SIZE, KV_BLOCKS, free_port_base
 from tests.otlp_receiver import OtlpReceiver, ReceivedSpan
 
@@ -46,11 +46,11 @@ def mesh(mesh_model: Path, receiver: OtlpReceiver, tmp_path_factory: pytest.Temp
         ("OTEL_BSP_SCHEDULE_DELAY", "100"), ("OTEL_METRIC_EXPORT_INTERVAL", "500"),
         ("PDMESH_TELEMETRY_LOG_LEVEL", "debug"),  # a line per request and phase
     )  # fmt: skip
-    plan = MeshPlan(
+    spec = MeshSpec(
         port=free_port_base(), model=str(mesh_model), env=(("PDMESH_SCHEDULER_REPORT_INTERVAL_MS", "100"), *otel),
         extra_worker_args=("--threads", "1", "--kv-blocks", str(KV_BLOCKS), "--block-size", str(BLOCK_SIZE)),
     )  # fmt: skip
-    mesh = Mesh(plan, output=ProcessOutput(Echo.WARNINGS, log_dir=tmp_path_factory.mktemp("mesh_logs")))
+    mesh = Mesh(spec, output=ProcessOutput(Echo.WARNINGS, log_dir=tmp_path_factory.mktemp("mesh_logs")))
     mesh.start(180)
     yield mesh
     mesh.stop()
@@ -59,8 +59,8 @@ def mesh(mesh_model: Path, receiver: OtlpReceiver, tmp_path_factory: pytest.Temp
 def scrape(mesh: Mesh) -> dict[str, dict[str, float]]:
     """Every process's samples, by process: {"scheduler": {"name{label=value}": value}}."""
     out = {}
-    for name, n in mesh.plan.metrics_ports():
-        url = f"http://127.0.0.1:{mesh.plan.port + 200 + n}/metrics"
+    for name, n in mesh.spec.metrics_ports():
+        url = f"http://127.0.0.1:{mesh.spec.port + 200 + n}/metrics"
         text = urllib.request.urlopen(url, timeout=10).read().decode()
         out[name] = {
             s.name + "".join(f"{{{k}={v}}}" for k, v in sorted(s.labels.items())): s.value
@@ -158,7 +158,7 @@ def test_one_request_is_one_trace_across_every_process(mesh: Mesh, receiver: Otl
         assert {line["trace_id"] for line in mine} == {root.trace_id}, process
 
     after = scrape(mesh)
-    model = f"{{model_name={mesh.plan.model}}}"
+    model = f"{{model_name={mesh.spec.model}}}"
     assert moved(before, after, "scheduler", f"pdmesh:time_to_first_token_seconds_count{model}") == 1
     assert moved(before, after, "scheduler", f"pdmesh:e2e_request_latency_seconds_count{model}") == 1
     assert moved(before, after, "scheduler", f"pdmesh:inter_token_latency_seconds_count{model}") == 5
