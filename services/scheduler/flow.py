@@ -13,6 +13,7 @@ what is left of the client's deadline; leaving this generator (client cancel) ca
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 from collections.abc import AsyncIterator, Iterator
@@ -53,13 +54,20 @@ class FlowSettings:
 
 class RequestFlow:
     def __init__(
-        self, request: SchedulerRequest, registry: Registry, policy: Policy, settings: FlowSettings, deadline: Deadline
+        self,
+        request: SchedulerRequest,
+        registry: Registry,
+        policy: Policy,
+        settings: FlowSettings,
+        deadline: Deadline,
+        releases: set[asyncio.Task[None]],  # the scheduler's Release calls in flight, outliving their flows
     ) -> None:
         self.request = request
         self.registry = registry
         self.policy = policy
         self.settings = settings
         self.deadline = deadline
+        self.releases = releases
         self.shape = RequestShape.of(request, registry.index)
         self.outputs: list[int] = []  # every token sent to the client
         self.meter = UsageMeter()
@@ -222,9 +230,14 @@ class RequestFlow:
             self._held.append(worker)
 
     async def _release_ticket(self) -> None:
+        """Release the uncommitted ticket. The Release runs as a task of its own, so a cancellation
+        arriving now (client gone, deadline passed) cannot cut it short; the lease is the backstop."""
         if self._ticket is not None:
             (worker, ticket), self._ticket = self._ticket, None
-            await worker_client.release(worker, ticket.ticket_id)
+            task = asyncio.ensure_future(worker_client.release(worker, ticket.ticket_id))
+            self.releases.add(task)
+            task.add_done_callback(self.releases.discard)
+            await asyncio.shield(task)
 
     def _response(self, chunk: TokenChunk, final: bool) -> Response:
         if not final:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 
@@ -36,6 +37,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         self.settings = FlowSettings(config.lease_ms, config.max_attempts, config.queue_timeout_ms / 1000)
         self.flows: set[RequestFlow] = set()
         self.metrics = SchedulerMetrics(config.model, self._num_running, self._num_waiting)
+        self.releases: set[asyncio.Task[None]] = set()  # tickets being released for flows that ended
 
     async def Generate(  # noqa: N802 (gRPC method name)
         self, request: scheduler_pb2.GenerateRequest, context: grpc.aio.ServicerContext
@@ -49,7 +51,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             watch.accepted(accepted)
             self._check_fits(accepted)
             deadline = Deadline.after(context.time_remaining())
-            flow = RequestFlow(accepted, self.registry, self.policy, self.settings, deadline)
+            flow = RequestFlow(accepted, self.registry, self.policy, self.settings, deadline, self.releases)
             self.flows.add(flow)
             try:
                 async for response in flow.run():

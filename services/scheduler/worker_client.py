@@ -7,7 +7,6 @@ the status code and the phase, for retry.classify. Cancelling the caller cancels
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from collections.abc import AsyncGenerator, Awaitable
 from typing import TypeVar
@@ -23,7 +22,6 @@ from services.scheduler.retry import Phase
 
 T = TypeVar("T")
 _RELEASE_TIMEOUT_S = 5.0
-_releases: set[asyncio.Task[None]] = set()  # Release calls in flight, kept from the garbage collector
 
 
 async def reserve(worker: Worker, request: SchedulerRequest, lease_ms: int, timeout: float | None) -> TicketHandle:
@@ -66,16 +64,7 @@ async def generate(
 
 
 async def release(worker: Worker, ticket_id: str) -> None:
-    """Free an uncommitted ticket, best effort. The Release runs as a task of its own, so a
-    cancellation arriving now (client gone, deadline passed) cannot cut it short; the lease is
-    the backstop if it fails."""
-    task = asyncio.ensure_future(_release(worker, ticket_id))
-    _releases.add(task)
-    task.add_done_callback(_releases.discard)
-    await asyncio.shield(task)
-
-
-async def _release(worker: Worker, ticket_id: str) -> None:
+    """Free an uncommitted ticket, best effort: a failure leaves it to its lease."""
     stub = decode_pb2_grpc.DecodeStub(worker.channel)
     with contextlib.suppress(grpc.aio.AioRpcError):
         await stub.Release(decode_pb2.ReleaseRequest(ticket_id=ticket_id), timeout=_RELEASE_TIMEOUT_S)
