@@ -29,14 +29,19 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+EX_TEMPFAIL = 75  # sysexits.h: a temporary failure; `pdmesh serve` exits with it when its device is lost
+
+
 def _serve(args: argparse.Namespace) -> int:
     """Run one service; settings it cannot use end it with EX_CONFIG, which `pdmesh up` does not
-    restart (a restart cannot fix them), after one log line saying what is wrong."""
+    restart (a restart cannot fix them), after one log line saying what is wrong. A worker whose
+    device was lost ends with EX_TEMPFAIL, which a supervisor restarts: a fresh process gets a
+    fresh device context."""
     import logging
 
     import structlog
 
-    from engine.errors import ModelLoadError
+    from engine.errors import DeviceLost, ModelLoadError
     from pdmesh.config import ConfigError, TelemetryConfig, from_env
     from pdmesh.supervisor import EX_CONFIG
     from services.logging import configure_logging
@@ -51,6 +56,9 @@ def _serve(args: argparse.Namespace) -> int:
             configure_logging(args.role)
         structlog.get_logger("pdmesh.serve").error("cannot start: unusable settings", role=args.role, error=str(e))
         return EX_CONFIG
+    except DeviceLost as e:
+        structlog.get_logger("pdmesh.serve").error("stopped: the device is lost", role=args.role, error=str(e))
+        return EX_TEMPFAIL
     return 0
 
 

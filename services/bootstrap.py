@@ -158,17 +158,19 @@ async def serve(
     on_ready: Callable[[Server], Awaitable[None]] | None = None,
     on_drain: Callable[[], Awaitable[None]] | None = None,
     on_shutdown: Callable[[], Awaitable[None]] | None = None,
+    stop: asyncio.Event | None = None,
 ) -> None:
-    """Run a server until SIGTERM or SIGINT, then drain and return.
+    """Run a server until SIGTERM or SIGINT (or until `stop` is set), then drain and return.
 
     on_ready runs once the server is SERVING (register with the scheduler, report the port);
     on_drain runs when the stop begins, before the drain (tell the scheduler: DRAINING);
-    on_shutdown runs after the server stopped (stop the engine, close channels).
+    on_shutdown runs after the server stopped (stop the engine, close channels). `stop` lets the
+    service end itself as a signal would: a worker whose device is lost.
     """
     server = Server(bindings, config)
     await server.start()
     loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
+    stop = stop if stop is not None else asyncio.Event()
     signals = (signal.SIGTERM, signal.SIGINT)
     for sig in signals:
         loop.add_signal_handler(sig, stop.set)

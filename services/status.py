@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import grpc
 
-from engine.errors import InvalidRequest, ModelLoadError, OutOfBlocks, RequestNotFound
+from engine.errors import DeviceLost, InvalidRequest, ModelLoadError, OutOfBlocks, RequestNotFound
 
 
 class ServiceError(Exception):
@@ -65,6 +65,9 @@ _BY_TYPE: dict[type[BaseException], grpc.StatusCode] = {
     ModelNotFound: grpc.StatusCode.NOT_FOUND,
     DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
     StaleBlock: grpc.StatusCode.FAILED_PRECONDITION,
+    # The worker's device is lost and the worker is going: as for a dead worker, the scheduler
+    # moves the request (a decode stream to another decode worker, with the tokens so far).
+    DeviceLost: grpc.StatusCode.UNAVAILABLE,
 }
 
 # Errors of packages that the servers must not import just to map them (kvtransfer pulls in

@@ -3,7 +3,10 @@
 Both roles run the same engine; they differ in which servicer they expose and whether the KV
 transport has a receiving side (decode) or only sends (prefill). Told to stop (SIGTERM), a worker
 first reports DRAINING, so the scheduler places nothing new on it, then finishes its calls in
-flight and stops.
+flight and stops. A worker whose engine loses its device stops the same way by itself — its
+requests have already failed with DeviceLost (UNAVAILABLE: the scheduler moves them) — and
+serve_worker then raises DeviceLost, so that the process exits non-zero and its supervisor
+starts a fresh one.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import structlog
 
 from engine.async_engine import AsyncEngine
 from engine.engine import Engine
+from engine.errors import DeviceLost
 from kvtransfer.transport import KVTransport
 from pdmesh.enums import WorkerRole
 from pdmesh.v1 import decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc, worker_pb2
@@ -34,7 +38,12 @@ async def serve_worker(config: WorkerConfig) -> None:
     engine_config = config.engine
     log.info("loading model", model=engine_config.model, device=engine_config.device, role=config.role.value)
     engine = await asyncio.to_thread(Engine.from_config, engine_config)
-    async_engine = AsyncEngine(engine)
+    loop, device_lost = asyncio.get_running_loop(), asyncio.Event()
+
+    def on_device_lost(_: DeviceLost) -> None:  # on the engine's step thread
+        loop.call_soon_threadsafe(device_lost.set)
+
+    async_engine = AsyncEngine(engine, on_device_lost)
     receiving = config.role is WorkerRole.DECODE
     kv_config = config.transport()
     telemetry = WorkerTelemetry(config.id, kv_config.ucx_tls or "ucx default", engine.kv_layout.num_layers)
@@ -84,4 +93,8 @@ async def serve_worker(config: WorkerConfig) -> None:
         if metrics is not None:
             metrics.close()
 
-    await serve([binding], config.server, on_ready=on_ready, on_drain=on_drain, on_shutdown=on_shutdown)
+    await serve(
+        [binding], config.server, on_ready=on_ready, on_drain=on_drain, on_shutdown=on_shutdown, stop=device_lost
+    )
+    if async_engine.lost is not None:
+        raise async_engine.lost
