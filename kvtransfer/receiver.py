@@ -12,11 +12,15 @@ cancel, bad message) publishes its error only after any unpack in progress has f
 error() is set, or cancel() has returned, the transport never writes those blocks again, so the
 engine may free them.
 
-The receiver owns the ticket's lease, the only clock of a hold: it runs from expect() until the
-ticket is committed (the decode engine takes the blocks over) or cancelled. A lease that runs out
-first fails a transfer still in flight and then calls the owner's on_expire, once nothing writes
-the blocks any more, so the owner frees them. A committed ticket's transfer must still land
-before the lease ends; if it does not, it fails and the engine frees the blocks.
+The receiver owns the ticket's lease, the only clock of a hold. It measures the sender's
+silence: it starts at expect() and starts over at every Hold the sender sends while the prefill
+waits or computes, and at every Data header accepted, so a busy prefill worker keeps its tickets
+and a dead or idle one loses them one lease after its last word. A Hold also binds the ticket to
+its sender's connection, so losing that connection fails the ticket at once. A lease that runs out
+fails a transfer still in flight and then, unless the ticket was committed (the decode engine took
+the blocks over) or cancelled, calls the owner's on_expire once nothing writes the blocks any
+more, so the owner frees them. A committed ticket's transfer must still land within a lease of
+its sender's last word; if it does not, it fails and the engine frees the blocks.
 """
 
 from __future__ import annotations
@@ -43,11 +47,12 @@ from kvtransfer.errors import TransferFailed
 from kvtransfer.staging import StagingPool
 from kvtransfer.telemetry import Direction, TransferObserver, TransferStats
 from kvtransfer.ticket import Ticket, TicketId
-from kvtransfer.wire import Cancel, Data, Done, Failed, Message
+from kvtransfer.wire import Cancel, Data, Done, Failed, Hold, Message
 
 log = structlog.get_logger(__name__)
 
 _REMEMBERED_ENDINGS = 1024  # why recent tickets ended, to answer late messages precisely
+_COMPLETED = "the ticket already completed"
 _CALL_TIMEOUT_S = 30.0  # a hop onto the transport's loop; only a wedged loop takes this long
 
 
@@ -148,8 +153,9 @@ class _Incoming:
     caches: KVCaches  # where the blocks are
     block_ids: torch.Tensor  # (num_blocks,) int64 on the host, validated once
     layer_bytes: int  # one layer of the ticket, packed
+    lease_s: float  # the sender's longest allowed silence
     claimed: list[bool]  # per layer: a Data header for it was accepted
-    conn: Connection | None = None  # bound by the first accepted Data header
+    conn: Connection | None = None  # bound by the first Hold or accepted Data header
     started: float | None = None
     bytes_landed: int = 0
     receiving: int = 0  # payload receives posted and not completed
@@ -246,7 +252,9 @@ class KVReceiver:
 
     # ---- loop thread
     def on_message(self, conn: Connection, message: Message) -> None:
-        if isinstance(message, Data):
+        if isinstance(message, Hold):
+            self._hold(conn, message.ticket)
+        elif isinstance(message, Data):
             self._tasks.spawn(self._receive(conn, message))
         elif isinstance(message, Cancel):
             entry = self._incoming.get(message.ticket)
@@ -307,8 +315,29 @@ class KVReceiver:
         self._endings.pop(ticket_id, None)
         layout = caches.layout
         layer_bytes = ids.numel() * layout.block_elems_per_layer * caches.tensors[0].dtype.itemsize
-        self._incoming[ticket_id] = _Incoming(ticket, caches, ids, layer_bytes, [False] * layout.num_layers)
-        self._leases[ticket] = self.loop.call_later(timeout_s, lambda: self._tasks.spawn(self._expire(ticket)))
+        self._incoming[ticket_id] = _Incoming(ticket, caches, ids, layer_bytes, timeout_s, [False] * layout.num_layers)
+        self._start_lease(ticket, timeout_s)
+
+    def _start_lease(self, ticket: TicketImport, lease_s: float) -> None:
+        """(Re)start the ticket's lease: lease_s from now."""
+        old = self._leases.pop(ticket, None)
+        if old is not None:
+            old.cancel()
+        self._leases[ticket] = self.loop.call_later(lease_s, lambda: self._tasks.spawn(self._expire(ticket)))
+
+    def _hold(self, conn: Connection, ticket_id: str) -> None:
+        """The sender still has the ticket's prefill: bind it to that sender and start the lease over."""
+        entry = self._incoming.get(ticket_id)
+        if entry is None:
+            ending = self._endings.get(ticket_id, "unknown ticket (never expected here)")
+            if ending != _COMPLETED:  # released, expired or cancelled: the sender can stop now
+                self._tasks.spawn(quietly(conn.send(Failed(ticket_id, ending))))
+            return
+        if entry.conn is not None and entry.conn is not conn:
+            return  # another sender's word does not keep this ticket
+        entry.conn = conn
+        if entry.ticket in self._leases:
+            self._start_lease(entry.ticket, entry.lease_s)
 
     async def _cancel(self, ticket: TicketImport, reason: str) -> None:
         lease = self._leases.pop(ticket, None)
@@ -351,6 +380,8 @@ class KVReceiver:
             return
         entry.conn = conn
         entry.started = time.monotonic() if entry.started is None else entry.started
+        if entry.ticket in self._leases:
+            self._start_lease(entry.ticket, entry.lease_s)
         entry.claimed[data.first_layer : data.first_layer + data.num_layers] = [True] * data.num_layers
         async with self._slots:
             await self._land(entry, conn, data)
@@ -423,7 +454,7 @@ class KVReceiver:
             entry.ticket._ready[layer] = True
         if not all(entry.ticket._ready):
             return
-        self._forget(entry, "the ticket already completed")
+        self._forget(entry, _COMPLETED)
         assert entry.started is not None and entry.conn is not None
         ticket_id = entry.ticket.ticket_id
         stats = TransferStats(

@@ -11,7 +11,11 @@ is pushed within that step. Per-layer packing cost a host-side kernel launch per
 dominated small transfers on GPUs.
 
 KVSender, on the loop, waits for the pack to finish, sends a Data header and the payload, and
-resolves the push's future when the receiver reports every layer landed (or fails it).
+resolves the push's future when the receiver reports every layer landed (or fails it). From the
+moment a push opens (the prefill request has arrived, maybe to wait in the engine's queue) until
+its first message goes, it sends the receiver a Hold every quarter lease, which keeps the ticket's
+lease from running out while the prefill has not even begun. The sender's own deadline likewise
+counts from the last Hold or message it sent.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from kvtransfer.errors import IncompatiblePeer, TransferFailed
 from kvtransfer.staging import Staging, StagingPool
 from kvtransfer.telemetry import Direction, TransferObserver, TransferStats
 from kvtransfer.ticket import Ticket
-from kvtransfer.wire import Cancel, Data, Done, Failed, Message
+from kvtransfer.wire import Cancel, Data, Done, Failed, Hold, Message
 
 log = structlog.get_logger(__name__)
 
@@ -132,6 +136,7 @@ class _Outgoing:
     """The loop's record of one push in flight."""
 
     push: KVPush
+    lease_s: float = 0.0  # the receiver's lease: its longest allowed silence of ours
     deadline: asyncio.TimerHandle | None = None
     conn: Connection | None = None
     started: float | None = None
@@ -209,10 +214,33 @@ class KVSender:
             failure = TransferFailed(push.ticket.address, ticket, 0, "this ticket is already being pushed")
             push.future.set_exception(failure)
             return
-        out = _Outgoing(push)
-        lease_s = push.ticket.lease_left_s() + self.config.sender_grace_s
-        out.deadline = self._loop.call_later(max(0.0, lease_s), self._expire, out)
+        out = _Outgoing(push, lease_s=max(0.0, push.ticket.lease_left_s()))
         self._outgoing[ticket] = out
+        self._renew(out)
+        self._tasks.spawn(self._hold(out))
+
+    def _renew(self, out: _Outgoing) -> None:
+        """Restart our deadline: the receiver's lease from now, plus a grace to hear its verdict."""
+        if out.deadline is not None:
+            out.deadline.cancel()
+        out.deadline = self._loop.call_later(out.lease_s + self.config.sender_grace_s, self._expire, out)
+
+    async def _hold(self, out: _Outgoing) -> None:
+        """Hold the ticket until the first message goes (then every message renews the lease)."""
+        interval = max(out.lease_s / 4, 0.05)
+        ticket = out.push.ticket.ticket_id
+        while self._outgoing.get(ticket) is out and out.started is None:
+            try:
+                conn = await self._bind(out)
+                await conn.send(Hold(ticket))
+            except TransferFailed as e:
+                self._fail(out, e.reason, tell_peer=False, error=e)
+                return
+            except Exception as e:  # UCX errors: the connection's loss handler usually got there first
+                self._fail(out, f"hold failed: {type(e).__name__}: {e}", tell_peer=False)
+                return
+            self._renew(out)
+            await asyncio.sleep(interval)
 
     def _start_send(self, push: KVPush, message: _Outbound) -> None:
         out = self._outgoing.get(push.ticket.ticket_id)
@@ -242,6 +270,8 @@ class KVSender:
                 if isinstance(result, BaseException):
                     raise result
             out.bytes_sent += message.staging.nbytes
+            if self._outgoing.get(out.push.ticket.ticket_id) is out:
+                self._renew(out)
         except TransferFailed as e:
             self._fail(out, e.reason, tell_peer=False, error=e)
         except Exception as e:  # UCX errors: the connection's loss handler usually got there first

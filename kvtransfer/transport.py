@@ -39,7 +39,20 @@ from kvtransfer.receiver import KVCaches, KVReceiver, TicketImport
 from kvtransfer.sender import KVPush, KVSender
 from kvtransfer.telemetry import NullObserver, TransferObserver
 from kvtransfer.ticket import Ticket
-from kvtransfer.wire import FRAME_BYTES, Cancel, Data, Done, Failed, Hello, Message, Refuse, Welcome, decode, encode
+from kvtransfer.wire import (
+    FRAME_BYTES,
+    Cancel,
+    Data,
+    Done,
+    Failed,
+    Hello,
+    Hold,
+    Message,
+    Refuse,
+    Welcome,
+    decode,
+    encode,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -298,7 +311,7 @@ class KVTransport:
         self._accepted.add(conn)
 
     def _route(self, conn: Connection, message: Message) -> None:
-        if isinstance(message, Data | Cancel):
+        if isinstance(message, Hold | Data | Cancel):
             if self._receiver is None:
                 conn.abort("a peer sent KV to a worker with no receiving side")
                 return

@@ -7,9 +7,14 @@ KV payloads travel separately, each on a tag of its own that the Data header ann
     sender                                   receiver
     Hello(layout) ------------------------->            on dial; Refuse names the differing field
              <------------------------------ Welcome(layout) | Refuse(layout, difference)
+    Hold(ticket) -------------------------->  while the prefill waits or computes, every lease/4
     Data(ticket, layers, nbytes, tag) ----->  then the payload on `tag`; several in flight
     Cancel(ticket, reason) ---------------->
              <------------------------------ Done(ticket, bytes) | Failed(ticket, reason)
+
+A ticket's lease measures the sender's silence, not the prefill's length: every Hold and every
+accepted Data header renews it, so a request queued behind others on a busy prefill worker keeps
+its reservation, while one whose prefill worker died (or never started it) loses it after a lease.
 """
 
 from __future__ import annotations
@@ -49,6 +54,14 @@ class Refuse:
 
 
 @dataclass(frozen=True)
+class Hold:
+    """The sender has the ticket's prefill in hand (queued or computing) and will push it."""
+
+    kind: ClassVar[str] = "hold"
+    ticket: str
+
+
+@dataclass(frozen=True)
 class Data:
     """Announces one payload: layers [first_layer, first_layer + num_layers) of a ticket, packed."""
 
@@ -83,8 +96,8 @@ class Failed:
     reason: str
 
 
-Message = Hello | Welcome | Refuse | Data | Cancel | Done | Failed
-_KINDS: dict[str, type[Message]] = {c.kind: c for c in (Hello, Welcome, Refuse, Data, Cancel, Done, Failed)}
+Message = Hello | Welcome | Refuse | Hold | Data | Cancel | Done | Failed
+_KINDS: dict[str, type[Message]] = {c.kind: c for c in (Hello, Welcome, Refuse, Hold, Data, Cancel, Done, Failed)}
 
 
 def encode(message: Message) -> bytearray:

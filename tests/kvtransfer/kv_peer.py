@@ -216,6 +216,11 @@ class _Worker:
         return sum(int(torch.count_nonzero(kv, dim=(0, 2, 3, 4))[free].sum()) for kv in self.caches)
 
     # ---- sending side
+    def open(self, infos: list[Any]) -> None:
+        """Open pushes without pushing: a prefill that arrived and waits in the engine's queue."""
+        for info in infos:
+            self.pushes[info.ticket_id] = self.transport.push(info)
+
     def push(self, infos: list[Any], seeds: list[int], layers: int | None, timeout_s: float) -> dict[str, Any]:
         """Push every ticket layer by layer, interleaved as one engine step would; `layers` stops early."""
         work = []
@@ -225,7 +230,7 @@ class _Worker:
             for layer, kv in enumerate(self.caches):
                 payload = pattern(seed, layer, (2, len(blocks), *kv.shape[2:]), kv.dtype)
                 kv.index_copy_(1, ids, payload.to(kv.device))
-            self.pushes[info.ticket_id] = self.transport.push(info)
+            self.pushes[info.ticket_id] = self.pushes.get(info.ticket_id) or self.transport.push(info)
             work.append((self.pushes[info.ticket_id], blocks, info.num_tokens))
         started = time.monotonic()
         for layer in range(len(self.caches) if layers is None else layers):

@@ -77,6 +77,25 @@ def test_a_sender_killed_mid_transfer_fails_the_ticket_and_a_restarted_sender_su
             peer.stop()
 
 
+def test_a_sender_killed_while_its_prefill_waits_fails_the_ticket_at_once() -> None:
+    decode, prefill = start_peers(spec(), spec(receive=False))
+    peers = [decode, prefill]
+    try:
+        info = decode.call("expect", ticket="t9", num_tokens=512, seed=9, timeout_s=LEASE_S)
+        prefill.call("open", infos=[info])  # its first Hold binds the ticket to the connection
+        time.sleep(0.5)
+
+        prefill.kill()
+
+        landed = decode.call("wait", tickets=["t9"], timeout_s=LEASE_S)
+        assert landed["tickets"]["t9"]["error"].reason.startswith("connection lost")
+        assert landed["tickets"]["t9"]["after_s"] < 5.0  # not the 30 s lease
+        assert landed["free_blocks"] == POOL
+    finally:
+        for peer in peers:
+            peer.stop()
+
+
 def test_a_receiver_killed_mid_transfer_fails_the_push_and_its_restart_on_the_same_port_is_redialed() -> None:
     decode, prefill = start_peers(spec(), spec(receive=False))
     peers = [decode, prefill]

@@ -169,3 +169,23 @@ def test_the_lease_is_one_clock_a_landed_ticket_left_uncommitted_expires_a_commi
     assert expired.count("left") == 1 and "kept" not in expired
     landed = decode.call("wait", tickets=["kept", "left"], timeout_s=10)
     assert [landed["tickets"][t]["ok"] for t in TWO] == [True, True]  # both had landed whole
+
+
+def test_a_prefill_waiting_longer_than_the_lease_keeps_its_ticket_while_its_sender_holds_it(
+    pair: tuple[Peer, Peer],
+) -> None:
+    decode, prefill = pair
+    queued = decode.call("expect", ticket="queued", num_tokens=300, seed=3, timeout_s=1.0)
+    decode.call("expect", ticket="idle", num_tokens=300, seed=4, timeout_s=1.0)
+    prefill.call("open", infos=[queued])  # its prefill waits behind others; nobody opened "idle"
+
+    time.sleep(3.5)  # three and a half leases
+
+    assert decode.call("status", ticket="queued")["error"] is None, "a held ticket expired"
+    assert "idle" in decode.call("observations")["expired"], "a ticket nobody holds kept its blocks"
+    sent = prefill.call("push", infos=[queued], seeds=[3], layers=None, timeout_s=30)
+    assert sent["tickets"]["queued"]["ok"]
+    landed = decode.call("wait", tickets=["queued", "idle"], timeout_s=10)
+    assert landed["tickets"]["queued"]["ok"] and landed["tickets"]["queued"]["exact"]
+    assert landed["tickets"]["idle"]["error"].reason.startswith("the lease expired with 0 of 30 layers")
+    assert landed["free_blocks"] == POOL
