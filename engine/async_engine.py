@@ -96,6 +96,11 @@ class AsyncEngine:
         self._streams: dict[str, _Stream] = {}
         self._failed_steps = 0
         self._pending: list[tuple[str, Item]] = []  # the latest step's outputs, handed over during the next
+        # Only a device that runs the step while the host waits (CUDA) has a "meanwhile" to hand the
+        # previous step's outputs over in. On CPU the forward pass is done by the time the step would
+        # hand them over: holding them would delay every token by a whole step (on a busy CPU worker,
+        # tens of seconds of TTFT while a batch of long prefills ran, and leases ticking meanwhile).
+        self._hold_outputs = engine.device.type == "cuda"
         if engine.graph_capture:
             log.info("CUDA graphs captured before serving: %s", engine.graph_capture)
         self._thread = threading.Thread(target=self._run, name="engine-step", daemon=True)
@@ -195,6 +200,8 @@ class AsyncEngine:
             watch = Stopwatch(times)
             self._flush()  # a step that launched nothing (only KV imports in flight) called no one
             self._pending = [(o.request_id, o) for o in outputs]
+            if not self._hold_outputs:
+                self._flush()
             watch.lap(Phase.DISPATCH)
             if not outputs and self.engine.batcher.waiting and not self.engine.batcher.running:
                 self._wake.wait(_IDLE_POLL_S)  # only KV imports in flight: don't spin

@@ -28,6 +28,7 @@ from services.prefill.servicer import PrefillServicer
 from services.telemetry.metrics import MetricsEndpoint
 from services.worker.config import WorkerConfig
 from services.worker.convert import load_report_to_pb, worker_info_to_pb
+from services.worker.load import LoadSampler
 from services.worker.registry_client import Reporter
 from services.worker.telemetry import WorkerTelemetry
 
@@ -65,8 +66,10 @@ async def serve_worker(config: WorkerConfig) -> None:
         )
     reporter: Reporter | None = None
 
+    sampler = LoadSampler(async_engine)
+
     async def load(snapshot: bool) -> worker_pb2.ReportLoadRequest:
-        stats, events = await async_engine.call(lambda e: (e.stats(), e.pool.take_events(snapshot)))
+        stats, events = await sampler.sample(snapshot)
         reserved = len(reservations) if reservations is not None else 0
         telemetry.load(stats)
         return load_report_to_pb(stats, events, reserved, transport.num_in_flight)

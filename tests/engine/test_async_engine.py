@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from pathlib import Path
 
 import pytest
@@ -84,3 +85,32 @@ async def test_steps_that_keep_failing_mean_the_device_is_lost_though_the_probe_
         assert "3 steps in a row failed" in str(errors[2]) and "KV transport is gone" in str(errors[2])
     finally:
         async_engine.shutdown()
+
+
+async def test_on_cpu_a_steps_outputs_reach_their_caller_before_the_next_step_computes(tiny_llama: Path) -> None:
+    engine = make_engine(tiny_llama, num_blocks=64)
+    received = threading.Event()
+    seen_during_next_step: list[bool] = []
+    execute = engine.runner.execute
+
+    def execute_and_look(inputs):  # type: ignore[no-untyped-def]
+        if engine.num_steps == 2:  # the step after the one that finishes "short"
+            seen_during_next_step.append(received.wait(10))
+        return execute(inputs)
+
+    engine.runner.execute = execute_and_look  # type: ignore[method-assign]
+    async_engine = AsyncEngine(engine)
+    try:
+        long = asyncio.create_task(_drain(async_engine.generate("long", [4, 5, 6], greedy(20))))
+        async for out in async_engine.generate("short", [1, 2, 3], greedy(1)):
+            assert out.finished
+            received.set()
+        await long
+        assert seen_during_next_step == [True], "the output waited for the next step's compute"
+    finally:
+        async_engine.shutdown()
+
+
+async def _drain(stream) -> None:  # type: ignore[no-untyped-def]
+    async for _ in stream:
+        pass
