@@ -100,6 +100,7 @@ class TicketImport:
         self._on_expire = on_expire
         self._lock = threading.Lock()  # commit() (a service thread) races expiry (the loop)
         self._state = LeaseState.HELD
+        self.sender: str | None = None  # the peer the ticket is bound to, from its first Hold or Data
 
     @property
     def ticket_id(self) -> TicketId:
@@ -335,7 +336,7 @@ class KVReceiver:
             return
         if entry.conn is not None and entry.conn is not conn:
             return  # another sender's word does not keep this ticket
-        entry.conn = conn
+        entry.conn, entry.ticket.sender = conn, conn.peer
         if entry.ticket in self._leases:
             self._start_lease(entry.ticket, entry.lease_s)
 
@@ -378,7 +379,7 @@ class KVReceiver:
             await quietly(conn.send(Failed(data.ticket, problem)))
             await quietly(conn.discard_payload(data.tag))
             return
-        entry.conn = conn
+        entry.conn, entry.ticket.sender = conn, conn.peer
         entry.started = time.monotonic() if entry.started is None else entry.started
         if entry.ticket in self._leases:
             self._start_lease(entry.ticket, entry.lease_s)

@@ -198,7 +198,7 @@ class _Worker:
 
     def status(self, ticket: str) -> dict[str, Any]:
         imp = self.imports[ticket]
-        return {"layers_ready": imp.num_layers_ready, "done": imp.done(), "error": imp.error()}
+        return {"layers_ready": imp.num_layers_ready, "done": imp.done(), "error": imp.error(), "sender": imp.sender}
 
     def _exact(self, ticket: str) -> bool:
         ids = torch.tensor(self.held[ticket], device=self.spec.device)

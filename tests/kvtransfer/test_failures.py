@@ -83,7 +83,7 @@ def test_a_sender_killed_while_its_prefill_waits_fails_the_ticket_at_once() -> N
     try:
         info = decode.call("expect", ticket="t9", num_tokens=512, seed=9, timeout_s=LEASE_S)
         prefill.call("open", infos=[info])  # its first Hold binds the ticket to the connection
-        time.sleep(0.5)
+        eventually(lambda: decode.call("status", ticket="t9")["sender"] is not None, within_s=30)
 
         prefill.kill()
 

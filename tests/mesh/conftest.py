@@ -12,6 +12,7 @@ import pytest
 from engine.config import BatcherConfig, CacheConfig, EngineConfig
 from engine.engine import Engine
 from engine.sampling_params import SamplingParams
+from pdmesh.ports import PortClaim, PortInUse, check_free
 from pdmesh.up import Mesh, MeshSpec
 from tests.engine.conftest import save_tiny_model
 
@@ -25,8 +26,18 @@ def mesh_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_tiny_model(tmp_path_factory.mktemp("mesh_model"), max_position_embeddings=4096, seed=7)
 
 
-def free_port_base() -> int:
-    return random.randrange(20000, 40000, 200)
+def free_port_base(workers: int = 8) -> int:
+    """A base port whose mesh ports (base..base+workers, and base+100.. for the KV listeners) are
+    free now; below Linux's ephemeral range, where other processes' outgoing ports land."""
+    for _ in range(100):
+        base = random.randrange(20000, 32000, 200)
+        ports = [*range(base, base + workers + 1), *range(base + 100, base + 101 + workers)]
+        try:
+            check_free([PortClaim(p, "0.0.0.0", "a mesh port") for p in ports], "")
+        except PortInUse:
+            continue
+        return base
+    raise RuntimeError("no free block of mesh ports between 20000 and 32000")
 
 
 def start_mesh(
