@@ -113,7 +113,9 @@ class Batcher:
                     skipped.append(request)
                 continue
             if not request.block_ids and request.num_computed_tokens == 0:
-                request.num_cached_tokens = self.kv.take_cached_prefix(request)
+                cached = self.kv.take_cached_prefix(request)
+                if request.num_preemptions == 0:  # what the request reports is its first admission's
+                    request.num_cached_tokens = cached
             n = self._chunk_size(request, budget)
             if not self.kv.can_grow(request, n):
                 self.waiting.appendleft(request)
@@ -128,16 +130,18 @@ class Batcher:
         self.waiting.extendleft(reversed(skipped))
 
     def _import_landed(self, request: Request, batch: Batch) -> bool:
-        """Whether a WAITING_FOR_KV request may run now; a failed import goes to batch.failed_imports."""
+        """Whether a WAITING_FOR_KV request may run now. A failed import goes to batch.failed_imports,
+        unless it was optional (a prefix from a KV store): then the request computes those tokens."""
         kv_import = request.kv_import
         assert kv_import is not None
         if kv_import.error() is not None:
             request.kv_import = None
-            batch.failed_imports.append(request)
-            return False
-        if not kv_import.done():
+            if not request.import_optional:
+                batch.failed_imports.append(request)
+                return False
+            request.num_imported_tokens = 0  # nothing writes the blocks any more: compute into them
+        elif not kv_import.done():
             return False
         request.kv_import = None
-        request.num_computed_tokens = request.num_imported_tokens
-        request.num_cached_tokens = request.num_imported_tokens
+        request.num_computed_tokens = request.num_cached_tokens + request.num_imported_tokens
         return True

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -20,7 +21,7 @@ from engine.cpu_linear import packing_supported
 from engine.cuda_graphs import CaptureReport, DecodeGraphs
 from engine.errors import DeviceLost, InvalidRequest, OutOfBlocks, RequestNotFound
 from engine.handoff import KVExportSink, KVImport
-from engine.ids import BlockId, RequestId
+from engine.ids import BlockHash, BlockId, RequestId
 from engine.kv_cache import allocate_kv_cache, plan_num_blocks
 from engine.kv_layout import KVLayout
 from engine.kv_manager import KVManager, blocks_for
@@ -29,12 +30,15 @@ from engine.model_config import ModelConfig
 from engine.output import OutputProcessor
 from engine.piecewise import PiecewiseGraphs
 from engine.request import FinishReason, Request, RequestOutput, RequestStatus
+from engine.reservations import PrefixReservation, Reservations
 from engine.runner import ModelRunner
 from engine.sampler import Sampler, SamplingRow
 from engine.sampling_params import SamplingParams, check_context
 from engine.step_timer import Phase, StepTimes, Stopwatch
 from engine.tokenizer import Tokenizer
 from engine.weights import load_checkpoint
+
+_FINISHED_CHAINS_KEPT = 1024  # finished requests' block chains kept for a worker to offer; older ones go
 
 
 @dataclass(frozen=True)
@@ -79,7 +83,10 @@ class Engine:
         self.sampler = Sampler()
         self.requests: dict[RequestId, Request] = {}
         self._outputs: dict[RequestId, OutputProcessor] = {}
-        self._reserved: dict[RequestId, tuple[list[BlockId], int]] = {}
+        self.reservations = Reservations(self.kv, cache, fingerprint)
+        # Hash chains of the full blocks finished requests computed or imported, newest last: what a
+        # worker may offer to a KV store (take_finished_chains, export_blocks).
+        self.finished_chains: deque[tuple[BlockHash, ...]] = deque(maxlen=_FINISHED_CHAINS_KEPT)
         self._seeds = random.Random(config.seed)
         self.eos_token_ids = tuple(self.model_config.eos_token_ids) or (
             tokenizer.eos_token_ids if tokenizer is not None else ()
@@ -164,7 +171,12 @@ class Engine:
             prefill_only=prefill_only,
         )
         if kv_import is not None:
-            request.block_ids, request.num_imported_tokens = self._reserved.pop(rid)
+            reserved = self.reservations.take(rid)
+            request.block_ids = reserved.block_ids
+            request.num_cached_tokens = reserved.num_cached_tokens
+            request.num_published_blocks = reserved.num_cached_tokens // self.config.cache.block_size
+            request.num_imported_tokens = reserved.num_import_tokens
+            request.import_optional = reserved.optional
             request.status = RequestStatus.WAITING_FOR_KV
         self._outputs[rid] = OutputProcessor(
             self.tokenizer, params, request.token_ids, self.eos_token_ids, self.max_model_len
@@ -173,30 +185,52 @@ class Engine:
         self.batcher.add(request)
 
     def reserve(self, request_id: str, num_tokens: int) -> list[BlockId]:
-        """Hold blocks for a request's first num_tokens tokens, to be written by a KV import."""
-        rid = RequestId(request_id)
-        if rid in self.requests or rid in self._reserved:
-            raise InvalidRequest("request_id", f"{rid!r} is already in use", "use a unique request id")
+        """Hold blocks for a request's first num_tokens tokens, to be written by a KV import (a
+        hand-off: the request fails if the import does)."""
+        rid = self._new_id(request_id)
         if num_tokens < 1:
             raise InvalidRequest("num_tokens", f"is {num_tokens}", "reserve at least one token")
-        need = blocks_for(num_tokens, self.config.cache.block_size)
-        # An idle engine may lend every block (no one else could be starved of growth).
-        busy = bool(self.requests or self._reserved)
-        keep = int(self.pool.num_blocks * self.config.cache.reserve_watermark) if busy else 0
-        if need > self.pool.num_free - keep:
-            raise OutOfBlocks(
-                f"a reservation of {need} blocks would leave fewer than {keep} of {self.pool.num_blocks} "
-                f"free ({self.pool.num_free} are); retry when requests finish"
-            )
-        blocks = self.pool.allocate(need)
-        self._reserved[rid] = (blocks, num_tokens)
-        return list(blocks)
+        return self.reservations.hold(rid, num_tokens, busy=bool(self.requests or self.reservations))
+
+    def reserve_prefix(self, request_id: str, prompt_token_ids: Sequence[int], num_tokens: int) -> PrefixReservation:
+        """Hold what a request needs to start with its first num_tokens prompt tokens imported (from a
+        KV store): its cached leading blocks and blocks for the rest (engine.reservations). Add the
+        request with the import, or abort the reservation. Nothing is held when there is nothing
+        to import."""
+        rid = self._new_id(request_id)
+        return self.reservations.hold_prefix(rid, prompt_token_ids, num_tokens, busy=bool(self.requests))
+
+    def _new_id(self, request_id: str) -> RequestId:
+        rid = RequestId(request_id)
+        if rid in self.requests or rid in self.reservations:
+            raise InvalidRequest("request_id", f"{rid!r} is already in use", "use a unique request id")
+        return rid
+
+    def take_finished_chains(self) -> list[tuple[BlockHash, ...]]:
+        """The full-block hash chains of the requests finished since the last take, oldest first."""
+        chains = list(self.finished_chains)
+        self.finished_chains.clear()
+        return chains
+
+    def export_blocks(self, hashes: Sequence[BlockHash], sink: KVExportSink) -> int:
+        """Push the KV of the cached blocks `hashes` through `sink`, every layer, then close it;
+        returns the blocks pushed. Call between steps (the async engine's commands are): on CUDA
+        the copies are queued on the current stream, so later writes to those blocks come after
+        them. A block evicted since it was cached cancels the sink instead (0)."""
+        block_ids = [self.pool.lookup(h) for h in hashes]
+        if not block_ids or any(b is None for b in block_ids):
+            sink.cancel("a block left the prefix cache before it was exported")
+            return 0
+        ids = [b for b in block_ids if b is not None]
+        for layer, kv in enumerate(self.kv_caches):
+            sink.push_layer(layer, kv, ids, len(ids) * self.config.cache.block_size)
+        sink.close()
+        return len(ids)
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """Cancel a request or a reservation at any moment; every block it held is released."""
         rid = RequestId(request_id)
-        if rid in self._reserved:
-            self.pool.free(self._reserved.pop(rid)[0])
+        if self.reservations.release(rid):
             return None
         request = self.requests.get(rid)
         if request is None:
@@ -215,7 +249,7 @@ class Engine:
             num_blocks=self.pool.num_blocks,
             num_free_blocks=self.pool.num_free,
             num_cached_blocks=self.pool.num_cached,
-            num_reserved_blocks=sum(len(b) for b, _ in self._reserved.values()),
+            num_reserved_blocks=self.reservations.num_blocks,
             num_running=len(self.batcher.running),
             num_waiting=len(self.batcher.waiting),
             num_preemptions=self.batcher.num_preemptions,
@@ -300,6 +334,7 @@ class Engine:
             request.kv_export.cancel(error or (reason.value if reason is not None else "ended"))
             request.kv_export = None
         self.batcher.remove(request)
+        self._keep_chain(request)
         self.kv.release(request)
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason
@@ -308,6 +343,12 @@ class Engine:
         out = self._output(request, [], None, text)
         out.error = error
         return out
+
+    def _keep_chain(self, request: Request) -> None:
+        """Remember the hashes of the full blocks the request leaves in the prefix cache."""
+        full = min(request.num_computed_tokens // self.config.cache.block_size, len(request.block_hashes))
+        if self.kv.prefix_caching and full:
+            self.finished_chains.append(tuple(request.block_hashes[:full]))
 
     def _fail_imports(self, batch: Batch) -> list[RequestOutput]:
         outputs = []
@@ -325,6 +366,7 @@ class Engine:
             finish_reason=request.finish_reason,
             num_prompt_tokens=request.num_prompt_tokens,
             num_cached_tokens=request.num_cached_tokens,
+            num_imported_tokens=request.num_imported_tokens,
             num_output_tokens=request.num_output_tokens - request.num_prior_output_tokens,
             queue_s=(
                 None if request.first_scheduled_time is None else request.first_scheduled_time - request.arrival_time
@@ -344,9 +386,9 @@ class Engine:
     ) -> None:
         if rid in self.requests:
             raise InvalidRequest("request_id", f"{rid!r} is already in use", "use a unique request id")
-        if kv_import is None and rid in self._reserved:
+        if kv_import is None and rid in self.reservations:
             raise InvalidRequest("request_id", f"{rid!r} names a reservation", "pass its kv_import or abort it")
-        if kv_import is not None and rid not in self._reserved:
+        if kv_import is not None and rid not in self.reservations:
             raise RequestNotFound(f"no reservation for request {rid!r}; call reserve() first")
         if not prompt:
             raise InvalidRequest("prompt", "is empty", "send at least one token")

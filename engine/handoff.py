@@ -14,6 +14,17 @@ whose `done()` turns true when the last layer has landed. The batcher keeps the 
 every batch until then; at that moment its computed-token count jumps to N. `error()` returning
 an exception fails the request and frees its blocks.
 
+Prefix import — a worker that can get a leading part of a prompt's KV from elsewhere (a KV store)
+holds the blocks its own prefix cache has for that part, plus blocks for the rest of it
+(`Engine.reserve_prefix`); someone writes those, and the request is added with the KVImport as
+above. Its computed-token count then jumps past the imported tokens and the request computes only
+what follows. Unlike a hand-off the import is optional: if `error()` reports a failure, the
+request computes those tokens itself, into the same blocks, and loses nothing but time.
+
+Offering — `Engine.take_finished_chains()` names the full blocks finished requests left in the
+prefix cache, and `Engine.export_blocks(hashes, sink)` pushes them through any KVExportSink while
+they are still cached (between steps), so a worker can copy them to a KV store off the TTFT path.
+
 The engine knows nothing of tickets, peers or UCX: kvtransfer implements these protocols.
 `engine.inprocess_link` is the in-process implementation the tests use.
 """

@@ -6,9 +6,11 @@ tokens and hashes, not tensors: the KV bytes live in engine.kv_cache.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from engine.block_hash import chain_hashes
 from engine.block_pool import BlockPool
-from engine.ids import BlockId
+from engine.ids import BlockHash, BlockId
 from engine.request import Request
 
 
@@ -42,17 +44,22 @@ class KVManager:
             return 0
         self._update_hashes(request)
         max_blocks = (request.num_tokens - 1) // self.block_size
-        hits: list[BlockId] = []
-        for h in request.block_hashes[:max_blocks]:
-            block_id = self.pool.lookup(h)
-            if block_id is None:
-                break
-            hits.append(block_id)
+        hits = self.cached_blocks(request.block_hashes[:max_blocks])
         self.pool.touch(hits)
         request.block_ids = hits
         request.num_published_blocks = len(hits)
         request.num_computed_tokens = len(hits) * self.block_size
         return request.num_computed_tokens
+
+    def cached_blocks(self, hashes: Sequence[BlockHash]) -> list[BlockId]:
+        """The blocks caching the leading run of `hashes` (not held: touch them to keep them)."""
+        hits: list[BlockId] = []
+        for h in hashes if self.prefix_caching else ():
+            block_id = self.pool.lookup(h)
+            if block_id is None:
+                break
+            hits.append(block_id)
+        return hits
 
     def can_grow(self, request: Request, num_new_tokens: int) -> bool:
         need = blocks_for(request.num_computed_tokens + num_new_tokens, self.block_size)

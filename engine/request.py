@@ -45,8 +45,9 @@ class Request:
     block_ids: list[BlockId] = field(default_factory=list)
     block_hashes: list[BlockHash] = field(default_factory=list)  # of the full blocks of token_ids
     num_published_blocks: int = 0  # leading blocks already offered to the prefix cache
-    num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache or an import
-    num_imported_tokens: int = 0  # tokens whose KV an import writes (set by Engine.reserve)
+    num_cached_tokens: int = 0  # prompt tokens whose KV came from this engine's prefix cache
+    num_imported_tokens: int = 0  # tokens after those whose KV an import writes (0 once it failed)
+    import_optional: bool = False  # a prefix import: if it fails, compute those tokens instead
     num_prior_output_tokens: int = 0  # outputs given at admission (a resumed request); not re-emitted
     prefill_only: bool = False  # ends after its first token; another worker continues it
     num_preemptions: int = 0
@@ -94,8 +95,14 @@ class RequestOutput:
     finished: bool
     finish_reason: FinishReason | None
     num_prompt_tokens: int
-    num_cached_tokens: int
+    num_cached_tokens: int  # prompt tokens reused from this engine's prefix cache
     num_output_tokens: int
     queue_s: float | None = None  # arrival to first scheduled step, once scheduled
     error: str | None = None
     stop: int | str | None = None  # with FinishReason.STOP: the stop or EOS token id, or the stop string
+    num_imported_tokens: int = 0  # prompt tokens whose KV an import brought (a hand-off or a KV store)
+
+    @property
+    def num_computed_prompt_tokens(self) -> int:
+        """Prompt tokens this engine computed for the request."""
+        return max(0, self.num_prompt_tokens - self.num_cached_tokens - self.num_imported_tokens)

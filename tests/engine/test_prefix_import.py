@@ -1,0 +1,117 @@
+"""Starting a request with part of its prompt's KV imported (what a worker does with a KV store's
+blocks), and exporting the blocks a finished request left in the prefix cache (what it offers).
+
+One engine ("the store's source") computes a conversation's first turn; its finished chain is
+exported through the in-process link into another engine's prefix reservation, which then
+computes only the rest of turn two and samples exactly what computing everything gives.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from engine_helpers import greedy, make_engine, run_to_completion
+
+from engine.engine import Engine
+from engine.inprocess_link import InProcessExport, InProcessImport
+
+TURN1 = [(7 * i + 3) % 250 for i in range(42)]  # 42 tokens: 10 full blocks of 4 (40 tokens)
+TURN2 = TURN1 + [(11 * i + 5) % 250 for i in range(17)]  # 59 tokens
+
+
+def first_turn_chain(source: Engine) -> tuple:
+    source.add_request("turn1", TURN1, greedy(1))
+    run_to_completion(source)
+    (chain,) = source.take_finished_chains()
+    return chain
+
+
+def last_output(engine: Engine, request_id: str) -> object:
+    outs = []
+    while engine.has_work():
+        outs += [o for o in engine.step() if o.request_id == request_id]
+    return outs
+
+
+def test_a_request_computes_only_what_it_did_not_import(tiny_llama: Path) -> None:
+    source, worker, reference = make_engine(tiny_llama), make_engine(tiny_llama), make_engine(tiny_llama)
+    chain = first_turn_chain(source)
+    assert len(chain) == 10  # the prompt's full blocks; the sampled token was never computed
+
+    held = worker.reserve_prefix("turn2", TURN2, num_tokens=len(chain) * 4)
+    assert (held.num_cached_tokens, held.num_import_tokens, len(held.block_ids)) == (0, 40, 10)
+    landing = InProcessImport(num_layers=len(worker.kv_caches))
+    assert source.export_blocks(chain, InProcessExport(worker.kv_caches, held.block_ids, landing)) == 10
+    worker.add_request("turn2", TURN2, greedy(6), kv_import=landing)
+    outs = last_output(worker, "turn2")
+
+    reference.add_request("turn2", TURN2, greedy(6))
+    assert [t for o in outs for t in o.new_token_ids] == run_to_completion(reference)["turn2"]
+    last = outs[-1]
+    assert (last.num_cached_tokens, last.num_imported_tokens, last.num_computed_prompt_tokens) == (0, 40, 19)
+
+
+def test_the_engines_own_cache_comes_first_and_only_the_rest_is_imported(tiny_llama: Path) -> None:
+    source, worker = make_engine(tiny_llama), make_engine(tiny_llama)
+    chain = first_turn_chain(source)
+    worker.add_request("earlier", TURN1[:17], greedy(1))  # leaves 4 full blocks in its cache
+    run_to_completion(worker)
+
+    held = worker.reserve_prefix("turn2", TURN2, num_tokens=len(chain) * 4)
+    assert (held.num_cached_tokens, held.num_import_tokens, len(held.block_ids)) == (16, 24, 6)
+    landing = InProcessImport(num_layers=len(worker.kv_caches))
+    source.export_blocks(chain[4:], InProcessExport(worker.kv_caches, held.block_ids, landing))
+    worker.add_request("turn2", TURN2, greedy(6), kv_import=landing)
+    last = last_output(worker, "turn2")[-1]
+    assert (last.num_cached_tokens, last.num_imported_tokens, last.num_computed_prompt_tokens) == (16, 24, 19)
+
+
+def test_a_failed_prefix_import_is_computed_instead_and_gives_the_same_tokens(tiny_llama: Path) -> None:
+    worker, reference = make_engine(tiny_llama), make_engine(tiny_llama)
+    held = worker.reserve_prefix("turn2", TURN2, num_tokens=40)
+    landing = InProcessImport(num_layers=len(worker.kv_caches))
+    landing.failure = RuntimeError("the store went away")  # as a dropped connection reports it
+    worker.add_request("turn2", TURN2, greedy(6), kv_import=landing)
+    outs = last_output(worker, "turn2")
+
+    reference.add_request("turn2", TURN2, greedy(6))
+    assert [t for o in outs for t in o.new_token_ids] == run_to_completion(reference)["turn2"]
+    assert held.num_import_tokens == 40
+    assert (outs[-1].num_imported_tokens, outs[-1].num_computed_prompt_tokens, outs[-1].error) == (0, 59, None)
+
+
+def test_nothing_is_held_when_the_cache_covers_the_prefix_or_the_prompt_is_short(tiny_llama: Path) -> None:
+    worker = make_engine(tiny_llama)
+    worker.add_request("t1", TURN1, greedy(1))
+    run_to_completion(worker)
+
+    covered = worker.reserve_prefix("again", TURN1, num_tokens=40)  # its own cache holds all 10 blocks
+    assert (covered.num_cached_tokens, covered.num_import_tokens, covered.block_ids) == (40, 0, [])
+    short = worker.reserve_prefix("short", [1, 2, 3, 4], num_tokens=4)  # the last token is never imported
+    assert (short.num_import_tokens, worker.stats().num_reserved_blocks) == (0, 0)
+    worker.add_request("again", TURN1, greedy(1))  # the id was not taken by a reservation
+    run_to_completion(worker)
+
+
+def test_an_aborted_prefix_reservation_gives_every_block_back(tiny_llama: Path) -> None:
+    worker = make_engine(tiny_llama, num_blocks=64)
+    worker.add_request("earlier", TURN1[:17], greedy(1))
+    run_to_completion(worker)
+    free = worker.stats().num_free_blocks
+
+    held = worker.reserve_prefix("turn2", TURN2, num_tokens=40)
+    assert len(held.block_ids) == 6 and worker.stats().num_free_blocks == free - 10
+    worker.abort("turn2")
+    assert worker.stats().num_free_blocks == free and worker.stats().num_reserved_blocks == 0
+
+
+def test_a_block_evicted_before_its_export_cancels_the_export(tiny_llama: Path) -> None:
+    source = make_engine(tiny_llama, num_blocks=16)
+    chain = first_turn_chain(source)
+    source.add_request("flood", [(5 * i) % 250 for i in range(60)], greedy(1))  # needs 15 of the 16 blocks
+    run_to_completion(source)
+
+    landing = InProcessImport(num_layers=len(source.kv_caches))
+    export = InProcessExport(source.kv_caches, list(range(10)), landing)
+    assert source.export_blocks(chain, export) == 0
+    assert isinstance(landing.failure, RuntimeError) and not landing.done()
