@@ -20,7 +20,7 @@ import logging
 import queue
 import threading
 from collections import defaultdict, deque
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from concurrent.futures import Future
 from typing import TypeVar
 
@@ -132,7 +132,7 @@ class AsyncEngine:
         kv_import: KVImport | None = None,
         kv_export: KVExportSink | None = None,
         prefill_only: bool = False,
-    ) -> AsyncIterator[RequestOutput]:
+    ) -> AsyncGenerator[RequestOutput, None]:
         """Yield the request's outputs until it finishes; leaving early (cancel, break) aborts it."""
         if request_id in self._streams:
             raise InvalidRequest("request_id", f"{request_id!r} is already streaming", "use a unique request id")

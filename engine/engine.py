@@ -19,7 +19,7 @@ from engine.block_pool import BlockPool
 from engine.config import EngineConfig
 from engine.cpu_linear import packing_supported
 from engine.cuda_graphs import CaptureReport, DecodeGraphs
-from engine.errors import DeviceLost, InvalidRequest, OutOfBlocks, RequestNotFound
+from engine.errors import DeviceLost, EngineError, InvalidRequest, OutOfBlocks, RequestNotFound
 from engine.handoff import KVExportSink, KVImport
 from engine.ids import BlockHash, BlockId, RequestId
 from engine.kv_cache import allocate_kv_cache, plan_num_blocks
@@ -157,7 +157,13 @@ class Engine:
         first token, with no finish reason unless the generation itself ended there: another
         worker continues it (its KV goes there through `kv_export`)."""
         rid = RequestId(request_id)
-        self._validate(rid, prompt_token_ids, prior_output_ids, params, kv_import, prefill_only)
+        try:
+            self._validate(rid, prompt_token_ids, prior_output_ids, params, kv_import, prefill_only)
+        except EngineError:
+            if kv_import is not None and rid in self.reservations:  # refused: its blocks go back now
+                kv_import.cancel("the request was refused")
+                self.reservations.release(rid)
+            raise
         seed = params.seed if params.seed is not None else self._seeds.getrandbits(63)
         request = Request(
             request_id=rid,
@@ -333,6 +339,9 @@ class Engine:
         if request.kv_export is not None:
             request.kv_export.cancel(error or (reason.value if reason is not None else "ended"))
             request.kv_export = None
+        if request.kv_import is not None:  # still arriving: nothing may write the blocks once freed
+            request.kv_import.cancel(error or "the request ended")
+            request.kv_import = None
         self.batcher.remove(request)
         self._keep_chain(request)
         self.kv.release(request)

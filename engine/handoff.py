@@ -12,7 +12,8 @@ Receiver side — a decode engine reserves blocks for a request's first N tokens
 (`Engine.reserve`), someone writes those blocks, and the request is added with a `KVImport`
 whose `done()` turns true when the last layer has landed. The batcher keeps the request out of
 every batch until then; at that moment its computed-token count jumps to N. `error()` returning
-an exception fails the request and frees its blocks.
+an exception fails the request and frees its blocks; a request that ends while its import is
+still pending cancels the import before its blocks are freed.
 
 Prefix import — a worker that can get a leading part of a prompt's KV from elsewhere (a KV store)
 holds the blocks its own prefix cache has for that part, plus blocks for the rest of it
@@ -65,4 +66,9 @@ class KVImport(Protocol):
 
     def error(self) -> BaseException | None:
         """The failure that ended the import, or None while it is pending or done."""
+        ...
+
+    def cancel(self, reason: str) -> None:
+        """The request ended before the import did (abort, refusal): stop it. Once this returns,
+        nothing writes the reserved blocks, so the engine may free them."""
         ...

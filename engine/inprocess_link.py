@@ -26,6 +26,10 @@ class InProcessImport:
     def error(self) -> BaseException | None:
         return self.failure
 
+    def cancel(self, reason: str) -> None:
+        if not self.done() and self.failure is None:
+            self.failure = RuntimeError(f"cancelled: {reason}")
+
 
 class InProcessExport:
     """Sender side: copies each finished layer's blocks into the receiver's reserved blocks."""

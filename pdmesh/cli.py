@@ -82,7 +82,7 @@ def _run_service(args: argparse.Namespace, telemetry: TelemetryConfig) -> None:
             otel.shutdown()
         return
     if args.role == "kvstore":
-        _serve_kvstore(args, {"server": server, "telemetry": telemetry})
+        _serve_kvstore(args, server, telemetry)
         return
     from pdmesh.enums import WorkerRole
     from services.worker.config import WorkerConfig
@@ -112,21 +112,19 @@ def _given(**flags: Any) -> dict[str, Any]:
     return {name: value for name, value in flags.items() if value is not None}
 
 
-def _serve_kvstore(args: argparse.Namespace, overrides: dict[str, Any]) -> None:
+def _serve_kvstore(args: argparse.Namespace, server: dict[str, Any], telemetry: TelemetryConfig) -> None:
     from pdmesh.config import from_env, otel_export
     from services.kvstore.config import KVStoreConfig
     from services.kvstore.server import serve_kvstore
     from services.telemetry.otel import ServiceName, start_otel
 
-    flags = {
-        "scheduler": args.scheduler, "kv_port": args.kv_port, "store_id": args.worker_id,
-        "advertise_host": args.advertise_host, "disk_path": Path(args.disk_path) if args.disk_path else None,
-        "memory_bytes": args.memory_mib << 20 if args.memory_mib else None,
-        "disk_bytes": args.disk_mib << 20 if args.disk_mib else None,
-    }  # fmt: skip
-    overrides.pop("model", None)
-    overrides.update({k: v for k, v in flags.items() if v is not None})
-    store = from_env(KVStoreConfig, "kvstore", **overrides)
+    flags = _given(
+        scheduler=args.scheduler, kv_port=args.kv_port, store_id=args.worker_id, advertise_host=args.advertise_host,
+        disk_path=Path(args.disk_path) if args.disk_path else None,
+        memory_bytes=args.memory_mib << 20 if args.memory_mib else None,
+        disk_bytes=args.disk_mib << 20 if args.disk_mib else None,
+    )  # fmt: skip
+    store = from_env(KVStoreConfig, "kvstore", server=server, telemetry=telemetry, **flags)
     otel = start_otel(ServiceName.KVSTORE, store.id, otel_export())
     try:
         asyncio.run(serve_kvstore(store))
@@ -142,9 +140,15 @@ def _up(args: argparse.Namespace) -> int:
         extra += ["--kv-blocks", str(args.kv_blocks)]
     if args.dtype:
         extra += ["--dtype", args.dtype]
+    store: list[str] = []
+    if args.kvstore_memory_mib:
+        store += ["--memory-mib", str(args.kvstore_memory_mib)]
+    if args.kvstore_disk:
+        store += ["--disk-path", str(args.kvstore_disk)]
     spec = MeshSpec(
         port=args.port, prefill=args.prefill, decode=args.decode, model=args.model, device=args.device,
         threads=args.threads, host=args.host, grace_s=args.grace_s, extra_worker_args=tuple(extra),
+        kvstore=not args.no_kvstore, kvstore_args=tuple(store),
     )  # fmt: skip
     options = UpOptions(
         demo_prompt=args.demo, exit_after_demo=args.exit_after_demo, verbose=args.verbose, log_dir=args.log_dir,
@@ -183,6 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--log-dir", type=Path, default=None, help="each process's log file (default: a new temp dir)")
     up.add_argument("--verbose", action="store_true", help="show every log line, not only warnings and errors")
     up.add_argument("--no-restart", action="store_true", help="leave a process that exits down")
+    up.add_argument("--no-kvstore", action="store_true", help="run without the KV store (prefixes not shared)")
+    up.add_argument("--kvstore-memory-mib", type=int, default=None, help="the KV store's memory per KV layout")
+    up.add_argument("--kvstore-disk", type=Path, default=None, help="a directory for the KV store's disk tier")
     up.set_defaults(func=_up)
 
     serve = sub.add_parser("serve", help="run one service")

@@ -45,6 +45,10 @@ class Usage:
     transfer_bytes: int
     schedule_ms: float = 0.0  # arrival until the prompt went to the worker computing it
     transfer_overlap_ms: float = 0.0  # KV transfer hidden behind prefill compute
+    computed_prompt_tokens: int = 0  # computed for this request (cached + computed = prompt)
+    worker_cached_prompt_tokens: int = 0  # of cached_prompt_tokens: the prefilling worker's own cache
+    store_cached_prompt_tokens: int = 0  # of cached_prompt_tokens: fetched from the KV store
+    transferred_prompt_tokens: int = 0  # pushed from a prefill worker to the decode worker
 
     @property
     def tpot_ms(self) -> float:
@@ -125,12 +129,46 @@ class WorkerState:
 
 
 @dataclass(frozen=True)
+class KVStoreState:
+    """A KV store as the scheduler last heard from it: capacity (per KV layout namespace), use,
+    and what it did since it started."""
+
+    store_id: str
+    address: str
+    health: WorkerHealth | None
+    last_report_unix_ms: int
+    num_indexed_blocks: int  # blocks the scheduler's prefix index lists in the store
+    memory_capacity_bytes: int
+    memory_used_bytes: int
+    disk_capacity_bytes: int
+    disk_used_bytes: int
+    num_namespaces: int
+    num_memory_blocks: int
+    num_disk_blocks: int
+    num_lookups: int
+    num_lookup_blocks: int
+    num_lookup_hit_blocks: int
+    num_fetches: int
+    num_fetched_blocks: int
+    num_fetches_refused: int
+    num_fetches_failed: int
+    num_fetches_in_flight: int
+    num_offers: int
+    num_stored_blocks: int
+    num_demoted_blocks: int
+    num_promoted_blocks: int
+    num_evicted_blocks: int
+    num_restored_blocks: int
+
+
+@dataclass(frozen=True)
 class ClusterState:
     time_unix_ms: int
     policy: str
     num_queued_requests: int
     num_running_requests: int
     workers: tuple[WorkerState, ...]
+    kv_stores: tuple[KVStoreState, ...] = ()
 
     def worker(self, worker_id: str) -> WorkerState:
         return next(w for w in self.workers if w.worker_id == worker_id)
@@ -239,12 +277,22 @@ def cluster_state_from_pb(response: scheduler_pb2.GetClusterStateResponse) -> Cl
             last_report_unix_ms=w.last_report_unix_ms,
         )
 
+    def store(s: scheduler_pb2.KVStoreState) -> KVStoreState:
+        known = {"store_id", "address", "health", "last_report_unix_ms", "num_indexed_blocks"}
+        return KVStoreState(
+            store_id=s.info.store_id, address=s.info.address,
+            health=enum_from_pb(WorkerHealth, worker_pb2.WorkerHealth, s.health),
+            last_report_unix_ms=s.last_report_unix_ms, num_indexed_blocks=s.num_indexed_blocks,
+            **{f.name: getattr(s.status, f.name) for f in dataclasses.fields(KVStoreState) if f.name not in known},
+        )  # fmt: skip
+
     return ClusterState(
         time_unix_ms=response.time_unix_ms,
         policy=response.policy,
         num_queued_requests=response.num_queued_requests,
         num_running_requests=response.num_running_requests,
         workers=tuple(worker(w) for w in response.workers),
+        kv_stores=tuple(store(s) for s in response.kv_stores),
     )
 
 

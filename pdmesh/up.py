@@ -1,15 +1,16 @@
 """`pdmesh up`: the whole mesh as local processes on one machine, supervised.
 
-Starts a scheduler, N prefill and M decode workers (each `pdmesh serve ...`, the same command
-lines docker-compose uses) under a Supervisor (pdmesh/supervisor.py): a process that exits is
+Starts a scheduler, N prefill and M decode workers and a KV store (each `pdmesh serve ...`, the
+same command lines docker-compose uses) under a Supervisor (pdmesh/supervisor.py): a process that exits is
 restarted with backoff, repeated fast failures stop the mesh, and the children die with `up`
 however it dies. Before anything starts, every port the mesh will listen on is checked
 (pdmesh/ports.py). Every listener binds loopback unless `--host` says otherwise.
 
-Ready means the scheduler lists each of *this* mesh's workers (by id) as serving, so a foreign
-server on the port can never pass for the mesh. Stopping goes in order: the scheduler first, which
-stops taking requests and lets the streams in flight finish within the grace while the workers
-still serve them; then the workers; SIGKILL only for what outstays its grace by a margin.
+Ready means the scheduler lists each of *this* mesh's workers (by id), and its KV store, as
+serving, so a foreign server on the port can never pass for the mesh. Stopping goes in order: the
+scheduler first, which stops taking requests and lets the streams in flight finish within the
+grace while the workers still serve them; then the workers; then the store; SIGKILL only for what
+outstays its grace by a margin.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ from pdmesh.supervisor import ChildSpec, RestartPolicy, Supervisor
 _STOP_MARGIN_S = 15.0
 _KV_PORT_OFFSET = 100
 _METRICS_PORT_OFFSET = 200  # each process's Prometheus /metrics: port + 200 + n (the scheduler's n is 0)
+_KVSTORE_PORT_OFFSET = 99  # the store's gRPC port is the scheduler's + 99, its KV listener's + 199, its /metrics + 299
+KVSTORE_ID = "kvstore-0"
 _PORT_FIX = "Stop whatever listens there (`ss -ltnp` names it) or give `pdmesh up --port N` free ports"
 
 
@@ -53,6 +56,12 @@ class MeshSpec:
     grace_s: float = 30.0  # each service's drain on SIGTERM
     extra_worker_args: tuple[str, ...] = field(default_factory=tuple)
     env: tuple[tuple[str, str], ...] = ()  # extra PDMESH_* settings for every process
+    kvstore: bool = True  # a KV store the workers fill and fetch prefixes from
+    kvstore_args: tuple[str, ...] = field(default_factory=tuple)  # e.g. ("--memory-mib", "2048")
+
+    @property
+    def kvstore_port(self) -> int:
+        return self.port + _KVSTORE_PORT_OFFSET
 
     @property
     def reach_host(self) -> str:
@@ -94,6 +103,14 @@ class MeshSpec:
                 gpu = i % gpus if role == "decode" else (gpus - 1 - i % gpus)
                 env = (*env, ("CUDA_VISIBLE_DEVICES", str(gpu)))
             specs.append(ChildSpec(worker_id, argv, env))
+        if self.kvstore:
+            argv = (
+                *exe, "kvstore", *common, "--port", str(self.kvstore_port),
+                "--kv-port", str(self.kvstore_port + _KV_PORT_OFFSET), "--advertise-host", self.reach_host,
+                "--scheduler", f"{self.reach_host}:{self.port}", "--worker-id", KVSTORE_ID,
+                *self._metrics_flag(_KVSTORE_PORT_OFFSET), *self.kvstore_args,
+            )  # fmt: skip
+            specs.append(ChildSpec(KVSTORE_ID, argv, base_env))
         return specs
 
     def port_claims(self) -> list[PortClaim]:
@@ -103,13 +120,18 @@ class MeshSpec:
             claims.append(PortClaim(self.port + n, self.host, f"{worker_id}'s gRPC port"))
             # ucxx cannot bind its listener to one address: it takes the port on every interface.
             claims.append(PortClaim(self.port + _KV_PORT_OFFSET + n, "0.0.0.0", f"{worker_id}'s KV (UCX) port"))
+        if self.kvstore:
+            claims.append(PortClaim(self.kvstore_port, self.host, "the KV store's gRPC port"))
+            kv_port = self.kvstore_port + _KV_PORT_OFFSET
+            claims.append(PortClaim(kv_port, "0.0.0.0", "the KV store's KV (UCX) port"))
         for name, n in self.metrics_ports():
             claims.append(PortClaim(self.port + _METRICS_PORT_OFFSET + n, self.host, f"{name}'s /metrics port"))
         return claims
 
     def metrics_ports(self) -> list[tuple[str, int]]:
         """(process name, port offset) of every /metrics endpoint; its port is port + 200 + offset."""
-        return [("scheduler", 0), *((f"{role}-{i}", n) for role, i, n in self.workers)]
+        stores = [(KVSTORE_ID, _KVSTORE_PORT_OFFSET)] if self.kvstore else []
+        return [("scheduler", 0), *((f"{role}-{i}", n) for role, i, n in self.workers), *stores]
 
     def _metrics_flag(self, n: int) -> tuple[str, ...]:
         return ("--metrics-port", str(self.port + _METRICS_PORT_OFFSET + n))
@@ -157,8 +179,9 @@ class Mesh:
             raise
 
     def wait_ready(self, timeout_s: float) -> None:
-        """Until the scheduler lists every worker of this mesh as serving."""
+        """Until the scheduler lists every worker of this mesh, and its KV store, as serving."""
         want = set(self.spec.worker_ids)
+        stores = {KVSTORE_ID} if self.spec.kvstore else set()
         deadline = time.monotonic() + timeout_s
         with Client(self.target) as client:
             while time.monotonic() < deadline:
@@ -168,7 +191,9 @@ class Mesh:
                     raise RuntimeError(f"the mesh did not start: {self.failure}")
                 with contextlib.suppress(grpc.RpcError):
                     state = client.cluster_state(timeout_s=2)
-                    if want <= {w.worker_id for w in state.workers if w.health is WorkerHealth.SERVING}:
+                    serving = {w.worker_id for w in state.workers if w.health is WorkerHealth.SERVING}
+                    stores_serving = {s.store_id for s in state.kv_stores if s.health is WorkerHealth.SERVING}
+                    if want <= serving and stores <= stores_serving:
                         return
                 time.sleep(0.3)
         raise TimeoutError(f"the mesh was not ready within {timeout_s:.0f} s")
@@ -206,7 +231,8 @@ class Mesh:
         call (from another thread) waits for the first."""
         self._stopping.set()
         with self._stop_lock:
-            self.supervisor.stop([["scheduler"], self.spec.worker_ids], self.spec.grace_s + _STOP_MARGIN_S)
+            groups = [["scheduler"], self.spec.worker_ids, [KVSTORE_ID] if self.spec.kvstore else []]
+            self.supervisor.stop([g for g in groups if g], self.spec.grace_s + _STOP_MARGIN_S)
 
     def kill_all(self) -> None:
         self._stopping.set()
@@ -275,14 +301,16 @@ async def _start(mesh: Mesh, stop: asyncio.Event) -> bool:
 
 def _print_banner(mesh: Mesh) -> None:
     spec = mesh.spec
-    print(f"\npdmesh is up: scheduler at {mesh.target} ({spec.prefill} prefill, {spec.decode} decode, "
+    store = f", a KV store at {spec.reach_host}:{spec.kvstore_port}" if spec.kvstore else ""
+    print(f"\npdmesh is up: scheduler at {mesh.target} ({spec.prefill} prefill, {spec.decode} decode{store}, "
           f"{spec.model} on {spec.device})")  # fmt: skip
     if spec.host in WILDCARD_HOSTS:
         print(f"listening on every interface (--host {spec.host}): anyone who reaches this machine can use it")
     else:
         print(f"listening on {spec.host} only; --host 0.0.0.0 opens the mesh to the network")
     first, last = spec.port + _METRICS_PORT_OFFSET, spec.port + _METRICS_PORT_OFFSET + len(spec.workers)
-    print(f"metrics: http://{spec.reach_host}:{first}/metrics (scheduler) to :{last} (one port per process)")
+    stores = f", the KV store's :{spec.port + _METRICS_PORT_OFFSET + _KVSTORE_PORT_OFFSET}" if spec.kvstore else ""
+    print(f"metrics: http://{spec.reach_host}:{first}/metrics (scheduler) to :{last} (one port per worker{stores})")
     print(f'try:  pdmesh generate --target {mesh.target} --chat "What is the capital of France?"\n', flush=True)
 
 

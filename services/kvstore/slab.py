@@ -32,17 +32,23 @@ class HostSlab:
         dtype = getattr(torch, layout.dtype)
         # per layer (2, num_slots, block_size, kv_heads, head_dim)
         self.tensors = [torch.empty(shape, dtype=dtype, pin_memory=pin) for _ in range(layout.num_layers)]
-        self._free = list(range(num_slots))  # a heap
+        self._returned: list[int] = []  # a heap of slots given back
+        self._fresh = 0  # slots from here on were never handed out
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        return len(self._returned) + self.num_slots - self._fresh
 
     def take(self) -> int | None:
-        return heapq.heappop(self._free) if self._free else None
+        if self._returned:
+            return heapq.heappop(self._returned)
+        if self._fresh < self.num_slots:
+            self._fresh += 1
+            return self._fresh - 1
+        return None
 
     def give_back(self, slot: int) -> None:
-        heapq.heappush(self._free, slot)
+        heapq.heappush(self._returned, slot)
 
     def read(self, slot: int) -> torch.Tensor:
         """A copy of one block: (num_layers, 2, block_size, kv_heads, head_dim)."""

@@ -138,10 +138,15 @@ def prefill_to_pb(request: SchedulerRequest, ticket: TicketHandle) -> prefill_pb
     )
 
 
-def prefilled_from_pb(pb: prefill_pb2.PrefillResponse) -> Prefilled:
+def prefilled_from_pb(pb: prefill_pb2.PrefillResponse, num_prompt_tokens: int) -> Prefilled:
+    """The prefill worker's answer; an OK answer means every prompt token's KV reached the decode worker."""
+    cached = min(pb.cached_prompt_tokens, num_prompt_tokens)
     usage = Usage(
-        cached_prompt_tokens=pb.cached_prompt_tokens, queue_ms=pb.queue_ms, prefill_ms=pb.prefill_ms,
-        transfer_ms=pb.transfer_ms, transfer_overlap_ms=pb.transfer_overlap_ms, transfer_bytes=pb.transfer_bytes,
+        cached_prompt_tokens=cached, worker_cached_prompt_tokens=cached - min(pb.store_cached_prompt_tokens, cached),
+        store_cached_prompt_tokens=min(pb.store_cached_prompt_tokens, cached),
+        computed_prompt_tokens=num_prompt_tokens - cached, transferred_prompt_tokens=num_prompt_tokens,
+        queue_ms=pb.queue_ms, prefill_ms=pb.prefill_ms, transfer_ms=pb.transfer_ms,
+        transfer_overlap_ms=pb.transfer_overlap_ms, transfer_bytes=pb.transfer_bytes,
     )  # fmt: skip
     return Prefilled(chunk_from_pb(pb.chunk), usage)
 

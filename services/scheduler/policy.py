@@ -94,14 +94,19 @@ class RoundRobin(_Base):
 
     def __init__(self, local_prefill_max_tokens: int) -> None:
         super().__init__(local_prefill_max_tokens)
-        self._turn = itertools.count()
+        # One turn per role: a shared one would step twice per disaggregated request and, with one
+        # decode worker and two prefill workers, always land on the same prefill worker.
+        self._turns = {WorkerRole.PREFILL: itertools.count(), WorkerRole.DECODE: itertools.count()}
 
-    def _next(self, workers: Sequence[Worker]) -> Worker:
+    def _next(self, role: WorkerRole, workers: Sequence[Worker]) -> Worker:
         ordered = sorted(workers, key=lambda w: w.registered_at)
-        return ordered[next(self._turn) % len(ordered)]
+        return ordered[next(self._turns[role]) % len(ordered)]
 
-    pick_decode = _next
-    pick_prefill = _next
+    def pick_decode(self, workers: Sequence[Worker]) -> Worker:
+        return self._next(WorkerRole.DECODE, workers)
+
+    def pick_prefill(self, workers: Sequence[Worker]) -> Worker:
+        return self._next(WorkerRole.PREFILL, workers)
 
 
 class LeastLoaded(_Base):

@@ -99,6 +99,10 @@ class Usage:
     transfer_bytes: int = 0
     schedule_ms: float = 0.0  # arrival until the prompt went to the worker computing it
     transfer_overlap_ms: float = 0.0  # KV transfer hidden behind prefill compute
+    computed_prompt_tokens: int = 0
+    worker_cached_prompt_tokens: int = 0  # of cached_prompt_tokens, from the prefilling worker's cache
+    store_cached_prompt_tokens: int = 0  # of cached_prompt_tokens, fetched from the KV store
+    transferred_prompt_tokens: int = 0  # pushed from the prefill worker to the decode worker
 
 
 @dataclass(frozen=True)
@@ -106,7 +110,7 @@ class Prefilled:
     """A prefill worker's answer: the first token, and what computing and pushing it cost."""
 
     chunk: TokenChunk
-    usage: Usage  # cached_prompt_tokens, queue_ms, prefill_ms, transfer_ms, transfer_overlap_ms, transfer_bytes
+    usage: Usage  # where the prompt's KV came from; queue, prefill and transfer times; transfer_bytes
 
 
 @dataclass(frozen=True)

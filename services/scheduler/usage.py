@@ -9,6 +9,11 @@ from dataclasses import dataclass, field
 
 from services.scheduler.request import Usage
 
+# Where a prompt's KV came from: the worker that prefilled it reports them.
+_PROMPT_SOURCES = (
+    "cached_prompt_tokens", "worker_cached_prompt_tokens", "store_cached_prompt_tokens", "computed_prompt_tokens",
+)  # fmt: skip
+
 
 @dataclass
 class UsageMeter:
@@ -31,16 +36,19 @@ class UsageMeter:
         self.reported = usage
 
     def decoded(self, usage: Usage, local_prefill: bool) -> None:
-        """A decode worker's last figures: its decode time, its cache hits unless a prefill worker
-        reported some, and its queue and prefill times when it prefilled the request itself."""
+        """A decode worker's last figures: its decode time; and, when it prefilled the request
+        itself, where the prompt's KV came from and its queue and prefill times. After a hand-off
+        the prefill worker's figures stand: the decode worker imported the prompt, it did not
+        cache it."""
         r = self.reported
-        self.reported = dataclasses.replace(
-            r,
-            decode_ms=usage.decode_ms,
-            cached_prompt_tokens=r.cached_prompt_tokens or usage.cached_prompt_tokens,
-            queue_ms=(r.queue_ms or usage.queue_ms) if local_prefill else r.queue_ms,
-            prefill_ms=(r.prefill_ms or usage.prefill_ms) if local_prefill else r.prefill_ms,
-        )
+        self.reported = dataclasses.replace(r, decode_ms=usage.decode_ms)
+        if local_prefill:
+            self.reported = dataclasses.replace(
+                self.reported,
+                queue_ms=r.queue_ms or usage.queue_ms,
+                prefill_ms=r.prefill_ms or usage.prefill_ms,
+                **{name: getattr(usage, name) for name in _PROMPT_SOURCES},
+            )
 
     def usage(self, prompt_tokens: int, completion_tokens: int) -> Usage:
         now = time.monotonic()

@@ -33,7 +33,7 @@ async def reserve(worker: Worker, request: SchedulerRequest, lease_ms: int, time
 async def prefill(worker: Worker, request: SchedulerRequest, ticket: TicketHandle, timeout: float | None) -> Prefilled:
     stub = prefill_pb2_grpc.PrefillStub(worker.channel)
     reply = await _unary(worker, Phase.PREFILL, stub.Prefill(convert.prefill_to_pb(request, ticket), timeout=timeout))
-    return convert.prefilled_from_pb(reply)
+    return convert.prefilled_from_pb(reply, request.num_prompt_tokens)
 
 
 async def generate(

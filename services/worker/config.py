@@ -20,14 +20,19 @@ class WorkerConfig:
     advertise_host: str = "127.0.0.1"  # the host other services use to reach this worker
     kv_port: int = 0  # the KV transfer listener's port; 0 picks a free one
     lease_ms: int = 10_000  # an uncommitted reservation frees its blocks after this long, unless Reserve asks
+    # The KV store (when the scheduler names one): a lookup is on the way to the first token, so it
+    # is short; a fetch gets at most this long (and a quarter of the request's time left).
+    kvstore_lookup_timeout_ms: int = 300
+    kvstore_fetch_timeout_ms: int = 5_000
     server: ServerConfig = field(default_factory=ServerConfig)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     channel: ChannelConfig = field(default_factory=ChannelConfig)  # its calls to the scheduler
     engine: EngineConfig = field(default_factory=EngineConfig)
 
     def __post_init__(self) -> None:
-        if self.lease_ms <= 0:
-            raise ConfigError("lease_ms", f"is {self.lease_ms}; use a positive number of milliseconds")
+        for name in ("lease_ms", "kvstore_lookup_timeout_ms", "kvstore_fetch_timeout_ms"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(name, f"is {getattr(self, name)}; use a positive number of milliseconds")
 
     @property
     def id(self) -> str:

@@ -32,13 +32,20 @@ def chunk_from_output(out: RequestOutput) -> common_pb2.TokenChunk:
     return chunk
 
 
-def usage_of(out: RequestOutput, *, decode_s: float | None = None, prefill_s: float | None = None) -> common_pb2.Usage:
-    """What this worker measured of a finished request; the scheduler fills the rest."""
-    usage = common_pb2.Usage(
-        prompt_tokens=out.num_prompt_tokens,
-        completion_tokens=out.num_output_tokens,
-        cached_prompt_tokens=out.num_cached_tokens,
-    )
+def usage_of(
+    out: RequestOutput, *, handed_off: bool, decode_s: float | None = None, prefill_s: float | None = None
+) -> common_pb2.Usage:
+    """What this worker measured of a finished request; the scheduler fills the rest. With a
+    hand-off the imported tokens were transferred from a prefill worker; otherwise they came from
+    the KV store, and the worker computed what neither its cache nor the store held."""
+    usage = common_pb2.Usage(prompt_tokens=out.num_prompt_tokens, completion_tokens=out.num_output_tokens)
+    if handed_off:
+        usage.transferred_prompt_tokens = out.num_imported_tokens
+    else:
+        usage.cached_prompt_tokens = out.num_cached_tokens + out.num_imported_tokens
+        usage.worker_cached_prompt_tokens = out.num_cached_tokens
+        usage.store_cached_prompt_tokens = out.num_imported_tokens
+        usage.computed_prompt_tokens = out.num_computed_prompt_tokens
     if out.queue_s is not None:
         usage.queue_ms = out.queue_s * 1000
     if decode_s is not None:

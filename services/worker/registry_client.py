@@ -29,10 +29,13 @@ LoadFn = Callable[[bool], Awaitable[worker_pb2.ReportLoadRequest]]
 
 class Reporter:
     def __init__(
-        self, scheduler: str, info: worker_pb2.WorkerInfo, load: LoadFn, config: ChannelConfig | None = None
-    ) -> None:
+        self, scheduler: str, info: worker_pb2.WorkerInfo, load: LoadFn, config: ChannelConfig | None = None,
+        on_store: Callable[[str], None] | None = None,
+    ) -> None:  # fmt: skip
+        """on_store hears the KV store the scheduler names in each answer ("" for none)."""
         self.info = info
         self.load = load
+        self.on_store = on_store
         self._channel = channel(scheduler, config)
         self._stub = worker_pb2_grpc.RegistryStub(self._channel)
         self._task: asyncio.Task[None] | None = None
@@ -89,6 +92,8 @@ class Reporter:
         report.health = worker_pb2.WORKER_HEALTH_DRAINING if self.draining else worker_pb2.WORKER_HEALTH_SERVING
         reply = await self._stub.ReportLoad(report, timeout=5)
         self._snapshot = reply.kv_snapshot_requested
+        if self.on_store is not None:
+            self.on_store(reply.kv_store_address)
         if reply.reregister:
             self._registered = False
             return 0.0

@@ -1,7 +1,9 @@
-"""A prefill or decode worker process: engine, KV transport, gRPC service, load reports.
+"""A prefill or decode worker process: engine, KV transport, gRPC service, load reports, and its
+use of the KV store (prefixes fetched before prefill, finished blocks offered after).
 
-Both roles run the same engine; they differ in which servicer they expose and whether the KV
-transport has a receiving side (decode) or only sends (prefill). Told to stop (SIGTERM), a worker
+Both roles run the same engine; they differ in which servicer they expose. Both transports
+receive: a decode worker's tickets from prefill workers, either's prefixes from the KV store.
+Told to stop (SIGTERM), a worker
 first reports DRAINING, so the scheduler places nothing new on it, then finishes its calls in
 flight and stops. A worker whose engine loses its device stops the same way by itself — its
 requests have already failed with DeviceLost (UNAVAILABLE: the scheduler moves them) — and
@@ -29,7 +31,10 @@ from services.telemetry.metrics import MetricsEndpoint
 from services.worker.config import WorkerConfig
 from services.worker.convert import load_report_to_pb, worker_info_to_pb
 from services.worker.load import LoadSampler
+from services.worker.offers import Offerer
+from services.worker.prefix_fetch import PrefixFetcher
 from services.worker.registry_client import Reporter
+from services.worker.store_client import StoreClient
 from services.worker.telemetry import WorkerTelemetry
 
 log = structlog.get_logger(__name__)
@@ -45,22 +50,26 @@ async def serve_worker(config: WorkerConfig) -> None:
         loop.call_soon_threadsafe(device_lost.set)
 
     async_engine = AsyncEngine(engine, on_device_lost)
-    receiving = config.role is WorkerRole.DECODE
     kv_config = config.transport()
     telemetry = WorkerTelemetry(config.id, kv_config.ucx_tls or "ucx default", engine.kv_layout.num_layers)
     metrics = MetricsEndpoint.start(telemetry.registry, config.telemetry)
-    transport = KVTransport(engine.kv_layout, kv_config, engine.kv_caches if receiving else None, telemetry)
+    # Both roles receive: a decode worker its hand-offs, either one the prefixes it fetches.
+    transport = KVTransport(engine.kv_layout, kv_config, engine.kv_caches, telemetry)
     await asyncio.to_thread(transport.start)
-    reservations = Reservations(async_engine, transport, config.id, config.lease_ms) if receiving else None
+    store = StoreClient(engine.kv_layout, config.kvstore_lookup_timeout_ms / 1000, config.channel)
+    fetcher = PrefixFetcher(async_engine, transport, store, engine.kv_layout, config.kvstore_fetch_timeout_ms / 1000)
+    offerer = Offerer(async_engine, transport, store)
+    decoding = config.role is WorkerRole.DECODE
+    reservations = Reservations(async_engine, transport, config.id, config.lease_ms) if decoding else None
     if reservations is not None:
         binding = ServicerBinding(
-            DecodeServicer(async_engine, reservations, config.id, telemetry),
+            DecodeServicer(async_engine, reservations, fetcher, config.id, telemetry),
             decode_pb2_grpc.add_DecodeServicer_to_server,
             decode_pb2.DESCRIPTOR.services_by_name["Decode"],
         )
     else:
         binding = ServicerBinding(
-            PrefillServicer(async_engine, transport, config.id, telemetry),
+            PrefillServicer(async_engine, transport, fetcher, config.id, telemetry),
             prefill_pb2_grpc.add_PrefillServicer_to_server,
             prefill_pb2.DESCRIPTOR.services_by_name["Prefill"],
         )
@@ -77,8 +86,9 @@ async def serve_worker(config: WorkerConfig) -> None:
     async def on_ready(server: Server) -> None:
         nonlocal reporter
         info = worker_info_to_pb(config, engine, transport.address, server.port)
-        reporter = Reporter(config.scheduler, info, load, config.channel)
+        reporter = Reporter(config.scheduler, info, load, config.channel, on_store=store.point_at)
         reporter.start()
+        offerer.start()
         log.info("worker ready", worker_id=config.id, port=server.port, kv=transport.address)
 
     async def on_drain() -> None:
@@ -89,6 +99,9 @@ async def serve_worker(config: WorkerConfig) -> None:
     async def on_shutdown() -> None:
         if reporter is not None:
             await reporter.stop()
+        await offerer.stop()
+        await fetcher.close()
+        await store.close()
         if reservations is not None:
             await reservations.close()
         async_engine.shutdown()

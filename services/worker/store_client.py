@@ -1,0 +1,137 @@
+"""A worker's calls to the KV store: lookup, offer, fetch; where the store is, and whether to ask it.
+
+The scheduler names the live store in every answer to a load report (`point_at`). The store is an
+optimisation, never a dependency: every call is short-timed, and a call that fails or times out
+sets the store aside for a while (1 s, doubling to 30 s while it keeps failing), so a dead or
+stalled store costs the requests of that moment one timeout, not every request one each. A
+success, or a new address, clears it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+
+import grpc
+import structlog
+
+from engine.ids import BlockHash
+from engine.kv_layout import KVLayout
+from kvtransfer.ticket import Ticket
+from pdmesh.channel import channel
+from pdmesh.config import ChannelConfig
+from pdmesh.convert import layout_to_pb
+from pdmesh.v1 import kvstore_pb2, kvstore_pb2_grpc
+from services.worker.convert import ticket_from_pb, ticket_to_pb
+
+log = structlog.get_logger(__name__)
+T = TypeVar("T")
+Stub = kvstore_pb2_grpc.KVStoreStub
+_BACKOFF_S = (1.0, 30.0)
+
+
+class StoreUnavailable(Exception):
+    """The store did not answer, refused, or failed: the caller goes on without it."""
+
+
+@dataclass(frozen=True)
+class Offered:
+    wanted: list[int]  # positions of the offered hashes the store wants pushed
+    ticket: Ticket | None  # where to push them
+
+
+@dataclass
+class StoreCounters:
+    """What this worker got from the store: plain attributes, for reports and metrics."""
+
+    lookups: int = 0
+    fetches: int = 0
+    fetched_blocks: int = 0
+    fetch_failures: int = 0
+    offers: int = 0
+    offered_blocks: int = 0
+    errors: int = 0  # calls that failed and set the store aside
+
+
+class StoreClient:
+    def __init__(self, layout: KVLayout, lookup_timeout_s: float, channel_config: ChannelConfig | None = None) -> None:
+        self.layout = layout
+        self.layout_pb = layout_to_pb(layout)
+        self.lookup_timeout_s = lookup_timeout_s
+        self.counters = StoreCounters()
+        self._channel_config = channel_config
+        self.address = ""
+        self._channel: grpc.aio.Channel | None = None
+        self._stub: kvstore_pb2_grpc.KVStoreStub | None = None
+        self._aside_until = 0.0
+        self._backoff = _BACKOFF_S[0]
+        self._retired: list[grpc.aio.Channel] = []
+
+    @property
+    def available(self) -> bool:
+        return self._stub is not None and time.monotonic() >= self._aside_until
+
+    def point_at(self, address: str) -> None:
+        """The store the scheduler names now ("" for none)."""
+        if address == self.address:
+            return
+        log.info("kv store", address=address or None, previous=self.address or None)
+        if self._channel is not None:
+            self._retired.append(self._channel)  # calls in flight on it finish; closed at close()
+        self.address, self._aside_until, self._backoff = address, 0.0, _BACKOFF_S[0]
+        self._channel = channel(address, self._channel_config) if address else None
+        self._stub = kvstore_pb2_grpc.KVStoreStub(self._channel) if self._channel is not None else None
+
+    async def lookup(self, hashes: Sequence[BlockHash]) -> list[int]:
+        """Generations of the longest stored prefix of `hashes`."""
+        self.counters.lookups += 1
+        request = kvstore_pb2.LookupRequest(kv_layout=self.layout_pb, block_hashes=hashes)
+        reply = await self._call("lookup", lambda stub: stub.Lookup(request, timeout=self.lookup_timeout_s))
+        return list(reply.generations)
+
+    async def offer(self, hashes: Sequence[BlockHash]) -> Offered:
+        self.counters.offers += 1
+        request = kvstore_pb2.OfferRequest(kv_layout=self.layout_pb, block_hashes=hashes)
+        reply = await self._call("offer", lambda stub: stub.Offer(request, timeout=self.lookup_timeout_s))
+        return Offered(list(reply.wanted), ticket_from_pb(reply.ticket) if reply.HasField("ticket") else None)
+
+    async def fetch(
+        self, hashes: Sequence[BlockHash], generations: Sequence[int], ticket: Ticket, timeout_s: float
+    ) -> None:
+        """Push the blocks into the ticket; returns once they landed. StoreUnavailable otherwise
+        (a stale lookup, FAILED_PRECONDITION, does not set the store aside: it answered)."""
+        request = kvstore_pb2.FetchRequest(
+            kv_layout=self.layout_pb, block_hashes=hashes, generations=generations, ticket=ticket_to_pb(ticket)
+        )
+        try:
+            await self._call("fetch", lambda stub: stub.Fetch(request, timeout=timeout_s))
+        except StoreUnavailable:
+            self.counters.fetch_failures += 1
+            raise
+        self.counters.fetches += 1
+        self.counters.fetched_blocks += len(hashes)
+
+    async def close(self) -> None:
+        for ch in [*self._retired, *([self._channel] if self._channel is not None else [])]:
+            await ch.close()
+
+    async def _call(self, method: str, call: Callable[[Stub], Awaitable[T]]) -> T:
+        stub = self._stub
+        if stub is None or not self.available:
+            raise StoreUnavailable("no KV store is available now")
+        try:
+            reply = await call(stub)
+        except grpc.aio.AioRpcError as e:
+            if e.code() != grpc.StatusCode.FAILED_PRECONDITION:
+                self._set_aside(method, e)
+            raise StoreUnavailable(f"{method}: {e.code().name}: {e.details()}") from None
+        self._backoff = _BACKOFF_S[0]
+        return reply
+
+    def _set_aside(self, method: str, error: grpc.aio.AioRpcError) -> None:
+        self.counters.errors += 1
+        self._aside_until = time.monotonic() + self._backoff
+        log.warning("kv store set aside", method=method, code=error.code().name, for_s=self._backoff)
+        self._backoff = min(self._backoff * 2, _BACKOFF_S[1])
