@@ -236,6 +236,8 @@ class KVTransport:
         self._accepted.clear()
         with contextlib.suppress(Exception):  # private ucxx API, only a speed-up and quiet: see below
             _stop_notifier(ucxx.core._ctx)
+        for _ in range(3):  # the notifier's last wake-ups were posted to this loop: run them before it closes
+            await asyncio.sleep(0)
         try:
             ucxx.reset()
         except Exception as e:  # a reference still held somewhere; the process can go on

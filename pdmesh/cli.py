@@ -3,6 +3,7 @@
     pdmesh up                       the whole mesh as local processes (scheduler, prefill, decode)
     pdmesh serve ROLE               one service: scheduler, prefill, decode or kvstore (what compose runs)
     pdmesh generate PROMPT          stream a completion from a running mesh
+    pdmesh status                   workers' health and load, the KV store's capacity and hit counts
     pdmesh demo                     the engine alone in this process, one chat answer
     pdmesh bench serve              load a running mesh: concurrency/rate sweeps, trace replay
 
@@ -157,6 +158,12 @@ def _up(args: argparse.Namespace) -> int:
     return asyncio.run(run_up(spec, options))
 
 
+def _status(args: argparse.Namespace) -> int:
+    from pdmesh.status import run_status
+
+    return asyncio.run(run_status(args))
+
+
 def _generate(args: argparse.Namespace) -> int:
     from pdmesh.generate import run_generate
 
@@ -197,7 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=None)
     serve.add_argument("--host", default=None, help="the interface to listen on (default 0.0.0.0)")
     serve.add_argument("--model", default=None)
-    serve.add_argument("--policy", default=None, choices=["least_loaded", "round_robin"], help="scheduler's placement")
+    serve.add_argument("--policy", default=None, choices=["least_loaded", "round_robin", "prefix_aware"],
+                       help="scheduler's placement")
     serve.add_argument("--scheduler", default=None, help="workers: the scheduler's host:port")
     serve.add_argument("--advertise-host", default=None, help="workers: the host others reach this worker at")
     serve.add_argument("--worker-id", default=None, help="workers and the KV store: the id in the mesh")
@@ -231,6 +239,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true", help="print one JSON object with text, tokens and timings")
     gen.add_argument("--explain", action="store_true", help="show where the time to first token went")
     gen.set_defaults(func=_generate)
+
+    status = sub.add_parser("status", help="the mesh as the scheduler sees it: workers and the KV store")
+    status.add_argument("--target", default="127.0.0.1:50051", help="the scheduler's host:port")
+    status.add_argument("--json", action="store_true", help="one JSON object instead of tables")
+    status.set_defaults(func=_status)
 
     demo = sub.add_parser("demo", help="run the engine in this process and stream one chat answer")
     demo.add_argument("prompt", nargs="?", default="What is the capital of France?")

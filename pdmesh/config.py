@@ -330,6 +330,7 @@ class PolicyName(enum.Enum):
 
     LEAST_LOADED = "least_loaded"
     ROUND_ROBIN = "round_robin"
+    PREFIX_AWARE = "prefix_aware"
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 
 import structlog
@@ -68,7 +68,7 @@ class RequestFlow:
         self.settings = settings
         self.deadline = deadline
         self.releases = releases
-        self.shape = RequestShape.of(request, registry.index)
+        self.shape = RequestShape.of(request, registry.index, registry.live_store_ids())
         self.outputs: list[int] = []  # every token sent to the client
         self.meter = UsageMeter()
         self.report = PlacementReport()
@@ -143,11 +143,14 @@ class RequestFlow:
         self.report.decode_worker_id = placement.decode.worker_id
         assert placement.prefill is not None
         self._ticket = (placement.decode, ticket)
+        prefilled_now = self._count_prefill(placement.prefill, 0)
         try:
             prefilled = await worker_client.prefill(placement.prefill, self.request, ticket, self.deadline.left())
         except BaseException:
             await self._release_ticket()
             raise
+        finally:
+            prefilled_now()
         self.meter.prefilled(prefilled.usage)
         self.meter.token_sent()
         self.outputs += prefilled.chunk.token_ids
@@ -194,14 +197,21 @@ class RequestFlow:
 
     async def _decode(self, worker: Worker, ticket: TicketHandle | None) -> AsyncIterator[Response]:
         stream = worker_client.generate(worker, self.request, list(self.outputs), ticket, self.deadline.left())
-        async with contextlib.aclosing(stream):
-            async for decoded in stream:
-                if decoded.chunk.token_ids:
-                    self.meter.token_sent()
-                self.outputs += decoded.chunk.token_ids
-                if decoded.usage is not None:
-                    self.meter.decoded(decoded.usage, local_prefill=self.report.plan is ExecutionPlan.LOCAL_PREFILL)
-                yield self._response(decoded.chunk, final=decoded.usage is not None)
+        # Without a ticket the decode worker prefills the request (prompt and output so far) first.
+        prefilled = self._count_prefill(worker, len(self.outputs)) if ticket is None else _nothing
+        try:
+            async with contextlib.aclosing(stream):
+                async for decoded in stream:
+                    prefilled()
+                    if decoded.chunk.token_ids:
+                        self.meter.token_sent()
+                    self.outputs += decoded.chunk.token_ids
+                    if decoded.usage is not None:
+                        local_prefill = self.report.plan is ExecutionPlan.LOCAL_PREFILL
+                        self.meter.decoded(decoded.usage, local_prefill=local_prefill)
+                    yield self._response(decoded.chunk, final=decoded.usage is not None)
+        finally:
+            prefilled()
 
     # -- bookkeeping ------------------------------------------------------------------------------
 
@@ -220,6 +230,19 @@ class RequestFlow:
             self._schedule_span.end()
             self._schedule_span = None
             self.meter.prompt_sent()
+
+    def _count_prefill(self, worker: Worker, extra_tokens: int) -> Callable[[], None]:
+        """Count the tokens the worker computes for this request as its queued prefill work (what
+        prefix_aware weighs affinity against) until the returned function is called (again: no-op)."""
+        tokens = max(0, self.shape.uncached_tokens(worker) + extra_tokens)
+        worker.queued_prefill_tokens += tokens
+
+        def done() -> None:
+            nonlocal tokens
+            worker.queued_prefill_tokens -= tokens
+            tokens = 0
+
+        return done
 
     def _waiting(self, waiting: bool) -> None:
         self.waiting = waiting
@@ -244,3 +267,7 @@ class RequestFlow:
             return Response(self.request.request_id, chunk)
         usage = self.meter.usage(self.request.num_prompt_tokens, len(self.outputs))
         return Response(self.request.request_id, chunk, usage, dataclasses.replace(self.report))
+
+
+def _nothing() -> None:
+    pass

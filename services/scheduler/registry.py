@@ -84,6 +84,7 @@ class Worker:
     draining: bool = False
     dead: bool = False  # a call found it unreachable; cleared by its next report
     assigned: int = 0  # requests this scheduler has on it now
+    queued_prefill_tokens: int = 0  # prompt tokens it computes for requests placed here, not yet prefilled
 
     @property
     def worker_id(self) -> str:
@@ -156,7 +157,7 @@ class Registry:
         re-registers after any lost report, and its streams in flight must not be cut."""
         old = self.workers.pop(info.worker_id, None)
         if old is not None and old.info.address == info.address:
-            worker = Worker(info, old.channel, assigned=old.assigned)
+            worker = Worker(info, old.channel, assigned=old.assigned, queued_prefill_tokens=old.queued_prefill_tokens)
         else:
             if old is not None:
                 await old.channel.close()
@@ -199,6 +200,10 @@ class Registry:
         for layout, events in report.events:
             self.index.apply(store.store_id, layout, events)
         return True, False
+
+    def live_store_ids(self) -> list[str]:
+        store = self.live_store()
+        return [store.store_id] if store is not None else []
 
     def live_store(self) -> Store | None:
         """The KV store workers should use: the most recently registered one that reports."""

@@ -9,6 +9,9 @@ and from the store (everything since, the decode worker's output included).
 from __future__ import annotations
 
 import asyncio
+import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -21,7 +24,7 @@ from tests.mesh.conftest import BLOCK_SIZE, start_mesh, stop_mesh
 from tests.mesh.test_mesh import prompts_of
 
 pytestmark = pytest.mark.slow
-ROUND_ROBIN = (("PDMESH_SCHEDULER_POLICY", "ROUND_ROBIN"), ("PDMESH_SCHEDULER_LOCAL_PREFILL_MAX_TOKENS", "0"))
+ROUND_ROBIN = {"PDMESH_SCHEDULER_POLICY": "ROUND_ROBIN", "PDMESH_SCHEDULER_LOCAL_PREFILL_MAX_TOKENS": "0"}
 OUTPUT = 20
 
 
@@ -106,3 +109,11 @@ def test_each_turn_computes_only_its_new_tokens_on_either_prefill_worker(mesh, c
     assert u3.cached_prompt_tokens + u3.computed_prompt_tokens == u3.prompt_tokens == lengths[2]
     assert (store.num_fetches, store.num_fetches_refused, store.num_fetches_failed) == (2, 0, 0)
     assert store.memory_used_bytes <= store.memory_capacity_bytes
+
+    # What an operator sees: `pdmesh status` shows the store, its use and its hits.
+    shown = subprocess.run([sys.executable, "-m", "pdmesh", "status", "--target", mesh.target],
+                           capture_output=True, text=True, check=True).stdout  # fmt: skip
+    assert "kv store  kvstore-0" in shown and "fetches   2 (" in shown and "refused" in shown
+    as_json = json.loads(subprocess.run([sys.executable, "-m", "pdmesh", "status", "--target", mesh.target, "--json"],
+                                        capture_output=True, text=True, check=True).stdout)  # fmt: skip
+    assert as_json["kv_stores"][0]["num_fetches"] == 2 and as_json["kv_stores"][0]["health"] == "serving"

@@ -123,7 +123,7 @@ def test_a_killed_worker_is_restarted_and_no_child_outlives_up(tmp_path: Path, m
         up.wait_for(up.out, "Ctrl-C stops the mesh")
         expected = _generate(up.target)
         before = up.children()
-        assert set(before) == {"scheduler", "prefill-0", "decode-0"}
+        assert set(before) == {"scheduler", "prefill-0", "decode-0", "kvstore-0"}
 
         os.kill(before["decode-0"], signal.SIGKILL)
         up.wait_for(up.err, "decode-0: exited (killed by SIGKILL)")
