@@ -46,7 +46,8 @@ class EngineConfig:
     cuda_graph_max_batch: int = 64  # decode steps up to this batch replay captured CUDA graphs; 0: off
     # Other steps (prefill chunks in the batch) replay captured pieces around eager attention.
     piecewise_cuda_graphs: bool = True
-    # Test-only: the step with this number (1-based) fails as though the device were lost, so that
+    # Test-only: the step with this number (1-based, counting steps that run a batch: a step that
+    # only waits for KV imports touches no device) fails as though the device were lost, so that
     # tests can show a broken worker handing its requests over. 0: never.
     inject_device_loss_at_step: int = 0
     # CPU: linears through oneDNN with weights reordered once at load (engine.cpu_linear); False

@@ -77,7 +77,7 @@ class Engine:
         self.graph_capture: list[CaptureReport] = []
         if self.device.type == "cuda":
             self._capture_graphs(model, num_blocks)
-        self.num_steps = 0
+        self.num_steps = 0  # steps that ran a batch
         self.step_times = StepTimes()
         self._lost: str | None = None  # why the device is unusable, once known
         self.sampler = Sampler()
@@ -267,16 +267,16 @@ class Engine:
         """One step of the batch. `while_device_runs` is called once the step's work is queued on
         the device, before waiting for it: host work done there overlaps the device's instead of
         delaying the next launch (the async engine hands over the previous step's outputs)."""
-        self.num_steps += 1
-        if self.num_steps == self.config.inject_device_loss_at_step:
-            self._lost = f"device loss injected at step {self.num_steps} (inject_device_loss_at_step)"
-            raise DeviceLost(self._lost)
         watch = Stopwatch(self.step_times)
         batch = self.batcher.schedule()
         outputs = self._fail_imports(batch)
         watch.lap(Phase.SCHEDULE)
         if not batch.chunks:
             return outputs
+        self.num_steps += 1
+        if self.num_steps == self.config.inject_device_loss_at_step:
+            self._lost = f"device loss injected at step {self.num_steps} (inject_device_loss_at_step)"
+            raise DeviceLost(self._lost)
         inputs = self.runner.prepare(batch.chunks)
         watch.lap(Phase.PREPARE)
         logits = self.runner.execute(inputs)  # (completing chunks, vocab)
