@@ -27,13 +27,14 @@ def mesh_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def free_port_base(workers: int = 8) -> int:
-    """A base port whose mesh ports (base..base+workers, and base+100.. for the KV listeners) are
-    free now; below Linux's ephemeral range, where other processes' outgoing ports land."""
+    """A base port whose mesh ports are free now: base..base+workers (gRPC), base+100.. (KV
+    listeners), base+200.. (/metrics) and the KV store's base+99, +199, +299; below Linux's
+    ephemeral range, where other processes' outgoing ports land."""
     for _ in range(100):
-        base = random.randrange(20000, 32000, 200)
-        ports = [*range(base, base + workers + 1), *range(base + 100, base + 101 + workers)]
+        base = random.randrange(20000, 32000, 400)
+        ports = [p for offset in (0, 100, 200) for p in range(base + offset - 1, base + offset + workers + 1)]
         try:
-            check_free([PortClaim(p, "0.0.0.0", "a mesh port") for p in ports], "")
+            check_free([PortClaim(p, "0.0.0.0", "a mesh port") for p in [*ports, base + 299]], "")
         except PortInUse:
             continue
         return base
