@@ -49,6 +49,7 @@ def mesh(mesh_model: Path, receiver: OtlpReceiver, tmp_path_factory: pytest.Temp
     spec = MeshSpec(
         port=free_port_base(), model=str(mesh_model), env=(("PDMESH_SCHEDULER_REPORT_INTERVAL_MS", "100"), *otel),
         extra_worker_args=("--threads", "1", "--kv-blocks", str(KV_BLOCKS), "--block-size", str(BLOCK_SIZE)),
+        kvstore=False,  # the workers' offers to a store would add to the KV transfer counters counted here
     )  # fmt: skip
     mesh = Mesh(spec, output=ProcessOutput(Echo.WARNINGS, log_dir=tmp_path_factory.mktemp("mesh_logs")))
     mesh.start(180)
