@@ -6,7 +6,8 @@
 #
 # Writes $OUT/summary.txt (what each phase printed last) and $OUT/logs.tgz (every log and JSON).
 # Each phase has its own time limit and the whole run a deadline (BUDGET_S), so that a stuck phase
-# costs only itself. Phases: setup model tests engine profile mesh-disagg mesh-coloc mesh-coloc512.
+# costs only itself. Phases: setup model tests engine profile mesh-disagg mesh-coloc mesh-coloc512
+# kvstore (issue 8: bench/kv_store.py, ~3.5 min; `PHASES="setup model kvstore"` alone).
 set -u
 OUT=${OUT:-/tmp/gpu_run}
 LOGS=$OUT/logs
@@ -131,6 +132,11 @@ fi
 if wants mesh-coloc512; then  # colocated with 512-token steps: smaller prefill chunks beside the decodes
   PDMESH_BATCHER_MAX_BATCHED_TOKENS=512 PDMESH_SCHEDULER_LOCAL_PREFILL_MAX_TOKENS=1000000 LOADS=${LOADS512:-c64} \
     mesh mesh-coloc512 52051 --prefill 0 --decode 1
+fi
+if wants kvstore; then  # 2 prefill + 1 decode 8B workers on the one GPU, and the KV store
+  TAIL=16 phase kvstore 230 $PY bench/kv_store.py --device cuda --model "$MODEL" --kv-blocks 2048 \
+    --store-mib 8192 --port 53051 --rounds 2 --routing-rounds 1 --prefix 2048 --groups 8 --input 128 \
+    --concurrency 16 --requests 64 --routing-output 32 --out "$LOGS/kvstore.json" --log-dir "$LOGS/kvstore"
 fi
 say "== total $(($(date +%s) - T0))s"
 tar -czf "$OUT/logs.tgz" -C "$OUT" logs && rm -rf "$LOGS"

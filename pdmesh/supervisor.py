@@ -29,6 +29,7 @@ once the child is gone.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import shutil
 import signal
@@ -245,9 +246,13 @@ class Supervisor:
         for child in self.children.values():
             child.start()
 
-    def restart(self, name: str) -> None:
-        """Start a child that stayed down (restarts off, or given up) again with its own command."""
-        self.children[name].start()
+    def restart(self, name: str, env: tuple[tuple[str, str], ...] = ()) -> None:
+        """Start a child that stayed down (restarts off, or given up) again with its own command,
+        `env` added to its environment from now on."""
+        child = self.children[name]
+        if env:
+            child.spec = dataclasses.replace(child.spec, env=(*child.spec.env, *env))
+        child.start()
 
     def kill(self, name: str, timeout_s: float = 30.0) -> None:
         """SIGKILL one child's process, no drain, and wait until it is gone (a restart may follow)."""

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import grpc
 
-from pdmesh.client import AsyncClient, Client, WorkerHealth
+from pdmesh.client import AsyncClient, Client, KVStoreState, WorkerHealth, WorkerState
 from pdmesh.ports import WILDCARD_HOSTS, PortClaim, check_free
 from pdmesh.process_output import Echo, ProcessOutput
 from pdmesh.supervisor import ChildSpec, RestartPolicy, Supervisor
@@ -137,6 +137,10 @@ class MeshSpec:
         return ("--metrics-port", str(self.port + _METRICS_PORT_OFFSET + n))
 
 
+def _named(process: WorkerState | KVStoreState) -> str:
+    return process.worker_id if isinstance(process, WorkerState) else process.store_id
+
+
 def _gpu_count() -> int:
     try:
         import torch
@@ -207,21 +211,28 @@ class Mesh:
         """SIGKILL one process of the mesh (failure tests): no drain, no goodbye."""
         self.supervisor.kill(name)
 
-    def restart(self, name: str, timeout_s: float = 600.0) -> None:
-        """Start a killed process again with its own command line (failure tests with restarts
-        off: a worker that comes back), and wait until the scheduler has a report from it."""
+    def restart(self, name: str, timeout_s: float = 600.0, env: tuple[tuple[str, str], ...] = ()) -> None:
+        """Start a killed process again with its own command line, `env` added to its settings
+        from now on (failure tests with restarts off: a worker or the store that comes back;
+        benchmarks: the scheduler under another policy), and wait until the scheduler hears from
+        it (the scheduler: until it lists every worker and the store again)."""
         since_ms = time.time() * 1000
-        self.supervisor.restart(name)
+        self.supervisor.restart(name, env)
+        if name == "scheduler":
+            self.wait_ready(timeout_s)
+            return
         deadline = time.monotonic() + timeout_s
         with Client(self.target) as client:
             while time.monotonic() < deadline:
                 if self.failure is not None:
                     raise RuntimeError(f"{name} did not come back: {self.failure}")
-                with contextlib.suppress(grpc.RpcError, StopIteration):
+                with contextlib.suppress(grpc.RpcError):
                     # Its old registration can linger until the scheduler notices the death: wait
                     # for a report from the new process.
-                    w = client.cluster_state(timeout_s=2).worker(name)
-                    if w.health is WorkerHealth.SERVING and w.last_report_unix_ms > since_ms:
+                    state = client.cluster_state(timeout_s=2)
+                    heard: list[WorkerState | KVStoreState] = [*state.workers, *state.kv_stores]
+                    if any(_named(p) == name and p.health is WorkerHealth.SERVING
+                           and p.last_report_unix_ms > since_ms for p in heard):  # fmt: skip
                         return
                 time.sleep(0.3)
         raise TimeoutError(f"{name} was not serving again within {timeout_s:.0f} s")

@@ -1,31 +1,41 @@
 """The KV store in a real mesh: a multi-turn conversation whose later turns compute only their new
-tokens, whichever prefill worker they land on, with the tokens the engine gives alone.
+tokens, whichever prefill worker they land on, with the tokens the engine gives alone; a decode
+worker that fails over fetches the prompt from the store; a store SIGKILLed in the middle of a
+fetch costs the request nothing but the fetch, and once started again it serves again.
 
 Two prefill workers take the turns in turn (round_robin), so every turn lands on the worker that
 did not compute the previous one: what it reuses comes from its own cache (the turn before last)
-and from the store (everything since, the decode worker's output included).
+and from the store (everything since, the decode worker's output included). The store is the
+real one, run by the test (tests/mesh/stalling_store.py) so that a test can stall its next fetch
+and kill it there.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from pdmesh.client import AsyncClient, Completion, KVStoreState
-from pdmesh.enums import ExecutionPlan
+from pdmesh.client import AsyncClient, Completion, KVStoreState, WorkerHealth
+from pdmesh.enums import ExecutionPlan, WorkerRole
+from pdmesh.up import KVSTORE_ID, Mesh
 from tests.engine.conftest import save_tiny_model
-from tests.mesh.conftest import BLOCK_SIZE, start_mesh, stop_mesh
+from tests.mesh.conftest import BLOCK_SIZE, engine_greedy, start_mesh, stop_mesh
 from tests.mesh.test_mesh import prompts_of
 
 pytestmark = pytest.mark.slow
 ROUND_ROBIN = {"PDMESH_SCHEDULER_POLICY": "ROUND_ROBIN", "PDMESH_SCHEDULER_LOCAL_PREFILL_MAX_TOKENS": "0"}
 OUTPUT = 20
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -34,15 +44,65 @@ def chat_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_tiny_model(tmp_path_factory.mktemp("chat_model"), max_position_embeddings=4096, seed=7, vocab_size=258)
 
 
+@dataclass
+class Store:
+    """The mesh's KV store, a process of the test's: stalled on its next fetch once armed."""
+
+    mesh: Mesh
+    control: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout_s: float = 120) -> None:
+        port = self.mesh.spec.kvstore_port
+        argv = [
+            sys.executable, str(ROOT / "tests/mesh/stalling_store.py"), str(self.control), "serve", "kvstore",
+            "--host", "127.0.0.1", "--port", str(port), "--kv-port", str(port + 100), "--worker-id", KVSTORE_ID,
+            "--advertise-host", "127.0.0.1", "--scheduler", self.mesh.target, "--memory-mib", "64",
+        ]  # fmt: skip
+        since_ms = time.time() * 1000
+        env = {**os.environ, **dict(self.mesh.spec.env), "PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen(argv, cwd=ROOT, env=env)
+        asyncio.run(self._serving(since_ms, timeout_s))
+
+    async def _serving(self, since_ms: float, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        async with AsyncClient(self.mesh.target) as client:
+            while time.monotonic() < deadline:
+                assert self.proc is not None and self.proc.poll() is None, "the store exited"
+                stores = (await client.cluster_state()).kv_stores
+                if any(s.health is WorkerHealth.SERVING and s.last_report_unix_ms > since_ms for s in stores):
+                    await asyncio.sleep(1.0)  # the workers hear of it in their next reports' answers
+                    return
+                await asyncio.sleep(0.1)
+        raise TimeoutError("the store did not register")
+
+    def stall_next_fetch(self) -> Path:
+        (self.control / "arm").touch()
+        return self.control / "fetching"
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(30)
+
+
 @pytest.fixture(scope="module")
-def mesh(chat_model: Path):
-    m = start_mesh(chat_model, 2, 1, env=ROUND_ROBIN)
+def mesh(chat_model: Path) -> Iterator[Mesh]:
+    m = start_mesh(chat_model, 2, 2, env=ROUND_ROBIN, kvstore=False)
     yield m
     stop_mesh(m)
 
 
-async def complete(client: AsyncClient, prompt: list[int]) -> Completion:
-    chunks = [c async for c in client.generate(prompt, max_tokens=OUTPUT, ignore_eos=True, timeout_s=120)]
+@pytest.fixture(scope="module")
+def store(mesh: Mesh, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Store]:
+    s = Store(mesh, tmp_path_factory.mktemp("store_control"))
+    s.start()
+    yield s
+    s.kill()
+
+
+async def complete(client: AsyncClient, prompt: list[int], timeout_s: float = 120) -> Completion:
+    chunks = [c async for c in client.generate(prompt, max_tokens=OUTPUT, ignore_eos=True, timeout_s=timeout_s)]
     return Completion.collect(chunks)
 
 
@@ -56,10 +116,18 @@ async def store_holds(client: AsyncClient, blocks: int, timeout_s: float = 30) -
         await asyncio.sleep(0.1)
 
 
+async def store_until(client: AsyncClient, done: Callable[[KVStoreState], bool], timeout_s: float = 30) -> KVStoreState:
+    """The store's state once `done` says so (its reports come every 100 ms), or at the timeout."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        (store,) = (await client.cluster_state()).kv_stores
+        if done(store) or time.monotonic() > deadline:
+            return store
+        await asyncio.sleep(0.1)
+
+
 def reference_conversation(model: Path, turns: list[list[int]]) -> list[list[int]]:
     """The engine alone, each turn's prompt being the conversation so far plus the new message."""
-    from tests.mesh.conftest import engine_greedy
-
     history: list[int] = []
     outputs = []
     for new in turns:
@@ -69,7 +137,7 @@ def reference_conversation(model: Path, turns: list[list[int]]) -> list[list[int
     return outputs
 
 
-def test_each_turn_computes_only_its_new_tokens_on_either_prefill_worker(mesh, chat_model: Path) -> None:
+def test_each_turn_computes_only_its_new_tokens_on_either_prefill_worker(mesh, store, chat_model: Path) -> None:
     turns = prompts_of([200, 30, 26], seed=11)
 
     async def run() -> tuple[list[Completion], list[int], KVStoreState]:
@@ -113,7 +181,87 @@ def test_each_turn_computes_only_its_new_tokens_on_either_prefill_worker(mesh, c
     # What an operator sees: `pdmesh status` shows the store, its use and its hits.
     shown = subprocess.run([sys.executable, "-m", "pdmesh", "status", "--target", mesh.target],
                            capture_output=True, text=True, check=True).stdout  # fmt: skip
-    assert "kv store  kvstore-0" in shown and "fetches   2 (" in shown and "refused" in shown
+    assert f"kv store  {KVSTORE_ID}" in shown and "fetches   2 (" in shown and "refused" in shown
     as_json = json.loads(subprocess.run([sys.executable, "-m", "pdmesh", "status", "--target", mesh.target, "--json"],
                                         capture_output=True, text=True, check=True).stdout)  # fmt: skip
     assert as_json["kv_stores"][0]["num_fetches"] == 2 and as_json["kv_stores"][0]["health"] == "serving"
+
+
+def test_a_decode_worker_that_fails_over_fetches_the_prompt_from_the_store(mesh, store, chat_model: Path) -> None:
+    prompt = prompts_of([60], seed=21)[0]
+    expected = engine_greedy(chat_model, [prompt], 1000)[0]
+
+    async def run() -> tuple[list[int], Completion, KVStoreState, KVStoreState, str]:
+        async with AsyncClient(mesh.target) as client:
+            before = await store_holds(client, 0)
+            chunks, killed = [], ""
+            async for chunk in client.generate(prompt, max_tokens=1000, ignore_eos=True, timeout_s=120):
+                chunks.append(chunk)
+                if not killed:
+                    # The prefill worker has offered the prompt's 15 blocks; then the decode
+                    # worker streaming the request dies.
+                    await store_holds(client, before.num_stored_blocks + 60 // BLOCK_SIZE)
+                    state = await client.cluster_state()
+                    (busy,) = [w for w in state.workers if w.role is WorkerRole.DECODE and w.num_assigned_requests]
+                    killed = busy.worker_id
+                    mesh.kill(killed)
+            after = await store_until(client, lambda s: s.num_fetches > before.num_fetches)
+            return [t for c in chunks for t in c.token_ids], Completion.collect(chunks), before, after, killed
+
+    tokens, completion, before, after, killed = asyncio.run(asyncio.wait_for(run(), 180))
+    assert tokens == expected
+    assert completion.placement is not None and completion.placement.num_decode_failovers == 1
+    assert completion.placement.decode_worker_id != killed
+    # The other decode worker fetched the prompt's blocks rather than computing them (and computed
+    # the tokens streamed before the failure: the dead worker never offered them).
+    assert after.num_fetches == before.num_fetches + 1
+    assert after.num_fetched_blocks == before.num_fetched_blocks + 60 // BLOCK_SIZE
+    mesh.restart(killed, timeout_s=120)
+
+
+def test_the_store_killed_mid_fetch_costs_the_request_only_the_fetch(mesh, store, chat_model: Path) -> None:
+    first, new = prompts_of([120, 20], seed=31)
+    (out1,) = engine_greedy(chat_model, [first], OUTPUT)
+    second = first + out1 + new
+    (expected,) = engine_greedy(chat_model, [second], OUTPUT)
+
+    async def run() -> tuple[Completion, float]:
+        async with AsyncClient(mesh.target) as client:
+            stored = (await store_holds(client, 0)).num_stored_blocks
+            assert list((await complete(client, first)).token_ids) == out1
+            await store_holds(client, stored + (len(first) + OUTPUT - 1) // BLOCK_SIZE)
+            fetching = store.stall_next_fetch()
+            started = time.monotonic()
+            turn2 = asyncio.create_task(complete(client, second, timeout_s=60))
+            while not fetching.exists():  # the store has pinned the blocks and stalls before the push
+                assert not turn2.done(), "turn 2 finished without fetching"
+                await asyncio.sleep(0.02)
+            store.kill()
+            completion = await turn2
+            return completion, time.monotonic() - started
+
+    completion, took_s = asyncio.run(run())
+    assert list(completion.token_ids) == expected and took_s < 60  # within its deadline
+    u = completion.usage
+    assert u is not None and u.store_cached_prompt_tokens == 0  # computed instead of fetched
+    assert u.worker_cached_prompt_tokens + u.computed_prompt_tokens == u.prompt_tokens == len(second)
+
+    # Started again, the store is empty (memory only): the workers use it again, and a new
+    # conversation's second turn fetches from it and gives the engine's tokens.
+    store.start()
+    again = prompts_of([80, 12], seed=32)
+    (out,) = engine_greedy(chat_model, [again[0]], OUTPUT)
+    (expected_again,) = engine_greedy(chat_model, [again[0] + out + again[1]], OUTPUT)
+
+    async def after_restart() -> tuple[Completion, KVStoreState]:
+        async with AsyncClient(mesh.target) as client:
+            await asyncio.sleep(2.5)  # past the workers' set-aside after the failed fetch (1 s, then 2 s)
+            assert list((await complete(client, again[0])).token_ids) == out
+            await store_holds(client, (len(again[0]) + OUTPUT - 1) // BLOCK_SIZE)
+            completion = await complete(client, again[0] + out + again[1])
+            return completion, await store_until(client, lambda s: s.num_fetches > 0)
+
+    completion, restarted = asyncio.run(after_restart())
+    assert list(completion.token_ids) == expected_again
+    assert completion.usage is not None and completion.usage.store_cached_prompt_tokens > 0
+    assert (restarted.num_fetches, restarted.num_fetches_refused, restarted.num_fetches_failed) == (1, 0, 0)

@@ -1,0 +1,38 @@
+"""`pdmesh serve kvstore` whose next fetch stalls once a test arms it, so that the test can SIGKILL
+the store in the middle of a fetch: the blocks are pinned and loaded, the worker's import waits.
+
+    python tests/mesh/stalling_store.py CONTROL_DIR serve kvstore ...
+
+The test creates CONTROL_DIR/arm; the next Fetch removes it, creates CONTROL_DIR/fetching and
+waits forever before pushing anything. Everything else is the real store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from kvtransfer.ticket import Ticket  # noqa: E402
+from pdmesh.cli import main  # noqa: E402
+from services.kvstore.namespace import Namespace  # noqa: E402
+from services.kvstore.transfers import StoreTransfers  # noqa: E402
+
+control = Path(sys.argv[1])
+push = StoreTransfers._push
+
+
+async def _stalling_push(self: StoreTransfers, namespace: Namespace, ticket: Ticket, slots: list[int]) -> int:
+    arm = control / "arm"
+    if arm.exists():
+        arm.unlink()
+        (control / "fetching").touch()
+        await asyncio.Event().wait()
+    return await push(self, namespace, ticket, slots)
+
+
+StoreTransfers._push = _stalling_push  # type: ignore[method-assign]
+main(sys.argv[2:])
