@@ -58,18 +58,21 @@ def payload_bytes(tokens: int) -> int:
 # ---- the worker processes
 
 
-def _worker(conn: Any, role: str, device: str, pool_blocks: int, tls: str, message_bytes: int) -> None:
+def _worker(conn: Any, role: str, device: str, pool_blocks: int, tls: str, message_bytes: int, progress: str) -> None:
     """A sending or receiving worker with its own scattered KV pool, driven by (command, args) pairs."""
     try:
         torch.set_num_threads(2)
         from kvtransfer import KVTransport, TransportConfig
+        from kvtransfer.config import ProgressMode
 
         if device.startswith("cuda"):
             torch.cuda.set_device(device)
         shape = (2, pool_blocks, LAYOUT.block_size, LAYOUT.num_kv_heads, LAYOUT.head_dim)
         caches = [torch.zeros(shape, dtype=torch.bfloat16, device=device) for _ in range(LAYOUT.num_layers)]
         order = torch.randperm(pool_blocks, generator=torch.Generator().manual_seed(0 if role == "recv" else 1))
-        config = TransportConfig(device=device, ucx_tls=tls, message_bytes=message_bytes)
+        config = TransportConfig(
+            device=device, ucx_tls=tls, message_bytes=message_bytes, progress=ProgressMode(progress)
+        )
         transport = KVTransport(LAYOUT, config, kv_caches=caches if role == "recv" else None).start()
         conn.send(("ok", transport.address))
     except BaseException:
@@ -132,7 +135,7 @@ class Worker:
         saved = os.environ.get("CUDA_VISIBLE_DEVICES")
         if visible is not None:
             os.environ["CUDA_VISIBLE_DEVICES"] = visible  # read by the child at its CUDA init
-        worker_args = (theirs, role, device, args.pool_blocks, tls, message_mib << 20)
+        worker_args = (theirs, role, device, args.pool_blocks, tls, message_mib << 20, args.progress)
         self.process = ctx.Process(target=_worker, args=worker_args, daemon=True)
         self.process.start()
         if visible is not None:
@@ -256,6 +259,12 @@ def main() -> None:
     parser.add_argument(
         "--message-mib", type=_ints, default=[32, 512], help="message sizes to compare (layers grouped up to it)"
     )
+    parser.add_argument(
+        "--progress",
+        default="thread",
+        choices=["thread", "thread-polling"],
+        help="ucxx progress mode (TransportConfig)",
+    )
     parser.add_argument("--ucx-tls", default=None, help=f"default {GPU_TLS} (GPU) or {HOST_TLS} (--host)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
@@ -306,7 +315,7 @@ def main() -> None:
     report = {
         "bench": "kv_transfer", "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "host": platform.node(), "device": device_name(args.host),
-        "cpus": os.cpu_count(), "torch": torch.__version__, "ucx_tls": tls,
+        "cpus": os.cpu_count(), "torch": torch.__version__, "ucx_tls": tls, "progress": args.progress,
         "pool_blocks": args.pool_blocks, "iters": args.iters, "command": " ".join(sys.argv), "rows": rows,
         "fixed_costs": fits, "failures": failures,
     }  # fmt: skip

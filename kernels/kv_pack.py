@@ -8,8 +8,8 @@ buffer and the receiver unpacks the buffer into its own blocks:
     staging       # (num_layers, 2, n, block_size, num_kv_heads, head_dim), contiguous
     staging[l, kv, i] == kv_layers[l][kv, block_ids[i]]
 
-On CUDA tensors a Triton kernel copies whole blocks as machine words (any dtype), one launch per
-8 layers (kernels/_kv_pack_kernel.py); elsewhere index_select / index_copy_ do it, which is also the
+On CUDA tensors a Triton kernel copies whole blocks as machine words (any dtype), one launch for
+all the layers of a call (kernels/_kv_pack_kernel.py); elsewhere index_select / index_copy_ do it, which is also the
 CPU production path. This module checks shapes, dtypes and devices but not block id values on the
 hot path (that would cost a device sync per call): the receiver validates a ticket's ids once with
 validate_block_ids, and the kernel skips any id outside the pool, so it never touches memory outside
@@ -25,6 +25,8 @@ import torch
 from kernels._triton import check_triton_device, next_power_of_2, require_triton, triton_available
 
 _CHUNK_BYTES = 8192  # bytes one program copies
+_MAX_TABLES = 256
+_TABLES: dict[tuple[torch.device, int, tuple[int, ...]], tuple[torch.Tensor, int]] = {}  # see _layer_offsets
 
 
 def pack_blocks(
@@ -99,30 +101,50 @@ def _pick_triton(staging: torch.Tensor, use_triton: bool | None) -> bool:
 def _copy_triton(staging: torch.Tensor, kv_layers: Sequence[torch.Tensor], block_ids: torch.Tensor, pack: bool) -> None:
     require_triton()
     check_triton_device(staging, block_ids, *kv_layers)
-    from kernels._kv_pack_kernel import MAX_LAYERS, WORD_TYPES, _copy_blocks_kernel
+    from kernels._kv_pack_kernel import WORD_TYPES, _copy_blocks_kernel
 
     n = block_ids.numel()
     if n == 0:
         return
     _, num_blocks, *block_shape = kv_layers[0].shape
     block_bytes = staging.element_size() * block_shape[0] * block_shape[1] * block_shape[2]
+    pointers = tuple(kv.data_ptr() for kv in kv_layers)
     word_bytes = next(
         size
         for size in (8, 4, 2, 1)
-        if block_bytes % size == 0 and all(t.data_ptr() % size == 0 for t in (staging, *kv_layers))
+        if block_bytes % size == 0 and staging.data_ptr() % size == 0 and all(p % size == 0 for p in pointers)
     )
+    offsets, align = _layer_offsets(pointers, word_bytes, kv_layers[0].device)
     block_words = block_bytes // word_bytes
     chunk = min(next_power_of_2(block_words), _CHUNK_BYTES // word_bytes)
     chunks_per_block = -(-block_words // chunk)
-    for first in range(0, len(kv_layers), MAX_LAYERS):
-        group = list(kv_layers[first : first + MAX_LAYERS])
-        pointers = group + [group[0]] * (MAX_LAYERS - len(group))
-        _copy_blocks_kernel[(n * chunks_per_block, 2 * len(group))](
-            staging if len(group) == len(kv_layers) else staging[first : first + len(group)],
-            *pointers, block_ids, n, num_blocks,
-            PACK=pack, WORD=WORD_TYPES[word_bytes], BLOCK_WORDS=block_words, CHUNK=chunk,
-            CHUNKS_PER_BLOCK=chunks_per_block, num_warps=4,
-        )  # fmt: skip
+    _copy_blocks_kernel[(n * chunks_per_block, 2 * len(kv_layers))](
+        staging, kv_layers[0], offsets, block_ids, n, num_blocks,
+        PACK=pack, WORD=WORD_TYPES[word_bytes], ALIGN=align, BLOCK_WORDS=block_words, CHUNK=chunk,
+        CHUNKS_PER_BLOCK=chunks_per_block, num_warps=4,
+    )  # fmt: skip
+
+
+def _layer_offsets(pointers: tuple[int, ...], word_bytes: int, device: torch.device) -> tuple[torch.Tensor, int]:
+    """The kernel's layer table for caches at these addresses, on their device: each layer's start
+    minus the first's, in words, and the largest power of two (up to 16 bytes' worth) dividing them all.
+
+    Kept per address set: an engine's caches never move, so after the first message of each
+    layer group a launch neither builds nor copies anything. A table stays right for whatever
+    tensors later occupy the same addresses, since it holds only the addresses' differences.
+    """
+    key = (device, word_bytes, pointers)
+    found = _TABLES.get(key)
+    if found is not None:
+        return found
+    words = [(p - pointers[0]) // word_bytes for p in pointers]
+    widest = 16 // word_bytes  # words in 16 bytes: Triton's widest copy
+    align = next(a for a in (widest, widest // 2, widest // 4, widest // 8, 1) if a and all(w % a == 0 for w in words))
+    table = torch.tensor(words, dtype=torch.int64, device=device)
+    if len(_TABLES) >= _MAX_TABLES:
+        _TABLES.pop(next(iter(_TABLES)))  # the oldest: a worker has a few dozen groups at most
+    _TABLES[key] = (table, align)
+    return table, align
 
 
 def _check(kv_layers: Sequence[torch.Tensor], block_ids: torch.Tensor, staging: torch.Tensor, name: str) -> None:

@@ -6,11 +6,19 @@ option given here (ucx_tls, ucx_options) wins over the environment.
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 
 from kvtransfer.listen import is_loopback, loopback_device
 
 MiB = 1 << 20
+
+
+class ProgressMode(enum.Enum):
+    """How ucxx's own thread progresses UCX (both complete requests through its notifier thread)."""
+
+    THREAD = "thread"  # sleeps in epoll between events: no core spent while idle
+    THREAD_POLLING = "thread-polling"  # spins: lower latency per message, one core kept busy
 
 
 @dataclass(frozen=True)
@@ -21,6 +29,7 @@ class TransportConfig:
     # UCX transports, e.g. "tcp,self" on CPU or "cuda_ipc,cuda_copy,tcp,self" on GPUs; None: UCX's choice.
     ucx_tls: str | None = None
     ucx_options: tuple[tuple[str, str], ...] = ()  # more UCX options without the UCX_ prefix
+    progress: ProgressMode = ProgressMode.THREAD
     message_bytes: int = 32 * MiB  # layers are grouped into messages of about this size (at least one layer)
     max_inflight_recv: int = 8  # messages being received at once; bounds the receiver's staging memory
     staging_retain_bytes: int = 1024 * MiB  # free staging memory kept for reuse, per direction

@@ -2,10 +2,13 @@
 
 TicketImport is what the decode engine holds (engine.handoff.KVImport). KVReceiver, on the
 transport's loop, checks every Data header against its ticket (known, from the bound peer, layers
-in range and not seen, exact byte size) before receiving its payload into a pooled staging buffer;
-a scatter thread verifies sampled checksums and unpacks into exactly the ticket's blocks, on the
-receiver's own CUDA stream (neither the loop nor the default stream touches the device here). A
-ticket lands in the receiver's own caches (a worker's engine) unless expect() names others
+in range and not seen, exact byte size) before receiving its payload into a pooled staging buffer,
+then unpacks it into exactly the ticket's blocks on the receiver's own CUDA stream (never the
+default stream the engine's step runs on). On CUDA the loop launches the unpack itself (one kernel)
+and waits for it in place when it is small, a few tens of microseconds of copying, since a hop to
+a thread and back costs ~0.3 ms; a larger unpack is waited for on a scatter thread, and host memory
+and payloads with sampled checksums to verify (a read-back) are unpacked there, so the loop never
+waits long. A ticket lands in the receiver's own caches (a worker's engine) unless expect() names others
 (KVCaches: a KV store keeps one set per KV layout it holds); a Data header is accepted only over a
 connection whose handshake agreed on that ticket's layout. A ticket that fails (lease, peer lost,
 cancel, bad message) publishes its error only after any unpack in progress has finished: once
@@ -54,6 +57,7 @@ log = structlog.get_logger(__name__)
 _REMEMBERED_ENDINGS = 1024  # why recent tickets ended, to answer late messages precisely
 _COMPLETED = "the ticket already completed"
 _CALL_TIMEOUT_S = 30.0  # a hop onto the transport's loop; only a wedged loop takes this long
+_WAIT_ON_LOOP_BYTES = 64 << 20  # an unpack this small (~50 µs of copying on a GPU) is waited for on the loop
 
 
 @dataclass(frozen=True, eq=False)
@@ -160,9 +164,9 @@ class _Incoming:
     started: float | None = None
     bytes_landed: int = 0
     receiving: int = 0  # payload receives posted and not completed
-    scattering: int = 0  # unpacks running on the scatter thread
+    scattering: int = 0  # unpacks in progress (on the loop or the scatter thread)
     failure: TransferFailed | None = None
-    device_ids: torch.Tensor | None = None  # block_ids on the cache's device; scatter thread only
+    device_ids: torch.Tensor | None = None  # block_ids on the cache's device, made by the first unpack
 
 
 def check_data(data: Data, num_blocks: int, layer_bytes: int, claimed: Sequence[bool]) -> str | None:
@@ -301,7 +305,7 @@ class KVReceiver:
             )
         if timeout_s <= 0:
             raise ValueError(f"timeout_s is {timeout_s}; give the transfer a positive lease")
-        ids = torch.tensor(list(block_ids), dtype=torch.int64)  # the device copy is made on the scatter thread
+        ids = torch.tensor(list(block_ids), dtype=torch.int64)  # the device copy is made by the first unpack
         validate_block_ids(ids, caches.num_blocks)
         expiry_ms = int((time.time() + timeout_s) * 1000)
         ticket = Ticket(TicketId(ticket_id), self._address, num_tokens, len(block_ids), expiry_ms)
@@ -399,7 +403,7 @@ class KVReceiver:
                 return
             entry.scattering += 1
             try:
-                bad = await self.loop.run_in_executor(self._scatter, self._check_and_unpack, staging.data, data, entry)
+                bad = await self._unpack(staging.data, data, entry)
             finally:
                 entry.scattering -= 1
             if bad is not None:
@@ -416,20 +420,41 @@ class KVReceiver:
             return
         self._landed(entry, data)
 
+    async def _unpack(self, payload: torch.Tensor, data: Data, entry: _Incoming) -> int | None:
+        """Unpack payload into the ticket's blocks and return once it is there; the first bad chunk instead
+        when a sampled checksum does not match."""
+        device = entry.caches.tensors[0].device
+        if device.type != "cuda" or data.checksums:
+            return await self.loop.run_in_executor(self._scatter, self._check_and_unpack, payload, data, entry)
+        stream = self._stream(device)
+        with torch.cuda.stream(stream):
+            self._check_and_unpack_here(payload, data, entry)
+            unpacked = torch.cuda.Event()
+            unpacked.record(stream)
+        if data.nbytes <= _WAIT_ON_LOOP_BYTES:
+            unpacked.synchronize()  # releases the GIL: the engine's thread runs on meanwhile
+        else:
+            await self.loop.run_in_executor(self._scatter, unpacked.synchronize)
+        return None
+
+    def _stream(self, device: torch.device) -> torch.cuda.Stream:
+        stream = self._streams.get(device)
+        if stream is None:
+            stream = self._streams[device] = torch.cuda.Stream(device)
+        return stream
+
     def _check_and_unpack(self, payload: torch.Tensor, data: Data, entry: _Incoming) -> int | None:
         """On the scatter thread: verify the sampled checksums of payload (nbytes,) uint8, then unpack it
         into the ticket's blocks of those layers; returns the first bad chunk instead when one is.
 
-        All of the receiver's device work happens here, on the receiver's own stream, and is finished
-        when this returns: never on the transport's loop, never on the default stream the engine's
-        step runs on, so it neither waits for a step nor makes a step wait for it.
+        The device work happens on the receiver's own stream, never on the default stream the
+        engine's step runs on, so it neither waits for a step nor makes a step wait for it; it is
+        finished when this returns.
         """
         device = entry.caches.tensors[0].device
         if device.type != "cuda":
             return self._check_and_unpack_here(payload, data, entry)
-        stream = self._streams.get(device)
-        if stream is None:
-            stream = self._streams[device] = torch.cuda.Stream(device)
+        stream = self._stream(device)
         with torch.cuda.stream(stream):
             bad = self._check_and_unpack_here(payload, data, entry)
         stream.synchronize()

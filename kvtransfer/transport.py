@@ -202,7 +202,11 @@ class KVTransport:
         try:
             _drop_stale_ucx_variable()
             # ucxx binds its notifier to the loop running at init: it must be this one
-            ucxx.init(options=self.config.ucx_init_options, progress_mode="thread", enable_python_future=True)
+            ucxx.init(
+                options=self.config.ucx_init_options,
+                progress_mode=self.config.progress.value,
+                enable_python_future=True,
+            )
             self._listener = ucxx.create_listener(
                 self._accept, port=self.config.port or None, connect_timeout=self.config.connect_timeout_s
             )

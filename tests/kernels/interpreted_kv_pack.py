@@ -39,7 +39,7 @@ def test_pack_and_unpack_match_reference_byte_for_byte(dtype: torch.dtype, num_l
         assert same_bytes(mine[:, ids], layer[:, ids])
 
 
-def test_more_layers_than_one_launch_takes() -> None:
+def test_many_separately_allocated_layers_in_one_launch() -> None:
     layers = kv_pool(10, num_blocks=5, block_size=2, num_kv_heads=1, head_dim=4, dtype=torch.bfloat16)
     ids = torch.tensor([3, 1])
     got, want = nan_staging(layers, 2), nan_staging(layers, 2)

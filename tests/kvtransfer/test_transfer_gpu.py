@@ -13,11 +13,14 @@ BLOCK_BYTES = 30 * 2 * 16 * 3 * 64 * 2  # one block, every layer, K and V, bfloa
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_concurrent_requests_land_exact_in_scattered_device_blocks_with_checksums_on() -> None:
+@pytest.mark.parametrize("checksum_samples", [8, 0], ids=["checksums-on-scatter-thread", "checksums-off-on-loop"])
+def test_concurrent_requests_land_exact_in_scattered_device_blocks(checksum_samples: int) -> None:
+    # With checksums the receiver verifies and unpacks on its scatter thread; without, the loop
+    # launches the unpack and the sender sends each header before its pack has finished.
     layout = {**SMOLLM2, "dtype": "bfloat16"}
     decode, prefill = start_peers(
-        PeerSpec(layout, 600, device="cuda:0", ucx_tls=CUDA_TLS, checksum_samples=8),
-        PeerSpec(layout, 600, receive=False, device="cuda:0", ucx_tls=CUDA_TLS, checksum_samples=8),
+        PeerSpec(layout, 600, device="cuda:0", ucx_tls=CUDA_TLS, checksum_samples=checksum_samples),
+        PeerSpec(layout, 600, receive=False, device="cuda:0", ucx_tls=CUDA_TLS, checksum_samples=checksum_samples),
     )
     try:
         tickets = {f"gpu-{i}": 1000 - 13 * i for i in range(8)}
