@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from kvtransfer.listen import is_loopback, loopback_device
 
 MiB = 1 << 20
+# UCX transports (and aliases) between processes of one host
+_INTRA_NODE_TLS = frozenset({"sm", "shm", "posix", "sysv", "cma", "knem", "xpmem", "cuda_ipc", "rocm_ipc"})
 
 
 class ProgressMode(enum.Enum):
@@ -53,10 +55,24 @@ class TransportConfig:
         return is_loopback(self.host) if self.loopback_only is None else self.loopback_only
 
     @property
+    def names_intra_node_transport(self) -> bool:
+        """Whether ucx_tls asks for a same-host transport (cuda_ipc, shared memory).
+
+        Those only work without the loopback lock-down above: with CM_USE_ALL_DEVICES off, UCX
+        wires every peer up over the one tcp device it connected on, so it sees even a peer on
+        this host as remote and never uses them. For cuda_ipc that meant KV between two GPU
+        workers went through host memory over tcp at ~0.4 GB/s instead of 100s over NVLink
+        (measured on an H100, 2026-11-25), so the lock-down yields; the handshake still refuses
+        connections that arrive on any other address (transport.py).
+        """
+        names = {t.strip() for t in (self.ucx_tls or "").split(",")}
+        return bool(names & _INTRA_NODE_TLS)
+
+    @property
     def ucx_init_options(self) -> dict[str, str]:
         # A restarted worker binds its port again even while the dead one's connections linger.
         options = {"CM_REUSEADDR": "y"}
-        if self.accepts_loopback_only:
+        if self.accepts_loopback_only and not self.names_intra_node_transport:
             # UCX's data listeners and lanes on the loopback device only; wire-up must then not
             # look for other devices (CM_USE_ALL_DEVICES), or it fails with "unreachable".
             options |= {"NET_DEVICES": loopback_device(), "CM_USE_ALL_DEVICES": "n"}

@@ -30,6 +30,13 @@ def test_only_a_loopback_advertised_transport_keeps_ucx_on_the_loopback_device()
     assert TransportConfig(host="127.0.0.1").ucx_init_options["NET_DEVICES"].startswith("lo")
     assert "NET_DEVICES" not in TransportConfig(host="decode").ucx_init_options
     assert "NET_DEVICES" not in TransportConfig(host="127.0.0.1", loopback_only=False).ucx_init_options
+    # ...except where that would switch off the same-host transports asked for (cuda_ipc):
+    # UCX would then see a peer on this host as remote and move KV through host memory over tcp
+    assert (
+        "NET_DEVICES" not in TransportConfig(host="127.0.0.1", ucx_tls="cuda_ipc,cuda_copy,tcp,self").ucx_init_options
+    )
+    assert "CM_USE_ALL_DEVICES" not in TransportConfig(host="127.0.0.1", ucx_tls="sm,tcp,self").ucx_init_options
+    assert TransportConfig(host="127.0.0.1", ucx_tls="tcp,self").ucx_init_options["CM_USE_ALL_DEVICES"] == "n"
     # the operator's own UCX options win
     assert TransportConfig(ucx_options=(("NET_DEVICES", "eth0"),)).ucx_init_options["NET_DEVICES"] == "eth0"
 
