@@ -38,10 +38,11 @@ THREADS=${THREADS:-}  # torch threads per pdmesh worker; empty: pdmesh's default
 OUT=${OUT:-$ROOT/bench/results/cpu_vs_vllm/$(date +%Y%m%d-%H%M%S)}
 VLLM_PORT=${VLLM_PORT:-8011}
 COLOC_PORT=${COLOC_PORT:-32200}
-DISAGG_PORT=${DISAGG_PORT:-32300}
+DISAGG_PORT=${DISAGG_PORT:-32500}  # a mesh takes its port, the next ones, and those + 100
 mkdir -p "$OUT"
 
 PIDS=()
+declare -A PID_OF
 cleanup() {
     for pid in "${PIDS[@]}"; do kill -TERM -- "-$pid" 2>/dev/null || true; done
     sleep 5
@@ -84,10 +85,12 @@ start() {  # start NAME COMMAND...: in its own process group, output to $OUT/NAM
     local name=$1; shift
     setsid "$@" > "$OUT/$name.log" 2>&1 &
     PIDS+=($!)
+    PID_OF[$name]=$!
 }
 wait_for() {  # wait_for NAME PATTERN TIMEOUT_S
     local deadline=$((SECONDS + $3))
     until grep -q "$2" "$OUT/$1.log"; do
+        if ! kill -0 "${PID_OF[$1]}" 2>/dev/null; then echo "$1 exited; see $OUT/$1.log" >&2; exit 1; fi
         if [ $SECONDS -ge $deadline ]; then echo "$1 not up after $3 s; see $OUT/$1.log" >&2; exit 1; fi
         sleep 5
     done
