@@ -1,11 +1,14 @@
 """Seconds from starting a service to its health check answering SERVING.
 
     python bench/startup.py                        # the scheduler on the embedded SmolLM2, 5 runs
-    python bench/startup.py --role decode --runs 3 # a decode worker (its scheduler is not needed)
+    python bench/startup.py --role decode --runs 3 # a decode worker (a scheduler is started first)
     python bench/startup.py --checkout ../other    # the same, run from another checkout (A/B)
 
 Each run spawns `python -m pdmesh serve ROLE` as a user would and polls grpc.health.v1 every
-20 ms (reconnect backoff shortened so the poll itself adds no second), then stops the process.
+20 ms: a scheduler's Registry service (it takes workers from then on; the scheduler as a whole is
+SERVING only once a decode worker is live), a worker's server (SERVING once its engine and KV
+listener are up and it registered with a scheduler, which is started beforehand, not timed).
+The reconnect backoff is shortened so the poll itself adds no second; then the process stops.
 With --checkout, runs alternate between the two checkouts (A B A B ...) so a busy machine slows
 both alike; the table gives each one's median, min and max and the ratio of medians.
 """
@@ -33,33 +36,61 @@ _FAST_RECONNECT = [
 
 
 def time_to_serving(checkout: Path, role: str, port: int, model: str, timeout_s: float) -> float:
+    if role == "scheduler":
+        return _time_to_serving(checkout, role, port, model, timeout_s, service=_REGISTRY)
+    scheduler = _spawn(checkout, "scheduler", port + 50, model, "")
+    try:
+        _wait_serving(scheduler, port + 50, time.monotonic(), timeout_s, _REGISTRY)
+        return _time_to_serving(checkout, role, port, model, timeout_s, scheduler=f"127.0.0.1:{port + 50}")
+    finally:
+        _stop(scheduler)
+
+
+_REGISTRY = "pdmesh.v1.Registry"
+
+
+def _time_to_serving(
+    checkout: Path, role: str, port: int, model: str, timeout_s: float, service: str = "", scheduler: str = ""
+) -> float:
+    started = time.monotonic()
+    proc = _spawn(checkout, role, port, model, scheduler)
+    try:
+        return _wait_serving(proc, port, started, timeout_s, service)
+    finally:
+        _stop(proc)
+
+
+def _spawn(checkout: Path, role: str, port: int, model: str, scheduler: str) -> subprocess.Popen[bytes]:
     python = checkout / ".venv" / "bin" / "python"
     argv = [str(python if python.exists() else sys.executable), "-m", "pdmesh", "serve", role,
             "--host", "127.0.0.1", "--port", str(port), "--model", model]  # fmt: skip
     if role != "scheduler":
-        argv += ["--kv-port", str(port + 100), "--scheduler", "127.0.0.1:1", "--threads", "1"]
-    started = time.monotonic()
-    proc = subprocess.Popen(argv, cwd=checkout, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        argv += ["--kv-port", str(port + 100), "--scheduler", scheduler, "--threads", "1"]
+    return subprocess.Popen(argv, cwd=checkout, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _wait_serving(proc: subprocess.Popen[bytes], port: int, started: float, timeout_s: float, service: str) -> float:
+    with grpc.insecure_channel(f"127.0.0.1:{port}", options=_FAST_RECONNECT) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() - started < timeout_s:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{proc.args[4]} exited with {proc.returncode} before serving")  # type: ignore[index]
+            try:
+                reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=1)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return time.monotonic() - started
+            except grpc.RpcError:
+                pass
+            time.sleep(0.02)
+    raise TimeoutError(f"{proc.args[4]} did not serve within {timeout_s} s")  # type: ignore[index]
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.send_signal(signal.SIGTERM)
     try:
-        with grpc.insecure_channel(f"127.0.0.1:{port}", options=_FAST_RECONNECT) as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
-            while time.monotonic() - started < timeout_s:
-                if proc.poll() is not None:
-                    raise RuntimeError(f"{role} exited with {proc.returncode} before serving")
-                try:
-                    reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                        return time.monotonic() - started
-                except grpc.RpcError:
-                    pass
-                time.sleep(0.02)
-        raise TimeoutError(f"{role} did not serve within {timeout_s} s")
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
 
 
 def main() -> None:

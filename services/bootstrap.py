@@ -3,8 +3,10 @@
 A service builds its servicers, wraps each in a `ServicerBinding`, and calls `serve`. It gets:
 - a grpc.aio server bound to ServerConfig.address, with TLS or mTLS when configured, raised
   message limits and keepalive that tolerates long silent calls;
-- the standard health service (grpc.health.v1): NOT_SERVING until ready, SERVING once ready,
-  NOT_SERVING again from the moment it starts draining;
+- the standard health service (grpc.health.v1), honest: each service SERVING only while its
+  binding's `ready` says it can do its job (the scheduler: a decode worker is live; a worker:
+  registered), the server ("") only while every service is; NOT_SERVING before start-up is done
+  and again from the moment it starts draining;
 - server reflection listing every service (grpcurl, grpc_cli);
 - OpenTelemetry's server interceptor (pdmesh/tracing.py): each call's span joins the caller's
   trace through the W3C traceparent in its metadata;
@@ -12,7 +14,8 @@ A service builds its servicers, wraps each in a `ServicerBinding`, and calls `se
   (services/status.py) for unary and streaming calls alike, errors raised mid-stream included,
   and never sends a traceback;
 - graceful shutdown on SIGTERM/SIGINT: the service's on_drain first (a worker reports DRAINING),
-  then health NOT_SERVING, new calls refused with UNAVAILABLE, calls in flight given
+  then health NOT_SERVING, new calls refused with UNAVAILABLE (except to services that stay open
+  while draining: the scheduler's Registry, so workers keep reporting), calls in flight given
   ServerConfig.shutdown_grace_s to finish, then the server stops.
 
 Servicers stay thin: they convert, call and convert back, and raise typed errors. A service that
@@ -47,6 +50,7 @@ _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 _HEALTH_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 # Calls to these stay open while draining and are not counted as work in flight.
 _PLUMBING = (f"/{_HEALTH_NAME}/", f"/{reflection.SERVICE_NAME}/")
+_READINESS_POLL_S = 0.2  # how often the health of services with a `ready` check is re-evaluated
 
 
 @dataclass(frozen=True)
@@ -57,6 +61,10 @@ class ServicerBinding:
     servicer: object
     add_to_server: Callable[[Any, grpc.aio.Server], None]
     service: ServiceDescriptor
+    # Whether the service can do its job now (health SERVING); None: whenever the server serves.
+    ready: Callable[[], bool] | None = None
+    # Calls keep being accepted while the server drains, and are not waited for (load reports).
+    open_while_draining: bool = False
 
     @property
     def name(self) -> str:
@@ -98,6 +106,8 @@ class Server:
         self._health = health.aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
         self._stopping: asyncio.Future[None] | None = None
+        self._watch: asyncio.Task[None] | None = None
+        self._health_now: dict[str, int] = {}
 
     @property
     def draining(self) -> bool:
@@ -107,8 +117,9 @@ class Server:
         """Bind and start, health NOT_SERVING; returns the bound port."""
         # The tracing interceptor outermost: its span covers the call, and sees the status the
         # error interceptor aborts with (through the servicer context it hands on).
+        errors = ErrorInterceptor(self._in_flight, _PLUMBING, self._open_while_draining)
         server = grpc.aio.server(
-            interceptors=[server_interceptor(), ErrorInterceptor(self._in_flight, _PLUMBING)],
+            interceptors=[server_interceptor(), errors],
             options=server_options(self.config),
         )
         for binding in self._bindings:
@@ -125,9 +136,30 @@ class Server:
         self._server, self.port = server, port
         return port
 
+    @property
+    def _open_while_draining(self) -> tuple[str, ...]:
+        return tuple(f"/{b.name}/" for b in self._bindings if b.open_while_draining)
+
     async def set_serving(self) -> None:
-        """Health SERVING for the server ("") and every service: ready for calls."""
-        await self._set_health(_SERVING)
+        """Start-up is done: from now each service's health follows its `ready` check (SERVING at
+        once for those without one), and the server's ("") is SERVING while every service is."""
+        await self._update_health()
+        if any(b.ready is not None for b in self._bindings):
+            self._watch = asyncio.create_task(self._watch_readiness(), name="health-readiness")
+
+    async def _watch_readiness(self) -> None:
+        while not self.draining:
+            await asyncio.sleep(_READINESS_POLL_S)
+            await self._update_health()
+
+    async def _update_health(self) -> None:
+        ready = {b.name: b.ready is None or b.ready() for b in self._bindings}
+        ready[""] = all(ready.values())
+        for name, ok in ready.items():
+            status = _SERVING if ok else _NOT_SERVING
+            if self._health_now.get(name) != status and not self.draining:
+                self._health_now[name] = status
+                await self._health.set(name, status)
 
     async def stop(self) -> None:
         """Drain: health NOT_SERVING, refuse new calls, wait for those in flight, then stop.
@@ -142,6 +174,8 @@ class Server:
         deadline = loop.time() + self.config.shutdown_grace_s
         await self._health.enter_graceful_shutdown()
         self._in_flight.draining = True
+        if self._watch is not None:
+            self._watch.cancel()
         if not await self._in_flight.wait_idle(self.config.shutdown_grace_s):
             log.warning("grace period over; cancelling calls in flight", calls=self._in_flight.count)
         await self._server.stop(max(0.0, deadline - loop.time()))

@@ -61,11 +61,16 @@ def status_of(exc: Exception, method: str) -> tuple[grpc.StatusCode, str]:
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
     """Refuses new calls while draining, counts calls in flight, and maps exceptions to statuses.
-    Calls whose method starts with one of `passthrough` (health, reflection) are left alone."""
+    Calls whose method starts with one of `passthrough` (health, reflection) are left alone; those
+    starting with one of `open_while_draining` (the scheduler's Registry: workers keep reporting
+    while it drains its streams) are accepted while draining and not counted as work in flight."""
 
-    def __init__(self, in_flight: InFlight, passthrough: tuple[str, ...]) -> None:
+    def __init__(
+        self, in_flight: InFlight, passthrough: tuple[str, ...], open_while_draining: tuple[str, ...] = ()
+    ) -> None:
         self._in_flight = in_flight
         self._passthrough = passthrough
+        self._open_while_draining = open_while_draining
 
     async def intercept_service(
         self,
@@ -112,9 +117,11 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 
     @contextlib.asynccontextmanager
     async def _guard(self, method: str, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
-        if self._in_flight.draining:
+        counted = not method.startswith(self._open_while_draining)
+        if counted and self._in_flight.draining:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "server is draining; retry on another worker")
-        self._in_flight.enter()
+        if counted:
+            self._in_flight.enter()
         try:
             yield
         except grpc.aio.AbortError:  # the servicer aborted with its own status
@@ -123,4 +130,5 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             code, message = status_of(exc, method)
             await context.abort(code, message)
         finally:
-            self._in_flight.exit()
+            if counted:
+                self._in_flight.exit()

@@ -154,10 +154,13 @@ class Registry:
 
     async def register(self, info: WorkerInfo) -> Worker:
         """A new or restarted worker. At the same address the old channel is kept: a worker
-        re-registers after any lost report, and its streams in flight must not be cut."""
+        re-registers after any lost report, and its streams in flight must not be cut. The counts
+        of requests assigned and of queued prefill tokens start again at zero: the flows in flight
+        hold the old entry and settle their counts on it, and the worker's own reports say how busy
+        it is (carried over, those counts would never come down)."""
         old = self.workers.pop(info.worker_id, None)
         if old is not None and old.info.address == info.address:
-            worker = Worker(info, old.channel, assigned=old.assigned, queued_prefill_tokens=old.queued_prefill_tokens)
+            worker = Worker(info, old.channel)
         else:
             if old is not None:
                 await old.channel.close()

@@ -6,6 +6,7 @@ import structlog
 
 from engine.tokenizer import Tokenizer
 from pdmesh.config import SchedulerConfig
+from pdmesh.enums import WorkerRole
 from pdmesh.v1 import scheduler_pb2, scheduler_pb2_grpc, worker_pb2, worker_pb2_grpc
 from services.bootstrap import ServicerBinding, serve
 from services.scheduler.policy import make_policy
@@ -27,11 +28,15 @@ async def serve_scheduler(config: SchedulerConfig) -> None:
             scheduler,
             scheduler_pb2_grpc.add_SchedulerServicer_to_server,
             scheduler_pb2.DESCRIPTOR.services_by_name["Scheduler"],
+            # Honest health: a request can be served only while some decode worker is live (it
+            # prefills itself when no prefill worker is).
+            ready=lambda: bool(registry.live(WorkerRole.DECODE)),
         ),
         ServicerBinding(
             RegistryServicer(registry, config.report_interval_ms),
             worker_pb2_grpc.add_RegistryServicer_to_server,
             worker_pb2.DESCRIPTOR.services_by_name["Registry"],
+            open_while_draining=True,  # workers keep reporting while the scheduler drains its streams
         ),
     ]
     log.info("scheduler starting", model=config.model, policy=config.policy.value)

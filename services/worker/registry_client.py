@@ -41,6 +41,7 @@ class Reporter:
         self._task: asyncio.Task[None] | None = None
         self._seq = 0
         self._registered = False
+        self.has_registered = False  # once: the scheduler knows this worker (its health turns SERVING)
         self._interval = 0.5
         self._snapshot = True
         self._lock = asyncio.Lock()  # one report at a time: their sequence numbers must arrive in order
@@ -102,5 +103,5 @@ class Reporter:
     async def _register(self) -> float:
         resp = await self._stub.RegisterWorker(worker_pb2.RegisterWorkerRequest(worker=self.info), timeout=5)
         log.info("registered", scheduler_interval_ms=resp.report_interval_ms, worker_id=self.info.worker_id)
-        self._registered, self._snapshot = True, True
+        self._registered, self._snapshot, self.has_registered = True, True, True
         return max(resp.report_interval_ms, 50) / 1000

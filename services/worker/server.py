@@ -61,19 +61,25 @@ async def serve_worker(config: WorkerConfig) -> None:
     offerer = Offerer(async_engine, transport, store)
     decoding = config.role is WorkerRole.DECODE
     reservations = Reservations(async_engine, transport, config.id, config.lease_ms) if decoding else None
+    reporter: Reporter | None = None
+
+    def registered() -> bool:  # health SERVING: engine, KV listener and registration all done
+        return reporter is not None and reporter.has_registered
+
     if reservations is not None:
         binding = ServicerBinding(
             DecodeServicer(async_engine, reservations, fetcher, config.id, telemetry),
             decode_pb2_grpc.add_DecodeServicer_to_server,
             decode_pb2.DESCRIPTOR.services_by_name["Decode"],
+            ready=registered,
         )
     else:
         binding = ServicerBinding(
             PrefillServicer(async_engine, transport, fetcher, config.id, telemetry),
             prefill_pb2_grpc.add_PrefillServicer_to_server,
             prefill_pb2.DESCRIPTOR.services_by_name["Prefill"],
+            ready=registered,
         )
-    reporter: Reporter | None = None
 
     sampler = LoadSampler(async_engine)
 

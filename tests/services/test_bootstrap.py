@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import shutil
 import signal
 import subprocess
@@ -27,8 +28,8 @@ from structlog.testing import capture_logs
 
 from pdmesh.channel import channel, sync_channel
 from pdmesh.config import ChannelConfig, ServerConfig
-from pdmesh.v1 import decode_pb2, decode_pb2_grpc
-from services.bootstrap import Server
+from pdmesh.v1 import decode_pb2, decode_pb2_grpc, worker_pb2, worker_pb2_grpc
+from services.bootstrap import Server, ServicerBinding
 from tests.certs import make_certs
 
 HERE = Path(__file__).parent
@@ -91,6 +92,63 @@ async def test_health_is_serving_when_ready_and_not_serving_while_draining() -> 
         assert await read_rest(stream) == [[1], [2], [3], [4], [5]]
         assert await stream.code() == grpc.StatusCode.OK
         await asyncio.wait_for(stopping, 5)
+
+
+async def test_a_service_is_serving_only_while_its_readiness_check_says_so() -> None:
+    able = False
+    server = Server([dataclasses.replace(binding(), ready=lambda: able)], LOOPBACK)
+    port = await server.start()
+    async with contextlib.AsyncExitStack() as cleanup:
+        cleanup.push_async_callback(server.stop)
+        ch = await cleanup.enter_async_context(channel(f"127.0.0.1:{port}"))
+        await server.set_serving()
+        assert (await health_of(ch), await health_of(ch, "pdmesh.v1.Decode")) == (NOT_SERVING, NOT_SERVING)
+
+        able = True
+        await eventually_health(ch, SERVING)
+        assert await health_of(ch, "pdmesh.v1.Decode") == SERVING
+        able = False
+        await eventually_health(ch, NOT_SERVING)
+
+
+class CountingRegistry(worker_pb2_grpc.RegistryServicer):
+    def __init__(self) -> None:
+        self.reports = 0
+
+    async def ReportLoad(  # noqa: N802
+        self, request: worker_pb2.ReportLoadRequest, context: grpc.aio.ServicerContext
+    ) -> worker_pb2.ReportLoadResponse:
+        self.reports += 1
+        return worker_pb2.ReportLoadResponse()
+
+
+async def test_a_service_open_while_draining_takes_calls_while_the_rest_drain() -> None:
+    registry = CountingRegistry()
+    reports = ServicerBinding(
+        registry, worker_pb2_grpc.add_RegistryServicer_to_server, worker_pb2.DESCRIPTOR.services_by_name["Registry"],
+        open_while_draining=True,
+    )  # fmt: skip
+    server = Server([binding(), reports], LOOPBACK)
+    port = await server.start()
+    await server.set_serving()
+    async with channel(f"127.0.0.1:{port}") as ch:
+        stream = decode_pb2_grpc.DecodeStub(ch).Generate(decode_pb2.DecodeGenerateRequest(request_id="slow-6"))
+        await stream.read()
+        stopping = asyncio.create_task(server.stop())
+        await asyncio.sleep(0.02)
+        assert await health_of(ch) == NOT_SERVING
+        # While the stream drains, load reports are still taken (the scheduler's Registry).
+        await worker_pb2_grpc.RegistryStub(ch).ReportLoad(worker_pb2.ReportLoadRequest(worker_id="w"), timeout=5)
+        assert registry.reports == 1
+        assert await read_rest(stream) == [[1], [2], [3], [4], [5]]
+        await asyncio.wait_for(stopping, 5)
+
+
+async def eventually_health(ch: grpc.aio.Channel, status: int, timeout_s: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while await health_of(ch) != status:
+        assert asyncio.get_running_loop().time() < deadline, f"health never became {status}"
+        await asyncio.sleep(0.02)
 
 
 async def test_reflection_lists_every_service_and_serves_their_descriptors() -> None:

@@ -28,6 +28,7 @@ from pdmesh.config import SchedulerConfig, ServerConfig
 from pdmesh.v1 import scheduler_pb2, scheduler_pb2_grpc, worker_pb2, worker_pb2_grpc
 from services.scheduler.server import serve_scheduler
 
+REGISTRY = worker_pb2.DESCRIPTOR.services_by_name["Registry"].full_name
 CHAT_TEMPLATE = (
     "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}<s>assistant: {% endif %}"
@@ -105,10 +106,12 @@ class Mesh:
         while True:
             assert not self._task.done(), "serve_scheduler exited during start-up"
             with contextlib.suppress(grpc.aio.AioRpcError):
-                reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                # The Registry serves from start-up; the scheduler as a whole only once a decode
+                # worker is live.
+                reply = await health.Check(health_pb2.HealthCheckRequest(service=REGISTRY), timeout=1)
                 if reply.status == health_pb2.HealthCheckResponse.SERVING:
                     break
-            assert time.monotonic() < deadline, "the scheduler never became SERVING"
+            assert time.monotonic() < deadline, "the scheduler's Registry never became SERVING"
             await asyncio.sleep(0.02)
         for i in range(prefill):
             self.prefill.append(await start_worker(f"prefill-{i}", worker_pb2.WORKER_ROLE_PREFILL))

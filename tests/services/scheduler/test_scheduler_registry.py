@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from typing import cast
 
 from scheduler_mesh import Mesh, MeshFactory, eventually
@@ -117,6 +117,18 @@ async def test_a_worker_registering_again_at_the_same_address_keeps_its_streams(
         return got
 
     assert await asyncio.wait_for(run(), 3) == expected_tokens(3, 3, 30)
+    # The count of requests on it starts again with the registration and comes back to zero: a
+    # count carried over would make the worker look busy for good and skew placement.
+    await eventually_async(mesh, lambda s: s.workers[0].num_assigned_requests == 0, "assigned back to 0")
+
+
+async def eventually_async(
+    mesh: Mesh, check: Callable[[scheduler_pb2.GetClusterStateResponse], bool], what: str, timeout_s: float = 5.0
+) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not check(await mesh.cluster()):
+        assert asyncio.get_running_loop().time() < deadline, f"{what} did not happen within {timeout_s} s"
+        await asyncio.sleep(0.02)
 
 
 async def test_cluster_state_lists_workers_sorted_by_id(mesh_factory: MeshFactory) -> None:
