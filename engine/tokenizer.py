@@ -112,8 +112,11 @@ class Tokenizer:
         return self._chat_template
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        """Special tokens written in the text ("<|im_start|>") become their ids, as in transformers."""
-        return list(self._backend.encode(text, add_special_tokens=add_special_tokens).ids)
+        """Special tokens written in the text ("<|im_start|>") become their ids, as in transformers.
+
+        Through encode_batch, which releases the GIL while it works (encode holds it): a long text
+        tokenized on a thread then leaves the caller's event loop running."""
+        return list(self._backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids)
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self._backend.decode(list(ids), skip_special_tokens=skip_special_tokens)

@@ -352,6 +352,14 @@ class SchedulerConfig:
     # A request that finds every decode worker's KV cache full waits this long for blocks to free
     # (less with a TTFT target) before RESOURCE_EXHAUSTED.
     queue_timeout_ms: int = 30_000
+    # Requests waiting for a decode slot (services/scheduler/admission.py); more: RESOURCE_EXHAUSTED.
+    max_queued_requests: int = 1024
+    # A prompt's text (or chat messages' contents) longer than this, in UTF-8 bytes, is refused
+    # before it is tokenized (INVALID_ARGUMENT): tokenizing megabytes costs seconds of CPU.
+    max_prompt_bytes: int = 1 * MiB
 
     def __post_init__(self) -> None:
-        _check_positive(self, "lease_ms", "report_interval_ms", "stale_after_ms", "max_attempts", "queue_timeout_ms")
+        _check_positive(
+            self, "lease_ms", "report_interval_ms", "stale_after_ms", "max_attempts", "queue_timeout_ms",
+            "max_queued_requests", "max_prompt_bytes",
+        )  # fmt: skip

@@ -41,7 +41,7 @@ from grpc_reflection.v1alpha import reflection
 from pdmesh.channel import transport_options
 from pdmesh.config import ServerConfig
 from pdmesh.tracing import server_interceptor
-from services.interceptor import ErrorInterceptor, InFlight
+from services.interceptor import ErrorInterceptor, InFlight, StreamCloser
 
 log = structlog.get_logger(__name__)
 
@@ -115,11 +115,12 @@ class Server:
 
     async def start(self) -> int:
         """Bind and start, health NOT_SERVING; returns the bound port."""
-        # The tracing interceptor outermost: its span covers the call, and sees the status the
-        # error interceptor aborts with (through the servicer context it hands on).
+        # The tracing interceptor outside the error interceptor: its span covers the call, and
+        # sees the status the error interceptor aborts with (through the servicer context it hands
+        # on); the stream closer outside both, so a stream's span ends in its own call's task.
         errors = ErrorInterceptor(self._in_flight, _PLUMBING, self._open_while_draining)
         server = grpc.aio.server(
-            interceptors=[server_interceptor(), errors],
+            interceptors=[StreamCloser(), server_interceptor(), errors],
             options=server_options(self.config),
         )
         for binding in self._bindings:

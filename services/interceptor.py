@@ -132,3 +132,37 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         finally:
             if counted:
                 self._in_flight.exit()
+
+
+class StreamCloser(grpc.aio.ServerInterceptor):
+    """Closes every streaming handler's generator in its own call's task.
+
+    grpc aio iterates a streaming handler's async generator and, when a write fails (the client
+    went away, the call was cancelled between two responses), leaves it suspended: the garbage
+    collector finalizes it later in another context, where OpenTelemetry's server span cannot
+    detach its context — an ERROR with a traceback for every such stream (grpc/grpc#42295).
+    Outermost, this drives each stream itself with context.write, so any failure surfaces here,
+    in the call's task, and the generator is closed there."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None or not handler.unary_stream:
+            return handler
+        behavior = handler.unary_stream
+
+        async def drive(request: Any, context: grpc.aio.ServicerContext) -> None:
+            responses = behavior(request, context)
+            if inspect.isawaitable(responses):  # the servicer writes with context.write() itself
+                await responses
+                return
+            async with contextlib.aclosing(responses):
+                async for response in responses:
+                    await context.write(response)
+
+        return grpc.unary_stream_rpc_method_handler(
+            drive, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
+        )

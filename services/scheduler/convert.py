@@ -31,7 +31,11 @@ _ROLES: dict[int, str] = {
 _seeds = random.SystemRandom()
 
 
-def request_from_pb(request: scheduler_pb2.GenerateRequest, tokenizer: Tokenizer) -> SchedulerRequest:
+def request_from_pb(
+    request: scheduler_pb2.GenerateRequest, tokenizer: Tokenizer, max_prompt_bytes: int
+) -> SchedulerRequest:
+    """Blocking (tokenization): call it off the event loop."""
+    check_prompt_size(request.prompt, max_prompt_bytes)
     prompt = prompt_ids(request.prompt, tokenizer)
     sampling = sampling_from_pb(request.sampling)
     sampling.validate(tokenizer.vocab_size)
@@ -45,6 +49,26 @@ def request_from_pb(request: scheduler_pb2.GenerateRequest, tokenizer: Tokenizer
         slo=Slo(ttft_ms=request.slo.ttft_ms, tpot_ms=request.slo.tpot_ms),
         priority=enum_from_pb(Priority, common_pb2.Priority, request.priority) or Priority.NORMAL,
     )
+
+
+def check_prompt_size(prompt: common_pb2.Prompt, max_bytes: int) -> None:
+    """Refuse text longer than `max_bytes` of UTF-8 before anything tokenizes it."""
+    kind = prompt.WhichOneof("kind")
+    if kind == "text":
+        field, texts = "prompt.text", [prompt.text]
+    elif kind == "chat":
+        field, texts = "prompt.chat.messages", [m.content for m in prompt.chat.messages]
+    else:
+        return
+    # Characters never outnumber bytes: only a text that might fit is encoded to be measured.
+    size = sum(len(t) for t in texts)
+    if size <= max_bytes:
+        size = sum(len(t.encode("utf-8", "surrogatepass")) for t in texts)
+    if size > max_bytes:
+        raise InvalidRequest(
+            field, f"is {size} bytes or more, over the scheduler's limit of {max_bytes} (max_prompt_bytes)",
+            "send a shorter prompt",
+        )  # fmt: skip
 
 
 def prompt_ids(prompt: common_pb2.Prompt, tokenizer: Tokenizer) -> list[int]:

@@ -23,13 +23,14 @@ import structlog
 from opentelemetry import trace
 from opentelemetry.trace import Span
 
-from pdmesh.enums import ExecutionPlan, WorkerRole
+from pdmesh.enums import ExecutionPlan, FinishReason, WorkerRole
 from services.scheduler import capacity, worker_client
 from services.scheduler.errors import DownstreamFailed
 from services.scheduler.policy import Placement, Policy, RequestShape, place, replace_decode
 from services.scheduler.registry import Registry, Worker
 from services.scheduler.request import (
     Deadline,
+    Finish,
     PlacementReport,
     Prefilled,
     Response,
@@ -261,6 +262,10 @@ class RequestFlow:
             self.releases.add(task)
             task.add_done_callback(self.releases.discard)
             await asyncio.shield(task)
+
+    def aborted(self) -> Response:
+        """The last response of a stream the scheduler ended itself (its stop outlasted the grace)."""
+        return self._response(TokenChunk((), finish=Finish(FinishReason.ABORT)), final=True)
 
     def _response(self, chunk: TokenChunk, final: bool) -> Response:
         if not final:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import structlog
 
 from engine.tokenizer import Tokenizer
@@ -15,6 +17,7 @@ from services.scheduler.servicer import RegistryServicer, SchedulerServicer
 from services.telemetry.metrics import MetricsEndpoint
 
 log = structlog.get_logger(__name__)
+_ABORT_MARGIN_S = 2.0  # before the grace is over: time for the ABORT chunks and ticket releases
 
 
 async def serve_scheduler(config: SchedulerConfig) -> None:
@@ -41,9 +44,19 @@ async def serve_scheduler(config: SchedulerConfig) -> None:
     ]
     log.info("scheduler starting", model=config.model, policy=config.policy.value)
 
+    async def on_drain() -> None:
+        # Streams get the grace to finish; those that would outlast it end with an ABORT chunk
+        # shortly before, so that no client sees its stream cut.
+        grace = config.server.shutdown_grace_s
+        asyncio.get_running_loop().call_later(max(grace / 2, grace - _ABORT_MARGIN_S), abort_streams)
+
+    def abort_streams() -> None:
+        if count := scheduler.streams.abort_all():
+            log.warning("grace period nearly over; ending streams with finish reason abort", streams=count)
+
     async def on_shutdown() -> None:
         await registry.close()
         if metrics is not None:
             metrics.close()
 
-    await serve(bindings, config.server, on_shutdown=on_shutdown)
+    await serve(bindings, config.server, on_drain=on_drain, on_shutdown=on_shutdown)

@@ -14,6 +14,7 @@ from pdmesh.config import SchedulerConfig
 from pdmesh.enums import WorkerRole
 from pdmesh.v1 import scheduler_pb2, scheduler_pb2_grpc, worker_pb2, worker_pb2_grpc
 from services.scheduler import convert
+from services.scheduler.admission import Admission
 from services.scheduler.convert_workers import (
     load_from_pb,
     store_info_from_pb,
@@ -24,6 +25,7 @@ from services.scheduler.flow import FlowSettings, RequestFlow
 from services.scheduler.policy import Policy
 from services.scheduler.registry import Registry
 from services.scheduler.request import Deadline, SchedulerRequest
+from services.scheduler.streams import Streams
 from services.scheduler.telemetry import RequestWatch, SchedulerMetrics
 from services.status import ModelNotFound, NoCapacity
 
@@ -38,6 +40,8 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         self.flows: set[RequestFlow] = set()
         self.metrics = SchedulerMetrics(config.model, self._num_running, self._num_waiting)
         self.releases: set[asyncio.Task[None]] = set()  # tickets being released for flows that ended
+        self.streams = Streams()  # what a stop outlasting its grace ends with an ABORT chunk
+        self.admission = Admission(self._decode_slots, config.max_queued_requests)
 
     async def Generate(  # noqa: N802 (gRPC method name)
         self, request: scheduler_pb2.GenerateRequest, context: grpc.aio.ServicerContext
@@ -47,18 +51,22 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                 raise ModelNotFound(
                     "model", f"{request.model!r} is not served here", f"use {self.config.model!r} or leave it empty"
                 )
-            accepted = convert.request_from_pb(request, self.tokenizer)
+            # Tokenizing is CPU work of any length: off the event loop, so no stream stalls on it.
+            accepted = await asyncio.to_thread(
+                convert.request_from_pb, request, self.tokenizer, self.config.max_prompt_bytes
+            )
             watch.accepted(accepted)
             self._check_fits(accepted)
             deadline = Deadline.after(context.time_remaining())
             flow = RequestFlow(accepted, self.registry, self.policy, self.settings, deadline, self.releases)
-            self.flows.add(flow)
-            try:
-                async for response in flow.run():
-                    watch.sent(response)
-                    yield convert.response_to_pb(response)
-            finally:
-                self.flows.discard(flow)
+            async with self.admission.admit(accepted.priority, self._queue_timeout_s(accepted)):
+                self.flows.add(flow)
+                try:
+                    async for response in self.streams.run(flow):
+                        watch.sent(response)
+                        yield convert.response_to_pb(response)
+                finally:
+                    self.flows.discard(flow)
 
     async def ListModels(  # noqa: N802
         self, request: scheduler_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
@@ -84,10 +92,21 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         )  # fmt: skip
 
     def _num_waiting(self) -> int:
-        return sum(f.waiting for f in self.flows)
+        """Requests queued for a decode slot, and admitted ones waiting for KV blocks."""
+        return self.admission.queued + sum(f.waiting for f in self.flows)
 
     def _num_running(self) -> int:
-        return len(self.flows) - self._num_waiting()
+        return len(self.flows) - sum(f.waiting for f in self.flows)
+
+    def _decode_slots(self) -> int | None:
+        """Batch slots of the live decode workers; None (no limit) when one states none or none
+        is live (placement then answers at once)."""
+        slots = [w.info.capacity.max_num_running_requests for w in self.registry.live(WorkerRole.DECODE)]
+        return sum(slots) if slots and all(slots) else None
+
+    def _queue_timeout_s(self, request: SchedulerRequest) -> float:
+        timeout_s = self.settings.queue_timeout_s
+        return min(timeout_s, request.slo.ttft_ms / 1000) if request.slo.ttft_ms > 0 else timeout_s
 
     def _check_fits(self, request: SchedulerRequest) -> None:
         """Refuse at once what no decode worker could ever hold, instead of queueing it forever."""

@@ -44,14 +44,15 @@ def free_port_base(workers: int = 8) -> int:
 def start_mesh(
     model: Path | str, prefill: int, decode: int, *extra: str, timeout_s: float = 180,
     env: dict[str, str] | None = None, kvstore: bool = True, kvstore_args: tuple[str, ...] = (),
+    grace_s: float = 30.0,
 ) -> Mesh:  # fmt: skip
     """A mesh of real processes, with a KV store unless told not; `env` adds PDMESH_* settings to
-    every one of them."""
+    every one of them; `grace_s` is each one's drain on SIGTERM."""
     args = ("--threads", "1", "--kv-blocks", str(KV_BLOCKS), "--block-size", str(BLOCK_SIZE), *extra)
     settings = {"PDMESH_SCHEDULER_REPORT_INTERVAL_MS": "100", **(env or {})}  # fresh load reports for the observers
     spec = MeshSpec(
         port=free_port_base(), prefill=prefill, decode=decode, model=str(model), extra_worker_args=args,
-        env=tuple(settings.items()), kvstore=kvstore, kvstore_args=kvstore_args,
+        env=tuple(settings.items()), kvstore=kvstore, kvstore_args=kvstore_args, grace_s=grace_s,
     )
     mesh = Mesh(spec)
     mesh.start(timeout_s)

@@ -1,5 +1,6 @@
 """A worker told to stop (SIGTERM) drains: the scheduler sees it DRAINING at once and places no
-new request on it, while the stream it is serving runs to its end; then it exits cleanly."""
+new request on it, while the stream it is serving runs to its end; then it exits cleanly. A
+scheduler told to stop ends a stream that would outlast its grace with an ABORT chunk."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from pdmesh.client import AsyncClient, Chunk, ClusterState, WorkerHealth
+from pdmesh.client import AsyncClient, Chunk, ClusterState, FinishReason, WorkerHealth
 from tests.mesh.conftest import engine_greedy, start_mesh, stop_mesh
 from tests.mesh.test_mesh import prompts_of
 
@@ -66,3 +67,36 @@ def test_a_draining_worker_takes_no_new_requests_and_finishes_its_stream(mesh_mo
     assert draining not in placed and len(set(placed)) == 1
     assert tokens == expected  # its stream ran to the end on the draining worker
     assert exit_code == 0  # then it stopped cleanly
+
+
+def test_a_stopping_mesh_ends_a_stream_outlasting_the_grace_with_an_abort_chunk(mesh_model: Path) -> None:
+    """`pdmesh up`'s stop (the scheduler first, then the workers) with a 3 s grace and a stream that
+    needs far longer: the client gets the tokens so far and a last chunk saying ABORT, status OK."""
+    mesh = start_mesh(mesh_model, 0, 1, grace_s=3.0)
+    [prompt] = prompts_of([20], seed=9)
+    expected = engine_greedy(mesh_model, [prompt], 3000)[0]
+
+    async def run() -> list[Chunk]:
+        chunks: list[Chunk] = []
+        async with AsyncClient(mesh.target) as client:
+            async for chunk in client.generate(prompt, max_tokens=3000, ignore_eos=True):
+                chunks.append(chunk)
+                if len(chunks) == 5:
+                    stopping.append(asyncio.ensure_future(asyncio.to_thread(mesh.stop)))
+        return chunks
+
+    stopping: list[asyncio.Future[None]] = []
+
+    async def main() -> list[Chunk]:
+        chunks = await run()
+        await asyncio.wait_for(stopping[0], 120)
+        return chunks
+
+    try:
+        chunks = asyncio.run(main())
+    finally:
+        stop_mesh(mesh)
+    tokens = [t for c in chunks for t in c.token_ids]
+    assert chunks[-1].finish_reason is FinishReason.ABORT
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == len(tokens)
+    assert 5 <= len(tokens) < 3000 and tokens == expected[: len(tokens)]

@@ -140,7 +140,7 @@ class ScriptedDecode(decode_pb2_grpc.DecodeServicer):
                     response.usage.CopyFrom(common_pb2.Usage(completion_tokens=max_tokens, decode_ms=3.0))
                 self.streaming.set()
                 yield response
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, GeneratorExit):  # cancelled while waiting, or between writes
             self.cancelled.set()
             raise
         finally:
