@@ -5,7 +5,7 @@ PIP     := $(PY) -m pip
 STAMP   := .venv/.installed
 SOURCES := pdmesh engine kernels kvtransfer services
 
-.PHONY: run test lint typecheck unit compose compose-test install protos bench-engine clean
+.PHONY: run test lint typecheck unit soak compose compose-test install protos bench-engine clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
@@ -29,6 +29,12 @@ typecheck: $(STAMP)
 
 unit: $(STAMP)
 	.venv/bin/python -m pytest -m "not gpu" -q
+
+# The soak test at full size: 10,000 requests with cancels, deadlines and two worker kills through
+# a live mesh (`make test` runs it with 400). Its figures go to RELIABILITY.md.
+SOAK_REQUESTS ?= 10000
+soak: $(STAMP)
+	.venv/bin/python -m pytest -q -s tests/mesh/test_soak.py --soak-requests $(SOAK_REQUESTS)
 
 APT_GET := apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq
 

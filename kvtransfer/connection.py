@@ -130,7 +130,10 @@ class Connection:
             while True:
                 frame = bytearray(FRAME_BYTES)
                 await self.ep.recv(frame, tag=CTL_TAG)
-                self._on_message(self, decode(frame))
+                message = decode(frame)
+                # A handler's bug concerns one ticket: it must not take down every ticket on the
+                # connection.
+                notify(self._on_message, self, message)
         except asyncio.CancelledError:
             raise
         except Exception as e:  # endpoint error, peer death, malformed frame

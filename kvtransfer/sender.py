@@ -357,7 +357,7 @@ class KVSender:
         started = out.started if out.started is not None else time.monotonic()
         info = out.push.ticket
         stats = TransferStats(info.ticket_id, info.address, Direction.SEND, nbytes, time.monotonic() - started)
-        out.push.future.set_result(stats)
+        _settle(out.push.future, stats)
         notify(self._observer.on_complete, stats)
 
     def _fail(self, out: _Outgoing, reason: str, *, tell_peer: bool, error: TransferFailed | None = None) -> None:
@@ -369,10 +369,23 @@ class KVSender:
         log.warning("kv push failed", ticket=info.ticket_id, peer=info.address, reason=error.reason)
         if tell_peer and out.conn is not None and out.conn.lost is None:
             self._tasks.spawn(quietly(out.conn.send(Cancel(info.ticket_id, reason))))
-        out.push.future.set_exception(error)
+        _settle(out.push.future, error)
         notify(self._observer.on_failure, error, Direction.SEND)
 
     def _forget(self, out: _Outgoing) -> None:
         del self._outgoing[out.push.ticket.ticket_id]
         if out.deadline is not None:
             out.deadline.cancel()
+
+
+def _settle(future: concurrent.futures.Future[TransferStats], outcome: TransferStats | TransferFailed) -> None:
+    """Resolve a push's future unless its awaiter cancelled it (the prefill was cancelled: an
+    awaited asyncio.wrap_future cancels the future it wraps). Raising here would run up into the
+    connection's reader and take the connection down, failing every other ticket on it."""
+    try:
+        if isinstance(outcome, TransferFailed):
+            future.set_exception(outcome)
+        else:
+            future.set_result(outcome)
+    except concurrent.futures.InvalidStateError:
+        pass  # cancelled: nobody waits for this outcome
