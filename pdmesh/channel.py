@@ -51,6 +51,11 @@ def channel_credentials(config: ChannelConfig) -> grpc.ChannelCredentials | None
     return grpc.ssl_channel_credentials(config.tls_ca_path.read_bytes(), key, cert)
 
 
+def call_metadata(config: ChannelConfig) -> tuple[tuple[str, str], ...] | None:
+    """The metadata every call carries: the bearer key, when one is configured."""
+    return (("authorization", f"Bearer {config.api_key}"),) if config.api_key else None
+
+
 def channel(target: str, config: ChannelConfig | None = None) -> grpc.aio.Channel:
     """An asyncio channel to `target` ("host:port")."""
     config = config if config is not None else from_env(ChannelConfig, "channel")

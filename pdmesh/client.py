@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from engine.sampling_params import SamplingParams
-from pdmesh.channel import channel, sync_channel
-from pdmesh.config import ChannelConfig
+from pdmesh.channel import call_metadata, channel, sync_channel
+from pdmesh.config import ChannelConfig, from_env
 from pdmesh.convert import enum_from_pb, enum_to_pb, sampling_to_pb
 from pdmesh.enums import ExecutionPlan, FinishReason, Priority, WorkerHealth, WorkerRole  # re-exported: the client API
 from pdmesh.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc, worker_pb2
@@ -301,11 +301,14 @@ def cluster_state_from_pb(response: scheduler_pb2.GetClusterStateResponse) -> Cl
 
 class AsyncClient:
     """asyncio client of the scheduler. Use as `async with AsyncClient(target) as client:`.
-    config: TLS files and limits; None takes them from PDMESH_CHANNEL_* (plain text when unset)."""
+    config: TLS files, limits and the bearer key (api_key); None takes them from PDMESH_CHANNEL_*
+    (plain text, no key when unset)."""
 
     def __init__(self, target: str, config: ChannelConfig | None = None) -> None:
+        config = config if config is not None else from_env(ChannelConfig, "channel")
         self._channel = channel(target, config)
         self._stub = scheduler_pb2_grpc.SchedulerStub(self._channel)
+        self._metadata = call_metadata(config)
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -322,7 +325,7 @@ class AsyncClient:
         """Stream the continuation of `prompt`. options: model, sampling, ttft_ms, tpot_ms,
         priority, request_id (see generate_request) and SamplingParams fields. Leaving the loop
         early cancels the request in the mesh."""
-        call = self._stub.Generate(generate_request(prompt, **options), timeout=timeout_s)
+        call = self._stub.Generate(generate_request(prompt, **options), timeout=timeout_s, metadata=self._metadata)
         try:
             async for response in call:
                 yield chunk_from_pb(response)
@@ -337,11 +340,12 @@ class AsyncClient:
 
     async def list_models(self, *, timeout_s: float | None = 10.0) -> list[ModelInfo]:
         return models_from_pb(
-            await self._stub.ListModels(scheduler_pb2.ListModelsRequest(), timeout=timeout_s)
+            await self._stub.ListModels(scheduler_pb2.ListModelsRequest(), timeout=timeout_s, metadata=self._metadata)
         )
 
     async def cluster_state(self, *, timeout_s: float | None = 10.0) -> ClusterState:
-        response = await self._stub.GetClusterState(scheduler_pb2.GetClusterStateRequest(), timeout=timeout_s)
+        request = scheduler_pb2.GetClusterStateRequest()
+        response = await self._stub.GetClusterState(request, timeout=timeout_s, metadata=self._metadata)
         return cluster_state_from_pb(response)
 
 
@@ -349,8 +353,10 @@ class Client:
     """Blocking client of the scheduler; the same API as AsyncClient."""
 
     def __init__(self, target: str, config: ChannelConfig | None = None) -> None:
+        config = config if config is not None else from_env(ChannelConfig, "channel")
         self._channel = sync_channel(target, config)
         self._stub = scheduler_pb2_grpc.SchedulerStub(self._channel)
+        self._metadata = call_metadata(config)
 
     def __enter__(self) -> Client:
         return self
@@ -364,7 +370,7 @@ class Client:
     def generate(
         self, prompt: PromptInput, *, timeout_s: float | None = None, **options: Any
     ) -> Iterator[Chunk]:
-        call = self._stub.Generate(generate_request(prompt, **options), timeout=timeout_s)
+        call = self._stub.Generate(generate_request(prompt, **options), timeout=timeout_s, metadata=self._metadata)
         try:
             for response in call:
                 yield chunk_from_pb(response)
@@ -375,9 +381,9 @@ class Client:
         return Completion.collect(self.generate(prompt, timeout_s=timeout_s, **options))
 
     def list_models(self, *, timeout_s: float | None = 10.0) -> list[ModelInfo]:
-        return models_from_pb(self._stub.ListModels(scheduler_pb2.ListModelsRequest(), timeout=timeout_s))
+        request = scheduler_pb2.ListModelsRequest()
+        return models_from_pb(self._stub.ListModels(request, timeout=timeout_s, metadata=self._metadata))
 
     def cluster_state(self, *, timeout_s: float | None = 10.0) -> ClusterState:
-        return cluster_state_from_pb(
-            self._stub.GetClusterState(scheduler_pb2.GetClusterStateRequest(), timeout=timeout_s)
-        )
+        request = scheduler_pb2.GetClusterStateRequest()
+        return cluster_state_from_pb(self._stub.GetClusterState(request, timeout=timeout_s, metadata=self._metadata))

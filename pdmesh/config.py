@@ -109,6 +109,9 @@ class ChannelConfig:
     tls_key_path: Path | None = None
     # Overrides the name checked against the server's certificate (tests, IP-addressed peers).
     tls_server_name: str | None = None
+    # A key sent with every call as gRPC metadata `authorization: Bearer KEY`: what a scheduler
+    # with api_keys asks its clients for. Never logged.
+    api_key: str | None = dataclasses.field(default=None, repr=False)
     max_message_bytes: int = 64 * MiB
     keepalive_time_ms: int = 30_000
     keepalive_timeout_ms: int = 20_000
@@ -357,9 +360,23 @@ class SchedulerConfig:
     # A prompt's text (or chat messages' contents) longer than this, in UTF-8 bytes, is refused
     # before it is tokenized (INVALID_ARGUMENT): tokenizing megabytes costs seconds of CPU.
     max_prompt_bytes: int = 1 * MiB
+    # Bearer keys the Scheduler service asks of every call (gRPC metadata `authorization: Bearer
+    # KEY`; comma-separated in PDMESH_SCHEDULER_API_KEYS); none: no authentication, which suits a
+    # scheduler listening on loopback only. Workers' Registry calls are not asked (mTLS guards them).
+    api_keys: tuple[str, ...] = dataclasses.field(default=(), repr=False)
 
     def __post_init__(self) -> None:
+        if any(not key.strip() for key in self.api_keys):
+            raise ConfigError("api_keys", "contains an empty key; list non-empty keys, comma-separated")
         _check_positive(
             self, "lease_ms", "report_interval_ms", "stale_after_ms", "max_attempts", "queue_timeout_ms",
             "max_queued_requests", "max_prompt_bytes",
         )  # fmt: skip
+
+
+def scheduler_api_keys(overrides: Mapping[str, str] = {}) -> tuple[str, ...]:  # noqa: B006 (never mutated)
+    """The bearer keys a scheduler started with this environment (plus `overrides`, the extra
+    settings `pdmesh up` gives its processes) asks for: PDMESH_SCHEDULER_API_KEYS."""
+    name = env_name("scheduler", "api_keys")
+    raw = overrides.get(name, os.environ.get(name, ""))
+    return tuple(k.strip() for k in raw.split(",") if k.strip())

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import signal
 import subprocess
 import sys
@@ -29,6 +30,7 @@ from pathlib import Path
 import grpc
 
 from pdmesh.client import AsyncClient, Client, KVStoreState, WorkerHealth, WorkerState
+from pdmesh.config import ChannelConfig, from_env, scheduler_api_keys
 from pdmesh.ports import WILDCARD_HOSTS, PortClaim, check_free
 from pdmesh.process_output import Echo, ProcessOutput
 from pdmesh.supervisor import ChildSpec, RestartPolicy, Supervisor
@@ -161,6 +163,11 @@ class Mesh:
         self.spec = spec
         self.output = output or ProcessOutput()
         self.supervisor = Supervisor(spec.commands(), policy or RestartPolicy(restart=False), self.output)
+        self.api_keys = scheduler_api_keys(dict(spec.env))
+        channel = from_env(ChannelConfig, "channel")
+        # `up`'s own calls (readiness, the demo) present the scheduler's first key when no other is set.
+        key = channel.api_key or (self.api_keys[0] if self.api_keys else None)
+        self.client_config = dataclasses.replace(channel, api_key=key)
         self._stopping = threading.Event()
         self._stop_lock = threading.Lock()
 
@@ -187,7 +194,7 @@ class Mesh:
         want = set(self.spec.worker_ids)
         stores = {KVSTORE_ID} if self.spec.kvstore else set()
         deadline = time.monotonic() + timeout_s
-        with Client(self.target) as client:
+        with Client(self.target, self.client_config) as client:
             while time.monotonic() < deadline:
                 if self._stopping.is_set():
                     raise RuntimeError("the mesh was stopped while starting")
@@ -222,7 +229,7 @@ class Mesh:
             self.wait_ready(timeout_s)
             return
         deadline = time.monotonic() + timeout_s
-        with Client(self.target) as client:
+        with Client(self.target, self.client_config) as client:
             while time.monotonic() < deadline:
                 if self.failure is not None:
                     raise RuntimeError(f"{name} did not come back: {self.failure}")
@@ -283,7 +290,7 @@ async def run_up(spec: MeshSpec, options: UpOptions) -> int:
     try:
         _print_banner(mesh)
         if options.demo_prompt is not None:
-            await _demo(mesh.target, options.demo_prompt)
+            await _demo(mesh.target, options.demo_prompt, mesh.client_config)
         if not options.exit_after_demo:
             print("Ctrl-C stops the mesh.", flush=True)
             await stop.wait()
@@ -319,6 +326,10 @@ def _print_banner(mesh: Mesh) -> None:
         print(f"listening on every interface (--host {spec.host}): anyone who reaches this machine can use it")
     else:
         print(f"listening on {spec.host} only; --host 0.0.0.0 opens the mesh to the network")
+    if mesh.api_keys:
+        print(f"clients must present one of {len(mesh.api_keys)} bearer keys (PDMESH_CHANNEL_API_KEY for pdmesh's own)")
+    else:
+        print("no bearer keys asked (PDMESH_SCHEDULER_API_KEYS sets them; do before opening the mesh to a network)")
     first, last = spec.port + _METRICS_PORT_OFFSET, spec.port + _METRICS_PORT_OFFSET + len(spec.workers)
     stores = f", the KV store's :{spec.port + _METRICS_PORT_OFFSET + _KVSTORE_PORT_OFFSET}" if spec.kvstore else ""
     print(f"metrics: http://{spec.reach_host}:{first}/metrics (scheduler) to :{last} (one port per worker{stores})")
@@ -338,10 +349,10 @@ async def _stop(mesh: Mesh, output: ProcessOutput) -> None:
             loop.remove_signal_handler(sig)
 
 
-async def _demo(target: str, prompt: str) -> None:
+async def _demo(target: str, prompt: str, config: ChannelConfig) -> None:
     print(f"> {prompt}", flush=True)
     try:
-        async with AsyncClient(target) as client:
+        async with AsyncClient(target, config) as client:
             async for chunk in client.generate([{"role": "user", "content": prompt}], max_tokens=64):
                 print(chunk.text, end="", flush=True)
                 if chunk.usage is not None and chunk.placement is not None:

@@ -97,8 +97,15 @@ def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
 class Server:
     """A started gRPC server with health, reflection, the interceptor and graceful stop."""
 
-    def __init__(self, bindings: Sequence[ServicerBinding], config: ServerConfig) -> None:
+    def __init__(
+        self,
+        bindings: Sequence[ServicerBinding],
+        config: ServerConfig,
+        interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    ) -> None:
+        """`interceptors` run inside tracing, before the error interceptor (authentication)."""
         self.config = config
+        self._interceptors = tuple(interceptors)
         self.service_names = tuple(b.name for b in bindings)
         self.port = 0
         self._bindings = tuple(bindings)
@@ -120,7 +127,7 @@ class Server:
         # on); the stream closer outside both, so a stream's span ends in its own call's task.
         errors = ErrorInterceptor(self._in_flight, _PLUMBING, self._open_while_draining)
         server = grpc.aio.server(
-            interceptors=[StreamCloser(), server_interceptor(), errors],
+            interceptors=[StreamCloser(), server_interceptor(), *self._interceptors, errors],
             options=server_options(self.config),
         )
         for binding in self._bindings:
@@ -194,6 +201,7 @@ async def serve(
     on_drain: Callable[[], Awaitable[None]] | None = None,
     on_shutdown: Callable[[], Awaitable[None]] | None = None,
     stop: asyncio.Event | None = None,
+    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
 ) -> None:
     """Run a server until SIGTERM or SIGINT (or until `stop` is set), then drain and return.
 
@@ -202,7 +210,7 @@ async def serve(
     on_shutdown runs after the server stopped (stop the engine, close channels). `stop` lets the
     service end itself as a signal would: a worker whose device is lost.
     """
-    server = Server(bindings, config)
+    server = Server(bindings, config, interceptors)
     await server.start()
     loop = asyncio.get_running_loop()
     stop = stop if stop is not None else asyncio.Event()

@@ -10,6 +10,8 @@ from engine.tokenizer import Tokenizer
 from pdmesh.config import SchedulerConfig
 from pdmesh.enums import WorkerRole
 from pdmesh.v1 import scheduler_pb2, scheduler_pb2_grpc, worker_pb2, worker_pb2_grpc
+from services.auth import ApiKeys
+from services.bearer import BearerAuth
 from services.bootstrap import ServicerBinding, serve
 from services.scheduler.policy import make_policy
 from services.scheduler.registry import Registry
@@ -42,7 +44,10 @@ async def serve_scheduler(config: SchedulerConfig) -> None:
             open_while_draining=True,  # workers keep reporting while the scheduler drains its streams
         ),
     ]
-    log.info("scheduler starting", model=config.model, policy=config.policy.value)
+    keys = ApiKeys(config.api_keys)
+    guard = [BearerAuth(keys, (bindings[0].name,))] if keys.required else []
+    log.info("scheduler starting", model=config.model, policy=config.policy.value,
+             auth=f"{len(config.api_keys)} bearer keys" if keys.required else "none")  # fmt: skip
 
     async def on_drain() -> None:
         # Streams get the grace to finish; those that would outlast it end with an ABORT chunk
@@ -59,4 +64,4 @@ async def serve_scheduler(config: SchedulerConfig) -> None:
         if metrics is not None:
             metrics.close()
 
-    await serve(bindings, config.server, on_drain=on_drain, on_shutdown=on_shutdown)
+    await serve(bindings, config.server, on_drain=on_drain, on_shutdown=on_shutdown, interceptors=guard)

@@ -24,7 +24,7 @@ from scripted_workers import KV_BLOCKS, ScriptedDecode, ScriptedPrefill, Scripte
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 
 from pdmesh.client import AsyncClient
-from pdmesh.config import SchedulerConfig, ServerConfig
+from pdmesh.config import ChannelConfig, SchedulerConfig, ServerConfig
 from pdmesh.v1 import scheduler_pb2, scheduler_pb2_grpc, worker_pb2, worker_pb2_grpc
 from services.scheduler.server import serve_scheduler
 
@@ -81,7 +81,10 @@ class Mesh:
         self.decode: list[ScriptedWorker] = []
         self._task: asyncio.Task[None] | None = None
         self._channel = grpc.aio.insecure_channel(self.target)
-        self.client = AsyncClient(self.target)
+        # With api_keys, the harness itself presents the first (a test's own clients choose theirs).
+        key = self.config.api_keys[0] if self.config.api_keys else None
+        self.client = AsyncClient(self.target, ChannelConfig(api_key=key))
+        self._metadata = (("authorization", f"Bearer {key}"),) if key else None
         self.stub = scheduler_pb2_grpc.SchedulerStub(self._channel)
         self.registry = worker_pb2_grpc.RegistryStub(self._channel)
 
@@ -122,7 +125,9 @@ class Mesh:
         await self.wait_reported()
 
     async def cluster(self) -> scheduler_pb2.GetClusterStateResponse:
-        return await self.stub.GetClusterState(scheduler_pb2.GetClusterStateRequest(), timeout=5)
+        return await self.stub.GetClusterState(
+            scheduler_pb2.GetClusterStateRequest(), timeout=5, metadata=self._metadata
+        )
 
     async def wait_reported(self, free_blocks: dict[str, int] | None = None) -> None:
         """Until every worker is SERVING with a load report (showing `free_blocks` where given)."""
