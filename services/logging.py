@@ -93,3 +93,24 @@ def request_context(request_id: str) -> Iterator[None]:
     """Every line logged inside carries request_id (a servicer wraps one call's work in it)."""
     with structlog.contextvars.bound_contextvars(request_id=request_id):
         yield
+
+
+class Outage:
+    """One warning when a peer becomes unreachable and one line when it answers again, not a
+    warning per retry: a worker retries its scheduler every half second, and while `pdmesh up`
+    stops the mesh (the scheduler first) that filled the terminal."""
+
+    def __init__(self, peer: str) -> None:
+        self.peer = peer
+        self.down = False
+        self._log = structlog.get_logger("services.outage")
+
+    def failed(self, **fields: object) -> None:
+        if not self.down:
+            self.down = True
+            self._log.warning(f"{self.peer} unreachable; retrying", **fields)
+
+    def answered(self) -> None:
+        if self.down:
+            self.down = False
+            self._log.info(f"{self.peer} reachable again")

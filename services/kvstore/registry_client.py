@@ -17,6 +17,7 @@ from pdmesh.config import ChannelConfig
 from pdmesh.v1 import worker_pb2, worker_pb2_grpc
 from services.kvstore import convert
 from services.kvstore.store import BlockStore
+from services.logging import Outage
 
 log = structlog.get_logger(__name__)
 _RETRY_S = 0.5
@@ -47,11 +48,14 @@ class StoreReporter:
         await self._channel.close()
 
     async def _run(self) -> None:
+        outage = Outage("scheduler")
         while True:
             try:
-                await asyncio.sleep(await self._report())
+                interval = await self._report()
+                outage.answered()
+                await asyncio.sleep(interval)
             except grpc.aio.AioRpcError as e:
-                log.warning("scheduler unreachable", code=e.code().name, detail=e.details())
+                outage.failed(code=e.code().name, detail=e.details())
                 self._interval = None  # register again; the report's changes are lost, so a snapshot follows
                 await asyncio.sleep(_RETRY_S)
 

@@ -20,6 +20,7 @@ import structlog
 from pdmesh.channel import channel
 from pdmesh.config import ChannelConfig
 from pdmesh.v1 import worker_pb2, worker_pb2_grpc
+from services.logging import Outage
 
 log = structlog.get_logger(__name__)
 
@@ -64,13 +65,15 @@ class Reporter:
 
     async def _run(self) -> None:
         interval = 0.5
+        outage = Outage("scheduler")
         while True:
             try:
                 interval = await self._report()
             except grpc.aio.AioRpcError as e:
-                log.warning("scheduler unreachable", code=e.code().name, detail=e.details())
+                outage.failed(code=e.code().name, detail=e.details())
                 await asyncio.sleep(0.5)
                 continue
+            outage.answered()
             await asyncio.sleep(interval)
 
     async def _report(self) -> float:
