@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parents[1]
@@ -46,6 +47,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--kv-blocks", type=int, default=1024, help="each worker's KV blocks (16 tokens each)")
     p.add_argument("--store-mib", type=int, default=2048, help="the KV store's memory tier")
     p.add_argument("--port", type=int, default=33400)
+    p.add_argument("--block-size", type=int, default=16, help="the workers' KV block size (the default's)")
     p.add_argument("--phases", default="turn2,routing")
     p.add_argument("--vocab-size", type=int, default=32000, help="turn2's random prompts take ids below this")
     # turn2
@@ -71,7 +73,8 @@ def start_mesh(args: argparse.Namespace, log_dir: Path) -> Mesh:
     spec = MeshSpec(
         port=args.port, prefill=2, decode=1, model=args.model, device=args.device,
         threads=args.threads if args.device == "cpu" else None, env=env,
-        extra_worker_args=("--kv-blocks", str(args.kv_blocks)), kvstore_args=("--memory-mib", str(args.store_mib)),
+        extra_worker_args=("--kv-blocks", str(args.kv_blocks), "--block-size", str(args.block_size)),
+        kvstore_args=("--memory-mib", str(args.store_mib)),
     )  # fmt: skip
     mesh = Mesh(spec, output=ProcessOutput(Echo.WARNINGS, log_dir=log_dir))
     mesh.start(600)
@@ -106,7 +109,7 @@ def conversation(client: Client, args: argparse.Namespace, rng: random.Random, v
     before = stored_blocks(client) if store else 0
     turn1, _ = timed(client, shared, args.output)
     if store:  # the prefill worker's prompt blocks and the decode worker's output blocks
-        wait_stored(client, before + (args.shared + args.output - 1) // 16)
+        wait_stored(client, before + (args.shared + args.output - 1) // args.block_size)
     prompt = shared + list(turn1.token_ids) + [rng.randrange(1, vocab) for _ in range(args.new)]
     turn2, ttft_ms = timed(client, prompt, args.output)
     u = turn2.usage
@@ -165,16 +168,31 @@ def run_routing(mesh: Mesh, args: argparse.Namespace, out_dir: Path) -> list[dic
                 "--shared-prefix-len", str(args.prefix), "--prefix-groups", str(args.groups),
                 "--seed", str(seed), "--warmup", "0", "--no-progress", "--out", str(out),
             ]  # fmt: skip
-            subprocess.run(argv, check=True, cwd=HERE, stdout=subprocess.DEVNULL)
+            with Client(mesh.target) as client:
+                fetched_before = sum(s.num_fetched_blocks for s in client.cluster_state().kv_stores)
+                subprocess.run(argv, check=True, cwd=HERE, stdout=subprocess.DEVNULL)
+                fetched = sum(s.num_fetched_blocks for s in client.cluster_state().kv_stores) - fetched_before
             (run,) = json.loads(out.read_text())["runs"]
+            prompt, cached = prompt_counters(mesh)  # the scheduler started with this run: its counts are the run's
             row = {
                 "policy": policy, "ok": run["ok"], "failed": run["failed"],
                 "out_tok_per_s": run["output_tokens_per_s"], "ttft_ms": run["ttft_ms"],
-                "e2e_ms": run.get("e2e_ms"), "duration_s": run["duration_s"],
+                "e2e_ms": run.get("e2e_ms"), "duration_s": run["duration_s"], "prompt_tokens": prompt,
+                "cached_tokens": cached, "store_tokens": fetched * args.block_size,
             }  # fmt: skip
             print(json.dumps(row), flush=True)
             runs.append(row)
     return runs
+
+
+def prompt_counters(mesh: Mesh) -> tuple[int, int]:
+    """The scheduler's prompt tokens and cached prompt tokens since it started (its /metrics)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    url = f"http://{mesh.spec.reach_host}:{mesh.spec.port + 200}/metrics"
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    totals = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
+    return int(totals.get("pdmesh:prompt_tokens_total", 0)), int(totals.get("pdmesh:prompt_cached_tokens_total", 0))
 
 
 def summarize(samples: list[dict], runs: list[dict]) -> None:
@@ -196,7 +214,8 @@ def summarize(samples: list[dict], runs: list[dict]) -> None:
         for r in rows:
             t, rate = r["ttft_ms"], r["out_tok_per_s"]
             print(f"routing {policy:13s} ok {r['ok']} failed {r['failed']} out tok/s {rate:.1f} TTFT p50/p90/p99 "
-                  f"{t['p50']:.0f}/{t['p90']:.0f}/{t['p99']:.0f} ms in {r['duration_s']:.1f}s")  # fmt: skip
+                  f"{t['p50']:.0f}/{t['p90']:.0f}/{t['p99']:.0f} ms in {r['duration_s']:.1f}s; prompt tokens "
+                  f"{r['prompt_tokens']}: cached {r['cached_tokens']} (the store's {r['store_tokens']})")  # fmt: skip
 
 
 def main() -> int:
