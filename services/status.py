@@ -36,12 +36,22 @@ class NoCapacity(ServiceError):
     """No worker can take the request now, or no plan meets its SLO. RESOURCE_EXHAUSTED."""
 
 
+class ExceedsCapacity(NoCapacity):
+    """No worker could ever hold the request (more KV than the largest decode cache): retrying
+    will not help. RESOURCE_EXHAUSTED on gRPC; the HTTP door answers 400, as for a prompt over
+    the context length."""
+
+
 class NoLiveWorker(ServiceError):
     """No worker of the needed role and model is serving. UNAVAILABLE."""
 
 
 class ModelNotFound(ServiceError):
     """No served model has this name. NOT_FOUND."""
+
+
+class Unauthenticated(ServiceError):
+    """The caller presented no valid key where the door requires one. UNAUTHENTICATED."""
 
 
 class DeadlineExceeded(ServiceError):
@@ -68,6 +78,7 @@ _BY_TYPE: dict[type[BaseException], grpc.StatusCode] = {
     # The worker's device is lost and the worker is going: as for a dead worker, the scheduler
     # moves the request (a decode stream to another decode worker, with the tokens so far).
     DeviceLost: grpc.StatusCode.UNAVAILABLE,
+    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
 }
 
 # Errors of packages that the servers must not import just to map them (kvtransfer pulls in

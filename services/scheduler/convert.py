@@ -1,26 +1,24 @@
 """Protobuf <-> the scheduler's own types, for the clients' side: the one module that reads
 GenerateRequest and writes GenerateResponse, ListModels and GetClusterState answers.
 
-Validation happens here, at the door, with the engine's own rules (SamplingParams.validate) so a
-request the scheduler accepts is one every worker accepts. The workers' messages are converted in
-convert_workers.py.
+A request is read here and checked by intake.accept, the check the HTTP door shares, with the
+engine's own rules (SamplingParams.validate), so a request the scheduler accepts is one every
+worker accepts. The workers' messages are converted in convert_workers.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import random
-import uuid
 from collections.abc import Iterable
 
 from engine.errors import InvalidRequest
-from engine.tokenizer import Tokenizer
 from pdmesh.convert import enum_from_pb, enum_to_pb, sampling_from_pb
 from pdmesh.enums import Priority, WorkerHealth
 from pdmesh.v1 import common_pb2, scheduler_pb2, worker_pb2
 from services.scheduler.convert_workers import load_to_pb, store_info_to_pb, store_status_to_pb, worker_info_to_pb
+from services.scheduler.intake import ChatMessage, ChatPrompt, ClientRequest, Prompt, TextPrompt, TokenPrompt
 from services.scheduler.registry import Registry, Store, Worker
-from services.scheduler.request import PlacementReport, Response, SchedulerRequest, Slo, TokenChunk, Usage
+from services.scheduler.request import PlacementReport, Response, Slo, TokenChunk, Usage
 
 _ROLES: dict[int, str] = {
     common_pb2.CHAT_ROLE_SYSTEM: "system",
@@ -28,71 +26,30 @@ _ROLES: dict[int, str] = {
     common_pb2.CHAT_ROLE_ASSISTANT: "assistant",
     common_pb2.CHAT_ROLE_TOOL: "tool",
 }
-_seeds = random.SystemRandom()
 
 
-def request_from_pb(
-    request: scheduler_pb2.GenerateRequest, tokenizer: Tokenizer, max_prompt_bytes: int
-) -> SchedulerRequest:
-    """Blocking (tokenization): call it off the event loop."""
-    check_prompt_size(request.prompt, max_prompt_bytes)
-    prompt = prompt_ids(request.prompt, tokenizer)
-    sampling = sampling_from_pb(request.sampling)
-    sampling.validate(tokenizer.vocab_size)
-    if sampling.seed is None:
-        # Drawn here so that any worker continuing this request draws the same tokens.
-        sampling = dataclasses.replace(sampling, seed=_seeds.getrandbits(63))
-    return SchedulerRequest(
-        request_id=request.request_id or uuid.uuid4().hex,
-        prompt_token_ids=tuple(prompt),
-        sampling=sampling,
+def request_from_pb(request: scheduler_pb2.GenerateRequest) -> ClientRequest:
+    """The gRPC door's reading of a request; intake.accept checks it."""
+    return ClientRequest(
+        prompt=prompt_from_pb(request.prompt),
+        sampling=sampling_from_pb(request.sampling),
+        model=request.model,
+        request_id=request.request_id,
         slo=Slo(ttft_ms=request.slo.ttft_ms, tpot_ms=request.slo.tpot_ms),
         priority=enum_from_pb(Priority, common_pb2.Priority, request.priority) or Priority.NORMAL,
     )
 
 
-def check_prompt_size(prompt: common_pb2.Prompt, max_bytes: int) -> None:
-    """Refuse text longer than `max_bytes` of UTF-8 before anything tokenizes it."""
+def prompt_from_pb(prompt: common_pb2.Prompt) -> Prompt:
     kind = prompt.WhichOneof("kind")
     if kind == "text":
-        field, texts = "prompt.text", [prompt.text]
-    elif kind == "chat":
-        field, texts = "prompt.chat.messages", [m.content for m in prompt.chat.messages]
-    else:
-        return
-    # Characters never outnumber bytes: only a text that might fit is encoded to be measured.
-    size = sum(len(t) for t in texts)
-    if size <= max_bytes:
-        size = sum(len(t.encode("utf-8", "surrogatepass")) for t in texts)
-    if size > max_bytes:
-        raise InvalidRequest(
-            field, f"is {size} bytes or more, over the scheduler's limit of {max_bytes} (max_prompt_bytes)",
-            "send a shorter prompt",
-        )  # fmt: skip
-
-
-def prompt_ids(prompt: common_pb2.Prompt, tokenizer: Tokenizer) -> list[int]:
-    kind = prompt.WhichOneof("kind")
-    if kind == "text":
-        if not prompt.text:
-            raise InvalidRequest("prompt.text", "is empty", "send some text, token ids or chat messages")
-        ids = tokenizer.encode(prompt.text, add_special_tokens=True)  # BOS where the model expects one
-    elif kind == "token_ids":
-        ids = list(prompt.token_ids.ids)
-        vocab = tokenizer.vocab_size
-        bad = next((t for t in ids if t >= vocab), None)
-        if bad is not None:
-            raise InvalidRequest("prompt.token_ids", f"contains {bad}", f"use ids below the vocabulary size {vocab}")
-    elif kind == "chat":
-        messages = [{"role": _role(m.role, i), "content": m.content} for i, m in enumerate(prompt.chat.messages)]
-        if not messages:
-            raise InvalidRequest("prompt.chat", "has no messages", "send at least one message")
-        ids = tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
-    else:
-        raise InvalidRequest("prompt", "is not set", "set one of prompt.text, prompt.token_ids or prompt.chat")
-    if not ids:
-        raise InvalidRequest("prompt", "has no tokens", "send a non-empty prompt")
-    return ids
+        return TextPrompt(prompt.text, field="prompt.text")
+    if kind == "token_ids":
+        return TokenPrompt(tuple(prompt.token_ids.ids), field="prompt.token_ids")
+    if kind == "chat":
+        messages = (ChatMessage(_role(m.role, i), m.content) for i, m in enumerate(prompt.chat.messages))
+        return ChatPrompt(tuple(messages), field="prompt.chat.messages")
+    raise InvalidRequest("prompt", "is not set", "set one of prompt.text, prompt.token_ids or prompt.chat")
 
 
 def _role(role: int, index: int) -> str:

@@ -13,6 +13,7 @@ from pdmesh.v1 import scheduler_pb2, scheduler_pb2_grpc, worker_pb2, worker_pb2_
 from services.auth import ApiKeys
 from services.bearer import BearerAuth
 from services.bootstrap import ServicerBinding, serve
+from services.scheduler.door import Door
 from services.scheduler.policy import make_policy
 from services.scheduler.registry import Registry
 from services.scheduler.servicer import RegistryServicer, SchedulerServicer
@@ -26,11 +27,11 @@ async def serve_scheduler(config: SchedulerConfig) -> None:
     tokenizer = Tokenizer.from_model(config.model)
     registry = Registry(config.stale_after_ms / 1000, config.channel)
     policy = make_policy(config.policy, config.local_prefill_max_tokens)
-    scheduler = SchedulerServicer(config, tokenizer, registry, policy)
-    metrics = MetricsEndpoint.start(scheduler.metrics.registry, config.telemetry)
+    door = Door(config, tokenizer, registry, policy)
+    metrics = MetricsEndpoint.start(door.metrics.registry, config.telemetry)
     bindings = [
         ServicerBinding(
-            scheduler,
+            SchedulerServicer(door, registry, policy),
             scheduler_pb2_grpc.add_SchedulerServicer_to_server,
             scheduler_pb2.DESCRIPTOR.services_by_name["Scheduler"],
             # Honest health: a request can be served only while some decode worker is live (it
@@ -56,7 +57,7 @@ async def serve_scheduler(config: SchedulerConfig) -> None:
         asyncio.get_running_loop().call_later(max(grace / 2, grace - _ABORT_MARGIN_S), abort_streams)
 
     def abort_streams() -> None:
-        if count := scheduler.streams.abort_all():
+        if count := door.streams.abort_all():
             log.warning("grace period nearly over; ending streams with finish reason abort", streams=count)
 
     async def on_shutdown() -> None:

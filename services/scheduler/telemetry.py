@@ -57,7 +57,8 @@ class SchedulerMetrics:
 
 
 class RequestWatch:
-    """`with RequestWatch(metrics, metadata) as watch:` around one Generate call."""
+    """`with RequestWatch(metrics, metadata) as watch:` around one request, whichever door it came
+    through (Door.watch opens it; the Door reports to it)."""
 
     def __init__(self, metrics: SchedulerMetrics, metadata: Sequence[tuple[str, str | bytes]] | None) -> None:
         self.metrics = metrics
@@ -81,8 +82,11 @@ class RequestWatch:
         structlog.contextvars.unbind_contextvars("request_id")
         self._current.__exit__(None, None, None)  # the status is set; no second record of the error
 
-    def accepted(self, request: SchedulerRequest) -> None:
+    def accepted(self, request: SchedulerRequest, chat: bool = False) -> None:
+        """The request passed its checks; `chat`: its prompt was a conversation."""
         self.request = request
+        if chat:
+            self.span.set_attribute(Attr.OPERATION, "chat")
         structlog.contextvars.bind_contextvars(request_id=request.request_id)
         s = request.sampling
         log.debug("request accepted", prompt_tokens=request.num_prompt_tokens, max_tokens=s.max_tokens)
