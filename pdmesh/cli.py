@@ -74,8 +74,9 @@ def _run_service(args: argparse.Namespace, telemetry: TelemetryConfig) -> None:
 
         policy = PolicyName(args.policy) if args.policy else None
         scheduler = from_env(
-            SchedulerConfig, "scheduler", server=server, telemetry=telemetry, **_given(model=args.model, policy=policy)
-        )
+            SchedulerConfig, "scheduler", server=server, telemetry=telemetry,
+            http=_given(port=args.http_port, host=args.http_host), **_given(model=args.model, policy=policy),
+        )  # fmt: skip
         otel = start_otel(ServiceName.SCHEDULER, f"scheduler-{scheduler.server.port}", otel_export())
         try:
             asyncio.run(serve_scheduler(scheduler))
@@ -149,7 +150,7 @@ def _up(args: argparse.Namespace) -> int:
     spec = MeshSpec(
         port=args.port, prefill=args.prefill, decode=args.decode, model=args.model, device=args.device,
         threads=args.threads, host=args.host, grace_s=args.grace_s, extra_worker_args=tuple(extra),
-        kvstore=not args.no_kvstore, kvstore_args=tuple(store),
+        kvstore=not args.no_kvstore, kvstore_args=tuple(store), http_port=args.http_port,
     )  # fmt: skip
     options = UpOptions(
         demo_prompt=args.demo, exit_after_demo=args.exit_after_demo, verbose=args.verbose, log_dir=args.log_dir,
@@ -176,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     up = sub.add_parser("up", help="start the whole mesh as local processes")
     up.add_argument("--port", type=int, default=50051, help="the scheduler's port (workers take the next ones)")
+    up.add_argument("--http-port", type=int, default=8000, help="the OpenAI-compatible HTTP API's port")
     up.add_argument("--prefill", type=int, default=1, help="prefill workers")
     up.add_argument("--decode", type=int, default=1, help="decode workers")
     up.add_argument("--model", default="smollm2", help="smollm2, a Hugging Face directory or a GGUF file")
@@ -204,6 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=None)
     serve.add_argument("--host", default=None, help="the interface to listen on (default 0.0.0.0)")
     serve.add_argument("--model", default=None)
+    serve.add_argument("--http-port", type=int, default=None, help="scheduler: the OpenAI HTTP API's port (8000)")
+    serve.add_argument("--http-host", default=None, help="scheduler: its interface (default: --host)")
     serve.add_argument("--policy", default=None, choices=["least_loaded", "round_robin", "prefix_aware"],
                        help="scheduler's placement")
     serve.add_argument("--scheduler", default=None, help="workers: the scheduler's host:port")

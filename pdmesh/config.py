@@ -133,6 +133,28 @@ class ChannelConfig:
         return self.tls_ca_path is not None
 
 
+@dataclass(frozen=True)
+class HttpConfig:
+    """The scheduler's OpenAI-compatible HTTP door (services/scheduler/openai_api). Loaded from
+    PDMESH_HTTP_*. Its body limit and drain grace are the gRPC server's (ServerConfig)."""
+
+    host: str | None = None  # None: the gRPC server's host
+    port: int | None = 8000  # None (PDMESH_HTTP_PORT=""): no HTTP door; 0 picks a free port (tests)
+    # Bearer keys a client must present (Authorization: Bearer KEY); empty: no authentication,
+    # which suits a door on loopback only. Comma-separated in PDMESH_HTTP_API_KEYS.
+    api_keys: tuple[str, ...] = dataclasses.field(default=(), repr=False)
+    # The deadline of a request that names none (x-request-timeout-ms); None: no deadline.
+    request_timeout_s: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.port is not None and not 0 <= self.port <= 65535:
+            raise ConfigError("port", f"is {self.port}; use 0 (any free port) to 65535, or empty for no HTTP door")
+        if any(not key.strip() for key in self.api_keys):
+            raise ConfigError("api_keys", "contains an empty key; list non-empty keys, comma-separated")
+        if self.request_timeout_s is not None and self.request_timeout_s <= 0:
+            raise ConfigError("request_timeout_s", f"is {self.request_timeout_s}; use a positive value or empty")
+
+
 def _check_positive(config: object, *names: str) -> None:
     for name in names:
         value = getattr(config, name)
@@ -343,6 +365,7 @@ class SchedulerConfig:
     server: ServerConfig = dataclasses.field(default_factory=ServerConfig)
     channel: ChannelConfig = dataclasses.field(default_factory=ChannelConfig)  # its calls to workers
     telemetry: TelemetryConfig = dataclasses.field(default_factory=TelemetryConfig)
+    http: HttpConfig = dataclasses.field(default_factory=HttpConfig)  # the OpenAI-compatible door
     model: str = "smollm2"  # the served model: its tokenizer, and the name clients may ask for
     policy: PolicyName = PolicyName.LEAST_LOADED
     # A prompt with at most this many uncached tokens is prefilled on its decode worker: a hand-off

@@ -56,6 +56,7 @@ class MeshSpec:
     threads: int | None = None
     host: str = "127.0.0.1"  # every listener binds this; a wildcard opens the mesh to the network
     grace_s: float = 30.0  # each service's drain on SIGTERM
+    http_port: int | None = 8000  # the scheduler's OpenAI-compatible HTTP door (on `host` too); None: none
     extra_worker_args: tuple[str, ...] = field(default_factory=tuple)
     env: tuple[tuple[str, str], ...] = ()  # extra PDMESH_* settings for every process
     kvstore: bool = True  # a KV store the workers fill and fetch prefixes from
@@ -87,8 +88,11 @@ class MeshSpec:
         common = ("--host", self.host, "--model", self.model, "--shutdown-grace-s", str(self.grace_s))
         # /metrics listens where the gRPC servers do (loopback unless --host says otherwise).
         base_env = (*self.env, ("PDMESH_TELEMETRY_METRICS_HOST", self.host))
-        scheduler = (*exe, "scheduler", "--port", str(self.port), *common, *self._metrics_flag(0))
-        specs = [ChildSpec("scheduler", scheduler, base_env)]
+        scheduler: tuple[str, ...] = (*exe, "scheduler", "--port", str(self.port), *common, *self._metrics_flag(0))
+        if self.http_port is not None:
+            scheduler += ("--http-port", str(self.http_port))
+        no_http = (("PDMESH_HTTP_PORT", ""),) if self.http_port is None else ()
+        specs = [ChildSpec("scheduler", scheduler, (*base_env, *no_http))]
         gpus = _gpu_count() if self.device == "cuda" else 0
         for role, i, n in self.workers:
             worker_id = f"{role}-{i}"
@@ -115,8 +119,14 @@ class MeshSpec:
             specs.append(ChildSpec(KVSTORE_ID, argv, base_env))
         return specs
 
+    @property
+    def http_base_url(self) -> str:
+        return f"http://{self.reach_host}:{self.http_port}"
+
     def port_claims(self) -> list[PortClaim]:
         claims = [PortClaim(self.port, self.host, "the scheduler's gRPC port")]
+        if self.http_port is not None:
+            claims.append(PortClaim(self.http_port, self.host, "the scheduler's OpenAI HTTP port (--http-port)"))
         for role, i, n in self.workers:
             worker_id = f"{role}-{i}"
             claims.append(PortClaim(self.port + n, self.host, f"{worker_id}'s gRPC port"))
@@ -333,7 +343,20 @@ def _print_banner(mesh: Mesh) -> None:
     first, last = spec.port + _METRICS_PORT_OFFSET, spec.port + _METRICS_PORT_OFFSET + len(spec.workers)
     stores = f", the KV store's :{spec.port + _METRICS_PORT_OFFSET + _KVSTORE_PORT_OFFSET}" if spec.kvstore else ""
     print(f"metrics: http://{spec.reach_host}:{first}/metrics (scheduler) to :{last} (one port per worker{stores})")
+    if spec.http_port is not None:
+        print(f"OpenAI API: {spec.http_base_url}/v1 ({_http_auth(spec)})")
     print(f'try:  pdmesh generate --target {mesh.target} --chat "What is the capital of France?"\n', flush=True)
+
+
+def _http_auth(spec: MeshSpec) -> str:
+    """Whether the HTTP door asks for a key, as the scheduler will read its settings."""
+    from pdmesh.config import HttpConfig, from_env
+
+    if dict(spec.env).get("PDMESH_HTTP_API_KEYS") or from_env(HttpConfig, "http").api_keys:
+        return "a key is required: Authorization: Bearer KEY, one of PDMESH_HTTP_API_KEYS"
+    if spec.host in WILDCARD_HOSTS:
+        return "no key required, and open to the network: set PDMESH_HTTP_API_KEYS"
+    return f"no key required: it listens on {spec.host} only; PDMESH_HTTP_API_KEYS turns keys on"
 
 
 async def _stop(mesh: Mesh, output: ProcessOutput) -> None:

@@ -1,4 +1,5 @@
-"""The scheduler process: tokenizer, registry, policy, and the two servicers on one server."""
+"""The scheduler process: tokenizer, registry, policy, the door into the core, the two gRPC
+servicers on one server and the OpenAI HTTP door beside them (one event loop)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from services.auth import ApiKeys
 from services.bearer import BearerAuth
 from services.bootstrap import ServicerBinding, serve
 from services.scheduler.door import Door
+from services.scheduler.openai_api.server import HttpServer
 from services.scheduler.policy import make_policy
 from services.scheduler.registry import Registry
 from services.scheduler.servicer import RegistryServicer, SchedulerServicer
@@ -49,20 +51,35 @@ async def serve_scheduler(config: SchedulerConfig) -> None:
     guard = [BearerAuth(keys, (bindings[0].name,))] if keys.required else []
     log.info("scheduler starting", model=config.model, policy=config.policy.value,
              auth=f"{len(config.api_keys)} bearer keys" if keys.required else "none")  # fmt: skip
-
-    async def on_drain() -> None:
-        # Streams get the grace to finish; those that would outlast it end with an ABORT chunk
-        # shortly before, so that no client sees its stream cut.
-        grace = config.server.shutdown_grace_s
-        asyncio.get_running_loop().call_later(max(grace / 2, grace - _ABORT_MARGIN_S), abort_streams)
+    http = HttpServer.for_scheduler(config, door, tokenizer)
+    if http is not None:
+        http.bind()  # before the gRPC server: a port in use fails the start at once, naming the port
 
     def abort_streams() -> None:
         if count := door.streams.abort_all():
             log.warning("grace period nearly over; ending streams with finish reason abort", streams=count)
 
-    async def on_shutdown() -> None:
+    async def ready(_: object) -> None:
+        if http is not None:
+            await http.start()
+
+    async def drain() -> None:
+        if http is not None:  # with the gRPC server's: no new requests through either door
+            http.drain()
+        # Streams (either door's) get the grace to finish; those that would outlast it end with an
+        # ABORT chunk shortly before, so that no client sees its stream cut.
+        grace = config.server.shutdown_grace_s
+        asyncio.get_running_loop().call_later(max(grace / 2, grace - _ABORT_MARGIN_S), abort_streams)
+
+    async def shutdown() -> None:
+        if http is not None:
+            await http.stop()  # its requests still need the workers' channels
         await registry.close()
         if metrics is not None:
             metrics.close()
 
-    await serve(bindings, config.server, on_drain=on_drain, on_shutdown=on_shutdown, interceptors=guard)
+    try:
+        await serve(bindings, config.server, on_ready=ready, on_drain=drain, on_shutdown=shutdown, interceptors=guard)
+    finally:
+        if http is not None:  # serve() failed before its shutdown (a gRPC port in use)
+            await http.stop()

@@ -2,7 +2,8 @@
 
 The scenario a user of docker-compose.cpu.yml lives through: every service comes up healthy; a
 chat request through the scheduler's published port is answered — greedy SmolLM2 says Paris, with
-the KV moved from the prefill container to the decode container; the decode container dies by
+the KV moved from the prefill container to the decode container — and through the published
+OpenAI API port too; the decode container dies by
 SIGKILL, its restart policy brings it back and the mesh answers the same again; `down` leaves no
 container, network or volume behind.
 
@@ -19,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
+import openai
 import pytest
 
 from engine.tokenizer import Tokenizer
@@ -47,7 +49,8 @@ def engine() -> Iterator[ContainerEngine]:
 def project(engine: ContainerEngine) -> Iterator[ComposeProject]:
     """The CPU file's project, its images built, brought up; taken down afterwards whatever happened."""
     name = f"pdmesh-test-{uuid.uuid4().hex[:8]}"
-    project = ComposeProject(engine, CPU_FILE, name, {"PDMESH_PORT": str(_free_port())})
+    variables = {"PDMESH_PORT": str(_free_port()), "PDMESH_OPENAI_ADDRESS": f"127.0.0.1:{_free_port()}"}
+    project = ComposeProject(engine, CPU_FILE, name, variables)
     args = project.config()["services"]["scheduler"]["build"]["args"]
     project.variables["PDMESH_BASE_IMAGE"] = base_image(engine, args["BASE"])
     wheel = local_torch(args["TORCH"], ROOT / "deploy" / "wheels")
@@ -81,6 +84,19 @@ def test_answers_through_the_published_port(project: ComposeProject, expected_to
     assert "Paris" in answer.text
     assert list(answer.token_ids) == expected_tokens
     assert answer.placement is not None and answer.placement.plan is ExecutionPlan.DISAGGREGATED
+
+
+def test_the_openai_api_answers_through_its_published_port(project: ComposeProject) -> None:
+    project.wait_healthy(HEALTHY_TIMEOUT_S)
+    ask(project)  # the mesh has both roles
+    base_url = f"http://{project.variables['PDMESH_OPENAI_ADDRESS']}/v1"
+    with openai.OpenAI(base_url=base_url, api_key="none", max_retries=0) as client:
+        answer = client.chat.completions.create(
+            model="smollm2", messages=CHAT, max_tokens=MAX_TOKENS, temperature=0,  # type: ignore[arg-type]
+            extra_body={"ignore_eos": True},
+        )  # fmt: skip
+    assert "Paris" in (answer.choices[0].message.content or "")
+    assert answer.usage is not None and answer.usage.completion_tokens == MAX_TOKENS
 
 
 def test_killed_decode_is_restarted_and_serves_again(project: ComposeProject, expected_tokens: list[int]) -> None:

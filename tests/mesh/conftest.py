@@ -18,6 +18,7 @@ from tests.engine.conftest import save_tiny_model
 
 BLOCK_SIZE = 4
 KV_BLOCKS = 512
+HTTP_PORT_OFFSET = 300  # the scheduler's HTTP door: past the KV store's /metrics (port + 299)
 
 
 @pytest.fixture(scope="session")
@@ -28,13 +29,14 @@ def mesh_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def free_port_base(workers: int = 8) -> int:
     """A base port whose mesh ports are free now: base..base+workers (gRPC), base+100.. (KV
-    listeners), base+200.. (/metrics) and the KV store's base+99, +199, +299; below Linux's
+    listeners), base+200.. (/metrics), the KV store's base+99, +199, +299 and the scheduler's HTTP
+    door's base+300; below Linux's
     ephemeral range, where other processes' outgoing ports land."""
     for _ in range(100):
         base = random.randrange(20000, 32000, 400)
         ports = [p for offset in (0, 100, 200) for p in range(base + offset - 1, base + offset + workers + 1)]
         try:
-            check_free([PortClaim(p, "0.0.0.0", "a mesh port") for p in [*ports, base + 299]], "")
+            check_free([PortClaim(p, "0.0.0.0", "a mesh port") for p in [*ports, base + 299, base + HTTP_PORT_OFFSET]], "")
         except PortInUse:
             continue
         return base
@@ -50,8 +52,10 @@ def start_mesh(
     every one of them; `grace_s` is each one's drain on SIGTERM."""
     args = ("--threads", "1", "--kv-blocks", str(KV_BLOCKS), "--block-size", str(BLOCK_SIZE), *extra)
     settings = {"PDMESH_SCHEDULER_REPORT_INTERVAL_MS": "100", **(env or {})}  # fresh load reports for the observers
+    port = free_port_base()
     spec = MeshSpec(
-        port=free_port_base(), prefill=prefill, decode=decode, model=str(model), extra_worker_args=args,
+        port=port, prefill=prefill, decode=decode, model=str(model), extra_worker_args=args,
+        http_port=port + HTTP_PORT_OFFSET,  # never the default 8000: meshes of other runs may share the machine
         env=tuple(settings.items()), kvstore=kvstore, kvstore_args=kvstore_args, grace_s=grace_s,
     )
     mesh = Mesh(spec)
@@ -61,6 +65,18 @@ def start_mesh(
 
 def stop_mesh(mesh: Mesh) -> None:
     mesh.stop()
+
+
+SMOLLM2_API_KEY = "test-key"  # the shared SmolLM2 mesh's HTTP door asks for it (gRPC does not)
+
+
+@pytest.fixture(scope="session")
+def smollm2_mesh() -> Iterator[Mesh]:
+    """One SmolLM2 mesh (1 prefill, 1 decode) for the modules that need the real model: its
+    start costs ~30 s on a busy 2-core machine, so they share it."""
+    mesh = start_mesh("smollm2", 1, 1, env={"PDMESH_HTTP_API_KEYS": f"other-key,{SMOLLM2_API_KEY}"})
+    yield mesh
+    stop_mesh(mesh)
 
 
 @pytest.fixture()

@@ -15,10 +15,11 @@ import time
 from pathlib import Path
 
 import grpc
+import httpx
 import pytest
 
 from pdmesh.client import Client
-from tests.mesh.conftest import free_port_base
+from tests.mesh.conftest import HTTP_PORT_OFFSET, free_port_base
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).parents[2]
@@ -29,6 +30,7 @@ class Up:
 
     def __init__(self, port: int, model: Path, *args: str, log_dir: Path) -> None:
         argv = [sys.executable, "-m", "pdmesh", "up", "--port", str(port), "--model", str(model),
+                "--http-port", str(port + HTTP_PORT_OFFSET),  # never 8000: other runs may share the machine
                 "--threads", "1", "--kv-blocks", "256", "--log-dir", str(log_dir), *args]  # fmt: skip
         self.target = f"127.0.0.1:{port}"
         self.proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -118,9 +120,13 @@ def test_a_port_in_use_is_refused_before_anything_starts(tmp_path: Path, mesh_mo
 
 
 def test_a_killed_worker_is_restarted_and_no_child_outlives_up(tmp_path: Path, mesh_model: Path) -> None:
-    up = Up(free_port_base(), mesh_model, log_dir=tmp_path)
+    port = free_port_base()
+    up = Up(port, mesh_model, log_dir=tmp_path)
     try:
         up.wait_for(up.out, "Ctrl-C stops the mesh")
+        http = f"http://127.0.0.1:{port + HTTP_PORT_OFFSET}"
+        assert f"OpenAI API: {http}/v1 (no key required: it listens on 127.0.0.1 only" in "".join(up.out)
+        assert httpx.get(f"{http}/ready").json()["status"] == "ready"
         expected = _generate(up.target)
         before = up.children()
         assert set(before) == {"scheduler", "prefill-0", "decode-0", "kvstore-0"}

@@ -1,7 +1,8 @@
 """A scheduler served by the real serve_scheduler() in this process, with scripted workers.
 
 `Mesh(model, settings).start(prefill, decode)` (what the mesh_factory fixture calls) starts a
-scheduler on a loopback port (settings are SchedulerConfig fields), then scripted prefill and
+scheduler on a loopback port (settings are SchedulerConfig fields; `http` a dict of HttpConfig
+fields), its OpenAI HTTP door on another (`http_url`), then scripted prefill and
 decode workers that register and report through the real worker Reporter, and waits until the
 scheduler lists them all as reported. Clients talk to it with the public client library or raw
 stubs, as users do.
@@ -24,7 +25,7 @@ from scripted_workers import KV_BLOCKS, ScriptedDecode, ScriptedPrefill, Scripte
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 
 from pdmesh.client import AsyncClient
-from pdmesh.config import ChannelConfig, SchedulerConfig, ServerConfig
+from pdmesh.config import ChannelConfig, HttpConfig, SchedulerConfig, ServerConfig
 from pdmesh.v1 import scheduler_pb2, scheduler_pb2_grpc, worker_pb2, worker_pb2_grpc
 from services.scheduler.server import serve_scheduler
 
@@ -73,9 +74,11 @@ class Mesh:
     def __init__(self, model: str, settings: dict[str, Any]) -> None:
         self.model = model
         self.target = f"127.0.0.1:{free_port()}"
+        self.http_url = f"http://127.0.0.1:{free_port()}"  # the OpenAI HTTP door
+        http = HttpConfig(port=int(self.http_url.rsplit(":", 1)[1]), **settings.pop("http", {}))
         self.config = SchedulerConfig(
             server=ServerConfig(host="127.0.0.1", port=int(self.target.rsplit(":", 1)[1]), shutdown_grace_s=0.2),
-            model=model, **{"report_interval_ms": 50, **settings},
+            model=model, http=http, **{"report_interval_ms": 50, **settings},
         )  # fmt: skip
         self.prefill: list[ScriptedWorker] = []
         self.decode: list[ScriptedWorker] = []
