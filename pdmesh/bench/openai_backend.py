@@ -4,8 +4,11 @@ So pdmesh and another server (vLLM, SGLang, pdmesh's own HTTP door) can be measu
 same load in one session. Prompts go as token ids (the completions API takes a list of ints) or
 text; `ignore_eos` is sent as the extension field vLLM and SGLang accept; usage is asked for in
 the last chunk (`stream_options.include_usage`), and its completion_tokens is the output count.
-A streamed chunk does not say how many tokens it carries: each chunk with text counts as one
-for the timing (ITL), as vLLM's own benchmark counts them, and the usage corrects the total.
+A streamed chunk does not say how many tokens it carries, so the usage is also asked for on every
+chunk (`continuous_usage_stats`, vLLM's extension, which pdmesh's door and SGLang honour): the
+growth of completion_tokens is the chunk's token count, exact even for a token whose text the
+server held back. A server that ignores it gets each chunk with text counted as one token, as
+vLLM's own benchmark counts them, and the last usage corrects the total.
 """
 
 from __future__ import annotations
@@ -58,16 +61,29 @@ class OpenAIBackend(Backend):
             "model": options.model or self._model,
             "prompt": request.prompt if isinstance(request.prompt, str) else list(request.prompt),
             "max_tokens": request.output_len, "temperature": options.temperature, "ignore_eos": options.ignore_eos,
-            "stream": True, "stream_options": {"include_usage": True},
+            "stream": True, "stream_options": {"include_usage": True, "continuous_usage_stats": True},
         }  # fmt: skip
         if options.seed is not None:
             body["seed"] = options.seed + request.index
         return body
 
+    def request_headers(self, options: GenerationOptions) -> dict[str, str]:
+        """SLO targets (--send-slo) as the headers llm-d and pdmesh's HTTP door read."""
+        headers = {}
+        if options.slo_ttft_ms is not None:
+            headers["x-slo-ttft-ms"] = f"{options.slo_ttft_ms:g}"
+        if options.slo_tpot_ms is not None:
+            headers["x-slo-tpot-ms"] = f"{options.slo_tpot_ms:g}"
+        return headers
+
     async def stream(self, request: BenchRequest, options: GenerationOptions) -> AsyncIterator[Delta]:
         body = self.request_body(request, options)
+        headers = self.request_headers(options)
         try:
-            async with asyncio.timeout(options.timeout_s), self._http.stream("POST", "/completions", json=body) as r:
+            async with (
+                asyncio.timeout(options.timeout_s),
+                self._http.stream("POST", "/completions", json=body, headers=headers) as r,
+            ):
                 if r.status_code != 200:
                     await r.aread()
                     raise RequestFailed(f"HTTP_{r.status_code}", _error_text(r))
@@ -82,6 +98,7 @@ class OpenAIBackend(Backend):
 async def _deltas(response: httpx.Response) -> AsyncIterator[Delta]:
     """Server-sent events -> Deltas; RequestFailed for an error event or a stream cut short."""
     finished = False
+    counted = 0  # completion_tokens as of the previous chunk, when the server says
     async for line in response.aiter_lines():
         if not line.startswith("data:"):
             continue
@@ -96,7 +113,12 @@ async def _deltas(response: httpx.Response) -> AsyncIterator[Delta]:
         reason = choices[0].get("finish_reason") if choices else None
         finished = finished or reason is not None
         usage = event.get("usage") or {}
-        yield Delta(1 if text else 0, usage.get("prompt_tokens"), reason, usage.get("completion_tokens"))
+        so_far = usage.get("completion_tokens")
+        if choices and so_far is not None:  # continuous usage: the chunk's exact token count
+            num_tokens, counted = so_far - counted, so_far
+        else:
+            num_tokens = 1 if text else 0
+        yield Delta(num_tokens, usage.get("prompt_tokens"), reason, so_far)
     if not finished:
         raise RequestFailed("NO_FINISH", "the stream ended without a finish reason")
 

@@ -1,4 +1,5 @@
-"""`pdmesh bench serve`, the command a user runs, against a live SmolLM2 mesh (1 prefill + 1 decode).
+"""`pdmesh bench serve`, the command a user runs, against a live SmolLM2 mesh (1 prefill + 1 decode,
+the shared smollm2_mesh), over its gRPC door and its OpenAI HTTP door.
 
 A short concurrency sweep answers every request with exactly the asked tokens, and its JSON says
 so per run; requests the mesh refuses are counted as failed under their status code, never lost.
@@ -9,27 +10,33 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from pdmesh.up import Mesh
-from tests.mesh.conftest import start_mesh, stop_mesh
+from tests.mesh.conftest import SMOLLM2_API_KEY
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def smollm2_mesh() -> Iterator[Mesh]:
-    mesh = start_mesh("smollm2", 1, 1)
-    yield mesh
-    stop_mesh(mesh)
 
 
 def bench(target: str, *argv: str) -> subprocess.CompletedProcess[str]:
     command = [sys.executable, "-m", "pdmesh", "bench", "serve", "--target", target, "--no-progress", *argv]
     return subprocess.run(command, capture_output=True, text=True, timeout=300)
+
+
+def test_the_same_load_over_the_openai_http_door(smollm2_mesh: Mesh, tmp_path: Path) -> None:
+    out = tmp_path / "openai.json"
+    done = bench(smollm2_mesh.target, "--base-url", f"{smollm2_mesh.spec.http_base_url}/v1", "--api-key",
+                 SMOLLM2_API_KEY, "--concurrency", "4", "--requests", "6", "--input-len", "32", "--output-len", "8",
+                 "--send-slo", "--slo-ttft-ms", "60000", "--slo-tpot-ms", "60000", "--out", str(out))  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    report = json.loads(out.read_text())
+    assert report["server"]["model"] == "smollm2" and report["server"]["max_model_len"] == 8192
+    (run,) = report["runs"]
+    assert (run["requests"], run["ok"], run["failed"]) == (6, 6, 0), run["errors"]
+    assert (run["total_input_tokens"], run["total_output_tokens"]) == (6 * 32, 6 * 8)
+    assert run["ttft_ms"]["count"] == 6 and 0 < run["ttft_ms"]["p50"] <= run["e2e_ms"]["p50"]
 
 
 def test_a_concurrency_sweep_answers_every_request(smollm2_mesh: Mesh, tmp_path: Path) -> None:
