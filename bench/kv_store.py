@@ -75,6 +75,7 @@ def start_mesh(args: argparse.Namespace, log_dir: Path) -> Mesh:
         threads=args.threads if args.device == "cpu" else None, env=env,
         extra_worker_args=("--kv-blocks", str(args.kv_blocks), "--block-size", str(args.block_size)),
         kvstore_args=("--memory-mib", str(args.store_mib)),
+        http_port=None,
     )  # fmt: skip
     mesh = Mesh(spec, output=ProcessOutput(Echo.WARNINGS, log_dir=log_dir))
     mesh.start(600)

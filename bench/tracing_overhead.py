@@ -32,7 +32,7 @@ from tests.otlp_receiver import OtlpReceiver  # noqa: E402
 
 def start(port: int, args: argparse.Namespace, env: tuple[tuple[str, str], ...], logs: Path) -> Mesh:
     extra = ("--threads", str(args.threads))
-    spec = MeshSpec(port=port, model=args.model, extra_worker_args=extra, env=env)
+    spec = MeshSpec(port=port, model=args.model, extra_worker_args=extra, env=env, http_port=None)
     mesh = Mesh(spec, output=ProcessOutput(Echo.WARNINGS, log_dir=logs))
     mesh.start(600)
     return mesh

@@ -17,6 +17,10 @@ from engine.errors import DeviceLost, InvalidRequest, ModelLoadError, OutOfBlock
 class ServiceError(Exception):
     """Base of the errors services raise on purpose. Same shape as engine.errors.InvalidRequest."""
 
+    # When a refusal for load knows when capacity should return: gRPC clients get it as a
+    # google.rpc.RetryInfo, HTTP clients as Retry-After. None: no hint.
+    retry_after_s: float | None = None
+
     def __init__(self, field: str, problem: str, fix: str) -> None:
         self.field = field
         self.problem = problem

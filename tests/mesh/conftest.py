@@ -36,7 +36,8 @@ def free_port_base(workers: int = 8) -> int:
         base = random.randrange(20000, 32000, 400)
         ports = [p for offset in (0, 100, 200) for p in range(base + offset - 1, base + offset + workers + 1)]
         try:
-            check_free([PortClaim(p, "0.0.0.0", "a mesh port") for p in [*ports, base + 299, base + HTTP_PORT_OFFSET]], "")
+            ports += [base + 299, base + HTTP_PORT_OFFSET]
+            check_free([PortClaim(p, "0.0.0.0", "a mesh port") for p in ports], "")
         except PortInUse:
             continue
         return base

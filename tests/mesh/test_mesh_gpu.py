@@ -38,6 +38,7 @@ def gpu_mesh(model: Path, *, colocated: bool) -> Mesh:
     spec = MeshSpec(
         port=free_port_base(), prefill=0 if colocated else 1, decode=1, model=str(model), device="cuda",
         extra_worker_args=("--dtype", "float32", "--kv-blocks", "4096", "--block-size", "16"), env=tuple(env),
+        http_port=None,  # gRPC only: never the default 8000, which another mesh may hold
     )  # fmt: skip
     mesh = Mesh(spec)
     mesh.start(300)

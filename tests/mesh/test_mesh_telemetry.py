@@ -5,7 +5,8 @@ One disaggregated request leaves one trace across the three processes, rooted at
 pdmesh.generate, with each phase under the call that ran it and the KV transfer's bytes equal to
 the KV of the prompt's blocks; every log line any process wrote for the request carries its
 request id and trace id; each process's /metrics parses with Prometheus' parser and its counters
-moved by exactly that request; the scheduler exports the GenAI server metrics.
+moved by exactly that request; the scheduler exports the GenAI server metrics. A request through
+the OpenAI HTTP door is traced and counted exactly as one through gRPC (the same core, Door).
 """
 
 from __future__ import annotations
@@ -16,13 +17,14 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from pdmesh.client import Client, Completion, ExecutionPlan
 from pdmesh.process_output import Echo, ProcessOutput
 from pdmesh.up import Mesh, MeshSpec
-from tests.mesh.conftest import BLOCK_SIZE, KV_BLOCKS, free_port_base
+from tests.mesh.conftest import BLOCK_SIZE, HTTP_PORT_OFFSET, KV_BLOCKS, free_port_base
 from tests.otlp_receiver import OtlpReceiver, ReceivedSpan
 
 pytestmark = pytest.mark.slow
@@ -46,8 +48,10 @@ def mesh(mesh_model: Path, receiver: OtlpReceiver, tmp_path_factory: pytest.Temp
         ("OTEL_BSP_SCHEDULE_DELAY", "100"), ("OTEL_METRIC_EXPORT_INTERVAL", "500"),
         ("PDMESH_TELEMETRY_LOG_LEVEL", "debug"),  # a line per request and phase
     )  # fmt: skip
+    port = free_port_base()
     spec = MeshSpec(
-        port=free_port_base(), model=str(mesh_model), env=(("PDMESH_SCHEDULER_REPORT_INTERVAL_MS", "100"), *otel),
+        port=port, model=str(mesh_model), env=(("PDMESH_SCHEDULER_REPORT_INTERVAL_MS", "100"), *otel),
+        http_port=port + HTTP_PORT_OFFSET,
         extra_worker_args=("--threads", "1", "--kv-blocks", str(KV_BLOCKS), "--block-size", str(BLOCK_SIZE)),
         kvstore=False,  # the workers' offers to a store would add to the KV transfer counters counted here
     )  # fmt: skip
@@ -215,3 +219,30 @@ def test_the_scheduler_exports_the_genai_server_metrics(mesh: Mesh, receiver: Ot
     receiver.wait_for("the GenAI server metrics", exported)
     ttft = next(m for service, m in receiver.metrics if m.name == "gen_ai.server.time_to_first_token")
     assert ttft.unit == "s" and ttft.histogram.data_points[0].count >= 1
+
+
+def test_a_request_through_the_http_door_is_traced_and_counted_as_through_grpc(
+    mesh: Mesh, receiver: OtlpReceiver
+) -> None:
+    caller_trace, caller_span = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    before = scrape(mesh)
+    with httpx.Client(base_url=f"{mesh.spec.http_base_url}/v1", timeout=60) as http:
+        done = http.post(
+            "/completions",  # token ids: the tiny model ships no chat template
+            json={"prompt": SHORT, "max_tokens": 4, "ignore_eos": True},
+            headers={"traceparent": f"00-{caller_trace}-{caller_span}-01", "x-request-id": "http-1"},
+        )  # fmt: skip
+        refused = http.post("/completions", json={"prompt": "hi", "temperature": -1})
+    assert done.status_code == 200 and done.json()["usage"]["completion_tokens"] == 4
+    assert refused.status_code == 400
+
+    receiver.wait_for("the HTTP request's trace", complete_trace("http-1", "pdmesh.schedule", "pdmesh.decode.stream"))
+    (root,) = [s for s in trace_of(receiver, "http-1") if s.name == "pdmesh.generate"]
+    assert (root.trace_id, root.parent_id) == (caller_trace, caller_span)  # a child of the caller's span
+    assert root.attributes["gen_ai.operation.name"] == "text_completion"
+    assert root.attributes["gen_ai.usage.output_tokens"] == 4
+    after = scrape(mesh)
+    model = f"{{model_name={mesh.spec.model}}}"
+    assert moved(before, after, "scheduler", f"pdmesh:time_to_first_token_seconds_count{model}") == 1
+    assert moved(before, after, "scheduler", f"pdmesh:generation_tokens_total{model}") == 4
+    assert moved(before, after, "scheduler", "pdmesh:rejections_total{reason=invalid_argument}") == 1

@@ -99,7 +99,8 @@ def http_error(exc: BaseException) -> HttpError:
     field = exc.field if isinstance(exc, InvalidRequest | ServiceError) else None
     retry_after = None
     if status in (HTTPStatus.TOO_MANY_REQUESTS, HTTPStatus.SERVICE_UNAVAILABLE):
-        retry_after = DEFAULT_RETRY_AFTER_S
+        hint = exc.retry_after_s if isinstance(exc, ServiceError) else None  # the core's RetryInfo
+        retry_after = hint if hint is not None else DEFAULT_RETRY_AFTER_S
     code = "model_not_found" if isinstance(exc, ModelNotFound) else _snake(type(exc).__name__)
     log.info("request refused", status=int(status), error=str(exc))
     return HttpError(status, str(exc), field, code, retry_after)
