@@ -290,6 +290,21 @@ async def test_a_bad_chat_is_400_naming_the_field(mesh_factory: MeshFactory, bod
     assert reply.json()["error"]["param"] == param, reply.text
 
 
+async def test_a_prompt_over_max_prompt_bytes_is_400_as_over_grpc(mesh_factory: MeshFactory) -> None:
+    mesh = await mesh_factory(prefill=0, decode=1, max_prompt_bytes=100)
+    messages = [{"role": "user", "content": "y" * 60}, {"role": "user", "content": "z" * 41}]
+
+    async with httpx.AsyncClient(base_url=mesh.http_url) as http:
+        text = await http.post("/v1/completions", json={"prompt": "x" * 101})
+        chat = await http.post("/v1/chat/completions", json={"messages": messages})
+        fits = await http.post("/v1/completions", json={"prompt": "x" * 100, "max_tokens": 1})
+
+    assert (text.status_code, text.json()["error"]["param"]) == (400, "prompt")
+    assert (chat.status_code, chat.json()["error"]["param"]) == (400, "messages")
+    assert "over the scheduler's limit of 100 (max_prompt_bytes)" in text.json()["error"]["message"]
+    assert fits.status_code == 200, fits.text
+
+
 async def test_malformed_bodies_unknown_models_and_routes(mesh_factory: MeshFactory) -> None:
     mesh = await mesh_factory(prefill=1, decode=1)
 
