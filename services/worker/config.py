@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from engine.config import EngineConfig
-from kvtransfer.config import TransportConfig
+from kvtransfer.config import MiB, ProgressMode, TransportConfig
 from pdmesh.config import ChannelConfig, ConfigError, ServerConfig, TelemetryConfig
 from pdmesh.enums import WorkerRole
 
@@ -19,6 +19,10 @@ class WorkerConfig:
     scheduler: str = "127.0.0.1:50051"  # where to register and report load
     advertise_host: str = "127.0.0.1"  # the host other services use to reach this worker
     kv_port: int = 0  # the KV transfer listener's port; 0 picks a free one
+    # How the KV transport's UCX thread waits for network events: THREAD_POLLING spins on a core
+    # for lower latency per message (a 4 KiB round trip 0.12 ms against 0.45 ms on the CPU machine).
+    kv_progress: ProgressMode = ProgressMode.THREAD
+    kv_message_bytes: int = 32 * MiB  # a pushed request's layers travel in messages of about this size
     lease_ms: int = 10_000  # an uncommitted reservation frees its blocks after this long, unless Reserve asks
     # The KV store (when the scheduler names one): a lookup is on the way to the first token, so it
     # is short; a fetch gets at most this long (and a quarter of the request's time left).
@@ -30,9 +34,10 @@ class WorkerConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
 
     def __post_init__(self) -> None:
-        for name in ("lease_ms", "kvstore_lookup_timeout_ms", "kvstore_fetch_timeout_ms"):
+        for name in ("lease_ms", "kvstore_lookup_timeout_ms", "kvstore_fetch_timeout_ms", "kv_message_bytes"):
             if getattr(self, name) <= 0:
-                raise ConfigError(name, f"is {getattr(self, name)}; use a positive number of milliseconds")
+                unit = "bytes" if name.endswith("_bytes") else "milliseconds"
+                raise ConfigError(name, f"is {getattr(self, name)}; use a positive number of {unit}")
 
     @property
     def id(self) -> str:
@@ -44,4 +49,7 @@ class WorkerConfig:
         cuda = self.engine.device.startswith("cuda")
         # Same-host GPUs move KV over NVLink (cuda_ipc); hosts without GPUs use tcp and shared memory.
         tls = "cuda_ipc,cuda_copy,tcp,self" if cuda else "tcp,self"
-        return TransportConfig(host=self.advertise_host, port=self.kv_port, device=self.engine.device, ucx_tls=tls)
+        return TransportConfig(
+            host=self.advertise_host, port=self.kv_port, device=self.engine.device, ucx_tls=tls,
+            progress=self.kv_progress, message_bytes=self.kv_message_bytes,
+        )  # fmt: skip

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from kvtransfer.config import ProgressMode
 from pdmesh.config import (
     ChannelConfig,
     ConfigError,
@@ -195,3 +196,13 @@ def test_a_variable_that_names_no_setting_of_its_section_is_refused() -> None:
     with pytest.raises(ConfigError, match=r"^PDMESH_WORKER_MODEL: is not a setting"):
         from_env(WorkerConfig, "worker", environ={"PDMESH_WORKER_MODEL": "smollm2"})
     assert from_env(WorkerConfig, "worker", environ={"PDMESH_ENGINE_MODEL": "/m"}).engine.model == "/m"
+
+
+def test_a_worker_hands_its_kv_settings_to_its_transport() -> None:
+    environ = {"PDMESH_WORKER_KV_PROGRESS": "thread_polling", "PDMESH_WORKER_KV_MESSAGE_BYTES": "536870912"}
+    transport = from_env(WorkerConfig, "worker", environ=environ).transport()
+    assert (transport.progress, transport.message_bytes) == (ProgressMode.THREAD_POLLING, 512 << 20)
+    with pytest.raises(ConfigError, match=r"^PDMESH_WORKER_KV_PROGRESS: is 'spin'; expected one of"):
+        from_env(WorkerConfig, "worker", environ={"PDMESH_WORKER_KV_PROGRESS": "spin"})
+    with pytest.raises(ConfigError, match=r"^PDMESH_WORKER_KV_MESSAGE_BYTES: is 0; use a positive number of bytes"):
+        from_env(WorkerConfig, "worker", environ={"PDMESH_WORKER_KV_MESSAGE_BYTES": "0"})
