@@ -18,6 +18,7 @@ the caches and the staging buffer.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 
 import torch
@@ -26,6 +27,7 @@ from kernels._triton import check_triton_device, next_power_of_2, require_triton
 
 _CHUNK_BYTES = 8192  # bytes one program copies
 _MAX_TABLES = 256
+_TABLES_LOCK = threading.Lock()
 _TABLES: dict[tuple[torch.device, int, tuple[int, ...]], tuple[torch.Tensor, int]] = {}  # see _layer_offsets
 
 
@@ -140,10 +142,18 @@ def _layer_offsets(pointers: tuple[int, ...], word_bytes: int, device: torch.dev
     words = [(p - pointers[0]) // word_bytes for p in pointers]
     widest = 16 // word_bytes  # words in 16 bytes: Triton's widest copy
     align = next(a for a in (widest, widest // 2, widest // 4, widest // 8, 1) if a and all(w % a == 0 for w in words))
-    table = torch.tensor(words, dtype=torch.int64, device=device)
-    if len(_TABLES) >= _MAX_TABLES:
-        _TABLES.pop(next(iter(_TABLES)))  # the oldest: a worker has a few dozen groups at most
-    _TABLES[key] = (table, align)
+    table = torch.tensor(words, dtype=torch.int64)
+    if device.type == "cuda":
+        # On a stream of its own, waited for here: a copy on the current stream would wait for the
+        # engine's queued step, and the table may next be used on another thread's stream.
+        side = torch.cuda.Stream(device)
+        with torch.cuda.stream(side):
+            table = table.pin_memory().to(device, non_blocking=True)
+        side.synchronize()
+    with _TABLES_LOCK:  # the engine thread packs while the transport's loop unpacks
+        if len(_TABLES) >= _MAX_TABLES:
+            _TABLES.pop(next(iter(_TABLES)))  # the oldest: a worker has a few hundred groups at most
+        _TABLES[key] = (table, align)
     return table, align
 
 
