@@ -7,6 +7,7 @@ callers. Workers behind the scheduler convert what it sends and check nothing ag
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from engine.errors import InvalidRequest
@@ -38,6 +39,12 @@ class SamplingParams:
 
     def validate(self, vocab_size: int | None = None) -> None:
         """Raise InvalidRequest naming the first bad field."""
+        # NaN passes every comparison below unnoticed (NaN < 0 is false) and an infinity turns the
+        # logits into NaN: a token 0 forever, so every float is checked for both first.
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty"):
+            value = getattr(self, name)
+            if not math.isfinite(value):
+                raise InvalidRequest(name, f"is {value}", "use a finite number")
         if self.max_tokens < 1:
             raise InvalidRequest("max_tokens", f"is {self.max_tokens}", "ask for at least 1 token")
         if self.temperature < 0:
