@@ -143,5 +143,8 @@ class Batcher:
         elif not kv_import.done():
             return False
         request.kv_import = None
+        # An ordinary waiting request from now on: if it cannot grow yet it goes back to the queue,
+        # and the next step must not look for an import it no longer has.
+        request.status = RequestStatus.WAITING
         request.num_computed_tokens = request.num_cached_tokens + request.num_imported_tokens
         return True
