@@ -1,7 +1,8 @@
 """The interceptor every server runs: calls in flight counted (so draining can wait for the
 last), new calls refused while draining, and every exception a servicer raises turned into a
 status code (services/status.py) with a message naming the field, never a traceback; an
-exception in no table is a bug, logged with an error id the client gets.
+exception in no table is a bug, logged with an error id the client gets. A request whose bytes do
+not parse (a string that is not UTF-8) is INVALID_ARGUMENT naming the field (services/convert_wire).
 
 Unary and streaming calls alike, errors raised mid-stream included.
 """
@@ -19,6 +20,8 @@ import grpc
 import grpc.aio
 import structlog
 
+from engine.errors import InvalidRequest
+from services.convert_wire import lenient_deserializer
 from services.status import typed_code
 
 log = structlog.get_logger(__name__)
@@ -59,6 +62,11 @@ def status_of(exc: Exception, method: str) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, f"internal error {error_id}; the server log has the details"
 
 
+def _raise_undecodable(request: Any) -> None:
+    if isinstance(request, InvalidRequest):  # what lenient_deserializer made of unparsable bytes
+        raise request
+
+
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
     """Refuses new calls while draining, counts calls in flight, and maps exceptions to statuses.
     Calls whose method starts with one of `passthrough` (health, reflection) are left alone; those
@@ -85,6 +93,9 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             "request_deserializer": handler.request_deserializer,
             "response_serializer": handler.response_serializer,
         }
+        if handler.unary_unary or handler.unary_stream:
+            # Parsed here, a request that does not parse is refused inside the call (_guard).
+            codecs["request_deserializer"] = lenient_deserializer(handler.request_deserializer)
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(self._unary(handler.unary_unary, method), **codecs)
         if handler.stream_unary:
@@ -98,6 +109,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
     def _unary(self, behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
         async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
             async with self._guard(method, context):
+                _raise_undecodable(request)
                 return await behavior(request, context)
 
         return call
@@ -105,6 +117,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
     def _streaming(self, behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
         async def call(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             async with self._guard(method, context):
+                _raise_undecodable(request)
                 responses = behavior(request, context)
                 if inspect.isawaitable(responses):  # the servicer writes with context.write()
                     await responses

@@ -36,7 +36,7 @@ def request_from_pb(request: scheduler_pb2.GenerateRequest) -> ClientRequest:
         model=request.model,
         request_id=request.request_id,
         slo=Slo(ttft_ms=request.slo.ttft_ms, tpot_ms=request.slo.tpot_ms),
-        priority=enum_from_pb(Priority, common_pb2.Priority, request.priority) or Priority.NORMAL,
+        priority=_priority(request.priority),
     )
 
 
@@ -54,8 +54,19 @@ def prompt_from_pb(prompt: common_pb2.Prompt) -> Prompt:
 
 def _role(role: int, index: int) -> str:
     if role not in _ROLES:
-        raise InvalidRequest(f"prompt.chat.messages[{index}].role", "is unset", "use system, user, assistant or tool")
+        problem = "is unset" if role == common_pb2.CHAT_ROLE_UNSPECIFIED else f"is {role}, no role this scheduler knows"
+        raise InvalidRequest(f"prompt.chat.messages[{index}].role", problem, "use system, user, assistant or tool")
     return _ROLES[role]
+
+
+def _priority(value: int) -> Priority:
+    """Unset is normal; a value no one defined (proto3 enums take any int) is refused, not guessed."""
+    if value == common_pb2.PRIORITY_UNSPECIFIED:
+        return Priority.NORMAL
+    priority = enum_from_pb(Priority, common_pb2.Priority, value)
+    if priority is None:
+        raise InvalidRequest("priority", f"is {value}, no priority this scheduler knows", "use LOW, NORMAL or HIGH")
+    return priority
 
 
 def response_to_pb(response: Response) -> scheduler_pb2.GenerateResponse:

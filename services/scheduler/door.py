@@ -136,8 +136,14 @@ class Door:
         num_tokens = request.num_prompt_tokens + request.sampling.max_tokens
         capacities = [w.info.kv_capacity_tokens for w in self.registry.live(WorkerRole.DECODE)]
         if capacities and num_tokens > max(capacities):
-            raise ExceedsCapacity(
-                "prompt",
-                f"the request needs KV for {num_tokens} tokens and the largest decode worker holds {max(capacities)}",
-                "shorten the prompt or max_tokens, or add decode memory",
+            largest = max(capacities)
+            # Blame the prompt only when it alone does not fit; else max_tokens asks too much.
+            field, fix = (
+                ("prompt", "shorten the prompt")
+                if request.num_prompt_tokens >= largest
+                else ("max_tokens", f"ask for at most {largest - request.num_prompt_tokens} tokens")
             )
+            raise ExceedsCapacity(
+                field, f"the request needs KV for {num_tokens} tokens and the largest decode worker holds {largest}",
+                f"{fix}, or add decode memory",
+            )  # fmt: skip
