@@ -132,6 +132,7 @@ class AsyncEngine:
         kv_import: KVImport | None = None,
         kv_export: KVExportSink | None = None,
         prefill_only: bool = False,
+        priority: int = 0,
     ) -> AsyncGenerator[RequestOutput, None]:
         """Yield the request's outputs until it finishes; leaving early (cancel, break) aborts it."""
         if request_id in self._streams:
@@ -143,7 +144,7 @@ class AsyncEngine:
             engine.add_request(
                 request_id, prompt_token_ids, params,
                 prior_output_ids=prior_output_ids, kv_import=kv_import, kv_export=kv_export,
-                prefill_only=prefill_only,
+                prefill_only=prefill_only, priority=priority,
             )  # fmt: skip
 
         finished = False

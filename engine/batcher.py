@@ -2,12 +2,15 @@
 
 Design note (continuous batching with chunked prefill). Every request just needs its computed
 count to catch up with its tokens. Each step spends a token budget: running requests first, in
-arrival order — a decoding request costs one token, a request in the middle of its prompt costs
-its next chunk — then waiting requests are admitted while budget, batch slots and blocks last. A
-prefix-cache hit or a landed KV import makes the computed count jump at admission, so those tokens
-cost nothing. When a running request cannot get a block, the most recently admitted running
-request is preempted: its blocks go back to the pool and it waits to be recomputed from scratch
-(prompt plus the output so far), which the prefix cache usually makes cheap.
+priority order (then arrival order) — a decoding request costs one token, a request in the middle
+of its prompt costs its next chunk — then waiting requests are admitted, again by priority, while
+budget, batch slots and blocks last; the prompt chunks of running requests less important than a
+waiting one come after its admission. So a low-priority prompt never takes the budget a
+higher-priority one needs for its first token. A prefix-cache hit or a landed KV import makes the
+computed count jump at admission, so those tokens cost nothing. When a running request cannot get
+a block, the lowest-priority, most recently admitted running request is preempted: its blocks go
+back to the pool and it waits to be recomputed from scratch (prompt plus the output so far), which
+the prefix cache usually makes cheap.
 
 The batcher decides; it does not run the model, sample or free on finish (the engine does).
 """
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from engine.config import BatcherConfig
@@ -54,7 +58,7 @@ class Batcher:
         self.num_preemptions = 0
 
     def add(self, request: Request) -> None:
-        self.waiting.append(request)
+        self.waiting.insert(_position(self.waiting, request, first_of_priority=False), request)
 
     def remove(self, request: Request) -> None:
         """Forget a request (finished or aborted); the engine releases its blocks."""
@@ -68,30 +72,49 @@ class Batcher:
         return bool(self.running or self.waiting)
 
     def schedule(self) -> Batch:
+        """Decode rows, and the prompt chunks of running requests at least as important as the
+        most important waiting one, first; then waiting requests are admitted; then the other
+        running prompts take what budget is left. Without waiting requests: running in order."""
         batch = Batch()
         budget = self.config.max_batched_tokens
-        budget = self._schedule_running(batch, budget)
-        if not batch.preempted:
-            self._admit_waiting(batch, budget)
+        top = self.waiting[0].priority if self.waiting else None
+        scheduled: set[int] = set()
+
+        def first(r: Request) -> bool:
+            return top is None or r.priority >= top or r.num_uncomputed_tokens == 1
+
+        budget = self._schedule_running(batch, budget, first, scheduled)
+        if batch.preempted:
+            return batch
+        budget = self._admit_waiting(batch, budget, scheduled)
+        self._schedule_running(batch, budget, lambda r: True, scheduled)
         return batch
 
     def _chunk_size(self, request: Request, budget: int) -> int:
         return min(request.num_uncomputed_tokens, budget, self.config.max_prefill_chunk)
 
-    def _schedule_running(self, batch: Batch, budget: int) -> int:
+    def _schedule_running(
+        self, batch: Batch, budget: int, eligible: Callable[[Request], bool], scheduled: set[int]
+    ) -> int:
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
+            i += 1
+            if id(request) in scheduled or not eligible(request):
+                continue
             n = self._chunk_size(request, budget)
             while not self.kv.can_grow(request, n):
-                victim = self.running[-1]
+                victim = next((r for r in reversed(self.running) if id(r) not in scheduled), None)
+                if victim is None:  # everything else already has its chunk in this step
+                    return budget
                 self._preempt(victim, batch)
                 if victim is request:
                     return budget
+                i = min(i, len(self.running))
             self.kv.grow(request, n)
             batch.chunks.append(ScheduledChunk(request, n))
+            scheduled.add(id(request))
             budget -= n
-            i += 1
         return budget
 
     def _preempt(self, request: Request, batch: Batch) -> None:
@@ -101,10 +124,10 @@ class Batcher:
         request.num_preemptions += 1
         self.num_preemptions += 1
         request.status = RequestStatus.WAITING
-        self.waiting.appendleft(request)
+        self.waiting.insert(_position(self.waiting, request, first_of_priority=True), request)
         batch.preempted.append(request)
 
-    def _admit_waiting(self, batch: Batch, budget: int) -> None:
+    def _admit_waiting(self, batch: Batch, budget: int, scheduled: set[int]) -> int:
         skipped: list[Request] = []
         while self.waiting and budget > 0 and len(self.running) < self.config.max_running:
             request = self.waiting.popleft()
@@ -124,10 +147,12 @@ class Batcher:
             request.status = RequestStatus.RUNNING
             if request.first_scheduled_time is None:
                 request.first_scheduled_time = time.monotonic()
-            self.running.append(request)
+            self.running.insert(_position(self.running, request, first_of_priority=False), request)
             batch.chunks.append(ScheduledChunk(request, n))
+            scheduled.add(id(request))
             budget -= n
         self.waiting.extendleft(reversed(skipped))
+        return budget
 
     def _import_landed(self, request: Request, batch: Batch) -> bool:
         """Whether a WAITING_FOR_KV request may run now. A failed import goes to batch.failed_imports,
@@ -148,3 +173,12 @@ class Batcher:
         request.status = RequestStatus.WAITING
         request.num_computed_tokens = request.num_cached_tokens + request.num_imported_tokens
         return True
+
+
+def _position(queue: Sequence[Request], request: Request, first_of_priority: bool) -> int:
+    """Where `request` goes in a queue kept in priority order (higher first): after every request
+    of its priority (arrival order), or before them (a preempted request, which was admitted first)."""
+    for i, other in enumerate(queue):
+        if other.priority < request.priority or (first_of_priority and other.priority == request.priority):
+            return i
+    return len(queue)

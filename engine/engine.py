@@ -34,6 +34,7 @@ from engine.reservations import PrefixReservation, Reservations
 from engine.runner import ModelRunner
 from engine.sampler import Sampler, SamplingRow
 from engine.sampling_params import SamplingParams, check_context
+from engine.step_samples import StepRecorder, StepShape
 from engine.step_timer import Phase, StepTimes, Stopwatch
 from engine.tokenizer import Tokenizer
 from engine.weights import load_checkpoint
@@ -81,6 +82,7 @@ class Engine:
         self.step_times = StepTimes()
         self._lost: str | None = None  # why the device is unusable, once known
         self.sampler = Sampler()
+        self.steps = StepRecorder()  # what steps cost, for the scheduler's predictors
         self.requests: dict[RequestId, Request] = {}
         self._outputs: dict[RequestId, OutputProcessor] = {}
         self.reservations = Reservations(self.kv, cache, fingerprint)
@@ -150,12 +152,14 @@ class Engine:
         kv_import: KVImport | None = None,
         kv_export: KVExportSink | None = None,
         prefill_only: bool = False,
+        priority: int = 0,
     ) -> None:
         """Queue a request. `prior_output_ids` are outputs some other worker already produced
         (they count toward max_tokens and are not emitted again). With `kv_import` the request's
         blocks must have been reserved under the same id. A `prefill_only` request ends after its
         first token, with no finish reason unless the generation itself ended there: another
-        worker continues it (its KV goes there through `kv_export`)."""
+        worker continues it (its KV goes there through `kv_export`). A higher `priority` is
+        scheduled before lower ones (engine.batcher)."""
         rid = RequestId(request_id)
         try:
             self._validate(rid, prompt_token_ids, prior_output_ids, params, kv_import, prefill_only)
@@ -175,6 +179,7 @@ class Engine:
             kv_export=kv_export,
             num_prior_output_tokens=len(prior_output_ids),
             prefill_only=prefill_only,
+            priority=priority,
         )
         if kv_import is not None:
             reserved = self.reservations.take(rid)
@@ -277,6 +282,7 @@ class Engine:
         if self.num_steps == self.config.inject_device_loss_at_step:
             self._lost = f"device loss injected at step {self.num_steps} (inject_device_loss_at_step)"
             raise DeviceLost(self._lost)
+        shape = step_shape(batch)
         inputs = self.runner.prepare(batch.chunks)
         watch.lap(Phase.PREPARE)
         logits = self.runner.execute(inputs)  # (completing chunks, vocab)
@@ -302,6 +308,7 @@ class Engine:
             outputs.append(self._accept_token(request, result.token_ids[i], logprob))
         watch.lap(Phase.OUTPUT)
         self.step_times.add_step(self.runner.last_kind, watch.elapsed, batch.num_tokens, len(sampled))
+        self.steps.record(shape, watch.elapsed * 1000)
         return outputs
 
     def device_problem(self) -> str | None:
@@ -417,6 +424,15 @@ class Engine:
                 f"the request needs {need} KV blocks and the whole cache has {self.pool.num_blocks}; "
                 "shorten it or give the cache more memory"
             )
+
+
+def step_shape(batch: Batch) -> StepShape:
+    """The step's work as the scheduler's step-time model sees it (before the step runs). A decode
+    row is a one-token chunk of a request that has output; everything else is prompt work."""
+    return StepShape.of_chunks(
+        (c.num_new_tokens, c.request.num_computed_tokens, c.num_new_tokens == 1 and c.request.num_output_tokens > 0)
+        for c in batch.chunks
+    )
 
 
 def build_model(model_config: ModelConfig, config: EngineConfig) -> LlamaModel:

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 LAYOUT_VERSION = 1
+_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float8_e4m3fn": 1}
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,11 @@ class KVLayout:
     num_kv_heads: int
     head_dim: int
     layout_version: int = LAYOUT_VERSION
+
+    @property
+    def bytes_per_token(self) -> int:
+        """K and V of every layer for one token: what a token's KV weighs on the wire."""
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * _DTYPE_BYTES.get(self.dtype, 2)
 
     @property
     def block_elems_per_layer(self) -> int:

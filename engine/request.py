@@ -50,6 +50,7 @@ class Request:
     import_optional: bool = False  # a prefix import: if it fails, compute those tokens instead
     num_prior_output_tokens: int = 0  # outputs given at admission (a resumed request); not re-emitted
     prefill_only: bool = False  # ends after its first token; another worker continues it
+    priority: int = 0  # higher runs first (the batcher's order); the mesh's Priority levels map here
     num_preemptions: int = 0
     finish_reason: FinishReason | None = None
     arrival_time: float = field(default_factory=time.monotonic)

@@ -6,6 +6,7 @@
     pdmesh status                   workers' health and load, the KV store's capacity and hit counts
     pdmesh demo                     the engine alone in this process, one chat answer
     pdmesh bench serve              load a running mesh: concurrency/rate sweeps, trace replay
+    pdmesh sim                      simulate a mesh under a trace, placing with the scheduler's policies
 
 Flags override PDMESH_* environment variables, which override defaults (pdmesh/config.py).
 """
@@ -18,6 +19,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from pdmesh.config import PolicyName
 
 if TYPE_CHECKING:
     from pdmesh.config import TelemetryConfig
@@ -69,7 +72,7 @@ def _run_service(args: argparse.Namespace, telemetry: TelemetryConfig) -> None:
 
     server = _given(port=args.port, host=args.host, shutdown_grace_s=args.shutdown_grace_s)
     if args.role == "scheduler":
-        from pdmesh.config import PolicyName, SchedulerConfig
+        from pdmesh.config import SchedulerConfig
         from services.scheduler.server import serve_scheduler
 
         policy = PolicyName(args.policy) if args.policy else None
@@ -208,8 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--model", default=None)
     serve.add_argument("--http-port", type=int, default=None, help="scheduler: the OpenAI HTTP API's port (8000)")
     serve.add_argument("--http-host", default=None, help="scheduler: its interface (default: --host)")
-    serve.add_argument("--policy", default=None, choices=["least_loaded", "round_robin", "prefix_aware"],
-                       help="scheduler's placement")
+    serve.add_argument("--policy", default=None, choices=[p.value for p in PolicyName], help="scheduler's placement")
     serve.add_argument("--scheduler", default=None, help="workers: the scheduler's host:port")
     serve.add_argument("--advertise-host", default=None, help="workers: the host others reach this worker at")
     serve.add_argument("--worker-id", default=None, help="workers and the KV store: the id in the mesh")
@@ -258,8 +260,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_demo)
 
     from pdmesh.bench.cli import add_bench_parser
+    from pdmesh.sim.cli import add_sim_parser
 
     add_bench_parser(sub)
+    add_sim_parser(sub)
     return parser
 
 

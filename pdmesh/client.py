@@ -7,7 +7,9 @@
 `Client` is the same API, blocking. Prompts are text, token ids, or chat messages; sampling
 fields are those of engine.sampling_params.SamplingParams, given as keywords or as one object.
 Every protobuf message is converted to or from the small dataclasses below in this module and
-nowhere else. Errors arrive as grpc.RpcError with the status code and a message naming the field.
+nowhere else. Errors arrive as grpc.RpcError with the status code and a message naming the field;
+a refusal (RESOURCE_EXHAUSTED: no plan meets the SLO now) says when to try again, which
+`retry_after_s(error)` reads.
 """
 
 from __future__ import annotations
@@ -17,10 +19,14 @@ from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import grpc
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
 from engine.sampling_params import SamplingParams
 from pdmesh.channel import call_metadata, channel, sync_channel
 from pdmesh.config import ChannelConfig, from_env
-from pdmesh.convert import enum_from_pb, enum_to_pb, sampling_to_pb
+from pdmesh.convert import enum_from_pb, enum_to_pb, layout_from_pb, sampling_to_pb
 from pdmesh.enums import ExecutionPlan, FinishReason, Priority, WorkerHealth, WorkerRole  # re-exported: the client API
 from pdmesh.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc, worker_pb2
 
@@ -112,6 +118,29 @@ class ModelInfo:
 
 
 @dataclass(frozen=True)
+class StepFit:
+    """The scheduler's step-time model of a worker (worker.proto StepModel): a step's predicted ms
+    is fixed_ms plus each per-unit cost times the step's count of that unit."""
+
+    fixed_ms: float = 0.0
+    per_prefill_token_ms: float = 0.0
+    per_attention_pair_ms: float = 0.0
+    per_decode_request_ms: float = 0.0
+    per_decode_context_token_ms: float = 0.0
+    num_samples: int = 0
+    rms_relative_error: float = 0.0
+
+
+@dataclass(frozen=True)
+class TransferFit:
+    """The scheduler's model of a worker's KV pushes: exposed ms = fixed_ms + per_mib_ms * MiB."""
+
+    fixed_ms: float = 0.0
+    per_mib_ms: float = 0.0
+    num_samples: int = 0
+
+
+@dataclass(frozen=True)
 class WorkerState:
     worker_id: str
     role: WorkerRole | None
@@ -126,6 +155,12 @@ class WorkerState:
     num_kv_transfers_in_flight: int
     num_assigned_requests: int
     last_report_unix_ms: int
+    step_model: StepFit = StepFit()
+    transfer_model: TransferFit = TransferFit()
+    kv_bytes_per_token: int = 0  # from its KV layout
+    kv_capacity_tokens: int = 0
+    max_num_batched_tokens: int = 0
+    max_num_running_requests: int = 0
 
 
 @dataclass(frozen=True)
@@ -275,6 +310,12 @@ def cluster_state_from_pb(response: scheduler_pb2.GetClusterStateResponse) -> Cl
             num_kv_transfers_in_flight=load.num_kv_transfers_in_flight,
             num_assigned_requests=w.num_assigned_requests,
             last_report_unix_ms=w.last_report_unix_ms,
+            step_model=StepFit(**_fields(StepFit, w.step_model)),
+            transfer_model=TransferFit(**_fields(TransferFit, w.transfer_model)),
+            kv_bytes_per_token=layout_from_pb(w.info.kv_layout).bytes_per_token,
+            kv_capacity_tokens=w.info.capacity.num_kv_blocks_total * w.info.kv_layout.block_size_tokens,
+            max_num_batched_tokens=w.info.capacity.max_num_batched_tokens,
+            max_num_running_requests=w.info.capacity.max_num_running_requests,
         )
 
     def store(s: scheduler_pb2.KVStoreState) -> KVStoreState:
@@ -294,6 +335,20 @@ def cluster_state_from_pb(response: scheduler_pb2.GetClusterStateResponse) -> Cl
         workers=tuple(worker(w) for w in response.workers),
         kv_stores=tuple(store(s) for s in response.kv_stores),
     )
+
+
+def retry_after_s(error: grpc.RpcError) -> float | None:
+    """When the server said to retry a refused call (a google.rpc.RetryInfo in the status details),
+    in seconds; None when it did not say."""
+    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    if status is None:
+        return None
+    for detail in status.details:
+        if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            info = error_details_pb2.RetryInfo()
+            detail.Unpack(info)
+            return info.retry_delay.ToNanoseconds() / 1e9
+    return None
 
 
 # ---- clients --------------------------------------------------------------------------------

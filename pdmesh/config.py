@@ -356,6 +356,34 @@ class PolicyName(enum.Enum):
     LEAST_LOADED = "least_loaded"
     ROUND_ROBIN = "round_robin"
     PREFIX_AWARE = "prefix_aware"
+    SLO = "slo"  # services/scheduler/slo.py
+
+
+@dataclass(frozen=True)
+class SloConfig:
+    """SLO defaults, the `slo` policy and the predictors behind it. Loaded from PDMESH_SLO_*."""
+
+    # Targets of requests that bring none (0: no target). Every policy's bookings carry them; only
+    # `slo` places by them.
+    default_ttft_ms: float = 30_000.0
+    default_tpot_ms: float = 0.0
+    # The predictors' prior: a built-in profile's name (h100-llama-3.1-8b) or a profile JSON file
+    # (`pdmesh bench profile` records one); None: the workers' own samples alone.
+    profile: str | None = None
+    candidates: int = 4  # least-loaded workers of each role forecast per request (beside prefix holders)
+    overhead_ms: float = 0.0  # per request beyond its predicted steps and push (calls, hand-off)
+    tie_fraction: float = 0.02  # plans within this share of the cheapest's cost are decided by prefix affinity
+    retry_min_s: float = 0.05  # bounds of a refusal's retry hint
+    retry_max_s: float = 60.0
+    calibration_forget: float = 0.998  # per step sample: about the last 500 steps decide the fit
+    calibration_prior_weight: float = 2.0  # the profile's weight, in pseudo-samples per shape
+
+    def __post_init__(self) -> None:
+        _check_positive(self, "candidates", "retry_max_s", "calibration_forget")
+        if self.default_ttft_ms < 0 or self.default_tpot_ms < 0 or self.overhead_ms < 0:
+            raise ConfigError("default_ttft_ms", "targets and overheads cannot be negative; use 0 for none")
+        if not 0 < self.calibration_forget <= 1:
+            raise ConfigError("calibration_forget", f"is {self.calibration_forget}; use a value in (0, 1]")
 
 
 @dataclass(frozen=True)
@@ -366,8 +394,9 @@ class SchedulerConfig:
     channel: ChannelConfig = dataclasses.field(default_factory=ChannelConfig)  # its calls to workers
     telemetry: TelemetryConfig = dataclasses.field(default_factory=TelemetryConfig)
     http: HttpConfig = dataclasses.field(default_factory=HttpConfig)  # the OpenAI-compatible door
+    slo: SloConfig = dataclasses.field(default_factory=SloConfig)
     model: str = "smollm2"  # the served model: its tokenizer, and the name clients may ask for
-    policy: PolicyName = PolicyName.LEAST_LOADED
+    policy: PolicyName = PolicyName.SLO
     # A prompt with at most this many uncached tokens is prefilled on its decode worker: a hand-off
     # costs more than computing a few tokens where they will be decoded.
     local_prefill_max_tokens: int = 32

@@ -37,3 +37,11 @@ class Priority(enum.Enum):
     LOW = "low"
     NORMAL = "normal"
     HIGH = "high"
+
+    @property
+    def rank(self) -> int:
+        """Higher runs first: 0 low, 1 normal, 2 high (the engine's and the scheduler's order)."""
+        return _PRIORITY_RANK[self]
+
+
+_PRIORITY_RANK = {Priority.LOW: 0, Priority.NORMAL: 1, Priority.HIGH: 2}

@@ -12,7 +12,8 @@ A service builds its servicers, wraps each in a `ServicerBinding`, and calls `se
   trace through the W3C traceparent in its metadata;
 - one interceptor (services/interceptor.py) that maps typed errors to status codes
   (services/status.py) for unary and streaming calls alike, errors raised mid-stream included,
-  and never sends a traceback;
+  and never sends a traceback; an error that knows when to retry (`retry_after_s`) also sends a
+  google.rpc.RetryInfo in the status details (services/convert_status.py);
 - graceful shutdown on SIGTERM/SIGINT: the service's on_drain first (a worker reports DRAINING),
   then health NOT_SERVING, new calls refused with UNAVAILABLE (except to services that stay open
   while draining: the scheduler's Registry, so workers keep reporting), calls in flight given

@@ -3,6 +3,8 @@ last), new calls refused while draining, and every exception a servicer raises t
 status code (services/status.py) with a message naming the field, never a traceback; an
 exception in no table is a bug, logged with an error id the client gets. A request whose bytes do
 not parse (a string that is not UTF-8) is INVALID_ARGUMENT naming the field (services/convert_wire).
+An exception that says when to retry (`retry_after_s`) also sends a RetryInfo
+(services/convert_status.py).
 
 Unary and streaming calls alike, errors raised mid-stream included.
 """
@@ -21,6 +23,7 @@ import grpc.aio
 import structlog
 
 from engine.errors import InvalidRequest
+from services.convert_status import rich_status
 from services.convert_wire import lenient_deserializer
 from services.status import typed_code
 
@@ -51,15 +54,15 @@ class InFlight:
         return self._idle.is_set()
 
 
-def status_of(exc: Exception, method: str) -> tuple[grpc.StatusCode, str]:
-    """The code and client-facing message of an exception a servicer raised."""
+def status_of(exc: Exception, method: str) -> grpc.Status:
+    """The status a client gets for an exception a servicer raised."""
     code = typed_code(exc)
     if code is not None:
         log.info("call refused", method=method, code=code.name, error=str(exc))
-        return code, str(exc)
+        return rich_status(code, str(exc), getattr(exc, "retry_after_s", None))
     error_id = uuid.uuid4().hex[:12]
     log.error("call failed", method=method, error_id=error_id, exc_info=exc)
-    return grpc.StatusCode.INTERNAL, f"internal error {error_id}; the server log has the details"
+    return rich_status(grpc.StatusCode.INTERNAL, f"internal error {error_id}; the server log has the details")
 
 
 def _raise_undecodable(request: Any) -> None:
@@ -140,8 +143,8 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         except grpc.aio.AbortError:  # the servicer aborted with its own status
             raise
         except Exception as exc:
-            code, message = status_of(exc, method)
-            await context.abort(code, message)
+            status = status_of(exc, method)
+            await context.abort(status.code, status.details, status.trailing_metadata)
         finally:
             if counted:
                 self._in_flight.exit()

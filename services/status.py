@@ -46,6 +46,17 @@ class ExceedsCapacity(NoCapacity):
     the context length."""
 
 
+class SloUnattainable(NoCapacity):
+    """No plan is predicted to meet the request's SLO now (RESOURCE_EXHAUSTED, refused before any
+    work). `retry_after_s` is when capacity is predicted to return: the client sees it as a
+    google.rpc.RetryInfo in the status details. None: waiting would not help (the SLO is out of
+    reach even on idle workers), and no RetryInfo is sent."""
+
+    def __init__(self, field: str, problem: str, fix: str, retry_after_s: float | None) -> None:
+        super().__init__(field, problem, fix)
+        self.retry_after_s = retry_after_s
+
+
 class NoLiveWorker(ServiceError):
     """No worker of the needed role and model is serving. UNAVAILABLE."""
 

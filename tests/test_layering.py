@@ -42,7 +42,7 @@ def test_engine_and_kernels_import_no_transport() -> None:
 # Modules allowed to touch protobuf: the wire ends of each package. convert* turn messages into
 # the package's own types and back; servicer and server face inbound calls; *client make outbound
 # calls; bootstrap is the server plumbing every service shares.
-PROTOBUF = ("pdmesh.v1", "google.protobuf", "grpc_health", "grpc_reflection")
+PROTOBUF = ("pdmesh.v1", "google.protobuf", "google.rpc", "grpc_health", "grpc_reflection", "grpc_status")
 WIRE_ENDS = ("convert", "servicer", "server", "client", "bootstrap")
 
 

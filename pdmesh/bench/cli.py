@@ -32,6 +32,17 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[t
                              description=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     _add_serve_flags(serve)
     serve.set_defaults(func=_bench_serve)
+    profile = kinds.add_parser("profile", help="record a live mesh's performance profile (for pdmesh sim)")
+    profile.add_argument("--target", default="127.0.0.1:50051", help="the scheduler's host:port")
+    profile.add_argument("--out", type=Path, required=True, help="the profile JSON to write")
+    profile.add_argument("--name", default=None, help="the profile's name (default: the file's stem)")
+    profile.add_argument("--max-prompt", type=int, default=1024, help="the longest calibration prompt, tokens")
+    profile.add_argument("--concurrency", default="1,4,8,16", help="decode batch sizes to exercise")
+    profile.add_argument("--decode-tokens", type=int, default=32, help="output tokens of each decode-phase request")
+    profile.add_argument("--tokenizer", default=None, help="model name or path for the vocabulary")
+    profile.add_argument("--vocab-size", type=int, default=None, help="random token ids below this (no tokenizer)")
+    profile.add_argument("--seed", type=int, default=0)
+    profile.set_defaults(func=_bench_profile)
 
 
 def _add_serve_flags(p: argparse.ArgumentParser) -> None:
@@ -164,3 +175,35 @@ def _bench_serve(args: argparse.Namespace) -> int:
         console.print(f"[red]error:[/red] {e}")
         return 2
     return asyncio.run(run_bench_serve(plan, command_line(sys.argv[1:]), console))
+
+
+def _bench_profile(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from engine.errors import EngineError
+    from engine.tokenizer import Tokenizer
+    from pdmesh.bench.backend import RequestFailed
+    from pdmesh.bench.profile import ProfileLoad, record_profile
+    from pdmesh.bench.workload import Vocabulary
+    from services.scheduler.profile import save_profile
+
+    console = Console(stderr=True)
+    try:
+        concurrencies = tuple(int(c) for c in _numbers(args.concurrency, "--concurrency", integer=True))
+        if args.max_prompt < 16:
+            raise ValueError(f"--max-prompt: is {args.max_prompt}; use at least 16 tokens")
+        if args.vocab_size is not None:
+            vocab = Vocabulary(args.vocab_size)
+        else:
+            try:
+                vocab = Vocabulary.of(Tokenizer.from_model(args.tokenizer or "smollm2"))
+            except (EngineError, OSError) as e:
+                raise ValueError(f"--tokenizer: cannot open it ({e}); pass --tokenizer or --vocab-size") from None
+        load = ProfileLoad(args.max_prompt, concurrencies, args.decode_tokens, args.seed)
+        profile = asyncio.run(record_profile(args.target, args.name or args.out.stem, load, vocab, console))
+    except (ValueError, RequestFailed) as e:
+        console.print(f"[red]error:[/red] {e}")
+        return 2
+    save_profile(profile, args.out)
+    console.print(f"wrote {args.out}: {profile.step}, {profile.transfer}, noise {profile.step_noise:.2f}")
+    return 0

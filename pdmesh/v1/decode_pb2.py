@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from pdmesh.v1 import common_pb2 as pdmesh_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16pdmesh/v1/decode.proto\x12\tpdmesh.v1\x1a\x16pdmesh/v1/common.proto\"J\n\x0eReserveRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nnum_tokens\x18\x02 \x01(\r\x12\x10\n\x08lease_ms\x18\x03 \x01(\r\"6\n\x0fReserveResponse\x12#\n\x06ticket\x18\x01 \x01(\x0b\x32\x13.pdmesh.v1.KVTicket\"\x0e\n\x0cLocalPrefill\"\xe0\x01\n\x15\x44\x65\x63odeGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\tticket_id\x18\x02 \x01(\tH\x00\x12\x30\n\rlocal_prefill\x18\x03 \x01(\x0b\x32\x17.pdmesh.v1.LocalPrefillH\x00\x12\x18\n\x10prompt_token_ids\x18\x04 \x03(\r\x12\x18\n\x10output_token_ids\x18\x05 \x03(\r\x12+\n\x08sampling\x18\x06 \x01(\x0b\x32\x19.pdmesh.v1.SamplingParamsB\x0b\n\tkv_source\"_\n\x16\x44\x65\x63odeGenerateResponse\x12$\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x15.pdmesh.v1.TokenChunk\x12\x1f\n\x05usage\x18\x02 \x01(\x0b\x32\x10.pdmesh.v1.Usage\"#\n\x0eReleaseRequest\x12\x11\n\tticket_id\x18\x01 \x01(\t\"#\n\x0fReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\x32\xdf\x01\n\x06\x44\x65\x63ode\x12@\n\x07Reserve\x12\x19.pdmesh.v1.ReserveRequest\x1a\x1a.pdmesh.v1.ReserveResponse\x12Q\n\x08Generate\x12 .pdmesh.v1.DecodeGenerateRequest\x1a!.pdmesh.v1.DecodeGenerateResponse0\x01\x12@\n\x07Release\x12\x19.pdmesh.v1.ReleaseRequest\x1a\x1a.pdmesh.v1.ReleaseResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16pdmesh/v1/decode.proto\x12\tpdmesh.v1\x1a\x16pdmesh/v1/common.proto\"J\n\x0eReserveRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nnum_tokens\x18\x02 \x01(\r\x12\x10\n\x08lease_ms\x18\x03 \x01(\r\"6\n\x0fReserveResponse\x12#\n\x06ticket\x18\x01 \x01(\x0b\x32\x13.pdmesh.v1.KVTicket\"\x0e\n\x0cLocalPrefill\"\x87\x02\n\x15\x44\x65\x63odeGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\tticket_id\x18\x02 \x01(\tH\x00\x12\x30\n\rlocal_prefill\x18\x03 \x01(\x0b\x32\x17.pdmesh.v1.LocalPrefillH\x00\x12\x18\n\x10prompt_token_ids\x18\x04 \x03(\r\x12\x18\n\x10output_token_ids\x18\x05 \x03(\r\x12+\n\x08sampling\x18\x06 \x01(\x0b\x32\x19.pdmesh.v1.SamplingParams\x12%\n\x08priority\x18\x07 \x01(\x0e\x32\x13.pdmesh.v1.PriorityB\x0b\n\tkv_source\"_\n\x16\x44\x65\x63odeGenerateResponse\x12$\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x15.pdmesh.v1.TokenChunk\x12\x1f\n\x05usage\x18\x02 \x01(\x0b\x32\x10.pdmesh.v1.Usage\"#\n\x0eReleaseRequest\x12\x11\n\tticket_id\x18\x01 \x01(\t\"#\n\x0fReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\x32\xdf\x01\n\x06\x44\x65\x63ode\x12@\n\x07Reserve\x12\x19.pdmesh.v1.ReserveRequest\x1a\x1a.pdmesh.v1.ReserveResponse\x12Q\n\x08Generate\x12 .pdmesh.v1.DecodeGenerateRequest\x1a!.pdmesh.v1.DecodeGenerateResponse0\x01\x12@\n\x07Release\x12\x19.pdmesh.v1.ReleaseRequest\x1a\x1a.pdmesh.v1.ReleaseResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,13 +39,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LOCALPREFILL']._serialized_start=193
   _globals['_LOCALPREFILL']._serialized_end=207
   _globals['_DECODEGENERATEREQUEST']._serialized_start=210
-  _globals['_DECODEGENERATEREQUEST']._serialized_end=434
-  _globals['_DECODEGENERATERESPONSE']._serialized_start=436
-  _globals['_DECODEGENERATERESPONSE']._serialized_end=531
-  _globals['_RELEASEREQUEST']._serialized_start=533
-  _globals['_RELEASEREQUEST']._serialized_end=568
-  _globals['_RELEASERESPONSE']._serialized_start=570
-  _globals['_RELEASERESPONSE']._serialized_end=605
-  _globals['_DECODE']._serialized_start=608
-  _globals['_DECODE']._serialized_end=831
+  _globals['_DECODEGENERATEREQUEST']._serialized_end=473
+  _globals['_DECODEGENERATERESPONSE']._serialized_start=475
+  _globals['_DECODEGENERATERESPONSE']._serialized_end=570
+  _globals['_RELEASEREQUEST']._serialized_start=572
+  _globals['_RELEASEREQUEST']._serialized_end=607
+  _globals['_RELEASERESPONSE']._serialized_start=609
+  _globals['_RELEASERESPONSE']._serialized_end=644
+  _globals['_DECODE']._serialized_start=647
+  _globals['_DECODE']._serialized_end=870
 # @@protoc_insertion_point(module_scope)

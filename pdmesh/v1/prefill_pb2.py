@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from pdmesh.v1 import common_pb2 as pdmesh_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17pdmesh/v1/prefill.proto\x12\tpdmesh.v1\x1a\x16pdmesh/v1/common.proto\"\x90\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12+\n\x08sampling\x18\x03 \x01(\x0b\x32\x19.pdmesh.v1.SamplingParams\x12#\n\x06ticket\x18\x04 \x01(\x0b\x32\x13.pdmesh.v1.KVTicket\"\xe9\x01\n\x0fPrefillResponse\x12$\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x15.pdmesh.v1.TokenChunk\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x02 \x01(\r\x12\x10\n\x08queue_ms\x18\x03 \x01(\x01\x12\x12\n\nprefill_ms\x18\x04 \x01(\x01\x12\x16\n\x0etransfer_bytes\x18\x05 \x01(\x04\x12\x13\n\x0btransfer_ms\x18\x06 \x01(\x01\x12\"\n\x1astore_cached_prompt_tokens\x18\x07 \x01(\r\x12\x1b\n\x13transfer_overlap_ms\x18\x08 \x01(\x01\x32K\n\x07Prefill\x12@\n\x07Prefill\x12\x19.pdmesh.v1.PrefillRequest\x1a\x1a.pdmesh.v1.PrefillResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17pdmesh/v1/prefill.proto\x12\tpdmesh.v1\x1a\x16pdmesh/v1/common.proto\"\xb7\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12+\n\x08sampling\x18\x03 \x01(\x0b\x32\x19.pdmesh.v1.SamplingParams\x12#\n\x06ticket\x18\x04 \x01(\x0b\x32\x13.pdmesh.v1.KVTicket\x12%\n\x08priority\x18\x05 \x01(\x0e\x32\x13.pdmesh.v1.Priority\"\xe9\x01\n\x0fPrefillResponse\x12$\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x15.pdmesh.v1.TokenChunk\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x02 \x01(\r\x12\x10\n\x08queue_ms\x18\x03 \x01(\x01\x12\x12\n\nprefill_ms\x18\x04 \x01(\x01\x12\x16\n\x0etransfer_bytes\x18\x05 \x01(\x04\x12\x13\n\x0btransfer_ms\x18\x06 \x01(\x01\x12\"\n\x1astore_cached_prompt_tokens\x18\x07 \x01(\r\x12\x1b\n\x13transfer_overlap_ms\x18\x08 \x01(\x01\x32K\n\x07Prefill\x12@\n\x07Prefill\x12\x19.pdmesh.v1.PrefillRequest\x1a\x1a.pdmesh.v1.PrefillResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,9 +33,9 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pdmesh.v1.prefill_pb2', _gl
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_PREFILLREQUEST']._serialized_start=63
-  _globals['_PREFILLREQUEST']._serialized_end=207
-  _globals['_PREFILLRESPONSE']._serialized_start=210
-  _globals['_PREFILLRESPONSE']._serialized_end=443
-  _globals['_PREFILL']._serialized_start=445
-  _globals['_PREFILL']._serialized_end=520
+  _globals['_PREFILLREQUEST']._serialized_end=246
+  _globals['_PREFILLRESPONSE']._serialized_start=249
+  _globals['_PREFILLRESPONSE']._serialized_end=482
+  _globals['_PREFILL']._serialized_start=484
+  _globals['_PREFILL']._serialized_end=559
 # @@protoc_insertion_point(module_scope)

@@ -88,18 +88,22 @@ class GetClusterStateRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerState(_message.Message):
-    __slots__ = ("info", "health", "load", "last_report_unix_ms", "num_assigned_requests")
+    __slots__ = ("info", "health", "load", "last_report_unix_ms", "num_assigned_requests", "step_model", "transfer_model")
     INFO_FIELD_NUMBER: _ClassVar[int]
     HEALTH_FIELD_NUMBER: _ClassVar[int]
     LOAD_FIELD_NUMBER: _ClassVar[int]
     LAST_REPORT_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     NUM_ASSIGNED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    STEP_MODEL_FIELD_NUMBER: _ClassVar[int]
+    TRANSFER_MODEL_FIELD_NUMBER: _ClassVar[int]
     info: _worker_pb2.WorkerInfo
     health: _worker_pb2.WorkerHealth
     load: _worker_pb2.ReportLoadRequest
     last_report_unix_ms: int
     num_assigned_requests: int
-    def __init__(self, info: _Optional[_Union[_worker_pb2.WorkerInfo, _Mapping]] = ..., health: _Optional[_Union[_worker_pb2.WorkerHealth, str]] = ..., load: _Optional[_Union[_worker_pb2.ReportLoadRequest, _Mapping]] = ..., last_report_unix_ms: _Optional[int] = ..., num_assigned_requests: _Optional[int] = ...) -> None: ...
+    step_model: _worker_pb2.StepModel
+    transfer_model: _worker_pb2.TransferModel
+    def __init__(self, info: _Optional[_Union[_worker_pb2.WorkerInfo, _Mapping]] = ..., health: _Optional[_Union[_worker_pb2.WorkerHealth, str]] = ..., load: _Optional[_Union[_worker_pb2.ReportLoadRequest, _Mapping]] = ..., last_report_unix_ms: _Optional[int] = ..., num_assigned_requests: _Optional[int] = ..., step_model: _Optional[_Union[_worker_pb2.StepModel, _Mapping]] = ..., transfer_model: _Optional[_Union[_worker_pb2.TransferModel, _Mapping]] = ...) -> None: ...
 
 class GetClusterStateResponse(_message.Message):
     __slots__ = ("time_unix_ms", "policy", "num_queued_requests", "num_running_requests", "workers", "kv_stores")

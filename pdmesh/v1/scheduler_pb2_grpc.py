@@ -61,9 +61,12 @@ class SchedulerServicer:
         carries the first token; the last carries finish, usage and placement. Cancelling the call
         cancels the request everywhere in the mesh; the call's deadline bounds it end to end.
         Errors: INVALID_ARGUMENT (a field is out of range; the message names it), NOT_FOUND (no such
-        model), RESOURCE_EXHAUSTED (no decode worker could ever hold the request, or every KV cache
-        stayed full past the queue timeout), UNAVAILABLE (no live worker for the model). A stream may
-        also end with one of these after tokens were sent.
+        model), RESOURCE_EXHAUSTED (under the slo policy, no plan meets the request's SLO: refused
+        at once, before any work, with a google.rpc.RetryInfo in the status details
+        (grpc-status-details-bin) saying when capacity is predicted to return, none when waiting
+        would not help; or no decode worker could ever hold the request, or every KV cache stayed
+        full past the queue timeout), UNAVAILABLE (no live worker for the model). A stream may also
+        end with one of these after tokens were sent.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

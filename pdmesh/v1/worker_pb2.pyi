@@ -77,6 +77,56 @@ class RegisterWorkerResponse(_message.Message):
     kv_store_address: str
     def __init__(self, report_interval_ms: _Optional[int] = ..., kv_store_address: _Optional[str] = ...) -> None: ...
 
+class StepSample(_message.Message):
+    __slots__ = ("num_prefill_tokens", "num_prefill_attention_pairs", "num_decode_requests", "num_decode_context_tokens", "duration_ms")
+    NUM_PREFILL_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    NUM_PREFILL_ATTENTION_PAIRS_FIELD_NUMBER: _ClassVar[int]
+    NUM_DECODE_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    NUM_DECODE_CONTEXT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    DURATION_MS_FIELD_NUMBER: _ClassVar[int]
+    num_prefill_tokens: int
+    num_prefill_attention_pairs: int
+    num_decode_requests: int
+    num_decode_context_tokens: int
+    duration_ms: float
+    def __init__(self, num_prefill_tokens: _Optional[int] = ..., num_prefill_attention_pairs: _Optional[int] = ..., num_decode_requests: _Optional[int] = ..., num_decode_context_tokens: _Optional[int] = ..., duration_ms: _Optional[float] = ...) -> None: ...
+
+class TransferSample(_message.Message):
+    __slots__ = ("num_bytes", "exposed_ms")
+    NUM_BYTES_FIELD_NUMBER: _ClassVar[int]
+    EXPOSED_MS_FIELD_NUMBER: _ClassVar[int]
+    num_bytes: int
+    exposed_ms: float
+    def __init__(self, num_bytes: _Optional[int] = ..., exposed_ms: _Optional[float] = ...) -> None: ...
+
+class StepModel(_message.Message):
+    __slots__ = ("fixed_ms", "per_prefill_token_ms", "per_attention_pair_ms", "per_decode_request_ms", "per_decode_context_token_ms", "num_samples", "rms_relative_error")
+    FIXED_MS_FIELD_NUMBER: _ClassVar[int]
+    PER_PREFILL_TOKEN_MS_FIELD_NUMBER: _ClassVar[int]
+    PER_ATTENTION_PAIR_MS_FIELD_NUMBER: _ClassVar[int]
+    PER_DECODE_REQUEST_MS_FIELD_NUMBER: _ClassVar[int]
+    PER_DECODE_CONTEXT_TOKEN_MS_FIELD_NUMBER: _ClassVar[int]
+    NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    RMS_RELATIVE_ERROR_FIELD_NUMBER: _ClassVar[int]
+    fixed_ms: float
+    per_prefill_token_ms: float
+    per_attention_pair_ms: float
+    per_decode_request_ms: float
+    per_decode_context_token_ms: float
+    num_samples: int
+    rms_relative_error: float
+    def __init__(self, fixed_ms: _Optional[float] = ..., per_prefill_token_ms: _Optional[float] = ..., per_attention_pair_ms: _Optional[float] = ..., per_decode_request_ms: _Optional[float] = ..., per_decode_context_token_ms: _Optional[float] = ..., num_samples: _Optional[int] = ..., rms_relative_error: _Optional[float] = ...) -> None: ...
+
+class TransferModel(_message.Message):
+    __slots__ = ("fixed_ms", "per_mib_ms", "num_samples")
+    FIXED_MS_FIELD_NUMBER: _ClassVar[int]
+    PER_MIB_MS_FIELD_NUMBER: _ClassVar[int]
+    NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    fixed_ms: float
+    per_mib_ms: float
+    num_samples: int
+    def __init__(self, fixed_ms: _Optional[float] = ..., per_mib_ms: _Optional[float] = ..., num_samples: _Optional[int] = ...) -> None: ...
+
 class KVCacheEvents(_message.Message):
     __slots__ = ("is_snapshot", "block_hashes_stored", "block_hashes_removed")
     IS_SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
@@ -88,7 +138,7 @@ class KVCacheEvents(_message.Message):
     def __init__(self, is_snapshot: _Optional[bool] = ..., block_hashes_stored: _Optional[_Iterable[int]] = ..., block_hashes_removed: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ReportLoadRequest(_message.Message):
-    __slots__ = ("worker_id", "report_seq", "time_unix_ms", "health", "num_kv_blocks_free", "num_kv_blocks_total", "num_running_requests", "num_waiting_requests", "num_kv_reservations", "num_kv_transfers_in_flight", "kv_cache_events")
+    __slots__ = ("worker_id", "report_seq", "time_unix_ms", "health", "num_kv_blocks_free", "num_kv_blocks_total", "num_running_requests", "num_waiting_requests", "num_kv_reservations", "num_kv_transfers_in_flight", "step_samples", "push_samples", "kv_cache_events")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     REPORT_SEQ_FIELD_NUMBER: _ClassVar[int]
     TIME_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
@@ -99,6 +149,8 @@ class ReportLoadRequest(_message.Message):
     NUM_WAITING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     NUM_KV_RESERVATIONS_FIELD_NUMBER: _ClassVar[int]
     NUM_KV_TRANSFERS_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    STEP_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    PUSH_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     KV_CACHE_EVENTS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     report_seq: int
@@ -110,8 +162,10 @@ class ReportLoadRequest(_message.Message):
     num_waiting_requests: int
     num_kv_reservations: int
     num_kv_transfers_in_flight: int
+    step_samples: _containers.RepeatedCompositeFieldContainer[StepSample]
+    push_samples: _containers.RepeatedCompositeFieldContainer[TransferSample]
     kv_cache_events: KVCacheEvents
-    def __init__(self, worker_id: _Optional[str] = ..., report_seq: _Optional[int] = ..., time_unix_ms: _Optional[int] = ..., health: _Optional[_Union[WorkerHealth, str]] = ..., num_kv_blocks_free: _Optional[int] = ..., num_kv_blocks_total: _Optional[int] = ..., num_running_requests: _Optional[int] = ..., num_waiting_requests: _Optional[int] = ..., num_kv_reservations: _Optional[int] = ..., num_kv_transfers_in_flight: _Optional[int] = ..., kv_cache_events: _Optional[_Union[KVCacheEvents, _Mapping]] = ...) -> None: ...
+    def __init__(self, worker_id: _Optional[str] = ..., report_seq: _Optional[int] = ..., time_unix_ms: _Optional[int] = ..., health: _Optional[_Union[WorkerHealth, str]] = ..., num_kv_blocks_free: _Optional[int] = ..., num_kv_blocks_total: _Optional[int] = ..., num_running_requests: _Optional[int] = ..., num_waiting_requests: _Optional[int] = ..., num_kv_reservations: _Optional[int] = ..., num_kv_transfers_in_flight: _Optional[int] = ..., step_samples: _Optional[_Iterable[_Union[StepSample, _Mapping]]] = ..., push_samples: _Optional[_Iterable[_Union[TransferSample, _Mapping]]] = ..., kv_cache_events: _Optional[_Union[KVCacheEvents, _Mapping]] = ...) -> None: ...
 
 class ReportLoadResponse(_message.Message):
     __slots__ = ("reregister", "kv_snapshot_requested", "kv_store_address")

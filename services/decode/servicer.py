@@ -24,7 +24,7 @@ from pdmesh.v1 import decode_pb2, decode_pb2_grpc
 from services.decode.reservations import Reservations, import_failure
 from services.logging import request_context
 from services.telemetry.spans import traceparent
-from services.worker.convert import chunk_from_output, sampling_from_pb, ticket_to_pb, usage_of
+from services.worker.convert import chunk_from_output, priority_rank, sampling_from_pb, ticket_to_pb, usage_of
 from services.worker.prefix_fetch import PrefixFetcher
 from services.worker.telemetry import DecodeTimes, LandingClock, PrefillTimes, WorkerTelemetry
 
@@ -65,13 +65,18 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
     ) -> AsyncIterator[decode_pb2.DecodeGenerateResponse]:
         prompt, prior = list(request.prompt_token_ids), list(request.output_token_ids)
         params = sampling_from_pb(request.sampling)
+        priority = priority_rank(request.priority)
         imported = None
         if request.WhichOneof("kv_source") == "ticket_id":
             imported = self.reservations.commit(request.ticket_id, len(prompt))
-            stream = self.engine.generate(request.ticket_id, prompt, params, prior_output_ids=prior, kv_import=imported)
+            stream = self.engine.generate(
+                request.ticket_id, prompt, params, prior_output_ids=prior, kv_import=imported, priority=priority
+            )
         else:
             engine_id = f"{self.worker_id}/{request.request_id}/local-{uuid.uuid4().hex[:8]}"
-            stream = self.prefixes.generate(engine_id, prompt, params, prior_output_ids=prior, time_left_s=time_left_s)
+            stream = self.prefixes.generate(
+                engine_id, prompt, params, prior_output_ids=prior, time_left_s=time_left_s, priority=priority
+            )
         start = time.monotonic()
         landing = LandingClock(imported.future) if imported is not None else None
         first: float | None = None

@@ -21,8 +21,9 @@ from kvtransfer.sender import KVPush
 from kvtransfer.transport import KVTransport
 from pdmesh.v1 import prefill_pb2, prefill_pb2_grpc
 from services.logging import request_context
-from services.worker.convert import chunk_from_output, sampling_from_pb, ticket_from_pb
+from services.worker.convert import chunk_from_output, priority_rank, sampling_from_pb, ticket_from_pb
 from services.worker.prefix_fetch import PrefixFetcher
+from services.worker.samples import Pushes
 from services.worker.telemetry import PrefillTimes, WorkerTelemetry
 
 
@@ -36,6 +37,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         self.prefixes = prefixes
         self.worker_id = worker_id
         self.telemetry = telemetry
+        self.pushes = Pushes()
 
     async def Prefill(  # noqa: N802 (gRPC method name)
         self, request: prefill_pb2.PrefillRequest, context: grpc.aio.ServicerContext
@@ -51,7 +53,8 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         push = self.transport.push(ticket_from_pb(request.ticket))
         start = time.monotonic()
         try:
-            first = await self._first_token(request.request_id, prompt, params, push, time_left_s)
+            priority = priority_rank(request.priority)
+            first = await self._first_token(request.request_id, prompt, params, push, time_left_s, priority)
         except BaseException as exc:  # refused, cancelled or failed: the receiver must not wait for its lease
             push.cancel(f"prefill ended early: {type(exc).__name__}")
             raise
@@ -63,6 +66,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         self.telemetry.prefilled(times, first.num_prompt_tokens, cached, request.request_id)
         self.telemetry.pushed(stats, computed, done, request.request_id)
         exposed = done - computed  # the part of the push not hidden behind compute
+        self.pushes.record(stats.bytes, exposed * 1000)
         return prefill_pb2.PrefillResponse(
             chunk=chunk_from_output(first),  # finish set only when the generation ended at its first token
             cached_prompt_tokens=cached,
@@ -75,12 +79,13 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         )
 
     async def _first_token(
-        self, request_id: str, prompt: Sequence[int], params: SamplingParams, push: KVPush, time_left_s: float | None
+        self, request_id: str, prompt: Sequence[int], params: SamplingParams, push: KVPush, time_left_s: float | None,
+        priority: int,
     ) -> RequestOutput:
         engine_id = f"{self.worker_id}/{request_id}/prefill-{time.monotonic_ns()}"
         last: RequestOutput | None = None
         outputs = self.prefixes.generate(
-            engine_id, prompt, params, kv_export=push, prefill_only=True, time_left_s=time_left_s
+            engine_id, prompt, params, kv_export=push, prefill_only=True, time_left_s=time_left_s, priority=priority
         )
         async for out in outputs:
             last = out

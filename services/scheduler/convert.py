@@ -15,7 +15,13 @@ from engine.errors import InvalidRequest
 from pdmesh.convert import enum_from_pb, enum_to_pb, sampling_from_pb
 from pdmesh.enums import Priority, WorkerHealth
 from pdmesh.v1 import common_pb2, scheduler_pb2, worker_pb2
-from services.scheduler.convert_workers import load_to_pb, store_info_to_pb, store_status_to_pb, worker_info_to_pb
+from services.scheduler.convert_workers import (
+    load_to_pb,
+    step_model_to_pb,
+    store_info_to_pb,
+    store_status_to_pb,
+    worker_info_to_pb,
+)
 from services.scheduler.intake import ChatMessage, ChatPrompt, ClientRequest, Prompt, TextPrompt, TokenPrompt
 from services.scheduler.registry import Registry, Store, Worker
 from services.scheduler.request import PlacementReport, Response, Slo, TokenChunk, Usage
@@ -121,7 +127,14 @@ def worker_state_to_pb(worker: Worker, health: WorkerHealth) -> scheduler_pb2.Wo
         health=enum_to_pb(health, worker_pb2.WorkerHealth),  # type: ignore[arg-type]
         last_report_unix_ms=last_report_unix_ms,
         num_assigned_requests=worker.assigned,
-    )
+        step_model=step_model_to_pb(
+            worker.predictors.step, worker.predictors.num_step_samples, worker.predictors.relative_error
+        ),
+        transfer_model=worker_pb2.TransferModel(
+            fixed_ms=worker.predictors.transfer.fixed_ms, per_mib_ms=worker.predictors.transfer.ms_per_mib,
+            num_samples=worker.predictors.num_transfer_samples,
+        ),
+    )  # fmt: skip
     if worker.load is not None:
         state.load.CopyFrom(load_to_pb(worker.load))
     return state

@@ -7,10 +7,12 @@ import dataclasses
 
 from engine.block_pool import KVEvents
 from engine.ids import BlockHash
+from engine.step_samples import StepSample, StepShape
 from pdmesh.convert import enum_from_pb, enum_to_pb, layout_from_pb, layout_to_pb, sampling_to_pb
 from pdmesh.enums import FinishReason, WorkerHealth, WorkerRole
 from pdmesh.v1 import common_pb2, decode_pb2, kvstore_pb2, prefill_pb2, worker_pb2
 from services.kvstore.stats import StoreCounters, StoreStatus
+from services.scheduler.predictor import StepModel
 from services.scheduler.registry import Capacity, LoadReport, StoreInfo, StoreReport, WorkerInfo
 from services.scheduler.request import Decoded, Finish, Prefilled, SchedulerRequest, TicketHandle, TokenChunk, Usage
 
@@ -62,12 +64,29 @@ def load_from_pb(pb: worker_pb2.ReportLoadRequest) -> LoadReport:
         time_unix_ms=pb.time_unix_ms,
         health=enum_from_pb(WorkerHealth, worker_pb2.WorkerHealth, pb.health),
         kv_events=events_from_pb(events),
+        step_samples=tuple(step_sample_from_pb(s) for s in pb.step_samples),
+        transfer_samples=tuple((s.num_bytes, s.exposed_ms) for s in pb.push_samples),
         **{name: getattr(pb, name) for name in _LOAD_COUNTS},
     )
 
 
+def step_sample_from_pb(pb: worker_pb2.StepSample) -> StepSample:
+    shape = StepShape(
+        pb.num_prefill_tokens, pb.num_prefill_attention_pairs, pb.num_decode_requests, pb.num_decode_context_tokens
+    )
+    return StepSample(shape, pb.duration_ms)
+
+
+def step_model_to_pb(model: StepModel, num_samples: int, relative_error: float) -> worker_pb2.StepModel:
+    c = model.coefficients  # ms per unit
+    return worker_pb2.StepModel(
+        fixed_ms=c[0], per_prefill_token_ms=c[1], per_attention_pair_ms=c[2], per_decode_request_ms=c[3],
+        per_decode_context_token_ms=c[4], num_samples=num_samples, rms_relative_error=relative_error,
+    )
+
+
 def load_to_pb(load: LoadReport) -> worker_pb2.ReportLoadRequest:
-    """The report as GetClusterState shows it: its cache events left out."""
+    """The report as GetClusterState shows it: its cache events and samples left out."""
     health = enum_to_pb(load.health, worker_pb2.WorkerHealth) if load.health is not None else 0
     return worker_pb2.ReportLoadRequest(
         worker_id=load.worker_id, report_seq=load.report_seq, time_unix_ms=load.time_unix_ms,
@@ -135,6 +154,7 @@ def prefill_to_pb(request: SchedulerRequest, ticket: TicketHandle) -> prefill_pb
         prompt_token_ids=request.prompt_token_ids,
         sampling=sampling_to_pb(request.sampling),
         ticket=common_pb2.KVTicket.FromString(ticket.encoded),
+        priority=enum_to_pb(request.priority, common_pb2.Priority),  # type: ignore[arg-type]
     )
 
 
@@ -157,6 +177,7 @@ def decode_to_pb(
     pb = decode_pb2.DecodeGenerateRequest(
         request_id=request.request_id, prompt_token_ids=request.prompt_token_ids, output_token_ids=outputs,
         sampling=sampling_to_pb(request.sampling),
+        priority=enum_to_pb(request.priority, common_pb2.Priority),  # type: ignore[arg-type]
     )  # fmt: skip
     if ticket is None:
         pb.local_prefill.SetInParent()

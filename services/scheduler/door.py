@@ -26,8 +26,7 @@ from services.scheduler import intake
 from services.scheduler.admission import Admission
 from services.scheduler.flow import FlowSettings, RequestFlow
 from services.scheduler.intake import ClientRequest
-from services.scheduler.policy import Policy
-from services.scheduler.registry import Registry
+from services.scheduler.placer import Placer
 from services.scheduler.request import Deadline, Response, SchedulerRequest
 from services.scheduler.streams import Streams
 from services.scheduler.telemetry import RequestWatch, SchedulerMetrics
@@ -49,12 +48,12 @@ class Readiness:
 
 
 class Door:
-    def __init__(self, config: SchedulerConfig, tokenizer: Tokenizer, registry: Registry, policy: Policy) -> None:
+    def __init__(self, config: SchedulerConfig, tokenizer: Tokenizer, placer: Placer) -> None:
         self.model = config.model
         self.max_prompt_bytes = config.max_prompt_bytes
         self.tokenizer = tokenizer
-        self.registry = registry
-        self.policy = policy
+        self.placer = placer  # the policy, the registry it reads and the ledger of placements
+        self.registry = placer.registry
         self.settings = FlowSettings(config.lease_ms, config.max_attempts, config.queue_timeout_ms / 1000)
         self.flows: set[RequestFlow] = set()  # requests admitted into the mesh, either door
         self.releases: set[asyncio.Task[None]] = set()  # tickets being released for flows that ended
@@ -85,7 +84,7 @@ class Door:
         self, request: SchedulerRequest, deadline: Deadline, watch: RequestWatch
     ) -> AsyncIterator[Response]:
         """The request's responses, the last with usage and placement; a typed error ends it."""
-        flow = RequestFlow(request, self.registry, self.policy, self.settings, deadline, self.releases)
+        flow = RequestFlow(request, self.placer, self.settings, deadline, self.releases)
         async with self.admission.admit(request.priority, self._queue_timeout_s(request)):
             self.flows.add(flow)
             try:
@@ -115,7 +114,8 @@ class Door:
 
     def _queue_timeout_s(self, request: SchedulerRequest) -> float:
         timeout_s = self.settings.queue_timeout_s
-        return min(timeout_s, request.slo.ttft_ms / 1000) if request.slo.ttft_ms > 0 else timeout_s
+        ttft_ms = request.slo.ttft_ms or self.placer.slo.default_ttft_ms  # the target placement holds it to
+        return min(timeout_s, ttft_ms / 1000) if ttft_ms > 0 else timeout_s
 
     def _fill_context(self, request: SchedulerRequest) -> SchedulerRequest:
         """max_tokens up to what the prompt leaves of the context window and of the largest decode

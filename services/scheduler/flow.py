@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 
 import structlog
@@ -26,8 +26,9 @@ from opentelemetry.trace import Span
 from pdmesh.enums import ExecutionPlan, FinishReason, WorkerRole
 from services.scheduler import capacity, worker_client
 from services.scheduler.errors import DownstreamFailed
-from services.scheduler.policy import Placement, Policy, RequestShape, place, replace_decode
-from services.scheduler.registry import Registry, Worker
+from services.scheduler.placer import Placer
+from services.scheduler.policy import Placement
+from services.scheduler.registry import Worker
 from services.scheduler.request import (
     Deadline,
     Finish,
@@ -57,19 +58,18 @@ class RequestFlow:
     def __init__(
         self,
         request: SchedulerRequest,
-        registry: Registry,
-        policy: Policy,
+        placer: Placer,
         settings: FlowSettings,
         deadline: Deadline,
         releases: set[asyncio.Task[None]],  # the scheduler's Release calls in flight, outliving their flows
     ) -> None:
         self.request = request
-        self.registry = registry
-        self.policy = policy
+        self.placer = placer
+        self.registry = placer.registry
         self.settings = settings
         self.deadline = deadline
         self.releases = releases
-        self.shape = RequestShape.of(request, registry.index, registry.live_store_ids())
+        self.shape = placer.shape(request)
         self.outputs: list[int] = []  # every token sent to the client
         self.meter = UsageMeter()
         self.report = PlacementReport()
@@ -92,6 +92,7 @@ class RequestFlow:
                 yield response
         finally:
             self._scheduled()
+            self.placer.ended(self.request.request_id)
             await self._release_ticket()
             for worker in self._held:
                 worker.assigned -= 1
@@ -100,7 +101,7 @@ class RequestFlow:
 
     def _place(self, exclude: tuple[Worker, ...]) -> Placement:
         with self._scheduling() as span:
-            placement = place(self.policy, self.registry, self.shape, exclude)
+            placement = self.placer.place(self.shape, exclude)
             if span.is_recording():
                 self._describe(span, placement, exclude)
         self.report.plan = placement.plan
@@ -142,16 +143,14 @@ class RequestFlow:
             )  # fmt: skip
         self._scheduled()
         self.report.decode_worker_id = placement.decode.worker_id
+        self.placer.moved(self.request.request_id, placement.decode)
         assert placement.prefill is not None
         self._ticket = (placement.decode, ticket)
-        prefilled_now = self._count_prefill(placement.prefill, 0)
         try:
             prefilled = await worker_client.prefill(placement.prefill, self.request, ticket, self.deadline.left())
         except BaseException:
             await self._release_ticket()
             raise
-        finally:
-            prefilled_now()
         self.meter.prefilled(prefilled.usage)
         self.meter.token_sent()
         self.outputs += prefilled.chunk.token_ids
@@ -193,26 +192,20 @@ class RequestFlow:
                 log.warning("decode worker failed mid-stream; moving the request", worker=worker.worker_id,
                             reason=str(failure), tokens_so_far=len(self.outputs))  # fmt: skip
                 self.registry.mark_dead(worker)
-                worker = replace_decode(self.policy, self.registry, self.shape, worker)
+                worker = self.placer.replace_decode(self.shape, worker)
                 self.report.decode_worker_id = worker.worker_id
 
     async def _decode(self, worker: Worker, ticket: TicketHandle | None) -> AsyncIterator[Response]:
         stream = worker_client.generate(worker, self.request, list(self.outputs), ticket, self.deadline.left())
-        # Without a ticket the decode worker prefills the request (prompt and output so far) first.
-        prefilled = self._count_prefill(worker, len(self.outputs)) if ticket is None else _nothing
-        try:
-            async with contextlib.aclosing(stream):
-                async for decoded in stream:
-                    prefilled()
-                    if decoded.chunk.token_ids:
-                        self.meter.token_sent()
-                    self.outputs += decoded.chunk.token_ids
-                    if decoded.usage is not None:
-                        local_prefill = self.report.plan is ExecutionPlan.LOCAL_PREFILL
-                        self.meter.decoded(decoded.usage, local_prefill=local_prefill)
-                    yield self._response(decoded.chunk, final=decoded.usage is not None)
-        finally:
-            prefilled()
+        async with contextlib.aclosing(stream):
+            async for decoded in stream:
+                if decoded.chunk.token_ids:
+                    self.meter.token_sent()
+                self.outputs += decoded.chunk.token_ids
+                if decoded.usage is not None:
+                    local_prefill = self.report.plan is ExecutionPlan.LOCAL_PREFILL
+                    self.meter.decoded(decoded.usage, local_prefill=local_prefill)
+                yield self._response(decoded.chunk, final=decoded.usage is not None)
 
     # -- bookkeeping ------------------------------------------------------------------------------
 
@@ -231,19 +224,6 @@ class RequestFlow:
             self._schedule_span.end()
             self._schedule_span = None
             self.meter.prompt_sent()
-
-    def _count_prefill(self, worker: Worker, extra_tokens: int) -> Callable[[], None]:
-        """Count the tokens the worker computes for this request as its queued prefill work (what
-        prefix_aware weighs affinity against) until the returned function is called (again: no-op)."""
-        tokens = max(0, self.shape.uncached_tokens(worker) + extra_tokens)
-        worker.queued_prefill_tokens += tokens
-
-        def done() -> None:
-            nonlocal tokens
-            worker.queued_prefill_tokens -= tokens
-            tokens = 0
-
-        return done
 
     def _waiting(self, waiting: bool) -> None:
         self.waiting = waiting
@@ -268,11 +248,9 @@ class RequestFlow:
         return self._response(TokenChunk((), finish=Finish(FinishReason.ABORT)), final=True)
 
     def _response(self, chunk: TokenChunk, final: bool) -> Response:
+        if chunk.token_ids:
+            self.placer.prefilled(self.request.request_id)  # once: the ledger ignores the repeats
         if not final:
             return Response(self.request.request_id, chunk)
         usage = self.meter.usage(self.request.num_prompt_tokens, len(self.outputs))
         return Response(self.request.request_id, chunk, usage, dataclasses.replace(self.report))
-
-
-def _nothing() -> None:
-    pass

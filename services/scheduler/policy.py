@@ -1,12 +1,22 @@
 """Placement policies: which workers run a request, and whether its prefill is handed off.
 
-Contract (every policy): given the request's shape and the live workers, return a Placement
-naming a decode worker and either a prefill worker (ExecutionPlan.DISAGGREGATED) or none (the
-decode worker prefills itself, LOCAL_PREFILL). A policy never blocks and never calls a worker; it
-reads the registry's last reports and the prefix index. The rule shared by all: prefill on the
+Contract (every policy): given the request's shape and the workers it may use (a Pool: live, not
+excluded), return a Placement naming a decode worker and either a prefill worker
+(ExecutionPlan.DISAGGREGATED) or none (the decode worker prefills itself, LOCAL_PREFILL), or raise
+NoCapacity (`slo` only: no plan meets the request's SLO; the error carries when to retry). A
+policy never blocks and never calls a worker; it reads the registry's last reports, the prefix
+index and the ledger's bookings. The same policy objects run in the scheduler and in the
+simulator (pdmesh sim).
+
+`round_robin`, `least_loaded` and `prefix_aware` share one rule for the plan: prefill on the
 decode worker when the prompt tokens it would compute (those neither its own cache nor the KV
 store holds) are few — a hand-off costs more than computing a few tokens where they will be
-decoded — or when no prefill worker is live.
+decoded — or when no prefill worker is live; they choose among the live workers of each role
+(`choose`), and a prefill worker pairs only with a decode worker of the same KV layout. `slo`
+(services/scheduler/slo.py) predicts every plan instead.
+
+placer.Placer is the one entry point of the flow and the simulator: it places with the policy and
+keeps the ledger's bookings (placed, first token, ended) and each worker's queued prefill.
 """
 
 from __future__ import annotations
@@ -17,7 +27,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from pdmesh.config import PolicyName
-from pdmesh.enums import ExecutionPlan, WorkerRole
+from pdmesh.enums import ExecutionPlan, Priority, WorkerRole
 from services.scheduler.prefix import PromptBlocks
 from services.scheduler.prefix_index import PrefixIndex
 from services.scheduler.registry import Registry, Worker
@@ -33,24 +43,29 @@ FETCH_COST = 0.12
 class RequestShape:
     """What a policy may know of a request: its size, targets, and where its prefix lives."""
 
+    request_id: str
     prompt: PromptBlocks
     max_tokens: int
     ttft_ms: float  # 0: no target
     tpot_ms: float
+    priority: Priority = Priority.NORMAL
     stores: tuple[str, ...] = ()  # the KV stores workers fetch from now (their ids in the prefix index)
 
     @classmethod
     def of(
-        cls, request: SchedulerRequest, index: PrefixIndex | None = None, stores: Sequence[str] = ()
-    ) -> RequestShape:
+        cls, request: SchedulerRequest, index: PrefixIndex | None = None, stores: Sequence[str] = (),
+        default_ttft_ms: float = 0.0, default_tpot_ms: float = 0.0,
+    ) -> RequestShape:  # fmt: skip
+        """The request's shape, targets it left at 0 set to the defaults."""
         return cls(
-            PromptBlocks(request.prompt_token_ids, index), request.sampling.max_tokens, request.slo.ttft_ms,
-            request.slo.tpot_ms, tuple(stores),
+            request.request_id, PromptBlocks(request.prompt_token_ids, index), request.sampling.max_tokens,
+            request.slo.ttft_ms or default_ttft_ms, request.slo.tpot_ms or default_tpot_ms, request.priority,
+            tuple(stores),
         )  # fmt: skip
 
     @property
     def prompt_tokens(self) -> int:
-        return len(self.prompt.token_ids)
+        return self.prompt.num_tokens
 
     def cached_tokens(self, worker: Worker) -> int:
         """Prompt tokens the worker's own prefix cache holds."""
@@ -76,20 +91,50 @@ class RequestShape:
 
 @dataclass(frozen=True)
 class Placement:
+    """Where a request runs, and what the policy predicted for it. The predictions are plain fields
+    (None when the policy does not predict) so traces and logs can carry them as they are."""
+
     decode: Worker
     prefill: Worker | None  # None: the decode worker prefills itself
+    predicted_ttft_ms: float | None = None
+    predicted_tpot_ms: float | None = None
+    cost_ms: float | None = None  # the policy's cost of the plan (compute spent on it)
+    cached_tokens: int = 0  # prompt tokens the prefilling worker holds in its prefix cache
+    prefill_ms: float | None = None  # predicted compute of the prompt on the prefilling worker
 
     @property
     def plan(self) -> ExecutionPlan:
         return ExecutionPlan.LOCAL_PREFILL if self.prefill is None else ExecutionPlan.DISAGGREGATED
 
 
+class Pool:
+    """The workers a placement may use: live (registry), not excluded (they just failed it)."""
+
+    def __init__(self, registry: Registry, exclude: Sequence[Worker] = ()) -> None:
+        self.registry = registry
+        self._exclude = set(map(id, exclude))
+
+    def live(self, role: WorkerRole) -> list[Worker]:
+        return [w for w in self.registry.live(role) if id(w) not in self._exclude]
+
+    def usable(self, worker_id: str, role: WorkerRole) -> Worker | None:
+        """The worker if placement may use it for `role` now."""
+        w = self.registry.workers.get(worker_id)
+        if w is None or w.role is not role or w.draining or id(w) in self._exclude or self.registry.is_stale(w):
+            return None
+        return w
+
+
 class Policy(Protocol):
     name: PolicyName
 
-    def place(self, shape: RequestShape, prefill: Sequence[Worker], decode: Sequence[Worker]) -> Placement:
-        """A placement over the given (non-empty `decode`) live workers."""
+    def place(self, shape: RequestShape, pool: Pool) -> Placement:
+        """A placement over the pool's workers; NoLiveWorker when no decode worker is usable."""
         ...
+
+
+def no_decode_worker() -> NoLiveWorker:
+    return NoLiveWorker("decode workers", "none is serving", "start a decode worker or wait for one")
 
 
 class _Base:
@@ -98,8 +143,19 @@ class _Base:
     def __init__(self, local_prefill_max_tokens: int) -> None:
         self.local_prefill_max_tokens = local_prefill_max_tokens
 
-    def place(self, shape: RequestShape, prefill: Sequence[Worker], decode: Sequence[Worker]) -> Placement:
-        assert decode, "the caller checks that a decode worker is live"
+    def place(self, shape: RequestShape, pool: Pool) -> Placement:
+        decode = pool.live(WorkerRole.DECODE)
+        if not decode:
+            raise no_decode_worker()
+        prefill = pool.live(WorkerRole.PREFILL)
+        placement = self.choose(shape, prefill, decode)
+        if placement.prefill is None or placement.prefill.info.kv_layout == placement.decode.info.kv_layout:
+            return placement
+        same = [w for w in prefill if w.info.kv_layout == placement.decode.info.kv_layout]
+        return Placement(placement.decode, same[0] if same else None)
+
+    def choose(self, shape: RequestShape, prefill: Sequence[Worker], decode: Sequence[Worker]) -> Placement:
+        """A placement over the given live workers (`decode` not empty)."""
         decode_worker = self.pick_decode(decode)
         if not prefill or shape.uncached_tokens(decode_worker) <= self.local_prefill_max_tokens:
             return Placement(decode_worker, None)
@@ -162,39 +218,13 @@ class PrefixAware(LeastLoaded):
 
     name = PolicyName.PREFIX_AWARE
 
-    def place(self, shape: RequestShape, prefill: Sequence[Worker], decode: Sequence[Worker]) -> Placement:
-        assert decode, "the caller checks that a decode worker is live"
+    def choose(self, shape: RequestShape, prefill: Sequence[Worker], decode: Sequence[Worker]) -> Placement:
         local = [w for w in decode if shape.uncached_tokens(w) <= self.local_prefill_max_tokens]
         if local or not prefill:
             return Placement(min(local or decode, key=lambda w: (shape.prefill_cost(w), w.busy)), None)
         return Placement(self.pick_decode(decode), min(prefill, key=lambda w: (shape.prefill_cost(w), w.busy)))
 
 
-def make_policy(name: PolicyName, local_prefill_max_tokens: int) -> Policy:
-    policies: dict[PolicyName, type[_Base]] = {
-        PolicyName.ROUND_ROBIN: RoundRobin, PolicyName.LEAST_LOADED: LeastLoaded, PolicyName.PREFIX_AWARE: PrefixAware,
-    }  # fmt: skip
-    return policies[name](local_prefill_max_tokens)
-
-
-def place(policy: Policy, registry: Registry, shape: RequestShape, exclude: Sequence[Worker] = ()) -> Placement:
-    """The policy's placement over the live workers but `exclude`; a prefill worker pairs only
-    with a decode worker of the same KV layout."""
-    decode = registry.live(WorkerRole.DECODE, exclude)
-    if not decode:
-        raise NoLiveWorker("decode workers", "none is serving", "start a decode worker or wait for one")
-    prefill = registry.live(WorkerRole.PREFILL, exclude)
-    placement = policy.place(shape, prefill, decode)
-    if placement.prefill is None:
-        return placement
-    same = [w for w in prefill if w.info.kv_layout == placement.decode.info.kv_layout]
-    return Placement(placement.decode, placement.prefill if placement.prefill in same else (same[0] if same else None))
-
-
-def replace_decode(policy: Policy, registry: Registry, shape: RequestShape, failed: Worker) -> Worker:
-    """Another decode worker for a request whose decode worker failed mid-stream."""
-    others = registry.live(WorkerRole.DECODE, exclude=(failed,))
-    if not others:
-        raise NoLiveWorker("decode workers", "the request's decode worker failed and no other is serving",
-                           "start another decode worker")  # fmt: skip
-    return policy.place(shape, [], others).decode
+BASELINES: dict[PolicyName, type[_Base]] = {
+    PolicyName.ROUND_ROBIN: RoundRobin, PolicyName.LEAST_LOADED: LeastLoaded, PolicyName.PREFIX_AWARE: PrefixAware,
+}  # fmt: skip

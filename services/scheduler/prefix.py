@@ -4,7 +4,8 @@ The scheduler hashes the prompt into the engine's chain of block hashes (engine.
 torch-free: each hash covers every token up to its block's end, rooted at the model fingerprint)
 and matches them against the prefix index (prefix_index.py), which the workers' and stores'
 reports keep. Hashes depend on the KV layout (fingerprint and block size), so they are computed
-once per layout met; a match is kept until the index changes.
+once per layout met; a match is kept until the index changes. A prompt whose block hashes are known
+without its tokens (a simulated request: pdmesh sim) overrides `hashes`.
 """
 
 from __future__ import annotations
@@ -24,6 +25,10 @@ class PromptBlocks:
         self.index = index or PrefixIndex()
         self._hashes: dict[tuple[str, int], list[BlockHash]] = {}
         self._matches: dict[KVLayout, tuple[int, PrefixMatch]] = {}
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
 
     def hashes(self, fingerprint: str, block_size: int) -> list[BlockHash]:
         """The hashes of the prompt's full blocks that a worker could reuse: never the block of its

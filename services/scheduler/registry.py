@@ -5,28 +5,34 @@ A worker registers when it starts and reports its load periodically; one whose r
 again; one that reports DRAINING takes none until it reports SERVING. Re-registering under the
 same id replaces the old entry (a restarted worker). Each worker's reports also carry its prefix
 cache's changes (KVEvents), which the registry applies to the prefix index (prefix_index.py); a
-gap in the reports' sequence numbers asks the worker for a snapshot.
+gap in the reports' sequence numbers asks the worker for a snapshot. The reports' step and push
+samples calibrate the worker's predictors (predictor.py).
 
 KV stores register and report the same way (their blocks go to the same index, per layout); the
 live store's address is what workers are told to fill and fetch from.
 
-The channel to each worker is built here, from the scheduler's ChannelConfig (TLS and limits).
+The channel to each worker is built here, from the scheduler's ChannelConfig (TLS and limits); a
+simulated worker (pdmesh sim) has none. Time is the registry's `clock`: the simulator's virtual one
+there.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections import Counter
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import grpc
 
 from engine.block_pool import KVEvents
 from engine.kv_layout import KVLayout
+from engine.step_samples import StepSample
 from pdmesh.channel import channel
 from pdmesh.config import ChannelConfig
 from pdmesh.enums import WorkerHealth, WorkerRole
 from services.kvstore.stats import StoreStatus
+from services.scheduler.predictor import Calibration, CalibrationSettings, WorkerPredictors
 from services.scheduler.prefix_index import PrefixIndex
 
 
@@ -72,14 +78,17 @@ class LoadReport:
     num_kv_reservations: int = 0
     num_kv_transfers_in_flight: int = 0
     kv_events: KVEvents = KVEvents()
+    step_samples: tuple[StepSample, ...] = ()
+    transfer_samples: tuple[tuple[int, float], ...] = ()  # (bytes, exposed ms) per KV push
 
 
 @dataclass(eq=False)
 class Worker:
     info: WorkerInfo
-    channel: grpc.aio.Channel
-    registered_at: float = field(default_factory=time.monotonic)
-    last_seen: float = field(default_factory=time.monotonic)
+    channel: grpc.aio.Channel | None  # None: a simulated worker, never called
+    predictors: WorkerPredictors
+    registered_at: float = 0.0
+    last_seen: float = 0.0
     load: LoadReport | None = None
     draining: bool = False
     dead: bool = False  # a call found it unreachable; cleared by its next report
@@ -145,29 +154,58 @@ class Store:
 
 
 class Registry:
-    def __init__(self, stale_after_s: float, channel_config: ChannelConfig) -> None:
+    def __init__(
+        self, stale_after_s: float, channel_config: ChannelConfig | None, calibration: Calibration | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:  # fmt: skip
         self.stale_after_s = stale_after_s
-        self.channel_config = channel_config
+        self.channel_config = channel_config  # None: workers get no channel (the simulator)
+        self.calibration = calibration or Calibration(CalibrationSettings())
+        self.clock = clock
         self.workers: dict[str, Worker] = {}
         self.stores: dict[str, Store] = {}
         self.index = PrefixIndex()
+        self.on_add: list[Callable[[Worker], None]] = []  # told of every worker added (the ledger)
+        self._layouts: Counter[KVLayout] = Counter()
 
     async def register(self, info: WorkerInfo) -> Worker:
         """A new or restarted worker. At the same address the old channel is kept: a worker
-        re-registers after any lost report, and its streams in flight must not be cut. The counts
-        of requests assigned and of queued prefill tokens start again at zero: the flows in flight
-        hold the old entry and settle their counts on it, and the worker's own reports say how busy
-        it is (carried over, those counts would never come down)."""
+        re-registers after any lost report, and its streams in flight must not be cut."""
+        old = self.workers.get(info.worker_id)
+        if old is not None and old.info.address == info.address and old.channel is not None:
+            return self.add(info, old.channel)
+        if old is not None and old.channel is not None:
+            await old.channel.close()
+        config = self.channel_config
+        return self.add(info, None if config is None else channel(info.address, config))
+
+    def add(self, info: WorkerInfo, worker_channel: grpc.aio.Channel | None) -> Worker:
+        """Put a worker in the registry (replacing one of the same id). At the same address (the
+        same machine) its predictors are kept: its calibration holds. The counts of requests
+        assigned and of queued prefill tokens start again at zero: the flows in flight hold the old
+        entry and settle their counts on it, and the worker's own reports say how busy it is
+        (carried over, those counts would never come down)."""
         old = self.workers.pop(info.worker_id, None)
+        if old is not None:
+            self._layouts[old.info.kv_layout] -= 1
+            if not self._layouts[old.info.kv_layout]:
+                del self._layouts[old.info.kv_layout]
+        now = self.clock()
         if old is not None and old.info.address == info.address:
-            worker = Worker(info, old.channel)
+            worker = Worker(info, worker_channel, old.predictors, now, now)
         else:
-            if old is not None:
-                await old.channel.close()
-            worker = Worker(info, channel(info.address, self.channel_config))
+            worker = Worker(info, worker_channel, self.calibration.for_worker(info.device, info.model), now, now)
         self.workers[info.worker_id] = worker
         self.index.forget(info.worker_id)  # its first report is a snapshot
+        self._layouts[info.kv_layout] += 1
+        for listener in self.on_add:
+            listener(worker)
         return worker
+
+    @property
+    def layouts(self) -> list[KVLayout]:
+        """The KV layouts of the registered workers (usually one)."""
+        return list(self._layouts)
 
     def report(self, load: LoadReport) -> tuple[bool, bool]:
         """Record a report: (known, snapshot_wanted). Unknown: it must register again. A snapshot
@@ -177,9 +215,10 @@ class Registry:
             return False, False
         missed = worker.load is not None and load.report_seq != worker.load.report_seq + 1
         worker.load = load
-        worker.last_seen = time.monotonic()
+        worker.last_seen = self.clock()
         worker.draining = load.health is WorkerHealth.DRAINING
         worker.dead = False
+        worker.predictors.observe(load.step_samples, load.transfer_samples)
         if missed and not load.kv_events.snapshot:
             return True, True  # these changes follow ones never seen: wait for a snapshot
         self.index.apply(worker.worker_id, worker.info.kv_layout, load.kv_events)
@@ -187,7 +226,7 @@ class Registry:
 
     def register_store(self, info: StoreInfo) -> Store:
         """A new or restarted store; what the index knew of it is dropped (a snapshot follows)."""
-        store = self.stores[info.store_id] = Store(info)
+        store = self.stores[info.store_id] = Store(info, self.clock(), self.clock())
         self.index.forget(info.store_id)
         return store
 
@@ -197,7 +236,7 @@ class Registry:
         if store is None:
             return False, False
         missed = store.report is not None and report.report_seq != store.report.report_seq + 1
-        store.report, store.last_seen = report, time.monotonic()
+        store.report, store.last_seen = report, self.clock()
         if missed and not all(events.snapshot for _, events in report.events):
             return True, True
         for layout, events in report.events:
@@ -219,7 +258,7 @@ class Registry:
         return WorkerHealth.DRAINING if store.draining else WorkerHealth.SERVING
 
     def _silent(self, last_seen: float) -> bool:
-        return time.monotonic() - last_seen > self.stale_after_s
+        return self.clock() - last_seen > self.stale_after_s
 
     def is_stale(self, worker: Worker) -> bool:
         return worker.dead or self._silent(worker.last_seen)
@@ -247,5 +286,6 @@ class Registry:
 
     async def close(self) -> None:
         for worker in self.workers.values():
-            await worker.channel.close()
+            if worker.channel is not None:
+                await worker.channel.close()
 

@@ -1,5 +1,6 @@
-"""The scheduler process: tokenizer, registry, policy, the door into the core, the two gRPC
-servicers on one server and the OpenAI HTTP door beside them (one event loop)."""
+"""The scheduler process: tokenizer, registry (with the predictors' calibration), ledger, policy,
+the door into the core, the two gRPC servicers on one server and the OpenAI HTTP door beside them
+(one event loop)."""
 
 from __future__ import annotations
 
@@ -8,15 +9,18 @@ import asyncio
 import structlog
 
 from engine.tokenizer import Tokenizer
-from pdmesh.config import SchedulerConfig
+from pdmesh.config import SchedulerConfig, SloConfig
 from pdmesh.enums import WorkerRole
 from pdmesh.v1 import scheduler_pb2, scheduler_pb2_grpc, worker_pb2, worker_pb2_grpc
 from services.auth import ApiKeys
 from services.bearer import BearerAuth
 from services.bootstrap import ServicerBinding, serve
 from services.scheduler.door import Door
+from services.scheduler.ledger import Ledger
 from services.scheduler.openai_api.server import HttpServer
-from services.scheduler.policy import make_policy
+from services.scheduler.placer import Placer, make_policy
+from services.scheduler.predictor import Calibration, CalibrationSettings
+from services.scheduler.profile import load_profile
 from services.scheduler.registry import Registry
 from services.scheduler.servicer import RegistryServicer, SchedulerServicer
 from services.telemetry.metrics import MetricsEndpoint
@@ -27,9 +31,10 @@ _ABORT_MARGIN_S = 2.0  # before the grace is over: time for the ABORT chunks and
 
 async def serve_scheduler(config: SchedulerConfig) -> None:
     tokenizer = Tokenizer.from_model(config.model)
-    registry = Registry(config.stale_after_ms / 1000, config.channel)
-    policy = make_policy(config.policy, config.local_prefill_max_tokens)
-    door = Door(config, tokenizer, registry, policy)
+    registry = Registry(config.stale_after_ms / 1000, config.channel, calibration(config.slo))
+    ledger = Ledger(registry.clock)
+    policy = make_policy(config.policy, registry, ledger, config.slo, config.local_prefill_max_tokens)
+    door = Door(config, tokenizer, Placer(policy, registry, ledger, config.slo))
     metrics = MetricsEndpoint.start(door.metrics.registry, config.telemetry)
     bindings = [
         ServicerBinding(
@@ -49,7 +54,7 @@ async def serve_scheduler(config: SchedulerConfig) -> None:
     ]
     keys = ApiKeys(config.api_keys)
     guard = [BearerAuth(keys, (bindings[0].name,))] if keys.required else []
-    log.info("scheduler starting", model=config.model, policy=config.policy.value,
+    log.info("scheduler starting", model=config.model, policy=config.policy.value, profile=config.slo.profile,
              auth=f"{len(config.api_keys)} bearer keys" if keys.required else "none")  # fmt: skip
     http = HttpServer.for_scheduler(config, door, tokenizer)
     if http is not None:
@@ -83,3 +88,12 @@ async def serve_scheduler(config: SchedulerConfig) -> None:
     finally:
         if http is not None:  # serve() failed before its shutdown (a gRPC port in use)
             await http.stop()
+
+
+def calibration(slo: SloConfig) -> Calibration:
+    """The predictors' calibration, its prior the configured profile (a ValueError names a bad one)."""
+    settings = CalibrationSettings(slo.calibration_prior_weight, slo.calibration_forget)
+    if slo.profile is None:
+        return Calibration(settings)
+    profile = load_profile(slo.profile)
+    return Calibration(settings, profile.step, profile.transfer)

@@ -8,15 +8,24 @@ sampling parameters are converted, not checked again, and the engine keeps its o
 from __future__ import annotations
 
 import importlib.metadata
+from collections.abc import Sequence
 
 from engine.block_pool import KVEvents
 from engine.engine import Engine, EngineStats
 from engine.request import FinishReason, RequestOutput
+from engine.step_samples import StepSample
 from kvtransfer.ticket import Ticket, TicketId
-from pdmesh.convert import enum_to_pb
+from pdmesh.convert import enum_from_pb, enum_to_pb
 from pdmesh.convert import sampling_from_pb as sampling_from_pb  # re-exported: the servicers convert here
+from pdmesh.enums import Priority
 from pdmesh.v1 import common_pb2, worker_pb2
 from services.worker.config import WorkerConfig
+
+
+def priority_rank(priority: int) -> int:
+    """The engine's priority (higher runs first) of a request's common_pb2.Priority; unset is normal."""
+    level = enum_from_pb(Priority, common_pb2.Priority, priority) or Priority.NORMAL
+    return level.rank
 
 
 def chunk_from_output(out: RequestOutput) -> common_pb2.TokenChunk:
@@ -78,9 +87,10 @@ def ticket_from_pb(pb: common_pb2.KVTicket) -> Ticket:
 
 
 def load_report_to_pb(
-    stats: EngineStats, events: KVEvents, num_reservations: int, num_transfers: int
-) -> worker_pb2.ReportLoadRequest:
-    """A load report's figures; the reporter stamps its id, sequence, time and health."""
+    stats: EngineStats, events: KVEvents, num_reservations: int, num_transfers: int,
+    steps: Sequence[StepSample] = (), pushes: Sequence[tuple[int, float]] = (),
+) -> worker_pb2.ReportLoadRequest:  # fmt: skip
+    """A load report's figures and samples; the reporter stamps its id, sequence, time and health."""
     return worker_pb2.ReportLoadRequest(
         num_kv_blocks_free=stats.num_free_blocks,
         num_kv_blocks_total=stats.num_blocks,
@@ -91,6 +101,17 @@ def load_report_to_pb(
         kv_cache_events=worker_pb2.KVCacheEvents(
             is_snapshot=events.snapshot, block_hashes_stored=events.stored, block_hashes_removed=events.removed
         ),
+        step_samples=[step_sample_to_pb(s) for s in steps],
+        push_samples=[worker_pb2.TransferSample(num_bytes=b, exposed_ms=ms) for b, ms in pushes],
+    )
+
+
+def step_sample_to_pb(sample: StepSample) -> worker_pb2.StepSample:
+    shape = sample.shape
+    return worker_pb2.StepSample(
+        num_prefill_tokens=shape.num_prefill_tokens, num_prefill_attention_pairs=shape.num_prefill_attention_pairs,
+        num_decode_requests=shape.num_decode_requests, num_decode_context_tokens=shape.num_decode_context_tokens,
+        duration_ms=sample.duration_ms,
     )
 
 

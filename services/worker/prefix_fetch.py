@@ -55,12 +55,13 @@ class PrefixFetcher:
         kv_export: KVExportSink | None = None,
         prefill_only: bool = False,
         time_left_s: float | None = None,
+        priority: int = 0,
     ) -> AsyncGenerator[RequestOutput, None]:
         """The engine's outputs for the request, started with whatever prefix the store has."""
         imported = await self._fetch_prefix(request_id, [*prompt, *prior_output_ids], time_left_s)
         stream = self.engine.generate(
             request_id, prompt, params, prior_output_ids=prior_output_ids, kv_import=imported,
-            kv_export=kv_export, prefill_only=prefill_only,
+            kv_export=kv_export, prefill_only=prefill_only, priority=priority,
         )  # fmt: skip
         async with contextlib.aclosing(stream):
             async for out in stream:

@@ -30,7 +30,7 @@ from services.prefill.servicer import PrefillServicer
 from services.telemetry.metrics import MetricsEndpoint
 from services.worker.config import WorkerConfig
 from services.worker.convert import load_report_to_pb, worker_info_to_pb
-from services.worker.load import LoadSampler
+from services.worker.load import SAMPLES_PER_REPORT, LoadSampler
 from services.worker.offers import Offerer
 from services.worker.prefix_fetch import PrefixFetcher
 from services.worker.registry_client import Reporter
@@ -80,14 +80,17 @@ async def serve_worker(config: WorkerConfig) -> None:
             prefill_pb2.DESCRIPTOR.services_by_name["Prefill"],
             ready=registered,
         )
+    pushes = binding.servicer.pushes if isinstance(binding.servicer, PrefillServicer) else None
 
     sampler = LoadSampler(async_engine)
 
     async def load(snapshot: bool) -> worker_pb2.ReportLoadRequest:
         stats, events = await sampler.sample(snapshot)
+        steps = sampler.take_steps()
         reserved = len(reservations) if reservations is not None else 0
         telemetry.load(stats)
-        return load_report_to_pb(stats, events, reserved, transport.num_in_flight)
+        taken = pushes.take(SAMPLES_PER_REPORT) if pushes is not None else []
+        return load_report_to_pb(stats, events, reserved, transport.num_in_flight, steps, taken)
 
     async def on_ready(server: Server) -> None:
         nonlocal reporter

@@ -84,8 +84,10 @@ def smollm2_mesh() -> Iterator[Mesh]:
 def mesh_factory() -> Iterator:
     started: list[Mesh] = []
 
-    def make(model: Path | str, prefill: int = 1, decode: int = 1, *extra: str) -> Mesh:
-        mesh = start_mesh(model, prefill, decode, *extra)
+    def make(
+        model: Path | str, prefill: int = 1, decode: int = 1, *extra: str, env: dict[str, str] | None = None
+    ) -> Mesh:
+        mesh = start_mesh(model, prefill, decode, *extra, env=env)
         started.append(mesh)
         return mesh
 

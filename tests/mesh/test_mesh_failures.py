@@ -18,8 +18,9 @@ pytestmark = pytest.mark.slow
 
 
 def test_prefill_worker_killed_mid_push_the_request_completes_correctly(mesh_factory, mesh_model: Path) -> None:
-    # A slow prefill: 2,000 prompt tokens in chunks of 4 on the prefill worker (~500 steps).
-    mesh = mesh_factory(mesh_model, 1, 1, "--max-batched-tokens", "4")
+    # A slow prefill: 2,000 prompt tokens in chunks of 4 on the prefill worker (~500 steps). Under
+    # least_loaded it is handed off for sure (slo would prefill it on the idle decode worker).
+    mesh = mesh_factory(mesh_model, 1, 1, "--max-batched-tokens", "4", env={"PDMESH_SCHEDULER_POLICY": "least_loaded"})
     prompt = prompts_of([2000], seed=11)[0]
     expected = engine_greedy(mesh_model, [prompt], 8)[0]
 

@@ -21,7 +21,7 @@ from pdmesh import protogen
 protoc = pytest.importorskip("grpc_tools.protoc", reason="grpcio-tools (dev extra) generates the code")
 
 GENERATED = protogen.ROOT / protogen.PACKAGE_DIR
-UNITLESS_FLOATS = {"temperature", "top_p", "min_p", "repetition_penalty", "logprobs"}
+UNITLESS_FLOATS = {"temperature", "top_p", "min_p", "repetition_penalty", "logprobs", "rms_relative_error"}
 
 
 def test_regenerating_the_code_changes_nothing(tmp_path: Path) -> None:

@@ -25,7 +25,7 @@ from scripted_workers import KV_BLOCKS, ScriptedDecode, ScriptedPrefill, Scripte
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 
 from pdmesh.client import AsyncClient
-from pdmesh.config import ChannelConfig, HttpConfig, SchedulerConfig, ServerConfig
+from pdmesh.config import ChannelConfig, HttpConfig, PolicyName, SchedulerConfig, ServerConfig
 from pdmesh.v1 import scheduler_pb2, scheduler_pb2_grpc, worker_pb2, worker_pb2_grpc
 from services.scheduler.server import serve_scheduler
 
@@ -78,7 +78,8 @@ class Mesh:
         http = HttpConfig(port=int(self.http_url.rsplit(":", 1)[1]), **settings.pop("http", {}))
         self.config = SchedulerConfig(
             server=ServerConfig(host="127.0.0.1", port=int(self.target.rsplit(":", 1)[1]), shutdown_grace_s=0.2),
-            model=model, http=http, **{"report_interval_ms": 50, **settings},
+            # The flow's tests run least_loaded, whose plan rule they script; slo has its own tests.
+            model=model, http=http, **{"report_interval_ms": 50, "policy": PolicyName.LEAST_LOADED, **settings},
         )  # fmt: skip
         self.prefill: list[ScriptedWorker] = []
         self.decode: list[ScriptedWorker] = []

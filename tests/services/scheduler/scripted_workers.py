@@ -166,6 +166,7 @@ class ScriptedWorker:
     reporter: Reporter | None = None
     free_blocks: int = KV_BLOCKS  # what its load reports say
     cached: tuple[int, ...] = ()  # the block hashes its reports say its prefix cache holds
+    step_samples: tuple[worker_pb2.StepSample, ...] = ()  # the engine steps every report says it measured
 
     @property
     def address(self) -> str:
@@ -187,6 +188,7 @@ class ScriptedWorker:
         return worker_pb2.ReportLoadRequest(
             num_kv_blocks_free=self.free_blocks, num_kv_blocks_total=KV_BLOCKS, num_running_requests=running,
             kv_cache_events=worker_pb2.KVCacheEvents(is_snapshot=True, block_hashes_stored=self.cached),
+            step_samples=self.step_samples,
         )  # fmt: skip
 
     def start_reporting(self, scheduler: str, model: str) -> None:

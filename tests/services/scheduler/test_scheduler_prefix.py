@@ -16,7 +16,7 @@ from engine.kv_layout import KVLayout
 from pdmesh.client import ExecutionPlan
 from pdmesh.config import ChannelConfig
 from pdmesh.enums import WorkerHealth, WorkerRole
-from services.scheduler.registry import Capacity, LoadReport, Registry, Worker, WorkerInfo
+from services.scheduler.registry import Capacity, LoadReport, Registry, WorkerInfo
 
 PROMPT = list(range(1, 101))  # 100 tokens: 6 full blocks of 16 may be reused, the 7th holds the last token
 
@@ -58,7 +58,7 @@ def test_cache_events_build_the_index_and_a_lost_report_asks_for_a_snapshot() ->
     registry = Registry(stale_after_s=60, channel_config=ChannelConfig())
     layout = KVLayout("fp", "float32", 4, 2, 2, 8)
     info = WorkerInfo("decode-0", WorkerRole.DECODE, "127.0.0.1:1", "127.0.0.1:2", "m", layout, Capacity())
-    registry.workers["decode-0"] = Worker(info, channel=None)  # type: ignore[arg-type]  # never called
+    registry.add(info, None)
     h = [BlockHash(i) for i in range(5)]
 
     def held() -> set[BlockHash]:

@@ -1,0 +1,99 @@
+"""`pdmesh bench profile`: record a live mesh's performance profile for the simulator (pdmesh sim)
+and as the scheduler's prior (PDMESH_SLO_PROFILE).
+
+The profile is what the scheduler itself learned: its workers report every engine step and KV
+push they measure, and the scheduler fits each worker's step-time and transfer models to them
+(services/scheduler/predictor.py). This command drives a calibration load that exercises every
+term of those models — prompts from a few tokens to `max_prompt` (prefill tokens and attention
+pairs), then decode batches of growing size over growing contexts (decode rows and context) — and
+then reads the fitted models from GetClusterState. Coefficients are the median over the workers
+that saw samples; the step noise is their median RMS relative error; capacities and the KV
+weight of a token come from what the workers registered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+from dataclasses import dataclass
+
+import numpy as np
+from rich.console import Console
+
+from pdmesh.bench.backend import GenerationOptions
+from pdmesh.bench.grpc_backend import GrpcBackend
+from pdmesh.bench.runner import run_point
+from pdmesh.bench.workload import BenchRequest, Vocabulary
+from pdmesh.client import AsyncClient, ClusterState, WorkerRole, WorkerState
+from services.scheduler.predictor import StepModel, TransferModel
+from services.scheduler.profile import Profile, RoleProfile
+
+
+@dataclass(frozen=True)
+class ProfileLoad:
+    max_prompt: int = 1024  # the longest prompt of the calibration load
+    concurrencies: tuple[int, ...] = (1, 4, 8, 16)  # decode batches exercised
+    decode_tokens: int = 32  # output of each decode-phase request
+    seed: int = 0
+
+
+async def record_profile(target: str, name: str, load: ProfileLoad, vocab: Vocabulary, console: Console) -> Profile:
+    """Drive the calibration load, then read and pool the scheduler's fitted models."""
+    rng = np.random.default_rng(load.seed)
+    async with GrpcBackend(target) as backend, AsyncClient(target) as client:
+        server = await backend.describe()
+        options = GenerationOptions(ignore_eos=True)
+        lengths = np.unique(np.geomspace(8, load.max_prompt, 12).astype(int))
+        prompts = [BenchRequest(i, vocab.random_ids(rng, int(n)), int(n), 2) for i, n in enumerate(lengths)]
+        console.print(f"profile: {len(prompts)} prompts of {lengths[0]} to {lengths[-1]} tokens, two at a time")
+        await run_point(backend, prompts * 2, options, max_in_flight=2)
+        for c in load.concurrencies:
+            batch = [
+                BenchRequest(i, vocab.random_ids(rng, n := int(rng.integers(16, load.max_prompt // 2))), n,
+                             load.decode_tokens)  # fmt: skip
+                for i in range(2 * c)
+            ]
+            console.print(f"profile: decode batches of {c} ({len(batch)} requests of {load.decode_tokens} tokens)")
+            await run_point(backend, batch, options, max_in_flight=c)
+        await asyncio.sleep(1.5)  # the last steps reach the scheduler with the next reports
+        state = await client.cluster_state()
+    return pooled(state, name, f"recorded from {target} ({server.model}, {server.detail}) by pdmesh bench profile",
+                  server.model)  # fmt: skip
+
+
+def pooled(state: ClusterState, name: str, source: str, model: str) -> Profile:
+    """One profile from every worker's fitted models (medians over those that saw samples)."""
+    fitted = [w for w in state.workers if w.step_model.num_samples > 0]
+    if not fitted:
+        raise ValueError("the scheduler has no step samples from any worker: is the mesh serving requests?")
+    pushes = [w for w in state.workers if w.transfer_model.num_samples > 0]
+
+    def med(values: list[float]) -> float:
+        return float(statistics.median(values)) if values else 0.0
+
+    s = [w.step_model for w in fitted]
+    step = StepModel(
+        fixed_ms=med([m.fixed_ms for m in s]), ms_per_prefill_token=med([m.per_prefill_token_ms for m in s]),
+        ns_per_attention_pair=med([m.per_attention_pair_ms for m in s]) * 1e6,
+        ms_per_decode_request=med([m.per_decode_request_ms for m in s]),
+        us_per_decode_context_token=med([m.per_decode_context_token_ms for m in s]) * 1e3,
+    )  # fmt: skip
+    transfer = TransferModel(
+        med([w.transfer_model.fixed_ms for w in pushes]), med([w.transfer_model.per_mib_ms for w in pushes])
+    )
+    return Profile(
+        name=name, source=f"{source}, {time.strftime('%Y-%m-%d %H:%M')}", model=model, step=step,
+        prefill=_role(state.workers, WorkerRole.PREFILL), decode=_role(state.workers, WorkerRole.DECODE),
+        transfer=transfer, kv_bytes_per_token=max(w.kv_bytes_per_token for w in state.workers),
+        step_noise=med([m.rms_relative_error for m in s]),
+    )  # fmt: skip
+
+
+def _role(workers: tuple[WorkerState, ...], role: WorkerRole) -> RoleProfile:
+    mine = [w for w in workers if w.role is role] or list(workers)
+    return RoleProfile(
+        kv_capacity_tokens=min(w.kv_capacity_tokens for w in mine),
+        max_batched_tokens=min(w.max_num_batched_tokens for w in mine) or 2048,
+        max_running=min(w.max_num_running_requests for w in mine) or 64,
+    )

@@ -1,0 +1,177 @@
+"""Predictions of one plan for one request: its TTFT, its TPOT, what it costs, and what admitting it
+does to the requests already on its decode worker.
+
+Two plans exist for a request (pdmesh.enums.ExecutionPlan):
+- DISAGGREGATED on (p, d): TTFT = p's queue ahead of it + its prefill on p + the exposed KV push
+  + overhead; cost = p's compute + the push. It joins d's batch at its first token.
+- LOCAL_PREFILL on d: TTFT = d's local prefill queue + its prefill as chunks riding d's decode
+  steps + overhead; cost = the time those steps gain (the prompt's compute), which every request
+  running on d waits for as well.
+Either way d's batch grows by one: the predicted step time after admission must stay within the
+new request's TPOT target and every member's own, and a local prefill's stall must fit in each
+member's remaining TPOT budget (its remaining tokens times its target less the new step time),
+so admitting a request never pushes a running one past its SLO. d must also hold its KV (with the
+reservation watermark left free) and have a batch slot.
+
+All times in milliseconds from now; workers' models come from their calibrated predictors.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from services.scheduler.ledger import Booking, DecodeBatch, Ledger
+from services.scheduler.registry import Worker
+
+DEFAULT_BUDGET_TOKENS = 2048  # a worker that registered no step budget
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """What a forecast needs of a request."""
+
+    prompt_tokens: int
+    max_tokens: int
+    priority: int  # Priority.rank
+    ttft_ms: float  # targets; 0: none
+    tpot_ms: float
+
+    @property
+    def mean_context(self) -> int:
+        return self.prompt_tokens + self.max_tokens // 2
+
+    @property
+    def kv_tokens(self) -> int:
+        return self.prompt_tokens + self.max_tokens
+
+
+@dataclass(frozen=True, slots=True)
+class Prefill:
+    """The prompt side of a plan on one worker (a prefill worker, or a decode worker locally)."""
+
+    worker: Worker
+    cached_tokens: int
+    wait_ms: float  # its queue ahead of the request
+    duration_ms: float  # its prompt's steps, first to last
+    compute_ms: float  # what those steps cost beyond what the worker was doing anyway: the plan's cost
+    steps: int  # engine steps the prompt takes
+    transfer_ms: float  # exposed push (0 locally)
+
+    @property
+    def ready_ms(self) -> float:
+        """From now to its first token (without the fixed overhead)."""
+        return self.wait_ms + self.duration_ms + self.transfer_ms
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeSide:
+    """A decode worker's batch, now and with the request added."""
+
+    worker: Worker
+    batch: DecodeBatch
+    step_now_ms: float
+    step_after_ms: float
+    room_wait_ms: float  # until its KV and a batch slot are free for the request (inf: never)
+    local_wait_ms: float  # its own prefill queue (local prefills placed on it)
+
+    @property
+    def fits(self) -> bool:
+        """It can ever hold the request (a full worker makes the request wait: room_wait_ms)."""
+        return not math.isinf(self.room_wait_ms)
+
+    def tpot_ok(self, request: Request, stall_ms: float = 0.0) -> bool:
+        """The step after admission meets the new request's target (with `stall_ms` more spread over
+        its tokens) and every member's."""
+        own = request.tpot_ms <= 0 or self.step_after_ms + stall_ms / max(1, request.max_tokens - 1) <= request.tpot_ms
+        tightest = self.batch.min_tpot_ms
+        return own and (tightest <= 0 or self.step_after_ms <= tightest)
+
+
+def prefill_on(worker: Worker, ledger: Ledger, request: Request, cached: int, now: float) -> Prefill:
+    """The request's prompt computed on a prefill worker, then pushed."""
+    model = worker.predictors.step
+    budget = worker.info.capacity.max_num_batched_tokens or DEFAULT_BUDGET_TOKENS
+    uncached = max(1, request.prompt_tokens - cached)
+    compute = model.prefill_ms(uncached, request.prompt_tokens - uncached, budget)
+    push = worker.predictors.transfer.transfer_ms(request.prompt_tokens * worker.info.kv_layout.bytes_per_token)
+    wait = ledger.queue(worker.worker_id).wait_ms(now, request.priority)
+    return Prefill(worker, cached, wait, compute, compute, math.ceil(uncached / budget), push)
+
+
+def decode_side(worker: Worker, ledger: Ledger, request: Request, now: float, headroom: float) -> DecodeSide:
+    model = worker.predictors.step
+    batch = ledger.batch(worker.worker_id)
+    n, context = len(batch), batch.context_tokens
+    step_now = model.decode_step_ms(n, context)
+    return DecodeSide(
+        worker, batch, step_now, model.decode_step_ms(n + 1, context + request.mean_context),
+        room_wait_ms(worker, batch, request, step_now, now, headroom),
+        ledger.queue(worker.worker_id).wait_ms(now, request.priority),
+    )  # fmt: skip
+
+
+def room_wait_ms(
+    worker: Worker, batch: DecodeBatch, request: Request, step_ms: float, now: float, headroom: float
+) -> float:
+    """How long until the decode worker has KV for the request (its prompt and every output token,
+    the reservation watermark kept free) and a batch slot: 0 now, else when enough members are
+    predicted to have left; inf when the whole cache could not hold it."""
+    kv_limit = worker.info.kv_capacity_tokens * (1 - headroom)
+    slots = worker.info.capacity.max_num_running_requests
+    excess_kv = batch.kv_tokens + request.kv_tokens - kv_limit if kv_limit else 0
+    excess_slots = len(batch) + 1 - slots if slots else 0
+    if excess_kv <= 0 and excess_slots <= 0:
+        return 0.0
+    if request.kv_tokens > kv_limit > 0:
+        return math.inf
+    freed_kv = 0
+    leaving = sorted((remaining_tokens(m, step_ms, now) * step_ms, m.kv_tokens) for m in batch.members.values())
+    for freed_slots, (leaves_ms, kv_tokens) in enumerate(leaving, 1):
+        freed_kv += kv_tokens
+        if freed_kv >= excess_kv and freed_slots >= excess_slots:
+            return leaves_ms
+    return math.inf
+
+
+def local_prefill(side: DecodeSide, request: Request, cached: int) -> Prefill:
+    """The request's prompt computed by its decode worker, chunks riding the batch's steps."""
+    worker = side.worker
+    model = worker.predictors.step
+    budget = worker.info.capacity.max_num_batched_tokens or DEFAULT_BUDGET_TOKENS
+    uncached = max(1, request.prompt_tokens - cached)
+    steps = math.ceil(uncached / budget)
+    n, context = len(side.batch), side.batch.context_tokens
+    mixed = model.prefill_ms(uncached, request.prompt_tokens - uncached, budget, n, context)
+    gain = mixed - steps * side.step_now_ms if n else mixed
+    return Prefill(worker, cached, side.local_wait_ms, mixed, gain, steps, 0.0)
+
+
+def stall_fits(side: DecodeSide, prefill: Prefill, now: float) -> bool:
+    """Whether every member with a TPOT target can absorb a local prefill's stall: its remaining
+    tokens at the new step time plus the stall stay within its target."""
+    stall = prefill.compute_ms
+    if stall <= 0 or side.batch.min_tpot_ms <= 0:
+        return True
+    for member in side.batch.members.values():
+        if member.tpot_ms > 0:
+            budget = remaining_tokens(member, side.step_now_ms, now) * (member.tpot_ms - side.step_after_ms)
+            if budget < stall:
+                return False
+    return True
+
+
+def remaining_tokens(member: Booking, step_ms: float, now: float) -> float:
+    """Tokens a member still has to generate, estimated from how long it has been decoding."""
+    if member.decode_started is None or step_ms <= 0:
+        return float(member.max_tokens)
+    done = (now - member.decode_started) * 1000 / step_ms
+    return max(1.0, member.max_tokens - done)
+
+
+def first_departure_ms(side: DecodeSide, now: float) -> float:
+    """When the first member of a decode worker's batch is predicted to leave (its KV and its slot
+    free): the soonest a full or too-slow decode worker can take a request."""
+    step = max(side.step_now_ms, 1e-3)
+    return min((remaining_tokens(m, step, now) * step for m in side.batch.members.values()), default=0.0)
+

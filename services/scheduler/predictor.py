@@ -1,0 +1,354 @@
+"""What work costs on each worker: step-time and transfer models, calibrated online.
+
+A worker's engine step takes, closely enough, a linear function of its shape (engine.step_samples:
+a fixed cost, prompt tokens, prompt attention pairs, decode rows, decode context). TTFT and TPOT
+are sums and means of such steps, so one model per worker predicts both: a prefill of u uncached
+tokens after c cached ones is ceil(u / budget) steps carrying u tokens and pairs(u, c) pairs; a
+decode step of b requests over C context tokens is one step of that shape. A KV push's exposed
+time is linear in its bytes.
+
+Calibration: each load report carries a sample of the worker's measured steps and pushes. A
+`LinearFit` keeps their exponentially forgotten normal equations (recent behaviour wins; a worker
+that slows down is seen within a few reports) on top of a prior that is never forgotten (a
+profile's coefficients, as a handful of pseudo-samples), so a coefficient the worker's traffic
+never exercises (prompt work on a decode worker that never prefills) keeps the prior's value
+instead of becoming arbitrary. Coefficients are non-negative: no work makes a step faster.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from engine.step_samples import StepSample, StepShape
+
+MiB = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class StepModel:
+    """Predicted step time = fixed + per-unit costs times the step's shape (units in the names)."""
+
+    fixed_ms: float = 0.0
+    ms_per_prefill_token: float = 0.0
+    ns_per_attention_pair: float = 0.0
+    ms_per_decode_request: float = 0.0
+    us_per_decode_context_token: float = 0.0
+
+    @property
+    def coefficients(self) -> tuple[float, float, float, float, float]:
+        """In milliseconds per unit of StepShape.features()."""
+        return (
+            self.fixed_ms, self.ms_per_prefill_token, self.ns_per_attention_pair / 1e6, self.ms_per_decode_request,
+            self.us_per_decode_context_token / 1e3,
+        )  # fmt: skip
+
+    @classmethod
+    def of_coefficients(cls, c: Sequence[float] | np.ndarray) -> StepModel:
+        return cls(float(c[0]), float(c[1]), float(c[2]) * 1e6, float(c[3]), float(c[4]) * 1e3)
+
+    def step_ms(self, shape: StepShape, num_steps: int = 1) -> float:
+        """`num_steps` steps whose shapes sum to `shape`."""
+        return (
+            num_steps * self.fixed_ms
+            + self.ms_per_prefill_token * shape.num_prefill_tokens
+            + self.ns_per_attention_pair * 1e-6 * shape.num_prefill_attention_pairs
+            + self.ms_per_decode_request * shape.num_decode_requests
+            + self.us_per_decode_context_token * 1e-3 * shape.num_decode_context_tokens
+        )
+
+    def decode_step_ms(self, num_requests: int, num_context_tokens: int) -> float:
+        if num_requests <= 0:
+            return 0.0
+        return self.step_ms(StepShape(0, 0, num_requests, num_context_tokens))
+
+    def prefill_ms(
+        self, num_uncached: int, num_cached: int, budget: int, decode_requests: int = 0, decode_context: int = 0
+    ) -> float:
+        """A prompt of `num_uncached` tokens to compute after `num_cached` cached ones, in chunks of
+        at most `budget` tokens, each step also carrying a decode batch of the given size."""
+        if num_uncached <= 0:
+            return 0.0
+        steps = math.ceil(num_uncached / max(1, budget))
+        shape = StepShape(
+            num_uncached, StepShape.attention_pairs(num_uncached, num_cached), decode_requests * steps,
+            decode_context * steps,
+        )  # fmt: skip
+        return self.step_ms(shape, steps)
+
+
+@dataclass(frozen=True, slots=True)
+class TransferModel:
+    """Exposed time of a KV push (what it adds to TTFT) = fixed + per-MiB cost."""
+
+    fixed_ms: float = 0.0
+    ms_per_mib: float = 0.0
+
+    def transfer_ms(self, num_bytes: int) -> float:
+        return self.fixed_ms + self.ms_per_mib * num_bytes / MiB
+
+
+# Shapes the prior's pseudo-samples take: one that exercises each coefficient (and the fixed cost
+# alone), so the prior pins every coefficient down by itself.
+_STEP_PRIOR_SHAPES = np.array([
+    s.features() for s in (
+        StepShape(), StepShape(512, 0, 0, 0), StepShape(2048, StepShape.attention_pairs(2048, 14336), 0, 0),
+        StepShape(0, 0, 32, 0), StepShape(0, 0, 8, 8 * 16384),
+    )
+])  # fmt: skip
+_TRANSFER_PRIOR_SHAPES = np.array([[1.0, 0.0], [1.0, 256.0]])  # a tiny push and a 256 MiB one
+_MIN_MS = 0.05  # floor of the relative-error weights: a step is never timed better than this
+REFIT_SAMPLES = 16  # a worker's model is refitted after this many new samples of its own
+ERROR_AFTER_SAMPLES = 64  # its prediction error is tracked once its own model has seen this many
+POOL_REFIT_MAX = 4096
+
+
+class LinearFit:
+    """Non-negative weighted least squares over forgotten normal equations, toward a prior.
+
+    The normal equations (X'X, X'y) make an update O(features^2) whatever the history, and the
+    fit a small solve, done only when a prediction asks after new data. Every sample's weight
+    decays by `forget` per later sample, so about 1 / (1 - forget) recent samples dominate. The
+    prior (coefficients, or none) enters as `prior_weight` pseudo-samples per shape of
+    `prior_shapes`, never forgotten.
+    """
+
+    def __init__(self, prior_shapes: np.ndarray, prior_weight: float, forget: float) -> None:
+        n = prior_shapes.shape[1]
+        self._shapes = prior_shapes
+        self._prior_weight = prior_weight
+        self._a = np.zeros((n, n))
+        self._b = np.zeros(n)
+        self._forget = forget
+        self.num_samples = 0
+        self._solved: tuple[tuple[float, ...] | None, np.ndarray] | None = None
+
+    def add(self, x: np.ndarray, y: np.ndarray) -> None:
+        """Samples as rows of `x` (features) with targets `y` in ms, oldest first.
+
+        Each is weighted by 1 / y^2: the fit minimises relative error. Timing noise is roughly
+        proportional to the time, and a plain least squares would let a few long prompt steps
+        decide every coefficient, leaving the fixed cost that dominates short decode steps to chance.
+        """
+        if len(y) == 0:
+            return
+        w = self._forget ** np.arange(len(y) - 1, -1, -1, dtype=np.float64) / np.maximum(y, _MIN_MS) ** 2
+        total = self._forget ** len(y)
+        self._a = total * self._a + (x.T * w) @ x
+        self._b = total * self._b + (x.T * w) @ y
+        self.num_samples += len(y)
+        self._solved = None
+
+    def merge(self, other: LinearFit) -> None:
+        """Add another fit's evidence (a pool of workers)."""
+        self._a = self._a + other._a
+        self._b = self._b + other._b
+        self.num_samples += other.num_samples
+        self._solved = None
+
+    def coefficients(self, prior: Sequence[float] | None) -> np.ndarray:
+        key = None if prior is None else tuple(prior)
+        if self._solved is None or self._solved[0] != key:
+            a, b = self._a, self._b
+            if prior is not None and self._prior_weight > 0:
+                y = self._shapes @ np.asarray(prior)
+                w = self._prior_weight / np.maximum(y, _MIN_MS) ** 2  # relative, as the samples
+                a, b = a + (self._shapes.T * w) @ self._shapes, b + (self._shapes.T * w) @ y
+            self._solved = (key, _nnls_normal(a, b))
+        return self._solved[1]
+
+
+def _nnls_normal(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """argmin ||Xc - y|| with c >= 0, from the normal equations a = X'X, b = X'y.
+
+    Lawson-Hanson's active set on five unknowns: solve on the free set, and while a coefficient
+    comes out negative, step back to the boundary and fix it at zero. Usually the unconstrained
+    solution is already non-negative and one 5x5 solve is all it costs. Written here because the
+    one library with an NNLS (scipy) is a large dependency for a 5x5 solve.
+    """
+    scale = np.sqrt(np.maximum(np.diag(a), 1e-30))  # columns of wildly different units
+    a_s = a / np.outer(scale, scale)
+    b_s = b / scale
+    n = len(b)
+    first = _solve(a_s, b_s)
+    if np.all(first >= 0):
+        return first / scale
+    free = np.zeros(n, dtype=bool)
+    c = np.zeros(n)
+    for _ in range(3 * n):
+        gradient = b_s - a_s @ c
+        candidates = np.where(~free & (gradient > 1e-12))[0]
+        if len(candidates) == 0:
+            break
+        free[candidates[np.argmax(gradient[candidates])]] = True
+        while True:
+            z = np.zeros(n)
+            z[free] = _solve(a_s[free][:, free], b_s[free])
+            if np.all(z[free] > 0):
+                c = z
+                break
+            bad = free & (z <= 0)
+            alpha = np.min(c[bad] / np.maximum(c[bad] - z[bad], 1e-30))
+            c = c + alpha * (z - c)
+            free &= c > 1e-12
+            c[~free] = 0.0
+    return c / scale
+
+
+def _solve(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    try:
+        return np.linalg.solve(a, b)
+    except np.linalg.LinAlgError:  # a coefficient no sample or prior exercises
+        return np.linalg.lstsq(a, b, rcond=None)[0]
+
+
+@dataclass(frozen=True)
+class CalibrationSettings:
+    prior_weight: float = 2.0  # pseudo-samples per prior shape: small, so real samples win quickly
+    forget: float = 0.998  # per sample: about the last 500 samples dominate
+
+
+class WorkerPredictors:
+    """One worker's step-time and transfer models, fitted to what it reports.
+
+    The prior of each fit is its pool's model (every worker of the same device and model, see
+    Calibration): a coefficient this worker's own traffic never exercises — prompt work on a decode
+    worker that never prefilled — takes what its peers measured, not an arbitrary value.
+    """
+
+    def __init__(self, pool: PoolPredictors, settings: CalibrationSettings) -> None:
+        self.pool = pool
+        self._steps = LinearFit(_STEP_PRIOR_SHAPES, settings.prior_weight, settings.forget)
+        self._transfers = LinearFit(_TRANSFER_PRIOR_SHAPES, settings.prior_weight, settings.forget)
+        self._step_model: tuple[StepModel, int, StepModel] | None = None  # (pool's model, own samples, fit)
+        self._transfer_model: tuple[TransferModel, int, TransferModel] | None = None
+        self._forget = settings.forget
+        self._square_error = 0.0  # forgotten mean of squared relative errors of samples against the model
+        self._error_weight = 0.0
+
+    def observe(self, steps: Sequence[StepSample], transfers: Sequence[tuple[int, float]]) -> None:
+        """A report's samples: engine steps, and pushes as (bytes, exposed ms)."""
+        if steps:
+            x = np.array([s.shape.features() for s in steps])
+            y = np.array([s.duration_ms for s in steps])
+            self._track_error(x, y)
+            self._steps.add(x, y)
+            self.pool.steps.add(x, y)
+        if transfers:
+            x = np.array([[1.0, b / MiB] for b, _ in transfers])
+            y = np.array([ms for _, ms in transfers])
+            self._transfers.add(x, y)
+            self.pool.transfers.add(x, y)
+        self._refit_steps()
+        self._refit_transfers()
+
+    @property
+    def relative_error(self) -> float:
+        """RMS relative error of recent step samples against the model as it stood when they came:
+        how far off a prediction is (the simulator draws step noise of this size)."""
+        return float(np.sqrt(self._square_error / self._error_weight)) if self._error_weight else 0.0
+
+    def _track_error(self, x: np.ndarray, y: np.ndarray) -> None:
+        if self._steps.num_samples < ERROR_AFTER_SAMPLES:
+            return  # against a model that has barely seen the worker, errors say nothing of the noise
+        predicted = x @ np.asarray(self.step.coefficients)
+        errors = ((y - predicted) / np.maximum(predicted, _MIN_MS)) ** 2
+        decay = self._forget ** np.arange(len(y) - 1, -1, -1, dtype=np.float64)
+        total = self._forget ** len(y)
+        self._square_error = total * self._square_error + float(decay @ errors)
+        self._error_weight = total * self._error_weight + float(decay.sum())
+
+    @property
+    def step(self) -> StepModel:
+        """The model as last refitted: placement reads it and never pays for a fit, which happens
+        as reports arrive (observe)."""
+        return self._step_model[2] if self._step_model is not None else self._refit_steps()
+
+    @property
+    def transfer(self) -> TransferModel:
+        return self._transfer_model[2] if self._transfer_model is not None else self._refit_transfers()
+
+    def _refit_steps(self) -> StepModel:
+        """Refit when its pool's model changed or `REFIT_SAMPLES` of its own arrived since."""
+        prior, n = self.pool.step, self._steps.num_samples
+        fit = self._step_model
+        if fit is None or fit[0] is not prior or n - fit[1] >= REFIT_SAMPLES:
+            model = StepModel.of_coefficients(self._steps.coefficients(prior.coefficients))
+            self._step_model = fit = (prior, n, model)
+        return fit[2]
+
+    def _refit_transfers(self) -> TransferModel:
+        prior, n = self.pool.transfer, self._transfers.num_samples
+        fit = self._transfer_model
+        if fit is None or fit[0] is not prior or n - fit[1] >= REFIT_SAMPLES:
+            c = self._transfers.coefficients((prior.fixed_ms, prior.ms_per_mib))
+            self._transfer_model = fit = (prior, n, TransferModel(float(c[0]), float(c[1])))
+        return fit[2]
+
+    @property
+    def num_step_samples(self) -> int:
+        return self._steps.num_samples
+
+    @property
+    def num_transfer_samples(self) -> int:
+        return self._transfers.num_samples
+
+
+class PoolPredictors:
+    """The models of a pool of like workers (one device kind, one model), fitted to all their
+    samples on top of the configured profile (none: the samples alone). The pool is every
+    worker's prior and refitting it makes them all refit, so it refits only after a tenth more
+    samples than its last fit saw (at least `REFIT_SAMPLES`, at most `POOL_REFIT_MAX`): often
+    while it learns, rarely once it knows."""
+
+    def __init__(
+        self, step_prior: StepModel | None, transfer_prior: TransferModel | None, settings: CalibrationSettings
+    ) -> None:
+        self.steps = LinearFit(_STEP_PRIOR_SHAPES, settings.prior_weight, settings.forget)
+        self.transfers = LinearFit(_TRANSFER_PRIOR_SHAPES, settings.prior_weight, settings.forget)
+        self._step_prior = step_prior
+        self._transfer_prior = transfer_prior
+        self._step: tuple[int, StepModel] | None = None
+        self._transfer: tuple[int, TransferModel] | None = None
+
+    @property
+    def step(self) -> StepModel:
+        n = self.steps.num_samples
+        if self._step is None or _pool_stale(self._step[0], n):
+            prior = None if self._step_prior is None else self._step_prior.coefficients
+            self._step = (n, StepModel.of_coefficients(self.steps.coefficients(prior)))
+        return self._step[1]
+
+    @property
+    def transfer(self) -> TransferModel:
+        n = self.transfers.num_samples
+        if self._transfer is None or _pool_stale(self._transfer[0], n):
+            p = self._transfer_prior
+            c = self.transfers.coefficients(None if p is None else (p.fixed_ms, p.ms_per_mib))
+            self._transfer = (n, TransferModel(float(c[0]), float(c[1])))
+        return self._transfer[1]
+
+
+def _pool_stale(fitted_at: int, now: int) -> bool:
+    return now - fitted_at >= min(POOL_REFIT_MAX, max(REFIT_SAMPLES, fitted_at // 10)) or (now > 0 and fitted_at == 0)
+
+
+class Calibration:
+    """Every worker's predictors, pooled by (device, model); `prior_for` picks a pool's profile."""
+
+    def __init__(
+        self, settings: CalibrationSettings, step_prior: StepModel | None = None,
+        transfer_prior: TransferModel | None = None,
+    ) -> None:  # fmt: skip
+        self.settings = settings
+        self._priors = (step_prior, transfer_prior)
+        self._pools: dict[tuple[str, str], PoolPredictors] = {}
+
+    def for_worker(self, device: str, model: str) -> WorkerPredictors:
+        pool = self._pools.get((device, model))
+        if pool is None:
+            pool = self._pools[(device, model)] = PoolPredictors(*self._priors, self.settings)
+        return WorkerPredictors(pool, self.settings)

@@ -1,0 +1,105 @@
+"""`pdmesh sim`: deterministic for a seed, the scheduler's own policies deciding, its figures and
+files as a user reads them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pdmesh.bench.metrics import Slo
+from pdmesh.bench.trace import TraceScaling, load_trace
+from pdmesh.bench.workload import LengthRange
+from pdmesh.cli import main
+from pdmesh.config import PolicyName, SloConfig
+from pdmesh.sim.mesh import MeshSpec
+from pdmesh.sim.run import simulate
+from pdmesh.sim.workload import at_rate, at_speedup, drawn_shapes, trace_shapes
+from services.scheduler.profile import H100_LLAMA_8B
+
+ROOT = Path(__file__).resolve().parents[2]
+# The shared trace sits beside the checkout (../shared), or beside the worktrees' folder.
+TRACE = next(
+    (p for p in (ROOT.parent / "shared", ROOT.parent.parent / "shared") if (p / "traces").is_dir()), ROOT / "shared"
+) / "traces" / "mooncake_synthetic_trace.jsonl"
+SLO = Slo(ttft_ms=1500, tpot_ms=60)
+
+
+def spec(seed: int = 0) -> MeshSpec:
+    return MeshSpec(H100_LLAMA_8B, 2, 2, 512, SloConfig(default_ttft_ms=1500, default_tpot_ms=60), seed=seed)
+
+
+def requests(seed: int = 0, rate: float = 6.0):
+    shapes = drawn_shapes(300, LengthRange(500, 12_000), LengthRange(20, 300), 512, seed)
+    return at_rate(shapes, rate, burstiness=0.5, seed=seed)
+
+
+def fingerprint(run) -> list[tuple]:
+    return [(r.index, r.ok, r.code, r.ttft_s, r.e2e_s) for r in run.results]
+
+
+@pytest.mark.parametrize("policy", list(PolicyName))
+def test_the_same_seed_gives_the_same_run(policy: PolicyName) -> None:
+    first = simulate(spec(), policy, 6.0, requests(), SLO)
+    again = simulate(spec(), policy, 6.0, requests(), SLO)
+
+    assert fingerprint(first) == fingerprint(again)
+    assert first.metrics.requests == 300
+    other = simulate(spec(seed=1), policy, 6.0, requests(seed=1), SLO)
+    assert fingerprint(other) != fingerprint(first)
+
+
+def test_under_overload_slo_refuses_at_once_and_what_it_admits_meets_the_slo() -> None:
+    load = requests(rate=12.0)  # about twice what two prefill and two decode H100s sustain here
+    least = simulate(spec(), PolicyName.LEAST_LOADED, 12.0, load, SLO)
+    slo = simulate(spec(), PolicyName.SLO, 12.0, load, SLO)
+
+    # least_loaded admits; what it cannot hold waits for KV and fails only when its TTFT is gone.
+    assert least.attainment_pct < 50
+    assert all(r.e2e_s and r.e2e_s > 0.5 for r in least.results if not r.ok)
+    # slo refuses at once (no simulated time passes), and what it admits meets the SLO.
+    refused = [r for r in slo.results if not r.ok]
+    assert len(refused) > 30 and {(r.code, r.e2e_s) for r in refused} == {("RESOURCE_EXHAUSTED", 0.0)}
+    admitted = [r for r in slo.results if r.ok]
+    assert sum(SLO.met_by(r) for r in admitted) >= 0.9 * len(admitted)
+    assert slo.attainment_pct > least.attainment_pct
+
+
+@pytest.mark.skipif(not TRACE.is_file(), reason="the shared Mooncake trace is not here")
+def test_a_mooncake_trace_replays_with_its_prefixes_shared() -> None:
+    records = load_trace(TRACE, limit=200)
+    shapes = trace_shapes(records, TraceScaling(input_scale=0.25), 400)  # past its end: a second copy
+
+    assert shapes[0].blocks[:3] == tuple(records[0].hash_ids[:3])
+    assert not set(shapes[200].blocks) & set(shapes[0].blocks)  # the copy shares nothing with the first
+    run = simulate(spec(), PolicyName.SLO, 2.0, at_speedup(shapes, 2.0), SLO)
+    assert run.metrics.requests == 400 and run.decisions.count == 400
+
+
+def test_the_command_writes_its_json_and_plot(tmp_path: Path) -> None:
+    out, plot = tmp_path / "sim.json", tmp_path / "sim.png"
+    with pytest.raises(SystemExit) as ended:
+        main([
+            "sim", "--prefill", "2", "--decode", "2", "--requests", "120", "--input-len", "500:6000",
+            "--output-len", "20:200", "--rate", "2,8", "--slo-ttft-ms", "1500", "--slo-tpot-ms", "60",
+            "--policy", "least_loaded,slo", "--out", str(out), "--plot", str(plot), "--no-progress",
+        ])  # fmt: skip
+
+    assert ended.value.code == 0
+    doc = json.loads(out.read_text())
+    assert [(r["policy"], r["load"]) for r in doc["runs"]] == [("least_loaded", 2), ("least_loaded", 8), ("slo", 2),
+                                                                  ("slo", 8)]  # fmt: skip
+    run = doc["runs"][0]
+    assert set(run["attainment_pct"]) == {"ttft", "tpot", "both"} and run["requests"] == 120
+    assert run["decision_latency_us"]["count"] == 120
+    assert set(doc["goodput_requests_per_s"]) == {"least_loaded", "slo"}
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_bad_flag_is_named(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as ended:
+        main(["sim", "--policy", "fastest", "--slo-ttft-ms", "1", "--slo-tpot-ms", "1", "--no-progress"])
+
+    assert ended.value.code == 2
+    assert "--policy: 'fastest' is not one of" in capsys.readouterr().err

@@ -1,0 +1,82 @@
+"""The scheduler under the `slo` policy, through the real gRPC door: its predictors calibrate from
+the step samples workers report, and a saturated mesh refuses at once with RESOURCE_EXHAUSTED and
+a RetryInfo saying when to come back, instead of queueing a request past its SLO."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import grpc
+import pytest
+from scheduler_mesh import Mesh, MeshFactory
+
+from pdmesh.client import retry_after_s
+from pdmesh.config import PolicyName, SloConfig
+from pdmesh.v1 import worker_pb2
+
+# The workers' engines, as their step samples say: a step takes 10 ms plus 5 ms per decode row.
+STEPS = tuple(
+    worker_pb2.StepSample(num_decode_requests=rows, num_decode_context_tokens=rows * ctx, duration_ms=10 + 5 * rows)
+    for rows, ctx in ((1, 100), (2, 300), (4, 200), (8, 900), (16, 500))
+) + tuple(
+    worker_pb2.StepSample(num_prefill_tokens=n, num_prefill_attention_pairs=n * (n + 1) // 2, duration_ms=10.0)
+    for n in (16, 64, 256)
+)
+
+
+async def calibrated(mesh: Mesh) -> None:
+    """Until the scheduler has fitted every worker's step model to its samples."""
+    for worker in mesh.workers:
+        worker.step_samples = STEPS
+    deadline = time.monotonic() + 10
+    while True:
+        state = await mesh.cluster()
+        models = [w.step_model for w in state.workers]
+        if all(m.num_samples > 0 and abs(m.per_decode_request_ms - 5.0) < 0.01 for m in models):
+            return
+        assert time.monotonic() < deadline, f"the step models never calibrated: {models}"
+        await asyncio.sleep(0.02)
+
+
+async def test_a_saturated_mesh_refuses_at_once_with_resource_exhausted_and_retry_info(
+    mesh_factory: MeshFactory,
+) -> None:
+    # Requests bring no SLO: the configured defaults apply (TPOT 30 ms, so four fit a batch: 10 + 5 x 4).
+    mesh = await mesh_factory(
+        prefill=1, decode=1, policy=PolicyName.SLO, slo=SloConfig(default_ttft_ms=5000, default_tpot_ms=30)
+    )
+    await calibrated(mesh)
+    mesh.decode_servicer().token_delay_s = 0.05  # each stream lasts about a second
+    streams = [mesh.client.generate(list(range(1, 21)), max_tokens=20, seed=i) for i in range(4)]
+    firsts = [await anext(s) for s in streams]  # all four decoding at once
+    assert {c.token_ids[0] > 0 for c in firsts} == {True}
+
+    started = time.monotonic()
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await mesh.client.complete(list(range(1, 21)), max_tokens=20, seed=9)
+
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert time.monotonic() - started < 2.0  # at once, not after queueing
+    assert "no plan meets the request's SLO now" in (refused.value.details() or "")
+    hint = retry_after_s(refused.value)
+    assert hint is not None and 0.05 <= hint <= 20 * 0.030  # the first of the four leaves within 20 steps
+    assert len(mesh.decode_servicer().generates) == 4  # the refused request cost no worker anything
+    for s in streams:
+        assert [c async for c in s][-1].finish_reason is not None  # the admitted ones finish
+
+    # With the batch gone, the same request is admitted.
+    done = await mesh.client.complete(list(range(1, 21)), max_tokens=20, seed=9)
+    assert len(done.token_ids) == 20
+
+
+async def test_an_slo_no_idle_worker_could_meet_is_refused_without_a_retry_hint(mesh_factory: MeshFactory) -> None:
+    mesh = await mesh_factory(prefill=1, decode=1, policy=PolicyName.SLO)
+    await calibrated(mesh)
+
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await mesh.client.complete([1, 2, 3], max_tokens=4, ttft_ms=5)  # a prefill step alone takes 10 ms
+
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert retry_after_s(refused.value) is None
+    assert "retrying will not help" in (refused.value.details() or "")

@@ -1,0 +1,183 @@
+"""The `slo` policy on hand-built cluster states: which plan it picks, when it refuses, and how
+priorities order admission.
+
+Every worker runs one step model with round numbers, so each expected plan can be worked out by
+hand: a step costs 10 ms, plus 0.1 ms per prompt token and 0.1 ms per decode row (attention and
+context free); a KV push costs 5 ms. Prompts of up to 2048 tokens take one step (the budget).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from engine.block_pool import KVEvents
+from engine.kv_layout import KVLayout
+from pdmesh.config import SloConfig
+from pdmesh.enums import ExecutionPlan, Priority, WorkerHealth, WorkerRole
+from services.scheduler.ledger import Booking, Ledger
+from services.scheduler.placer import Placer
+from services.scheduler.policy import RequestShape
+from services.scheduler.predictor import Calibration, CalibrationSettings, StepModel, TransferModel
+from services.scheduler.prefix import PromptBlocks
+from services.scheduler.registry import Capacity, LoadReport, Registry, WorkerInfo
+from services.scheduler.slo import SloPolicy, SloSettings
+from services.status import SloUnattainable
+
+MODEL = StepModel(fixed_ms=10.0, ms_per_prefill_token=0.1, ms_per_decode_request=0.1)
+PUSH = TransferModel(fixed_ms=5.0)
+LAYOUT = KVLayout("fp", "float16", 16, 2, 2, 8)
+
+
+class Cluster:
+    """A registry of workers that never report load, the ledger, and the slo policy over them, on
+    a clock the test sets."""
+
+    def __init__(self, prefill: int, decode: int, kv_tokens: int = 1 << 20) -> None:
+        self.now = 100.0
+        calibration = Calibration(CalibrationSettings(), MODEL, PUSH)
+        self.registry = Registry(3600.0, None, calibration, clock=lambda: self.now)
+        self.ledger = Ledger(self.registry.clock)
+        policy = SloPolicy(self.registry, self.ledger, SloSettings())
+        self.placer = Placer(policy, self.registry, self.ledger, SloConfig())
+        capacity = Capacity(kv_tokens // LAYOUT.block_size, 256, 2048, 1 << 20)
+        for role, count in ((WorkerRole.PREFILL, prefill), (WorkerRole.DECODE, decode)):
+            for i in range(count):
+                name = f"{role.value}-{i}"
+                self.registry.add(WorkerInfo(name, role, f"test://{name}", "", "m", LAYOUT, capacity, "dev"), None)
+
+    def running(self, decode: str, count: int, tpot_ms: float, prompt: int = 1000, max_tokens: int = 100) -> None:
+        """`count` requests decoding on `decode` since now, each with its TPOT target."""
+        for i in range(count):
+            booking = Booking(f"{decode}/r{i}", 1, prompt, max_tokens, tpot_ms, 0.0, None, decode, self.now)
+            self.ledger.book(booking)
+
+    def queued(self, worker: str, work_ms: float, priority: Priority = Priority.NORMAL) -> None:
+        """Prompt work already on a worker's queue (bound for decode-0)."""
+        rid = f"{worker}/q{len(self.ledger.bookings)}"
+        self.ledger.book(Booking(rid, priority.rank, 10, 1, 0.0, work_ms, worker, "decode-0"))
+
+    def caches(self, worker: str, prompt: list[int], tokens: int) -> None:
+        """The worker reports the prompt's first `tokens` cached."""
+        hashes = PromptBlocks(prompt).hashes(LAYOUT.model_fingerprint, LAYOUT.block_size)[: tokens // LAYOUT.block_size]
+        events = KVEvents(snapshot=True, stored=tuple(hashes))
+        self.registry.report(LoadReport(worker, 1, health=WorkerHealth.SERVING, kv_events=events))
+
+    def place(self, prompt: int | list[int], *, ttft_ms: float = 10_000, tpot_ms: float = 0, max_tokens: int = 10,
+              priority: Priority = Priority.NORMAL):  # fmt: skip
+        tokens = list(range(prompt)) if isinstance(prompt, int) else prompt
+        prompt = PromptBlocks(tokens, self.registry.index)
+        shape = RequestShape(f"new{len(self.ledger.bookings)}", prompt, max_tokens, ttft_ms, tpot_ms, priority)
+        return self.placer.place(shape)
+
+
+def test_an_idle_decode_worker_prefills_a_prompt_itself_no_push_is_cheaper() -> None:
+    cluster = Cluster(prefill=1, decode=1)
+
+    placement = cluster.place(2000)
+
+    assert placement.plan is ExecutionPlan.LOCAL_PREFILL and placement.decode.worker_id == "decode-0"
+    assert placement.predicted_ttft_ms == pytest.approx(210.0)  # one step: 10 + 0.1 x 2000
+    assert placement.cost_ms == pytest.approx(210.0)
+
+
+def test_a_local_prefill_that_would_push_running_requests_past_their_tpot_goes_to_a_prefill_worker() -> None:
+    # Four requests decode at 10.4 ms a step. A 2000-token prompt riding their steps stalls them
+    # 200 ms; with 100 tokens left at a 12 ms target they can absorb 100 x (12 - 10.5) = 150 ms.
+    cluster = Cluster(prefill=1, decode=1)
+    cluster.running("decode-0", 4, tpot_ms=12.0)
+
+    placement = cluster.place(2000)
+
+    assert placement.plan is ExecutionPlan.DISAGGREGATED
+    assert placement.prefill is not None and placement.prefill.worker_id == "prefill-0"
+    assert placement.predicted_ttft_ms == pytest.approx(215.0)  # 210 of prefill + the 5 ms push
+    assert placement.predicted_tpot_ms == pytest.approx(10.5)  # the batch of five
+
+
+def test_the_same_batch_with_a_looser_target_takes_the_local_prefill() -> None:
+    cluster = Cluster(prefill=1, decode=1)
+    cluster.running("decode-0", 4, tpot_ms=20.0)  # 100 x (20 - 10.5) = 950 ms of room for 200
+
+    placement = cluster.place(2000)
+
+    assert placement.plan is ExecutionPlan.LOCAL_PREFILL
+    assert placement.cost_ms == pytest.approx(200.0)  # what the steps gain: the prompt's compute
+    assert placement.predicted_ttft_ms == pytest.approx(210.4)  # one step with the four rows
+
+
+def test_the_prefill_worker_holding_the_prompts_prefix_wins_it_costs_less() -> None:
+    cluster = Cluster(prefill=2, decode=1)
+    cluster.running("decode-0", 4, tpot_ms=12.0)  # no room for a local prefill
+    prompt = list(range(2000))
+    cluster.caches("prefill-1", prompt, 1024)
+
+    placement = cluster.place(prompt)
+
+    assert placement.prefill is not None and placement.prefill.worker_id == "prefill-1"
+    assert placement.cached_tokens == 1024
+    assert placement.cost_ms == pytest.approx(10 + 0.1 * 976 + 5)
+
+
+def test_a_decode_worker_whose_requests_would_miss_their_tpot_is_passed_over() -> None:
+    # decode-0 runs ten requests at 11.0 ms a step, each with an 11 ms target: one more makes 11.1.
+    cluster = Cluster(prefill=1, decode=2)
+    cluster.running("decode-0", 10, tpot_ms=11.0)
+
+    placement = cluster.place(100)
+
+    assert placement.decode.worker_id == "decode-1"
+
+
+def test_no_plan_meeting_the_tpot_of_running_requests_is_refused_with_when_one_leaves() -> None:
+    cluster = Cluster(prefill=1, decode=1)
+    cluster.running("decode-0", 10, tpot_ms=11.0)  # 100 tokens left each at 11 ms: the first leaves in 1.1 s
+
+    with pytest.raises(SloUnattainable) as refused:
+        cluster.place(100)
+
+    assert refused.value.retry_after_s == pytest.approx(1.1)
+    assert cluster.ledger.bookings.keys() == {f"decode-0/r{i}" for i in range(10)}  # nothing booked for it
+
+
+def test_a_full_queue_is_refused_with_when_it_will_have_drained_enough() -> None:
+    # Both workers have 3 s of prompt work queued; the new prompt takes 110 ms (+5 to push): with a
+    # 1 s TTFT target it must wait until 2.115 s of the queue is gone.
+    cluster = Cluster(prefill=1, decode=1)
+    cluster.queued("prefill-0", 3000.0)
+    cluster.queued("decode-0", 3000.0)
+
+    with pytest.raises(SloUnattainable) as refused:
+        cluster.place(1000, ttft_ms=1000)
+
+    assert refused.value.retry_after_s == pytest.approx(2.11, abs=0.01)
+    cluster.now += 2.2  # the queues drained as predicted: the same request fits
+    assert cluster.place(1000, ttft_ms=1000).predicted_ttft_ms <= 1000
+
+
+def test_a_prompt_no_idle_worker_could_prefill_in_time_is_refused_without_a_retry_hint() -> None:
+    cluster = Cluster(prefill=1, decode=1)
+
+    with pytest.raises(SloUnattainable) as refused:
+        cluster.place(20_000, ttft_ms=1000)  # 10 steps: 100 + 2000 ms on an idle worker
+
+    assert refused.value.retry_after_s is None
+    assert "retrying will not help" in str(refused.value)
+
+
+def test_lower_priority_work_does_not_delay_a_higher_priority_first_token() -> None:
+    cluster = Cluster(prefill=1, decode=1)
+    cluster.queued("prefill-0", 5000.0, Priority.LOW)
+    cluster.queued("decode-0", 5000.0, Priority.LOW)
+
+    for priority in (Priority.HIGH, Priority.NORMAL):
+        placement = cluster.place(1000, ttft_ms=1000, priority=priority)
+        assert placement.predicted_ttft_ms is not None and placement.predicted_ttft_ms < 1000
+    with pytest.raises(SloUnattainable):  # the low one waits behind the low backlog
+        cluster.place(1000, ttft_ms=1000, priority=Priority.LOW)
+
+
+def test_a_decode_worker_without_room_for_the_requests_kv_is_passed_over() -> None:
+    cluster = Cluster(prefill=1, decode=2, kv_tokens=10_000)
+    cluster.running("decode-0", 8, tpot_ms=0.0)  # 8 x 1100 tokens of 9000 usable (10% kept free)
+
+    assert cluster.place(1000).decode.worker_id == "decode-1"
