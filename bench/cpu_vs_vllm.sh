@@ -20,6 +20,9 @@
 # Writes $OUT: every run's JSON, every server's log, machine.txt (lscpu, load before and after,
 # versions) and summary.md (medians over rounds, the table for BENCHMARKS.md).
 set -euo pipefail
+# The disaggregated meshes here hand every long prompt off (least_loaded's fixed rule), as when the
+# figures were recorded; the default slo policy would decide per request instead.
+export PDMESH_SCHEDULER_POLICY=${PDMESH_SCHEDULER_POLICY:-least_loaded}
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"

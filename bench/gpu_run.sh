@@ -9,6 +9,9 @@
 # costs only itself. Phases: setup model tests engine profile mesh-disagg mesh-coloc mesh-coloc512
 # kvstore (issue 8: bench/kv_store.py, ~3.5 min; `PHASES="setup model kvstore"` alone).
 set -u
+# The disaggregated meshes here hand every long prompt off (least_loaded's fixed rule), as when the
+# figures were recorded; the default slo policy would decide per request instead.
+export PDMESH_SCHEDULER_POLICY=${PDMESH_SCHEDULER_POLICY:-least_loaded}
 OUT=${OUT:-/tmp/gpu_run}
 LOGS=$OUT/logs
 mkdir -p "$LOGS"

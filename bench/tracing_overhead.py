@@ -32,7 +32,9 @@ from tests.otlp_receiver import OtlpReceiver  # noqa: E402
 
 def start(port: int, args: argparse.Namespace, env: tuple[tuple[str, str], ...], logs: Path) -> Mesh:
     extra = ("--threads", str(args.threads))
-    spec = MeshSpec(port=port, model=args.model, extra_worker_args=extra, env=env, http_port=None)
+    # least_loaded: every long prompt is handed off, so the traced path includes the KV push.
+    policy = (("PDMESH_SCHEDULER_POLICY", "least_loaded"),)
+    spec = MeshSpec(port=port, model=args.model, extra_worker_args=extra, env=(*policy, *env), http_port=None)
     mesh = Mesh(spec, output=ProcessOutput(Echo.WARNINGS, log_dir=logs))
     mesh.start(600)
     return mesh

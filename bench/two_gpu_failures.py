@@ -259,7 +259,8 @@ def main() -> None:
     spec = MeshSpec(
         port=args.port, prefill=1, decode=1, model=args.model, device=args.device,
         extra_worker_args=("--dtype", args.dtype, "--kv-blocks", str(args.kv_blocks), *args.worker_arg),
-        env=(("PDMESH_SCHEDULER_REPORT_INTERVAL_MS", "100"),), http_port=None,
+        env=(("PDMESH_SCHEDULER_REPORT_INTERVAL_MS", "100"), ("PDMESH_SCHEDULER_POLICY", "least_loaded")),
+        http_port=None,
     )  # fmt: skip
     mesh = Mesh(spec)
     started = time.monotonic()

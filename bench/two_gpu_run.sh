@@ -17,6 +17,9 @@
 # for the failure step, so a stuck step costs only itself. Writes $OUT/summary.txt (what each step
 # printed last, and the comparison), $OUT/results.json (every figure) and $OUT/logs.tgz (all logs).
 set -u
+# The disaggregated meshes here hand every long prompt off (least_loaded's fixed rule), as when the
+# figures were recorded; the default slo policy would decide per request instead.
+export PDMESH_SCHEDULER_POLICY=${PDMESH_SCHEDULER_POLICY:-least_loaded}
 OUT=${OUT:-/tmp/two_gpu_run}
 LOGS=$OUT/logs
 mkdir -p "$LOGS"

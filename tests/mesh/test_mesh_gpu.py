@@ -32,7 +32,8 @@ MAX_TOKENS = 24
 
 
 def gpu_mesh(model: Path, *, colocated: bool) -> Mesh:
-    env = [("PDMESH_SCHEDULER_REPORT_INTERVAL_MS", "100")]
+    # least_loaded: its fixed rule hands every long prompt off (slo would decide per request).
+    env = [("PDMESH_SCHEDULER_REPORT_INTERVAL_MS", "100"), ("PDMESH_SCHEDULER_POLICY", "least_loaded")]
     if colocated:  # every prompt is "short enough" to prefill on its decode worker
         env.append(("PDMESH_SCHEDULER_LOCAL_PREFILL_MAX_TOKENS", "1000000"))
     spec = MeshSpec(

@@ -33,6 +33,8 @@ pytestmark = pytest.mark.slow
 KV_BYTES_PER_BLOCK = 3 * 2 * BLOCK_SIZE * 2 * (64 // 4) * 4
 PROMPT = list(range(10, 70))  # 60 tokens: past local_prefill_max_tokens, so a prefill worker computes it
 SHORT = [5, 6, 7]  # prefilled on the decode worker itself
+# least_loaded's fixed rule hands PROMPT off for sure (slo would prefill it on the idle decode worker).
+POLICY = (("PDMESH_SCHEDULER_POLICY", "least_loaded"),)
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +52,7 @@ def mesh(mesh_model: Path, receiver: OtlpReceiver, tmp_path_factory: pytest.Temp
     )  # fmt: skip
     port = free_port_base()
     spec = MeshSpec(
-        port=port, model=str(mesh_model), env=(("PDMESH_SCHEDULER_REPORT_INTERVAL_MS", "100"), *otel),
+        port=port, model=str(mesh_model), env=(("PDMESH_SCHEDULER_REPORT_INTERVAL_MS", "100"), *POLICY, *otel),
         http_port=port + HTTP_PORT_OFFSET,
         extra_worker_args=("--threads", "1", "--kv-blocks", str(KV_BLOCKS), "--block-size", str(BLOCK_SIZE)),
         kvstore=False,  # the workers' offers to a store would add to the KV transfer counters counted here

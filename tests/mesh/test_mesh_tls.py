@@ -39,7 +39,8 @@ def test_a_mesh_with_mtls_on_every_hop_serves_a_handed_off_request(
     }
     for name, value in calling.items():  # this process's clients (the mesh's readiness check too)
         monkeypatch.setenv(name, value)
-    mesh = start_mesh(mesh_model, 1, 1, env={**calling, **serving})
+    # least_loaded hands a long prompt off for sure (slo would prefill it on the idle decode worker).
+    mesh = start_mesh(mesh_model, 1, 1, env={**calling, **serving, "PDMESH_SCHEDULER_POLICY": "least_loaded"})
     prompt = prompts_of([120], seed=21)[0]  # long enough to be handed off
 
     async def run() -> tuple[list[int], ExecutionPlan | None, grpc.StatusCode]:
