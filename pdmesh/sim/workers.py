@@ -29,7 +29,7 @@ from pdmesh.sim.cache import PrefixCache
 from pdmesh.sim.clock import EventLoop
 from pdmesh.sim.workload import SimRequest
 from services.scheduler.profile import Profile, RoleProfile
-from services.scheduler.registry import Capacity, LoadReport, WorkerInfo
+from services.scheduler.reports import Capacity, LoadReport, WorkerInfo
 
 SAMPLES_PER_REPORT = 64  # as services/worker/server.py
 

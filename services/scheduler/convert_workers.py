@@ -13,7 +13,7 @@ from pdmesh.enums import FinishReason, WorkerHealth, WorkerRole
 from pdmesh.v1 import common_pb2, decode_pb2, kvstore_pb2, prefill_pb2, worker_pb2
 from services.kvstore.stats import StoreCounters, StoreStatus
 from services.scheduler.predictor import StepModel
-from services.scheduler.registry import Capacity, LoadReport, StoreInfo, StoreReport, WorkerInfo
+from services.scheduler.reports import Capacity, LoadReport, StoreInfo, StoreReport, WorkerInfo
 from services.scheduler.request import Decoded, Finish, Prefilled, SchedulerRequest, TicketHandle, TokenChunk, Usage
 
 # ---- registration and load reports

@@ -11,7 +11,8 @@ from engine.kv_layout import KVLayout
 from engine.step_samples import StepSample, StepShape
 from pdmesh.enums import WorkerHealth, WorkerRole
 from services.scheduler.predictor import Calibration, CalibrationSettings, StepModel, TransferModel
-from services.scheduler.registry import Capacity, LoadReport, Registry, Worker, WorkerInfo
+from services.scheduler.registry import Registry, Worker
+from services.scheduler.reports import Capacity, LoadReport, WorkerInfo
 
 # A device: 8 ms a step, 0.05 ms a prompt token, 2 ns a prompt attention pair, 0.05 ms a decode
 # row, 0.05 us a context token (an H100 on an 8B model, roughly).

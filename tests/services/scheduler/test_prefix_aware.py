@@ -11,7 +11,8 @@ from services.scheduler.policy import FETCH_COST, PrefixAware, RequestShape
 from services.scheduler.predictor import Calibration, CalibrationSettings
 from services.scheduler.prefix import PromptBlocks
 from services.scheduler.prefix_index import PrefixIndex
-from services.scheduler.registry import Capacity, LoadReport, Worker, WorkerInfo
+from services.scheduler.registry import Worker
+from services.scheduler.reports import Capacity, LoadReport, WorkerInfo
 
 LAYOUT = KVLayout("fp", "float32", 16, 2, 2, 8)
 PROMPT = list(range(1, 1026))  # 1025 tokens: 64 reusable blocks of 16

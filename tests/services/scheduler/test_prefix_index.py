@@ -12,7 +12,8 @@ from pdmesh.config import ChannelConfig
 from pdmesh.enums import WorkerHealth
 from services.kvstore.stats import StoreStatus
 from services.scheduler.prefix_index import PrefixIndex
-from services.scheduler.registry import Registry, StoreInfo, StoreReport
+from services.scheduler.registry import Registry
+from services.scheduler.reports import StoreInfo, StoreReport
 
 LAYOUT = KVLayout("fp", "float32", 4, 2, 2, 8)
 CHAIN = chain_hashes(list(range(40)), 4, "fp")  # 10 blocks

@@ -16,7 +16,8 @@ from engine.kv_layout import KVLayout
 from pdmesh.client import ExecutionPlan
 from pdmesh.config import ChannelConfig
 from pdmesh.enums import WorkerHealth, WorkerRole
-from services.scheduler.registry import Capacity, LoadReport, Registry, WorkerInfo
+from services.scheduler.registry import Registry
+from services.scheduler.reports import Capacity, LoadReport, WorkerInfo
 
 PROMPT = list(range(1, 101))  # 100 tokens: 6 full blocks of 16 may be reused, the 7th holds the last token
 

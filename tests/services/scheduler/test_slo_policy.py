@@ -19,7 +19,8 @@ from services.scheduler.placer import Placer
 from services.scheduler.policy import RequestShape
 from services.scheduler.predictor import Calibration, CalibrationSettings, StepModel, TransferModel
 from services.scheduler.prefix import PromptBlocks
-from services.scheduler.registry import Capacity, LoadReport, Registry, WorkerInfo
+from services.scheduler.registry import Registry
+from services.scheduler.reports import Capacity, LoadReport, WorkerInfo
 from services.scheduler.slo import SloPolicy, SloSettings
 from services.status import SloUnattainable
 
