@@ -3,12 +3,14 @@
 #   1. profile   a least_loaded mesh: `pdmesh bench profile` records its profile (the models the
 #                scheduler fitted to its workers' step and push samples).
 #   2. least     the same mesh under the trace at SPEEDUP and 2 x SPEEDUP (SPEEDUP: the sustainable
-#                load), SLOs sent with every request.
-#   3. slo       a fresh mesh under the slo policy: a short warm-up point (the predictors calibrate
-#                from its steps), then the trace at 2 x SPEEDUP.
-#   4. sim       `pdmesh sim` with the recorded profile, the same trace, loads and policies: its
+#                load), SLOs sent with every request; then `pdmesh bench profile --no-load` records
+#                the models the scheduler fitted under that load (profile-loaded.json).
+#   3. slo       a fresh mesh under the slo policy, profile-loaded.json its predictors' prior: a short
+#                warm-up point, then the trace at 2 x SPEEDUP.
+#   4. sim       `pdmesh sim` with each recorded profile, the same trace, loads and policies: its
 #                TTFT/TPOT percentiles beside the live ones (the simulator's truth check).
-# Writes $OUT/{profile.json,least.json,slo.json,sim.json,loadavg.txt} and each process's logs.
+# Writes $OUT/{profile,profile-loaded,least,slo,sim-profile,sim-loaded}.json, loadavg.txt and each
+# process's logs; `python bench/slo_live_summary.py $OUT` prints the tables for BENCHMARKS.md.
 #
 #   SPEEDUP=0.1 bench/slo_live.sh        # from the repository root, with `make install` done
 set -euo pipefail
@@ -29,8 +31,10 @@ mkdir -p "$OUT"
 loadavg() { echo "$1 $(date -Is) $(cut -d' ' -f1-3 /proc/loadavg)" | tee -a "$OUT/loadavg.txt"; }
 
 MESH_PID=""
-start_mesh() {  # policy
-    PDMESH_SCHEDULER_POLICY=$1 PDMESH_SLO_DEFAULT_TTFT_MS=$SLO_TTFT_MS PDMESH_SLO_DEFAULT_TPOT_MS=$SLO_TPOT_MS \
+start_mesh() {  # policy [prior profile]
+    local prior=()
+    [ -n "${2:-}" ] && prior=("PDMESH_SLO_PROFILE=$2")
+    env "${prior[@]}" PDMESH_SCHEDULER_POLICY=$1 PDMESH_SLO_DEFAULT_TTFT_MS=$SLO_TTFT_MS PDMESH_SLO_DEFAULT_TPOT_MS=$SLO_TPOT_MS \
         $PDMESH up --port "$PORT" --prefill 2 --decode 2 --threads 1 --log-dir "$OUT/logs-$1" > "$OUT/up-$1.log" 2>&1 &
     MESH_PID=$!
     for _ in $(seq 600); do
@@ -60,16 +64,19 @@ $PDMESH bench profile --target "127.0.0.1:$PORT" --out "$OUT/profile.json" --max
 loadavg "profiled"
 serve "$OUT/least.json" "$SPEEDUP,$DOUBLE"
 loadavg "least_loaded done"
+$PDMESH bench profile --target "127.0.0.1:$PORT" --out "$OUT/profile-loaded.json" --no-load
 stop_mesh
 
-start_mesh slo
+start_mesh slo "$OUT/profile-loaded.json"
 serve "$OUT/slo-warmup.json" "$DOUBLE" --requests 24 --seed 1
 serve "$OUT/slo.json" "$DOUBLE"
 loadavg "slo done"
 stop_mesh
 
-# shellcheck disable=SC2086
-$PDMESH sim --profile "$OUT/profile.json" --prefill 2 --decode 2 --trace "$TRACE" --requests "$REQUESTS" $SCALE \
-    --trace-speedup "$SPEEDUP,$DOUBLE" --slo-ttft-ms "$SLO_TTFT_MS" --slo-tpot-ms "$SLO_TPOT_MS" \
-    --policy least_loaded,slo --out "$OUT/sim.json" --no-progress
+for p in profile profile-loaded; do
+    # shellcheck disable=SC2086
+    $PDMESH sim --profile "$OUT/$p.json" --prefill 2 --decode 2 --trace "$TRACE" --requests "$REQUESTS" $SCALE \
+        --trace-speedup "$SPEEDUP,$DOUBLE" --slo-ttft-ms "$SLO_TTFT_MS" --slo-tpot-ms "$SLO_TPOT_MS" \
+        --policy least_loaded,slo --out "$OUT/sim-${p#profile-}.json" --no-progress
+done
 loadavg "end"

@@ -42,6 +42,10 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[t
     profile.add_argument("--tokenizer", default=None, help="model name or path for the vocabulary")
     profile.add_argument("--vocab-size", type=int, default=None, help="random token ids below this (no tokenizer)")
     profile.add_argument("--seed", type=int, default=0)
+    profile.add_argument(
+        "--no-load", dest="drive", action="store_false",
+        help="drive no calibration load: read the models fitted so far (after a trace replay: the mesh under it)",
+    )  # fmt: skip
     profile.set_defaults(func=_bench_profile)
 
 
@@ -199,7 +203,7 @@ def _bench_profile(args: argparse.Namespace) -> int:
                 vocab = Vocabulary.of(Tokenizer.from_model(args.tokenizer or "smollm2"))
             except (EngineError, OSError) as e:
                 raise ValueError(f"--tokenizer: cannot open it ({e}); pass --tokenizer or --vocab-size") from None
-        load = ProfileLoad(args.max_prompt, concurrencies, args.decode_tokens, args.seed)
+        load = ProfileLoad(args.max_prompt, concurrencies, args.decode_tokens, args.seed, args.drive)
         profile = asyncio.run(record_profile(args.target, args.name or args.out.stem, load, vocab, console))
     except (ValueError, RequestFailed) as e:
         console.print(f"[red]error:[/red] {e}")

@@ -6,7 +6,10 @@ push they measure, and the scheduler fits each worker's step-time and transfer m
 (services/scheduler/predictor.py). This command drives a calibration load that exercises every
 term of those models — prompts from a few tokens to `max_prompt` (prefill tokens and attention
 pairs), then decode batches of growing size over growing contexts (decode rows and context) — and
-then reads the fitted models from GetClusterState. Coefficients are the median over the workers
+then reads the fitted models from GetClusterState. Without the load (`drive=False`) it reads the
+models as they stand: after a trace replay, the profile of the mesh under that load (on a shared
+CPU, workers contending for cores run slower than the calibration load shows). Coefficients are
+the median over the workers
 that saw samples; the step noise is their median RMS relative error; capacities and the KV
 weight of a token come from what the workers registered.
 """
@@ -21,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 from rich.console import Console
 
-from pdmesh.bench.backend import GenerationOptions
+from pdmesh.bench.backend import Backend, GenerationOptions
 from pdmesh.bench.grpc_backend import GrpcBackend
 from pdmesh.bench.runner import run_point
 from pdmesh.bench.workload import BenchRequest, Vocabulary
@@ -36,30 +39,37 @@ class ProfileLoad:
     concurrencies: tuple[int, ...] = (1, 4, 8, 16)  # decode batches exercised
     decode_tokens: int = 32  # output of each decode-phase request
     seed: int = 0
+    drive: bool = True  # False: read the models fitted so far, driving no load
 
 
 async def record_profile(target: str, name: str, load: ProfileLoad, vocab: Vocabulary, console: Console) -> Profile:
-    """Drive the calibration load, then read and pool the scheduler's fitted models."""
-    rng = np.random.default_rng(load.seed)
+    """Drive the calibration load (unless told not to), then read and pool the scheduler's fitted models."""
     async with GrpcBackend(target) as backend, AsyncClient(target) as client:
         server = await backend.describe()
-        options = GenerationOptions(ignore_eos=True)
-        lengths = np.unique(np.geomspace(8, load.max_prompt, 12).astype(int))
-        prompts = [BenchRequest(i, vocab.random_ids(rng, int(n)), int(n), 2) for i, n in enumerate(lengths)]
-        console.print(f"profile: {len(prompts)} prompts of {lengths[0]} to {lengths[-1]} tokens, two at a time")
-        await run_point(backend, prompts * 2, options, max_in_flight=2)
-        for c in load.concurrencies:
-            batch = [
-                BenchRequest(i, vocab.random_ids(rng, n := int(rng.integers(16, load.max_prompt // 2))), n,
-                             load.decode_tokens)  # fmt: skip
-                for i in range(2 * c)
-            ]
-            console.print(f"profile: decode batches of {c} ({len(batch)} requests of {load.decode_tokens} tokens)")
-            await run_point(backend, batch, options, max_in_flight=c)
-        await asyncio.sleep(1.5)  # the last steps reach the scheduler with the next reports
+        if load.drive:
+            await _calibrate(backend, load, vocab, console)
         state = await client.cluster_state()
     return pooled(state, name, f"recorded from {target} ({server.model}, {server.detail}) by pdmesh bench profile",
                   server.model)  # fmt: skip
+
+
+async def _calibrate(backend: Backend, load: ProfileLoad, vocab: Vocabulary, console: Console) -> None:
+    """Prompts of growing length, then decode batches of growing size."""
+    rng = np.random.default_rng(load.seed)
+    options = GenerationOptions(ignore_eos=True)
+    lengths = np.unique(np.geomspace(8, load.max_prompt, 12).astype(int))
+    prompts = [BenchRequest(i, vocab.random_ids(rng, int(n)), int(n), 2) for i, n in enumerate(lengths)]
+    console.print(f"profile: {len(prompts)} prompts of {lengths[0]} to {lengths[-1]} tokens, two at a time")
+    await run_point(backend, prompts * 2, options, max_in_flight=2)
+    for c in load.concurrencies:
+        batch = [
+            BenchRequest(i, vocab.random_ids(rng, n := int(rng.integers(16, load.max_prompt // 2))), n,
+                         load.decode_tokens)  # fmt: skip
+            for i in range(2 * c)
+        ]
+        console.print(f"profile: decode batches of {c} ({len(batch)} requests of {load.decode_tokens} tokens)")
+        await run_point(backend, batch, options, max_in_flight=c)
+    await asyncio.sleep(1.5)  # the last steps reach the scheduler with the next reports
 
 
 def pooled(state: ClusterState, name: str, source: str, model: str) -> Profile:

@@ -64,6 +64,7 @@ def _request_json(r: RequestResult) -> dict[str, Any]:
         "index": r.index, "ok": r.ok, "code": r.code, "prompt_tokens": r.prompt_tokens,
         "output_tokens": r.output_tokens, "scheduled_s": r.scheduled_s, "start_s": r.start_s,
         "ttft_s": r.ttft_s, "tpot_s": r.tpot_s, "e2e_s": r.e2e_s, "finish_reason": r.finish_reason,
+        "error": r.error,  # a refusal's message says whether, and when, to retry
     }  # fmt: skip
 
 
