@@ -207,7 +207,12 @@ class SloPolicy:
             if request.ttft_ms > 0 and plan.unavoidable_ms > request.ttft_ms:
                 continue  # the prompt alone is too slow on this worker
             late = max(0.0, plan.ttft_ms - request.ttft_ms) if request.ttft_ms > 0 else 0.0
-            soonest = min(soonest, max(late, decode_wait[id(plan.decode)] if plan.local else any_decode))
+            decode = decode_wait[id(plan.decode)] if plan.local else any_decode
+            if late == 0 and decode == 0 and not plan.feasible:
+                # In time and with room, yet a stall would push someone past its TPOT: a local prefill
+                # waits for a member to leave, a hand-off for the decode worker's own prefills.
+                decode = first_departure_ms(plan.decode, now) if plan.local else plan.decode.local_wait_ms
+            soonest = min(soonest, max(late, decode))
         return soonest
 
     def _batch_key(self, worker_id: str, batch: DecodeBatch) -> float:

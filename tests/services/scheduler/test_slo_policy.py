@@ -140,6 +140,18 @@ def test_no_plan_meeting_the_tpot_of_running_requests_is_refused_with_when_one_l
     assert cluster.ledger.bookings.keys() == {f"decode-0/r{i}" for i in range(10)}  # nothing booked for it
 
 
+def test_a_local_prefill_whose_stall_no_running_request_can_absorb_is_refused_until_one_leaves() -> None:
+    # No prefill worker; the four running requests can absorb 150 ms of stall, the prompt needs 200.
+    # In time and with room, the plan waits for a member to leave: 100 tokens x 10.4 ms.
+    cluster = Cluster(prefill=0, decode=1)
+    cluster.running("decode-0", 4, tpot_ms=12.0)
+
+    with pytest.raises(SloUnattainable) as refused:
+        cluster.place(2000)
+
+    assert refused.value.retry_after_s == pytest.approx(1.04)
+
+
 def test_a_full_queue_is_refused_with_when_it_will_have_drained_enough() -> None:
     # Both workers have 3 s of prompt work queued; the new prompt takes 110 ms (+5 to push): with a
     # 1 s TTFT target it must wait until 2.115 s of the queue is gone.
