@@ -25,8 +25,9 @@ def live_rows(path: Path, policy: str) -> list[str]:
         hinted = [r for r in refused if "retry in" in (r.get("error") or "")]
         met = [r for r in ok if _meets(r, slo)]
         slowest = max((r["e2e_s"] for r in refused), default=0.0)
+        load = run["load"]["value"]
         rows.append(
-            f"| {policy} | {run['load']['value']} | {len(reqs)} | {len(ok)} | {len(refused)} ({len(hinted)} with a hint) "
+            f"| {policy} | {load} | {len(reqs)} | {len(ok)} | {len(refused)} ({len(hinted)} with a hint) "
             f"| {slowest * 1000:.0f} | {100 * len(met) / max(1, len(ok)):.0f}% | {100 * len(met) / len(reqs):.0f}% |"
         )
     return rows
