@@ -33,7 +33,9 @@ async def calibrated(client: AsyncClient) -> ClusterState:
         state = await client.cluster_state()
         decode = [w for w in state.workers if w.role is WorkerRole.DECODE]
         models = [w.step_model for w in decode]
-        if models and all(m.num_samples > 0 and m.fixed_ms + m.per_decode_request_ms > 0 for m in models):
+        # A decode step's predicted time is positive (which term carries it is the fit's business).
+        step = [m.fixed_ms + m.per_decode_request_ms + m.per_decode_context_token_ms for m in models]
+        if models and all(m.num_samples > 0 for m in models) and min(step) > 0:
             return state
         assert time.monotonic() < deadline, f"the decode worker's step model never calibrated: {decode}"
         await asyncio.sleep(0.1)
