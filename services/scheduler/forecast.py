@@ -117,14 +117,16 @@ def room_wait_ms(
     """How long until the decode worker has KV for the request (its prompt and every output token,
     the reservation watermark kept free) and a batch slot: 0 now, else when enough members are
     predicted to have left; inf when the whole cache could not hold it."""
-    kv_limit = worker.info.kv_capacity_tokens * (1 - headroom)
+    capacity = worker.info.kv_capacity_tokens
+    if capacity and request.kv_tokens > capacity:
+        return math.inf
+    # The watermark keeps room for the batch to grow; a request alone may use all of the cache.
+    kv_limit = max(capacity * (1 - headroom), request.kv_tokens) if capacity else 0
     slots = worker.info.capacity.max_num_running_requests
     excess_kv = batch.kv_tokens + request.kv_tokens - kv_limit if kv_limit else 0
     excess_slots = len(batch) + 1 - slots if slots else 0
     if excess_kv <= 0 and excess_slots <= 0:
         return 0.0
-    if request.kv_tokens > kv_limit > 0:
-        return math.inf
     freed_kv = 0
     leaving = sorted((remaining_tokens(m, step_ms, now) * step_ms, m.kv_tokens) for m in batch.members.values())
     for freed_slots, (leaves_ms, kv_tokens) in enumerate(leaving, 1):

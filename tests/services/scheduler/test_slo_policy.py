@@ -152,6 +152,18 @@ def test_a_local_prefill_whose_stall_no_running_request_can_absorb_is_refused_un
     assert refused.value.retry_after_s == pytest.approx(1.04)
 
 
+def test_a_request_needing_nearly_all_of_an_idle_decode_workers_cache_is_placed() -> None:
+    # 100 + 1,850 tokens of KV: past the 10% kept free for a batch to grow, within the cache.
+    cluster = Cluster(prefill=0, decode=1, kv_tokens=2048)
+
+    placement = cluster.place(100, max_tokens=1850)
+
+    assert placement.plan is ExecutionPlan.LOCAL_PREFILL and placement.decode.worker_id == "decode-0"
+    with pytest.raises(SloUnattainable) as refused:  # more than the whole cache: never
+        Cluster(prefill=0, decode=1, kv_tokens=2048).place(100, max_tokens=2000)
+    assert refused.value.retry_after_s is None
+
+
 def test_a_full_queue_is_refused_with_when_it_will_have_drained_enough() -> None:
     # Both workers have 3 s of prompt work queued; the new prompt takes 110 ms (+5 to push): with a
     # 1 s TTFT target it must wait until 2.115 s of the queue is gone.
