@@ -72,6 +72,10 @@ class Streams:
                     me.waiting = False
                 yield response
                 if response.usage is not None:
+                    # The last chunk is out; the flow still reads its decode stream to the end,
+                    # which follows at once and is where that call's trace span ends.
+                    async for _ in responses:
+                        pass
                     return
             await responses.aclose()  # cancels the downstream calls, releases an open ticket
             yield flow.aborted()
