@@ -7,9 +7,9 @@ sampling parameters are converted, not checked again, and the engine keeps its o
 
 from __future__ import annotations
 
-import importlib.metadata
 from collections.abc import Sequence
 
+import pdmesh
 from engine.block_pool import KVEvents
 from engine.engine import Engine, EngineStats
 from engine.request import FinishReason, RequestOutput
@@ -134,5 +134,5 @@ def worker_info_to_pb(config: WorkerConfig, engine: Engine, kv_address: str, por
             max_num_batched_tokens=batcher.max_batched_tokens, max_model_len_tokens=engine.max_model_len,
         ),  # fmt: skip
         device=config.engine.device,
-        version=importlib.metadata.version("pdmesh"),
+        version=pdmesh.__version__,
     )
