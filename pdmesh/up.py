@@ -116,7 +116,9 @@ class MeshSpec:
                 "--scheduler", f"{self.reach_host}:{self.port}", "--worker-id", KVSTORE_ID,
                 *self._metrics_flag(_KVSTORE_PORT_OFFSET), *self.kvstore_args,
             )  # fmt: skip
-            specs.append(ChildSpec(KVSTORE_ID, argv, base_env))
+            # Wired up like the GPU workers it serves (services/kvstore/config.py says why).
+            store_env = (*base_env, ("PDMESH_KVSTORE_UCX_TLS", "sm,tcp,self")) if self.device == "cuda" else base_env
+            specs.append(ChildSpec(KVSTORE_ID, argv, store_env))
         return specs
 
     @property

@@ -34,6 +34,11 @@ class KVStoreConfig:
     max_namespaces: int = 4
     # How long an offered block's slot waits for the worker's push before it is given back.
     offer_lease_ms: int = 10_000
+    # The KV listener's UCX transports. Both ends of a connection must wire up alike: GPU workers
+    # name same-host transports, which lift the loopback lock-down (kvtransfer/config.py), so a
+    # store serving them on the same host needs one too ("sm,tcp,self"; `pdmesh up --device cuda`
+    # sets it). With "tcp,self" against such a worker, UCX fails to unpack the worker's address.
+    ucx_tls: str = "tcp,self"
     server: ServerConfig = field(default_factory=ServerConfig)
     channel: ChannelConfig = field(default_factory=ChannelConfig)  # its calls to the scheduler
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
@@ -53,4 +58,4 @@ class KVStoreConfig:
     def transport(self) -> TransportConfig:
         """The store's blocks and staging buffers are host memory: tcp reaches every worker (GPU
         workers stage through their own cuda_copy)."""
-        return TransportConfig(host=self.advertise_host, port=self.kv_port, device="cpu", ucx_tls="tcp,self")
+        return TransportConfig(host=self.advertise_host, port=self.kv_port, device="cpu", ucx_tls=self.ucx_tls)
