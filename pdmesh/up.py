@@ -117,7 +117,9 @@ class MeshSpec:
                 *self._metrics_flag(_KVSTORE_PORT_OFFSET), *self.kvstore_args,
             )  # fmt: skip
             # Wired up like the GPU workers it serves (services/kvstore/config.py says why).
-            store_env = (*base_env, ("PDMESH_KVSTORE_UCX_TLS", "sm,tcp,self")) if self.device == "cuda" else base_env
+            store_env = base_env
+            if self.device == "cuda":
+                store_env = (*base_env, ("PDMESH_KVSTORE_UCX_TLS", "cuda_copy,sm,tcp,self"))
             specs.append(ChildSpec(KVSTORE_ID, argv, store_env))
         return specs
 

@@ -36,8 +36,10 @@ class KVStoreConfig:
     offer_lease_ms: int = 10_000
     # The KV listener's UCX transports. Both ends of a connection must wire up alike: GPU workers
     # name same-host transports, which lift the loopback lock-down (kvtransfer/config.py), so a
-    # store serving them on the same host needs one too ("sm,tcp,self"; `pdmesh up --device cuda`
-    # sets it). With "tcp,self" against such a worker, UCX fails to unpack the worker's address.
+    # store serving them on the same host needs one too, and cuda_copy to receive from GPU memory
+    # ("cuda_copy,sm,tcp,self"; `pdmesh up --device cuda` sets it). Seen on an H200: with
+    # "tcp,self" UCX failed to unpack a GPU worker's address; with "sm,tcp,self" it found no
+    # protocol for a rendezvous "into host memory from cuda".
     ucx_tls: str = "tcp,self"
     server: ServerConfig = field(default_factory=ServerConfig)
     channel: ChannelConfig = field(default_factory=ChannelConfig)  # its calls to the scheduler
