@@ -49,7 +49,13 @@ def engine() -> Iterator[ContainerEngine]:
 def project(engine: ContainerEngine) -> Iterator[ComposeProject]:
     """The CPU file's project, its images built, brought up; taken down afterwards whatever happened."""
     name = f"pdmesh-test-{uuid.uuid4().hex[:8]}"
-    variables = {"PDMESH_PORT": str(_free_port()), "PDMESH_OPENAI_ADDRESS": f"127.0.0.1:{_free_port()}"}
+    variables = {
+        "PDMESH_PORT": str(_free_port()),
+        "PDMESH_OPENAI_ADDRESS": f"127.0.0.1:{_free_port()}",
+        # Under slo an idle decode worker prefills a short prompt itself; this test is about the
+        # KV moving between containers, so it asks for a placement that hands off.
+        "PDMESH_SCHEDULER_POLICY": "least_loaded",
+    }
     project = ComposeProject(engine, CPU_FILE, name, variables)
     args = project.config()["services"]["scheduler"]["build"]["args"]
     project.variables["PDMESH_BASE_IMAGE"] = base_image(engine, args["BASE"])
