@@ -113,7 +113,11 @@ def test_killed_decode_is_restarted_and_serves_again(project: ComposeProject, ex
     answer = ask(project)
     assert list(answer.token_ids) == expected_tokens
     assert answer.placement is not None and answer.placement.decode_worker_id == "decode-0"
-    assert answer.placement.plan is ExecutionPlan.DISAGGREGATED
+    # The first answer left the prompt's full blocks in the KV store: the restarted worker may
+    # fetch them and prefill only the rest itself, or take a hand-off; both move KV between
+    # containers.
+    from_store = answer.usage is not None and answer.usage.store_cached_prompt_tokens > 0
+    assert answer.placement.plan is ExecutionPlan.DISAGGREGATED or from_store, answer
 
 
 def test_down_leaves_nothing_behind(project: ComposeProject) -> None:
