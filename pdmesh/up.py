@@ -41,7 +41,10 @@ _KV_PORT_OFFSET = 100
 _METRICS_PORT_OFFSET = 200  # each process's Prometheus /metrics: port + 200 + n (the scheduler's n is 0)
 _KVSTORE_PORT_OFFSET = 99  # the store's gRPC port is the scheduler's + 99, its KV listener's + 199, its /metrics + 299
 KVSTORE_ID = "kvstore-0"
-_PORT_FIX = "Stop whatever listens there (`ss -ltnp` names it) or give `pdmesh up --port N` free ports"
+_PORT_FIX = (
+    "Stop whatever listens there (`ss -ltnp` names it), or move the mesh: `pdmesh up --port N` for its"
+    " gRPC, KV and metrics ports, `--http-port M` for the OpenAI API"
+)
 
 
 @dataclass(frozen=True)
