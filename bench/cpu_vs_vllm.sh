@@ -107,9 +107,9 @@ VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-2} start vllm \
     --served-model-name smollm2 --host 127.0.0.1 --port "$VLLM_PORT" --max-model-len 2048 --dtype "$DTYPE"
 wait_for vllm "Application startup complete" 1800
 PDMESH_SCHEDULER_LOCAL_PREFILL_MAX_TOKENS=1000000 start coloc \
-    "$PDMESH" up --port "$COLOC_PORT" --http-port $((COLOC_PORT + 300)) --prefill 0 --decode 1 "${up_flags[@]}"
+    "$PDMESH" up --port "$COLOC_PORT" --http-port $((COLOC_PORT + 350)) --prefill 0 --decode 1 "${up_flags[@]}"
 wait_for coloc "pdmesh is up" 600
-start disagg "$PDMESH" up --port "$DISAGG_PORT" --http-port $((DISAGG_PORT + 300)) --prefill 1 --decode 1 \
+start disagg "$PDMESH" up --port "$DISAGG_PORT" --http-port $((DISAGG_PORT + 350)) --prefill 1 --decode 1 \
     "${up_flags[@]}"  # each mesh its own OpenAI port (both would take 8000)
 wait_for disagg "pdmesh is up" 600
 
