@@ -38,6 +38,7 @@ class StagingPool:
         self.device = device
         self.retain_bytes = retain_bytes
         self.allocations = 0  # buffers ever allocated: flat once transfers reach a steady state
+        self.in_use = 0  # acquired and not yet released
         self._free: defaultdict[int, list[torch.Tensor]] = defaultdict(list)
         self._free_bytes = 0
         self._lock = threading.Lock()
@@ -45,6 +46,7 @@ class StagingPool:
     def acquire(self, nbytes: int) -> Staging:
         capacity = max(_MIN_CLASS, 1 << (nbytes - 1).bit_length())
         with self._lock:
+            self.in_use += 1
             free = self._free[capacity]
             if free:
                 self._free_bytes -= capacity
@@ -55,6 +57,7 @@ class StagingPool:
     def release(self, staging: Staging) -> None:
         capacity = staging.buffer.numel()
         with self._lock:
+            self.in_use -= 1
             if self._free_bytes + capacity <= self.retain_bytes:
                 self._free[capacity].append(staging.buffer)
                 self._free_bytes += capacity

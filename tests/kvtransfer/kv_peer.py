@@ -255,7 +255,13 @@ class _Worker:
             except Exception as e:
                 results[ticket] = {"ok": False, "error": e, "after_s": time.monotonic() - started}
             self.release(ticket)
-        return {"tickets": results, "staging_allocations": self.transport.sender.pool.allocations}
+        # A message's staging buffer goes back when UCX reports its send complete, which can come
+        # just after the receiver's Done: wait for that, so the next push can reuse it.
+        pool = self.transport.sender.pool
+        deadline = time.monotonic() + 5.0
+        while pool.in_use and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return {"tickets": results, "staging_allocations": pool.allocations}
 
 
 def _main(conn: Connection, spec: PeerSpec) -> None:
