@@ -1,5 +1,6 @@
 """The live SLO comparison (bench/slo_live.sh) as BENCHMARKS.md reads it: per policy and load, the
-requests admitted and refused (at once? with a retry hint?), the share of admitted requests meeting
+requests admitted and refused (at once? with a retry hint, or OUT_OF_RANGE: out of reach even on
+idle workers?), the share of admitted requests meeting
 both SLOs, and the TTFT/TPOT percentiles live beside `pdmesh sim`'s with the mesh's recorded
 profiles (the simulator's truth check: sim / live ratios).
 
@@ -21,13 +22,15 @@ def live_rows(path: Path, policy: str) -> list[str]:
     for run in doc["runs"]:
         reqs = run["per_request"]
         ok = [r for r in reqs if r["ok"]]
-        refused = [r for r in reqs if r["code"] == "RESOURCE_EXHAUSTED"]
+        refused = [r for r in reqs if r["code"] in ("RESOURCE_EXHAUSTED", "OUT_OF_RANGE")]
         hinted = [r for r in refused if "retry in" in (r.get("error") or "")]
+        out_of_reach = sum(1 for r in refused if r["code"] == "OUT_OF_RANGE")
         met = [r for r in ok if _meets(r, slo)]
         slowest = max((r["e2e_s"] for r in refused), default=0.0)
         load = run["load"]["value"]
         rows.append(
-            f"| {policy} | {load} | {len(reqs)} | {len(ok)} | {len(refused)} ({len(hinted)} with a hint) "
+            f"| {policy} | {load} | {len(reqs)} | {len(ok)} | {len(refused)} ({len(hinted)} with a hint, "
+            f"{out_of_reach} out of reach) "
             f"| {slowest * 1000:.0f} | {100 * len(met) / max(1, len(ok)):.0f}% | {100 * len(met) / len(reqs):.0f}% |"
         )
     return rows
@@ -61,7 +64,7 @@ def truth_rows(out: Path) -> list[str]:
 
 
 def main(out: Path) -> None:
-    print("| policy | trace speed-up | requests | admitted | refused (hinted) | slowest refusal ms | "
+    print("| policy | trace speed-up | requests | admitted | refused (hinted, out of reach) | slowest refusal ms | "
           "admitted meeting both SLOs | all meeting both |")
     print("|---|---|---|---|---|---|---|---|")
     for policy, name in (("least_loaded", "least.json"), ("slo", "slo.json")):

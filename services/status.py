@@ -49,12 +49,18 @@ class ExceedsCapacity(NoCapacity):
 class SloUnattainable(NoCapacity):
     """No plan is predicted to meet the request's SLO now (RESOURCE_EXHAUSTED, refused before any
     work). `retry_after_s` is when capacity is predicted to return: the client sees it as a
-    google.rpc.RetryInfo in the status details. None: waiting would not help (the SLO is out of
-    reach even on idle workers), and no RetryInfo is sent."""
+    google.rpc.RetryInfo in the status details (HTTP: Retry-After)."""
 
     def __init__(self, field: str, problem: str, fix: str, retry_after_s: float | None) -> None:
         super().__init__(field, problem, fix)
         self.retry_after_s = retry_after_s
+
+
+class SloOutOfReach(ServiceError):
+    """The request's SLO is out of reach even on idle workers (its prompt alone takes longer than
+    its TTFT target, a lone decode step longer than its TPOT target): the request must change, a
+    retry cannot help. OUT_OF_RANGE (HTTP 400), the message naming the target and the predicted
+    best."""
 
 
 class NoLiveWorker(ServiceError):
@@ -86,6 +92,7 @@ _BY_TYPE: dict[type[BaseException], grpc.StatusCode] = {
     TicketNotFound: grpc.StatusCode.NOT_FOUND,
     LeaseExpired: grpc.StatusCode.FAILED_PRECONDITION,
     NoCapacity: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    SloOutOfReach: grpc.StatusCode.OUT_OF_RANGE,
     NoLiveWorker: grpc.StatusCode.UNAVAILABLE,
     ModelNotFound: grpc.StatusCode.NOT_FOUND,
     DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,

@@ -5,7 +5,7 @@ calibrate from the workers' simulated load reports, a Ledger, the policy made by
 Placer the request flow uses. Each request takes the flow's steps (services/scheduler/flow.py),
 at the moments the flow takes them:
 
-    arrival -> Placer.place (a refusal ends it: RESOURCE_EXHAUSTED, counted as a miss)
+    arrival -> Placer.place (a refusal ends it: RESOURCE_EXHAUSTED or OUT_OF_RANGE, counted as a miss)
       local prefill:   the decode worker computes the prompt; first token; decode rows
       disaggregated:   Decode.Reserve (full: the other decode workers, then waiting with backoff,
                        as capacity.reserve) -> the prefill worker's queue -> the exposed push ->
@@ -34,8 +34,9 @@ from services.scheduler.policy import Placement, RequestShape
 from services.scheduler.predictor import Calibration, CalibrationSettings
 from services.scheduler.profile import Profile
 from services.scheduler.registry import Registry
-from services.status import NoCapacity, NoLiveWorker
+from services.status import NoCapacity, NoLiveWorker, SloOutOfReach
 
+_CODES = {SloOutOfReach: "OUT_OF_RANGE", NoLiveWorker: "UNAVAILABLE"}  # the rest are NoCapacity's
 _BACKOFF_S = (0.01, 0.25)  # capacity.reserve's first and longest pause
 
 
@@ -122,8 +123,8 @@ class SimMesh:
         start, start_cpu = time.perf_counter_ns(), time.thread_time_ns()
         try:
             placement = self.placer.place(shape)
-        except (NoCapacity, NoLiveWorker) as e:
-            self._fail(job, "RESOURCE_EXHAUSTED" if isinstance(e, NoCapacity) else "UNAVAILABLE", str(e))
+        except (NoCapacity, SloOutOfReach, NoLiveWorker) as e:
+            self._fail(job, _CODES.get(type(e), "RESOURCE_EXHAUSTED"), str(e))
             return
         finally:
             self.decision_cpu_ns.append(time.thread_time_ns() - start_cpu)
@@ -177,7 +178,7 @@ class SimMesh:
 
     def _finished(self, job: Job) -> None:
         job.finished_s = self.loop.now()
-        self.placer.ended(str(job.request.index))
+        self.placer.ended(str(job.request.index), job.request.output_tokens)
         self.registry.workers[job.decode_id].assigned -= 1
         r = job.request
         assert job.first_token_s is not None

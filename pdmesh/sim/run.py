@@ -45,7 +45,7 @@ class Run:
     metrics: RunMetrics
     ttft_attainment_pct: float
     tpot_attainment_pct: float
-    rejected_pct: float  # refused at once (RESOURCE_EXHAUSTED), counted as misses
+    rejected_pct: float  # refused at once (RESOURCE_EXHAUSTED, or OUT_OF_RANGE: never), counted as misses
     decisions: Latency
     wall_s: float  # how long the simulation took
     simulated_s: float  # virtual time the run spans
@@ -67,7 +67,7 @@ def simulate(
     span = max((r.arrival_s for r in requests), default=0.0) - min((r.arrival_s for r in requests), default=0.0)
     metrics = summarize(results, slo)
     n = max(1, len(results))
-    refused = sum(1 for r in results if r.code == "RESOURCE_EXHAUSTED")
+    refused = sum(1 for r in results if r.code in ("RESOURCE_EXHAUSTED", "OUT_OF_RANGE"))
     return Run(
         policy, load, (len(requests) - 1) / span if span > 0 else math.inf, metrics,
         goodput(results, Slo(slo.ttft_ms, None), metrics.duration_s).attainment_pct,

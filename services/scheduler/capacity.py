@@ -1,7 +1,7 @@
 """Getting a ticket when decode caches are full: try the other decode workers a prefill worker can
-push to, then wait for blocks to free, backing off, until the queue timeout (shorter with a TTFT
-target) or the client's deadline. A request no decode worker could ever hold never gets here: the
-servicer refuses it at once."""
+push to, then wait for blocks to free, backing off, until the request's queue budget runs out (the
+door's one budget, of which admission may have spent part) or the client's deadline. A request no
+decode worker could ever hold never gets here: the servicer refuses it at once."""
 
 from __future__ import annotations
 
@@ -26,15 +26,14 @@ async def reserve(
     request: SchedulerRequest,
     placement: Placement,
     lease_ms: int,
-    queue_s: float,
+    give_up: float,
     deadline: Deadline,
     waiting: Callable[[bool], None],
 ) -> tuple[Placement, TicketHandle]:
     """A ticket on the placement's decode worker or, when its cache is full, on another. Failures
-    other than a full cache are raised as they are; `waiting` hears when the request queues."""
-    if request.slo.ttft_ms > 0:
-        queue_s = min(queue_s, request.slo.ttft_ms / 1000)
-    give_up, delay = time.monotonic() + queue_s, _BACKOFF_S[0]
+    other than a full cache are raised as they are; `waiting` hears when the request queues.
+    `give_up`: time.monotonic() when its queue budget runs out."""
+    delay = _BACKOFF_S[0]
     while True:
         for worker in _candidates(registry, placement):
             try:

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
+import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
@@ -73,7 +75,9 @@ class Door:
                 "model", f"{request.model!r} is not served here", f"use {self.model!r} or leave it empty"
             )
         # Tokenizing is CPU work of any length: off the event loop, so no stream stalls on it.
+        received_at = self.registry.clock()  # its TTFT target runs from here
         accepted = await asyncio.to_thread(intake.accept, request, self.tokenizer, self.max_prompt_bytes)
+        accepted = dataclasses.replace(accepted, received_at=received_at)
         if request.max_tokens_unset:
             accepted = self._fill_context(accepted)
         watch.accepted(accepted, chat=isinstance(request.prompt, intake.ChatPrompt))
@@ -84,8 +88,11 @@ class Door:
         self, request: SchedulerRequest, deadline: Deadline, watch: RequestWatch
     ) -> AsyncIterator[Response]:
         """The request's responses, the last with usage and placement; a typed error ends it."""
-        flow = RequestFlow(request, self.placer, self.settings, deadline, self.releases)
-        async with self.admission.admit(request.priority, self._queue_timeout_s(request)):
+        # One queue budget for all its waiting: a decode slot here, KV blocks after placement.
+        queue_until = time.monotonic() + self._queue_timeout_s(request)
+        flow = RequestFlow(request, self.placer, self.settings, deadline, self.releases, queue_until)
+        may_wait = functools.partial(self.placer.wait_budget_s, flow.shape)
+        async with self.admission.admit(request.priority, queue_until, may_wait):
             self.flows.add(flow)
             try:
                 async for response in self.streams.run(flow):

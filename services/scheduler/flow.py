@@ -51,7 +51,7 @@ log = structlog.get_logger(__name__)
 class FlowSettings:
     lease_ms: int  # how long a decode worker holds an uncommitted ticket
     max_attempts: int  # prefill hand-offs, and decode failovers, per request
-    queue_timeout_s: float  # how long to wait for KV blocks when every decode cache is full
+    queue_timeout_s: float  # how long a request may wait in all (a decode slot, then KV blocks)
 
 
 class RequestFlow:
@@ -62,6 +62,7 @@ class RequestFlow:
         settings: FlowSettings,
         deadline: Deadline,
         releases: set[asyncio.Task[None]],  # the scheduler's Release calls in flight, outliving their flows
+        queue_until: float,  # time.monotonic() when its queue budget runs out (the door's, shared with admission)
     ) -> None:
         self.request = request
         self.placer = placer
@@ -69,6 +70,7 @@ class RequestFlow:
         self.settings = settings
         self.deadline = deadline
         self.releases = releases
+        self.queue_until = queue_until
         self.shape = placer.shape(request)
         self.outputs: list[int] = []  # every token sent to the client
         self.meter = UsageMeter()
@@ -92,7 +94,7 @@ class RequestFlow:
                 yield response
         finally:
             self._scheduled()
-            self.placer.ended(self.request.request_id)
+            self.placer.ended(self.request.request_id, len(self.outputs))
             await self._release_ticket()
             for worker in self._held:
                 worker.assigned -= 1
@@ -138,7 +140,7 @@ class RequestFlow:
         """Reserve on a decode worker, then prefill + push; the ticket stays open on success."""
         with self._scheduling():
             placement, ticket = await capacity.reserve(
-                self.registry, self.request, placement, self.settings.lease_ms, self.settings.queue_timeout_s,
+                self.registry, self.request, placement, self.settings.lease_ms, self.queue_until,
                 self.deadline, self._waiting,
             )  # fmt: skip
         self._scheduled()

@@ -13,7 +13,10 @@ member's remaining TPOT budget (its remaining tokens times its target less the n
 so admitting a request never pushes a running one past its SLO. d must also hold its KV (with the
 reservation watermark left free) and have a batch slot.
 
-All times in milliseconds from now; workers' models come from their calibrated predictors.
+All times in milliseconds from now; workers' models come from their calibrated predictors. The
+models predict means; every check against a target uses an upper bound instead (the forecast times
+the worker's recent error margin, margin.Margins): a TTFT bound per plan (the policy's), the step
+time after admission as `step_bound_ms` here.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import math
 from dataclasses import dataclass
 
 from services.scheduler.ledger import Booking, DecodeBatch, Ledger
+from services.scheduler.margin import Outcome
 from services.scheduler.registry import Worker
 
 DEFAULT_BUDGET_TOKENS = 2048  # a worker that registered no step budget
@@ -34,7 +38,7 @@ class Request:
     prompt_tokens: int
     max_tokens: int
     priority: int  # Priority.rank
-    ttft_ms: float  # targets; 0: none
+    ttft_ms: float  # targets; 0: none. TTFT: what is left of it now (the time since it arrived taken off)
     tpot_ms: float
 
     @property
@@ -72,6 +76,7 @@ class DecodeSide:
     batch: DecodeBatch
     step_now_ms: float
     step_after_ms: float
+    step_bound_ms: float  # the step after admission, bounded by the worker's recent TPOT errors
     room_wait_ms: float  # until its KV and a batch slot are free for the request (inf: never)
     local_wait_ms: float  # its own prefill queue (local prefills placed on it)
 
@@ -81,11 +86,12 @@ class DecodeSide:
         return not math.isinf(self.room_wait_ms)
 
     def tpot_ok(self, request: Request, stall_ms: float = 0.0) -> bool:
-        """The step after admission meets the new request's target (with `stall_ms` more spread over
-        its tokens) and every member's."""
-        own = request.tpot_ms <= 0 or self.step_after_ms + stall_ms / max(1, request.max_tokens - 1) <= request.tpot_ms
+        """The step after admission (its bound) meets the new request's target (with `stall_ms`
+        more spread over its tokens) and every member's."""
+        step = self.step_bound_ms
+        own = request.tpot_ms <= 0 or step + stall_ms / max(1, request.max_tokens - 1) <= request.tpot_ms
         tightest = self.batch.min_tpot_ms
-        return own and (tightest <= 0 or self.step_after_ms <= tightest)
+        return own and (tightest <= 0 or step <= tightest)
 
 
 def prefill_on(worker: Worker, ledger: Ledger, request: Request, cached: int, now: float) -> Prefill:
@@ -104,8 +110,10 @@ def decode_side(worker: Worker, ledger: Ledger, request: Request, now: float, he
     batch = ledger.batch(worker.worker_id)
     n, context = len(batch), batch.context_tokens
     step_now = model.decode_step_ms(n, context)
+    step_after = model.decode_step_ms(n + 1, context + request.mean_context)
+    error = worker.predictors.relative_error
     return DecodeSide(
-        worker, batch, step_now, model.decode_step_ms(n + 1, context + request.mean_context),
+        worker, batch, step_now, step_after, ledger.margins.bound_ms(Outcome.TPOT, worker.worker_id, step_after, error),
         room_wait_ms(worker, batch, request, step_now, now, headroom),
         ledger.queue(worker.worker_id).wait_ms(now, request.priority),
     )  # fmt: skip
@@ -149,15 +157,16 @@ def local_prefill(side: DecodeSide, request: Request, cached: int) -> Prefill:
     return Prefill(worker, cached, side.local_wait_ms, mixed, gain, steps, 0.0)
 
 
-def stall_fits(side: DecodeSide, prefill: Prefill, now: float) -> bool:
+def stall_fits(side: DecodeSide, prefill: Prefill, now: float, factor: float = 1.0) -> bool:
     """Whether every member with a TPOT target can absorb a local prefill's stall: its remaining
-    tokens at the new step time plus the stall stay within its target."""
-    stall = prefill.compute_ms
+    tokens at the new step time (its bound) plus the stall (its compute times `factor`, the
+    worker's TTFT margin) stay within its target."""
+    stall = prefill.compute_ms * factor
     if stall <= 0 or side.batch.min_tpot_ms <= 0:
         return True
     for member in side.batch.members.values():
         if member.tpot_ms > 0:
-            budget = remaining_tokens(member, side.step_now_ms, now) * (member.tpot_ms - side.step_after_ms)
+            budget = remaining_tokens(member, side.step_now_ms, now) * (member.tpot_ms - side.step_bound_ms)
             if budget < stall:
                 return False
     return True

@@ -11,6 +11,10 @@ A prefill queue drains one millisecond of predicted work per millisecond (higher
 first, as the engine's batcher runs them); each first token restarts that clock from the work
 still pending, so a queue's prediction is corrected by every completion it sees.
 
+Bookings carry what the policy predicted (TTFT from placement, TPOT); the first token and the end
+score those forecasts against what happened (margin.Margins), which is how the `slo` policy learns
+how wrong it has lately been on each worker.
+
 For placement over many workers, each role's workers are also kept in heaps by load (`LoadHeap`):
 the least loaded are found in O(k log n) rather than by visiting every worker.
 """
@@ -21,6 +25,8 @@ import heapq
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+
+from services.scheduler.margin import Margins, Outcome
 
 NUM_PRIORITIES = 3  # pdmesh.enums.Priority ranks: 0 low, 1 normal, 2 high
 
@@ -38,6 +44,9 @@ class Booking:
     prefill_worker: str | None  # whose prefill queue it is on; None once prefilled
     decode_worker: str
     decode_started: float | None = None  # when its first token was sent
+    placed_at: float = 0.0  # the clock when it was placed
+    predicted_ttft_ms: float | None = None  # from placement; None: the policy does not predict
+    predicted_tpot_ms: float | None = None
 
     @property
     def kv_tokens(self) -> int:
@@ -162,6 +171,7 @@ class Ledger:
         self.by_queue = LoadHeap()  # prefill workers by when their queues empty
         self.by_batch = LoadHeap()  # decode workers by a key the policy sets (its predicted step time)
         self.batch_key: Callable[[str, DecodeBatch], float] = lambda _, batch: float(len(batch))
+        self.margins = Margins()  # forecasts against outcomes (the slo policy configures and reads it)
         self._decode: dict[str, bool] = {}
 
     def track(self, worker_id: str, decode: bool) -> None:
@@ -200,16 +210,24 @@ class Ledger:
             return
         now = self.clock()
         booking.decode_started = now
+        if booking.prefill_worker is not None and booking.predicted_ttft_ms is not None:
+            measured = (now - booking.placed_at) * 1000
+            self.margins.observe(Outcome.TTFT, booking.prefill_worker, booking.predicted_ttft_ms, measured)
         if booking.prefill_worker is not None:
             worker, booking.prefill_worker = booking.prefill_worker, None
             self.queue(worker).remove(booking, now, completed=True)
             self._queue_changed(worker)
 
-    def end(self, request_id: str) -> None:
-        """It left the mesh (finished, failed, cancelled) or is being placed again."""
+    def end(self, request_id: str, num_tokens: int = 0) -> None:
+        """It left the mesh (finished, failed, cancelled) or is being placed again; `num_tokens`:
+        the tokens it generated (its TPOT is scored when there were at least two)."""
         booking = self.bookings.pop(request_id, None)
         if booking is None:
             return
+        started, predicted = booking.decode_started, booking.predicted_tpot_ms
+        if started is not None and predicted is not None and num_tokens >= 2:
+            measured = (self.clock() - started) * 1000 / (num_tokens - 1)
+            self.margins.observe(Outcome.TPOT, booking.decode_worker, predicted, measured)
         if booking.prefill_worker is not None:
             self.queue(booking.prefill_worker).remove(booking, self.clock(), completed=False)
             self._queue_changed(booking.prefill_worker)

@@ -11,12 +11,14 @@ here (`shape`), so every policy and the ledger see the same targets.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 from pdmesh.config import PolicyName, SloConfig
 from pdmesh.enums import WorkerRole
 from services.scheduler.forecast import DEFAULT_BUDGET_TOKENS
 from services.scheduler.ledger import Booking, Ledger
+from services.scheduler.margin import MarginSettings
 from services.scheduler.policy import BASELINES, Placement, Policy, Pool, RequestShape
 from services.scheduler.registry import Registry, Worker
 from services.scheduler.request import SchedulerRequest
@@ -28,9 +30,10 @@ def make_policy(
     name: PolicyName, registry: Registry, ledger: Ledger, slo: SloConfig, local_prefill_max_tokens: int
 ) -> Policy:
     if name is PolicyName.SLO:
+        margins = MarginSettings(quantile=slo.margin_quantile, window=slo.margin_window)
         settings = SloSettings(
             candidates=slo.candidates, overhead_ms=slo.overhead_ms, tie_fraction=slo.tie_fraction,
-            retry_min_s=slo.retry_min_s, retry_max_s=slo.retry_max_s,
+            retry_min_s=slo.retry_min_s, retry_max_s=slo.retry_max_s, margins=margins,
         )  # fmt: skip
         return SloPolicy(registry, ledger, settings)
     return BASELINES[name](local_prefill_max_tokens)
@@ -61,6 +64,14 @@ class Placer:
         self._book(shape, placement)
         return placement
 
+    def wait_budget_s(self, shape: RequestShape) -> float:
+        """How long the request may wait for admission and still be placed in time: the policy's
+        answer where it predicts (`slo`, which raises its refusal at once when no plan could meet
+        the SLO); no limit of its own for the others."""
+        if not isinstance(self.policy, SloPolicy):
+            return math.inf
+        return self.policy.wait_budget_ms(shape, Pool(self.registry)) / 1000
+
     def replace_decode(self, shape: RequestShape, failed: Worker) -> Worker:
         """Another decode worker for a request whose decode worker failed mid-stream; it prefills
         prompt + output so far itself."""
@@ -82,9 +93,10 @@ class Placer:
         self._unqueue(request_id)
         self.ledger.prefilled(request_id)
 
-    def ended(self, request_id: str) -> None:
+    def ended(self, request_id: str, num_tokens: int = 0) -> None:
+        """It left the mesh having generated `num_tokens` (its TPOT is scored against the forecast)."""
         self._unqueue(request_id)
-        self.ledger.end(request_id)
+        self.ledger.end(request_id, num_tokens)
 
     def _book(self, shape: RequestShape, placement: Placement) -> None:
         prefilling = placement.prefill or placement.decode
@@ -99,7 +111,8 @@ class Placer:
             prefill_ms = prefilling.predictors.step.prefill_ms(max(1, shape.prompt_tokens - cached), cached, budget)
         self.ledger.book(Booking(
             shape.request_id, shape.priority.rank, shape.prompt_tokens, shape.max_tokens, shape.tpot_ms, prefill_ms,
-            prefilling.worker_id, placement.decode.worker_id,
+            prefilling.worker_id, placement.decode.worker_id, placed_at=self.registry.clock(),
+            predicted_ttft_ms=placement.predicted_ttft_ms, predicted_tpot_ms=placement.predicted_tpot_ms,
         ))  # fmt: skip
 
     def _unqueue(self, request_id: str) -> None:

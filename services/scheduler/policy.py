@@ -3,7 +3,8 @@
 Contract (every policy): given the request's shape and the workers it may use (a Pool: live, not
 excluded), return a Placement naming a decode worker and either a prefill worker
 (ExecutionPlan.DISAGGREGATED) or none (the decode worker prefills itself, LOCAL_PREFILL), or raise
-NoCapacity (`slo` only: no plan meets the request's SLO; the error carries when to retry). A
+NoCapacity (`slo` only: no plan meets the request's SLO; the error carries when to retry) or
+SloOutOfReach (`slo` only: no idle worker could meet it either). A
 policy never blocks and never calls a worker; it reads the registry's last reports, the prefix
 index and the ledger's bookings. The same policy objects run in the scheduler and in the
 simulator (pdmesh sim).
@@ -50,6 +51,7 @@ class RequestShape:
     tpot_ms: float
     priority: Priority = Priority.NORMAL
     stores: tuple[str, ...] = ()  # the KV stores workers fetch from now (their ids in the prefix index)
+    received_at: float | None = None  # the registry's clock when it arrived; None: just now
 
     @classmethod
     def of(
@@ -60,7 +62,7 @@ class RequestShape:
         return cls(
             request.request_id, PromptBlocks(request.prompt_token_ids, index), request.sampling.max_tokens,
             request.slo.ttft_ms or default_ttft_ms, request.slo.tpot_ms or default_tpot_ms, request.priority,
-            tuple(stores),
+            tuple(stores), request.received_at,
         )  # fmt: skip
 
     @property

@@ -29,6 +29,7 @@ class SchedulerRequest:
     sampling: SamplingParams  # what every worker gets; seed always set
     slo: Slo = Slo()
     priority: Priority = Priority.NORMAL
+    received_at: float | None = None  # time.monotonic() when the door got it: its TTFT runs from then
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -7,12 +7,20 @@ the fastest predicted steps) and the workers holding the longest cached prefix o
 registry's prefix index) — and forecasts every plan among them (forecast.py): a local prefill on
 each decode candidate, and each prefill candidate handing off to each decode candidate of the same
 KV layout. A plan is feasible when its TTFT meets the target, the decode worker holds the KV, and
-no request on that decode worker (the new one included) is pushed past its TPOT target. Among
+no request on that decode worker (the new one included) is pushed past its TPOT target — each
+judged on an upper bound, not the mean: the forecast times the worker's recent error margin
+(margin.Margins, calibrated from the outcomes of the requests it admitted), so a worker whose
+forecasts have lately run 40% short gets 40% more room. Time the request spent before placement
+(tokenizing, the admission queue) comes off its TTFT target. Among
 feasible plans the cheapest wins — cost is the compute the plan spends, so a worker holding the
 prompt's prefix is cheap by itself — and plans within `tie_fraction` of each other are decided by
 prefix affinity (more cached tokens), then the earlier first token. When no plan is feasible the
 request is refused at once with RESOURCE_EXHAUSTED and the soonest time a plan is predicted to
-become feasible, rather than queued past its SLO.
+become feasible, rather than queued past its SLO; when even idle workers could not meet it (the
+prompt alone takes longer than the TTFT target, a lone decode step longer than the TPOT target),
+with OUT_OF_RANGE naming the target and the predicted best, since retrying cannot help. The
+admission queue asks first (`wait_budget_ms`): a request is refused before it queues, never after
+waiting out its SLO there.
 
 Priorities: a request's queue wait counts only work of its priority or higher (the engines run
 higher priorities first), so a lower priority never delays a higher one's first token. Targets a
@@ -25,6 +33,7 @@ better: they are the more loaded ones.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -42,9 +51,12 @@ from services.scheduler.forecast import (
     stall_fits,
 )
 from services.scheduler.ledger import DecodeBatch, Ledger
+from services.scheduler.margin import Margins, MarginSettings, Outcome
 from services.scheduler.policy import Placement, Pool, RequestShape, no_decode_worker
 from services.scheduler.registry import Registry, Worker
-from services.status import SloUnattainable
+from services.status import SloOutOfReach, SloUnattainable
+
+_LATE_MS = 1e-6  # the TTFT left to a request that has already waited past its target: none meets it
 
 
 @dataclass(frozen=True)
@@ -55,6 +67,7 @@ class SloSettings:
     kv_headroom: float = 0.1  # share of a decode worker's KV kept free (the reservation watermark)
     retry_min_s: float = 0.05  # bounds of the retry hint of a refusal
     retry_max_s: float = 60.0
+    margins: MarginSettings = MarginSettings()  # the error margins forecasts are bounded by
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,8 +75,10 @@ class Plan:
     prefill: Prefill
     decode: DecodeSide
     local: bool
-    ttft_ms: float
+    ttft_ms: float  # the mean forecasts (what the outcomes are scored against)
     tpot_ms: float
+    ttft_bound_ms: float  # the TTFT forecast's upper bound: what the target is checked against
+    ttft_factor: float  # the prefilling worker's margin the bound came from
     feasible: bool
 
     @property
@@ -83,11 +98,12 @@ class SloPolicy:
         self.registry = registry
         self.ledger = ledger
         self.settings = settings
+        self.margins = ledger.margins = Margins(settings.margins)
         ledger.batch_key = self._batch_key
 
     def place(self, shape: RequestShape, pool: Pool) -> Placement:
         now = self.registry.clock()
-        request = Request(shape.prompt_tokens, shape.max_tokens, shape.priority.rank, shape.ttft_ms, shape.tpot_ms)
+        request = self._request(shape, now)
         plans, sides = self._plans(shape, request, pool, now)
         best = _choose([p for p in plans if p.feasible], self.settings.tie_fraction)
         if best is None:
@@ -97,6 +113,27 @@ class SloPolicy:
             predicted_tpot_ms=best.tpot_ms, cost_ms=best.cost_ms, cached_tokens=best.prefill.cached_tokens,
             prefill_ms=best.prefill.duration_ms,
         )  # fmt: skip
+
+    def wait_budget_ms(self, shape: RequestShape, pool: Pool) -> float:
+        """How long the request may wait before placement (in the admission queue, for a decode
+        slot) and still meet its TTFT: the most slack of its feasible plans, counting the wait for a
+        slot they already predict. Raises the refusal at once when no plan is feasible."""
+        now = self.registry.clock()
+        request = self._request(shape, now)
+        plans, sides = self._plans(shape, request, pool, now)
+        feasible = [p for p in plans if p.feasible]
+        if not feasible:
+            raise self._refusal(shape, request, plans, sides, now)
+        if request.ttft_ms <= 0:
+            return math.inf
+        return max(max(0.0, request.ttft_ms - p.ttft_bound_ms + p.decode.room_wait_ms) for p in feasible)
+
+    def _request(self, shape: RequestShape, now: float) -> Request:
+        """What a forecast needs of the request; its TTFT target less the time since it arrived."""
+        ttft = shape.ttft_ms
+        if ttft > 0 and shape.received_at is not None:
+            ttft = max(_LATE_MS, ttft - max(0.0, now - shape.received_at) * 1000)
+        return Request(shape.prompt_tokens, shape.max_tokens, shape.priority.rank, ttft, shape.tpot_ms)
 
     # -- candidates and plans ---------------------------------------------------------------------
 
@@ -149,44 +186,58 @@ class SloPolicy:
         start = max(prefill.wait_ms, side.room_wait_ms)
         return start + prefill.duration_ms + prefill.transfer_ms + self.settings.overhead_ms
 
+    def _ttft_factor(self, worker: Worker) -> float:
+        """The worker's TTFT margin: its forecasts times this bound what it delivers."""
+        return self.margins.factor(Outcome.TTFT, worker.worker_id, worker.predictors.relative_error)
+
     def _local(self, side: DecodeSide, request: Request, cached: int, now: float) -> Plan:
         prefill = local_prefill(side, request, cached)
         ttft = self._ttft_ms(prefill, side)
-        ok = _ttft_ok(request, ttft) and side.fits and side.tpot_ok(request) and stall_fits(side, prefill, now)
-        return Plan(prefill, side, True, ttft, side.step_after_ms, ok)
+        factor = self._ttft_factor(side.worker)
+        bound = factor * max(ttft, self.margins.settings.ttft_floor_ms)
+        stall_ok = stall_fits(side, prefill, now, factor)
+        ok = _ttft_ok(request, bound) and side.fits and side.tpot_ok(request) and stall_ok
+        return Plan(prefill, side, True, ttft, side.step_after_ms, bound, factor, ok)
 
     def _handoff(self, prefill: Prefill, sides: list[DecodeSide], request: Request) -> Plan | None:
         """The hand-off to the first of `sides` (fastest step first) that can take the request in
         time; else, infeasible, to the one giving the earliest first token (a refusal reads it)."""
         fallback: Plan | None = None
+        factor = self._ttft_factor(prefill.worker)
         for side in sides:
             ttft = self._ttft_ms(prefill, side)
+            bound = factor * max(ttft, self.margins.settings.ttft_floor_ms)
             # Local prefills still queued on the decode worker when the request joins stall its decode.
             stall = max(0.0, side.local_wait_ms - ttft)
             ok = side.fits and side.tpot_ok(request, stall)
             tpot = side.step_after_ms + stall / max(1, request.max_tokens - 1)
-            if ok and _ttft_ok(request, ttft):
-                return Plan(prefill, side, False, ttft, tpot, True)
-            if fallback is None or ttft < fallback.ttft_ms:
-                fallback = Plan(prefill, side, False, ttft, tpot, False)
+            if ok and _ttft_ok(request, bound):
+                return Plan(prefill, side, False, ttft, tpot, bound, factor, True)
+            if fallback is None or bound < fallback.ttft_bound_ms:
+                fallback = Plan(prefill, side, False, ttft, tpot, bound, factor, False)
         return fallback
 
     # -- refusals ---------------------------------------------------------------------------------
 
     def _refusal(
         self, shape: RequestShape, request: Request, plans: list[Plan], sides: list[DecodeSide], now: float
-    ) -> SloUnattainable:
+    ) -> SloUnattainable | SloOutOfReach:
         s = self.settings
-        soonest = self._soonest_ms(request, plans, sides, now)
-        best = min(plans, key=lambda p: p.ttft_ms, default=None)
+        out_of_reach = _out_of_reach(shape, request, plans, sides)
+        if out_of_reach is not None:
+            return out_of_reach
+        # A retry comes with its whole TTFT target again.
+        soonest = self._soonest_ms(dataclasses.replace(request, ttft_ms=shape.ttft_ms), plans, sides, now)
+        best = min(plans, key=lambda p: p.ttft_bound_ms, default=None)
         why = "no worker is live for it" if best is None else (
-            f"the best plan predicts TTFT {best.ttft_ms:.0f} ms and TPOT {best.tpot_ms:.1f} ms against targets "
-            f"{shape.ttft_ms or 'none'} / {shape.tpot_ms or 'none'} ms (or its decode worker is full)"
+            f"the best plan predicts TTFT {best.ttft_ms:.0f} ms (bound {best.ttft_bound_ms:.0f} ms) and TPOT "
+            f"{best.tpot_ms:.1f} ms against targets {request.ttft_ms:.0f} ms left / {shape.tpot_ms or 'none'} ms "
+            "(or its decode worker is full)"
         )  # fmt: skip
         if math.isinf(soonest):
-            return SloUnattainable(
+            return SloOutOfReach(
                 "slo", f"no plan can meet the request's SLO, even on idle workers: {why}",
-                "relax ttft_ms or tpot_ms, or shorten the prompt; retrying will not help", retry_after_s=None,
+                "relax slo.ttft_ms or slo.tpot_ms, or shorten the prompt; retrying will not help",
             )  # fmt: skip
         retry_s = min(s.retry_max_s, max(s.retry_min_s, soonest / 1000))
         return SloUnattainable(
@@ -195,18 +246,24 @@ class SloPolicy:
         )  # fmt: skip
 
     def _soonest_ms(self, request: Request, plans: list[Plan], sides: list[DecodeSide], now: float) -> float:
-        """When some plan is predicted to become feasible: its queue drained by the TTFT's excess,
-        and its decode worker able to take the request (the first of its batch gone: KV and step
-        time freed). Never (inf), when even an empty queue would leave every TTFT late."""
+        """When some plan is predicted to become feasible: its queue drained by the TTFT bound's
+        excess, and its decode worker able to take the request (the first of its batch gone: KV and
+        step time freed). A plan that would be late even with an empty queue only by its worker's
+        margin (the mean forecast fits) is worth retrying after about one TTFT target, by when that
+        margin has seen more outcomes. Never (inf), when even an empty queue leaves every mean
+        forecast late."""
         decode_wait = {
             id(side): 0.0 if side.fits and side.tpot_ok(request) else first_departure_ms(side, now) for side in sides
         }
         any_decode = min(decode_wait.values(), default=math.inf)
         soonest = math.inf
+        floor = self.margins.settings.ttft_floor_ms
         for plan in plans:
             if request.ttft_ms > 0 and plan.unavoidable_ms > request.ttft_ms:
                 continue  # the prompt alone is too slow on this worker
-            late = max(0.0, plan.ttft_ms - request.ttft_ms) if request.ttft_ms > 0 else 0.0
+            late = max(0.0, plan.ttft_bound_ms - request.ttft_ms) / plan.ttft_factor if request.ttft_ms > 0 else 0.0
+            if request.ttft_ms > 0 and plan.ttft_factor * max(plan.unavoidable_ms, floor) > request.ttft_ms:
+                late = request.ttft_ms  # no drain is enough under the margin as it stands
             decode = decode_wait[id(plan.decode)] if plan.local else any_decode
             if late == 0 and decode == 0 and not plan.feasible:
                 # In time and with room, yet a stall would push someone past its TPOT: a local prefill
@@ -221,6 +278,30 @@ class SloPolicy:
         if worker is None:
             return float(len(batch))
         return worker.predictors.step.decode_step_ms(len(batch), batch.context_tokens)
+
+
+def _out_of_reach(
+    shape: RequestShape, request: Request, plans: list[Plan], sides: list[DecodeSide]
+) -> SloOutOfReach | None:
+    """The refusal of a target no idle worker could meet (mean forecasts, not bounds: a worker
+    slowed by load now is not "never"): the prompt's steps alone exceed the TTFT target on every
+    plan, or a lone decode step exceeds the TPOT target on every decode worker."""
+    if shape.ttft_ms > 0 and plans and all(p.unavoidable_ms > shape.ttft_ms for p in plans):
+        best = min(p.unavoidable_ms for p in plans)
+        return SloOutOfReach(
+            "slo.ttft_ms", f"is {shape.ttft_ms:g} ms, and the fastest plan is predicted to need {best:.0f} ms for "
+            f"the prompt alone ({shape.prompt_tokens} tokens) even on an idle worker",
+            f"allow at least {math.ceil(best)} ms or shorten the prompt; retrying will not help",
+        )  # fmt: skip
+    if shape.tpot_ms > 0 and sides:
+        alone = min(side.worker.predictors.step.decode_step_ms(1, request.mean_context) for side in sides)
+        if alone > shape.tpot_ms:
+            return SloOutOfReach(
+                "slo.tpot_ms", f"is {shape.tpot_ms:g} ms, and the fastest decode worker is predicted to take "
+                f"{alone:.1f} ms per token even running this request alone",
+                f"allow at least {math.ceil(alone)} ms; retrying will not help",
+            )  # fmt: skip
+    return None
 
 
 def _ttft_ok(request: Request, ttft_ms: float) -> bool:

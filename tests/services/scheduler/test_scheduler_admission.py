@@ -131,3 +131,21 @@ async def test_a_prompt_over_the_byte_limit_is_invalid_naming_the_field_and_the_
     assert details.startswith(f"{field}: is ") and "limit of 100 (max_prompt_bytes)" in details
     assert mesh.decode_servicer().generates == []
     assert await mesh.client.complete("x" * 100, max_tokens=2)  # at the limit: served
+
+
+async def test_the_queue_timeout_is_one_budget_for_a_decode_slot_and_then_kv_blocks(mesh_factory: MeshFactory) -> None:
+    # The slots are taken for about 2 s (50 tokens 40 ms apart); then the decode cache is full.
+    # A handed-off request waits for a slot, then for blocks: 3 s in all, not 3 s more after the slot.
+    mesh = await mesh_factory(prefill=1, decode=1, queue_timeout_ms=3000)
+    running = await fill_slots(mesh)
+    mesh.decode_servicer().token_delay_s = 0.04
+    mesh.decode_servicer().full = True  # Reserve refuses: the hand-off waits for blocks
+
+    started = time.monotonic()
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await mesh.client.complete(list(range(1, 101)), max_tokens=2)  # 100 tokens: handed off
+    waited = time.monotonic() - started
+
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert 2.9 <= waited < 4.5, waited  # two budgets would have taken about 5 s
+    await asyncio.gather(*running)

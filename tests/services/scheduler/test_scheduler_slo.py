@@ -8,8 +8,9 @@ import asyncio
 import time
 
 import grpc
+import httpx
 import pytest
-from scheduler_mesh import Mesh, MeshFactory
+from scheduler_mesh import Mesh, MeshFactory, eventually
 
 from pdmesh.client import retry_after_s
 from pdmesh.config import PolicyName, SloConfig
@@ -70,13 +71,56 @@ async def test_a_saturated_mesh_refuses_at_once_with_resource_exhausted_and_retr
     assert len(done.token_ids) == 20
 
 
-async def test_an_slo_no_idle_worker_could_meet_is_refused_without_a_retry_hint(mesh_factory: MeshFactory) -> None:
+async def test_an_slo_no_idle_worker_could_meet_is_out_of_range_without_a_retry_hint(mesh_factory: MeshFactory) -> None:
     mesh = await mesh_factory(prefill=1, decode=1, policy=PolicyName.SLO)
     await calibrated(mesh)
 
     with pytest.raises(grpc.aio.AioRpcError) as refused:
         await mesh.client.complete([1, 2, 3], max_tokens=4, ttft_ms=5)  # a prefill step alone takes 10 ms
 
-    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert refused.value.code() == grpc.StatusCode.OUT_OF_RANGE
     assert retry_after_s(refused.value) is None
-    assert "retrying will not help" in (refused.value.details() or "")
+    details = refused.value.details() or ""
+    assert details.startswith("slo.ttft_ms: is 5 ms, and the fastest plan is predicted to need 10 ms")
+    assert "retrying will not help" in details
+
+
+async def test_over_http_an_slo_no_idle_worker_could_meet_is_a_400_naming_the_target(mesh_factory: MeshFactory) -> None:
+    mesh = await mesh_factory(prefill=1, decode=1, policy=PolicyName.SLO)
+    await calibrated(mesh)
+
+    async with httpx.AsyncClient(base_url=mesh.http_url, timeout=30) as http:
+        reply = await http.post("/v1/completions", json={"prompt": [1, 2, 3], "max_tokens": 4, "slo": {"ttft_ms": 5}})
+
+    assert reply.status_code == 400, reply.text
+    assert "retry-after" not in reply.headers
+    error = reply.json()["error"]
+    assert (error["type"], error["param"]) == ("invalid_request_error", "slo.ttft_ms")
+    assert error["code"] == "slo_out_of_reach"
+
+
+async def test_a_request_that_could_not_get_a_decode_slot_within_its_ttft_is_refused_before_queueing(
+    mesh_factory: MeshFactory,
+) -> None:
+    # Eight streams fill the scripted decode worker's eight slots for about 5 s (100 tokens, 50 ms
+    # apart; the calibrated step with eight rows is 50 ms). A ninth with a 2 s TTFT target cannot
+    # get a slot in time: refused at once with when to come back, not after 2 s in the queue.
+    mesh = await mesh_factory(prefill=0, decode=1, policy=PolicyName.SLO)
+    await calibrated(mesh)
+    mesh.decode_servicer().token_delay_s = 0.05
+    streams = [mesh.client.generate([1, 2, 3], max_tokens=100, seed=i) for i in range(8)]
+    for s in streams:
+        await anext(s)
+    await eventually(lambda: mesh.decode_servicer().running == 8, what="every slot to be taken")
+
+    started = time.monotonic()
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await mesh.client.complete([1, 2, 3], max_tokens=4, ttft_ms=2000)
+
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert time.monotonic() - started < 1.5  # the old queue held it its whole 2 s target first
+    hint = retry_after_s(refused.value)
+    assert hint is not None and hint >= 1.0  # the first stream leaves seconds from now
+    assert (await mesh.cluster()).num_queued_requests == 0
+    for s in streams:
+        await s.aclose()

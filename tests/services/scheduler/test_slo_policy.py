@@ -1,74 +1,18 @@
 """The `slo` policy on hand-built cluster states: which plan it picks, when it refuses, and how
 priorities order admission.
 
-Every worker runs one step model with round numbers, so each expected plan can be worked out by
-hand: a step costs 10 ms, plus 0.1 ms per prompt token and 0.1 ms per decode row (attention and
-context free); a KV push costs 5 ms. Prompts of up to 2048 tokens take one step (the budget).
+The cluster (slo_cluster.py): a step costs 10 ms, plus 0.1 ms per prompt token and 0.1 ms per
+decode row (attention and context free); a KV push costs 5 ms. Prompts of up to 2048 tokens take
+one step (the budget).
 """
 
 from __future__ import annotations
 
 import pytest
+from slo_cluster import Cluster
 
-from engine.block_pool import KVEvents
-from engine.kv_layout import KVLayout
-from pdmesh.config import SloConfig
-from pdmesh.enums import ExecutionPlan, Priority, WorkerHealth, WorkerRole
-from services.scheduler.ledger import Booking, Ledger
-from services.scheduler.placer import Placer
-from services.scheduler.policy import RequestShape
-from services.scheduler.predictor import Calibration, CalibrationSettings, StepModel, TransferModel
-from services.scheduler.prefix import PromptBlocks
-from services.scheduler.registry import Registry
-from services.scheduler.reports import Capacity, LoadReport, WorkerInfo
-from services.scheduler.slo import SloPolicy, SloSettings
-from services.status import SloUnattainable
-
-MODEL = StepModel(fixed_ms=10.0, ms_per_prefill_token=0.1, ms_per_decode_request=0.1)
-PUSH = TransferModel(fixed_ms=5.0)
-LAYOUT = KVLayout("fp", "float16", 16, 2, 2, 8)
-
-
-class Cluster:
-    """A registry of workers that never report load, the ledger, and the slo policy over them, on
-    a clock the test sets."""
-
-    def __init__(self, prefill: int, decode: int, kv_tokens: int = 1 << 20) -> None:
-        self.now = 100.0
-        calibration = Calibration(CalibrationSettings(), MODEL, PUSH)
-        self.registry = Registry(3600.0, None, calibration, clock=lambda: self.now)
-        self.ledger = Ledger(self.registry.clock)
-        policy = SloPolicy(self.registry, self.ledger, SloSettings())
-        self.placer = Placer(policy, self.registry, self.ledger, SloConfig())
-        capacity = Capacity(kv_tokens // LAYOUT.block_size, 256, 2048, 1 << 20)
-        for role, count in ((WorkerRole.PREFILL, prefill), (WorkerRole.DECODE, decode)):
-            for i in range(count):
-                name = f"{role.value}-{i}"
-                self.registry.add(WorkerInfo(name, role, f"test://{name}", "", "m", LAYOUT, capacity, "dev"), None)
-
-    def running(self, decode: str, count: int, tpot_ms: float, prompt: int = 1000, max_tokens: int = 100) -> None:
-        """`count` requests decoding on `decode` since now, each with its TPOT target."""
-        for i in range(count):
-            booking = Booking(f"{decode}/r{i}", 1, prompt, max_tokens, tpot_ms, 0.0, None, decode, self.now)
-            self.ledger.book(booking)
-
-    def queued(self, worker: str, work_ms: float, priority: Priority = Priority.NORMAL) -> None:
-        """Prompt work already on a worker's queue (bound for decode-0)."""
-        rid = f"{worker}/q{len(self.ledger.bookings)}"
-        self.ledger.book(Booking(rid, priority.rank, 10, 1, 0.0, work_ms, worker, "decode-0"))
-
-    def caches(self, worker: str, prompt: list[int], tokens: int) -> None:
-        """The worker reports the prompt's first `tokens` cached."""
-        hashes = PromptBlocks(prompt).hashes(LAYOUT.model_fingerprint, LAYOUT.block_size)[: tokens // LAYOUT.block_size]
-        events = KVEvents(snapshot=True, stored=tuple(hashes))
-        self.registry.report(LoadReport(worker, 1, health=WorkerHealth.SERVING, kv_events=events))
-
-    def place(self, prompt: int | list[int], *, ttft_ms: float = 10_000, tpot_ms: float = 0, max_tokens: int = 10,
-              priority: Priority = Priority.NORMAL):  # fmt: skip
-        tokens = list(range(prompt)) if isinstance(prompt, int) else prompt
-        prompt = PromptBlocks(tokens, self.registry.index)
-        shape = RequestShape(f"new{len(self.ledger.bookings)}", prompt, max_tokens, ttft_ms, tpot_ms, priority)
-        return self.placer.place(shape)
+from pdmesh.enums import ExecutionPlan, Priority
+from services.status import SloOutOfReach, SloUnattainable
 
 
 def test_an_idle_decode_worker_prefills_a_prompt_itself_no_push_is_cheaper() -> None:
@@ -159,7 +103,7 @@ def test_a_request_needing_nearly_all_of_an_idle_decode_workers_cache_is_placed(
     placement = cluster.place(100, max_tokens=1850)
 
     assert placement.plan is ExecutionPlan.LOCAL_PREFILL and placement.decode.worker_id == "decode-0"
-    with pytest.raises(SloUnattainable) as refused:  # more than the whole cache: never
+    with pytest.raises(SloOutOfReach) as refused:  # more than the whole cache: never
         Cluster(prefill=0, decode=1, kv_tokens=2048).place(100, max_tokens=2000)
     assert refused.value.retry_after_s is None
 
@@ -179,14 +123,28 @@ def test_a_full_queue_is_refused_with_when_it_will_have_drained_enough() -> None
     assert cluster.place(1000, ttft_ms=1000).predicted_ttft_ms <= 1000
 
 
-def test_a_prompt_no_idle_worker_could_prefill_in_time_is_refused_without_a_retry_hint() -> None:
+def test_a_prompt_no_idle_worker_could_prefill_in_time_is_out_of_reach_naming_the_target_and_the_best() -> None:
     cluster = Cluster(prefill=1, decode=1)
 
-    with pytest.raises(SloUnattainable) as refused:
+    with pytest.raises(SloOutOfReach) as refused:
         cluster.place(20_000, ttft_ms=1000)  # 10 steps: 100 + 2000 ms on an idle worker
 
     assert refused.value.retry_after_s is None
-    assert "retrying will not help" in str(refused.value)
+    assert refused.value.field == "slo.ttft_ms"
+    assert str(refused.value) == (
+        "slo.ttft_ms: is 1000 ms, and the fastest plan is predicted to need 2100 ms for the prompt alone "
+        "(20000 tokens) even on an idle worker; allow at least 2100 ms or shorten the prompt; retrying will not help"
+    )
+
+
+def test_a_tpot_target_below_a_lone_decode_step_is_out_of_reach() -> None:
+    cluster = Cluster(prefill=1, decode=2)
+
+    with pytest.raises(SloOutOfReach) as refused:
+        cluster.place(100, tpot_ms=10.0)  # a step alone: 10 + 0.1 ms
+
+    assert refused.value.field == "slo.tpot_ms"
+    assert "predicted to take 10.1 ms per token even running this request alone" in str(refused.value)
 
 
 def test_lower_priority_work_does_not_delay_a_higher_priority_first_token() -> None:
