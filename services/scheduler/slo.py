@@ -223,7 +223,7 @@ class SloPolicy:
         self, shape: RequestShape, request: Request, plans: list[Plan], sides: list[DecodeSide], now: float
     ) -> SloUnattainable | SloOutOfReach:
         s = self.settings
-        out_of_reach = _out_of_reach(shape, request, plans, sides)
+        out_of_reach = _out_of_reach(shape, request, plans, sides, self.margins.settings)
         if out_of_reach is not None:
             return out_of_reach
         # A retry comes with its whole TTFT target again.
@@ -281,20 +281,23 @@ class SloPolicy:
 
 
 def _out_of_reach(
-    shape: RequestShape, request: Request, plans: list[Plan], sides: list[DecodeSide]
+    shape: RequestShape, request: Request, plans: list[Plan], sides: list[DecodeSide], margins: MarginSettings
 ) -> SloOutOfReach | None:
     """The refusal of a target no idle worker could meet (mean forecasts, not bounds: a worker
     slowed by load now is not "never"): the prompt's steps alone exceed the TTFT target on every
-    plan, or a lone decode step exceeds the TPOT target on every decode worker."""
-    if shape.ttft_ms > 0 and plans and all(p.unavoidable_ms > shape.ttft_ms for p in plans):
-        best = min(p.unavoidable_ms for p in plans)
-        return SloOutOfReach(
-            "slo.ttft_ms", f"is {shape.ttft_ms:g} ms, and the fastest plan is predicted to need {best:.0f} ms for "
-            f"the prompt alone ({shape.prompt_tokens} tokens) even on an idle worker",
-            f"allow at least {math.ceil(best)} ms or shorten the prompt; retrying will not help",
-        )  # fmt: skip
+    plan, or a lone decode step exceeds the TPOT target on every decode worker. No forecast is
+    bounded below the margins' floors, so a target under a floor is never met either."""
+    if shape.ttft_ms > 0 and plans:
+        best = max(margins.ttft_floor_ms, min(p.unavoidable_ms for p in plans))
+        if best > shape.ttft_ms:
+            return SloOutOfReach(
+                "slo.ttft_ms", f"is {shape.ttft_ms:g} ms, and the fastest plan is predicted to need {best:.0f} ms "
+                f"for the prompt alone ({shape.prompt_tokens} tokens) even on an idle worker",
+                f"allow at least {math.ceil(best)} ms or shorten the prompt; retrying will not help",
+            )  # fmt: skip
     if shape.tpot_ms > 0 and sides:
         alone = min(side.worker.predictors.step.decode_step_ms(1, request.mean_context) for side in sides)
+        alone = max(margins.tpot_floor_ms, alone)
         if alone > shape.tpot_ms:
             return SloOutOfReach(
                 "slo.tpot_ms", f"is {shape.tpot_ms:g} ms, and the fastest decode worker is predicted to take "

@@ -35,7 +35,7 @@ CONTEXT = 512  # the tiny model's max_position_embeddings
 KV_BLOCKS = 96  # 384 tokens: less than the context, so "fits no decode worker" is reachable
 MAX_PROMPT_BYTES = 4096
 INVALID, NOT_FOUND, OK = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.OK
-EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
+EXHAUSTED, OUT_OF_RANGE = grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.OUT_OF_RANGE
 NOT_UTF8 = b"ok \xff\xfe"
 FUZZ_CASES = 3000
 # Valid variants finish in milliseconds; one that waits this long for KV blocks is told so.
@@ -257,8 +257,14 @@ TABLE: dict[str, list[Case]] = {
     "SamplingParams.ignore_eos": [ok("set", sampling("ignore_eos", True))],
     "SamplingParams.logprobs": [ok("set", sampling("logprobs", True))],
     "SamplingParams.include_stop_str_in_output": [ok("set", sampling("include_stop_str_in_output", True))],
-    "Slo.ttft_ms": [ok("60 s", slo("ttft_ms")(60000.0)), *floats("slo.ttft_ms", slo("ttft_ms"), -1.0)],
-    "Slo.tpot_ms": [ok("1 s", slo("tpot_ms")(1000.0)), *floats("slo.tpot_ms", slo("tpot_ms"), -1.0)],
+    "Slo.ttft_ms": [
+        ok("60 s", slo("ttft_ms")(60000.0)), *floats("slo.ttft_ms", slo("ttft_ms"), -1.0),
+        refused("out of reach", "slo.ttft_ms", slo("ttft_ms")(1.0), OUT_OF_RANGE, says="retrying will not help"),
+    ],
+    "Slo.tpot_ms": [
+        ok("1 s", slo("tpot_ms")(1000.0)), *floats("slo.tpot_ms", slo("tpot_ms"), -1.0),
+        refused("out of reach", "slo.tpot_ms", slo("tpot_ms")(0.01), OUT_OF_RANGE, says="retrying will not help"),
+    ],
     # Messages without fields: unknown fields (from a newer client) are ignored, as proto3 says.
     "ListModelsRequest": [],
     "GetClusterStateRequest": [],
@@ -310,7 +316,7 @@ async def test_every_field_is_served_or_refused_naming_it(door: DoorMesh) -> Non
 
 # What a client may be told: its request is wrong, too big, too slow, its SLO out of reach (OUT_OF_RANGE),
 # or the mesh is busy.
-ACCEPTABLE = {OK, INVALID, NOT_FOUND, EXHAUSTED, grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.DEADLINE_EXCEEDED}
+ACCEPTABLE = {OK, INVALID, NOT_FOUND, EXHAUSTED, OUT_OF_RANGE, grpc.StatusCode.DEADLINE_EXCEEDED}
 
 
 async def test_thousands_of_malformed_requests_get_clear_answers(door: DoorMesh) -> None:
