@@ -288,16 +288,19 @@ def _out_of_reach(
     plan, or a lone decode step exceeds the TPOT target on every decode worker. No forecast is
     bounded below the margins' floors, so a target under a floor is never met either."""
     if shape.ttft_ms > 0 and plans:
-        best = max(margins.ttft_floor_ms, min(p.unavoidable_ms for p in plans))
-        if best > shape.ttft_ms:
+        fastest = min(p.unavoidable_ms for p in plans)
+        if max(fastest, margins.ttft_floor_ms) > shape.ttft_ms:
+            floor = f", and no first token is bounded below {margins.ttft_floor_ms:g} ms (the margins' floor)"
             return SloOutOfReach(
-                "slo.ttft_ms", f"is {shape.ttft_ms:g} ms, and the fastest plan is predicted to need {best:.0f} ms "
-                f"for the prompt alone ({shape.prompt_tokens} tokens) even on an idle worker",
-                f"allow at least {math.ceil(best)} ms or shorten the prompt; retrying will not help",
+                "slo.ttft_ms", f"is {shape.ttft_ms:g} ms, and the fastest plan is predicted to need {fastest:.0f} ms "
+                f"for the prompt alone ({shape.prompt_tokens} tokens) even on an idle worker"
+                f"{floor if fastest <= shape.ttft_ms else ''}",
+                f"allow at least {math.ceil(max(fastest, margins.ttft_floor_ms))} ms or shorten the prompt; retrying "
+                "will not help",
             )  # fmt: skip
     if shape.tpot_ms > 0 and sides:
         alone = min(side.worker.predictors.step.decode_step_ms(1, request.mean_context) for side in sides)
-        alone = max(margins.tpot_floor_ms, alone)
+        alone = max(margins.tpot_floor_ms, alone)  # no step is bounded below the floor
         if alone > shape.tpot_ms:
             return SloOutOfReach(
                 "slo.tpot_ms", f"is {shape.tpot_ms:g} ms, and the fastest decode worker is predicted to take "
