@@ -1,6 +1,6 @@
 """Engine configuration: frozen dataclasses, one per collaborator.
 
-pdmesh/config.py builds these from the environment and the command line; the engine never reads
+pdmesh.config builds these from the environment and the command line; the engine never reads
 the environment itself.
 """
 

@@ -8,7 +8,7 @@
     pdmesh bench serve              load a running mesh: concurrency/rate sweeps, trace replay
     pdmesh sim                      simulate a mesh under a trace, placing with the scheduler's policies
 
-Flags override PDMESH_* environment variables, which override defaults (pdmesh/config.py).
+Flags override PDMESH_* environment variables, which override defaults (pdmesh/config/).
 """
 
 from __future__ import annotations
