@@ -7,7 +7,7 @@
 # Writes $OUT/summary.txt (what each phase printed last) and $OUT/logs.tgz (every log and JSON).
 # Each phase has its own time limit and the whole run a deadline (BUDGET_S), so that a stuck phase
 # costs only itself. Phases: setup model tests engine profile mesh-disagg mesh-coloc mesh-coloc512
-# kvstore (issue 8: bench/kv_store.py, ~3.5 min; `PHASES="setup model kvstore"` alone).
+# kvstore (issue 8: a GPU test of the store, then bench/kv_store.py, ~4 min; `PHASES="setup model kvstore"`).
 set -u
 # The disaggregated meshes here hand every long prompt off (least_loaded's fixed rule), as when the
 # figures were recorded; the default slo policy would decide per request instead.
@@ -137,6 +137,9 @@ if wants mesh-coloc512; then  # colocated with 512-token steps: smaller prefill 
     mesh mesh-coloc512 52051 --prefill 0 --decode 1
 fi
 if wants kvstore; then  # 2 prefill + 1 decode 8B workers on the one GPU, and the KV store
+  # First the store alone as GPU workers meet it (8 GiB pinned, 2 MiB blocks from and into GPU memory).
+  phase kvstore-gpu-test 120 $PY -m pytest -q -m gpu -p no:cacheprovider --timeout 110 \
+    tests/services/kvstore/test_kvstore_gpu.py
   TAIL=16 phase kvstore 230 $PY bench/kv_store.py --device cuda --model "$MODEL" --kv-blocks 2048 \
     --store-mib 8192 --port 53051 --rounds 2 --routing-rounds 1 --prefix 2048 --groups 8 --input 128 \
     --concurrency 16 --requests 64 --routing-output 32 --out "$LOGS/kvstore.json" --log-dir "$LOGS/kvstore"

@@ -14,7 +14,8 @@ block with another generation than the lookup saw refuses the whole fetch.
 
 Blocks being offered have slots but no entry until they land whole (`landed`); a push that fails
 gives its slots back and stores nothing. Everything here runs on the store's event loop; only
-file I/O leaves it (DiskShelf).
+file I/O leaves it (DiskShelf). The memory slab comes made (its arena allocated beforehand, off the
+loop: memory.py), so nothing here allocates.
 """
 
 from __future__ import annotations
@@ -26,10 +27,9 @@ from dataclasses import dataclass, field
 
 from engine.block_pool import KVEvents
 from engine.ids import BlockHash
-from engine.kv_layout import KVLayout
 from kvtransfer.receiver import KVCaches
 from services.kvstore.disk import CorruptBlock, DiskShelf
-from services.kvstore.slab import HostSlab, block_bytes
+from services.kvstore.slab import HostSlab
 from services.kvstore.stats import StoreCounters
 from services.status import NoCapacity, StaleBlock
 
@@ -70,16 +70,14 @@ class _EventLog:
 
 class Namespace:
     def __init__(
-        self, layout: KVLayout, memory_bytes: int, disk: DiskShelf | None, pin: bool,
-        new_generation: Callable[[], int], counters: StoreCounters,
+        self, slab: HostSlab, disk: DiskShelf | None, new_generation: Callable[[], int], counters: StoreCounters,
     ) -> None:  # fmt: skip
-        self.layout = layout
-        self.block_bytes = block_bytes(layout)
-        self.num_slots = memory_bytes // self.block_bytes
+        self.layout = slab.layout
+        self.num_slots = slab.num_slots
+        self.block_bytes = slab.block_bytes
         self.disk = disk
-        self._pin = pin
-        self._slab: HostSlab | None = None  # allocated when the first block comes to memory
-        self._caches: KVCaches | None = None
+        self._slab = slab
+        self.caches = KVCaches(slab.layout, slab.tensors)  # offers land there, fetches are packed from there
         self._new_generation = new_generation
         self.counters = counters
         self.blocks: dict[BlockHash, Stored] = {}
@@ -89,14 +87,8 @@ class Namespace:
 
     # ---- reading the state
     @property
-    def caches(self) -> KVCaches:
-        """The memory slab as kvtransfer's caches: offers land there, fetches are packed from there."""
-        return KVCaches(self.layout, self._ensure_slab().tensors)
-
-    @property
     def memory_used_bytes(self) -> int:
-        used = self.num_slots - self._slab.num_free if self._slab is not None else 0
-        return used * self.block_bytes
+        return (self.num_slots - self._slab.num_free) * self.block_bytes
 
     @property
     def num_memory_blocks(self) -> int:
@@ -143,7 +135,7 @@ class Namespace:
         for block_hash, slot in zip(hashes, slots, strict=True):
             self._incoming.discard(block_hash)
             if not ok:
-                self._ensure_slab().give_back(slot)
+                self._slab.give_back(slot)
                 continue
             self.blocks[block_hash] = Stored(block_hash, self._new_generation(), slot)
             self._memory[block_hash] = None
@@ -159,7 +151,8 @@ class Namespace:
             if entry is None or entry.generation != generation:
                 now = "is gone" if entry is None else f"has generation {entry.generation}"
                 raise StaleBlock(
-                    f"block_hashes[{i}]", f"{block_hash:016x} {now}, not the generation {generation} looked up",
+                    f"block_hashes[{i}]",
+                    f"{block_hash:016x} {now}, not the generation {generation} looked up",
                     "look the prefix up again",
                 )
             entries.append(entry)
@@ -189,20 +182,13 @@ class Namespace:
         self.counters.restored_blocks += len(hashes)
 
     # ---- making room
-    def _ensure_slab(self) -> HostSlab:
-        if self._slab is None:
-            self._slab = HostSlab(self.layout, self.num_slots, self._pin)
-        return self._slab
-
     def _touch(self, block_hash: BlockHash) -> None:
         if block_hash in self._memory:
             self._memory.move_to_end(block_hash)
 
     def _take_slot(self) -> int | None:
         """A free memory slot, moving the least recently used unread block to disk if need be."""
-        if self.num_slots == 0:
-            return None
-        slab = self._ensure_slab()
+        slab = self._slab
         slot = slab.take()
         if slot is not None:
             return slot
@@ -244,11 +230,11 @@ class Namespace:
             try:
                 block = await self.disk.read(entry.block_hash)
             except CorruptBlock as e:  # refused, never served: the fetch fails, the block goes
-                self._ensure_slab().give_back(slot)
+                self._slab.give_back(slot)
                 self.disk.remove(entry.block_hash)
                 self._drop(entry)
                 raise StaleBlock("block_hashes", str(e), "look the prefix up again") from None
-            self._ensure_slab().write(slot, block)
+            self._slab.write(slot, block)
             self.disk.remove(entry.block_hash)
             entry.slot = slot
             self._memory[entry.block_hash] = None

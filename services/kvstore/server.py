@@ -1,5 +1,10 @@
-"""The KV store process: the block store (its disk restored), a KV transport of any layout, the
-KVStore service, and reports to the scheduler."""
+"""The KV store process: the block store, a KV transport of any layout, the KVStore service, and
+reports to the scheduler.
+
+Start-up: the server binds with health NOT_SERVING; the memory tier is allocated (pinned when a
+GPU is present: seconds for GiBs) and the disk restored on a thread; only then is the KVStore
+service SERVING and the store registered with the scheduler, which is what points workers at it.
+So no worker's call ever waits for the allocation (memory.py says why it must not)."""
 
 from __future__ import annotations
 
@@ -24,7 +29,6 @@ _METRICS_REFRESH_S = 1.0  # how fresh the /metrics figures are
 
 async def serve_kvstore(config: KVStoreConfig) -> None:
     store = BlockStore(config.tiers())
-    await asyncio.to_thread(store.restore)
     metrics = StoreMetrics()
     endpoint = MetricsEndpoint.start(metrics.registry, config.telemetry)
     transport = KVTransport(None, config.transport(), observer=metrics.transfers)
@@ -34,6 +38,7 @@ async def serve_kvstore(config: KVStoreConfig) -> None:
         KVStoreServicer(store, transfers),
         kvstore_pb2_grpc.add_KVStoreServicer_to_server,
         kvstore_pb2.DESCRIPTOR.services_by_name["KVStore"],
+        ready=lambda: store.ready,
     )
     reporter: StoreReporter | None = None
 
@@ -46,6 +51,7 @@ async def serve_kvstore(config: KVStoreConfig) -> None:
 
     async def on_ready(server: Server) -> None:
         nonlocal reporter
+        await asyncio.to_thread(store.start)
         status = store.status()
         log.info(
             "kvstore ready", port=server.port, kv=transport.address, pinned=store.pin,

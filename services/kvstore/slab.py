@@ -2,8 +2,9 @@
 
 The slab is laid out as a worker's paged KV cache (one (2, slots, block_size, kv_heads, head_dim)
 tensor per layer), so kvtransfer lands offered blocks in it and packs fetched blocks out of it
-exactly as it does for an engine's cache. Pinned when a GPU is present, so pushes to and from GPU
-workers go by DMA. Free slots are handed out lowest first: on CPU the untouched tail of the slab
+exactly as it does for an engine's cache. Its memory is an arena the store allocated beforehand
+(memory.HostMemory: pinned when a GPU is present), cut into one view per layer, so making a slab
+costs nothing. Free slots are handed out lowest first: unpinned, the untouched tail of the arena
 never becomes resident.
 """
 
@@ -23,15 +24,20 @@ def block_bytes(layout: KVLayout) -> int:
 
 
 class HostSlab:
-    def __init__(self, layout: KVLayout, num_slots: int, pin: bool) -> None:
-        if num_slots < 1:
-            raise ValueError(f"a slab of {num_slots} slots holds nothing")
+    def __init__(self, layout: KVLayout, arena: torch.Tensor) -> None:
+        """arena: (nbytes,) uint8; as many whole blocks as fit in it become slots."""
         self.layout = layout
-        self.num_slots = num_slots
-        shape = (2, num_slots, layout.block_size, layout.num_kv_heads, layout.head_dim)
+        self.num_slots = arena.numel() // block_bytes(layout)
+        if self.num_slots < 1:
+            raise ValueError(f"an arena of {arena.numel()} bytes holds no block of {block_bytes(layout)} bytes")
+        shape = (2, self.num_slots, layout.block_size, layout.num_kv_heads, layout.head_dim)
         dtype = getattr(torch, layout.dtype)
-        # per layer (2, num_slots, block_size, kv_heads, head_dim)
-        self.tensors = [torch.empty(shape, dtype=dtype, pin_memory=pin) for _ in range(layout.num_layers)]
+        self.block_bytes = block_bytes(layout)
+        layer_bytes = self.num_slots * self.block_bytes // layout.num_layers
+        # per layer (2, num_slots, block_size, kv_heads, head_dim): consecutive runs of the arena
+        self.tensors = [
+            arena[i * layer_bytes : (i + 1) * layer_bytes].view(dtype).view(shape) for i in range(layout.num_layers)
+        ]
         self._returned: list[int] = []  # a heap of slots given back
         self._fresh = 0  # slots from here on were never handed out
 

@@ -2,8 +2,11 @@
 are pushed out of it, through the same kvtransfer tickets workers use between themselves.
 
 An offer's slots are held until its push lands whole (stored) or fails (given back): the ticket
-is committed at once, so its lease only bounds the push. A fetch keeps its blocks pinned until
-the caller's receiver has every layer, or the push failed; a cancelled fetch tells the receiver.
+is committed at once, so its lease only bounds the push, and grows with the bytes offered (a GPU
+model's block is megabytes: an offer of 32 of Llama-3.1-8B's is 64 MiB). An offer of a layout
+whose memory is still being allocated (memory.py) wants nothing: it is answered at once. A fetch
+keeps its blocks pinned until the caller's receiver has every layer, or the push failed; a
+cancelled fetch tells the receiver.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ from services.kvstore.store import BlockStore
 from services.status import StaleBlock
 
 log = structlog.get_logger(__name__)
+# The slowest push an offer's lease allows for on top of its base: tcp between hosts under load.
+_SLOWEST_PUSH_BYTES_PER_S = 100e6
 
 
 @dataclass(frozen=True)
@@ -53,16 +58,18 @@ class StoreTransfers:
 
     async def offer(self, layout: KVLayout, hashes: Sequence[BlockHash]) -> OfferAnswer:
         namespace = self.store.namespace(layout, create=True)
-        assert namespace is not None
         self.store.counters.offers += 1
+        if namespace is None:
+            return OfferAnswer([], None)
         wanted, slots = namespace.offer(hashes)
         if not wanted:
             return OfferAnswer([], None)
         blocks = [hashes[i] for i in wanted]
         ticket_id = f"offer-{uuid.uuid4().hex[:16]}"
+        lease_s = self.offer_lease_s + len(slots) * namespace.block_bytes / _SLOWEST_PUSH_BYTES_PER_S
         try:
             imported = await self.transport.expect_async(
-                ticket_id, slots, len(slots) * layout.block_size, self.offer_lease_s, caches=namespace.caches
+                ticket_id, slots, len(slots) * layout.block_size, lease_s, caches=namespace.caches
             )
         except BaseException:
             namespace.landed(blocks, slots, ok=False)

@@ -25,16 +25,19 @@ class WorkerConfig:
     kv_message_bytes: int = 32 * MiB  # a pushed request's layers travel in messages of about this size
     lease_ms: int = 10_000  # an uncommitted reservation frees its blocks after this long, unless Reserve asks
     # The KV store (when the scheduler names one): a lookup is on the way to the first token, so it
-    # is short; a fetch gets at most this long (and a quarter of the request's time left).
+    # is short; a fetch gets at most this long (and a quarter of the request's time left). An offer
+    # is in the background, after the request: it may wait out a busy store's loop.
     kvstore_lookup_timeout_ms: int = 300
     kvstore_fetch_timeout_ms: int = 5_000
+    kvstore_offer_timeout_ms: int = 2_000
     server: ServerConfig = field(default_factory=ServerConfig)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     channel: ChannelConfig = field(default_factory=ChannelConfig)  # its calls to the scheduler
     engine: EngineConfig = field(default_factory=EngineConfig)
 
     def __post_init__(self) -> None:
-        for name in ("lease_ms", "kvstore_lookup_timeout_ms", "kvstore_fetch_timeout_ms", "kv_message_bytes"):
+        timeouts = ("kvstore_lookup_timeout_ms", "kvstore_fetch_timeout_ms", "kvstore_offer_timeout_ms")
+        for name in ("lease_ms", *timeouts, "kv_message_bytes"):
             if getattr(self, name) <= 0:
                 unit = "bytes" if name.endswith("_bytes") else "milliseconds"
                 raise ConfigError(name, f"is {getattr(self, name)}; use a positive number of {unit}")

@@ -3,7 +3,9 @@
 A loop takes the hash chains of the requests the engine finished since its last look
 (Engine.take_finished_chains) and offers each chain to the store, a bounded run of blocks at a
 time; the store answers with the blocks it lacks and a ticket, and the engine pushes those out of
-its prefix cache between two steps (Engine.export_blocks), while they are still cached. Nothing
+its prefix cache between two steps (Engine.export_blocks), while they are still cached. A run is
+bounded in bytes, not blocks: a GPU model's block is megabytes (Llama-3.1-8B's, bf16: 2 MiB), a
+small CPU model's about one, and the pack between two steps should cost about the same. Nothing
 here is on the way to any request's first token: a request is finished before its blocks are
 offered, an offer that fails is dropped (the blocks are only a cache), and when the store is
 slow or away the chains waiting beyond the engine's bound are dropped too.
@@ -24,7 +26,7 @@ from services.worker.store_client import StoreClient, StoreUnavailable
 
 log = structlog.get_logger(__name__)
 _INTERVAL_S = 0.05  # how often the loop looks for finished requests
-_BLOCKS_PER_OFFER = 64  # one offer's run of blocks: bounds the pack done between two steps
+_BYTES_PER_OFFER = 64 << 20  # one offer's run of blocks: bounds the pack done between two steps
 _PUSH_TIMEOUT_S = 30.0
 
 
@@ -34,6 +36,8 @@ class Offerer:
         self.transport = transport
         self.store = store
         self.pushed_blocks = 0  # blocks this worker has put in the store
+        block_bytes = store.layout.bytes_per_token * store.layout.block_size
+        self.blocks_per_offer = max(1, _BYTES_PER_OFFER // block_bytes)
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -57,9 +61,9 @@ class Offerer:
     async def offer(self, chain: tuple[BlockHash, ...]) -> int:
         """Offer one chain, a run of blocks at a time; returns the blocks pushed."""
         pushed = 0
-        for start in range(0, len(chain), _BLOCKS_PER_OFFER):
+        for start in range(0, len(chain), self.blocks_per_offer):
             try:
-                pushed += await self._offer_run(chain[start : start + _BLOCKS_PER_OFFER])
+                pushed += await self._offer_run(chain[start : start + self.blocks_per_offer])
             except (StoreUnavailable, TransferFailed, TimeoutError) as e:
                 log.info("offer to the kv store dropped", blocks=len(chain), reason=str(e))
                 break

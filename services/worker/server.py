@@ -56,7 +56,10 @@ async def serve_worker(config: WorkerConfig) -> None:
     # Both roles receive: a decode worker its hand-offs, either one the prefixes it fetches.
     transport = KVTransport(engine.kv_layout, kv_config, engine.kv_caches, telemetry)
     await asyncio.to_thread(transport.start)
-    store = StoreClient(engine.kv_layout, config.kvstore_lookup_timeout_ms / 1000, config.channel)
+    store = StoreClient(
+        engine.kv_layout, config.kvstore_lookup_timeout_ms / 1000, config.kvstore_offer_timeout_ms / 1000,
+        config.channel,
+    )  # fmt: skip
     fetcher = PrefixFetcher(async_engine, transport, store, engine.kv_layout, config.kvstore_fetch_timeout_ms / 1000)
     offerer = Offerer(async_engine, transport, store)
     decoding = config.role is WorkerRole.DECODE

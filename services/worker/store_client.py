@@ -56,10 +56,14 @@ class StoreCounters:
 
 
 class StoreClient:
-    def __init__(self, layout: KVLayout, lookup_timeout_s: float, channel_config: ChannelConfig | None = None) -> None:
+    def __init__(
+        self, layout: KVLayout, lookup_timeout_s: float, offer_timeout_s: float,
+        channel_config: ChannelConfig | None = None,
+    ) -> None:  # fmt: skip
         self.layout = layout
         self.layout_pb = layout_to_pb(layout)
         self.lookup_timeout_s = lookup_timeout_s
+        self.offer_timeout_s = offer_timeout_s
         self.counters = StoreCounters()
         self._channel_config = channel_config
         self.address = ""
@@ -94,7 +98,7 @@ class StoreClient:
     async def offer(self, hashes: Sequence[BlockHash]) -> Offered:
         self.counters.offers += 1
         request = kvstore_pb2.OfferRequest(kv_layout=self.layout_pb, block_hashes=hashes)
-        reply = await self._call("offer", lambda stub: stub.Offer(request, timeout=self.lookup_timeout_s))
+        reply = await self._call("offer", lambda stub: stub.Offer(request, timeout=self.offer_timeout_s))
         return Offered(list(reply.wanted), ticket_from_pb(reply.ticket) if reply.HasField("ticket") else None)
 
     async def fetch(

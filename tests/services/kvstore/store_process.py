@@ -39,6 +39,7 @@ class StoreProcess:
     disk: Path | None
     memory_bytes: int
     disk_bytes: int = 1 << 20
+    ucx_tls: str = "tcp,self"  # the store's KV transports (a GPU user's need cuda_copy: kvstore/config.py)
     proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -54,7 +55,7 @@ class StoreProcess:
             argv += ["--disk-path", str(self.disk)]
         env = {
             **os.environ, "PYTHONUNBUFFERED": "1", "PDMESH_KVSTORE_MEMORY_BYTES": str(self.memory_bytes),
-            "PDMESH_KVSTORE_DISK_BYTES": str(self.disk_bytes),
+            "PDMESH_KVSTORE_DISK_BYTES": str(self.disk_bytes), "PDMESH_KVSTORE_UCX_TLS": self.ucx_tls,
         }  # fmt: skip
         self.proc = subprocess.Popen(argv, cwd=ROOT, env=env)
         deadline = time.monotonic() + timeout_s
@@ -92,13 +93,16 @@ def value_of(block_hash: int, layer: int) -> float:
 
 
 class StoreUser:
-    """A worker's side: its own KV pool (64 blocks), its transport, and a channel to the store."""
+    """A worker's side: its own KV pool (64 blocks), its transport, and a channel to the store.
+    On a GPU (`device` "cuda:0") the pool and the transport are a GPU worker's."""
 
-    def __init__(self, store_address: str, layout: KVLayout = LAYOUT) -> None:
+    def __init__(self, store_address: str, layout: KVLayout = LAYOUT, device: str = "cpu") -> None:
         self.layout = layout
         shape = (2, 64, layout.block_size, layout.num_kv_heads, layout.head_dim)
-        self.caches = [torch.zeros(shape, dtype=getattr(torch, layout.dtype)) for _ in range(layout.num_layers)]
-        self.transport = KVTransport(layout, TransportConfig(ucx_tls="tcp,self"), self.caches).start()
+        dtype = getattr(torch, layout.dtype)
+        self.caches = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layout.num_layers)]
+        tls = "cuda_ipc,cuda_copy,tcp,self" if device.startswith("cuda") else "tcp,self"
+        self.transport = KVTransport(layout, TransportConfig(device=device, ucx_tls=tls), self.caches).start()
         self.channel = grpc.insecure_channel(store_address)
         self.stub = kvstore_pb2_grpc.KVStoreStub(self.channel)
 
@@ -109,12 +113,13 @@ class StoreUser:
     def chain(self, tokens: list[int]) -> list[BlockHash]:
         return chain_hashes(tokens, self.layout.block_size, self.layout.model_fingerprint)
 
-    def offer(self, hashes: list[BlockHash], blocks: list[int]) -> list[int]:
+    def offer(self, hashes: list[BlockHash], blocks: list[int], timeout_s: float | None = None) -> list[int]:
         """Fill `blocks` with each hash's values, offer, push what is wanted; the positions wanted."""
         for block_hash, block in zip(hashes, blocks, strict=True):
             for layer, kv in enumerate(self.caches):
                 kv[:, block] = value_of(block_hash, layer)
-        reply = self.stub.Offer(kvstore_pb2.OfferRequest(kv_layout=layout_to_pb(self.layout), block_hashes=hashes))
+        request = kvstore_pb2.OfferRequest(kv_layout=layout_to_pb(self.layout), block_hashes=hashes)
+        reply = self.stub.Offer(request, timeout=timeout_s)
         wanted = list(reply.wanted)
         if wanted:
             push = self.transport.push(ticket_from_pb(reply.ticket))

@@ -33,8 +33,19 @@ def store_of(tmp_path: Path | None, memory_blocks: int, disk_blocks: int = 0, na
         max_namespaces=namespaces,
     )  # fmt: skip
     store = BlockStore(tiers, pin=False)
-    store.restore()
+    store.start()
     return store
+
+
+def created(store: BlockStore, layout: KVLayout) -> Namespace:
+    """The layout's namespace, as an offer after its memory came finds it: a layout past the first
+    has its memory allocated on the store's thread at its first offer, which wants nothing."""
+    ns = store.namespace(layout, create=True)
+    if ns is None:
+        store.memory.allocate().result()
+        ns = store.namespace(layout, create=True)
+    assert ns is not None
+    return ns
 
 
 def put(ns: Namespace, *hashes: BlockHash) -> list[int]:
@@ -209,8 +220,7 @@ async def test_another_dtype_or_model_never_sees_a_block(tmp_path: Path) -> None
 
     for other in (replace(LAYOUT, dtype="bfloat16"), replace(LAYOUT, model_fingerprint="other-model")):
         assert store.lookup(other, H[:2]) == []
-        other_ns = store.namespace(other, create=True)
-        assert other_ns is not None
+        other_ns = created(store, other)
         with pytest.raises(StaleBlock):
             other_ns.pin(H[:2], generations)
     with pytest.raises(NoCapacity, match="max_namespaces"):
