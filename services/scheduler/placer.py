@@ -5,8 +5,13 @@ ledger of what was placed where.
 the flow (or the simulator, at the same moments) then tells it of the request's first token
 (`prefilled`) and of its end (`ended`). Until the first token, the prompt tokens the prefilling
 worker computes count as that worker's queued prefill (`Worker.queued_prefill_tokens`, what
-prefix_aware weighs affinity against). Targets a request leaves at 0 take the configured defaults
-here (`shape`), so every policy and the ledger see the same targets.
+prefix_aware weighs affinity against), and the prompt's blocks are marked in the prefix index as
+held by that worker (PrefixIndex.expect): its reports will say so only after the prefill, and the
+requests of the same prefix placed meanwhile should find it there ("sticky until saturated" from
+the first request). The mark lapses a stale period after the first token (the worker's reports
+carry the blocks by then), and goes at once with a request that ends before it. Targets a request
+leaves at 0 take the configured defaults here (`shape`), so every policy and the ledger see the
+same targets.
 """
 
 from __future__ import annotations
@@ -90,12 +95,14 @@ class Placer:
         self.ledger.move_decode(request_id, decode.worker_id)
 
     def prefilled(self, request_id: str) -> None:
-        self._unqueue(request_id)
+        if self._unqueue(request_id):
+            self.registry.index.settle(request_id, self.registry.stale_after_s)
         self.ledger.prefilled(request_id)
 
     def ended(self, request_id: str, num_tokens: int = 0) -> None:
         """It left the mesh having generated `num_tokens` (its TPOT is scored against the forecast)."""
-        self._unqueue(request_id)
+        if self._unqueue(request_id):  # ended before its first token: its worker may never hold it
+            self.registry.index.drop(request_id)
         self.ledger.end(request_id, num_tokens)
 
     def _book(self, shape: RequestShape, placement: Placement) -> None:
@@ -104,6 +111,9 @@ class Placer:
         queued = max(0, shape.uncached_tokens(prefilling))
         prefilling.queued_prefill_tokens += queued
         self._prefilling[shape.request_id] = (prefilling, queued)
+        layout = prefilling.info.kv_layout
+        hashes = shape.prompt.hashes(layout.model_fingerprint, layout.block_size)
+        self.registry.index.expect(shape.request_id, prefilling.worker_id, layout, hashes)
         prefill_ms = placement.prefill_ms
         if prefill_ms is None:
             cached = shape.prompt.cached_tokens(prefilling)
@@ -115,10 +125,12 @@ class Placer:
             predicted_ttft_ms=placement.predicted_ttft_ms, predicted_tpot_ms=placement.predicted_tpot_ms,
         ))  # fmt: skip
 
-    def _unqueue(self, request_id: str) -> None:
+    def _unqueue(self, request_id: str) -> bool:
+        """Whether the request was waiting for its first token (now it is not)."""
         worker, queued = self._prefilling.pop(request_id, (None, 0))
         if worker is not None:
             worker.queued_prefill_tokens -= queued
+        return worker is not None
 
     def _track(self, worker: Worker) -> None:
         self.ledger.track(worker.worker_id, decode=worker.role is WorkerRole.DECODE)

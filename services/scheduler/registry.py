@@ -96,7 +96,7 @@ class Registry:
         self.clock = clock
         self.workers: dict[str, Worker] = {}
         self.stores: dict[str, Store] = {}
-        self.index = PrefixIndex()
+        self.index = PrefixIndex(clock)
         self.on_add: list[Callable[[Worker], None]] = []  # told of every worker added (the ledger)
         self._layouts: Counter[KVLayout] = Counter()
 

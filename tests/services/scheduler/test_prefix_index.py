@@ -66,3 +66,31 @@ def test_a_store_reports_its_namespaces_and_a_lost_report_asks_for_a_snapshot() 
     live = registry.live_store()
     assert live is not None and live.info.address == "127.0.0.1:7"
     assert registry.report_store(StoreReport("ghost")) == (False, False)
+
+
+def test_a_placement_marks_its_blocks_held_until_they_are_reported_or_its_grace_lapses() -> None:
+    now = [100.0]
+    index = PrefixIndex(clock=lambda: now[0])
+    index.expect("r1", "prefill-0", LAYOUT, CHAIN[:6])  # placed: prefill-0 will hold 6 blocks
+    assert index.match(LAYOUT, CHAIN).blocks == {"prefill-0": 6}
+    index.expect("r2", "prefill-0", LAYOUT, CHAIN[:8])  # the same prefix, longer: both marks count
+    index.drop("r2")  # r2 ended before its first token
+    assert index.match(LAYOUT, CHAIN).blocks == {"prefill-0": 6}
+
+    index.settle("r1", grace_s=3.0)  # r1's first token: the worker's reports follow within 3 s
+    now[0] += 2.9
+    index.settle("r1", grace_s=3.0)  # a repeat changes nothing
+    assert index.match(LAYOUT, CHAIN).blocks == {"prefill-0": 6}
+    index.apply("prefill-0", LAYOUT, KVEvents(snapshot=True, stored=tuple(CHAIN[:5])))  # it kept 5
+    now[0] += 0.2
+    assert index.match(LAYOUT, CHAIN).blocks == {"prefill-0": 5}  # the mark lapsed: reports rule
+
+
+def test_a_worker_that_leaves_loses_its_marks() -> None:
+    index = PrefixIndex()
+    index.expect("r1", "prefill-0", LAYOUT, CHAIN[:6])
+    index.expect("r2", "prefill-1", LAYOUT, CHAIN[:3])
+    version = index.version
+    index.forget("prefill-0")
+    assert index.version != version
+    assert index.match(LAYOUT, CHAIN).blocks == {"prefill-1": 3}
