@@ -23,7 +23,7 @@ import structlog
 from opentelemetry import trace
 from opentelemetry.trace import Span
 
-from pdmesh.enums import ExecutionPlan, FinishReason, WorkerRole
+from pdmesh.enums import FinishReason, WorkerRole
 from services.scheduler import capacity, worker_client
 from services.scheduler.errors import DownstreamFailed
 from services.scheduler.placer import Placer
@@ -205,8 +205,9 @@ class RequestFlow:
                     self.meter.token_sent()
                 self.outputs += decoded.chunk.token_ids
                 if decoded.usage is not None:
-                    local_prefill = self.report.plan is ExecutionPlan.LOCAL_PREFILL
-                    self.meter.decoded(decoded.usage, local_prefill=local_prefill)
+                    # Without a ticket the worker prefilled the request itself: a local prefill, a
+                    # ticket lost before its commit, or a failover (prompt and output so far).
+                    self.meter.decoded(decoded.usage, prefilled_here=ticket is None)
                 yield self._response(decoded.chunk, final=decoded.usage is not None)
 
     # -- bookkeeping ------------------------------------------------------------------------------

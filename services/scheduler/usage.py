@@ -9,11 +9,6 @@ from dataclasses import dataclass, field
 
 from services.scheduler.request import Usage
 
-# Where a prompt's KV came from: the worker that prefilled it reports them.
-_PROMPT_SOURCES = (
-    "cached_prompt_tokens", "worker_cached_prompt_tokens", "store_cached_prompt_tokens", "computed_prompt_tokens",
-)  # fmt: skip
-
 
 @dataclass
 class UsageMeter:
@@ -35,20 +30,21 @@ class UsageMeter:
         """A prefill worker's figures (the first token came from it)."""
         self.reported = usage
 
-    def decoded(self, usage: Usage, local_prefill: bool) -> None:
+    def decoded(self, usage: Usage, prefilled_here: bool) -> None:
         """A decode worker's last figures: its decode time; and, when it prefilled the request
-        itself, where the prompt's KV came from and its queue and prefill times. After a hand-off
-        the prefill worker's figures stand: the decode worker imported the prompt, it did not
-        cache it."""
+        itself, where the prompt's KV came from (and, unless a prefill worker's first token came
+        before, its queue and prefill times). It prefilled itself with a local prefill, and after
+        a decode failover: the worker taking over prefills prompt and output so far from its own
+        cache, the store or by computing, and that KV is what the request finished with; no
+        prefill worker's push served it. After a hand-off without failover the prefill worker's
+        figures stand: the decode worker imported the prompt, it did not cache it."""
         r = self.reported
         self.reported = dataclasses.replace(r, decode_ms=usage.decode_ms)
-        if local_prefill:
+        if prefilled_here:
             self.reported = dataclasses.replace(
-                self.reported,
-                queue_ms=r.queue_ms or usage.queue_ms,
-                prefill_ms=r.prefill_ms or usage.prefill_ms,
-                **{name: getattr(usage, name) for name in _PROMPT_SOURCES},
-            )
+                self.reported, queue_ms=r.queue_ms or usage.queue_ms, prefill_ms=r.prefill_ms or usage.prefill_ms,
+                transferred_prompt_tokens=0, **prompt_sources(usage),
+            )  # fmt: skip
 
     def usage(self, prompt_tokens: int, completion_tokens: int) -> Usage:
         now = time.monotonic()
@@ -60,3 +56,17 @@ class UsageMeter:
             schedule_ms=((self.scheduled or self.first_token or now) - self.start) * 1000,
             e2e_ms=(now - self.start) * 1000,
         )
+
+
+def prompt_sources(usage: Usage) -> dict[str, int]:
+    """Where a worker that prefilled the request itself got the prompt's KV, as Usage fields. A
+    worker taking over after a failover counts over prompt and output so far; only the prompt's
+    tokens count here, its own cache first (it came first in the sequence), so cached plus
+    computed is the prompt."""
+    prompt = usage.prompt_tokens
+    own = min(usage.worker_cached_prompt_tokens, prompt)
+    store = min(usage.store_cached_prompt_tokens, prompt - own)
+    return {
+        "cached_prompt_tokens": own + store, "worker_cached_prompt_tokens": own,
+        "store_cached_prompt_tokens": store, "computed_prompt_tokens": prompt - own - store,
+    }  # fmt: skip

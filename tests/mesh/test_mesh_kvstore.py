@@ -216,6 +216,11 @@ def test_a_decode_worker_that_fails_over_fetches_the_prompt_from_the_store(mesh,
     # the tokens streamed before the failure: the dead worker never offered them).
     assert after.num_fetches == before.num_fetches + 1
     assert after.num_fetched_blocks == before.num_fetched_blocks + 60 // BLOCK_SIZE
+    # And the Usage says so: the prompt the request finished with came from the store, not from
+    # the first plan's prefill (computed there, pushed to the worker that died).
+    u = completion.usage
+    assert u is not None and (u.store_cached_prompt_tokens, u.worker_cached_prompt_tokens) == (60, 0)
+    assert (u.computed_prompt_tokens, u.transferred_prompt_tokens) == (0, 0)
     mesh.restart(killed, timeout_s=120)
 
 

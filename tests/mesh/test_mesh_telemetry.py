@@ -172,10 +172,14 @@ def test_one_request_is_one_trace_across_every_process(mesh: Mesh, receiver: Otl
     assert moved(before, after, "scheduler", f"pdmesh:prompt_tokens_total{model}") == len(PROMPT)
     assert moved(before, after, "scheduler", f"pdmesh:generation_tokens_total{model}") == 6
     assert moved(before, after, "scheduler", "pdmesh:placements_total{plan=disaggregated}") == 1
-    assert moved(before, after, "prefill-0", "pdmesh:kv_transfer_bytes_total{direction=send}") == expected_bytes
-    assert moved(before, after, "decode-0", "pdmesh:kv_transfer_bytes_total{direction=recv}") == expected_bytes
+    # KV moved, by peer: each side names the other's KV listener.
+    kv = {f"{role}-{i}": f"127.0.0.1:{mesh.spec.port + 100 + n}" for role, i, n in mesh.spec.workers}
+    sent = f"pdmesh:kv_transfer_bytes_total{{direction=send}}{{peer={kv['decode-0']}}}"
+    received = f"pdmesh:kv_transfer_bytes_total{{direction=recv}}{{peer={kv['prefill-0']}}}"
+    assert moved(before, after, "prefill-0", sent) == expected_bytes
+    assert moved(before, after, "decode-0", received) == expected_bytes
     assert moved(before, after, "prefill-0", "pdmesh:prefix_cache_queries_total") == len(PROMPT)
-    assert moved(before, after, "prefill-0", "pdmesh:kv_transfer_failures_total{direction=send}") == 0
+    assert not [k for k in after["prefill-0"] if k.startswith("pdmesh:kv_transfer_failures_total")]
 
 
 def test_the_phases_add_up_to_the_time_to_first_token(mesh: Mesh, receiver: OtlpReceiver) -> None:

@@ -28,9 +28,11 @@ def test_the_store_serves_its_last_snapshot_and_its_transfers() -> None:
     counters.lookups += 1  # the store counts on; /metrics shows the snapshot until the next refresh
     metrics.transfers.on_complete(TransferStats("t1", "127.0.0.1:1", Direction.RECV, 2048, 0.01))
     metrics.transfers.on_failure(TransferFailed("127.0.0.1:1", "t2", 0, "lost"), Direction.SEND)
+    metrics.transfers.on_failure(TransferFailed("", "t3", 0, "lease expired"), Direction.RECV)  # never heard from
     got = samples(metrics)
     assert got["pdmesh:kvstore_lookups_total"] == 3
     assert got["pdmesh:kvstore_lookup_hit_blocks_total"] == 9
     assert got["pdmesh:kvstore_memory_used_bytes"] == 4096
-    assert got["pdmesh:kv_transfer_bytes_total{recv}"] == 2048
-    assert got["pdmesh:kv_transfer_failures_total{send}"] == 1
+    assert got["pdmesh:kv_transfer_bytes_total{recv}{127.0.0.1:1}"] == 2048  # by direction and peer
+    assert got["pdmesh:kv_transfer_failures_total{send}{127.0.0.1:1}"] == 1
+    assert got["pdmesh:kv_transfer_failures_total{recv}{unknown}"] == 1

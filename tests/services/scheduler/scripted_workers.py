@@ -138,6 +138,15 @@ class ScriptedDecode(decode_pb2_grpc.DecodeServicer):
                 if i == max_tokens - 1:
                     response.chunk.finish.reason = common_pb2.FINISH_REASON_LENGTH
                     response.usage.CopyFrom(common_pb2.Usage(completion_tokens=max_tokens, decode_ms=3.0))
+                    if prior:
+                        # A request taken over after a failover, counted as a real worker counts
+                        # it: over prompt and output so far, 8 tokens its own cache held and the
+                        # rest a KV store had (the scripted store holds every token).
+                        own = min(8, prompt + prior)
+                        response.usage.MergeFrom(common_pb2.Usage(
+                            prompt_tokens=prompt, cached_prompt_tokens=prompt + prior, worker_cached_prompt_tokens=own,
+                            store_cached_prompt_tokens=prompt + prior - own,
+                        ))  # fmt: skip
                 self.streaming.set()
                 yield response
         except (asyncio.CancelledError, GeneratorExit):  # cancelled while waiting, or between writes

@@ -135,7 +135,14 @@ async def test_a_decode_worker_dying_mid_stream_is_replaced_and_the_stream_conti
     placement = chunks[-1].placement
     assert placement is not None
     assert placement.decode_worker_id == "decode-1" and placement.num_decode_failovers == 1
-    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 10
+    usage = chunks[-1].usage
+    assert usage is not None and usage.completion_tokens == 10
+    # The prompt's KV the request finished with is decode-1's: 8 tokens from its own cache, the rest
+    # (of the prompt; the output so far does not count) from the store; none computed, none pushed.
+    # The first token's figures stand: prefill-0's queue and prefill, its push to decode-0.
+    assert (usage.prompt_tokens, usage.worker_cached_prompt_tokens, usage.store_cached_prompt_tokens) == (100, 8, 92)
+    assert (usage.cached_prompt_tokens, usage.computed_prompt_tokens, usage.transferred_prompt_tokens) == (100, 0, 0)
+    assert (usage.prefill_ms, usage.transfer_bytes) == (7.0, 4096)
 
 
 async def test_a_failover_keeps_the_seed_the_scheduler_chose(mesh_factory: MeshFactory) -> None:
