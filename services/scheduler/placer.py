@@ -8,10 +8,10 @@ worker computes count as that worker's queued prefill (`Worker.queued_prefill_to
 prefix_aware weighs affinity against), and the prompt's blocks are marked in the prefix index as
 held by that worker (PrefixIndex.expect): its reports will say so only after the prefill, and the
 requests of the same prefix placed meanwhile should find it there ("sticky until saturated" from
-the first request). The mark lapses a stale period after the first token (the worker's reports
-carry the blocks by then), and goes at once with a request that ends before it. Targets a request
-leaves at 0 take the configured defaults here (`shape`), so every policy and the ledger see the
-same targets.
+the first request; every policy but `slo`). The mark lapses a stale period after the first token
+(the worker's reports carry the blocks by then), and goes at once with a request that ends before
+it. Targets a request leaves at 0 take the configured defaults here (`shape`), so every policy and
+the ledger see the same targets.
 """
 
 from __future__ import annotations
@@ -52,6 +52,10 @@ class Placer:
         self.registry = registry
         self.ledger = ledger
         self.slo = slo
+        # Marks in the prefix index for the baselines (prefix_aware weighs them), not for `slo`:
+        # its forecasts and their margins are of reported caches, and a marked block may still be
+        # computing when the next request's step runs (whether slo should count marks is open).
+        self.marks = policy.name is not PolicyName.SLO
         self._prefilling: dict[str, tuple[Worker, int]] = {}  # request id -> (worker, queued tokens)
         for worker in registry.workers.values():
             self._track(worker)
@@ -111,9 +115,10 @@ class Placer:
         queued = max(0, shape.uncached_tokens(prefilling))
         prefilling.queued_prefill_tokens += queued
         self._prefilling[shape.request_id] = (prefilling, queued)
-        layout = prefilling.info.kv_layout
-        hashes = shape.prompt.hashes(layout.model_fingerprint, layout.block_size)
-        self.registry.index.expect(shape.request_id, prefilling.worker_id, layout, hashes)
+        if self.marks:
+            layout = prefilling.info.kv_layout
+            hashes = shape.prompt.hashes(layout.model_fingerprint, layout.block_size)
+            self.registry.index.expect(shape.request_id, prefilling.worker_id, layout, hashes)
         prefill_ms = placement.prefill_ms
         if prefill_ms is None:
             cached = shape.prompt.cached_tokens(prefilling)
