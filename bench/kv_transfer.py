@@ -48,6 +48,8 @@ TOKENS = (16, 256, 1024, 4096, 16384)  # 16 tokens (one block a layer): mostly t
 GPU_TLS = "cuda_ipc,cuda_copy,sm,tcp,self"  # sm carries UCX's rendezvous control faster than tcp
 HOST_TLS = "tcp,self"
 REPLY_S = 300.0
+# kvtransfer.config.ProgressMode's values (importing it would load ucxx in this process)
+PROGRESS_MODES = ("thread", "thread-polling", "blocking", "polling")
 
 
 def payload_bytes(tokens: int) -> int:
@@ -58,7 +60,9 @@ def payload_bytes(tokens: int) -> int:
 # ---- the worker processes
 
 
-def _worker(conn: Any, role: str, device: str, pool_blocks: int, tls: str, message_bytes: int, progress: str) -> None:
+def _worker(
+    conn: Any, role: str, device: str, pool_blocks: int, tls: str, message_bytes: int, progress: str, timeline: bool
+) -> None:
     """A sending or receiving worker with its own scattered KV pool, driven by (command, args) pairs."""
     try:
         torch.set_num_threads(2)
@@ -71,7 +75,11 @@ def _worker(conn: Any, role: str, device: str, pool_blocks: int, tls: str, messa
         caches = [torch.zeros(shape, dtype=torch.bfloat16, device=device) for _ in range(LAYOUT.num_layers)]
         order = torch.randperm(pool_blocks, generator=torch.Generator().manual_seed(0 if role == "recv" else 1))
         config = TransportConfig(
-            device=device, ucx_tls=tls, message_bytes=message_bytes, progress=ProgressMode(progress)
+            device=device,
+            ucx_tls=tls,
+            message_bytes=message_bytes,
+            progress=ProgressMode(progress),
+            record_timeline=timeline,
         )
         transport = KVTransport(LAYOUT, config, kv_caches=caches if role == "recv" else None).start()
         conn.send(("ok", transport.address))
@@ -102,6 +110,8 @@ def _worker(conn: Any, role: str, device: str, pool_blocks: int, tls: str, messa
                     conn.send(("ok", _push(transport, caches, blocks, args["info"], device)))
                 elif command == "sums":
                     conn.send(("ok", _sums(caches, blocks, device)))
+                elif command == "timeline":
+                    conn.send(("ok", transport.timeline.take(args["ticket"])))
             except BaseException:
                 conn.send(("error", traceback.format_exc()))
     finally:
@@ -135,7 +145,7 @@ class Worker:
         saved = os.environ.get("CUDA_VISIBLE_DEVICES")
         if visible is not None:
             os.environ["CUDA_VISIBLE_DEVICES"] = visible  # read by the child at its CUDA init
-        worker_args = (theirs, role, device, args.pool_blocks, tls, message_mib << 20, args.progress)
+        worker_args = (theirs, role, device, args.pool_blocks, tls, message_mib << 20, args.progress, args.timeline)
         self.process = ctx.Process(target=_worker, args=worker_args, daemon=True)
         self.process.start()
         if visible is not None:
@@ -198,7 +208,7 @@ def run_pair(
         nbytes = payload_bytes(tokens)
         ceiling = ceiling_gbps(nbytes, *ceiling_devices, iters=args.iters)
         sender.call("fill", tokens=tokens)
-        times = []
+        times, timelines = [], []
         for i in range(args.warmup + args.iters):
             ticket = f"{name}-{tokens}-{i}"
             info = receiver.call("expect", ticket=ticket, tokens=tokens)
@@ -206,8 +216,13 @@ def run_pair(
             receiver.call("wait", ticket=ticket, tokens=tokens)
             if i == 0:
                 exact = sender.call("sums", tokens=tokens) == receiver.call("sums", tokens=tokens)
+            if args.timeline:
+                steps = [("S", *s) for s in sender.call("timeline", ticket=ticket, tokens=tokens)]
+                steps += [("R", *s) for s in receiver.call("timeline", ticket=ticket, tokens=tokens)]
             if i >= args.warmup:
                 times.append(seconds)
+                if args.timeline:
+                    timelines.append(steps)
         gbps = [nbytes / t / 1e9 for t in times]
         row = {
             "pair": name, "tokens": tokens, "mib": nbytes / 2**20, "exact": exact,
@@ -219,8 +234,34 @@ def run_pair(
             f" {row['best_gbps']:>8.1f} {ceiling:>9.1f} {row['of_ceiling']:>7.0%} {'yes' if exact else 'NO'}",
             flush=True,
         )
+        if timelines:
+            row["timeline"] = timeline_table(timelines)
+            print_timeline(row["timeline"])
         rows.append(row)
     return rows
+
+
+def timeline_table(timelines: list[list[tuple[str, str, int, int]]]) -> list[dict]:
+    """Per step (side, step, message), the median over tickets of ms since the sender's first push_layer."""
+    offsets: dict[tuple[str, str, int], list[float]] = {}
+    for steps in timelines:
+        zero = min(stamp for side, step, _, stamp in steps if side == "S" and step == "first_layer")
+        for side, step, part, stamp in steps:
+            offsets.setdefault((side, step, part), []).append((stamp - zero) / 1e6)
+    table = [
+        {"side": side, "step": step, "part": part, "ms": statistics.median(ms), "n": len(ms)}
+        for (side, step, part), ms in offsets.items()
+    ]
+    return sorted(table, key=lambda r: r["ms"])
+
+
+def print_timeline(table: list[dict]) -> None:
+    previous = None
+    for r in table:
+        gap = "" if previous is None else f"(+{r['ms'] - previous:.3f})"
+        part = "" if r["part"] < 0 else f"[{r['part']}]"
+        print(f"{'':>16}{r['side']} {r['step'] + part:<22} {r['ms']:>8.3f} ms {gap}", flush=True)
+        previous = r["ms"]
 
 
 def fixed_costs(rows: list[dict]) -> dict[str, dict[str, float]]:
@@ -262,9 +303,10 @@ def main() -> None:
     parser.add_argument(
         "--progress",
         default="thread",
-        choices=["thread", "thread-polling"],
+        choices=PROGRESS_MODES,
         help="ucxx progress mode (TransportConfig)",
     )
+    parser.add_argument("--timeline", action="store_true", help="print each ticket step's median time (both sides)")
     parser.add_argument("--ucx-tls", default=None, help=f"default {GPU_TLS} (GPU) or {HOST_TLS} (--host)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()

@@ -21,6 +21,8 @@ class ProgressMode(enum.Enum):
 
     THREAD = "thread"  # sleeps in epoll between events: no core spent while idle
     THREAD_POLLING = "thread-polling"  # spins: lower latency per message, one core kept busy
+    BLOCKING = "blocking"  # experiment: progress on the transport's loop; every pending request spins it
+    POLLING = "polling"  # experiment: the loop spins progressing UCX
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,7 @@ class TransportConfig:
     # Accept connections that arrive on loopback only; None: exactly when `host` is a loopback
     # address, since then no peer elsewhere could have been told to dial this worker.
     loopback_only: bool | None = None
+    record_timeline: bool = False  # stamp each step of every ticket (kvtransfer.timeline): for benchmarks
 
     def __post_init__(self) -> None:
         if self.message_bytes < 1 or self.max_inflight_recv < 1:

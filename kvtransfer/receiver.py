@@ -50,6 +50,7 @@ from kvtransfer.errors import TransferFailed
 from kvtransfer.staging import StagingPool
 from kvtransfer.telemetry import Direction, TransferObserver, TransferStats
 from kvtransfer.ticket import Ticket, TicketId
+from kvtransfer.timeline import Step, Timeline
 from kvtransfer.wire import Cancel, Data, Done, Failed, Hold, Message
 
 log = structlog.get_logger(__name__)
@@ -197,6 +198,7 @@ class KVReceiver:
         loop: asyncio.AbstractEventLoop,
         tasks: Tasks,
         address: str,
+        timeline: Timeline,
     ) -> None:
         if caches is not None:
             caches.check()
@@ -207,6 +209,7 @@ class KVReceiver:
         self.loop = loop
         self._tasks = tasks
         self._address = address
+        self.timeline = timeline
         self._incoming: dict[str, _Incoming] = {}  # loop thread only
         self._leases: dict[TicketImport, asyncio.TimerHandle] = {}  # loop thread only
         self._endings: OrderedDict[str, str] = OrderedDict()
@@ -260,6 +263,7 @@ class KVReceiver:
         if isinstance(message, Hold):
             self._hold(conn, message.ticket)
         elif isinstance(message, Data):
+            self.timeline.mark(message.ticket, Step.DATA_HEARD, message.first_layer)
             self._tasks.spawn(self._receive(conn, message))
         elif isinstance(message, Cancel):
             entry = self._incoming.get(message.ticket)
@@ -322,6 +326,7 @@ class KVReceiver:
         layer_bytes = ids.numel() * layout.block_elems_per_layer * caches.tensors[0].dtype.itemsize
         self._incoming[ticket_id] = _Incoming(ticket, caches, ids, layer_bytes, timeout_s, [False] * layout.num_layers)
         self._start_lease(ticket, timeout_s)
+        self.timeline.mark(ticket_id, Step.EXPECTED)
 
     def _start_lease(self, ticket: TicketImport, lease_s: float) -> None:
         """(Re)start the ticket's lease: lease_s from now."""
@@ -332,6 +337,7 @@ class KVReceiver:
 
     def _hold(self, conn: Connection, ticket_id: str) -> None:
         """The sender still has the ticket's prefill: bind it to that sender and start the lease over."""
+        self.timeline.mark(ticket_id, Step.HOLD_HEARD)
         entry = self._incoming.get(ticket_id)
         if entry is None:
             ending = self._endings.get(ticket_id, "unknown ticket (never expected here)")
@@ -395,10 +401,12 @@ class KVReceiver:
         staging = self.pool.acquire(data.nbytes)
         try:
             entry.receiving += 1
+            self.timeline.mark(data.ticket, Step.RECV_POSTED, data.first_layer)
             try:
                 await conn.recv_payload(staging.data, data.tag)
             finally:
                 entry.receiving -= 1
+            self.timeline.mark(data.ticket, Step.PAYLOAD_LANDED, data.first_layer)
             if entry.failure is not None:
                 return
             entry.scattering += 1
@@ -406,6 +414,7 @@ class KVReceiver:
                 bad = await self._unpack(staging.data, data, entry)
             finally:
                 entry.scattering -= 1
+            self.timeline.mark(data.ticket, Step.UNPACKED, data.first_layer)
             if bad is not None:
                 layer = data.first_layer + bad // (2 * entry.block_ids.numel())
                 self._fail(entry, f"checksum mismatch in layer {layer} (chunk {bad} of the payload)", tell_peer=True)
@@ -487,8 +496,13 @@ class KVReceiver:
             ticket_id, entry.conn.peer, Direction.RECV, entry.bytes_landed, time.monotonic() - entry.started
         )
         entry.ticket.future.set_result(stats)
+        self.timeline.mark(ticket_id, Step.LANDED)
         notify(self._observer.on_complete, stats)
-        self._tasks.spawn(quietly(entry.conn.send(Done(ticket_id, entry.bytes_landed))))
+        self._tasks.spawn(quietly(self._send_done(entry.conn, Done(ticket_id, entry.bytes_landed))))
+
+    async def _send_done(self, conn: Connection, done: Done) -> None:
+        await conn.send(done)
+        self.timeline.mark(done.ticket, Step.DONE_SENT)
 
     def _refusal(self, entry: _Incoming | None, conn: Connection, data: Data) -> str | None:
         if entry is None:

@@ -41,6 +41,7 @@ from kvtransfer.errors import IncompatiblePeer, TransferFailed
 from kvtransfer.staging import Staging, StagingPool
 from kvtransfer.telemetry import Direction, TransferObserver, TransferStats
 from kvtransfer.ticket import Ticket
+from kvtransfer.timeline import Step, Timeline
 from kvtransfer.wire import Cancel, Data, Done, Failed, Hold, Message
 
 log = structlog.get_logger(__name__)
@@ -82,6 +83,8 @@ class KVPush:
             raise ValueError(f"layers must be pushed in order: expected layer {self._next_layer}, got {layer}")
         if len(block_ids) != self.ticket.num_blocks:
             return self._stop(f"the request has {len(block_ids)} blocks, the ticket {self.ticket.num_blocks}")
+        if layer == 0:
+            self._sender.timeline.mark(self.ticket.ticket_id, Step.FIRST_LAYER)
         group = self._group or self._start_group(layer, len(block_ids), kv_layer.device)
         self._layers.append(kv_layer)
         self._next_layer += 1
@@ -92,6 +95,7 @@ class KVPush:
         if kv_layer.is_cuda:
             group.packed = torch.cuda.Event()
             group.packed.record()
+        self._sender.timeline.mark(self.ticket.ticket_id, Step.PACKED, group.first_layer)
         self._group, self._layers = None, []
         self._sender.submit(self, group)
 
@@ -161,9 +165,11 @@ class KVSender:
         loop: asyncio.AbstractEventLoop,
         tasks: Tasks,
         connect: Callable[[str, KVLayout], Awaitable[Connection]],
+        timeline: Timeline,
     ) -> None:
         self.layout = layout
         self.config = config
+        self.timeline = timeline
         self.pool = StagingPool(torch.device(config.device), config.staging_retain_bytes)
         self._observer = observer
         self._loop = loop
@@ -183,6 +189,7 @@ class KVSender:
         if layout is None:
             raise ValueError("this transport serves several KV layouts: name the layout of the blocks pushed")
         push = KVPush(self, ticket, layout)
+        self.timeline.mark(ticket.ticket_id, Step.OPENED)
         self._loop.call_soon_threadsafe(self._register, push)
         return push
 
@@ -198,6 +205,7 @@ class KVSender:
         if out is None or out.conn is not conn:
             return  # a late reply for a ticket that already ended here
         if isinstance(message, Done):
+            self.timeline.mark(out.push.ticket.ticket_id, Step.DONE_HEARD)
             out.landed_bytes = message.bytes
             if out.in_flight == 0:  # else the last send's completion, just behind, completes it
                 self._complete(out)
@@ -257,6 +265,8 @@ class KVSender:
         self._tasks.spawn(self._send(out, message))
 
     async def _send(self, out: _Outgoing, message: _Outbound) -> None:
+        ticket_id = out.push.ticket.ticket_id
+        self.timeline.mark(ticket_id, Step.SEND_TASK, message.first_layer)
         try:
             conn = await self._bind(out)
             tag = conn.next_tag()
@@ -269,8 +279,10 @@ class KVSender:
             # runs; the payload follows once packed, even if the push ends meanwhile (the receiver
             # is waiting for it). Both finish before the staging buffer goes back to the pool.
             header = self._header(out, message, tag, checksums)
-            header_sent = asyncio.ensure_future(conn.send(header))
-            sent = await asyncio.gather(self._send_packed(conn, message, tag), header_sent, return_exceptions=True)
+            header_sent = asyncio.ensure_future(self._send_header(conn, header))
+            sent = await asyncio.gather(
+                self._send_packed(conn, message, tag, ticket_id), header_sent, return_exceptions=True
+            )
             for result in sent:
                 if isinstance(result, BaseException):
                     raise result
@@ -287,12 +299,18 @@ class KVSender:
         if out.landed_bytes is not None and out.in_flight == 0 and self._outgoing.get(out.push.ticket.ticket_id) is out:
             self._complete(out)  # every staging buffer of the ticket is back in the pool first
 
-    async def _send_packed(self, conn: Connection, message: _Outbound, tag: int) -> None:
+    async def _send_header(self, conn: Connection, header: Data) -> None:
+        await conn.send(header)
+        self.timeline.mark(header.ticket, Step.HEADER_SENT, header.first_layer)
+
+    async def _send_packed(self, conn: Connection, message: _Outbound, tag: int, ticket_id: str) -> None:
         """Send the payload once its pack has finished: at once if it has (a finished event is
         a query away), else after a wait on the waiter thread (a hop to it and back costs ~0.25 ms)."""
         if message.packed is not None and not message.packed.query():
             await self._loop.run_in_executor(self._waiter, message.packed.synchronize)
+        self.timeline.mark(ticket_id, Step.PACK_DONE, message.first_layer)
         await conn.send_payload(message.staging.data, tag)
+        self.timeline.mark(ticket_id, Step.PAYLOAD_SENT, message.first_layer)
 
     async def _bind(self, out: _Outgoing) -> Connection:
         """The ticket's connection: every message of a ticket goes over the same one."""
@@ -353,6 +371,7 @@ class KVSender:
 
     def _complete(self, out: _Outgoing) -> None:
         self._forget(out)
+        self.timeline.mark(out.push.ticket.ticket_id, Step.COMPLETED)
         nbytes = out.landed_bytes or 0
         started = out.started if out.started is not None else time.monotonic()
         info = out.push.ticket

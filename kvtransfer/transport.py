@@ -39,6 +39,7 @@ from kvtransfer.receiver import KVCaches, KVReceiver, TicketImport
 from kvtransfer.sender import KVPush, KVSender
 from kvtransfer.telemetry import NullObserver, TransferObserver
 from kvtransfer.ticket import Ticket
+from kvtransfer.timeline import Timeline
 from kvtransfer.wire import (
     FRAME_BYTES,
     Cancel,
@@ -82,6 +83,7 @@ class KVTransport:
             self._caches = KVCaches(layout, kv_caches)
         self._receiving = kv_caches is not None or layout is None
         self._observer: TransferObserver = observer or NullObserver()
+        self.timeline = Timeline(config.record_timeline)
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ready = threading.Event()
@@ -211,9 +213,13 @@ class KVTransport:
                 self._accept, port=self.config.port or None, connect_timeout=self.config.connect_timeout_s
             )
             self._port = self._listener.port
-            self._sender = KVSender(self.layout, self.config, self._observer, loop, self._tasks, self._connect)
+            self._sender = KVSender(
+                self.layout, self.config, self._observer, loop, self._tasks, self._connect, self.timeline
+            )
             if self._receiving:
-                self._receiver = KVReceiver(self._caches, self.config, self._observer, loop, self._tasks, self.address)
+                self._receiver = KVReceiver(
+                    self._caches, self.config, self._observer, loop, self._tasks, self.address, self.timeline
+                )
         except BaseException as e:
             self._startup_error = e
             self._ready.set()
