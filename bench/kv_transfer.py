@@ -107,7 +107,7 @@ def _worker(
                         kv.index_copy_(1, ids, torch.randn((2, len(blocks), *shape[2:]), device=device).bfloat16())
                     conn.send(("ok", None))
                 elif command == "push":
-                    conn.send(("ok", _push(transport, caches, blocks, args["info"], device)))
+                    conn.send(("ok", _push(transport, caches, blocks, args["info"], device, args["lead_s"])))
                 elif command == "sums":
                     conn.send(("ok", _sums(caches, blocks, device)))
                 elif command == "timeline":
@@ -118,11 +118,15 @@ def _worker(
         transport.close()
 
 
-def _push(transport: Any, caches: list[torch.Tensor], blocks: list[int], info: Any, device: str) -> float:
-    """Seconds from the first push_layer (packing included) until the receiver has every layer."""
+def _push(
+    transport: Any, caches: list[torch.Tensor], blocks: list[int], info: Any, device: str, lead_s: float
+) -> float:
+    """Seconds from the first push_layer (packing included) until the receiver has every layer.
+    The push opens lead_s before its first layer, as a prefill's opens when the request arrives."""
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     push = transport.push(info)
+    time.sleep(lead_s)
     started = time.perf_counter()
     for layer, kv in enumerate(caches):
         push.push_layer(layer, kv, blocks, info.num_tokens)
@@ -212,7 +216,7 @@ def run_pair(
         for i in range(args.warmup + args.iters):
             ticket = f"{name}-{tokens}-{i}"
             info = receiver.call("expect", ticket=ticket, tokens=tokens)
-            seconds = sender.call("push", tokens=tokens, info=info)
+            seconds = sender.call("push", tokens=tokens, info=info, lead_s=args.open_lead_ms / 1e3)
             receiver.call("wait", ticket=ticket, tokens=tokens)
             if i == 0:
                 exact = sender.call("sums", tokens=tokens) == receiver.call("sums", tokens=tokens)
@@ -305,6 +309,9 @@ def main() -> None:
         default="thread",
         choices=PROGRESS_MODES,
         help="ucxx progress mode (TransportConfig)",
+    )
+    parser.add_argument(
+        "--open-lead-ms", type=float, default=0.0, help="open each push this long before its first layer"
     )
     parser.add_argument("--timeline", action="store_true", help="print each ticket step's median time (both sides)")
     parser.add_argument("--ucx-tls", default=None, help=f"default {GPU_TLS} (GPU) or {HOST_TLS} (--host)")
