@@ -61,7 +61,7 @@ def payload_bytes(tokens: int) -> int:
 
 
 def _worker(
-    conn: Any, role: str, device: str, pool_blocks: int, tls: str, message_bytes: int, progress: str, timeline: bool
+    conn: Any, role: str, device: str, pool_blocks: int, tls: str, message_bytes: int, options: dict[str, Any]
 ) -> None:
     """A sending or receiving worker with its own scattered KV pool, driven by (command, args) pairs."""
     try:
@@ -78,8 +78,9 @@ def _worker(
             device=device,
             ucx_tls=tls,
             message_bytes=message_bytes,
-            progress=ProgressMode(progress),
-            record_timeline=timeline,
+            progress=ProgressMode(options["progress"]),
+            delayed_submission=options["delayed_submission"],
+            record_timeline=options["timeline"],
         )
         transport = KVTransport(LAYOUT, config, kv_caches=caches if role == "recv" else None).start()
         conn.send(("ok", transport.address))
@@ -149,7 +150,8 @@ class Worker:
         saved = os.environ.get("CUDA_VISIBLE_DEVICES")
         if visible is not None:
             os.environ["CUDA_VISIBLE_DEVICES"] = visible  # read by the child at its CUDA init
-        worker_args = (theirs, role, device, args.pool_blocks, tls, message_mib << 20, args.progress, args.timeline)
+        options = {"progress": args.progress, "delayed_submission": args.delayed_submission, "timeline": args.timeline}
+        worker_args = (theirs, role, device, args.pool_blocks, tls, message_mib << 20, options)
         self.process = ctx.Process(target=_worker, args=worker_args, daemon=True)
         self.process.start()
         if visible is not None:
@@ -311,12 +313,19 @@ def main() -> None:
         help="ucxx progress mode (TransportConfig)",
     )
     parser.add_argument(
+        "--delayed-submission",
+        choices=["on", "off"],
+        default="on",
+        help="ucxx posts sends and receives from its progress thread (on) or the transport's loop (off)",
+    )
+    parser.add_argument(
         "--open-lead-ms", type=float, default=0.0, help="open each push this long before its first layer"
     )
     parser.add_argument("--timeline", action="store_true", help="print each ticket step's median time (both sides)")
     parser.add_argument("--ucx-tls", default=None, help=f"default {GPU_TLS} (GPU) or {HOST_TLS} (--host)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    args.delayed_submission = args.delayed_submission == "on"
     if args.quick:
         args.tokens, args.iters, args.warmup = [t for t in args.tokens if t <= 1024] or [256], 2, 1
     args.pool_blocks = args.pool_blocks or 2 * -(-max(args.tokens) // LAYOUT.block_size)
@@ -365,6 +374,7 @@ def main() -> None:
         "bench": "kv_transfer", "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "host": platform.node(), "device": device_name(args.host),
         "cpus": os.cpu_count(), "torch": torch.__version__, "ucx_tls": tls, "progress": args.progress,
+        "delayed_submission": args.delayed_submission, "open_lead_ms": args.open_lead_ms,
         "pool_blocks": args.pool_blocks, "iters": args.iters, "command": " ".join(sys.argv), "rows": rows,
         "fixed_costs": fits, "failures": failures,
     }  # fmt: skip

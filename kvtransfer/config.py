@@ -24,6 +24,11 @@ class ProgressMode(enum.Enum):
     BLOCKING = "blocking"  # experiment: progress on the transport's loop; every pending request spins it
     POLLING = "polling"  # experiment: the loop spins progressing UCX
 
+    @property
+    def threaded(self) -> bool:
+        """Whether ucxx progresses on a thread of its own (the only modes with delayed submission)."""
+        return self in (ProgressMode.THREAD, ProgressMode.THREAD_POLLING)
+
 
 @dataclass(frozen=True)
 class TransportConfig:
@@ -34,6 +39,9 @@ class TransportConfig:
     ucx_tls: str | None = None
     ucx_options: tuple[tuple[str, str], ...] = ()  # more UCX options without the UCX_ prefix
     progress: ProgressMode = ProgressMode.THREAD
+    # Sends and receives are handed to ucxx's progress thread (which wakes to post them) instead of
+    # posted by the transport's loop itself: one more thread hop per message.
+    delayed_submission: bool = True
     message_bytes: int = 32 * MiB  # layers are grouped into messages of about this size (at least one layer)
     max_inflight_recv: int = 8  # messages being received at once; bounds the receiver's staging memory
     staging_retain_bytes: int = 1024 * MiB  # free staging memory kept for reuse, per direction

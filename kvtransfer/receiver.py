@@ -167,7 +167,7 @@ class _Incoming:
     receiving: int = 0  # payload receives posted and not completed
     scattering: int = 0  # unpacks in progress (on the loop or the scatter thread)
     failure: TransferFailed | None = None
-    device_ids: torch.Tensor | None = None  # block_ids on the cache's device, made by the first unpack
+    device_ids: torch.Tensor | None = None  # block_ids on the caches' device, copied at registration
 
 
 def check_data(data: Data, num_blocks: int, layer_bytes: int, claimed: Sequence[bool]) -> str | None:
@@ -309,8 +309,10 @@ class KVReceiver:
             )
         if timeout_s <= 0:
             raise ValueError(f"timeout_s is {timeout_s}; give the transfer a positive lease")
-        ids = torch.tensor(list(block_ids), dtype=torch.int64)  # the device copy is made by the first unpack
+        ids = torch.tensor(list(block_ids), dtype=torch.int64)
         validate_block_ids(ids, caches.num_blocks)
+        if caches.tensors[0].is_cuda:
+            ids = ids.pin_memory()  # copied to the device by _register, off the unpack's path
         expiry_ms = int((time.time() + timeout_s) * 1000)
         ticket = Ticket(TicketId(ticket_id), self._address, num_tokens, len(block_ids), expiry_ms)
         imported = TicketImport(self, ticket, layout.num_layers, on_expire)
@@ -324,7 +326,9 @@ class KVReceiver:
         self._endings.pop(ticket_id, None)
         layout = caches.layout
         layer_bytes = ids.numel() * layout.block_elems_per_layer * caches.tensors[0].dtype.itemsize
-        self._incoming[ticket_id] = _Incoming(ticket, caches, ids, layer_bytes, timeout_s, [False] * layout.num_layers)
+        entry = _Incoming(ticket, caches, ids, layer_bytes, timeout_s, [False] * layout.num_layers)
+        entry.device_ids = self._upload(ids, caches.tensors[0].device)
+        self._incoming[ticket_id] = entry
         self._start_lease(ticket, timeout_s)
         self.timeline.mark(ticket_id, Step.EXPECTED)
 
@@ -446,6 +450,14 @@ class KVReceiver:
             await self.loop.run_in_executor(self._scatter, unpacked.synchronize)
         return None
 
+    def _upload(self, ids: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """The ticket's block ids on the caches' device, copied on the stream its unpacks run on (so
+        they are ordered after the copy) from pinned memory (so nothing here waits for it)."""
+        if device.type != "cuda":
+            return ids
+        with torch.cuda.stream(self._stream(device)):
+            return ids.to(device, non_blocking=True)
+
     def _stream(self, device: torch.device) -> torch.cuda.Stream:
         stream = self._streams.get(device)
         if stream is None:
@@ -476,8 +488,7 @@ class KVReceiver:
             if bad is not None:
                 return bad
         layout, tensors = entry.caches.layout, entry.caches.tensors
-        if entry.device_ids is None:
-            entry.device_ids = entry.block_ids.to(tensors[0].device)
+        assert entry.device_ids is not None  # made by _register
         layers = list(tensors[data.first_layer : data.first_layer + data.num_layers])
         shape = (data.num_layers, 2, data.num_blocks, layout.block_size, layout.num_kv_heads, layout.head_dim)
         unpack_blocks(payload.view(tensors[0].dtype).view(shape), layers, entry.device_ids)

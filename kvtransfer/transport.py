@@ -207,6 +207,7 @@ class KVTransport:
             ucxx.init(
                 options=self.config.ucx_init_options,
                 progress_mode=self.config.progress.value,
+                enable_delayed_submission=self.config.delayed_submission and self.config.progress.threaded,
                 enable_python_future=True,
             )
             self._listener = ucxx.create_listener(
