@@ -48,8 +48,8 @@ TOKENS = (16, 256, 1024, 4096, 16384)  # 16 tokens (one block a layer): mostly t
 GPU_TLS = "cuda_ipc,cuda_copy,sm,tcp,self"  # sm carries UCX's rendezvous control faster than tcp
 HOST_TLS = "tcp,self"
 REPLY_S = 300.0
-# kvtransfer.config.ProgressMode's values (importing it would load ucxx in this process)
-PROGRESS_MODES = ("thread", "thread-polling", "blocking", "polling")
+# kvtransfer.config.ProgressMode's values (importing it would load ucxx in this process); auto: its default
+PROGRESS_MODES = ("auto", "thread", "thread-polling")
 
 
 def payload_bytes(tokens: int) -> int:
@@ -78,7 +78,7 @@ def _worker(
             device=device,
             ucx_tls=tls,
             message_bytes=message_bytes,
-            progress=ProgressMode(options["progress"]),
+            progress=None if options["progress"] == "auto" else ProgressMode(options["progress"]),
             delayed_submission=options["delayed_submission"],
             record_timeline=options["timeline"],
         )
@@ -127,7 +127,8 @@ def _push(
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     push = transport.push(info)
-    time.sleep(lead_s)
+    if lead_s:
+        time.sleep(lead_s)
     started = time.perf_counter()
     for layer, kv in enumerate(caches):
         push.push_layer(layer, kv, blocks, info.num_tokens)
@@ -308,14 +309,14 @@ def main() -> None:
     )
     parser.add_argument(
         "--progress",
-        default="thread",
+        default="auto",
         choices=PROGRESS_MODES,
         help="ucxx progress mode (TransportConfig)",
     )
     parser.add_argument(
         "--delayed-submission",
         choices=["on", "off"],
-        default="on",
+        default="off",
         help="ucxx posts sends and receives from its progress thread (on) or the transport's loop (off)",
     )
     parser.add_argument(

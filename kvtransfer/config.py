@@ -21,13 +21,6 @@ class ProgressMode(enum.Enum):
 
     THREAD = "thread"  # sleeps in epoll between events: no core spent while idle
     THREAD_POLLING = "thread-polling"  # spins: lower latency per message, one core kept busy
-    BLOCKING = "blocking"  # experiment: progress on the transport's loop; every pending request spins it
-    POLLING = "polling"  # experiment: the loop spins progressing UCX
-
-    @property
-    def threaded(self) -> bool:
-        """Whether ucxx progresses on a thread of its own (the only modes with delayed submission)."""
-        return self in (ProgressMode.THREAD, ProgressMode.THREAD_POLLING)
 
 
 @dataclass(frozen=True)
@@ -35,13 +28,15 @@ class TransportConfig:
     host: str = "127.0.0.1"  # the address peers dial; the listener binds every interface (listen.py)
     port: int = 0  # listener port; 0 picks a free one
     device: str = "cpu"  # where staging buffers live: "cpu", or the KV cache's "cuda:N"
-    # UCX transports, e.g. "tcp,self" on CPU or "cuda_ipc,cuda_copy,tcp,self" on GPUs; None: UCX's choice.
+    # UCX transports, e.g. "tcp,self" on CPU or "cuda_ipc,cuda_copy,sm,tcp,self" on GPUs; None: UCX's choice.
     ucx_tls: str | None = None
     ucx_options: tuple[tuple[str, str], ...] = ()  # more UCX options without the UCX_ prefix
-    progress: ProgressMode = ProgressMode.THREAD
-    # Sends and receives are handed to ucxx's progress thread (which wakes to post them) instead of
-    # posted by the transport's loop itself: one more thread hop per message.
-    delayed_submission: bool = True
+    # None: THREAD_POLLING when staging buffers are on a GPU (a GPU host has cores to spare, and a
+    # ticket's fixed cost is a chain of UCX completions: bench/kv_transfer.py), THREAD elsewhere.
+    progress: ProgressMode | None = None
+    # True hands every send and receive to ucxx's progress thread, which wakes to post it: one more
+    # thread hop per message than posting from the transport's loop (the worker is thread-safe).
+    delayed_submission: bool = False
     message_bytes: int = 32 * MiB  # layers are grouped into messages of about this size (at least one layer)
     max_inflight_recv: int = 8  # messages being received at once; bounds the receiver's staging memory
     staging_retain_bytes: int = 1024 * MiB  # free staging memory kept for reuse, per direction
@@ -60,6 +55,12 @@ class TransportConfig:
             raise ValueError("message_bytes and max_inflight_recv must be positive")
         if self.checksum_samples < 0:
             raise ValueError(f"checksum_samples is {self.checksum_samples}; use 0 (off) or a positive count")
+
+    @property
+    def progress_mode(self) -> ProgressMode:
+        if self.progress is not None:
+            return self.progress
+        return ProgressMode.THREAD_POLLING if self.device.startswith("cuda") else ProgressMode.THREAD
 
     @property
     def accepts_loopback_only(self) -> bool:

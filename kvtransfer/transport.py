@@ -110,7 +110,12 @@ class KVTransport:
         if not self._ready.wait(timeout_s) or self._startup_error is not None:
             self.close()
             raise RuntimeError(f"the KV transport did not start: {self._startup_error!r}")
-        log.info("kv transport listening", address=self.address, ucx_tls=self.config.ucx_tls)
+        log.info(
+            "kv transport listening",
+            address=self.address,
+            ucx_tls=self.config.ucx_tls,
+            progress=self.config.progress_mode.value,
+        )
         return self
 
     def close(self, timeout_s: float = 30.0) -> None:
@@ -206,8 +211,8 @@ class KVTransport:
             # ucxx binds its notifier to the loop running at init: it must be this one
             ucxx.init(
                 options=self.config.ucx_init_options,
-                progress_mode=self.config.progress.value,
-                enable_delayed_submission=self.config.delayed_submission and self.config.progress.threaded,
+                progress_mode=self.config.progress_mode.value,
+                enable_delayed_submission=self.config.delayed_submission,
                 enable_python_future=True,
             )
             self._listener = ucxx.create_listener(
