@@ -9,12 +9,15 @@ worker process, and one Ticket describes the hold between them:
     push = transport.push(imported.ticket)                                      # prefill side
 """
 
+from kvtransfer.caches import KVCaches
 from kvtransfer.config import TransportConfig
 from kvtransfer.errors import IncompatiblePeer, TransferFailed
-from kvtransfer.receiver import KVCaches, KVReceiver, LeaseState, TicketImport
-from kvtransfer.sender import KVPush, KVSender
+from kvtransfer.push import KVPush
+from kvtransfer.receiver import KVReceiver
+from kvtransfer.sender import KVSender
 from kvtransfer.telemetry import Direction, NullObserver, TransferObserver, TransferStats
 from kvtransfer.ticket import Ticket, TicketId
+from kvtransfer.ticket_import import LeaseState, TicketImport
 from kvtransfer.transport import KVTransport
 
 __all__ = [

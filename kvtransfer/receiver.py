@@ -1,19 +1,15 @@
 """The receiving side: expect a ticket into reserved blocks, scatter arrivals, report the outcome.
 
-TicketImport is what the decode engine holds (engine.handoff.KVImport). KVReceiver, on the
-transport's loop, checks every Data header against its ticket (known, from the bound peer, layers
-in range and not seen, exact byte size) before receiving its payload into a pooled staging buffer,
-then unpacks it into exactly the ticket's blocks on the receiver's own CUDA stream (never the
-default stream the engine's step runs on). On CUDA the loop launches the unpack itself (one kernel)
-and waits for it in place when it is small, a few tens of microseconds of copying, since a hop to
-a thread and back costs ~0.3 ms; a larger unpack is waited for on a scatter thread, and host memory
-and payloads with sampled checksums to verify (a read-back) are unpacked there, so the loop never
-waits long. A ticket lands in the receiver's own caches (a worker's engine) unless expect() names others
-(KVCaches: a KV store keeps one set per KV layout it holds); a Data header is accepted only over a
-connection whose handshake agreed on that ticket's layout. A ticket that fails (lease, peer lost,
-cancel, bad message) publishes its error only after any unpack in progress has finished: once
-error() is set, or cancel() has returned, the transport never writes those blocks again, so the
-engine may free them.
+TicketImport (ticket_import.py) is what the decode engine holds (engine.handoff.KVImport).
+KVReceiver, on the transport's loop, checks every Data header against its ticket (known, from the
+bound peer, layers in range and not seen, exact byte size) before receiving its payload into a
+pooled staging buffer, then unpacks it into exactly the ticket's blocks (unpack.py: on the
+receiver's own CUDA stream, never the engine's). A ticket lands in the receiver's own caches (a
+worker's engine) unless expect() names others (KVCaches: a KV store keeps one set per KV layout
+it holds); a Data header is accepted only over a connection whose handshake agreed on that
+ticket's layout. A ticket that fails (lease, peer lost, cancel, bad message) publishes its error
+only after any unpack in progress has finished: once error() is set, or cancel() has returned, the
+transport never writes those blocks again, so the engine may free them.
 
 The receiver owns the ticket's lease, the only clock of a hold. It measures the sender's
 silence: it starts at expect() and starts over at every Hold the sender sends while the prefill
@@ -30,125 +26,34 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import enum
-import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import structlog
 import torch
 
-from engine.kv_layout import KVLayout
-from kernels.kv_pack import unpack_blocks, validate_block_ids
-from kvtransfer.checksum import first_mismatch
+from kernels.kv_pack import validate_block_ids
+from kvtransfer.caches import KVCaches
 from kvtransfer.config import TransportConfig
 from kvtransfer.connection import Connection, Tasks, notify, quietly
 from kvtransfer.errors import TransferFailed
 from kvtransfer.staging import StagingPool
 from kvtransfer.telemetry import Direction, TransferObserver, TransferStats
 from kvtransfer.ticket import Ticket, TicketId
+from kvtransfer.ticket_import import CALL_TIMEOUT_S, LeaseState, TicketImport, on_loop
 from kvtransfer.timeline import Step, Timeline
+from kvtransfer.unpack import Unpacker
 from kvtransfer.wire import Cancel, Data, Done, Failed, Hold, Message
+
+# KVCaches, LeaseState and TicketImport lived here before their own modules: still importable from here
+__all__ = ["KVCaches", "KVReceiver", "LeaseState", "TicketImport", "check_data"]
 
 log = structlog.get_logger(__name__)
 
 _REMEMBERED_ENDINGS = 1024  # why recent tickets ended, to answer late messages precisely
 _COMPLETED = "the ticket already completed"
-_CALL_TIMEOUT_S = 30.0  # a hop onto the transport's loop; only a wedged loop takes this long
-_WAIT_ON_LOOP_BYTES = 64 << 20  # an unpack this small (~50 µs of copying on a GPU) is waited for on the loop
-
-
-@dataclass(frozen=True, eq=False)
-class KVCaches:
-    """Paged KV tensors a ticket's blocks live in, and their layout."""
-
-    layout: KVLayout
-    tensors: Sequence[torch.Tensor]  # per layer (2, num_blocks, block_size, kv_heads, head_dim)
-
-    def check(self) -> None:
-        """ValueError unless every tensor has the layout's shape and dtype, on one device."""
-        layout, tensors = self.layout, self.tensors
-        if len(tensors) != layout.num_layers:
-            raise ValueError(f"kv_caches has {len(tensors)} layers, the layout {layout.num_layers}")
-        first = tensors[0]
-        want = (2, first.shape[1], layout.block_size, layout.num_kv_heads, layout.head_dim)
-        for i, kv in enumerate(tensors):
-            dtype = str(kv.dtype).removeprefix("torch.")
-            if tuple(kv.shape) != want or dtype != layout.dtype or kv.device != first.device:
-                got = f"{kv.dtype} {tuple(kv.shape)}"
-                raise ValueError(f"kv_caches[{i}] is {got}, the layout wants {layout.dtype} {want}")
-
-    @property
-    def num_blocks(self) -> int:
-        return self.tensors[0].shape[1]
-
-
-class LeaseState(enum.Enum):
-    HELD = "held"  # the lease runs: expiry or cancel frees the blocks
-    COMMITTED = "committed"  # the decode engine owns the blocks; the lease only bounds the transfer
-    ENDED = "ended"  # expired or cancelled
-
-
-class TicketImport:
-    """One ticket's receiving side: done() once every layer landed, error() once it failed."""
-
-    def __init__(
-        self, receiver: KVReceiver, ticket: Ticket, num_layers: int, on_expire: Callable[[TicketImport], None] | None
-    ) -> None:
-        self.ticket = ticket
-        self.future: concurrent.futures.Future[TransferStats] = concurrent.futures.Future()
-        self._receiver = receiver
-        self._ready = [False] * num_layers  # written on the transport's loop
-        self._on_expire = on_expire
-        self._lock = threading.Lock()  # commit() (a service thread) races expiry (the loop)
-        self._state = LeaseState.HELD
-        self.sender: str | None = None  # the peer the ticket is bound to, from its first Hold or Data
-
-    @property
-    def ticket_id(self) -> TicketId:
-        return self.ticket.ticket_id
-
-    def done(self) -> bool:
-        return self.future.done() and self.future.exception() is None
-
-    def error(self) -> BaseException | None:
-        return self.future.exception() if self.future.done() else None
-
-    @property
-    def num_layers_ready(self) -> int:
-        return sum(self._ready)
-
-    def commit(self) -> bool:
-        """Take the blocks over from the lease; False when the lease already ended (expired, cancelled)."""
-        return self._end_lease(LeaseState.COMMITTED)
-
-    def cancel(self, reason: str) -> None:
-        """End the lease, fail the ticket and tell the sender; when this returns nothing writes the blocks."""
-        done = self._receiver.cancel(self, reason)
-        if done is not None and not _on_loop(self._receiver.loop):
-            done.result(_CALL_TIMEOUT_S)  # on the loop the failure publishes once the unpack in progress ends
-
-    async def cancel_async(self, reason: str) -> None:
-        """cancel() for a caller on another event loop (a gRPC servicer)."""
-        done = self._receiver.cancel(self, reason)
-        if done is not None:
-            await asyncio.wait_for(asyncio.wrap_future(done), _CALL_TIMEOUT_S)
-
-    def wait(self, timeout: float | None = None) -> TransferStats:
-        return self.future.result(timeout)
-
-    def __await__(self) -> Generator[Any, None, TransferStats]:
-        return asyncio.wrap_future(self.future).__await__()
-
-    def _end_lease(self, state: LeaseState) -> bool:
-        with self._lock:
-            if self._state is not LeaseState.HELD:
-                return False
-            self._state = state
-            return True
 
 
 @dataclass(slots=True, eq=False)
@@ -158,6 +63,7 @@ class _Incoming:
     ticket: TicketImport
     caches: KVCaches  # where the blocks are
     block_ids: torch.Tensor  # (num_blocks,) int64 on the host, validated once
+    device_ids: torch.Tensor  # the same on the caches' device, copied at registration
     layer_bytes: int  # one layer of the ticket, packed
     lease_s: float  # the sender's longest allowed silence
     claimed: list[bool]  # per layer: a Data header for it was accepted
@@ -167,7 +73,6 @@ class _Incoming:
     receiving: int = 0  # payload receives posted and not completed
     scattering: int = 0  # unpacks in progress (on the loop or the scatter thread)
     failure: TransferFailed | None = None
-    device_ids: torch.Tensor | None = None  # block_ids on the caches' device, copied at registration
 
 
 def check_data(data: Data, num_blocks: int, layer_bytes: int, claimed: Sequence[bool]) -> str | None:
@@ -214,8 +119,7 @@ class KVReceiver:
         self._leases: dict[TicketImport, asyncio.TimerHandle] = {}  # loop thread only
         self._endings: OrderedDict[str, str] = OrderedDict()
         self._slots = asyncio.Semaphore(config.max_inflight_recv)
-        self._scatter = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kvtransfer-scatter")
-        self._streams: dict[torch.device, torch.cuda.Stream] = {}  # per CUDA device unpacked into
+        self._unpacker = Unpacker(loop)
 
     # ---- any thread but the loop's
     def __len__(self) -> int:
@@ -234,7 +138,7 @@ class KVReceiver:
         own), leased for timeout_s; ValueError for a bad request. on_expire runs on the transport's
         thread if the lease runs out uncommitted."""
         ticket, registered = self._submit(ticket_id, block_ids, num_tokens, timeout_s, on_expire, caches)
-        registered.result(_CALL_TIMEOUT_S)
+        registered.result(CALL_TIMEOUT_S)
         return ticket
 
     async def expect_async(
@@ -248,7 +152,7 @@ class KVReceiver:
     ) -> TicketImport:
         """expect() for a caller on another event loop (a gRPC servicer)."""
         ticket, registered = self._submit(ticket_id, block_ids, num_tokens, timeout_s, on_expire, caches)
-        await asyncio.wait_for(asyncio.wrap_future(registered), _CALL_TIMEOUT_S)
+        await asyncio.wait_for(asyncio.wrap_future(registered), CALL_TIMEOUT_S)
         return ticket
 
     def cancel(self, ticket: TicketImport, reason: str) -> concurrent.futures.Future[None] | None:
@@ -280,7 +184,7 @@ class KVReceiver:
         self._leases.clear()
         for entry in list(self._incoming.values()):
             self._fail(entry, "the transport closed", tell_peer=False)
-        self._scatter.shutdown(wait=True)
+        self._unpacker.shutdown()
         for entry in list(self._incoming.values()):
             self._publish(entry)
 
@@ -293,7 +197,7 @@ class KVReceiver:
         on_expire: Callable[[TicketImport], None] | None,
         caches: KVCaches | None,
     ) -> tuple[TicketImport, concurrent.futures.Future[None]]:
-        if _on_loop(self.loop):
+        if on_loop(self.loop):
             raise RuntimeError("expect() blocks: call it from the engine or a service thread, not the transport's")
         if caches is None:
             if self.caches is None:
@@ -326,8 +230,8 @@ class KVReceiver:
         self._endings.pop(ticket_id, None)
         layout = caches.layout
         layer_bytes = ids.numel() * layout.block_elems_per_layer * caches.tensors[0].dtype.itemsize
-        entry = _Incoming(ticket, caches, ids, layer_bytes, timeout_s, [False] * layout.num_layers)
-        entry.device_ids = self._upload(ids, caches.tensors[0].device)
+        device_ids = self._unpacker.upload(ids, caches.tensors[0].device)
+        entry = _Incoming(ticket, caches, ids, device_ids, layer_bytes, timeout_s, [False] * layout.num_layers)
         self._incoming[ticket_id] = entry
         self._start_lease(ticket, timeout_s)
         self.timeline.mark(ticket_id, Step.EXPECTED)
@@ -415,7 +319,7 @@ class KVReceiver:
                 return
             entry.scattering += 1
             try:
-                bad = await self._unpack(staging.data, data, entry)
+                bad = await self._unpacker.unpack(staging.data, data, entry.caches, entry.device_ids)
             finally:
                 entry.scattering -= 1
             self.timeline.mark(data.ticket, Step.UNPACKED, data.first_layer)
@@ -432,67 +336,6 @@ class KVReceiver:
                 self._publish(entry)
             return
         self._landed(entry, data)
-
-    async def _unpack(self, payload: torch.Tensor, data: Data, entry: _Incoming) -> int | None:
-        """Unpack payload into the ticket's blocks and return once it is there; the first bad chunk instead
-        when a sampled checksum does not match."""
-        device = entry.caches.tensors[0].device
-        if device.type != "cuda" or data.checksums:
-            return await self.loop.run_in_executor(self._scatter, self._check_and_unpack, payload, data, entry)
-        stream = self._stream(device)
-        with torch.cuda.stream(stream):
-            self._check_and_unpack_here(payload, data, entry)
-            unpacked = torch.cuda.Event()
-            unpacked.record(stream)
-        if data.nbytes <= _WAIT_ON_LOOP_BYTES:
-            unpacked.synchronize()  # releases the GIL: the engine's thread runs on meanwhile
-        else:
-            await self.loop.run_in_executor(self._scatter, unpacked.synchronize)
-        return None
-
-    def _upload(self, ids: torch.Tensor, device: torch.device) -> torch.Tensor:
-        """The ticket's block ids on the caches' device, copied on the stream its unpacks run on (so
-        they are ordered after the copy) from pinned memory (so nothing here waits for it)."""
-        if device.type != "cuda":
-            return ids
-        with torch.cuda.stream(self._stream(device)):
-            return ids.to(device, non_blocking=True)
-
-    def _stream(self, device: torch.device) -> torch.cuda.Stream:
-        stream = self._streams.get(device)
-        if stream is None:
-            stream = self._streams[device] = torch.cuda.Stream(device)
-        return stream
-
-    def _check_and_unpack(self, payload: torch.Tensor, data: Data, entry: _Incoming) -> int | None:
-        """On the scatter thread: verify the sampled checksums of payload (nbytes,) uint8, then unpack it
-        into the ticket's blocks of those layers; returns the first bad chunk instead when one is.
-
-        The device work happens on the receiver's own stream, never on the default stream the
-        engine's step runs on, so it neither waits for a step nor makes a step wait for it; it is
-        finished when this returns.
-        """
-        device = entry.caches.tensors[0].device
-        if device.type != "cuda":
-            return self._check_and_unpack_here(payload, data, entry)
-        stream = self._stream(device)
-        with torch.cuda.stream(stream):
-            bad = self._check_and_unpack_here(payload, data, entry)
-        stream.synchronize()
-        return bad
-
-    def _check_and_unpack_here(self, payload: torch.Tensor, data: Data, entry: _Incoming) -> int | None:
-        if data.checksums:
-            chunk_bytes = entry.layer_bytes // (2 * entry.block_ids.numel())
-            bad = first_mismatch(payload, chunk_bytes, data.checksums)
-            if bad is not None:
-                return bad
-        layout, tensors = entry.caches.layout, entry.caches.tensors
-        assert entry.device_ids is not None  # made by _register
-        layers = list(tensors[data.first_layer : data.first_layer + data.num_layers])
-        shape = (data.num_layers, 2, data.num_blocks, layout.block_size, layout.num_kv_heads, layout.head_dim)
-        unpack_blocks(payload.view(tensors[0].dtype).view(shape), layers, entry.device_ids)
-        return None
 
     def _landed(self, entry: _Incoming, data: Data) -> None:
         entry.bytes_landed += data.nbytes
@@ -551,10 +394,3 @@ class KVReceiver:
         self._endings[ticket_id] = ending
         while len(self._endings) > _REMEMBERED_ENDINGS:
             self._endings.popitem(last=False)
-
-
-def _on_loop(loop: asyncio.AbstractEventLoop) -> bool:
-    try:
-        return asyncio.get_running_loop() is loop
-    except RuntimeError:
-        return False

@@ -1,14 +1,7 @@
-"""The sending side: push a request's layers for a ticket as they become final.
+"""The sending side's loop half: send a ticket's packed messages, keep its lease, hear the outcome.
 
-KVPush is what the prefill engine holds (engine.handoff.KVExportSink). Layers are grouped into
-messages of about config.message_bytes. On the engine's step thread, the push_layer that completes
-a message packs the message's layers into a pooled staging buffer in one call (on CUDA one kernel
-launch, queued on the current stream, so the engine's later writes are ordered after it) and hands
-the message to the transport's loop; then push_layer returns. Packing a message's earlier layers
-only then, not one by one, relies on what engine.handoff promises: a pushed layer's
-blocks stay final for the rest of the step, and the last layer (which completes the last message)
-is pushed within that step. Per-layer packing cost a host-side kernel launch per layer, which
-dominated small transfers on GPUs.
+KVPush (push.py) is what the prefill engine holds; it packs each message's layers on the
+engine's thread and hands the message to the loop.
 
 KVSender, on the loop, sends a Data header at once (the receiver checks it and posts its receive
 while the pack runs), then the payload once the pack has finished, and resolves the push's future
@@ -25,20 +18,19 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import time
-from collections.abc import Awaitable, Callable, Generator, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
 
 import structlog
 import torch
 
 from engine.kv_layout import KVLayout
-from kernels.kv_pack import pack_blocks
 from kvtransfer.checksum import digest_chunks, sample_chunks
 from kvtransfer.config import TransportConfig
 from kvtransfer.connection import Connection, Tasks, notify, quietly
 from kvtransfer.errors import IncompatiblePeer, TransferFailed
-from kvtransfer.staging import Staging, StagingPool
+from kvtransfer.push import KVPush, Outbound
+from kvtransfer.staging import StagingPool
 from kvtransfer.telemetry import Direction, TransferObserver, TransferStats
 from kvtransfer.ticket import Ticket
 from kvtransfer.timeline import Step, Timeline
@@ -49,99 +41,6 @@ log = structlog.get_logger(__name__)
 # A pack takes microseconds once the GPU reaches it; polling its event this long on the loop beats
 # a thread hop when the GPU is not far behind the engine, and costs little when it is.
 _PACK_POLL_S = 200e-6
-
-
-@dataclass(slots=True)
-class _Outbound:
-    """Packed layers [first_layer, first_layer + num_layers) of one ticket, ready once `packed` is."""
-
-    first_layer: int
-    num_layers: int
-    staging: Staging
-    packed: torch.cuda.Event | None  # None on CPU: packing was synchronous
-    pushed_at: float
-
-
-class KVPush:
-    """One ticket's sending side. push_layer/close/cancel come from the engine thread; `future`
-    resolves with TransferStats once the receiver has every layer, or raises TransferFailed."""
-
-    def __init__(self, sender: KVSender, ticket: Ticket, layout: KVLayout) -> None:
-        self.ticket = ticket
-        self.layout = layout  # of the blocks pushed: the receiver's handshake must agree on it
-        self.future: concurrent.futures.Future[TransferStats] = concurrent.futures.Future()
-        self._sender = sender
-        self._dtype: torch.dtype = getattr(torch, layout.dtype)
-        self._next_layer = 0
-        self._stopped = False  # cancelled or closed early: later calls do nothing
-        self._group: _Outbound | None = None  # the message being filled
-        self._group_view = torch.empty(0)  # its staging as (n, 2, num_blocks, block_size, kv_heads, head_dim)
-        self._layers: list[torch.Tensor] = []  # its layers pushed so far, packed when the last arrives
-        self._ids: torch.Tensor | None = None  # (num_blocks,) int64 on the cache's device
-        self._ids_list: list[int] = []
-
-    def push_layer(self, layer: int, kv_layer: torch.Tensor, block_ids: Sequence[int], num_tokens: int) -> None:
-        if self._stopped or self.future.done():
-            return
-        if layer != self._next_layer:
-            raise ValueError(f"layers must be pushed in order: expected layer {self._next_layer}, got {layer}")
-        if len(block_ids) != self.ticket.num_blocks:
-            return self._stop(f"the request has {len(block_ids)} blocks, the ticket {self.ticket.num_blocks}")
-        if layer == 0:
-            self._sender.timeline.mark(self.ticket.ticket_id, Step.FIRST_LAYER)
-        group = self._group or self._start_group(layer, len(block_ids), kv_layer.device)
-        self._layers.append(kv_layer)
-        self._next_layer += 1
-        if self._next_layer < group.first_layer + group.num_layers:
-            return
-        # (n, 2, num_blocks, block_size, kv_heads, head_dim): the message's layers in one pack, one launch
-        pack_blocks(self._layers, self._block_ids(block_ids, kv_layer.device), self._group_view)
-        if kv_layer.is_cuda:
-            group.packed = torch.cuda.Event()
-            group.packed.record()
-        self._sender.timeline.mark(self.ticket.ticket_id, Step.PACKED, group.first_layer)
-        self._group, self._layers = None, []
-        self._sender.submit(self, group)
-
-    def close(self) -> None:
-        if not self._stopped and self._next_layer != self.layout.num_layers:
-            self._stop(f"closed after {self._next_layer} of {self.layout.num_layers} layers")
-
-    def cancel(self, reason: str) -> None:
-        if not self._stopped:
-            self._stop(f"cancelled: {reason}")
-
-    def wait(self, timeout: float | None = None) -> TransferStats:
-        return self.future.result(timeout)
-
-    def __await__(self) -> Generator[Any, None, TransferStats]:
-        return asyncio.wrap_future(self.future).__await__()
-
-    def _stop(self, reason: str) -> None:
-        self._stopped = True
-        if self._group is not None:
-            self._sender.pool.release(self._group.staging)
-            self._group, self._layers = None, []
-        self._sender.stop(self, reason)
-
-    def _start_group(self, first: int, num_blocks: int, device: torch.device) -> _Outbound:
-        layout = self.layout
-        layer_bytes = num_blocks * layout.block_elems_per_layer * self._dtype.itemsize
-        n = min(max(1, self._sender.config.message_bytes // layer_bytes), layout.num_layers - first)
-        staging = self._sender.pool.acquire(n * layer_bytes)
-        shape = (n, 2, num_blocks, layout.block_size, layout.num_kv_heads, layout.head_dim)
-        self._group = _Outbound(first, n, staging, None, time.monotonic())
-        self._group_view = staging.view(self._dtype, shape)
-        return self._group
-
-    def _block_ids(self, block_ids: Sequence[int], device: torch.device) -> torch.Tensor:
-        if self._ids is None or self._ids_list != list(block_ids):
-            self._ids_list = list(block_ids)
-            ids = torch.tensor(self._ids_list, dtype=torch.int64)
-            # From pinned memory, queued on the engine's stream: a copy from pageable memory would
-            # wait for every kernel the step has queued so far, stalling the engine thread mid-prefill.
-            self._ids = ids.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else ids
-        return self._ids
 
 
 @dataclass(slots=True, eq=False)
@@ -197,7 +96,7 @@ class KVSender:
         self._loop.call_soon_threadsafe(self._register, push)
         return push
 
-    def submit(self, push: KVPush, message: _Outbound) -> None:
+    def submit(self, push: KVPush, message: Outbound) -> None:
         self._loop.call_soon_threadsafe(self._start_send, push, message)
 
     def stop(self, push: KVPush, reason: str) -> None:
@@ -259,7 +158,7 @@ class KVSender:
             self._renew(out)
             await asyncio.sleep(interval)
 
-    def _start_send(self, push: KVPush, message: _Outbound) -> None:
+    def _start_send(self, push: KVPush, message: Outbound) -> None:
         out = self._outgoing.get(push.ticket.ticket_id)
         if out is None or out.push is not push:
             self.pool.release(message.staging)
@@ -268,7 +167,7 @@ class KVSender:
         out.in_flight += 1
         self._tasks.spawn(self._send(out, message))
 
-    async def _send(self, out: _Outgoing, message: _Outbound) -> None:
+    async def _send(self, out: _Outgoing, message: Outbound) -> None:
         ticket_id = out.push.ticket.ticket_id
         self.timeline.mark(ticket_id, Step.SEND_TASK, message.first_layer)
         try:
@@ -307,7 +206,7 @@ class KVSender:
         await conn.send(header)
         self.timeline.mark(header.ticket, Step.HEADER_SENT, header.first_layer)
 
-    async def _send_packed(self, conn: Connection, message: _Outbound, tag: int, ticket_id: str) -> None:
+    async def _send_packed(self, conn: Connection, message: Outbound, tag: int, ticket_id: str) -> None:
         """Send the payload once its pack has finished: as soon as the loop sees it has, if that is
         within _PACK_POLL_S (a finished event is a query away; the loop runs its other work between
         queries), else after a wait on the waiter thread (a hop to it and back costs ~0.2 ms)."""
@@ -332,12 +231,12 @@ class KVSender:
             raise TransferFailed(info.address, info.ticket_id, out.bytes_sent, "connection lost mid-ticket")
         return conn
 
-    async def _hashes(self, out: _Outgoing, message: _Outbound) -> tuple[tuple[int, int], ...]:
+    async def _hashes(self, out: _Outgoing, message: Outbound) -> tuple[tuple[int, int], ...]:
         if message.packed is None:
             return self._checksums(out, message)
         return await self._loop.run_in_executor(self._waiter, self._packed_checksums, out, message)
 
-    def _packed_checksums(self, out: _Outgoing, message: _Outbound) -> tuple[tuple[int, int], ...]:
+    def _packed_checksums(self, out: _Outgoing, message: Outbound) -> tuple[tuple[int, int], ...]:
         """On the waiter thread: wait for the pack, then hash on the sender's own stream — a read-back
         on the default stream would wait for every step the engine has queued since the pack."""
         assert message.packed is not None
@@ -347,7 +246,7 @@ class KVSender:
         with torch.cuda.stream(self._stream):
             return self._checksums(out, message)
 
-    def _checksums(self, out: _Outgoing, message: _Outbound) -> tuple[tuple[int, int], ...]:
+    def _checksums(self, out: _Outgoing, message: Outbound) -> tuple[tuple[int, int], ...]:
         info = out.push.ticket
         if not self.config.checksum_samples:
             return ()
@@ -356,7 +255,7 @@ class KVSender:
         chunks = sample_chunks(message.num_layers * 2 * info.num_blocks, self.config.checksum_samples, key)
         return digest_chunks(message.staging.data, chunk_bytes, chunks)
 
-    def _header(self, out: _Outgoing, message: _Outbound, tag: int, checksums: tuple[tuple[int, int], ...]) -> Data:
+    def _header(self, out: _Outgoing, message: Outbound, tag: int, checksums: tuple[tuple[int, int], ...]) -> Data:
         info = out.push.ticket
         return Data(
             info.ticket_id, message.first_layer, message.num_layers, info.num_blocks, message.staging.nbytes, tag,

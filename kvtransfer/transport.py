@@ -31,14 +31,17 @@ import torch
 import ucxx
 
 from engine.kv_layout import KVLayout
+from kvtransfer.caches import KVCaches
 from kvtransfer.config import TransportConfig
 from kvtransfer.connection import CTL_TAG, Connection, Tasks
 from kvtransfer.errors import IncompatiblePeer
 from kvtransfer.listen import arrived_on_loopback, local_address
-from kvtransfer.receiver import KVCaches, KVReceiver, TicketImport
-from kvtransfer.sender import KVPush, KVSender
+from kvtransfer.push import KVPush
+from kvtransfer.receiver import KVReceiver
+from kvtransfer.sender import KVSender
 from kvtransfer.telemetry import NullObserver, TransferObserver
 from kvtransfer.ticket import Ticket
+from kvtransfer.ticket_import import TicketImport
 from kvtransfer.timeline import Timeline
 from kvtransfer.wire import (
     FRAME_BYTES,
