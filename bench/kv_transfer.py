@@ -315,9 +315,9 @@ def main() -> None:
     )
     parser.add_argument(
         "--delayed-submission",
-        choices=["on", "off"],
-        default="off",
-        help="ucxx posts sends and receives from its progress thread (on) or the transport's loop (off)",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="ucxx posts sends and receives from its progress thread (on) or the loop (off); auto: off on GPUs",
     )
     parser.add_argument(
         "--open-lead-ms", type=float, default=0.0, help="open each push this long before its first layer"
@@ -326,7 +326,7 @@ def main() -> None:
     parser.add_argument("--ucx-tls", default=None, help=f"default {GPU_TLS} (GPU) or {HOST_TLS} (--host)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    args.delayed_submission = args.delayed_submission == "on"
+    args.delayed_submission = {"auto": None, "on": True, "off": False}[args.delayed_submission]
     if args.quick:
         args.tokens, args.iters, args.warmup = [t for t in args.tokens if t <= 1024] or [256], 2, 1
     args.pool_blocks = args.pool_blocks or 2 * -(-max(args.tokens) // LAYOUT.block_size)

@@ -36,7 +36,8 @@ class TransportConfig:
     progress: ProgressMode | None = None
     # True hands every send and receive to ucxx's progress thread, which wakes to post it: one more
     # thread hop per message than posting from the transport's loop (the worker is thread-safe).
-    delayed_submission: bool = False
+    # None: off where staging buffers are on a GPU (measured there), on elsewhere (ucxx's default).
+    delayed_submission: bool | None = None
     message_bytes: int = 32 * MiB  # layers are grouped into messages of about this size (at least one layer)
     max_inflight_recv: int = 8  # messages being received at once; bounds the receiver's staging memory
     staging_retain_bytes: int = 1024 * MiB  # free staging memory kept for reuse, per direction
@@ -61,6 +62,12 @@ class TransportConfig:
         if self.progress is not None:
             return self.progress
         return ProgressMode.THREAD_POLLING if self.device.startswith("cuda") else ProgressMode.THREAD
+
+    @property
+    def delayed_submission_on(self) -> bool:
+        if self.delayed_submission is not None:
+            return self.delayed_submission
+        return not self.device.startswith("cuda")
 
     @property
     def accepts_loopback_only(self) -> bool:

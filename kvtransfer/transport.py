@@ -215,7 +215,7 @@ class KVTransport:
             ucxx.init(
                 options=self.config.ucx_init_options,
                 progress_mode=self.config.progress_mode.value,
-                enable_delayed_submission=self.config.delayed_submission,
+                enable_delayed_submission=self.config.delayed_submission_on,
                 enable_python_future=True,
             )
             self._listener = ucxx.create_listener(
