@@ -26,7 +26,9 @@ log = structlog.get_logger(__name__)
 
 def allocate_arena(nbytes: int, pin: bool) -> torch.Tensor:
     """(nbytes,) uint8 of host memory, page-locked when `pin`: slow (seconds per GiB pinned).
-    Memory the driver refuses to lock is taken unpinned: the store works, its copies are slower."""
+    Memory the driver refuses to lock is taken unpinned: the store works, its copies are slower.
+    torch's pinned allocator rounds a request up to a power of two (by default), so a memory tier
+    of 12 GiB locks 16: sizes of a power of two waste nothing."""
     if pin:
         try:
             return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
