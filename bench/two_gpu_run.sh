@@ -6,6 +6,8 @@
 #              against two colocated workers (one per GPU, every prompt prefilled where it is
 #              decoded): the same Mooncake trace replay and the same mixed long-prompt/long-output
 #              load on each.
+#   mesh-slo   (not in the default PHASES) 1 prefill + 1 decode under the slo policy, which may also
+#              prefill on the decode GPU when the prefill GPU's queue would miss the TTFT SLO.
 #   3. failures  SIGKILL the prefill worker mid-push and the decode worker mid-stream under 64
 #              concurrent requests (bench/two_gpu_failures.py).
 #
@@ -112,6 +114,9 @@ fi
 if wants mesh; then
   mesh disagg 50051 --prefill 1 --decode 1
   PDMESH_SCHEDULER_LOCAL_PREFILL_MAX_TOKENS=100000000 mesh coloc 51051 --prefill 0 --decode 2
+fi
+if wants mesh-slo; then  # the same two GPUs under the default slo policy: it may prefill on the decode GPU
+  PDMESH_SCHEDULER_POLICY=slo mesh disagg-slo 52051 --prefill 1 --decode 1
 fi
 if wants failures; then
   # shellcheck disable=SC2086

@@ -2,7 +2,7 @@
 
     python bench/two_gpu_summary.py LOGS_DIR --out results.json
 
-Reads what the run left in LOGS_DIR (kv_transfer.json, {disagg,coloc}-{trace,mixed}.json,
+Reads what the run left in LOGS_DIR (kv_transfer.json, {disagg,disagg-slo,coloc}-{trace,mixed}.json,
 failures.json; any may be missing) and prints: the KV transfer against the peer copy, the
 disaggregated mesh against the colocated one per load point, and the failure scenarios.
 """
@@ -80,15 +80,18 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None or b == 0 else a / b
 
 
-def mesh_summary(logs: Path, load_name: str) -> dict[str, Any]:
-    disagg, coloc = load(logs / f"disagg-{load_name}.json"), load(logs / f"coloc-{load_name}.json")
+def mesh_summary(logs: Path, load_name: str, disagg_name: str = "disagg") -> dict[str, Any]:
+    disagg, coloc = load(logs / f"{disagg_name}-{load_name}.json"), load(logs / f"coloc-{load_name}.json")
+    if disagg_name != "disagg" and disagg is None:
+        return {"run": False}  # an optional mesh (mesh-slo) that this run did not include
     if disagg is None or coloc is None:
         print(f"{load_name}: not run (disaggregated {'ran' if disagg else 'missing'}, "
               f"colocated {'ran' if coloc else 'missing'})")  # fmt: skip
         return {"run": False}
     plan = disagg.get("plan", {})
     slo = f"TTFT <= {plan.get('slo', {}).get('ttft_ms')} ms, TPOT <= {plan.get('slo', {}).get('tpot_ms')} ms"
-    print(f"{load_name}: {disagg['command']}\n  SLO {slo}; disaggregated = 1 prefill (GPU1) + 1 decode (GPU0), "
+    print(f"{load_name} ({disagg_name}): {disagg['command']}\n  SLO {slo}; "
+          f"disaggregated = 1 prefill (GPU1) + 1 decode (GPU0), "
           f"colocated = 2 workers prefilling locally (one a GPU)")  # fmt: skip
     head = "ok/fail  out tok/s  TTFT p50/p99 ms  TPOT p50/p99 ms  goodput/s  SLO%"
     print(f"  {'load':>16} {'mesh':>6}  {head}")
@@ -148,6 +151,7 @@ def main() -> None:
     results = {"kv_transfer": kv_summary(load(args.logs / "kv_transfer.json"))}
     for name in ("trace", "mixed"):
         results[name] = mesh_summary(args.logs, name)
+        results[f"{name} (slo policy)"] = mesh_summary(args.logs, name, "disagg-slo")
     results["failures"] = failure_summary(load(args.logs / "failures.json"))
     if args.out is not None:
         args.out.write_text(json.dumps(results, indent=2))
