@@ -43,6 +43,8 @@ TRACE_ARGS=${TRACE_ARGS:-"--requests 100 --trace-input-scale 0.25 --trace-speedu
 MIXED_ARGS=${MIXED_ARGS:-"--rate 3 --requests 60 --input-len 512:8192 --output-len 32:512"}
 KV_ARGS=${KV_ARGS:-"--pairs 1:0 --message-mib 32,512"}
 FAILURE_ARGS=${FAILURE_ARGS:-""}
+# Extra `pdmesh up` flags for every mesh, e.g. MESH_ARGS=--no-kvstore to compare the two plans alone.
+MESH_ARGS=${MESH_ARGS:-""}
 T0=$(date +%s)
 PY=${PY:-python3}
 
@@ -69,7 +71,8 @@ phase() {
 mesh() {
   local name=$1 port=$2
   shift 2
-  $PY -m pdmesh up --model "$MODEL" --device "$DEVICE" --kv-blocks "$KV_BLOCKS" --port "$port" "$@" \
+  # shellcheck disable=SC2086
+  $PY -m pdmesh up --model "$MODEL" --device "$DEVICE" --kv-blocks "$KV_BLOCKS" --port "$port" $MESH_ARGS "$@" \
     >"$LOGS/$name.up.log" 2>&1 &
   local pid=$! waited=0
   until grep -q "pdmesh is up" "$LOGS/$name.up.log" 2>/dev/null; do
