@@ -54,6 +54,7 @@ log = structlog.get_logger(__name__)
 
 _REMEMBERED_ENDINGS = 1024  # why recent tickets ended, to answer late messages precisely
 _COMPLETED = "the ticket already completed"
+_SENDER_CANCELLED = "the sender ended it: cancelled: "  # its push was cancelled on purpose (KVPush.cancel)
 
 
 @dataclass(slots=True, eq=False)
@@ -375,7 +376,8 @@ class KVReceiver:
         peer = entry.conn.peer if entry.conn is not None else ""
         entry.failure = TransferFailed(peer, ticket_id, entry.bytes_landed, reason)
         self._forget(entry, reason)  # a late message hears the same reason
-        log.warning("kv import failed", ticket=ticket_id, peer=peer, reason=reason)
+        report = log.info if reason.startswith(_SENDER_CANCELLED) else log.warning  # the sender chose to
+        report("kv import failed", ticket=ticket_id, peer=peer, reason=reason)
         if tell_peer and entry.conn is not None and entry.conn.lost is None:
             self._tasks.spawn(quietly(entry.conn.send(Failed(ticket_id, reason))))
         if entry.scattering == 0:

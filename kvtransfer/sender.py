@@ -289,7 +289,10 @@ class KVSender:
         self._forget(out)
         info = out.push.ticket
         error = error or TransferFailed(info.address, info.ticket_id, out.bytes_sent, reason)
-        log.warning("kv push failed", ticket=info.ticket_id, peer=info.address, reason=error.reason)
+        # A push this side cancelled (its blocks left the prefix cache, its request ended) is an
+        # outcome its caller chose, not a fault: info, not a warning.
+        report = log.info if reason.startswith("cancelled: ") else log.warning
+        report("kv push failed", ticket=info.ticket_id, peer=info.address, reason=error.reason)
         if tell_peer and out.conn is not None and out.conn.lost is None:
             self._tasks.spawn(quietly(out.conn.send(Cancel(info.ticket_id, reason))))
         _settle(out.push.future, error)

@@ -10,6 +10,7 @@ from engine.config import EngineConfig
 from kvtransfer.config import MiB, ProgressMode, TransportConfig
 from pdmesh.config import ChannelConfig, ConfigError, ServerConfig, TelemetryConfig
 from pdmesh.enums import WorkerRole
+from services.worker.fetch_policy import FetchMode, FetchSettings
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,13 @@ class WorkerConfig:
     kvstore_lookup_timeout_ms: int = 300
     kvstore_fetch_timeout_ms: int = 5_000
     kvstore_offer_timeout_ms: int = 2_000
+    # when_faster: a hit is fetched only when the store's measured speed says the fetch beats
+    # computing those tokens here (services/worker/fetch_policy.py); always: every hit is fetched.
+    kvstore_fetch: FetchMode = FetchMode.WHEN_FASTER
+    kvstore_reprobe_ms: int = 10_000  # a store judged slower than computing is measured again after this
+    # Finished blocks waiting to be offered, at most: beyond it new ones are dropped (and counted),
+    # so a store that cannot keep up never makes offers pile up on the worker.
+    kvstore_offer_backlog_mib: int = 1024
     server: ServerConfig = field(default_factory=ServerConfig)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     channel: ChannelConfig = field(default_factory=ChannelConfig)  # its calls to the scheduler
@@ -37,14 +45,17 @@ class WorkerConfig:
 
     def __post_init__(self) -> None:
         timeouts = ("kvstore_lookup_timeout_ms", "kvstore_fetch_timeout_ms", "kvstore_offer_timeout_ms")
-        for name in ("lease_ms", *timeouts, "kv_message_bytes"):
+        for name in ("lease_ms", *timeouts, "kvstore_reprobe_ms", "kvstore_offer_backlog_mib", "kv_message_bytes"):
             if getattr(self, name) <= 0:
-                unit = "bytes" if name.endswith("_bytes") else "milliseconds"
+                unit = {"bytes": "bytes", "mib": "MiB"}.get(name.rsplit("_", 1)[-1], "milliseconds")
                 raise ConfigError(name, f"is {getattr(self, name)}; use a positive number of {unit}")
 
     @property
     def id(self) -> str:
         return self.worker_id or f"{self.role.value}-{self.advertise_host}-{self.server.port}"
+
+    def fetch_settings(self) -> FetchSettings:
+        return FetchSettings(mode=self.kvstore_fetch, reprobe_s=self.kvstore_reprobe_ms / 1000)
 
     def transport(self) -> TransportConfig:
         """The KV transport's config: its listener where this worker is reached, its staging

@@ -8,13 +8,15 @@ bounded in bytes, not blocks: a GPU model's block is megabytes (Llama-3.1-8B's, 
 small CPU model's about one, and the pack between two steps should cost about the same. Nothing
 here is on the way to any request's first token: a request is finished before its blocks are
 offered, an offer that fails is dropped (the blocks are only a cache), and when the store is
-slow or away the chains waiting beyond the engine's bound are dropped too.
+slow or away new chains beyond the backlog's byte bound are dropped, and counted
+(StoreCounters.offer_dropped_blocks): offers never queue without bound on a worker.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections import deque
 
 import structlog
 
@@ -31,32 +33,64 @@ _PUSH_TIMEOUT_S = 30.0
 
 
 class Offerer:
-    def __init__(self, engine: AsyncEngine, transport: KVTransport, store: StoreClient) -> None:
+    """Two loops: one takes the engine's finished chains into a backlog bounded in bytes (what does
+    not fit is dropped and counted: a store that cannot keep up costs the worker nothing), the
+    other offers the backlog's chains one at a time, oldest first."""
+
+    def __init__(self, engine: AsyncEngine, transport: KVTransport, store: StoreClient, backlog_bytes: int) -> None:
         self.engine = engine
         self.transport = transport
         self.store = store
         self.pushed_blocks = 0  # blocks this worker has put in the store
         block_bytes = store.layout.bytes_per_token * store.layout.block_size
         self.blocks_per_offer = max(1, _BYTES_PER_OFFER // block_bytes)
-        self._task: asyncio.Task[None] | None = None
+        self.backlog_capacity_blocks = max(1, backlog_bytes // block_bytes)
+        self._backlog: deque[tuple[BlockHash, ...]] = deque()
+        self.backlog_blocks = 0  # blocks in the backlog's chains (a prefix shared by two counts twice)
+        self._queued = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="kvstore-offers")
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._take(), name="kvstore-offer-take"),
+                       loop.create_task(self._drain(), name="kvstore-offers")]  # fmt: skip
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+                await task
 
-    async def _run(self) -> None:
+    def enqueue(self, chains: list[tuple[BlockHash, ...]]) -> None:
+        """Queue chains to offer, longest first, as much of each as the backlog has room for: a
+        chain cut short keeps its prefix (what a later prompt can reuse)."""
+        for chain in _longest_first(chains):
+            room = self.backlog_capacity_blocks - self.backlog_blocks if self.store.available else 0
+            kept = chain[: max(0, room)]
+            self.store.counters.offer_dropped_blocks += len(chain) - len(kept)
+            if kept:
+                self._backlog.append(kept)
+                self.backlog_blocks += len(kept)
+                self._queued.set()
+
+    async def _take(self) -> None:
         while True:
             await asyncio.sleep(_INTERVAL_S)
-            chains = await self.engine.call(lambda e: e.take_finished_chains())
-            for chain in _longest_first(chains):
-                if not self.store.available:
-                    break  # set aside: these chains are dropped, later ones will be offered
-                await self.offer(chain)
+            self.enqueue(await self.engine.call(lambda e: e.take_finished_chains()))
+
+    async def _drain(self) -> None:
+        while True:
+            await self._queued.wait()
+            while self._backlog:
+                chain = self._backlog[0]
+                if self.store.available:
+                    await self.offer(chain)
+                else:  # set aside: dropped, later chains will be offered
+                    self.store.counters.offer_dropped_blocks += len(chain)
+                self._backlog.popleft()
+                self.backlog_blocks -= len(chain)
+            self._queued.clear()
 
     async def offer(self, chain: tuple[BlockHash, ...]) -> int:
         """Offer one chain, a run of blocks at a time; returns the blocks pushed."""

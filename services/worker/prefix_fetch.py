@@ -5,8 +5,10 @@ engine computes only the rest.
            -> receiver.expect (a ticket, leased for the fetch's time) -> store.Fetch pushes into it
            -> the request runs with the import; the engine computes from where it ends
 
-The store can only make a request faster, never fail it or make it miss its deadline: the lookup
-is short-timed, the fetch's lease is a fraction of the request's time left, and a fetch that fails
+The store can only make a request faster, never fail it or make it miss its deadline: a fetch is
+made only when it is predicted faster than computing those tokens here (fetch_policy.py: the
+store's measured speed against the engine's; the lookup and every fetch are timed for it); the
+lookup is short-timed, the fetch's lease is a fraction of the request's time left, and a fetch that fails
 or outlives its lease (store refused, died, stalled) fails the import, which the engine answers by
 computing those tokens (engine.handoff: prefix imports are optional). What the store contributed
 is the output's num_imported_tokens.
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncGenerator, Sequence
 
 import structlog
@@ -25,10 +28,12 @@ from engine.block_hash import chain_hashes
 from engine.handoff import KVExportSink
 from engine.kv_layout import KVLayout
 from engine.request import RequestOutput
+from engine.reservations import PrefixReservation
 from engine.sampling_params import SamplingParams
 from kvtransfer.receiver import TicketImport
 from kvtransfer.transport import KVTransport
-from services.worker.store_client import StoreClient, StoreUnavailable
+from services.worker.fetch_policy import FetchPlan, FetchPolicy, FetchReason
+from services.worker.store_client import StaleLookup, StoreClient, StoreUnavailable
 
 log = structlog.get_logger(__name__)
 _SHARE_OF_TIME_LEFT = 0.25  # the most of a request's remaining time a fetch may take
@@ -36,9 +41,11 @@ _SHARE_OF_TIME_LEFT = 0.25  # the most of a request's remaining time a fetch may
 
 class PrefixFetcher:
     def __init__(
-        self, engine: AsyncEngine, transport: KVTransport, store: StoreClient, layout: KVLayout, fetch_timeout_s: float
-    ) -> None:
+        self, engine: AsyncEngine, transport: KVTransport, store: StoreClient, layout: KVLayout, fetch_timeout_s: float,
+        policy: FetchPolicy,
+    ) -> None:  # fmt: skip
         self.engine = engine
+        self.policy = policy
         self.transport = transport
         self.store = store
         self.layout = layout
@@ -68,27 +75,31 @@ class PrefixFetcher:
                 yield out
 
     async def _fetch_prefix(self, request_id: str, tokens: list[int], time_left_s: float | None) -> TicketImport | None:
-        """The import of the store's part of the prefix, its fetch under way; None when there is none."""
+        """The import of the store's part of the prefix, its fetch under way; None when there is none
+        (or fetching it is predicted slower than computing it)."""
         if not self.store.available:
             return None
         bs = self.layout.block_size
         hashes = chain_hashes(tokens[: (len(tokens) - 1) // bs * bs], bs, self.layout.model_fingerprint)
         if not hashes:
             return None
+        address = self.store.address
         try:
+            started = time.monotonic()
             generations = await self.store.lookup(hashes)
+            self.policy.store(address).lookup_took((time.monotonic() - started) * 1000)
         except StoreUnavailable as e:
             log.info("kv store lookup failed; computing the prompt", request_id=request_id, reason=str(e))
             return None
         if not generations:
             return None
-        held = await self.engine.call(lambda e: e.reserve_prefix(request_id, tokens, len(generations) * bs))
-        if held.num_import_tokens == 0:
-            return None  # the engine's own cache has as much, or there is no room
-        first = held.num_cached_tokens // bs
         timeout_s = self.fetch_timeout_s
         if time_left_s is not None:
             timeout_s = min(timeout_s, max(0.05, time_left_s * _SHARE_OF_TIME_LEFT))
+        held = await self._reserve(request_id, tokens, len(generations), address, timeout_s)
+        if held is None:
+            return None
+        first = held.num_cached_tokens // bs
         try:
             imported = await self.transport.expect_async(
                 f"{request_id}/kvstore", held.block_ids, held.num_import_tokens, timeout_s
@@ -98,22 +109,71 @@ class PrefixFetcher:
             raise
         imported.commit()  # the engine owns the blocks; the lease now bounds the fetch alone
         last = first + len(held.block_ids)
-        self._start(imported, hashes[first:last], generations[first:last], timeout_s)
+        self._start(imported, address, hashes[first:last], generations[first:last], timeout_s)
         return imported
 
-    def _start(self, imported: TicketImport, hashes: list, generations: list[int], timeout_s: float) -> None:
-        task = asyncio.get_running_loop().create_task(self._fetch(imported, hashes, generations, timeout_s))
+    async def _reserve(
+        self, request_id: str, tokens: list[int], num_stored: int, address: str, timeout_s: float
+    ) -> PrefixReservation | None:
+        """Hold the request's cached blocks and blocks for as much of the store's part as pays to
+        fetch (FetchPolicy); None, holding nothing, when none does."""
+        bs = self.layout.block_size
+        held = await self.engine.call(lambda e: e.reserve_prefix(request_id, tokens, num_stored * bs))
+        if held.num_import_tokens == 0:
+            return None  # the engine's own cache has as much, or there is no room
+        offered = len(held.block_ids)
+        plan = self.policy.plan(address, offered, held.num_cached_tokens, timeout_s * 1000)
+        self._record(request_id, plan, offered)
+        if plan.num_blocks == offered:
+            return held
+        await self.engine.abort(request_id)  # releases the reservation
+        if plan.num_blocks == 0:
+            return None
+        upto = held.num_cached_tokens + plan.num_blocks * bs
+        held = await self.engine.call(lambda e: e.reserve_prefix(request_id, tokens, upto))
+        return held if held.num_import_tokens else None
+
+    def _record(self, request_id: str, plan: FetchPlan, offered: int) -> None:
+        counters = self.store.counters
+        if plan.reason is FetchReason.SLOWER:
+            counters.fetches_skipped += 1
+            counters.fetch_skipped_blocks += offered
+        elif plan.reason is FetchReason.PROBE:
+            counters.fetch_probes += 1
+        if plan.num_blocks < offered:
+            log.info(
+                "kv store hit partly or wholly computed instead", request_id=request_id, blocks=offered,
+                fetching=plan.num_blocks, reason=plan.reason.value, fetch_ms=_ms(plan.fetch_ms),
+                compute_ms=_ms(plan.compute_ms),
+            )  # fmt: skip
+
+    def _start(
+        self, imported: TicketImport, address: str, hashes: list, generations: list[int], timeout_s: float
+    ) -> None:
+        fetch = self._fetch(imported, address, hashes, generations, timeout_s)
+        task = asyncio.get_running_loop().create_task(fetch)
         self._fetches.add(task)
         task.add_done_callback(self._fetches.discard)
 
-    async def _fetch(self, imported: TicketImport, hashes: list, generations: list[int], timeout_s: float) -> None:
+    async def _fetch(
+        self, imported: TicketImport, address: str, hashes: list, generations: list[int], timeout_s: float
+    ) -> None:
+        started = time.monotonic()
         try:
             await self.store.fetch(hashes, generations, imported.ticket, timeout_s)
         except StoreUnavailable as e:  # the engine computes these tokens instead
             log.info("kv store fetch failed; computing the prefix", ticket=imported.ticket_id, reason=str(e))
             await imported.cancel_async(str(e))
+            if not isinstance(e, StaleLookup):  # a stale lookup is answered at once: no measure of speed
+                self.policy.fetch_took(address, len(hashes), (time.monotonic() - started) * 1000, landed=False)
+            return
+        self.policy.fetch_took(address, len(hashes), (time.monotonic() - started) * 1000, landed=True)
 
     async def close(self) -> None:
         for task in list(self._fetches):
             task.cancel()
         await asyncio.gather(*self._fetches, return_exceptions=True)
+
+
+def _ms(value: float | None) -> float | None:
+    return None if value is None else round(value, 1)

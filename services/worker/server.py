@@ -30,12 +30,13 @@ from services.prefill.servicer import PrefillServicer
 from services.telemetry.metrics import MetricsEndpoint
 from services.worker.config import WorkerConfig
 from services.worker.convert import load_report_to_pb, worker_info_to_pb
+from services.worker.fetch_policy import FetchPolicy
 from services.worker.load import SAMPLES_PER_REPORT, LoadSampler
 from services.worker.offers import Offerer
 from services.worker.prefix_fetch import PrefixFetcher
 from services.worker.registry_client import Reporter
 from services.worker.store_client import StoreClient
-from services.worker.telemetry import WorkerTelemetry
+from services.worker.telemetry import StoreUseMetrics, WorkerTelemetry
 
 log = structlog.get_logger(__name__)
 
@@ -60,8 +61,11 @@ async def serve_worker(config: WorkerConfig) -> None:
         engine.kv_layout, config.kvstore_lookup_timeout_ms / 1000, config.kvstore_offer_timeout_ms / 1000,
         config.channel,
     )  # fmt: skip
-    fetcher = PrefixFetcher(async_engine, transport, store, engine.kv_layout, config.kvstore_fetch_timeout_ms / 1000)
-    offerer = Offerer(async_engine, transport, store)
+    layout = engine.kv_layout
+    policy = FetchPolicy(config.fetch_settings(), layout.bytes_per_token * layout.block_size, layout.block_size)
+    fetcher = PrefixFetcher(async_engine, transport, store, layout, config.kvstore_fetch_timeout_ms / 1000, policy)
+    offerer = Offerer(async_engine, transport, store, config.kvstore_offer_backlog_mib << 20)
+    telemetry.registry.register(StoreUseMetrics(store.counters))
     decoding = config.role is WorkerRole.DECODE
     reservations = Reservations(async_engine, transport, config.id, config.lease_ms) if decoding else None
     reporter: Reporter | None = None
@@ -90,6 +94,7 @@ async def serve_worker(config: WorkerConfig) -> None:
     async def load(snapshot: bool) -> worker_pb2.ReportLoadRequest:
         stats, events = await sampler.sample(snapshot)
         steps = sampler.take_steps()
+        policy.compute.observe(steps)  # what computing a prompt costs here, against a fetch's time
         reserved = len(reservations) if reservations is not None else 0
         telemetry.load(stats)
         taken = pushes.take(SAMPLES_PER_REPORT) if pushes is not None else []

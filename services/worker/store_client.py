@@ -36,6 +36,10 @@ class StoreUnavailable(Exception):
     """The store did not answer, refused, or failed: the caller goes on without it."""
 
 
+class StaleLookup(StoreUnavailable):
+    """The store answered that a block looked up is gone or of another generation (FAILED_PRECONDITION)."""
+
+
 @dataclass(frozen=True)
 class Offered:
     wanted: list[int]  # positions of the offered hashes the store wants pushed
@@ -50,8 +54,12 @@ class StoreCounters:
     fetches: int = 0
     fetched_blocks: int = 0
     fetch_failures: int = 0
+    fetches_skipped: int = 0  # hits computed instead: fetching them was predicted slower (FetchPolicy)
+    fetch_skipped_blocks: int = 0
+    fetch_probes: int = 0  # small fetches from a store judged slower, to measure it again
     offers: int = 0
     offered_blocks: int = 0
+    offer_dropped_blocks: int = 0  # finished blocks never offered: the backlog of offers was full
     errors: int = 0  # calls that failed and set the store aside
 
 
@@ -128,8 +136,9 @@ class StoreClient:
         try:
             reply = await call(stub)
         except grpc.aio.AioRpcError as e:
-            if e.code() != grpc.StatusCode.FAILED_PRECONDITION:
-                self._set_aside(method, e)
+            if e.code() == grpc.StatusCode.FAILED_PRECONDITION:
+                raise StaleLookup(f"{method}: {e.code().name}: {e.details()}") from None
+            self._set_aside(method, e)
             raise StoreUnavailable(f"{method}: {e.code().name}: {e.details()}") from None
         self._backoff = _BACKOFF_S[0]
         return reply

@@ -14,18 +14,22 @@ import concurrent.futures
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import structlog
 from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from engine.engine import EngineStats
 from kvtransfer.errors import TransferFailed
 from kvtransfer.telemetry import Direction, TransferStats
 from kvtransfer.ticket import Ticket
-from services.telemetry.metrics import REQUEST_BUCKETS, counter, gauge, histogram
+from services.telemetry.metrics import PREFIX, REQUEST_BUCKETS, counter, gauge, histogram
 from services.telemetry.spans import Attr, Attributes, SpanName, context_of, record
 from services.telemetry.transfers import TransferMetrics
+from services.worker.store_client import StoreCounters
 
 log = structlog.get_logger(__name__)
 _EXPECTED_MEMORY = 4096  # tickets whose trace context is kept until their transfer ends
@@ -152,3 +156,27 @@ class LandingClock:
 
     def _landed(self, _future: concurrent.futures.Future[TransferStats]) -> None:
         self.at = time.monotonic()
+
+
+_STORE_COUNTERS = {  # StoreCounters field -> what it counts
+    "fetches": "Prefix fetches from the KV store that landed",
+    "fetched_blocks": "Blocks fetched from the KV store",
+    "fetch_failures": "Prefix fetches that failed or timed out (the tokens were computed)",
+    "fetches_skipped": "Store hits computed instead: the fetch was predicted slower than computing",
+    "fetch_skipped_blocks": "Blocks of the store hits computed instead",
+    "fetch_probes": "Small fetches from a store judged slower, to measure it again",
+    "offered_blocks": "Blocks this worker pushed to the KV store",
+    "offer_dropped_blocks": "Finished blocks not offered to the store: its backlog of offers was full",
+}
+
+
+class StoreUseMetrics(Collector):
+    """This worker's use of the KV store (StoreCounters, plain ints the event loop counts), read at
+    scrape time."""
+
+    def __init__(self, counters: StoreCounters) -> None:
+        self._counters = counters
+
+    def collect(self) -> Iterator[Metric]:
+        for name, doc in _STORE_COUNTERS.items():
+            yield CounterMetricFamily(f"{PREFIX}worker_kvstore_{name}", doc, value=getattr(self._counters, name))

@@ -4,7 +4,8 @@ the store in the middle of a fetch: the blocks are pinned and loaded, the worker
     python tests/mesh/stalling_store.py CONTROL_DIR serve kvstore ...
 
 The test creates CONTROL_DIR/arm; the next Fetch removes it, creates CONTROL_DIR/fetching and
-waits forever before pushing anything. Everything else is the real store.
+waits forever before pushing anything. While CONTROL_DIR/delay exists, every Fetch waits that
+many seconds (its text) before pushing: a slow store. Everything else is the real store.
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ async def _stalling_push(self: StoreTransfers, namespace: Namespace, ticket: Tic
         arm.unlink()
         (control / "fetching").touch()
         await asyncio.Event().wait()
+    delay = control / "delay"
+    if delay.exists():
+        await asyncio.sleep(float(delay.read_text()))
     return await push(self, namespace, ticket, slots)
 
 

@@ -1,7 +1,8 @@
 """The KV store in a real mesh: a multi-turn conversation whose later turns compute only their new
 tokens, whichever prefill worker they land on, with the tokens the engine gives alone; a decode
 worker that fails over fetches the prompt from the store; a store SIGKILLed in the middle of a
-fetch costs the request nothing but the fetch, and once started again it serves again.
+fetch costs the request nothing but the fetch, and once started again it serves again; a store
+slower than computing the prompt is measured once and then left alone.
 
 Two prefill workers take the turns in turn (round_robin), so every turn lands on the worker that
 did not compute the previous one: what it reuses comes from its own cache (the turn before last)
@@ -19,11 +20,13 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from pdmesh.client import AsyncClient, Completion, KVStoreState, WorkerHealth
 from pdmesh.enums import ExecutionPlan, WorkerRole
@@ -33,7 +36,12 @@ from tests.mesh.conftest import BLOCK_SIZE, engine_greedy, start_mesh, stop_mesh
 from tests.mesh.test_mesh import prompts_of
 
 pytestmark = pytest.mark.slow
-ROUND_ROBIN = {"PDMESH_SCHEDULER_POLICY": "ROUND_ROBIN", "PDMESH_SCHEDULER_LOCAL_PREFILL_MAX_TOKENS": "0"}
+# Every hit fetched (the tests check the store's data path), but in the last test, where the
+# workers fetch only what is predicted faster than computing it.
+ROUND_ROBIN = {
+    "PDMESH_SCHEDULER_POLICY": "ROUND_ROBIN", "PDMESH_SCHEDULER_LOCAL_PREFILL_MAX_TOKENS": "0",
+    "PDMESH_WORKER_KVSTORE_FETCH": "always",
+}  # fmt: skip
 OUTPUT = 20
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -270,3 +278,52 @@ def test_the_store_killed_mid_fetch_costs_the_request_only_the_fetch(mesh, store
     assert list(completion.token_ids) == expected_again
     assert completion.usage is not None and completion.usage.store_cached_prompt_tokens > 0
     assert (restarted.num_fetches, restarted.num_fetches_refused, restarted.num_fetches_failed) == (1, 0, 0)
+
+
+def test_a_store_slower_than_computing_is_fetched_from_once_then_computed_instead(
+    mesh, store, chat_model: Path
+) -> None:
+    # The prefill workers again, now fetching only when it pays (no re-probe within the test); the
+    # store takes 2 s a fetch.
+    for worker in ("prefill-0", "prefill-1"):
+        mesh.kill(worker)
+        when_faster = (("PDMESH_WORKER_KVSTORE_FETCH", "when_faster"), ("PDMESH_WORKER_KVSTORE_REPROBE_MS", "600000"))
+        mesh.restart(worker, timeout_s=120, env=when_faster)
+    (store.control / "delay").write_text("2.0")
+    warmups = prompts_of([40, 50, 60, 70, 80, 90, 100, 110], seed=41)
+    conversations = [prompts_of([150, 20], seed=seed) for seed in (42, 43)]
+
+    async def run() -> list[tuple[Completion, float]]:
+        turns = []
+        async with AsyncClient(mesh.target) as client:
+            for prompt in warmups:  # each worker computes four prompts: its compute cost is measured
+                await complete(client, prompt)
+            await asyncio.sleep(1.0)  # their steps reach the workers' policies with a load report
+            for first, new in conversations:  # turn 1 on one worker, turn 2 on the other
+                stored = (await store_holds(client, 0)).num_stored_blocks
+                out = await complete(client, first)
+                await store_holds(client, stored + (len(first) + OUTPUT - 1) // BLOCK_SIZE)
+                started = time.monotonic()
+                turns.append((await complete(client, first + list(out.token_ids) + new), time.monotonic() - started))
+        return turns
+
+    try:
+        (learned, learned_s), (computed, computed_s) = asyncio.run(run())
+    finally:
+        (store.control / "delay").unlink()
+    assert learned.placement is not None and computed.placement is not None
+    assert learned.placement.prefill_worker_id == computed.placement.prefill_worker_id
+    # The first fetch from the store measures it (2 s for a dozen blocks) ...
+    assert learned.usage is not None and learned.usage.store_cached_prompt_tokens > 0 and learned_s >= 2.0
+    # ... and the next prompt it holds is computed instead: nothing from the store, no wait for it.
+    u = computed.usage
+    assert u is not None and (u.store_cached_prompt_tokens, u.worker_cached_prompt_tokens) == (0, 0)
+    assert u.computed_prompt_tokens == u.prompt_tokens and computed_s < 2.0
+    worker = learned.placement.prefill_worker_id
+    offset = dict(mesh.spec.metrics_ports())[worker]
+    text = urllib.request.urlopen(f"http://127.0.0.1:{mesh.spec.port + 200 + offset}/metrics", timeout=10).read()
+    samples = {s.name: s.value for f in text_string_to_metric_families(text.decode()) for s in f.samples}
+    assert samples["pdmesh:worker_kvstore_fetches_skipped_total"] == 1
+    assert samples["pdmesh:worker_kvstore_fetches_total"] == 1
+    held = (len(conversations[1][0]) + OUTPUT - 1) // BLOCK_SIZE  # turn 1's prompt and output, full blocks
+    assert samples["pdmesh:worker_kvstore_fetch_skipped_blocks_total"] == held
