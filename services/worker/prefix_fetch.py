@@ -116,8 +116,14 @@ class PrefixFetcher:
         self, request_id: str, tokens: list[int], num_stored: int, address: str, timeout_s: float
     ) -> PrefixReservation | None:
         """Hold the request's cached blocks and blocks for as much of the store's part as pays to
-        fetch (FetchPolicy); None, holding nothing, when none does."""
+        fetch (FetchPolicy); None, holding nothing, when none does. The whole stored prefix judged
+        slower than computing it is skipped before asking the engine anything: a call to the
+        engine waits for its step to end, which on a busy GPU is most of what skipping saves."""
         bs = self.layout.block_size
+        whole = self.policy.plan(address, num_stored, 0, timeout_s * 1000)
+        if whole.reason is FetchReason.SLOWER:
+            self._record(request_id, whole, num_stored)
+            return None
         held = await self.engine.call(lambda e: e.reserve_prefix(request_id, tokens, num_stored * bs))
         if held.num_import_tokens == 0:
             return None  # the engine's own cache has as much, or there is no room

@@ -163,7 +163,7 @@ _STORE_COUNTERS = {  # StoreCounters field -> what it counts
     "fetched_blocks": "Blocks fetched from the KV store",
     "fetch_failures": "Prefix fetches that failed or timed out (the tokens were computed)",
     "fetches_skipped": "Store hits computed instead: the fetch was predicted slower than computing",
-    "fetch_skipped_blocks": "Blocks of the store hits computed instead",
+    "fetch_skipped_blocks": "Blocks the store held of the prompts computed instead",
     "fetch_probes": "Small fetches from a store judged slower, to measure it again",
     "offered_blocks": "Blocks this worker pushed to the KV store",
     "offer_dropped_blocks": "Finished blocks not offered to the store: its backlog of offers was full",
