@@ -7,9 +7,10 @@ model; parameters were validated at the door (`SamplingParams.validate`).
 Design notes.
 - Order, as in Hugging Face transformers: repetition penalty (HF semantics: a token present in
   the sequence has a positive logit divided by the penalty, any other multiplied by it), then
-  temperature, top-k (ties with the k-th value survive), top-p (the smallest set whose
-  probability reaches top_p, never empty) and min-p (drop tokens below min_p times the top
-  probability). Greedy (temperature 0) takes the argmax of the penalised logits.
+  temperature (at least sampling_params.MIN_TEMPERATURE: 1e-40 would overflow), top-k (ties with
+  the k-th value survive), top-p (the smallest set whose probability reaches top_p, never empty)
+  and min-p (drop tokens below min_p times the top probability). Greedy (temperature 0) takes the
+  argmax of the penalised logits.
 - Randomness per token comes from (seed, position) alone: a generator on the logits' device is
   seeded with a splitmix64 mix of the two, and the token is argmax(probs / E) with E ~ Exp(1)
   per vocabulary entry (the exponential race, equivalent to Gumbel-max). So a request sampled at
@@ -113,7 +114,7 @@ def filtered_probs(logits: torch.Tensor, params: Sequence[SamplingParams]) -> to
     """
     batch, vocab = logits.shape
     table = torch.tensor(
-        [[p.temperature, p.top_k or vocab, p.top_p, p.min_p] for p in params],
+        [[p.sampling_temperature, p.top_k or vocab, p.top_p, p.min_p] for p in params],
         dtype=torch.float32,
     ).to(logits.device)  # (batch, 4): one host-to-device copy for all rows
     x = logits / table[:, 0:1]

@@ -12,6 +12,10 @@ from dataclasses import dataclass
 
 from engine.errors import InvalidRequest
 
+# A positive temperature below this samples at it: dividing logits by a temperature near 0 overflows
+# float32 (inf, then NaN probabilities), and anything under about 0.01 already picks the argmax
+# but for near-ties. vLLM raises such temperatures to the same floor; 0 itself stays greedy.
+MIN_TEMPERATURE = 0.01
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 256
 MAX_STOP_TOKEN_IDS = 64
@@ -20,7 +24,7 @@ MAX_STOP_TOKEN_IDS = 64
 @dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int = 64
-    temperature: float = 0.0  # 0 means greedy
+    temperature: float = 0.0  # 0 means greedy; a positive value below MIN_TEMPERATURE samples at it
     top_k: int = 0  # 0 means off
     top_p: float = 1.0
     min_p: float = 0.0
@@ -36,6 +40,12 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def sampling_temperature(self) -> float:
+        """What a sampled (not greedy) row divides its logits by: the temperature, at least
+        MIN_TEMPERATURE."""
+        return max(self.temperature, MIN_TEMPERATURE)
 
     def validate(self, vocab_size: int | None = None) -> None:
         """Raise InvalidRequest naming the first bad field."""

@@ -18,7 +18,7 @@ from transformers import (
 )
 
 from engine.sampler import Sampler, SamplingRow, filtered_probs, penalize
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import MIN_TEMPERATURE, SamplingParams
 
 VOCAB = 64
 
@@ -129,6 +129,21 @@ def test_a_tiny_top_p_keeps_only_the_argmax() -> None:
     logits = random_logits(8, seed=6)
     rows = [row(position=p, temperature=1.0, top_p=1e-6) for p in range(8)]
     assert Sampler().sample(logits, rows).token_ids == logits.argmax(dim=-1).tolist()
+
+
+@pytest.mark.parametrize("temperature", [1e-5, 1e-40, 5e-324])
+def test_a_positive_temperature_below_the_floor_samples_at_the_floor(temperature: float) -> None:
+    # Dividing by 1e-40 overflows float32: every probability would be NaN and the draw garbage.
+    logits = random_logits(8, seed=9)
+    logits[:, 3] = logits[:, 17] = logits.amax(dim=-1) + 1.0  # a tie at the top, which the floor still samples
+    tiny = [row(position=p, seed=p, temperature=temperature, top_p=0.95) for p in range(8)]
+    floor = [row(position=p, seed=p, temperature=MIN_TEMPERATURE, top_p=0.95) for p in range(8)]
+    probs = filtered_probs(logits, [r.params for r in tiny])
+    assert torch.isfinite(probs).all() and torch.allclose(probs.sum(dim=-1), torch.ones(8))
+    drawn = Sampler().sample(logits, tiny).token_ids
+    assert drawn == Sampler().sample(logits, floor).token_ids
+    assert set(drawn) <= {3, 17}
+    assert not SamplingParams(temperature=temperature).greedy  # sampled (seeded), not turned greedy
 
 
 def test_min_p_of_one_keeps_only_the_tokens_tied_at_the_top() -> None:
