@@ -80,6 +80,7 @@ def _run_service(args: argparse.Namespace, telemetry: TelemetryConfig) -> None:
             SchedulerConfig, "scheduler", server=server, telemetry=telemetry,
             http=_given(port=args.http_port, host=args.http_host), **_given(model=args.model, policy=policy),
         )  # fmt: skip
+        _warn_deprecated(SchedulerConfig, "scheduler")
         otel = start_otel(ServiceName.SCHEDULER, f"scheduler-{scheduler.server.port}", otel_export())
         try:
             asyncio.run(serve_scheduler(scheduler))
@@ -110,6 +111,18 @@ def _run_service(args: argparse.Namespace, telemetry: TelemetryConfig) -> None:
         asyncio.run(serve_worker(worker))
     finally:
         otel.shutdown()
+
+
+def _warn_deprecated(cls: type, section: str) -> None:
+    """One warning at start per deprecated setting in use: it still works, but not for long."""
+    import structlog
+
+    from pdmesh.config import deprecated_settings
+
+    for variable, replacement in deprecated_settings(cls, section):
+        structlog.get_logger("pdmesh.serve").warning(
+            "deprecated setting: it still works for now; set its replacement", setting=variable, use=replacement
+        )
 
 
 def _given(**flags: Any) -> dict[str, Any]:

@@ -30,7 +30,7 @@ from pathlib import Path
 import grpc
 
 from pdmesh.client import AsyncClient, Client, KVStoreState, WorkerHealth, WorkerState
-from pdmesh.config import ChannelConfig, from_env, scheduler_api_keys
+from pdmesh.config import ChannelConfig, door_keys, from_env
 from pdmesh.ports import WILDCARD_HOSTS, PortClaim, check_free
 from pdmesh.process_output import Echo, ProcessOutput
 from pdmesh.supervisor import ChildSpec, RestartPolicy, Supervisor
@@ -180,7 +180,8 @@ class Mesh:
         self.spec = spec
         self.output = output or ProcessOutput()
         self.supervisor = Supervisor(spec.commands(), policy or RestartPolicy(restart=False), self.output)
-        self.api_keys = scheduler_api_keys(dict(spec.env))
+        self.door_keys = door_keys(dict(spec.env))
+        self.api_keys = self.door_keys.grpc  # what the Scheduler service asks of gRPC calls
         channel = from_env(ChannelConfig, "channel")
         # `up`'s own calls (readiness, the demo) present the scheduler's first key when no other is set.
         key = channel.api_key or (self.api_keys[0] if self.api_keys else None)
@@ -346,24 +347,22 @@ def _print_banner(mesh: Mesh) -> None:
     if mesh.api_keys:
         print(f"clients must present one of {len(mesh.api_keys)} bearer keys (PDMESH_CHANNEL_API_KEY for pdmesh's own)")
     else:
-        print("no bearer keys asked (PDMESH_SCHEDULER_API_KEYS sets them; do before opening the mesh to a network)")
+        print("no bearer keys asked (PDMESH_API_KEYS sets them; do before opening the mesh to a network)")
     first, last = spec.port + _METRICS_PORT_OFFSET, spec.port + _METRICS_PORT_OFFSET + len(spec.workers)
     stores = f", the KV store's :{spec.port + _METRICS_PORT_OFFSET + _KVSTORE_PORT_OFFSET}" if spec.kvstore else ""
     print(f"metrics: http://{spec.reach_host}:{first}/metrics (scheduler) to :{last} (one port per worker{stores})")
     if spec.http_port is not None:
-        print(f"OpenAI API: {spec.http_base_url}/v1 ({_http_auth(spec)})")
+        print(f"OpenAI API: {spec.http_base_url}/v1 ({_http_auth(spec, mesh.door_keys.http)})")
     print(f'try:  pdmesh generate --target {mesh.target} --chat "What is the capital of France?"\n', flush=True)
 
 
-def _http_auth(spec: MeshSpec) -> str:
+def _http_auth(spec: MeshSpec, keys: tuple[str, ...]) -> str:
     """Whether the HTTP door asks for a key, as the scheduler will read its settings."""
-    from pdmesh.config import HttpConfig, from_env
-
-    if dict(spec.env).get("PDMESH_HTTP_API_KEYS") or from_env(HttpConfig, "http").api_keys:
-        return "a key is required: Authorization: Bearer KEY, one of PDMESH_HTTP_API_KEYS"
+    if keys:
+        return "a key is required: Authorization: Bearer KEY, one of PDMESH_API_KEYS"
     if spec.host in WILDCARD_HOSTS:
-        return "no key required, and open to the network: set PDMESH_HTTP_API_KEYS"
-    return f"no key required: it listens on {spec.host} only; PDMESH_HTTP_API_KEYS turns keys on"
+        return "no key required, and open to the network: set PDMESH_API_KEYS"
+    return f"no key required: it listens on {spec.host} only; PDMESH_API_KEYS turns keys on"
 
 
 async def _stop(mesh: Mesh, output: ProcessOutput) -> None:

@@ -9,8 +9,8 @@ PDMESH_<SECTION>_<FIELD> variables; the dataclasses sit one module per concern:
                but for otel_export's look at the standard OTEL_* variables)
     transport  ServerConfig (PDMESH_SERVER_*), ChannelConfig (PDMESH_CHANNEL_*)
     telemetry  TelemetryConfig (PDMESH_TELEMETRY_*), LogFormat, otel_export
-    scheduler  SchedulerConfig (PDMESH_SCHEDULER_*), HttpConfig (PDMESH_HTTP_*),
-               SloConfig (PDMESH_SLO_*), PolicyName
+    scheduler  SchedulerConfig (PDMESH_SCHEDULER_*; its api_keys, both doors', PDMESH_API_KEYS),
+               HttpConfig (PDMESH_HTTP_*), SloConfig (PDMESH_SLO_*), PolicyName, DoorKeys
 
 The workers' and the KV store's trees live with their services (services/worker/config.py,
 services/kvstore/config.py) and are loaded by the same `from_env`. Callers import from
@@ -19,15 +19,36 @@ services/kvstore/config.py) and are loaded by the same `from_env`. Callers impor
 
 from __future__ import annotations
 
-from pdmesh.config.env import PREFIX, ConfigError, MiB, check_positive, env_name, from_env
-from pdmesh.config.scheduler import HttpConfig, PolicyName, SchedulerConfig, SloConfig, scheduler_api_keys
+from pdmesh.config.env import (
+    PREFIX,
+    ConfigError,
+    MiB,
+    check_positive,
+    deprecated_settings,
+    env_name,
+    from_env,
+    read_variable,
+    setting,
+    variable_of,
+)
+from pdmesh.config.scheduler import (
+    API_KEYS,
+    DoorKeys,
+    HttpConfig,
+    PolicyName,
+    SchedulerConfig,
+    SloConfig,
+    door_keys,
+)
 from pdmesh.config.telemetry import LogFormat, OtelExport, OtlpProtocol, TelemetryConfig, otel_export
 from pdmesh.config.transport import ChannelConfig, ServerConfig
 
 __all__ = [
+    "API_KEYS",
     "PREFIX",
     "ChannelConfig",
     "ConfigError",
+    "DoorKeys",
     "HttpConfig",
     "LogFormat",
     "MiB",
@@ -39,8 +60,12 @@ __all__ = [
     "SloConfig",
     "TelemetryConfig",
     "check_positive",
+    "deprecated_settings",
+    "door_keys",
     "env_name",
     "from_env",
     "otel_export",
-    "scheduler_api_keys",
+    "read_variable",
+    "setting",
+    "variable_of",
 ]

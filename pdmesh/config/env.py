@@ -5,8 +5,10 @@ and every sub-config from the section named after its field, wherever it sits: `
 PDMESH_SERVER_*, `channel` from PDMESH_CHANNEL_*, `cache` from PDMESH_CACHE_*. Each value is
 converted to the field's type; an error names the variable. Unset variables keep the defaults. A
 variable of a section being loaded that names no field is refused, naming it (a misspelt or stale
-setting must not be ignored silently). This module knows no particular config; the dataclasses
-live beside it, one module per service.
+setting must not be ignored silently). A field may name its own variable instead (`setting`:
+PDMESH_API_KEYS belongs to no one section), and a renamed setting keeps its old variable as a
+field marked deprecated, which `deprecated_settings` lists for a warning at start. This module
+knows no particular config; the dataclasses live beside it, one module per service.
 
 Field types understood: str, int, float, bool, Path, enum members (by name), `X | None` (an
 empty value means None), tuple[str, ...] / tuple[int, ...] (comma-separated) and dataclasses
@@ -69,12 +71,12 @@ def from_env(
         raise TypeError(f"{cls!r} is not a dataclass type")
     env = os.environ if environ is None else environ
     hints = typing.get_type_hints(cls)
-    fields = [f for f in dataclasses.fields(cls) if f.init]
-    _check_known(cls, section, {f.name for f in fields if not _is_config(hints[f.name])}, env)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    _check_known(cls, section, {variable_of(section, f) for f in fields.values() if not _is_config(hints[f.name])}, env)
     values: dict[str, Any] = {}
     given = set(overrides)
-    for f in fields:
-        name, tp = env_name(section, f.name), hints[f.name]
+    for f in fields.values():
+        name, tp = variable_of(section, f), hints[f.name]
         override = overrides.pop(f.name, None) if f.name in overrides else _UNSET
         if _is_config(tp) and not dataclasses.is_dataclass(override):
             values[f.name] = from_env(tp, f.name, env, **(override if isinstance(override, dict) else {}))
@@ -88,8 +90,47 @@ def from_env(
         return cls(**values)
     except (ConfigError, InvalidRequest) as e:
         if e.field in values and e.field not in given:
-            raise ConfigError(env_name(section, e.field), e.problem) from None
+            raise ConfigError(variable_of(section, fields[e.field]), e.problem) from None
         raise
+
+
+def setting(variable: str | None = None, replaced_by: str | None = None) -> dict[str, str]:
+    """Field metadata. `variable`: the field is set by this variable rather than
+    PDMESH_<SECTION>_<FIELD> (a setting of no one section, such as PDMESH_API_KEYS).
+    `replaced_by`: the field's variable is deprecated in favour of that one; it still works, and
+    `deprecated_settings` names it so that a service can warn at start."""
+    return {k: v for k, v in ((_VARIABLE, variable), (_REPLACED_BY, replaced_by)) if v is not None}
+
+
+_VARIABLE, _REPLACED_BY = "pdmesh.variable", "pdmesh.replaced_by"
+
+
+def variable_of(section: str, f: dataclasses.Field[Any]) -> str:
+    """The variable that sets field `f` of `section`."""
+    return f.metadata.get(_VARIABLE) or env_name(section, f.name)
+
+
+def deprecated_settings(
+    cls: type, section: str = "", environ: Mapping[str, str] | None = None
+) -> list[tuple[str, str]]:
+    """(variable, its replacement) for each deprecated variable of the tree `cls` set to a value."""
+    env = os.environ if environ is None else environ
+    hints = typing.get_type_hints(cls)
+    found: list[tuple[str, str]] = []
+    for f in dataclasses.fields(cls):
+        if _is_config(hints[f.name]):
+            found += deprecated_settings(hints[f.name], f.name, env)
+        elif _REPLACED_BY in f.metadata and env.get(variable_of(section, f), "").strip():
+            found.append((variable_of(section, f), f.metadata[_REPLACED_BY]))
+    return found
+
+
+def read_variable(variable: str, tp: Any, extra: Mapping[str, str] = {}) -> Any:  # noqa: B006 (never mutated)
+    """One variable converted to `tp` (None when unset), `extra` (e.g. the settings `pdmesh up`
+    gives its processes) over the environment: for a process that starts another and must know
+    what it will read."""
+    env = {**os.environ, **extra}
+    return _convert(env[variable], tp, variable) if variable in env else None
 
 
 _UNSET = object()
@@ -99,15 +140,16 @@ def _is_config(tp: Any) -> bool:
     return isinstance(tp, type) and dataclasses.is_dataclass(tp)
 
 
-def _check_known(cls: type, section: str, names: set[str], env: Mapping[str, str]) -> None:
+def _check_known(cls: type, section: str, variables: set[str], env: Mapping[str, str]) -> None:
     if not section:
         return
     head = env_name(section, "") + "_"
     for variable in env:
-        if variable.startswith(head) and variable[len(head) :].lower() not in names:
+        if variable.startswith(head) and variable not in variables:
+            names = sorted(v[len(head) :].lower() for v in variables if v.startswith(head))
             others = ", ".join(f"{env_name(s, '')}_*" for s in _sections(cls))
             hint = f"; the rest are in {others}" if others else ""
-            raise ConfigError(variable, f"is not a setting; {section} has {', '.join(sorted(names))}{hint}")
+            raise ConfigError(variable, f"is not a setting; {section} has {', '.join(names)}{hint}")
 
 
 def _sections(cls: type) -> list[str]:

@@ -6,13 +6,37 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from pdmesh.config.env import ConfigError, MiB, check_positive, env_name
+from pdmesh.config.env import ConfigError, MiB, check_positive, read_variable, setting
 from pdmesh.config.telemetry import TelemetryConfig
 from pdmesh.config.transport import ChannelConfig, ServerConfig
+
+API_KEYS = "PDMESH_API_KEYS"  # the bearer keys of both doors
+_GRPC_API_KEYS, _HTTP_API_KEYS = "PDMESH_SCHEDULER_API_KEYS", "PDMESH_HTTP_API_KEYS"  # deprecated: one door's
+
+
+@dataclass(frozen=True)
+class DoorKeys:
+    """The bearer keys each door of the scheduler accepts (Authorization: Bearer KEY, as gRPC
+    metadata or an HTTP header); an empty tuple: that door asks for none."""
+
+    grpc: tuple[str, ...] = dataclasses.field(default=(), repr=False)
+    http: tuple[str, ...] = dataclasses.field(default=(), repr=False)
+
+    @classmethod
+    def of(cls, shared: tuple[str, ...], grpc_only: tuple[str, ...], http_only: tuple[str, ...]) -> DoorKeys:
+        return cls(_union(shared, grpc_only), _union(shared, http_only))
+
+
+def _union(a: tuple[str, ...], b: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(a + b))
+
+
+def _check_keys(config: object, name: str) -> None:
+    if any(not key.strip() for key in getattr(config, name)):
+        raise ConfigError(name, "contains an empty key; list non-empty keys, comma-separated")
 
 
 @dataclass(frozen=True)
@@ -22,17 +46,15 @@ class HttpConfig:
 
     host: str | None = None  # None: the gRPC server's host
     port: int | None = 8000  # None (PDMESH_HTTP_PORT=""): no HTTP door; 0 picks a free port (tests)
-    # Bearer keys a client must present (Authorization: Bearer KEY); empty: no authentication,
-    # which suits a door on loopback only. Comma-separated in PDMESH_HTTP_API_KEYS.
-    api_keys: tuple[str, ...] = dataclasses.field(default=(), repr=False)
+    # Deprecated (PDMESH_HTTP_API_KEYS): keys this door alone accepts beside SchedulerConfig.api_keys.
+    api_keys: tuple[str, ...] = dataclasses.field(default=(), repr=False, metadata=setting(replaced_by=API_KEYS))
     # The deadline of a request that names none (x-request-timeout-ms); None: no deadline.
     request_timeout_s: float | None = None
 
     def __post_init__(self) -> None:
         if self.port is not None and not 0 <= self.port <= 65535:
             raise ConfigError("port", f"is {self.port}; use 0 (any free port) to 65535, or empty for no HTTP door")
-        if any(not key.strip() for key in self.api_keys):
-            raise ConfigError("api_keys", "contains an empty key; list non-empty keys, comma-separated")
+        _check_keys(self, "api_keys")
         if self.request_timeout_s is not None and self.request_timeout_s <= 0:
             raise ConfigError("request_timeout_s", f"is {self.request_timeout_s}; use a positive value or empty")
 
@@ -106,23 +128,32 @@ class SchedulerConfig:
     # A prompt's text (or chat messages' contents) longer than this, in UTF-8 bytes, is refused
     # before it is tokenized (INVALID_ARGUMENT): tokenizing megabytes costs seconds of CPU.
     max_prompt_bytes: int = 1 * MiB
-    # Bearer keys the Scheduler service asks of every call (gRPC metadata `authorization: Bearer
-    # KEY`; comma-separated in PDMESH_SCHEDULER_API_KEYS); none: no authentication, which suits a
-    # scheduler listening on loopback only. Workers' Registry calls are not asked (mTLS guards them).
-    api_keys: tuple[str, ...] = dataclasses.field(default=(), repr=False)
+    # Bearer keys both doors ask of every call: the Scheduler service (gRPC metadata `authorization:
+    # Bearer KEY`) and the OpenAI HTTP door (the Authorization header). Comma-separated in
+    # PDMESH_API_KEYS; none: no authentication, which suits a scheduler on loopback only. Workers'
+    # Registry calls and health are not asked (mTLS guards them).
+    api_keys: tuple[str, ...] = dataclasses.field(default=(), repr=False, metadata=setting(API_KEYS))
+    # Deprecated (PDMESH_SCHEDULER_API_KEYS): keys the gRPC door alone accepts beside api_keys.
+    grpc_api_keys: tuple[str, ...] = dataclasses.field(
+        default=(), repr=False, metadata=setting(_GRPC_API_KEYS, replaced_by=API_KEYS)
+    )
 
     def __post_init__(self) -> None:
-        if any(not key.strip() for key in self.api_keys):
-            raise ConfigError("api_keys", "contains an empty key; list non-empty keys, comma-separated")
+        _check_keys(self, "api_keys")
+        _check_keys(self, "grpc_api_keys")
         check_positive(
             self, "lease_ms", "report_interval_ms", "stale_after_ms", "max_attempts", "queue_timeout_ms",
             "max_queued_requests", "max_prompt_bytes",
         )  # fmt: skip
 
 
-def scheduler_api_keys(overrides: Mapping[str, str] = {}) -> tuple[str, ...]:  # noqa: B006 (never mutated)
-    """The bearer keys a scheduler started with this environment (plus `overrides`, the extra
-    settings `pdmesh up` gives its processes) asks for: PDMESH_SCHEDULER_API_KEYS."""
-    name = env_name("scheduler", "api_keys")
-    raw = overrides.get(name, os.environ.get(name, ""))
-    return tuple(k.strip() for k in raw.split(",") if k.strip())
+    @property
+    def door_keys(self) -> DoorKeys:
+        return DoorKeys.of(self.api_keys, self.grpc_api_keys, self.http.api_keys)
+
+
+def door_keys(extra: Mapping[str, str] = {}) -> DoorKeys:  # noqa: B006 (never mutated)
+    """The keys a scheduler started with this environment plus `extra` (the settings `pdmesh up`
+    gives its processes) will ask for at each door."""
+    keys = [read_variable(name, tuple[str, ...], extra) or () for name in (API_KEYS, _GRPC_API_KEYS, _HTTP_API_KEYS)]
+    return DoorKeys.of(*keys)

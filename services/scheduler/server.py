@@ -52,10 +52,10 @@ async def serve_scheduler(config: SchedulerConfig) -> None:
             open_while_draining=True,  # workers keep reporting while the scheduler drains its streams
         ),
     ]
-    keys = ApiKeys(config.api_keys)
+    keys = ApiKeys(config.door_keys.grpc)
     guard = [BearerAuth(keys, (bindings[0].name,))] if keys.required else []
     log.info("scheduler starting", model=config.model, policy=config.policy.value, profile=config.slo.profile,
-             auth=f"{len(config.api_keys)} bearer keys" if keys.required else "none")  # fmt: skip
+             auth=f"{len(config.door_keys.grpc)} bearer keys" if keys.required else "none")  # fmt: skip
     http = HttpServer.for_scheduler(config, door, tokenizer)
     if http is not None:
         http.bind()  # before the gRPC server: a port in use fails the start at once, naming the port

@@ -68,7 +68,8 @@ def stop_mesh(mesh: Mesh) -> None:
     mesh.stop()
 
 
-SMOLLM2_API_KEY = "test-key"  # the shared SmolLM2 mesh's HTTP door asks for it (gRPC does not)
+SMOLLM2_API_KEY = "test-key"  # the shared SmolLM2 mesh's HTTP door asks for it (gRPC does not: the
+# deprecated PDMESH_HTTP_API_KEYS guards its one door, so the tests' gRPC clients need no key)
 
 
 @pytest.fixture(scope="session")

@@ -12,11 +12,15 @@ from kvtransfer.config import ProgressMode
 from pdmesh.config import (
     ChannelConfig,
     ConfigError,
+    DoorKeys,
     LogFormat,
     OtelExport,
     OtlpProtocol,
+    SchedulerConfig,
     ServerConfig,
     TelemetryConfig,
+    deprecated_settings,
+    door_keys,
     env_name,
     from_env,
     otel_export,
@@ -206,3 +210,23 @@ def test_a_worker_hands_its_kv_settings_to_its_transport() -> None:
         from_env(WorkerConfig, "worker", environ={"PDMESH_WORKER_KV_PROGRESS": "spin"})
     with pytest.raises(ConfigError, match=r"^PDMESH_WORKER_KV_MESSAGE_BYTES: is 0; use a positive number of bytes"):
         from_env(WorkerConfig, "worker", environ={"PDMESH_WORKER_KV_MESSAGE_BYTES": "0"})
+
+
+def test_one_setting_guards_both_doors_and_the_old_per_door_names_still_guard_their_own() -> None:
+    both = from_env(SchedulerConfig, "scheduler", environ={"PDMESH_API_KEYS": "k1,k2"})
+    assert both.door_keys == DoorKeys(grpc=("k1", "k2"), http=("k1", "k2"))
+    assert deprecated_settings(SchedulerConfig, "scheduler", {"PDMESH_API_KEYS": "k1,k2"}) == []
+
+    # The names from before PDMESH_API_KEYS keep what they did (a door each), named for a warning.
+    old = {"PDMESH_SCHEDULER_API_KEYS": "g1", "PDMESH_HTTP_API_KEYS": "h1", "PDMESH_API_KEYS": "k1"}
+    assert from_env(SchedulerConfig, "scheduler", environ=old).door_keys == DoorKeys(("k1", "g1"), ("k1", "h1"))
+    assert door_keys(old) == DoorKeys(("k1", "g1"), ("k1", "h1"))  # what `pdmesh up` reads for its own calls
+    assert sorted(deprecated_settings(SchedulerConfig, "scheduler", old)) == [
+        ("PDMESH_HTTP_API_KEYS", "PDMESH_API_KEYS"), ("PDMESH_SCHEDULER_API_KEYS", "PDMESH_API_KEYS"),
+    ]  # fmt: skip
+    # Compose passes unset ones through as empty: no keys, nothing deprecated in use.
+    empty = {"PDMESH_HTTP_API_KEYS": "", "PDMESH_API_KEYS": ""}
+    assert from_env(SchedulerConfig, "scheduler", environ=empty).door_keys == DoorKeys((), ())
+    assert deprecated_settings(SchedulerConfig, "scheduler", empty) == []
+    with pytest.raises(ConfigError, match="^PDMESH_SCHEDULER_GRPC_API_KEYS: is not a setting; scheduler has api_keys"):
+        from_env(SchedulerConfig, "scheduler", environ={"PDMESH_SCHEDULER_GRPC_API_KEYS": "g1"})

@@ -52,11 +52,12 @@ class HttpServer:
         http, server = config.http, config.server
         if http.port is None:
             return None
-        state = HttpDoor(door, tokenizer, ApiKeys(http.api_keys), http.request_timeout_s, server.max_message_bytes)
+        keys = ApiKeys(config.door_keys.http)
+        state = HttpDoor(door, tokenizer, keys, http.request_timeout_s, server.max_message_bytes)
         host = http.host if http.host is not None else server.host
         if not state.keys.required and not _loopback(host):
             log.warning("the HTTP door takes requests without a key on a non-loopback address; "
-                        "set PDMESH_HTTP_API_KEYS to require one", host=host)  # fmt: skip
+                        "set PDMESH_API_KEYS to require one", host=host)  # fmt: skip
         return cls(state, host, http.port, server.shutdown_grace_s)
 
     def bind(self) -> int:

@@ -12,6 +12,7 @@ import asyncio
 import json
 import time
 
+import grpc
 import httpx
 import openai
 import pytest
@@ -19,6 +20,8 @@ from scheduler_mesh import Mesh, MeshFactory, eventually
 from scripted_workers import expected_tokens
 
 from engine.tokenizer import Tokenizer
+from pdmesh.client import AsyncClient
+from pdmesh.config import ChannelConfig
 
 
 def sdk(mesh: Mesh, api_key: str = "none", **options: object) -> openai.AsyncOpenAI:
@@ -321,7 +324,23 @@ async def test_malformed_bodies_unknown_models_and_routes(mesh_factory: MeshFact
     assert too_big.status_code == 413 and too_big.json()["error"]["param"] == "body"
 
 
+async def test_one_api_keys_setting_guards_both_doors(mesh_factory: MeshFactory) -> None:
+    mesh = await mesh_factory(prefill=1, decode=1, api_keys=("k1",))  # PDMESH_API_KEYS
+
+    async with httpx.AsyncClient(base_url=mesh.http_url) as http:
+        bare = await http.post("/v1/completions", json={"prompt": [1], "max_tokens": 1})
+        keyed = await http.post("/v1/completions", json={"prompt": [1], "max_tokens": 1},
+                                headers={"Authorization": "Bearer k1"})  # fmt: skip
+    async with AsyncClient(mesh.target, ChannelConfig()) as client:
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await client.list_models()
+
+    assert (bare.status_code, keyed.status_code) == (401, 200)
+    assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
 async def test_api_keys_are_required_when_configured(mesh_factory: MeshFactory) -> None:
+    # The deprecated PDMESH_HTTP_API_KEYS: keys of the HTTP door alone.
     mesh = await mesh_factory(prefill=1, decode=1, http={"api_keys": ("k1", "k2")})
 
     async with sdk(mesh, api_key="wrong") as client:
@@ -332,6 +351,8 @@ async def test_api_keys_are_required_when_configured(mesh_factory: MeshFactory) 
     async with httpx.AsyncClient(base_url=mesh.http_url) as http:
         bare = await http.post("/v1/completions", json={"prompt": [1]})
         ready = await http.get("/ready")
+    async with AsyncClient(mesh.target, ChannelConfig()) as client:
+        assert [m.name for m in await client.list_models()] == [mesh.model]  # the gRPC door asks none
 
     assert err.value.status_code == 401 and err.value.response.headers["www-authenticate"] == "Bearer"
     assert [m.id for m in models.data] == [mesh.model]
