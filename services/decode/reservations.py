@@ -5,7 +5,9 @@ The one owner of that state. reserve() holds the blocks (Engine.reserve) and ask
 receiver to expect the ticket into them; the receiver's lease is the only clock. commit() hands
 the import to a generating request (the engine owns the blocks from then on); release() and an
 expired lease give the blocks back to the engine once the receiver guarantees nothing writes them
-any more. Every path frees a reservation's blocks exactly once.
+any more. Every path frees a reservation's blocks exactly once. Who gets blocks first when they
+are short is the line's (services/decode/line.py): a large hand-off waiting its turn is not
+overtaken forever by smaller ones.
 """
 
 from __future__ import annotations
@@ -18,11 +20,15 @@ from dataclasses import dataclass
 import structlog
 
 from engine.async_engine import AsyncEngine
-from engine.errors import InvalidRequest
+from engine.engine import Engine
+from engine.errors import InvalidRequest, OutOfBlocks
+from engine.ids import BlockId
+from engine.kv_manager import blocks_for
 from kvtransfer.errors import TransferFailed
 from kvtransfer.receiver import TicketImport
 from kvtransfer.ticket import Ticket
 from kvtransfer.transport import KVTransport
+from services.decode.line import Line
 from services.status import LeaseExpired, TicketNotFound
 
 log = structlog.get_logger(__name__)
@@ -41,8 +47,11 @@ class Reservation:
 
 
 class Reservations:
-    def __init__(self, engine: AsyncEngine, transport: KVTransport, worker_id: str, lease_ms: int) -> None:
+    def __init__(
+        self, engine: AsyncEngine, transport: KVTransport, worker_id: str, lease_ms: int, line: Line | None = None
+    ) -> None:
         self.engine = engine
+        self.line = line or Line()
         self.transport = transport
         self.worker_id = worker_id
         self.lease_ms = lease_ms  # when Reserve asks for none
@@ -58,7 +67,14 @@ class Reservations:
         """Hold blocks for the first num_tokens prompt tokens and return the ticket to push into."""
         self._loop = asyncio.get_running_loop()
         ticket_id = f"{self.worker_id}/{request_id or 'anon'}/{uuid.uuid4().hex[:12]}"
-        blocks = await self.engine.reserve(ticket_id, num_tokens)
+        set_aside = self.line.set_aside(request_id) if request_id else 0
+        try:
+            blocks = await self.engine.call(lambda e: _hold(e, ticket_id, num_tokens, set_aside))
+        except OutOfBlocks:
+            if request_id:
+                self.line.refused(request_id, blocks_for(num_tokens, self.engine.engine.config.cache.block_size))
+            raise
+        self.line.granted(request_id)
         lease_s = (lease_ms or self.lease_ms) / 1000
         try:
             imported = await self.transport.expect_async(ticket_id, blocks, num_tokens, lease_s, self._on_expire)
@@ -124,6 +140,22 @@ class Reservations:
         await reservation.imported.cancel_async(reason)  # after this nothing writes the blocks
         with contextlib.suppress(Exception):
             await self.engine.abort(reservation.ticket.ticket_id)
+
+
+def _hold(engine: Engine, ticket_id: str, num_tokens: int, set_aside: int) -> list[BlockId]:
+    """On the engine's thread, between steps: the blocks, if they leave `set_aside` blocks free
+    beside the engine's own watermark for a request waiting longer."""
+    if set_aside:
+        cache = engine.config.cache
+        stats = engine.stats()
+        left = stats.num_free_blocks - blocks_for(num_tokens, cache.block_size)
+        keep = int(stats.num_blocks * cache.reserve_watermark)
+        if left - keep < set_aside:
+            raise OutOfBlocks(
+                f"{set_aside} blocks are set aside for a larger request waiting longer ({stats.num_free_blocks} of "
+                f"{stats.num_blocks} are free); retry when requests finish"
+            )
+    return engine.reserve(ticket_id, num_tokens)
 
 
 def import_failure(imported: TicketImport | None, detail: str | None) -> Exception:
