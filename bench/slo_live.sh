@@ -16,6 +16,7 @@
 set -euo pipefail
 OUT=${OUT:-bench/results/slo_live}
 PORT=${PORT:-37300}
+HTTP_PORT=${HTTP_PORT:-$((PORT + 350))}  # the OpenAI door: clear of the mesh's port block and of 8000
 TRACE=${TRACE:-../shared/traces/mooncake_synthetic_trace.jsonl}
 SPEEDUP=${SPEEDUP:?the sustainable trace speed-up, e.g. 0.1}
 REQUESTS=${REQUESTS:-120}
@@ -35,7 +36,7 @@ start_mesh() {  # policy [prior profile]
     local prior=()
     [ -n "${2:-}" ] && prior=("PDMESH_SLO_PROFILE=$2")
     env "${prior[@]}" PDMESH_SCHEDULER_POLICY=$1 PDMESH_SLO_DEFAULT_TTFT_MS=$SLO_TTFT_MS PDMESH_SLO_DEFAULT_TPOT_MS=$SLO_TPOT_MS \
-        $PDMESH up --port "$PORT" --prefill 2 --decode 2 --threads 1 --log-dir "$OUT/logs-$1" > "$OUT/up-$1.log" 2>&1 &
+        $PDMESH up --port "$PORT" --http-port "$HTTP_PORT" --prefill 2 --decode 2 --threads 1 --log-dir "$OUT/logs-$1" > "$OUT/up-$1.log" 2>&1 &
     MESH_PID=$!
     for _ in $(seq 600); do
         grep -q "pdmesh is up" "$OUT/up-$1.log" && return 0

@@ -159,8 +159,8 @@ def local_prefill(side: DecodeSide, request: Request, cached: int) -> Prefill:
 
 def stall_fits(side: DecodeSide, prefill: Prefill, now: float, factor: float = 1.0) -> bool:
     """Whether every member with a TPOT target can absorb a local prefill's stall: its remaining
-    tokens at the new step time (its bound) plus the stall (its compute times `factor`, the
-    worker's TTFT margin) stay within its target."""
+    tokens at the new step time (its bound) plus the stall (its compute times `factor`: how much
+    the worker's TTFT bound grows per forecast millisecond) stay within its target."""
     stall = prefill.compute_ms * factor
     if stall <= 0 or side.batch.min_tpot_ms <= 0:
         return True

@@ -51,7 +51,7 @@ from services.scheduler.forecast import (
     stall_fits,
 )
 from services.scheduler.ledger import DecodeBatch, Ledger
-from services.scheduler.margin import Margins, MarginSettings, Outcome
+from services.scheduler.margin import Bound, Margins, MarginSettings, Outcome
 from services.scheduler.policy import Placement, Pool, RequestShape, no_decode_worker
 from services.scheduler.registry import Registry, Worker
 from services.status import SloOutOfReach, SloUnattainable
@@ -78,7 +78,7 @@ class Plan:
     ttft_ms: float  # the mean forecasts (what the outcomes are scored against)
     tpot_ms: float
     ttft_bound_ms: float  # the TTFT forecast's upper bound: what the target is checked against
-    ttft_factor: float  # the prefilling worker's margin the bound came from
+    ttft_margin: Bound  # the prefilling worker's margin the bound came from
     feasible: bool
 
     @property
@@ -186,35 +186,35 @@ class SloPolicy:
         start = max(prefill.wait_ms, side.room_wait_ms)
         return start + prefill.duration_ms + prefill.transfer_ms + self.settings.overhead_ms
 
-    def _ttft_factor(self, worker: Worker) -> float:
-        """The worker's TTFT margin: its forecasts times this bound what it delivers."""
-        return self.margins.factor(Outcome.TTFT, worker.worker_id, worker.predictors.relative_error)
+    def _ttft_margin(self, worker: Worker) -> Bound:
+        """The worker's TTFT margin: what turns its forecasts into bounds of what it delivers."""
+        return self.margins.bound(Outcome.TTFT, worker.worker_id, worker.predictors.relative_error)
 
     def _local(self, side: DecodeSide, request: Request, cached: int, now: float) -> Plan:
         prefill = local_prefill(side, request, cached)
         ttft = self._ttft_ms(prefill, side)
-        factor = self._ttft_factor(side.worker)
-        bound = factor * max(ttft, self.margins.settings.ttft_floor_ms)
-        stall_ok = stall_fits(side, prefill, now, factor)
+        margin = self._ttft_margin(side.worker)
+        bound = margin.ms(ttft)
+        stall_ok = stall_fits(side, prefill, now, margin.slope)
         ok = _ttft_ok(request, bound) and side.fits and side.tpot_ok(request) and stall_ok
-        return Plan(prefill, side, True, ttft, side.step_after_ms, bound, factor, ok)
+        return Plan(prefill, side, True, ttft, side.step_after_ms, bound, margin, ok)
 
     def _handoff(self, prefill: Prefill, sides: list[DecodeSide], request: Request) -> Plan | None:
         """The hand-off to the first of `sides` (fastest step first) that can take the request in
         time; else, infeasible, to the one giving the earliest first token (a refusal reads it)."""
         fallback: Plan | None = None
-        factor = self._ttft_factor(prefill.worker)
+        margin = self._ttft_margin(prefill.worker)
         for side in sides:
             ttft = self._ttft_ms(prefill, side)
-            bound = factor * max(ttft, self.margins.settings.ttft_floor_ms)
+            bound = margin.ms(ttft)
             # Local prefills still queued on the decode worker when the request joins stall its decode.
             stall = max(0.0, side.local_wait_ms - ttft)
             ok = side.fits and side.tpot_ok(request, stall)
             tpot = side.step_after_ms + stall / max(1, request.max_tokens - 1)
             if ok and _ttft_ok(request, bound):
-                return Plan(prefill, side, False, ttft, tpot, bound, factor, True)
+                return Plan(prefill, side, False, ttft, tpot, bound, margin, True)
             if fallback is None or bound < fallback.ttft_bound_ms:
-                fallback = Plan(prefill, side, False, ttft, tpot, bound, factor, False)
+                fallback = Plan(prefill, side, False, ttft, tpot, bound, margin, False)
         return fallback
 
     # -- refusals ---------------------------------------------------------------------------------
@@ -257,12 +257,12 @@ class SloPolicy:
         }
         any_decode = min(decode_wait.values(), default=math.inf)
         soonest = math.inf
-        floor = self.margins.settings.ttft_floor_ms
         for plan in plans:
             if request.ttft_ms > 0 and plan.unavoidable_ms > request.ttft_ms:
                 continue  # the prompt alone is too slow on this worker
-            late = max(0.0, plan.ttft_bound_ms - request.ttft_ms) / plan.ttft_factor if request.ttft_ms > 0 else 0.0
-            if request.ttft_ms > 0 and plan.ttft_factor * max(plan.unavoidable_ms, floor) > request.ttft_ms:
+            margin = plan.ttft_margin
+            late = max(0.0, plan.ttft_bound_ms - request.ttft_ms) / margin.slope if request.ttft_ms > 0 else 0.0
+            if request.ttft_ms > 0 and margin.ms(plan.unavoidable_ms) > request.ttft_ms:
                 late = request.ttft_ms  # no drain is enough under the margin as it stands
             decode = decode_wait[id(plan.decode)] if plan.local else any_decode
             if late == 0 and decode == 0 and not plan.feasible:

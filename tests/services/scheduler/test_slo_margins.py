@@ -1,6 +1,7 @@
-"""The `slo` policy's error margins: forecasts are checked against targets as calibrated upper
-bounds learnt from outcomes (services/scheduler/margin.py), time spent before placement comes off
-the TTFT target, and the admission queue learns at once how long a request may wait.
+"""The `slo` policy's error margins: forecasts are checked against targets as upper bounds learnt
+from outcomes (services/scheduler/margin.py: a correction, then a conformal quantile), time spent
+before placement comes off the TTFT target, and the admission queue learns at once how long a
+request may wait.
 
 Hand-built clusters (slo_cluster.py: a step costs 10 ms + 0.1 ms per prompt token + 0.1 ms per
 decode row, a push 5 ms) and synthetic residuals, so every expectation is worked out by hand.
@@ -12,42 +13,64 @@ import pytest
 from slo_cluster import Cluster
 
 from pdmesh.enums import ExecutionPlan
-from services.scheduler.margin import Margins, MarginSettings, Outcome
+from services.scheduler.margin import Bound, Margins, MarginSettings, Outcome
 from services.status import SloUnattainable
 
 
-def scores(margins: Margins, kind: Outcome, worker: str, *ratios: float, predicted_ms: float = 1000.0) -> None:
-    """Outcomes whose measured time was `ratio` times the forecast."""
-    for ratio in ratios:
-        margins.observe(kind, worker, predicted_ms, ratio * predicted_ms)
+def outcomes(margins: Margins, kind: Outcome, worker: str, ratio: float, count: int = 8) -> None:
+    """`count` outcomes, forecasts 100, 200, ... ms, each measured `ratio` times its forecast."""
+    for i in range(1, count + 1):
+        margins.observe(kind, worker, 100.0 * i, ratio * 100.0 * i)
 
 
-def test_the_factor_is_the_conformal_quantile_of_the_workers_recent_scores() -> None:
-    margins = Margins(MarginSettings(quantile=0.9, window=64, min_samples=8))
-    scores(margins, Outcome.TTFT, "p0", *(1.0 + 0.05 * i for i in range(19)))  # 1.00, 1.05 ... 1.90
+def test_the_bound_corrects_what_forecasts_miss_systematically_a_fixed_cost_and_a_scale() -> None:
+    # Every first token came 200 ms (the calls around it) + 1.5x its forecast: no noise, factor 1.
+    margins = Margins(MarginSettings(quantile=0.9))
+    for forecast in range(100, 2000, 100):
+        margins.observe(Outcome.TTFT, "p0", forecast, 200 + 1.5 * forecast)
 
-    # ceil((19 + 1) x 0.9) = the 18th smallest of 19.
-    assert margins.factor(Outcome.TTFT, "p0") == pytest.approx(1.85)
-    assert margins.bound_ms(Outcome.TTFT, "p0", 2000.0) == pytest.approx(3700.0)
-    scores(margins, Outcome.TTFT, "p0", *[1.2] * 64)  # only the last 64 count: the old ones are gone
-    assert margins.factor(Outcome.TTFT, "p0") == pytest.approx(1.2)
-
-
-def test_few_own_scores_take_the_pooled_ones_and_none_the_models_error() -> None:
-    margins = Margins(MarginSettings(quantile=0.5, min_samples=8))
-    assert margins.factor(Outcome.TTFT, "p0", model_error=0.2) == pytest.approx(1 + 1.645 * 0.2)
-    scores(margins, Outcome.TTFT, "p0", *[2.0] * 8)
-    scores(margins, Outcome.TTFT, "p1", 1.0, 1.0)  # two of its own: too few
-
-    assert margins.factor(Outcome.TTFT, "p1") == pytest.approx(2.0)  # the pool: 8 x 2.0 and 2 x 1.0
-    assert margins.factor(Outcome.TPOT, "p0", model_error=0.1) == pytest.approx(1.1645)  # TPOT: none yet
+    bound = margins.bound(Outcome.TTFT, "p0")
+    assert (bound.fixed_ms, bound.scale, bound.factor) == (pytest.approx(200.0), pytest.approx(1.5), pytest.approx(1.0))
+    # A 3 s forecast: 4.7 s, not 3 s times the 3x of the 100 ms forecasts that took 350 ms.
+    assert margins.bound_ms(Outcome.TTFT, "p0", 3000.0) == pytest.approx(4700.0)
 
 
-def test_a_tiny_ttft_forecast_is_scored_against_the_floor() -> None:
-    margins = Margins(MarginSettings(ttft_floor_ms=50.0))
-    margins.observe(Outcome.TTFT, "p0", 5.0, 60.0)  # the calls around a cached prompt, not a 12x error
+def test_the_factor_is_the_conformal_quantile_of_measured_over_corrected() -> None:
+    # Each of ten forecasts measured twice, (200 + 1.5 f) x (1 - d) and x (1 + d), d = 0, 0.05 ... 0.45:
+    # the fit stays 200 + 1.5 f and the ratios are 0.55 ... 1.45. ceil((20 + 1) x 0.9) = the 19th of 20.
+    margins = Margins(MarginSettings(quantile=0.9))
+    for i in range(10):
+        forecast, d = 100.0 * (i + 1), 0.05 * i
+        for r in (1 - d, 1 + d):
+            margins.observe(Outcome.TTFT, "p0", forecast, (200 + 1.5 * forecast) * r)
 
-    assert margins.recent(Outcome.TTFT, "p0") == [pytest.approx(1.2)]
+    assert margins.bound(Outcome.TTFT, "p0").factor == pytest.approx(1.40)
+    assert margins.bound_ms(Outcome.TTFT, "p0", 3000.0) == pytest.approx(1.4 * 4700)
+    for forecast in range(100, 6500, 100):  # 64 newer outcomes, 100 ms late each: the old ones are gone
+        margins.observe(Outcome.TTFT, "p0", forecast, forecast + 100.0)
+    assert margins.bound_ms(Outcome.TTFT, "p0", 3000.0) == pytest.approx(3100.0)
+
+
+def test_few_own_outcomes_take_the_pooled_ones_and_none_the_models_error() -> None:
+    margins = Margins(MarginSettings(min_samples=8))
+    assert margins.bound_ms(Outcome.TTFT, "p0", 1000.0, model_error=0.2) == pytest.approx(1000 * (1 + 1.645 * 0.2))
+    outcomes(margins, Outcome.TTFT, "p0", 2.0)
+
+    assert margins.bound_ms(Outcome.TTFT, "p1", 1000.0) == pytest.approx(2000.0)  # none of its own: the pool
+    assert margins.bound_ms(Outcome.TPOT, "p0", 10.0, model_error=0.1) == pytest.approx(11.645)  # no TPOT yet
+
+
+def test_a_model_that_overestimates_lowers_the_bound_but_never_its_scale() -> None:
+    margins = Margins(MarginSettings(quantile=0.5))
+    outcomes(margins, Outcome.TTFT, "p0", 0.8)  # everything came in at 80% of its forecast
+
+    bound = margins.bound(Outcome.TTFT, "p0")
+    assert (bound.fixed_ms, bound.scale) == (0.0, 1.0)  # 0.8 f would make a large forecast look cheap
+    assert bound.factor == pytest.approx(0.8)
+
+
+def test_no_ttft_forecast_is_bounded_below_the_floor() -> None:
+    assert Bound(factor=1.2, floor_ms=50.0).ms(5.0) == pytest.approx(60.0)
 
 
 def test_first_tokens_and_ends_score_the_forecasts_made_at_placement() -> None:
@@ -62,16 +85,16 @@ def test_first_tokens_and_ends_score_the_forecasts_made_at_placement() -> None:
 
     assert (placement.predicted_ttft_ms, placement.predicted_tpot_ms) == (pytest.approx(210.0), pytest.approx(10.1))
     margins = cluster.ledger.margins
-    assert margins.recent(Outcome.TTFT, "decode-0") == [pytest.approx(1.5)]
-    assert margins.recent(Outcome.TPOT, "decode-0") == [pytest.approx(100 / 9 / 10.1)]
+    assert margins.recent(Outcome.TTFT, "decode-0") == [(pytest.approx(210.0), pytest.approx(315.0))]
+    assert margins.recent(Outcome.TPOT, "decode-0") == [(pytest.approx(10.1), pytest.approx(100 / 9))]
 
 
 def test_a_worker_whose_forecasts_ran_long_is_passed_over_for_one_whose_forecasts_held() -> None:
     # Without margins a 2000-token prompt is cheapest prefilled locally (210 ms against 215 handed
     # off). decode-0's first tokens have come 1.5x later than forecast: 315 ms, past a 300 ms target.
     cluster = Cluster(prefill=1, decode=1)
-    scores(cluster.ledger.margins, Outcome.TTFT, "decode-0", *[1.5] * 8)
-    scores(cluster.ledger.margins, Outcome.TTFT, "prefill-0", *[1.0] * 8)
+    outcomes(cluster.ledger.margins, Outcome.TTFT, "decode-0", 1.5)
+    outcomes(cluster.ledger.margins, Outcome.TTFT, "prefill-0", 1.0)
 
     placement = cluster.place(2000, ttft_ms=300)
 
@@ -82,8 +105,8 @@ def test_a_worker_whose_forecasts_ran_long_is_passed_over_for_one_whose_forecast
 
 def test_when_every_margin_puts_the_target_out_of_reach_the_refusal_says_retry_after_one_target() -> None:
     cluster = Cluster(prefill=1, decode=1)
-    scores(cluster.ledger.margins, Outcome.TTFT, "decode-0", *[1.5] * 8)
-    scores(cluster.ledger.margins, Outcome.TTFT, "prefill-0", *[1.5] * 8)
+    outcomes(cluster.ledger.margins, Outcome.TTFT, "decode-0", 1.5)
+    outcomes(cluster.ledger.margins, Outcome.TTFT, "prefill-0", 1.5)
 
     with pytest.raises(SloUnattainable) as refused:
         cluster.place(2000, ttft_ms=300)  # bounds 315 and 322.5 ms; the means (210, 215) would fit
@@ -95,8 +118,8 @@ def test_when_every_margin_puts_the_target_out_of_reach_the_refusal_says_retry_a
 def test_a_decode_worker_whose_steps_ran_long_is_passed_over_for_a_tpot_target() -> None:
     # One row steps 10.1 ms. decode-0's requests have seen 1.2x that (12.1 ms > 11); decode-1's held.
     cluster = Cluster(prefill=0, decode=2)
-    scores(cluster.ledger.margins, Outcome.TPOT, "decode-0", *[1.2] * 8)
-    scores(cluster.ledger.margins, Outcome.TPOT, "decode-1", *[1.0] * 8)
+    outcomes(cluster.ledger.margins, Outcome.TPOT, "decode-0", 1.2)
+    outcomes(cluster.ledger.margins, Outcome.TPOT, "decode-1", 1.0)
 
     assert cluster.place(100, tpot_ms=11.0).decode.worker_id == "decode-1"
     assert cluster.place(100, tpot_ms=13.0).decode.worker_id == "decode-0"  # both fit: the id breaks the tie
