@@ -88,12 +88,13 @@ class SloConfig:
     calibration_prior_weight: float = 2.0  # the profile's weight, in pseudo-samples per shape
     # Forecasts are checked against targets as upper bounds: the share of admitted requests whose
     # measured TTFT / TPOT the bound should cover, learnt from the last `margin_window` outcomes
-    # per worker (services/scheduler/margin.py).
+    # per worker of the last `margin_horizon_s` (services/scheduler/margin.py).
     margin_quantile: float = 0.95
     margin_window: int = 64
+    margin_horizon_s: float = 30.0
 
     def __post_init__(self) -> None:
-        check_positive(self, "candidates", "retry_max_s", "calibration_forget", "margin_window")
+        check_positive(self, "candidates", "retry_max_s", "calibration_forget", "margin_window", "margin_horizon_s")
         if not 0 < self.margin_quantile < 1:
             raise ConfigError("margin_quantile", f"is {self.margin_quantile}; use a share in (0, 1), e.g. 0.95")
         if self.default_ttft_ms < 0 or self.default_tpot_ms < 0 or self.overhead_ms < 0:

@@ -171,7 +171,7 @@ class Ledger:
         self.by_queue = LoadHeap()  # prefill workers by when their queues empty
         self.by_batch = LoadHeap()  # decode workers by a key the policy sets (its predicted step time)
         self.batch_key: Callable[[str, DecodeBatch], float] = lambda _, batch: float(len(batch))
-        self.margins = Margins()  # forecasts against outcomes (the slo policy configures and reads it)
+        self.margins = Margins(clock=clock)  # forecasts against outcomes (the slo policy configures and reads it)
         self._decode: dict[str, bool] = {}
 
     def track(self, worker_id: str, decode: bool) -> None:

@@ -35,7 +35,7 @@ def make_policy(
     name: PolicyName, registry: Registry, ledger: Ledger, slo: SloConfig, local_prefill_max_tokens: int
 ) -> Policy:
     if name is PolicyName.SLO:
-        margins = MarginSettings(quantile=slo.margin_quantile, window=slo.margin_window)
+        margins = MarginSettings(quantile=slo.margin_quantile, window=slo.margin_window, horizon_s=slo.margin_horizon_s)
         settings = SloSettings(
             candidates=slo.candidates, overhead_ms=slo.overhead_ms, tie_fraction=slo.tie_fraction,
             retry_min_s=slo.retry_min_s, retry_max_s=slo.retry_max_s, margins=margins,

@@ -98,7 +98,7 @@ class SloPolicy:
         self.registry = registry
         self.ledger = ledger
         self.settings = settings
-        self.margins = ledger.margins = Margins(settings.margins)
+        self.margins = ledger.margins = Margins(settings.margins, ledger.clock)
         ledger.batch_key = self._batch_key
 
     def place(self, shape: RequestShape, pool: Pool) -> Placement:

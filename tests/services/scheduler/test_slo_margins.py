@@ -17,56 +17,72 @@ from services.scheduler.margin import Bound, Margins, MarginSettings, Outcome
 from services.status import SloUnattainable
 
 
-def outcomes(margins: Margins, kind: Outcome, worker: str, ratio: float, count: int = 8) -> None:
-    """`count` outcomes, forecasts 100, 200, ... ms, each measured `ratio` times its forecast."""
+def outcomes(margins: Margins, kind: Outcome, worker: str, late_ms: float, count: int = 8) -> None:
+    """`count` outcomes, forecasts 100, 200, ... ms, each measured `late_ms` later than forecast."""
     for i in range(1, count + 1):
-        margins.observe(kind, worker, 100.0 * i, ratio * 100.0 * i)
+        margins.observe(kind, worker, 100.0 * i, 100.0 * i + late_ms)
 
 
-def test_the_bound_corrects_what_forecasts_miss_systematically_a_fixed_cost_and_a_scale() -> None:
-    # Every first token came 200 ms (the calls around it) + 1.5x its forecast: no noise, factor 1.
-    margins = Margins(MarginSettings(quantile=0.9))
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_the_bound_corrects_the_cost_every_request_pays_beyond_its_forecast() -> None:
+    # Every first token came 200 ms (the calls around it) after its forecast: no noise, factor 1.
+    margins = Margins(MarginSettings(quantile=0.9), Clock())
     for forecast in range(100, 2000, 100):
-        margins.observe(Outcome.TTFT, "p0", forecast, 200 + 1.5 * forecast)
+        margins.observe(Outcome.TTFT, "p0", forecast, forecast + 200.0)
 
-    bound = margins.bound(Outcome.TTFT, "p0")
-    assert (bound.fixed_ms, bound.scale, bound.factor) == (pytest.approx(200.0), pytest.approx(1.5), pytest.approx(1.0))
-    # A 3 s forecast: 4.7 s, not 3 s times the 3x of the 100 ms forecasts that took 350 ms.
-    assert margins.bound_ms(Outcome.TTFT, "p0", 3000.0) == pytest.approx(4700.0)
+    assert margins.bound(Outcome.TTFT, "p0") == Bound(200.0, 1.0, 50.0)
+    # A 3 s forecast: 3.2 s, not 3 s times the 3x of the 100 ms forecasts that took 300 ms.
+    assert margins.bound_ms(Outcome.TTFT, "p0", 3000.0) == pytest.approx(3200.0)
 
 
 def test_the_factor_is_the_conformal_quantile_of_measured_over_corrected() -> None:
-    # Each of ten forecasts measured twice, (200 + 1.5 f) x (1 - d) and x (1 + d), d = 0, 0.05 ... 0.45:
-    # the fit stays 200 + 1.5 f and the ratios are 0.55 ... 1.45. ceil((20 + 1) x 0.9) = the 19th of 20.
-    margins = Margins(MarginSettings(quantile=0.9))
+    # Twenty 1 s forecasts measured 1.2 s x (1 - d) and x (1 + d), d = 0, 0.05 ... 0.45: the median
+    # excess is 200 ms and the ratios 0.55 ... 1.45. ceil((20 + 1) x 0.9) = the 19th of 20: 1.40.
+    margins = Margins(MarginSettings(quantile=0.9), Clock())
     for i in range(10):
-        forecast, d = 100.0 * (i + 1), 0.05 * i
-        for r in (1 - d, 1 + d):
-            margins.observe(Outcome.TTFT, "p0", forecast, (200 + 1.5 * forecast) * r)
+        for r in (1 - 0.05 * i, 1 + 0.05 * i):
+            margins.observe(Outcome.TTFT, "p0", 1000.0, 1200.0 * r)
 
-    assert margins.bound(Outcome.TTFT, "p0").factor == pytest.approx(1.40)
-    assert margins.bound_ms(Outcome.TTFT, "p0", 3000.0) == pytest.approx(1.4 * 4700)
+    assert margins.bound(Outcome.TTFT, "p0") == Bound(pytest.approx(200.0), pytest.approx(1.40), 50.0)
+    assert margins.bound_ms(Outcome.TTFT, "p0", 3000.0) == pytest.approx(1.4 * 3200)
     for forecast in range(100, 6500, 100):  # 64 newer outcomes, 100 ms late each: the old ones are gone
         margins.observe(Outcome.TTFT, "p0", forecast, forecast + 100.0)
     assert margins.bound_ms(Outcome.TTFT, "p0", 3000.0) == pytest.approx(3100.0)
 
 
-def test_few_own_outcomes_take_the_pooled_ones_and_none_the_models_error() -> None:
-    margins = Margins(MarginSettings(min_samples=8))
-    assert margins.bound_ms(Outcome.TTFT, "p0", 1000.0, model_error=0.2) == pytest.approx(1000 * (1 + 1.645 * 0.2))
-    outcomes(margins, Outcome.TTFT, "p0", 2.0)
+def test_outcomes_older_than_the_horizon_are_forgotten() -> None:
+    clock = Clock()
+    margins = Margins(MarginSettings(horizon_s=30.0), clock)
+    outcomes(margins, Outcome.TTFT, "p0", late_ms=5000.0)  # an overload, now past
+    assert margins.bound_ms(Outcome.TTFT, "p0", 1000.0) == pytest.approx(6000.0)
 
-    assert margins.bound_ms(Outcome.TTFT, "p1", 1000.0) == pytest.approx(2000.0)  # none of its own: the pool
+    clock.now = 30.5
+    assert margins.bound_ms(Outcome.TTFT, "p0", 1000.0) == pytest.approx(1000.0)  # back to the model's own
+    assert margins.recent(Outcome.TTFT, "p0") == []
+
+
+def test_few_own_outcomes_take_the_pooled_ones_and_none_the_models_error() -> None:
+    margins = Margins(MarginSettings(min_samples=8), Clock())
+    assert margins.bound_ms(Outcome.TTFT, "p0", 1000.0, model_error=0.2) == pytest.approx(1000 * (1 + 1.645 * 0.2))
+    outcomes(margins, Outcome.TTFT, "p0", late_ms=300.0)
+
+    assert margins.bound_ms(Outcome.TTFT, "p1", 1000.0) == pytest.approx(1300.0)  # none of its own: the pool
     assert margins.bound_ms(Outcome.TPOT, "p0", 10.0, model_error=0.1) == pytest.approx(11.645)  # no TPOT yet
 
 
-def test_a_model_that_overestimates_lowers_the_bound_but_never_its_scale() -> None:
-    margins = Margins(MarginSettings(quantile=0.5))
-    outcomes(margins, Outcome.TTFT, "p0", 0.8)  # everything came in at 80% of its forecast
+def test_a_model_that_overestimates_lowers_the_factor_never_adds_a_negative_cost() -> None:
+    margins = Margins(MarginSettings(quantile=0.5), Clock())
+    for i in range(1, 9):
+        margins.observe(Outcome.TTFT, "p0", 100.0 * i, 80.0 * i)  # everything came in at 80% of its forecast
 
-    bound = margins.bound(Outcome.TTFT, "p0")
-    assert (bound.fixed_ms, bound.scale) == (0.0, 1.0)  # 0.8 f would make a large forecast look cheap
-    assert bound.factor == pytest.approx(0.8)
+    assert margins.bound(Outcome.TTFT, "p0") == Bound(0.0, pytest.approx(0.8), 50.0)
 
 
 def test_no_ttft_forecast_is_bounded_below_the_floor() -> None:
@@ -91,10 +107,10 @@ def test_first_tokens_and_ends_score_the_forecasts_made_at_placement() -> None:
 
 def test_a_worker_whose_forecasts_ran_long_is_passed_over_for_one_whose_forecasts_held() -> None:
     # Without margins a 2000-token prompt is cheapest prefilled locally (210 ms against 215 handed
-    # off). decode-0's first tokens have come 1.5x later than forecast: 315 ms, past a 300 ms target.
+    # off). decode-0's first tokens have come 100 ms after their forecasts: 310 ms, past a 300 ms target.
     cluster = Cluster(prefill=1, decode=1)
-    outcomes(cluster.ledger.margins, Outcome.TTFT, "decode-0", 1.5)
-    outcomes(cluster.ledger.margins, Outcome.TTFT, "prefill-0", 1.0)
+    outcomes(cluster.ledger.margins, Outcome.TTFT, "decode-0", late_ms=100.0)
+    outcomes(cluster.ledger.margins, Outcome.TTFT, "prefill-0", late_ms=0.0)
 
     placement = cluster.place(2000, ttft_ms=300)
 
@@ -105,21 +121,21 @@ def test_a_worker_whose_forecasts_ran_long_is_passed_over_for_one_whose_forecast
 
 def test_when_every_margin_puts_the_target_out_of_reach_the_refusal_says_retry_after_one_target() -> None:
     cluster = Cluster(prefill=1, decode=1)
-    outcomes(cluster.ledger.margins, Outcome.TTFT, "decode-0", 1.5)
-    outcomes(cluster.ledger.margins, Outcome.TTFT, "prefill-0", 1.5)
+    outcomes(cluster.ledger.margins, Outcome.TTFT, "decode-0", late_ms=100.0)
+    outcomes(cluster.ledger.margins, Outcome.TTFT, "prefill-0", late_ms=100.0)
 
     with pytest.raises(SloUnattainable) as refused:
-        cluster.place(2000, ttft_ms=300)  # bounds 315 and 322.5 ms; the means (210, 215) would fit
+        cluster.place(2000, ttft_ms=300)  # bounds 310 and 315 ms; the means (210, 215) would fit
 
     assert refused.value.retry_after_s == pytest.approx(0.3)
-    assert cluster.place(2000, ttft_ms=330).plan is ExecutionPlan.LOCAL_PREFILL  # 315 fits 330
+    assert cluster.place(2000, ttft_ms=330).plan is ExecutionPlan.LOCAL_PREFILL  # 310 fits 330
 
 
 def test_a_decode_worker_whose_steps_ran_long_is_passed_over_for_a_tpot_target() -> None:
-    # One row steps 10.1 ms. decode-0's requests have seen 1.2x that (12.1 ms > 11); decode-1's held.
+    # One row steps 10.1 ms. decode-0's requests have seen 2 ms more (12.1 ms > 11); decode-1's held.
     cluster = Cluster(prefill=0, decode=2)
-    outcomes(cluster.ledger.margins, Outcome.TPOT, "decode-0", 1.2)
-    outcomes(cluster.ledger.margins, Outcome.TPOT, "decode-1", 1.0)
+    outcomes(cluster.ledger.margins, Outcome.TPOT, "decode-0", late_ms=2.0)
+    outcomes(cluster.ledger.margins, Outcome.TPOT, "decode-1", late_ms=0.0)
 
     assert cluster.place(100, tpot_ms=11.0).decode.worker_id == "decode-1"
     assert cluster.place(100, tpot_ms=13.0).decode.worker_id == "decode-0"  # both fit: the id breaks the tie
