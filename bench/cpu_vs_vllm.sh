@@ -115,16 +115,19 @@ wait_for disagg "pdmesh is up" 600
 
 # -- the load ----------------------------------------------------------------------------------
 load=(--requests "$REQUESTS" --input-len "$INPUT_LEN" --output-len "$OUTPUT_LEN" --no-progress)
+# Each load point draws its own prompts (the seed names round and concurrency): with one seed per
+# round, every concurrency sent the same prompts again and the prefix caches served them.
+point_seed() { echo $(($1 * 1000 + $2)); }
 run_vllm_bench() {  # ROUND C
     vllm_cli bench serve --backend vllm --base-url "http://127.0.0.1:$VLLM_PORT" --model smollm2 \
         --tokenizer "$MODEL_DIR" --dataset-name random --random-input-len "$INPUT_LEN" \
         --random-output-len "$OUTPUT_LEN" --num-prompts "$REQUESTS" --max-concurrency "$2" --ignore-eos \
-        --seed "$1" --save-result --result-dir "$OUT" --result-filename "vllm-vllmbench-c$2-r$1.json" \
+        --seed "$(point_seed "$1" "$2")" --save-result --result-dir "$OUT" --result-filename "vllm-vllmbench-c$2-r$1.json" \
         > "$OUT/vllm-vllmbench-c$2-r$1.txt" 2>&1
 }
 run_pdmesh_bench() {  # NAME ROUND C TARGET-ARGS...
     local name=$1 round=$2 c=$3; shift 3
-    "$PDMESH" bench serve "$@" --concurrency "$c" "${load[@]}" --seed "$round" --warmup 2 \
+    "$PDMESH" bench serve "$@" --concurrency "$c" "${load[@]}" --seed "$(point_seed "$round" "$c")" --warmup 2 \
         --out "$OUT/$name-c$c-r$round.json" > "$OUT/$name-c$c-r$round.txt" 2>&1
 }
 servers=(vllm-vllmbench vllm-pdmeshbench coloc disagg)

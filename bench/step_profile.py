@@ -1,11 +1,17 @@
-"""Where one engine step's time goes, under torch.profiler: a decode-only step (CUDA graph) and a
-mixed step (the same decodes plus one prompt chunk, eager), on random Llama-3.1-8B-shaped weights.
+"""Where one engine step's time goes, under torch.profiler: a decode-only step and a mixed step
+(the same decodes plus one prompt chunk).
 
-    python bench/step_profile.py --batch 64 --chunk 256 --out-dir profile/
+GPU (random Llama-3.1-8B-shaped weights; decode steps replay a CUDA graph, mixed ones run eager):
+    python bench/step_profile.py --batch 64 --chunks 0,256 --out-dir profile/
+CPU (the embedded SmolLM2-135M-Instruct, as the mesh serves it):
+    python bench/step_profile.py --device cpu --dtype bfloat16 --threads 2 --batch 8 --prompt-len 256 --chunks 0,256
 
-Writes, per step kind, the profiler's table by device time and by host time, and prints the
-totals: host time of the step, device time of its kernels, and how much of the step the device
-sat idle. Run it before changing the step loop, and after.
+Writes, per step kind, the profiler's table by device time and by host time (CPU: by op time,
+self and total), and prints the totals: on a GPU the host time of the step, the device time of
+its kernels and how much of the step the device sat idle; on a CPU the step's wall time, the
+stepping thread's CPU time (what a busy shared machine disturbs least) and the share of the
+step spent in linears, attention, and everything else (norms, rotary, residuals, sampling, the
+step's Python). Run it before changing the step loop, and after.
 """
 
 from __future__ import annotations
@@ -39,19 +45,44 @@ def start_batch(engine: Engine, batch: int, prompt_len: int) -> None:
 _PROMPTS = torch.Generator().manual_seed(0)  # one stream for the whole run: no prompt repeats (no cache hits)
 
 
-def profiled_steps(engine: Engine, steps: int, chunk: int) -> tuple[profile, float]:
-    gen = _PROMPTS
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        t = time.perf_counter()
+def profiled_steps(engine: Engine, steps: int, chunk: int) -> tuple[profile, float, float]:
+    """The profile, wall seconds per step and the stepping thread's CPU seconds per step."""
+    gen, cuda = _PROMPTS, engine.device.type == "cuda"
+    vocab = engine.model_config.vocab_size
+    sync(engine)
+    activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
+    with profile(activities=activities) as prof:
+        t, cpu = time.perf_counter(), time.thread_time()
         for i in range(steps):
             if chunk:
-                prompt = torch.randint(1, 100_000, (chunk,), generator=gen).tolist()
+                prompt = torch.randint(1, vocab, (chunk,), generator=gen).tolist()
                 engine.add_request(f"c{chunk}-{i}-{time.monotonic_ns()}", prompt, SamplingParams(max_tokens=1))
             engine.step()
+        sync(engine)
+        wall, cpu = (time.perf_counter() - t) / steps, (time.thread_time() - cpu) / steps
+    return prof, wall, cpu
+
+
+def sync(engine: Engine) -> None:
+    if engine.device.type == "cuda":
         torch.cuda.synchronize()
-        wall = (time.perf_counter() - t) / steps
-    return prof, wall
+
+
+# Ops by where a CPU step's time goes (their self time; the rest is "other").
+_LINEAR_OPS = ("mkldnn::_linear_pointwise", "aten::addmm", "aten::mm", "aten::linear")
+_ATTENTION_OPS = ("scaled_dot_product", "aten::index_select", "aten::index_copy_")
+
+
+def cpu_shares(prof: profile) -> dict[str, float]:
+    """Fractions of the profiled self CPU time in linears, attention (gathers, KV writes, SDPA) and other ops."""
+    totals = {"linear": 0.0, "attention": 0.0, "other": 0.0}
+    for e in prof.key_averages():
+        kind = (
+            "linear" if e.key in _LINEAR_OPS else "attention" if any(a in e.key for a in _ATTENTION_OPS) else "other"
+        )
+        totals[kind] += e.self_cpu_time_total
+    whole = sum(totals.values()) or 1.0
+    return {k: v / whole for k, v in totals.items()}
 
 
 def device_ms(prof: profile, steps: int) -> float:
@@ -59,8 +90,26 @@ def device_ms(prof: profile, steps: int) -> float:
     return sum(e.self_device_time_total for e in prof.key_averages()) / 1000 / steps
 
 
+def build_engine(args: argparse.Namespace) -> Engine:
+    if args.device == "cpu":
+        config = EngineConfig(
+            model=args.model, dtype=args.dtype, torch_threads=args.threads, cache=CacheConfig(capacity_bytes=1 << 30),
+            batcher=BatcherConfig(max_running=args.batch + 1, max_batched_tokens=4096, max_prefill_chunk=4096),
+        )  # fmt: skip
+        return Engine.from_config(config)
+    config = EngineConfig(
+        device="cuda", cache=CacheConfig(gpu_memory_fraction=0.5),
+        batcher=BatcherConfig(max_running=args.batch + 1, max_batched_tokens=4096, max_prefill_chunk=4096),
+    )  # fmt: skip
+    return Engine.with_random_weights(LLAMA_8B, config)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    parser.add_argument("--model", default="smollm2", help="CPU: the checkpoint (GPU: random 8B-shaped weights)")
+    parser.add_argument("--dtype", default=None, help="CPU: float32 (default) or bfloat16")
+    parser.add_argument("--threads", type=int, default=None, help="CPU: torch threads")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--prompt-len", type=int, default=1024)
     parser.add_argument("--chunks", default="0,256,1024", help="prompt chunk per step; 0 is decode only")
@@ -69,21 +118,28 @@ def main() -> None:
     args = parser.parse_args()
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    config = EngineConfig(
-        device="cuda", cache=CacheConfig(gpu_memory_fraction=0.5),
-        batcher=BatcherConfig(max_running=args.batch + 1, max_batched_tokens=4096, max_prefill_chunk=4096),
-    )  # fmt: skip
-    engine = Engine.with_random_weights(LLAMA_8B, config)
+    cuda = args.device == "cuda"
+    engine = build_engine(args)
     start_batch(engine, args.batch, args.prompt_len)
-    print(f"{'chunk':>6} {'wall ms/step':>13} {'kernel ms/step':>15} {'device idle':>12}")
+    if cuda:
+        print(f"{'chunk':>6} {'wall ms/step':>13} {'kernel ms/step':>15} {'device idle':>12}")
+    else:
+        cols = ("thread CPU ms/step", 19), ("linear", 7), ("attention", 10), ("other", 6)
+        print(f"{'chunk':>6} {'wall ms/step':>13} " + " ".join(f"{name:>{width}}" for name, width in cols))
     for chunk in [int(c) for c in args.chunks.split(",")]:
         profiled_steps(engine, 2, chunk)  # warm-up
-        prof, wall = profiled_steps(engine, args.steps, chunk)
-        busy = device_ms(prof, args.steps)
-        for key in ("cuda_time_total", "cpu_time_total"):
+        prof, wall, cpu = profiled_steps(engine, args.steps, chunk)
+        keys = ("cuda_time_total", "cpu_time_total") if cuda else ("self_cpu_time_total", "cpu_time_total")
+        for key in keys:
             table = prof.key_averages().table(sort_by=key, row_limit=40)
             (out / f"chunk{chunk}_{key}.txt").write_text(table)
-        print(f"{chunk:6d} {wall * 1000:13.2f} {busy:15.2f} {1 - busy / (wall * 1000):12.0%}", flush=True)
+        if cuda:
+            busy = device_ms(prof, args.steps)
+            print(f"{chunk:6d} {wall * 1000:13.2f} {busy:15.2f} {1 - busy / (wall * 1000):12.0%}", flush=True)
+        else:
+            shares = cpu_shares(prof)
+            print(f"{chunk:6d} {wall * 1000:13.2f} {cpu * 1000:19.2f} {shares['linear']:7.0%} "
+                  f"{shares['attention']:10.0%} {shares['other']:6.0%}", flush=True)  # fmt: skip
         print(f"  steps: {engine.step_times.summary()}", flush=True)
 
 

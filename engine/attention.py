@@ -2,8 +2,9 @@
 
 The batch's tokens are flattened: first every request advancing by one token (decode — and a
 one-token prompt), then the prefill chunks. Each layer writes its new K/V into the cache slots,
-then attends: decodes through the paged-attention kernel (Triton on CUDA, its torch reference on
-CPU), each prefill chunk through scaled_dot_product_attention over its cached prefix plus itself.
+then attends: decodes through the paged-attention kernel (Triton on CUDA; on CPU the fused torch
+path, its gather planned once per step), each prefill chunk through scaled_dot_product_attention
+over its cached prefix plus itself.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
 from kernels.paged_attention import paged_attention_decode
+from kernels.paged_attention_cpu import DecodePlan, decode_attention_cpu, plan_decode
 
 # Not cuDNN, which SDPA picks first on Hopper: its host side cost ~0.6 ms a call on an H100 (one
 # per prefill chunk per layer: ~20 ms of a step's launch time), more for every new chunk length.
@@ -38,6 +40,8 @@ class AttentionMetadata:
     decode_block_tables: torch.Tensor | None  # (num_decodes, max_blocks) int32
     decode_context_lens: torch.Tensor | None  # (num_decodes,) int32, including the new token
     prefills: list[PrefillSpan]
+    # CPU: the decodes' gather plan, made by the first layer and reused by the others.
+    cpu_decode_plan: DecodePlan | None = None
 
 
 def write_kv(kv_layer: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
@@ -58,20 +62,24 @@ def paged_attention(
     write_kv(kv_layer, k, v, meta.slot_mapping)
     nd = meta.num_decodes
     if not meta.prefills:
-        assert meta.decode_block_tables is not None and meta.decode_context_lens is not None
-        return paged_attention_decode(
-            q, kv_layer[0], kv_layer[1], meta.decode_block_tables, meta.decode_context_lens, scale
-        )
+        return _decode(q, kv_layer, meta, scale)
     out = torch.empty_like(q)
     if nd:
-        assert meta.decode_block_tables is not None and meta.decode_context_lens is not None
-        out[:nd] = paged_attention_decode(
-            q[:nd], kv_layer[0], kv_layer[1], meta.decode_block_tables, meta.decode_context_lens, scale
-        )
+        out[:nd] = _decode(q[:nd], kv_layer, meta, scale)
     for span in meta.prefills:
         rows = slice(span.start, span.start + span.num_new)
         out[rows] = _prefill_chunk(q[rows], k[rows], v[rows], kv_layer, span, scale)
     return out
+
+
+def _decode(q: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    tables, lens = meta.decode_block_tables, meta.decode_context_lens
+    assert tables is not None and lens is not None
+    if q.is_cuda:
+        return paged_attention_decode(q, kv_layer[0], kv_layer[1], tables, lens, scale)
+    if meta.cpu_decode_plan is None:  # the step's first layer
+        meta.cpu_decode_plan = plan_decode(tables, lens, kv_layer.shape[2])
+    return decode_attention_cpu(q, kv_layer, meta.cpu_decode_plan, scale)
 
 
 def _prefill_chunk(

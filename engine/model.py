@@ -58,16 +58,21 @@ class Rotary(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and a signed sin, both (tokens, head_dim), for apply_rotary: the sin's first half is
+        negated once here, so that each layer's rotation needs one roll and no negation."""
         freqs = positions.float()[:, None] * self.inv_freq[None, :]  # (tokens, head_dim/2)
         emb = torch.cat((freqs, freqs), dim=-1)  # (tokens, head_dim)
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        sin = emb.sin()
+        sin[:, : freqs.shape[1]].neg_()
+        return emb.cos().to(dtype), sin.to(dtype)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (tokens, heads, head_dim); cos, sin: (tokens, head_dim). The rotate-half convention."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos[:, None, :] + rotated * sin[:, None, :]
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """x: (tokens, heads, head_dim); cos, signed_sin: (tokens, head_dim), from Rotary. The
+    rotate-half convention, x * cos + cat(-x2, x1) * sin, computed as x * cos + cat(x2, x1) *
+    cat(-sin1, sin2): the same products (a sign moves between factors exactly), fewer ops."""
+    rotated = x.roll(x.shape[-1] // 2, dims=-1)
+    return x * cos[:, None, :] + rotated * signed_sin[:, None, :]
 
 
 class Attention(nn.Module):
@@ -91,10 +96,12 @@ class Attention(nn.Module):
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q (tokens, heads, head_dim) and k (tokens, kv_heads, head_dim) with rotary applied, and v."""
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = apply_rotary(q.view(-1, self.num_heads, self.head_dim), cos, sin)
-        k = apply_rotary(k.view(-1, self.num_kv_heads, self.head_dim), cos, sin)
-        return q, k, v.view(-1, self.num_kv_heads, self.head_dim)
+        qkv = self.qkv_proj(x)
+        # q and k lie side by side in each row of qkv: one rotation for both (half the ops per layer).
+        qk = qkv[:, : self.q_size + self.kv_size].view(-1, self.num_heads + self.num_kv_heads, self.head_dim)
+        qk = apply_rotary(qk, cos, sin)
+        v = qkv[:, self.q_size + self.kv_size :].view(-1, self.num_kv_heads, self.head_dim)
+        return qk[:, : self.num_heads], qk[:, self.num_heads :], v
 
 
 class MLP(nn.Module):

@@ -14,12 +14,57 @@ context are stale values of a block's previous owner or of block 0 (the tables' 
 a working model only ever fills with finite numbers; so the fast path trusts them, checks the
 small output for NaN, and only if one appears recomputes with the
 tails of K and V zeroed.
+
+What depends only on the batch (the block ids to copy, the longest context, the mask) is worked
+out once per step in a `DecodePlan` and reused by every layer; `decode_attention_cpu` then copies
+a layer's keys and values in one `index_select` over the layer's whole (2, blocks, ...) tensor.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
+
+
+@dataclass(frozen=True, slots=True)
+class DecodePlan:
+    """What every layer's decode attention of one step shares (plan_decode)."""
+
+    block_ids: torch.Tensor  # (batch * blocks_used,) int64: each row's first blocks_used blocks, row by row
+    batch: int
+    tokens: int  # the longest context: keys per row after the gather
+    mask: torch.Tensor | None  # (batch, 1, 1, tokens) bool, True where a key is in its row's context; None at batch 1
+
+
+def plan_decode(block_tables: torch.Tensor, context_lens: torch.Tensor, block_size: int) -> DecodePlan:
+    """block_tables: (batch, max_blocks) int32; context_lens: (batch,) int32, CPU tensors."""
+    batch = block_tables.shape[0]
+    lens = context_lens.long()
+    longest = int(lens.max()) if batch else 0
+    used = min(block_tables.shape[1], -(-longest // block_size))
+    ids = block_tables[:, :used].reshape(-1).long()
+    mask = None
+    if batch > 1:  # one sequence has no padding to mask
+        valid = torch.arange(longest, device=lens.device) < lens[:, None]  # (batch, longest)
+        mask = valid[:, None, None, :]  # broadcast over KV heads and the group's queries
+    return DecodePlan(ids, batch, longest, mask)
+
+
+def decode_attention_cpu(
+    q: torch.Tensor,  # (batch, num_heads, head_dim)
+    kv_layer: torch.Tensor,  # (2, num_blocks, block_size, num_kv_heads, head_dim)
+    plan: DecodePlan,
+    scale: float,
+) -> torch.Tensor:  # (batch, num_heads, head_dim), q's dtype
+    """paged_attention_decode_cpu for one layer of a planned step: K and V copied in one go."""
+    if plan.batch == 0:
+        return torch.empty_like(q)
+    _, _, block_size, num_kv_heads, head_dim = kv_layer.shape
+    blocks = kv_layer.index_select(1, plan.block_ids)  # (2, batch * used, block_size, kv_heads, head_dim)
+    per_seq = blocks.view(2, plan.batch, -1, num_kv_heads, head_dim)[:, :, : plan.tokens].transpose(2, 3)
+    return _attend(q, per_seq[0], per_seq[1], plan.mask, scale)
 
 
 def paged_attention_decode_cpu(
@@ -30,21 +75,26 @@ def paged_attention_decode_cpu(
     context_lens: torch.Tensor,  # (batch,) int32
     scale: float,
 ) -> torch.Tensor:  # (batch, num_heads, head_dim), q's dtype
-    batch, num_heads, head_dim = q.shape
-    if batch == 0:
+    if q.shape[0] == 0:
         return torch.empty_like(q)
-    num_kv_heads = k_cache.shape[2]
-    lens = context_lens.long()
-    longest = int(lens.max())
-    k, v = _gather(k_cache, block_tables, longest), _gather(v_cache, block_tables, longest)
+    plan = plan_decode(block_tables, context_lens, k_cache.shape[1])
+    return _attend(q, _gather(k_cache, plan), _gather(v_cache, plan), plan.mask, scale)
+
+
+def _attend(
+    q: torch.Tensor,  # (batch, num_heads, head_dim)
+    k: torch.Tensor,  # (batch, kv_heads, tokens, head_dim)
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float,
+) -> torch.Tensor:
+    batch, num_heads, head_dim = q.shape
     # The query heads that share a KV head are that head's queries: one (b, kv head) pair reads
     # its keys once for the whole group (enable_gqa would read them once per query head, and in
     # bfloat16 took a path ~4x slower).
-    query = q.view(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)
-    if batch == 1:  # one sequence, no padding: nothing to mask
+    query = q.view(batch, k.shape[1], num_heads // k.shape[1], head_dim)
+    if mask is None:  # one sequence, no padding: nothing to mask
         return F.scaled_dot_product_attention(query, k, v, scale=scale).view(batch, num_heads, head_dim)
-    valid = torch.arange(longest, device=q.device) < lens[:, None]  # (batch, longest)
-    mask = valid[:, None, None, :]  # broadcast over KV heads and the group's queries
     out = F.scaled_dot_product_attention(query, k, v, attn_mask=mask, scale=scale)
     if bool(out.isnan().any()):  # a non-finite value in a masked slot: zero the tails and redo
         tail = ~mask.transpose(-1, -2)  # (batch, 1, longest, 1)
@@ -53,13 +103,10 @@ def paged_attention_decode_cpu(
     return out.view(batch, num_heads, head_dim)
 
 
-def _gather(cache: torch.Tensor, block_tables: torch.Tensor, tokens: int) -> torch.Tensor:
-    """The first `tokens` slots of every row's blocks: (batch, kv_heads, tokens, head_dim), a view
-    of one contiguous copy (SDPA reads strided operands)."""
-    _, block_size, num_kv_heads, head_dim = cache.shape
-    batch = block_tables.shape[0]
-    used = min(block_tables.shape[1], -(-tokens // block_size))
-    ids = block_tables[:, :used].reshape(-1).long()
-    blocks = cache.index_select(0, ids)  # (batch * used, block_size, kv_heads, head_dim), whole blocks
-    per_seq = blocks.view(batch, used * block_size, num_kv_heads, head_dim)[:, :tokens]
+def _gather(cache: torch.Tensor, plan: DecodePlan) -> torch.Tensor:
+    """The first `plan.tokens` slots of every row's blocks: (batch, kv_heads, tokens, head_dim), a
+    view of one contiguous copy (SDPA reads strided operands)."""
+    _, _, num_kv_heads, head_dim = cache.shape
+    blocks = cache.index_select(0, plan.block_ids)  # (batch * used, block_size, kv_heads, head_dim), whole blocks
+    per_seq = blocks.view(plan.batch, -1, num_kv_heads, head_dim)[:, : plan.tokens]
     return per_seq.transpose(1, 2)

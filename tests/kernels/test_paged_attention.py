@@ -10,7 +10,7 @@ import torch
 from kernel_cases import decode_case, dense_attention_f64, run_in_interpreter
 
 from kernels.paged_attention import DecodeLaunchConfig, paged_attention_decode, paged_attention_decode_ref
-from kernels.paged_attention_cpu import paged_attention_decode_cpu
+from kernels.paged_attention_cpu import decode_attention_cpu, paged_attention_decode_cpu, plan_decode
 
 
 @pytest.mark.parametrize("block_size", [8, 16])
@@ -56,6 +56,20 @@ def test_cpu_path_equals_dense_float64_attention(lens: list[int], unused: str) -
 
     assert torch.equal(out, paged_attention_decode(*case.args))  # what CPU tensors run
     torch.testing.assert_close(out.double(), dense_attention_f64(case), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("lens", [[5, 40, 16, 1], [33]])
+def test_a_planned_step_gives_every_layer_what_the_cpu_path_gives(lens: list[int]) -> None:
+    # The engine plans the gather once per step and reads each layer's (2, blocks, ...) tensor.
+    case = decode_case(lens, num_kv_heads=2, group=3, head_dim=16, block_size=16)
+    plan = plan_decode(case.block_tables, case.context_lens, block_size=16)
+    layers = [torch.stack((case.k_cache, case.v_cache)), torch.stack((case.k_cache * 0.5, case.v_cache + 1.0))]
+
+    for kv_layer in layers:
+        out = decode_attention_cpu(case.q, kv_layer, plan, case.scale)
+
+        expected = paged_attention_decode_cpu(case.q, kv_layer[0], kv_layer[1], *case.args[3:])
+        assert torch.equal(out, expected)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
