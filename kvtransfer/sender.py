@@ -8,8 +8,9 @@ while the pack runs), then the payload once the pack has finished, and resolves 
 when the receiver reports every layer landed (or fails it). A pack that has already finished when
 the loop gets to it (the usual case: a pack takes microseconds) is sent without a thread hop. From
 the moment a push opens (the prefill request has arrived, maybe to wait in the engine's queue)
-until its first message goes, it sends the receiver a Hold every quarter lease, which keeps the
-ticket's lease from running out while the prefill has not even begun. The sender's own deadline
+until its first message goes, it sends the receiver a Hold every quarter lease (the first a few
+milliseconds after opening), which keeps the ticket's lease from running out while the prefill
+has not even begun. The sender's own deadline
 likewise counts from the last Hold or message it sent.
 """
 
@@ -41,6 +42,7 @@ log = structlog.get_logger(__name__)
 # A pack takes microseconds once the GPU reaches it; polling its event this long on the loop beats
 # a thread hop when the GPU is not far behind the engine, and costs little when it is.
 _PACK_POLL_S = 200e-6
+_FIRST_HOLD_S = 0.005  # see KVSender._hold
 
 
 @dataclass(slots=True, eq=False)
@@ -142,12 +144,22 @@ class KVSender:
         out.deadline = self._loop.call_later(out.lease_s + self.config.sender_grace_s, self._expire, out)
 
     async def _hold(self, out: _Outgoing) -> None:
-        """Hold the ticket until the first message goes (then every message renews the lease)."""
+        """Hold the ticket until the first message goes (then every message renews the lease).
+
+        The connection is made at once (dialing takes milliseconds), the first Hold only after
+        _FIRST_HOLD_S: a push whose first message goes sooner needs none (its Data header binds the
+        ticket and renews the lease), which spares a quick ticket a control message and the work
+        its completions cost both loops while the engine packs."""
         interval = max(out.lease_s / 4, 0.05)
         ticket = out.push.ticket.ticket_id
+        first = True
         while self._outgoing.get(ticket) is out and out.started is None:
             try:
                 conn = await self._bind(out)
+                if first:
+                    first = False
+                    await asyncio.sleep(min(_FIRST_HOLD_S, out.lease_s / 4))
+                    continue
                 await conn.send(Hold(ticket))
             except TransferFailed as e:
                 self._fail(out, e.reason, tell_peer=False, error=e)
