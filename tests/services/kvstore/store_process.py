@@ -19,11 +19,13 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from engine.block_hash import chain_hashes
+from engine.config import EngineConfig
 from engine.ids import BlockHash
 from engine.kv_layout import KVLayout
-from kvtransfer import KVTransport, TransportConfig
+from kvtransfer import KVTransport
 from pdmesh.convert import layout_to_pb
 from pdmesh.v1 import kvstore_pb2, kvstore_pb2_grpc
+from services.worker.config import WorkerConfig
 from services.worker.convert import ticket_from_pb, ticket_to_pb
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -101,8 +103,8 @@ class StoreUser:
         shape = (2, 64, layout.block_size, layout.num_kv_heads, layout.head_dim)
         dtype = getattr(torch, layout.dtype)
         self.caches = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layout.num_layers)]
-        tls = "cuda_ipc,cuda_copy,tcp,self" if device.startswith("cuda") else "tcp,self"
-        self.transport = KVTransport(layout, TransportConfig(device=device, ucx_tls=tls), self.caches).start()
+        config = WorkerConfig(engine=EngineConfig(device=device)).transport()  # a worker's, on a free port
+        self.transport = KVTransport(layout, config, self.caches).start()
         self.channel = grpc.insecure_channel(store_address)
         self.stub = kvstore_pb2_grpc.KVStoreStub(self.channel)
 
