@@ -104,6 +104,10 @@ _TRANSFER_PRIOR_SHAPES = np.array([[1.0, 0.0], [1.0, 256.0]])  # a tiny push and
 REFIT_SAMPLES = 16  # a worker's model is refitted after this many new samples of its own
 ERROR_AFTER_SAMPLES = 64  # its prediction error is tracked once its own model has seen this many
 POOL_REFIT_MAX = 4096
+# Samples a pool needs (without a configured profile) before its forecasts count as evidence: a
+# model fitted to a handful of steps can extrapolate wildly (on two H200s a prefill model fitted to
+# the first few steps forecast 1,884,338 ms for a 4,513-token prompt and refused it as out of reach).
+CALIBRATED_AFTER_SAMPLES = 64
 
 
 @dataclass(frozen=True)
@@ -194,6 +198,11 @@ class WorkerPredictors:
         return self._steps.num_samples
 
     @property
+    def calibrated(self) -> bool:
+        """Whether this worker's step forecasts are evidence enough to refuse a request on."""
+        return self.pool.calibrated
+
+    @property
     def num_transfer_samples(self) -> int:
         return self._transfers.num_samples
 
@@ -214,6 +223,11 @@ class PoolPredictors:
         self._transfer_prior = transfer_prior
         self._step: tuple[int, StepModel] | None = None
         self._transfer: tuple[int, TransferModel] | None = None
+
+    @property
+    def calibrated(self) -> bool:
+        """A configured profile, or enough samples of its own that the fit spans real step shapes."""
+        return self._step_prior is not None or self.steps.num_samples >= CALIBRATED_AFTER_SAMPLES
 
     @property
     def step(self) -> StepModel:

@@ -196,7 +196,7 @@ class SloPolicy:
         margin = self._ttft_margin(side.worker)
         bound = margin.ms(ttft)
         stall_ok = stall_fits(side, prefill, now, margin.slope)
-        ok = _ttft_ok(request, bound) and side.fits and side.tpot_ok(request) and stall_ok
+        ok = _ttft_ok(request, bound, side.worker) and side.fits and side.tpot_ok(request) and stall_ok
         return Plan(prefill, side, True, ttft, side.step_after_ms, bound, margin, ok)
 
     def _handoff(self, prefill: Prefill, sides: list[DecodeSide], request: Request) -> Plan | None:
@@ -211,7 +211,7 @@ class SloPolicy:
             stall = max(0.0, side.local_wait_ms - ttft)
             ok = side.fits and side.tpot_ok(request, stall)
             tpot = side.step_after_ms + stall / max(1, request.max_tokens - 1)
-            if ok and _ttft_ok(request, bound):
+            if ok and _ttft_ok(request, bound, prefill.worker):
                 return Plan(prefill, side, False, ttft, tpot, bound, margin, True)
             if fallback is None or bound < fallback.ttft_bound_ms:
                 fallback = Plan(prefill, side, False, ttft, tpot, bound, margin, False)
@@ -286,8 +286,9 @@ def _out_of_reach(
     """The refusal of a target no idle worker could meet (mean forecasts, not bounds: a worker
     slowed by load now is not "never"): the prompt's steps alone exceed the TTFT target on every
     plan, or a lone decode step exceeds the TPOT target on every decode worker. No forecast is
-    bounded below the margins' floors, so a target under a floor is never met either."""
-    if shape.ttft_ms > 0 and plans:
+    bounded below the margins' floors, so a target under a floor is never met either. Only
+    calibrated forecasts say "never": a guess of an uncalibrated pool refuses nothing."""
+    if shape.ttft_ms > 0 and plans and all(p.prefill.worker.predictors.calibrated for p in plans):
         fastest = min(p.unavoidable_ms for p in plans)
         if max(fastest, margins.ttft_floor_ms) > shape.ttft_ms:
             floor = f", and no first token is bounded below {margins.ttft_floor_ms:g} ms (the margins' floor)"
@@ -298,7 +299,7 @@ def _out_of_reach(
                 f"allow at least {math.ceil(max(fastest, margins.ttft_floor_ms))} ms or shorten the prompt; retrying "
                 "will not help",
             )  # fmt: skip
-    if shape.tpot_ms > 0 and sides:
+    if shape.tpot_ms > 0 and sides and all(side.worker.predictors.calibrated for side in sides):
         alone = min(side.worker.predictors.step.decode_step_ms(1, request.mean_context) for side in sides)
         alone = max(margins.tpot_floor_ms, alone)  # no step is bounded below the floor
         if alone > shape.tpot_ms:
@@ -310,8 +311,11 @@ def _out_of_reach(
     return None
 
 
-def _ttft_ok(request: Request, ttft_ms: float) -> bool:
-    return request.ttft_ms <= 0 or ttft_ms <= request.ttft_ms
+def _ttft_ok(request: Request, ttft_ms: float, worker: Worker) -> bool:
+    """Whether a plan's TTFT bound meets the target. A worker whose pool is not yet calibrated
+    (predictor.CALIBRATED_AFTER_SAMPLES) passes: its forecast is a guess, and a guess is no reason
+    to refuse; its outcomes calibrate it."""
+    return request.ttft_ms <= 0 or ttft_ms <= request.ttft_ms or not worker.predictors.calibrated
 
 
 def _choose(plans: list[Plan], tie_fraction: float) -> Plan | None:

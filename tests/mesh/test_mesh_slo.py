@@ -13,6 +13,7 @@ import grpc
 import pytest
 
 from pdmesh.client import AsyncClient, Chunk, ClusterState, WorkerRole, retry_after_s
+from services.scheduler.predictor import CALIBRATED_AFTER_SAMPLES
 from tests.mesh.conftest import BLOCK_SIZE, start_mesh, stop_mesh
 from tests.mesh.test_mesh import prompts_of
 
@@ -26,16 +27,17 @@ TTFT_MS = 500  # the third could start only after ~2,000 decode steps of another
 
 
 async def calibrated(client: AsyncClient) -> ClusterState:
-    """Until the scheduler's step model of the decode worker has seen its decode steps."""
-    await client.complete(prompts_of([8], seed=3)[0], max_tokens=16, ignore_eos=True)
-    deadline = time.monotonic() + 30
+    """Until the scheduler's step model of the decode worker has seen enough of its decode steps
+    to count as calibrated (before that its forecasts refuse nothing)."""
+    deadline = time.monotonic() + 60
     while True:
+        await client.complete(prompts_of([8], seed=3)[0], max_tokens=16, ignore_eos=True)
         state = await client.cluster_state()
         decode = [w for w in state.workers if w.role is WorkerRole.DECODE]
         models = [w.step_model for w in decode]
         # A decode step's predicted time is positive (which term carries it is the fit's business).
         step = [m.fixed_ms + m.per_decode_request_ms + m.per_decode_context_token_ms for m in models]
-        if models and all(m.num_samples > 0 for m in models) and min(step) > 0:
+        if models and all(m.num_samples >= CALIBRATED_AFTER_SAMPLES for m in models) and min(step) > 0:
             return state
         assert time.monotonic() < deadline, f"the decode worker's step model never calibrated: {decode}"
         await asyncio.sleep(0.1)

@@ -30,9 +30,10 @@ class Cluster:
     """A registry of workers that never report load, the ledger, and the slo policy over them, on
     a clock the test sets."""
 
-    def __init__(self, prefill: int, decode: int, kv_tokens: int = 1 << 20) -> None:
+    def __init__(self, prefill: int, decode: int, kv_tokens: int = 1 << 20, profile: bool = True) -> None:
         self.now = 100.0
-        calibration = Calibration(CalibrationSettings(), MODEL, PUSH)
+        # Without the profile the workers' models start from nothing and learn from their reports.
+        calibration = Calibration(CalibrationSettings(), *((MODEL, PUSH) if profile else (None, None)))
         self.registry = Registry(3600.0, None, calibration, clock=lambda: self.now)
         self.ledger = Ledger(self.registry.clock)
         policy = SloPolicy(self.registry, self.ledger, SloSettings())

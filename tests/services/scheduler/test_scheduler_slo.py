@@ -15,6 +15,7 @@ from scheduler_mesh import Mesh, MeshFactory, eventually
 from pdmesh.client import retry_after_s
 from pdmesh.config import PolicyName, SloConfig
 from pdmesh.v1 import worker_pb2
+from services.scheduler.predictor import CALIBRATED_AFTER_SAMPLES
 
 # The workers' engines, as their step samples say: a step takes 10 ms plus 5 ms per decode row.
 STEPS = tuple(
@@ -26,15 +27,16 @@ STEPS = tuple(
 )
 
 
-async def calibrated(mesh: Mesh) -> None:
-    """Until the scheduler has fitted every worker's step model to its samples."""
+async def calibrated(mesh: Mesh, samples: int = 1) -> None:
+    """Until the scheduler has fitted every worker's step model to at least `samples` of its
+    samples (a TTFT refusal needs CALIBRATED_AFTER_SAMPLES: before, forecasts refuse nothing)."""
     for worker in mesh.workers:
         worker.step_samples = STEPS
     deadline = time.monotonic() + 10
     while True:
         state = await mesh.cluster()
         models = [w.step_model for w in state.workers]
-        if all(m.num_samples > 0 and abs(m.per_decode_request_ms - 5.0) < 0.01 for m in models):
+        if all(m.num_samples >= samples and abs(m.per_decode_request_ms - 5.0) < 0.01 for m in models):
             return
         assert time.monotonic() < deadline, f"the step models never calibrated: {models}"
         await asyncio.sleep(0.02)
@@ -73,7 +75,7 @@ async def test_a_saturated_mesh_refuses_at_once_with_resource_exhausted_and_retr
 
 async def test_an_slo_no_idle_worker_could_meet_is_out_of_range_without_a_retry_hint(mesh_factory: MeshFactory) -> None:
     mesh = await mesh_factory(prefill=1, decode=1, policy=PolicyName.SLO)
-    await calibrated(mesh)
+    await calibrated(mesh, CALIBRATED_AFTER_SAMPLES)
 
     with pytest.raises(grpc.aio.AioRpcError) as refused:
         await mesh.client.complete([1, 2, 3], max_tokens=4, ttft_ms=5)  # a prefill step alone takes 10 ms
@@ -87,7 +89,7 @@ async def test_an_slo_no_idle_worker_could_meet_is_out_of_range_without_a_retry_
 
 async def test_over_http_an_slo_no_idle_worker_could_meet_is_a_400_naming_the_target(mesh_factory: MeshFactory) -> None:
     mesh = await mesh_factory(prefill=1, decode=1, policy=PolicyName.SLO)
-    await calibrated(mesh)
+    await calibrated(mesh, CALIBRATED_AFTER_SAMPLES)
 
     async with httpx.AsyncClient(base_url=mesh.http_url, timeout=30) as http:
         reply = await http.post("/v1/completions", json={"prompt": [1, 2, 3], "max_tokens": 4, "slo": {"ttft_ms": 5}})
@@ -106,7 +108,7 @@ async def test_a_request_that_could_not_get_a_decode_slot_within_its_ttft_is_ref
     # apart; the calibrated step with eight rows is 50 ms). A ninth with a 2 s TTFT target cannot
     # get a slot in time: refused at once with when to come back, not after 2 s in the queue.
     mesh = await mesh_factory(prefill=0, decode=1, policy=PolicyName.SLO)
-    await calibrated(mesh)
+    await calibrated(mesh, CALIBRATED_AFTER_SAMPLES)
     mesh.decode_servicer().token_delay_s = 0.05
     streams = [mesh.client.generate([1, 2, 3], max_tokens=100, seed=i) for i in range(8)]
     for s in streams:
