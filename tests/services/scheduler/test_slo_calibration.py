@@ -50,8 +50,8 @@ def test_once_calibrated_an_unreachable_target_is_refused_at_once() -> None:
     first_steps_compiling(cluster)
     # Real steps: 10 ms plus 0.1 ms per prompt token, over the sizes a trace brings.
     sizes = [64 * (1 + i % 32) for i in range(CALIBRATED_AFTER_SAMPLES)]
-    for seq, worker in enumerate(("prefill-0", "decode-0"), 3):
-        report(cluster, worker, seq, [prefill_step(n, 10.0 + 0.1 * n) for n in sizes])
+    for seq, worker_id in enumerate(("prefill-0", "decode-0"), 3):
+        report(cluster, worker_id, seq, [prefill_step(n, 10.0 + 0.1 * n) for n in sizes])
     worker = cluster.registry.workers["prefill-0"]
     assert worker.predictors.calibrated
     assert worker.predictors.step.prefill_ms(PROMPT, 0, 2048) < 2_000  # the compiling step no longer decides
