@@ -124,6 +124,20 @@ async def store_holds(client: AsyncClient, blocks: int, timeout_s: float = 30) -
         await asyncio.sleep(0.1)
 
 
+async def store_settled(client: AsyncClient, quiet_s: float = 1.0, timeout_s: float = 30) -> int:
+    """The store's block count once no offer has landed for `quiet_s`: a turn's offers (prefill and
+    decode workers', after the response) land in the background, possibly during the next turn."""
+    deadline = time.monotonic() + timeout_s
+    last, since = -1, time.monotonic()
+    while True:
+        (store,) = (await client.cluster_state()).kv_stores
+        if store.num_stored_blocks != last:
+            last, since = store.num_stored_blocks, time.monotonic()
+        elif time.monotonic() - since >= quiet_s or time.monotonic() > deadline:
+            return last
+        await asyncio.sleep(0.1)
+
+
 async def store_until(client: AsyncClient, done: Callable[[KVStoreState], bool], timeout_s: float = 30) -> KVStoreState:
     """The store's state once `done` says so (its reports come every 100 ms), or at the timeout."""
     deadline = time.monotonic() + timeout_s
@@ -300,7 +314,7 @@ def test_a_store_slower_than_computing_is_fetched_from_once_then_computed_instea
                 await complete(client, prompt)
             await asyncio.sleep(1.0)  # their steps reach the workers' policies with a load report
             for first, new in conversations:  # turn 1 on one worker, turn 2 on the other
-                stored = (await store_holds(client, 0)).num_stored_blocks
+                stored = await store_settled(client)  # the last turn's offers may still be landing
                 out = await complete(client, first)
                 await store_holds(client, stored + (len(first) + OUTPUT - 1) // BLOCK_SIZE)
                 started = time.monotonic()
