@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from engine.config import BatcherConfig
 from engine.kv_manager import KVManager
 from engine.request import Request, RequestStatus
+from engine.step_samples import StepShape
 
 
 @dataclass(slots=True)
@@ -182,3 +183,12 @@ def _position(queue: Sequence[Request], request: Request, first_of_priority: boo
         if other.priority < request.priority or (first_of_priority and other.priority == request.priority):
             return i
     return len(queue)
+
+
+def step_shape(batch: Batch) -> StepShape:
+    """The step's work as the scheduler's step-time model sees it (before the step runs). A decode
+    row is a one-token chunk of a request that has output; everything else is prompt work."""
+    return StepShape.of_chunks(
+        (c.num_new_tokens, c.request.num_computed_tokens, c.num_new_tokens == 1 and c.request.num_output_tokens > 0)
+        for c in batch.chunks
+    )

@@ -14,29 +14,29 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.batcher import Batch, Batcher
+from engine.batcher import Batch, Batcher, step_shape
 from engine.block_pool import BlockPool
 from engine.config import EngineConfig
 from engine.cpu_linear import packing_supported
-from engine.cuda_graphs import CaptureReport, DecodeGraphs
-from engine.errors import DeviceLost, EngineError, InvalidRequest, OutOfBlocks, RequestNotFound
+from engine.cuda_graphs import CaptureReport
+from engine.errors import DeviceLost, EngineError, InvalidRequest, RequestNotFound
 from engine.handoff import KVExportSink, KVImport
 from engine.ids import BlockHash, BlockId, RequestId
 from engine.kv_cache import allocate_kv_cache, plan_num_blocks
 from engine.kv_layout import KVLayout
 from engine.kv_manager import KVManager, blocks_for
-from engine.model import LlamaModel, Rotary
+from engine.model import LlamaModel, build_model
 from engine.model_config import ModelConfig
 from engine.output import OutputProcessor
-from engine.piecewise import PiecewiseGraphs
 from engine.request import FinishReason, Request, RequestOutput, RequestStatus
 from engine.reservations import PrefixReservation, Reservations
 from engine.runner import ModelRunner
 from engine.sampler import Sampler, SamplingRow
-from engine.sampling_params import SamplingParams, check_context
-from engine.step_samples import StepRecorder, StepShape
+from engine.sampling_params import SamplingParams
+from engine.step_samples import StepRecorder
 from engine.step_timer import Phase, StepTimes, Stopwatch
 from engine.tokenizer import Tokenizer
+from engine.validation import RequestLimits, check_request
 from engine.weights import load_checkpoint
 
 _FINISHED_CHAINS_KEPT = 1024  # finished requests' block chains kept for a worker to offer; older ones go
@@ -76,8 +76,11 @@ class Engine:
             model.pack_for_cpu()
         self.runner = ModelRunner(model, self.kv_caches, cache.block_size)
         self.graph_capture: list[CaptureReport] = []
-        if self.device.type == "cuda":
-            self._capture_graphs(model, num_blocks)
+        if self.device.type == "cuda":  # every graph now, before any other thread touches the device
+            max_batch = min(config.cuda_graph_max_batch, config.batcher.max_running)
+            max_width = min(blocks_for(self.model_config.max_position_embeddings, cache.block_size), num_blocks)
+            pieces = config.batcher.max_batched_tokens if config.piecewise_cuda_graphs else None
+            self.graph_capture = self.runner.capture_graphs(num_blocks, max_batch, max_width, pieces)
         self.num_steps = 0  # steps that ran a batch
         self.step_times = StepTimes()
         self._lost: str | None = None  # why the device is unusable, once known
@@ -95,21 +98,6 @@ class Engine:
         )
 
     # -- construction ------------------------------------------------------------------------
-
-    def _capture_graphs(self, model: LlamaModel, num_blocks: int) -> None:
-        """Every CUDA graph the engine will replay, now, while no other thread of the process can
-        touch the device (engine/cuda_graphs.py says why)."""
-        config, block_size = self.config, self.config.cache.block_size
-        if config.cuda_graph_max_batch > 0:
-            max_batch = min(config.cuda_graph_max_batch, config.batcher.max_running)
-            max_width = min(blocks_for(self.model_config.max_position_embeddings, block_size), num_blocks)
-            graphs = DecodeGraphs(model, self.kv_caches, block_size, num_blocks, max_batch, max_width)
-            self.graph_capture.append(graphs.capture_all())
-            self.runner.graphs = graphs
-        if config.piecewise_cuda_graphs:
-            pieces = PiecewiseGraphs(model, self.kv_caches, config.batcher.max_batched_tokens)
-            self.graph_capture.append(pieces.capture_all())
-            self.runner.pieces = pieces
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> Engine:
@@ -406,41 +394,8 @@ class Engine:
             raise InvalidRequest("request_id", f"{rid!r} names a reservation", "pass its kv_import or abort it")
         if kv_import is not None and rid not in self.reservations:
             raise RequestNotFound(f"no reservation for request {rid!r}; call reserve() first")
-        if not prompt:
-            raise InvalidRequest("prompt", "is empty", "send at least one token")
-        vocab = self.model_config.vocab_size
-        if any(not 0 <= t < vocab for t in [*prompt, *prior]):
-            raise InvalidRequest(
-                "prompt_token_ids", "contains an id outside the vocabulary", f"use ids in [0, {vocab})"
-            )
-        params.validate(vocab)
-        if params.stop and self.tokenizer is None:
-            raise InvalidRequest("stop", "needs a tokenizer, and this engine has none", "use stop_token_ids")
-        check_context(len(prompt) + len(prior), params.max_tokens, self.max_model_len, len(prior))
-        new_tokens = 1 if prefill_only else params.max_tokens  # a prefill_only request holds no output here
-        need = blocks_for(len(prompt) + new_tokens, self.config.cache.block_size)
-        if need > self.pool.num_blocks:
-            raise OutOfBlocks(
-                f"the request needs {need} KV blocks and the whole cache has {self.pool.num_blocks}; "
-                "shorten it or give the cache more memory"
-            )
-
-
-def step_shape(batch: Batch) -> StepShape:
-    """The step's work as the scheduler's step-time model sees it (before the step runs). A decode
-    row is a one-token chunk of a request that has output; everything else is prompt work."""
-    return StepShape.of_chunks(
-        (c.num_new_tokens, c.request.num_computed_tokens, c.num_new_tokens == 1 and c.request.num_output_tokens > 0)
-        for c in batch.chunks
-    )
-
-
-def build_model(model_config: ModelConfig, config: EngineConfig) -> LlamaModel:
-    """Allocate the model on its device without initialising twice (meta first, then empty)."""
-    dtype = getattr(torch, config.resolved_dtype)
-    with torch.device("meta"):
-        model = LlamaModel(model_config).to(dtype)
-    model = model.to_empty(device=config.device)
-    # to_empty left the rotary buffer uninitialised (and the cast made it low precision): rebuild in fp32.
-    model.rotary = Rotary(model_config).to(config.device)
-    return model.eval()
+        limits = RequestLimits(
+            self.model_config.vocab_size, self.tokenizer is not None, self.max_model_len,
+            self.config.cache.block_size, self.pool.num_blocks,
+        )  # fmt: skip
+        check_request(prompt, prior, params, prefill_only, limits)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.attention import AttentionMetadata, paged_attention
+from engine.config import EngineConfig
 from engine.cpu_linear import PackedLinear, pack_linears
 from engine.model_config import ModelConfig, RopeScaling
 
@@ -214,3 +215,14 @@ class LlamaModel(nn.Module):
                     param.fill_(1.0)
                 else:
                     param.normal_(0.0, std, generator=gen)
+
+
+def build_model(model_config: ModelConfig, config: EngineConfig) -> LlamaModel:
+    """Allocate the model on its device without initialising twice (meta first, then empty)."""
+    dtype = getattr(torch, config.resolved_dtype)
+    with torch.device("meta"):
+        model = LlamaModel(model_config).to(dtype)
+    model = model.to_empty(device=config.device)
+    # to_empty left the rotary buffer uninitialised (and the cast made it low precision): rebuild in fp32.
+    model.rotary = Rotary(model_config).to(config.device)
+    return model.eval()

@@ -20,7 +20,7 @@ import torch
 
 from engine.attention import AttentionMetadata, PrefillSpan
 from engine.batcher import ScheduledChunk
-from engine.cuda_graphs import DecodeGraphs
+from engine.cuda_graphs import CaptureReport, DecodeGraphs
 from engine.model import LlamaModel
 from engine.piecewise import PiecewiseGraphs
 from engine.step_timer import StepKind
@@ -93,6 +93,21 @@ class ModelRunner:
         self.pieces = pieces  # every other step, when it fits a bucket
         self.last_kind = StepKind.EAGER_DECODE  # how the latest execute() ran
         self.upload = Uploader(self.device)
+
+    def capture_graphs(
+        self, num_blocks: int, max_batch: int, max_width: int, piecewise_tokens: int | None
+    ) -> list[CaptureReport]:
+        """Every CUDA graph the runner will replay, now, while no other thread of the process can
+        touch the device (engine/cuda_graphs.py says why): decode graphs up to `max_batch` rows of
+        `max_width` blocks (none when 0), and pieces up to `piecewise_tokens` (none when None)."""
+        reports = []
+        if max_batch > 0:
+            self.graphs = DecodeGraphs(self.model, self.kv_caches, self.block_size, num_blocks, max_batch, max_width)
+            reports.append(self.graphs.capture_all())
+        if piecewise_tokens is not None:
+            self.pieces = PiecewiseGraphs(self.model, self.kv_caches, piecewise_tokens)
+            reports.append(self.pieces.capture_all())
+        return reports
 
     def prepare(self, chunks: list[ScheduledChunk]) -> ForwardInputs:
         decodes = [c for c in chunks if c.num_new_tokens == 1]
