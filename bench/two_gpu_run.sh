@@ -38,9 +38,10 @@ TRACE=${TRACE:-../shared/traces/mooncake_synthetic_trace.jsonl}
 SLO_TTFT_MS=${SLO_TTFT_MS:-3000}
 SLO_TPOT_MS=${SLO_TPOT_MS:-50}
 # The first 100 records of the trace (28 s at 1x); prompt lengths x0.25 (p50 ~2.9k, max 14.1k tokens),
-# outputs as recorded; replayed at 2x and 4x.
-TRACE_ARGS=${TRACE_ARGS:-"--requests 100 --trace-input-scale 0.25 --trace-speedup 2,4"}
-MIXED_ARGS=${MIXED_ARGS:-"--rate 3 --requests 60 --input-len 512:8192 --output-len 32:512"}
+# outputs as recorded; replayed at 1x to 4x, each speed with prompts of its own (cold caches), so
+# that DistServe's goodput (the highest speed at which 90% meet both SLOs) is read off the sweep.
+TRACE_ARGS=${TRACE_ARGS:-"--requests 100 --trace-input-scale 0.25 --trace-speedup 1,1.5,2,3,4"}
+MIXED_ARGS=${MIXED_ARGS:-"--rate 3,5 --requests 60 --input-len 512:8192 --output-len 32:512"}
 KV_ARGS=${KV_ARGS:-"--pairs 1:0 --message-mib 32,512"}
 FAILURE_ARGS=${FAILURE_ARGS:-""}
 # Extra `pdmesh up` flags for every mesh, e.g. MESH_ARGS=--no-kvstore to compare the two plans alone.
@@ -85,10 +86,10 @@ mesh() {
   say "== $name up after ${waited}s"
   local common="--target 127.0.0.1:$port --slo-ttft-ms $SLO_TTFT_MS --slo-tpot-ms $SLO_TPOT_MS --timeout-s 120 --no-progress"
   # shellcheck disable=SC2086
-  phase "$name-trace" 100 "$FAILURE_RESERVE_S" $PY -m pdmesh bench serve $common --warmup 4 --trace "$TRACE" \
+  phase "$name-trace" 200 "$FAILURE_RESERVE_S" $PY -m pdmesh bench serve $common --warmup 4 --trace "$TRACE" \
     $TRACE_ARGS --out "$LOGS/$name-trace.json"
   # shellcheck disable=SC2086
-  phase "$name-mixed" 80 "$FAILURE_RESERVE_S" $PY -m pdmesh bench serve $common --warmup 0 $MIXED_ARGS \
+  phase "$name-mixed" 110 "$FAILURE_RESERVE_S" $PY -m pdmesh bench serve $common --warmup 0 $MIXED_ARGS \
     --out "$LOGS/$name-mixed.json"
   kill -INT $pid
   timeout 40 tail --pid=$pid -f /dev/null

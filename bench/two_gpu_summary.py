@@ -120,10 +120,33 @@ def mesh_summary(logs: Path, load_name: str, disagg_name: str = "disagg") -> dic
         n: doc.get("goodput_sweep", {}).get("max_load_meeting_target")
         for n, doc in (("disagg", disagg), ("coloc", coloc))
     }
+    distserve = distserve_ratio(sweep["disagg"], sweep["coloc"], [float(r["load"]["value"]) for r in disagg["runs"]])
     print(f"  highest load meeting {disagg.get('goodput_sweep', {}).get('attainment_target_pct')}% attainment "
-          f"(DistServe goodput): disagg {sweep['disagg']}, coloc {sweep['coloc']}")  # fmt: skip
+          f"(DistServe goodput): disagg {sweep['disagg']}, coloc {sweep['coloc']}; {distserve['text']}")  # fmt: skip
     return {"run": True, "command": {"disagg": disagg["command"], "coloc": coloc["command"]}, "slo": slo,
-            "points": points, "max_load_meeting_attainment": sweep}  # fmt: skip
+            "points": points, "max_load_meeting_attainment": sweep, "distserve_goodput": distserve}  # fmt: skip
+
+
+def distserve_ratio(disagg: float | None, coloc: float | None, loads: list[float]) -> dict[str, Any]:
+    """DistServe's goodput is the highest load at which the attainment target holds; the issue's
+    ratio is disaggregated's over colocated's. The sweep's grid bounds it: a mesh that met the
+    target at no load tried has a goodput below the lowest one tried."""
+    if disagg is None:
+        ok = None if coloc is None else False
+        return {"ratio": None, "verdict": verdict(ok), "text": f"disaggregated met the target at none of {loads}"}
+    if coloc is None:
+        bound = disagg / min(loads)  # colocated's goodput is below the lowest load tried
+        ok = bound >= GOODPUT_RATIO_TARGET
+        return {"ratio_above": bound, "verdict": verdict(ok),
+                "text": f"colocated met the target at none of {loads}: ratio > {bound:.2f} ({verdict(ok)} "
+                        f"against >= {GOODPUT_RATIO_TARGET})"}  # fmt: skip
+    r = disagg / coloc
+    ok = r >= GOODPUT_RATIO_TARGET
+    return {
+        "ratio": r,
+        "verdict": verdict(ok),
+        "text": f"ratio {r:.2f} ({verdict(ok)} against >= {GOODPUT_RATIO_TARGET}; loads tried {loads})",
+    }
 
 
 def failure_summary(doc: dict[str, Any] | None) -> dict[str, Any]:
