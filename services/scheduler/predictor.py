@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from engine.step_samples import StepSample, StepShape
-from services.scheduler.linear_fit import MIN_MS, LinearFit
+from services.linear_fit import MIN_MS, LinearFit
 
 MiB = 1 << 20
 

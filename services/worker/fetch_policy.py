@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from engine.step_samples import StepSample, StepShape
-from services.scheduler.linear_fit import LinearFit
+from services.linear_fit import LinearFit
 
 MiB = 1 << 20
 _EWMA = 0.3  # weight of a new store measurement: a few fetches move the estimate

@@ -1,5 +1,7 @@
 """Weighted non-negative least squares over exponentially forgotten normal equations: the fit
-behind every predictor (predictor.py), small and cheap enough to update on each load report."""
+behind the scheduler's predictors (scheduler/predictor.py) and the worker's fetch policy
+(worker/fetch_policy.py), so it lives where both services may import it; small and cheap enough to
+update on each load report."""
 
 from __future__ import annotations
 
