@@ -18,6 +18,7 @@ instead of becoming arbitrary. Coefficients are non-negative: no work makes a st
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -108,6 +109,12 @@ POOL_REFIT_MAX = 4096
 # model fitted to a handful of steps can extrapolate wildly (on two H200s a prefill model fitted to
 # the first few steps forecast 1,884,338 ms for a 4,513-token prompt and refused it as out of reach).
 CALIBRATED_AFTER_SAMPLES = 64
+# The idle worker's pace: the share of a worker's recent steps taken to have run with the device to
+# themselves (their measured / predicted time, at this quantile, scales its forecasts to an idle
+# worker's), over its last IDLE_WINDOW steps, once it has IDLE_AFTER_RATIOS of them.
+IDLE_QUANTILE = 0.1
+IDLE_WINDOW = 512
+IDLE_AFTER_RATIOS = 32
 
 
 @dataclass(frozen=True)
@@ -133,6 +140,8 @@ class WorkerPredictors:
         self._forget = settings.forget
         self._square_error = 0.0  # forgotten mean of squared relative errors of samples against the model
         self._error_weight = 0.0
+        self._ratios: deque[float] = deque(maxlen=IDLE_WINDOW)  # recent steps' measured / predicted
+        self._idle_factor: float | None = None
 
     def observe(self, steps: Sequence[StepSample], transfers: Sequence[tuple[int, float]]) -> None:
         """A report's samples: engine steps, and pushes as (bytes, exposed ms)."""
@@ -160,11 +169,28 @@ class WorkerPredictors:
         if self._steps.num_samples < ERROR_AFTER_SAMPLES:
             return  # against a model that has barely seen the worker, errors say nothing of the noise
         predicted = x @ np.asarray(self.step.coefficients)
+        ratios = y / np.maximum(predicted, MIN_MS)
+        self._ratios.extend(ratios.tolist())
+        self._idle_factor = None
         errors = ((y - predicted) / np.maximum(predicted, MIN_MS)) ** 2
         decay = self._forget ** np.arange(len(y) - 1, -1, -1, dtype=np.float64)
         total = self._forget ** len(y)
         self._square_error = total * self._square_error + float(decay @ errors)
         self._error_weight = total * self._error_weight + float(decay.sum())
+
+    @property
+    def idle_factor(self) -> float:
+        """What an idle worker's steps take against the model's forecast, at most 1: the model is fitted
+        to steps under whatever load the worker had (on a shared CPU, other processes take the cores
+        for part of each step), and the fastest of its recent steps (IDLE_QUANTILE of measured /
+        predicted) are the ones that had the device to themselves. "Even an idle worker could not"
+        (an OUT_OF_RANGE refusal) is judged on forecasts times this, never on the loaded fit alone."""
+        if self._idle_factor is None:
+            if len(self._ratios) < IDLE_AFTER_RATIOS:
+                self._idle_factor = 1.0
+            else:
+                self._idle_factor = min(1.0, float(np.quantile(np.fromiter(self._ratios, float), IDLE_QUANTILE)))
+        return self._idle_factor
 
     @property
     def step(self) -> StepModel:

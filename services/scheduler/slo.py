@@ -87,6 +87,12 @@ class Plan:
         return self.ttft_ms - max(self.prefill.wait_ms, self.decode.room_wait_ms)
 
     @property
+    def idle_unavoidable_ms(self) -> float:
+        """The same on an idle worker: what says a target can never be met (the model is fitted under
+        the worker's current load; predictor.WorkerPredictors.idle_factor)."""
+        return self.unavoidable_ms * self.prefill.worker.predictors.idle_factor
+
+    @property
     def cost_ms(self) -> float:
         return self.prefill.compute_ms + self.prefill.transfer_ms
 
@@ -258,8 +264,8 @@ class SloPolicy:
         any_decode = min(decode_wait.values(), default=math.inf)
         soonest = math.inf
         for plan in plans:
-            if request.ttft_ms > 0 and plan.unavoidable_ms > request.ttft_ms:
-                continue  # the prompt alone is too slow on this worker
+            if request.ttft_ms > 0 and plan.idle_unavoidable_ms > request.ttft_ms:
+                continue  # the prompt alone is too slow on this worker, even idle
             margin = plan.ttft_margin
             late = max(0.0, plan.ttft_bound_ms - request.ttft_ms) / margin.slope if request.ttft_ms > 0 else 0.0
             if request.ttft_ms > 0 and margin.ms(plan.unavoidable_ms) > request.ttft_ms:
@@ -283,13 +289,14 @@ class SloPolicy:
 def _out_of_reach(
     shape: RequestShape, request: Request, plans: list[Plan], sides: list[DecodeSide], margins: MarginSettings
 ) -> SloOutOfReach | None:
-    """The refusal of a target no idle worker could meet (mean forecasts, not bounds: a worker
-    slowed by load now is not "never"): the prompt's steps alone exceed the TTFT target on every
-    plan, or a lone decode step exceeds the TPOT target on every decode worker. No forecast is
+    """The refusal of a target no idle worker could meet (mean forecasts, not bounds, scaled to an
+    idle worker's pace: a worker slowed by load now is not "never"): the prompt's steps alone exceed
+    the TTFT target on every plan, or a lone decode step exceeds the TPOT target on every decode
+    worker. No forecast is
     bounded below the margins' floors, so a target under a floor is never met either. Only
     calibrated forecasts say "never": a guess of an uncalibrated pool refuses nothing."""
     if shape.ttft_ms > 0 and plans and all(p.prefill.worker.predictors.calibrated for p in plans):
-        fastest = min(p.unavoidable_ms for p in plans)
+        fastest = min(p.idle_unavoidable_ms for p in plans)
         if max(fastest, margins.ttft_floor_ms) > shape.ttft_ms:
             floor = f", and no first token is bounded below {margins.ttft_floor_ms:g} ms (the margins' floor)"
             return SloOutOfReach(
@@ -300,7 +307,10 @@ def _out_of_reach(
                 "will not help",
             )  # fmt: skip
     if shape.tpot_ms > 0 and sides and all(side.worker.predictors.calibrated for side in sides):
-        alone = min(side.worker.predictors.step.decode_step_ms(1, request.mean_context) for side in sides)
+        alone = min(
+            side.worker.predictors.step.decode_step_ms(1, request.mean_context) * side.worker.predictors.idle_factor
+            for side in sides
+        )
         alone = max(margins.tpot_floor_ms, alone)  # no step is bounded below the floor
         if alone > shape.tpot_ms:
             return SloOutOfReach(
