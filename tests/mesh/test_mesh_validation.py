@@ -66,7 +66,10 @@ def door(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DoorMesh]:
     )
     log_dir = tmp_path_factory.mktemp("door_logs")
     args = ("--threads", "1", "--kv-blocks", str(KV_BLOCKS), "--block-size", str(BLOCK_SIZE))
-    env = {"PDMESH_SCHEDULER_MAX_PROMPT_BYTES": str(MAX_PROMPT_BYTES), "PDMESH_SCHEDULER_REPORT_INTERVAL_MS": "100"}
+    # Rows without an SLO bring no TTFT target: under the `slo` policy a default one is a forecast
+    # that a machine loaded 10-16 deep (full-suite runs) may refuse, and these rows test the door.
+    env = {"PDMESH_SCHEDULER_MAX_PROMPT_BYTES": str(MAX_PROMPT_BYTES), "PDMESH_SCHEDULER_REPORT_INTERVAL_MS": "100",
+           "PDMESH_SLO_DEFAULT_TTFT_MS": "0"}  # fmt: skip
     spec = MeshSpec(
         port=free_port_base(), prefill=1, decode=1, model=str(model), extra_worker_args=args,
         env=tuple(env.items()), kvstore=False,
@@ -258,11 +261,12 @@ TABLE: dict[str, list[Case]] = {
     "SamplingParams.logprobs": [ok("set", sampling("logprobs", True))],
     "SamplingParams.include_stop_str_in_output": [ok("set", sampling("include_stop_str_in_output", True))],
     "Slo.ttft_ms": [
-        ok("60 s", slo("ttft_ms")(60000.0)), *floats("slo.ttft_ms", slo("ttft_ms"), -1.0),
+        # Valid targets are served however loaded the machine is: this row is not a test of admission.
+        ok("1 h", slo("ttft_ms")(3_600_000.0)), *floats("slo.ttft_ms", slo("ttft_ms"), -1.0),
         refused("out of reach", "slo.ttft_ms", slo("ttft_ms")(1.0), OUT_OF_RANGE, says="retrying will not help"),
     ],
     "Slo.tpot_ms": [
-        ok("1 s", slo("tpot_ms")(1000.0)), *floats("slo.tpot_ms", slo("tpot_ms"), -1.0),
+        ok("60 s", slo("tpot_ms")(60_000.0)), *floats("slo.tpot_ms", slo("tpot_ms"), -1.0),
         refused("out of reach", "slo.tpot_ms", slo("tpot_ms")(0.01), OUT_OF_RANGE, says="retrying will not help"),
     ],
     # Messages without fields: unknown fields (from a newer client) are ignored, as proto3 says.
