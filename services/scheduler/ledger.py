@@ -212,7 +212,9 @@ class Ledger:
         booking.decode_started = now
         if booking.prefill_worker is not None and booking.predicted_ttft_ms is not None:
             measured = (now - booking.placed_at) * 1000
-            self.margins.observe(Outcome.TTFT, booking.prefill_worker, booking.predicted_ttft_ms, measured)
+            self.margins.observe(
+                Outcome.TTFT, booking.prefill_worker, booking.predicted_ttft_ms, measured, booking.placed_at
+            )
         if booking.prefill_worker is not None:
             worker, booking.prefill_worker = booking.prefill_worker, None
             self.queue(worker).remove(booking, now, completed=True)
@@ -227,7 +229,7 @@ class Ledger:
         started, predicted = booking.decode_started, booking.predicted_tpot_ms
         if started is not None and predicted is not None and num_tokens >= 2:
             measured = (self.clock() - started) * 1000 / (num_tokens - 1)
-            self.margins.observe(Outcome.TPOT, booking.decode_worker, predicted, measured)
+            self.margins.observe(Outcome.TPOT, booking.decode_worker, predicted, measured, booking.placed_at)
         if booking.prefill_worker is not None:
             self.queue(booking.prefill_worker).remove(booking, self.clock(), completed=False)
             self._queue_changed(booking.prefill_worker)

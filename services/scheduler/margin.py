@@ -17,10 +17,19 @@ it has fewer than `min_samples` of its own):
 2. the split-conformal quantile of measured / corrected: the ceil((n + 1) q)-th smallest of n,
    which a new outcome exceeds with probability about 1 - q while errors stay exchangeable.
 The bound is quantile x corrected forecast. Requests admitted that missed raise it, hits lower
-it: the window is the feedback. Outcomes expire after `horizon_s`: an overload that has passed
-must not keep refusing the large requests whose outcomes alone could show it passed (only what
-is admitted is ever measured). Before any outcome, the step model's own RMS relative error stands
-in (1 + z x error, a normal quantile, on the forecast as it is).
+it: the window is the feedback. Outcomes expire `horizon_s` after their forecast was made (at
+placement; a first token that came 20 s late describes the mesh as it was when it was placed): an
+overload that has passed must not keep refusing the large requests whose outcomes alone could show
+it passed (only what is admitted is ever measured). Before any outcome, the step model's own RMS
+relative error stands in (1 + z x error, a normal quantile, on the forecast as it is).
+
+Cold start. Requests placed before the margins had `min_samples` outcomes were admitted on that
+stand-in: a burst at a fresh mesh is admitted nearly whole, overloads it, and its first tokens come
+seconds late. Their outcomes raise the bound at once (as they should: admission must slow down),
+but they describe forecasts made with no margin, whose errors are not those of forecasts made
+with one. So once a window holds `min_samples` outcomes of forecasts made under a learnt margin,
+the earlier ones no longer count in it: the bound recovers as soon as that evidence says the
+forecasts now hold, instead of after the whole horizon.
 """
 
 from __future__ import annotations
@@ -70,29 +79,50 @@ class Bound:
         return self.factor
 
 
+@dataclass(frozen=True, slots=True)
+class Scored:
+    """One outcome: when its forecast was made, the forecast, what was measured, and whether the
+    forecast was made under a learnt margin (not the cold start's stand-in)."""
+
+    made_at: float
+    forecast_ms: float
+    measured_ms: float
+    informed: bool = True
+
+
 class Outcomes:
-    """A window of (time, forecast, measured) outcomes and the bound they give, refitted only when
-    the window changed and the bound is next read (placement reads it many times per outcome)."""
+    """A window of outcomes and the bound they give, refitted only when the window changed and the
+    bound is next read (placement reads it many times per outcome)."""
 
     def __init__(self, window: int) -> None:
-        self.items: deque[tuple[float, float, float]] = deque(maxlen=window)
+        self.items: deque[Scored] = deque(maxlen=window)
         self._bound: Bound | None = None
+        self._oldest = math.inf  # the earliest made_at held: expiry scans only when it has come
 
-    def add(self, now: float, forecast_ms: float, measured_ms: float) -> None:
-        self.items.append((now, forecast_ms, measured_ms))
+    def add(self, outcome: Scored) -> None:
+        self.items.append(outcome)
+        self._oldest = min(self._oldest, outcome.made_at)
         self._bound = None
 
     def expire(self, before: float) -> None:
-        while self.items and self.items[0][0] < before:
-            self.items.popleft()
+        """Forget outcomes whose forecasts were made before `before` (they arrive out of that order)."""
+        if self._oldest >= before:
+            return
+        kept = [o for o in self.items if o.made_at >= before]
+        if len(kept) != len(self.items):
+            self.items = deque(kept, maxlen=self.items.maxlen)
             self._bound = None
+        self._oldest = min((o.made_at for o in kept), default=math.inf)
 
     def __len__(self) -> int:
         return len(self.items)
 
     def bound(self, s: MarginSettings, floor_ms: float) -> Bound:
         if self._bound is None:
-            _, x, y = np.array(self.items, dtype=np.float64).T
+            informed = [o for o in self.items if o.informed]
+            scored = informed if len(informed) >= s.min_samples else self.items
+            x = np.array([o.forecast_ms for o in scored], dtype=np.float64)
+            y = np.array([o.measured_ms for o in scored], dtype=np.float64)
             fixed = max(0.0, float(np.median(y - x)))
             ratios = np.sort(y / np.maximum(floor_ms, fixed + x))
             rank = min(len(ratios), math.ceil((len(ratios) + 1) * s.quantile))
@@ -109,14 +139,22 @@ class Margins:
     clock: Callable[[], float] = time.monotonic
     _own: dict[tuple[Outcome, str], Outcomes] = field(default_factory=dict)
     _pooled: dict[Outcome, Outcomes] = field(default_factory=dict)
+    _learnt_since: dict[Outcome, float] = field(default_factory=dict)  # bounds learnt from outcomes since
 
-    def observe(self, kind: Outcome, worker_id: str, forecast_ms: float, measured_ms: float) -> None:
-        """One admitted request's outcome on the worker its forecast was about."""
+    def observe(
+        self, kind: Outcome, worker_id: str, forecast_ms: float, measured_ms: float, made_at: float | None = None
+    ) -> None:
+        """One admitted request's outcome on the worker its forecast was about; `made_at`: when the
+        forecast was made (its placement), now when not given."""
         if not (math.isfinite(forecast_ms) and math.isfinite(measured_ms)) or measured_ms < 0 or forecast_ms < 0:
             return
         now, window = self.clock(), self.settings.window
-        self._own.setdefault((kind, worker_id), Outcomes(window)).add(now, forecast_ms, measured_ms)
-        self._pooled.setdefault(kind, Outcomes(4 * window)).add(now, forecast_ms, measured_ms)
+        made_at = now if made_at is None else min(made_at, now)
+        self._learning(kind)
+        since = self._learnt_since.get(kind)
+        outcome = Scored(made_at, forecast_ms, measured_ms, informed=since is not None and made_at > since)
+        self._own.setdefault((kind, worker_id), Outcomes(window)).add(outcome)
+        self._pooled.setdefault(kind, Outcomes(4 * window)).add(outcome)
 
     def bound(self, kind: Outcome, worker_id: str, model_error: float = 0.0) -> Bound:
         """The worker's bound: from its own outcomes, else the pooled ones, else the model's error."""
@@ -124,10 +162,20 @@ class Margins:
         floor = s.ttft_floor_ms if kind is Outcome.TTFT else s.tpot_floor_ms
         outcomes = self._recent(self._own.get((kind, worker_id)))
         if outcomes is None or len(outcomes) < s.min_samples:
-            outcomes = self._recent(self._pooled.get(kind))
+            outcomes = self._learning(kind)
         if outcomes is not None and len(outcomes) >= s.min_samples:
             return outcomes.bound(s, floor)
         return Bound(factor=min(s.max_factor, 1.0 + s.prior_z * model_error), floor_ms=floor)
+
+    def _learning(self, kind: Outcome) -> Outcomes | None:
+        """The pooled outcomes of `kind`, noting since when bounds have been learnt from them (at
+        least `min_samples`): forecasts made before that were made on the stand-in."""
+        pooled = self._recent(self._pooled.get(kind))
+        if pooled is not None and len(pooled) >= self.settings.min_samples:
+            self._learnt_since.setdefault(kind, self.clock())
+        else:
+            self._learnt_since.pop(kind, None)
+        return pooled
 
     def bound_ms(self, kind: Outcome, worker_id: str, forecast_ms: float, model_error: float = 0.0) -> float:
         return self.bound(kind, worker_id, model_error).ms(forecast_ms)
@@ -135,7 +183,7 @@ class Margins:
     def recent(self, kind: Outcome, worker_id: str) -> list[tuple[float, float]]:
         """The worker's own unexpired outcomes, (forecast, measured) oldest first."""
         outcomes = self._recent(self._own.get((kind, worker_id)))
-        return [] if outcomes is None else [(x, y) for _, x, y in outcomes.items]
+        return [] if outcomes is None else [(o.forecast_ms, o.measured_ms) for o in outcomes.items]
 
     def _recent(self, outcomes: Outcomes | None) -> Outcomes | None:
         if outcomes is not None:

@@ -68,6 +68,42 @@ def test_outcomes_older_than_the_horizon_are_forgotten() -> None:
     assert margins.recent(Outcome.TTFT, "p0") == []
 
 
+def test_an_outcome_expires_a_horizon_after_its_forecast_was_made_not_after_it_came() -> None:
+    clock = Clock()
+    margins = Margins(MarginSettings(horizon_s=30.0), clock)
+    clock.now = 25.0  # first tokens of requests placed at 0 that came 25 s late
+    for i in range(1, 9):
+        margins.observe(Outcome.TTFT, "p0", 100.0 * i, 25_000.0, made_at=0.0)
+    assert margins.bound_ms(Outcome.TTFT, "p0", 1000.0) > 20_000
+
+    clock.now = 30.5  # 30 s after they were placed: what they say of the mesh is that old
+    assert margins.recent(Outcome.TTFT, "p0") == []
+    assert margins.bound_ms(Outcome.TTFT, "p0", 1000.0) == pytest.approx(1000.0)
+
+
+def test_after_a_cold_start_the_bound_recovers_once_forecasts_made_under_a_margin_hold() -> None:
+    # A fresh mesh admits a burst on the stand-in (no outcomes yet); its first tokens come 2 s late.
+    clock = Clock()
+    margins = Margins(MarginSettings(min_samples=8), clock)
+    for i in range(10):
+        clock.now = 1.0 + i  # placed at 0 .. 0.9 s, each forecast 100 ms
+        margins.observe(Outcome.TTFT, "p0", 100.0, 2100.0, made_at=0.1 * i)
+    late = margins.bound_ms(Outcome.TTFT, "p0", 100.0)
+    assert late == pytest.approx(2100.0)  # learnt at once: admission slows down
+
+    # Requests placed from t = 11 s under that margin: the forecasts held, 20 ms of calls on top.
+    for i in range(7):
+        clock.now = 12.0 + i
+        margins.observe(Outcome.TTFT, "p0", 100.0, 120.0, made_at=11.0 + 0.1 * i)
+        assert margins.bound_ms(Outcome.TTFT, "p0", 100.0) > 2000  # seven: not yet evidence enough
+    clock.now = 19.0
+    margins.observe(Outcome.TTFT, "p0", 100.0, 120.0, made_at=11.7)
+    # Eight made under a margin: the burst's no longer count (they would for 30 s after placement).
+    assert margins.bound(Outcome.TTFT, "p0") == Bound(20.0, 1.0, 50.0)
+    assert margins.bound_ms(Outcome.TTFT, "p0", 100.0) == pytest.approx(120.0)
+    assert len(margins.recent(Outcome.TTFT, "p0")) == 18
+
+
 def test_few_own_outcomes_take_the_pooled_ones_and_none_the_models_error() -> None:
     margins = Margins(MarginSettings(min_samples=8), Clock())
     assert margins.bound_ms(Outcome.TTFT, "p0", 1000.0, model_error=0.2) == pytest.approx(1000 * (1 + 1.645 * 0.2))
