@@ -7,7 +7,10 @@
 # Writes $OUT/summary.txt (what each phase printed last) and $OUT/logs.tgz (every log and JSON).
 # Each phase has its own time limit and the whole run a deadline (BUDGET_S), so that a stuck phase
 # costs only itself. Phases: setup model tests engine profile mesh-disagg mesh-coloc mesh-coloc512
-# kvstore (issue 8: a GPU test of the store, then bench/kv_store.py, ~4 min; `PHASES="setup model kvstore"`).
+# mesh-disagg-nostore mesh-coloc-nostore (`--no-kvstore`) mesh-disagg-nooffers (the store looked up, offers
+# all but off) kvstore (issue 8: a GPU test of the store, then bench/kv_store.py, ~4 min;
+# `PHASES="setup model kvstore"`). The engine phase also prints bench/serving_bound.py's bound for c64;
+# each mesh's per-process logs (PDMESH_TELEMETRY_LOG_LEVEL=debug for per-request lines) land in the logs.
 set -u
 # The disaggregated meshes here hand every long prompt off (least_loaded's fixed rule), as when the
 # figures were recorded; the default slo policy would decide per request instead.
@@ -20,7 +23,7 @@ PHASES=${PHASES:-"setup model tests engine mesh-disagg mesh-coloc mesh-coloc512"
 BUDGET_S=${BUDGET_S:-570}
 MODEL=${MODEL:-/tmp/llama8b-random}
 KV_BLOCKS=${KV_BLOCKS:-8192}
-LOADS=${LOADS:-"seq4k c16 c64 c256 c16x4k"}  # the bench serve loads run on each mesh (see load_args)
+LOADS=${LOADS:-"seq4k c16 c64 c256 c16x4k"}  # the loads run on each mesh (see load_args; bd4k: bench/ttft_breakdown.py)
 T0=$(date +%s)
 PY=python3
 
@@ -66,6 +69,7 @@ load_args() {  # the bench serve arguments of a load name
     c64) echo "--concurrency 64 --requests 128 --input-len 1024 --output-len 256" ;;
     c256) echo "--concurrency 256 --requests 256 --input-len 1024 --output-len 128" ;;
     seq4k) echo "--concurrency 1 --requests 6 --input-len 4096 --output-len 16" ;;
+    bd4k) echo "--requests 8 --warmup 2 --input-len ${BD_LEN:-4096} --output-len 16" ;;  # bench/ttft_breakdown.py's
     c16x4k) echo "--concurrency 16 --requests 32 --input-len 4096 --output-len 32" ;;
   esac
 }
@@ -91,6 +95,12 @@ mesh() {
   local seed=0
   for load in $LOADS; do
     seed=$((seed + 1))  # each load its own prompts: a later load must not hit an earlier one's prefix cache
+    if [[ $load == bd* ]]; then  # sequential requests, each one's TTFT phases from its Usage
+      # shellcheck disable=SC2046
+      TAIL=3 phase "$name-$load" 100 $PY bench/ttft_breakdown.py --target "127.0.0.1:$port" $(load_args "$load") \
+        --seed "$((seed + 1000))" --vocab 128000 --out "$LOGS/$name-$load.json"
+      continue
+    fi
     # shellcheck disable=SC2046
     phase "$name-$load" 150 $PY -m pdmesh bench serve --target "127.0.0.1:$port" $(load_args "$load") \
       --seed "$seed" --warmup 2 --no-progress --out "$LOGS/$name-$load.json" && brief "$LOGS/$name-$load.json"
@@ -98,6 +108,9 @@ mesh() {
   kill -INT $pid
   timeout 60 tail --pid=$pid -f /dev/null
   kill -9 $pid 2>/dev/null
+  local procs
+  procs=$(grep -o "every process logs to [^ ]*" "$LOGS/$name.up.log" | head -n 1 | cut -d' ' -f5)
+  [[ -n $procs && -d $procs ]] && cp -r "$procs" "$LOGS/$name.procs"
   grep -a "step loop\|device is lost\|captured\|Traceback\|Error" "$LOGS/$name.up.log" | cut -c1-600 | tail -n 20 \
     | tee -a "$OUT/summary.txt"
 }
@@ -119,8 +132,9 @@ if wants model; then
   wait "$MODEL_PID"; say "== model: $(tail -n 2 "$LOGS/model.log" | tr '\n' ' ')"
 fi
 if wants engine; then
-  phase engine 150 $PY bench/engine.py --device cuda --batches 1,16,64 --prompt-len 1024 --steps 30 \
-    --mixed-chunks ${MIXED_CHUNKS:-256,512,1024,2048} --no-transformers --out "$LOGS/engine.json"
+  phase engine 150 $PY bench/engine.py --device cuda --batches ${ENGINE_BATCHES:-1,16,64} --prompt-len 1024 --steps 30 \
+    --mixed-chunks ${MIXED_CHUNKS:-256,512,1024,2048} --no-transformers --out "$LOGS/engine.json" &&
+    TAIL=8 phase bound 20 $PY bench/serving_bound.py "$LOGS/engine.json" --batch 64 --input-len 1024 --output-len 256
 fi
 if wants profile; then
   phase profile 100 $PY bench/step_profile.py --batch 64 --prompt-len 1024 --chunks 0,256,1024 --steps 4 \
@@ -135,6 +149,17 @@ fi
 if wants mesh-coloc512; then  # colocated with 512-token steps: smaller prefill chunks beside the decodes
   PDMESH_BATCHER_MAX_BATCHED_TOKENS=512 PDMESH_SCHEDULER_LOCAL_PREFILL_MAX_TOKENS=1000000 LOADS=${LOADS512:-c64} \
     mesh mesh-coloc512 52051 --prefill 0 --decode 1
+fi
+if wants mesh-disagg-nostore; then
+  LOADS=${LOADS_NOSTORE:-$LOADS} mesh mesh-disagg-nostore 54051 --prefill 1 --decode 1 --no-kvstore
+fi
+if wants mesh-coloc-nostore; then
+  PDMESH_SCHEDULER_LOCAL_PREFILL_MAX_TOKENS=1000000 LOADS=${LOADS_NOSTORE:-$LOADS} \
+    mesh mesh-coloc-nostore 55051 --prefill 0 --decode 1 --no-kvstore
+fi
+if wants mesh-disagg-nooffers; then  # lookups as usual; a backlog of one block leaves offers all but off
+  PDMESH_WORKER_KVSTORE_OFFER_BACKLOG_MIB=1 LOADS=${LOADS_NOSTORE:-$LOADS} \
+    mesh mesh-disagg-nooffers 56051 --prefill 1 --decode 1
 fi
 if wants kvstore; then  # 2 prefill + 1 decode 8B workers on the one GPU, and the KV store
   # First the store alone as GPU workers meet it (8 GiB pinned, 2 MiB blocks from and into GPU memory).
