@@ -10,6 +10,13 @@ here is on the way to any request's first token: a request is finished before it
 offered, an offer that fails is dropped (the blocks are only a cache), and when the store is
 slow or away new chains beyond the backlog's byte bound are dropped, and counted
 (StoreCounters.offer_dropped_blocks): offers never queue without bound on a worker.
+
+Offers also yield to hand-offs: a run starts only once no other ticket is in flight on the
+worker's transport (a prefill's push, a decode worker's incoming hand-off, a store fetch), or after
+waiting _YIELD_MAX_S, and runs are small. Offers share the transport's thread with the hand-offs,
+and on one H200 a hand-off that landed on a decode worker while it was offering its earlier 4k
+prompts (512 MiB each, over tcp in 64 MiB runs) had 236 ms of its push exposed, against 1-6 ms
+without offers (BENCHMARKS.md, "Where a 4k prompt's TTFT goes").
 """
 
 from __future__ import annotations
@@ -28,8 +35,12 @@ from services.worker.store_client import StoreClient, StoreUnavailable
 
 log = structlog.get_logger(__name__)
 _INTERVAL_S = 0.05  # how often the loop looks for finished requests
-_BYTES_PER_OFFER = 64 << 20  # one offer's run of blocks: bounds the pack done between two steps
+# One offer's run of blocks: bounds the pack done between two steps, and how long a hand-off that
+# arrives during a run shares the transport with it (16 MiB: ~25 ms at the store's ~0.6 GB/s).
+_BYTES_PER_OFFER = 16 << 20
 _PUSH_TIMEOUT_S = 30.0
+_YIELD_POLL_S = 0.005  # how often a waiting offer looks whether the hand-offs are done
+_YIELD_MAX_S = 2.0  # then it goes anyway: under constant load offers still trickle, the backlog bounds them
 
 
 class Offerer:
@@ -104,7 +115,16 @@ class Offerer:
         self.pushed_blocks += pushed
         return pushed
 
+    async def _yield_to_handoffs(self) -> None:
+        """Until no other ticket is in flight on the transport (at most _YIELD_MAX_S): a hand-off
+        or a fetch is on some request's way to its first token, an offer on nobody's."""
+        waited = 0.0
+        while self.transport.num_in_flight > 0 and waited < _YIELD_MAX_S:
+            await asyncio.sleep(_YIELD_POLL_S)
+            waited += _YIELD_POLL_S
+
     async def _offer_run(self, hashes: tuple[BlockHash, ...]) -> int:
+        await self._yield_to_handoffs()
         offered = await self.store.offer(hashes)
         if offered.ticket is None or not offered.wanted:
             return 0

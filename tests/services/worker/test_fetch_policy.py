@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 from pytest import approx
 
 from engine.kv_layout import KVLayout
 from engine.step_samples import StepSample, StepShape
+from services.worker import offers
 from services.worker.fetch_policy import FetchMode, FetchPlan, FetchPolicy, FetchReason, FetchSettings
 from services.worker.offers import Offerer
 from services.worker.store_client import StoreClient
@@ -136,5 +138,31 @@ def test_the_offer_backlog_is_bounded_in_bytes_and_counts_what_it_drops() -> Non
         offerer.enqueue([(7, 8)])
         assert offerer.backlog_blocks == 10 and store.counters.offer_dropped_blocks == 4
         await store.close()
+
+    asyncio.run(run())
+
+
+class Transport:
+    """What an Offerer reads of its worker's transport: the tickets in flight now."""
+
+    def __init__(self, num_in_flight: int) -> None:
+        self.num_in_flight = num_in_flight
+
+
+def test_an_offer_waits_for_the_handoffs_in_flight_then_goes_anyway(monkeypatch: pytest.MonkeyPatch) -> None:
+    async def run() -> None:
+        transport = Transport(num_in_flight=1)
+        layout = KVLayout("tiny-model", "float32", block_size=4, num_layers=2, num_kv_heads=1, head_dim=8)
+        offerer = Offerer(None, transport, StoreClient(layout, 0.3, 2.0), 1 << 20)  # type: ignore[arg-type]
+        waiting = asyncio.ensure_future(offerer._yield_to_handoffs())
+        await asyncio.sleep(0.05)
+        assert not waiting.done()  # a hand-off is in flight: no offer starts
+        transport.num_in_flight = 0
+        await asyncio.wait_for(waiting, 1.0)  # it is done: the offer goes
+
+        monkeypatch.setattr(offers, "_YIELD_MAX_S", 0.05)
+        transport.num_in_flight = 1  # hand-offs all the time: an offer still goes after the wait
+        await asyncio.wait_for(offerer._yield_to_handoffs(), 1.0)
+        await offerer.store.close()
 
     asyncio.run(run())
