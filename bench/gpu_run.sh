@@ -69,7 +69,7 @@ load_args() {  # the bench serve arguments of a load name
     c64) echo "--concurrency 64 --requests 128 --input-len 1024 --output-len 256" ;;
     c256) echo "--concurrency 256 --requests 256 --input-len 1024 --output-len 128" ;;
     seq4k) echo "--concurrency 1 --requests 6 --input-len 4096 --output-len 16" ;;
-    bd4k) echo "--requests 8 --warmup 2 --input-len ${BD_LEN:-4096} --output-len 16" ;;  # bench/ttft_breakdown.py's
+    bd4k) echo "--requests ${BD_N:-8} --warmup 2 --input-len ${BD_LEN:-4096} --output-len 16" ;;  # bench/ttft_breakdown.py's
     c16x4k) echo "--concurrency 16 --requests 32 --input-len 4096 --output-len 32" ;;
   esac
 }
