@@ -5,6 +5,13 @@ bf16, 16-token blocks scattered over a pool of --pool-blocks) of 256, 1k, 4k and
 pushed layer by layer from a sending worker to a receiving worker through kvtransfer. One timing
 runs from the first push_layer (so packing is included) until the sender hears that the last layer
 landed (unpacked into the receiver's blocks): GB/s = payload bytes / that time, on one clock.
+Each push opens --open-lead-ms before its first layer, as a prefill worker's opens when the request
+arrives (its prefill then takes at least that long before the first layer is final).
+
+Two paths on GPUs (--paths), each a pair of processes of its own, in the same run:
+  direct  the sender writes the blocks straight into the receiver's cache over CUDA IPC (the
+          push's Claim is granted during the lead; then one copy kernel per message and one Written)
+  ucx     direct writes off: packed into staging buffers, sent over UCX, unpacked (the old path)
 
   GPU (default): pairs of processes, each seeing one GPU (CUDA_VISIBLE_DEVICES), sender GPU first:
       1:0  GPU1 -> GPU0 (cuda_ipc over NVLink); the ceiling is a torch peer copy cuda:1 -> cuda:0
@@ -25,6 +32,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import itertools
 import json
 import math
 import multiprocessing
@@ -75,6 +83,7 @@ def _worker(
         caches = [torch.zeros(shape, dtype=torch.bfloat16, device=device) for _ in range(LAYOUT.num_layers)]
         order = torch.randperm(pool_blocks, generator=torch.Generator().manual_seed(0 if role == "recv" else 1))
         config = TransportConfig(
+            direct_writes=options["direct_writes"],
             device=device,
             ucx_tls=tls,
             message_bytes=message_bytes,
@@ -121,9 +130,10 @@ def _worker(
 
 def _push(
     transport: Any, caches: list[torch.Tensor], blocks: list[int], info: Any, device: str, lead_s: float
-) -> float:
-    """Seconds from the first push_layer (packing included) until the receiver has every layer.
-    The push opens lead_s before its first layer, as a prefill's opens when the request arrives."""
+) -> tuple[float, bool]:
+    """Seconds from the first push_layer (packing included) until the receiver has every layer, and
+    whether the blocks were written directly. The push opens lead_s before its first layer, as a
+    prefill's opens when the request arrives."""
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     push = transport.push(info)
@@ -134,7 +144,8 @@ def _push(
         push.push_layer(layer, kv, blocks, info.num_tokens)
     push.close()
     push.wait(REPLY_S)
-    return time.perf_counter() - started
+    seconds = time.perf_counter() - started
+    return seconds, push.direct is not None and push.direct.state.value == "armed"
 
 
 def _sums(caches: list[torch.Tensor], blocks: list[int], device: str) -> list[int]:
@@ -144,14 +155,24 @@ def _sums(caches: list[torch.Tensor], blocks: list[int], device: str) -> list[in
 
 class Worker:
     def __init__(
-        self, role: str, device: str, visible: str | None, args: argparse.Namespace, tls: str, message_mib: int
+        self,
+        role: str,
+        device: str,
+        visible: str | None,
+        args: argparse.Namespace,
+        tls: str,
+        message_mib: int,
+        direct_writes: bool,
     ) -> None:
         ctx = multiprocessing.get_context("spawn")
         self.conn, theirs = ctx.Pipe()
         saved = os.environ.get("CUDA_VISIBLE_DEVICES")
         if visible is not None:
             os.environ["CUDA_VISIBLE_DEVICES"] = visible  # read by the child at its CUDA init
-        options = {"progress": args.progress, "delayed_submission": args.delayed_submission, "timeline": args.timeline}
+        options = {
+            "progress": args.progress, "delayed_submission": args.delayed_submission, "timeline": args.timeline,
+            "direct_writes": direct_writes,
+        }  # fmt: skip
         worker_args = (theirs, role, device, args.pool_blocks, tls, message_mib << 20, options)
         self.process = ctx.Process(target=_worker, args=worker_args, daemon=True)
         self.process.start()
@@ -215,11 +236,11 @@ def run_pair(
         nbytes = payload_bytes(tokens)
         ceiling = ceiling_gbps(nbytes, *ceiling_devices, iters=args.iters)
         sender.call("fill", tokens=tokens)
-        times, timelines = [], []
+        times, timelines, direct = [], [], 0
         for i in range(args.warmup + args.iters):
             ticket = f"{name}-{tokens}-{i}"
             info = receiver.call("expect", ticket=ticket, tokens=tokens)
-            seconds = sender.call("push", tokens=tokens, info=info, lead_s=args.open_lead_ms / 1e3)
+            seconds, wrote_directly = sender.call("push", tokens=tokens, info=info, lead_s=args.open_lead_ms / 1e3)
             receiver.call("wait", ticket=ticket, tokens=tokens)
             if i == 0:
                 exact = sender.call("sums", tokens=tokens) == receiver.call("sums", tokens=tokens)
@@ -228,6 +249,7 @@ def run_pair(
                 steps += [("R", *s) for s in receiver.call("timeline", ticket=ticket, tokens=tokens)]
             if i >= args.warmup:
                 times.append(seconds)
+                direct += wrote_directly
                 if args.timeline:
                     timelines.append(steps)
         gbps = [nbytes / t / 1e9 for t in times]
@@ -235,10 +257,12 @@ def run_pair(
             "pair": name, "tokens": tokens, "mib": nbytes / 2**20, "exact": exact,
             "median_ms": statistics.median(times) * 1e3, "median_gbps": statistics.median(gbps),
             "best_gbps": max(gbps), "ceiling_gbps": ceiling, "of_ceiling": statistics.median(gbps) / ceiling,
+            "direct_share": direct / len(times),
         }  # fmt: skip
         print(
-            f"{name:>14} {tokens:>6} {row['mib']:>8.0f} {row['median_ms']:>9.2f} {row['median_gbps']:>8.1f}"
-            f" {row['best_gbps']:>8.1f} {ceiling:>9.1f} {row['of_ceiling']:>7.0%} {'yes' if exact else 'NO'}",
+            f"{name:>20} {tokens:>6} {row['mib']:>8.0f} {row['median_ms']:>9.2f} {row['median_gbps']:>8.1f}"
+            f" {row['best_gbps']:>8.1f} {ceiling:>9.1f} {row['of_ceiling']:>7.0%} {'yes' if exact else 'NO':>5}"
+            f" {row['direct_share']:>6.0%}",
             flush=True,
         )
         if timelines:
@@ -320,7 +344,10 @@ def main() -> None:
         help="ucxx posts sends and receives from its progress thread (on) or the loop (off); auto: off on GPUs",
     )
     parser.add_argument(
-        "--open-lead-ms", type=float, default=0.0, help="open each push this long before its first layer"
+        "--open-lead-ms", type=float, default=2.0, help="open each push this long before its first layer"
+    )
+    parser.add_argument(
+        "--paths", default="direct,ucx", help="GPU mode: direct (CUDA IPC writes) and/or ucx (direct writes off)"
     )
     parser.add_argument("--timeline", action="store_true", help="print each ticket step's median time (both sides)")
     parser.add_argument("--ucx-tls", default=None, help=f"default {GPU_TLS} (GPU) or {HOST_TLS} (--host)")
@@ -334,7 +361,8 @@ def main() -> None:
     tls = args.ucx_tls or (HOST_TLS if args.host else GPU_TLS)
 
     print(
-        f"{'pair':>14} {'tokens':>6} {'MiB':>8} {'ms':>9} {'GB/s':>8} {'best':>8} {'ceiling':>9} {'of ceil':>7} exact"
+        f"{'pair':>20} {'tokens':>6} {'MiB':>8} {'ms':>9} {'GB/s':>8} {'best':>8} {'ceiling':>9} {'of ceil':>7}"
+        " exact direct"
     )
     rows: list[dict] = []
     failures: list[str] = []
@@ -349,13 +377,17 @@ def main() -> None:
                 failures.append(f"pair {pair}: only {count} GPU(s) visible")
                 continue
             plan.append((f"gpu{src}->{dst}", "cuda:0", str(dst), "cuda:0", str(src), (f"cuda:{src}", f"cuda:{dst}")))
+    paths = ["ucx"] if args.host else args.paths.split(",")
     for message_mib in args.message_mib:
-        for name, recv_device, recv_visible, send_device, send_visible, ceiling_devices in plan:
-            label = f"{name}/{message_mib}M"
+        for (name, recv_device, recv_visible, send_device, send_visible, ceiling_devices), path in itertools.product(
+            plan, paths
+        ):
+            label = f"{name}/{path}/{message_mib}M"
+            direct_writes = path == "direct"
             workers: list[Worker] = []
             try:
-                workers.append(Worker("recv", recv_device, recv_visible, args, tls, message_mib))
-                workers.append(Worker("send", send_device, send_visible, args, tls, message_mib))
+                workers.append(Worker("recv", recv_device, recv_visible, args, tls, message_mib, direct_writes))
+                workers.append(Worker("send", send_device, send_visible, args, tls, message_mib, direct_writes))
                 rows += run_pair(label, workers[1], workers[0], args, ceiling_devices)
             except Exception:
                 failures.append(f"{label}:\n{traceback.format_exc()}")
@@ -375,7 +407,7 @@ def main() -> None:
         "bench": "kv_transfer", "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "host": platform.node(), "device": device_name(args.host),
         "cpus": os.cpu_count(), "torch": torch.__version__, "ucx_tls": tls, "progress": args.progress,
-        "delayed_submission": args.delayed_submission, "open_lead_ms": args.open_lead_ms,
+        "delayed_submission": args.delayed_submission, "open_lead_ms": args.open_lead_ms, "paths": paths,
         "pool_blocks": args.pool_blocks, "iters": args.iters, "command": " ".join(sys.argv), "rows": rows,
         "fixed_costs": fits, "failures": failures,
     }  # fmt: skip

@@ -54,3 +54,41 @@ def _copy_blocks_kernel(
         tl.store(staging_words, tl.load(cache_words, mask=mask), mask=mask)
     else:
         tl.store(cache_words, tl.load(staging_words, mask=mask), mask=mask)
+
+
+@triton.jit
+def _copy_between_kernel(
+    src_base_ptr,  # the first source layer: (2, src_num_blocks, BLOCK_WORDS) words
+    src_offsets_ptr,  # (num_layers,) int64: each source layer's start minus src_base_ptr's, in words
+    src_ids_ptr,  # (n,) int64
+    dst_base_ptr,  # the first destination layer (another process's memory, mapped here over CUDA IPC)
+    dst_offsets_ptr,
+    dst_ids_ptr,
+    src_num_blocks,
+    dst_num_blocks,
+    WORD: tl.constexpr,
+    SRC_ALIGN: tl.constexpr,
+    DST_ALIGN: tl.constexpr,
+    BLOCK_WORDS: tl.constexpr,
+    CHUNK: tl.constexpr,
+    CHUNKS_PER_BLOCK: tl.constexpr,
+):
+    """dst[l][kv, dst_ids[i]] = src[l][kv, src_ids[i]]: block to block, no staging in between."""
+    pid = tl.program_id(0)
+    index = pid // CHUNKS_PER_BLOCK
+    chunk = pid % CHUNKS_PER_BLOCK
+    layer_kv = tl.program_id(1).to(tl.int64)
+    src_offset = tl.multiple_of(tl.load(src_offsets_ptr + layer_kv // 2), SRC_ALIGN)
+    dst_offset = tl.multiple_of(tl.load(dst_offsets_ptr + layer_kv // 2), DST_ALIGN)
+    src_base_ptr = src_base_ptr.to(tl.pointer_type(WORD), bitcast=True)
+    dst_base_ptr = dst_base_ptr.to(tl.pointer_type(WORD), bitcast=True)
+    src_block = tl.load(src_ids_ptr + index)
+    dst_block = tl.load(dst_ids_ptr + index)
+    if (src_block < 0) | (src_block >= src_num_blocks) | (dst_block < 0) | (dst_block >= dst_num_blocks):
+        return
+    words = chunk * CHUNK + tl.arange(0, CHUNK)
+    mask = words < BLOCK_WORDS
+    kv = layer_kv % 2
+    src_words = src_base_ptr + src_offset + (kv * src_num_blocks + src_block) * BLOCK_WORDS + words
+    dst_words = dst_base_ptr + dst_offset + (kv * dst_num_blocks + dst_block) * BLOCK_WORDS + words
+    tl.store(dst_words, tl.load(src_words, mask=mask), mask=mask)

@@ -64,6 +64,37 @@ def unpack_blocks(
         unpack_blocks_ref(staging, kv_layers, block_ids)
 
 
+def copy_blocks(
+    src_layers: Sequence[torch.Tensor],
+    src_ids: torch.Tensor,
+    dst_layers: Sequence[torch.Tensor],
+    dst_ids: torch.Tensor,
+    *,
+    use_triton: bool | None = None,
+) -> None:
+    """dst_layers[l][kv, dst_ids[i]] = src_layers[l][kv, src_ids[i]], block to block with no staging
+    buffer between: a direct write into another worker's cache mapped over CUDA IPC (kvtransfer).
+
+    Both pools have the same block shape and dtype but may differ in size; the ids must be distinct
+    and inside their pools (validate_block_ids), as for unpack_blocks.
+    """
+    _check_pair(src_layers, src_ids, dst_layers, dst_ids)
+    if use_triton is None:
+        use_triton = src_ids.is_cuda and triton_available()
+    if use_triton:
+        _copy_between_triton(src_layers, src_ids, dst_layers, dst_ids)
+    else:
+        copy_blocks_ref(src_layers, src_ids, dst_layers, dst_ids)
+
+
+def copy_blocks_ref(
+    src_layers: Sequence[torch.Tensor], src_ids: torch.Tensor, dst_layers: Sequence[torch.Tensor], dst_ids: torch.Tensor
+) -> None:
+    """Torch reference of copy_blocks: a gather and a scatter per layer (through a temporary)."""
+    for src, dst in zip(src_layers, dst_layers, strict=True):
+        dst.index_copy_(1, dst_ids, src.index_select(1, src_ids))
+
+
 def pack_blocks_ref(kv_layers: Sequence[torch.Tensor], block_ids: torch.Tensor, out: torch.Tensor) -> None:
     """Torch reference of pack_blocks: one index_select per layer, straight into out."""
     for layer, kv in enumerate(kv_layers):
@@ -127,6 +158,37 @@ def _copy_triton(staging: torch.Tensor, kv_layers: Sequence[torch.Tensor], block
     )  # fmt: skip
 
 
+def _copy_between_triton(
+    src_layers: Sequence[torch.Tensor], src_ids: torch.Tensor, dst_layers: Sequence[torch.Tensor], dst_ids: torch.Tensor
+) -> None:
+    require_triton()
+    check_triton_device(src_ids, dst_ids, *src_layers, *dst_layers)
+    from kernels._kv_pack_kernel import WORD_TYPES, _copy_between_kernel
+
+    n = src_ids.numel()
+    if n == 0:
+        return
+    _, src_num_blocks, *block_shape = src_layers[0].shape
+    block_bytes = src_layers[0].element_size() * block_shape[0] * block_shape[1] * block_shape[2]
+    src_pointers = tuple(kv.data_ptr() for kv in src_layers)
+    dst_pointers = tuple(kv.data_ptr() for kv in dst_layers)
+    word_bytes = next(
+        size
+        for size in (8, 4, 2, 1)
+        if block_bytes % size == 0 and all(p % size == 0 for p in src_pointers + dst_pointers)
+    )
+    src_offsets, src_align = _layer_offsets(src_pointers, word_bytes, src_layers[0].device)
+    dst_offsets, dst_align = _layer_offsets(dst_pointers, word_bytes, dst_layers[0].device)
+    block_words = block_bytes // word_bytes
+    chunk = min(next_power_of_2(block_words), _CHUNK_BYTES // word_bytes)
+    chunks_per_block = -(-block_words // chunk)
+    _copy_between_kernel[(n * chunks_per_block, 2 * len(src_layers))](
+        src_layers[0], src_offsets, src_ids, dst_layers[0], dst_offsets, dst_ids, src_num_blocks,
+        dst_layers[0].shape[1], WORD=WORD_TYPES[word_bytes], SRC_ALIGN=src_align, DST_ALIGN=dst_align,
+        BLOCK_WORDS=block_words, CHUNK=chunk, CHUNKS_PER_BLOCK=chunks_per_block, num_warps=4,
+    )  # fmt: skip
+
+
 def _layer_offsets(pointers: tuple[int, ...], word_bytes: int, device: torch.device) -> tuple[torch.Tensor, int]:
     """The kernel's layer table for caches at these addresses, on their device: each layer's start
     minus the first's, in words, and the largest power of two (up to 16 bytes' worth) dividing them all.
@@ -158,6 +220,19 @@ def _layer_offsets(pointers: tuple[int, ...], word_bytes: int, device: torch.dev
 
 
 def _check(kv_layers: Sequence[torch.Tensor], block_ids: torch.Tensor, staging: torch.Tensor, name: str) -> None:
+    _check_layers(kv_layers, block_ids)
+    first = kv_layers[0]
+    want = (len(kv_layers), 2, block_ids.numel(), *first.shape[2:])
+    if tuple(staging.shape) != want or staging.dtype != first.dtype or staging.device != first.device:
+        raise ValueError(
+            f"{name} must be {first.dtype} {want} on {first.device}, got {staging.dtype} "
+            f"{tuple(staging.shape)} on {staging.device}"
+        )
+    if not staging.is_contiguous():
+        raise ValueError(f"{name} must be contiguous")
+
+
+def _check_layers(kv_layers: Sequence[torch.Tensor], block_ids: torch.Tensor) -> None:
     if len(kv_layers) == 0:
         raise ValueError("kv_layers is empty: pass the layer group's KV tensors")
     first = kv_layers[0]
@@ -180,11 +255,20 @@ def _check(kv_layers: Sequence[torch.Tensor], block_ids: torch.Tensor, staging: 
         )
     if block_ids.numel() > 1 and block_ids.stride(0) != 1:
         raise ValueError("block_ids must be contiguous")
-    want = (len(kv_layers), 2, block_ids.numel(), *first.shape[2:])
-    if tuple(staging.shape) != want or staging.dtype != first.dtype or staging.device != first.device:
+
+
+def _check_pair(
+    src_layers: Sequence[torch.Tensor], src_ids: torch.Tensor, dst_layers: Sequence[torch.Tensor], dst_ids: torch.Tensor
+) -> None:
+    if len(src_layers) != len(dst_layers):
+        raise ValueError(f"{len(src_layers)} source layers but {len(dst_layers)} destination layers")
+    if src_ids.shape != dst_ids.shape:
+        raise ValueError(f"{src_ids.numel()} source block ids but {dst_ids.numel()} destination block ids")
+    _check_layers(src_layers, src_ids)
+    _check_layers(dst_layers, dst_ids)
+    src, dst = src_layers[0], dst_layers[0]
+    if src.shape[2:] != dst.shape[2:] or src.dtype != dst.dtype or src.device != dst.device:
         raise ValueError(
-            f"{name} must be {first.dtype} {want} on {first.device}, got {staging.dtype} "
-            f"{tuple(staging.shape)} on {staging.device}"
+            f"source blocks are {src.dtype} {tuple(src.shape[2:])} on {src.device}, destination blocks "
+            f"{dst.dtype} {tuple(dst.shape[2:])} on {dst.device}: they must match"
         )
-    if not staging.is_contiguous():
-        raise ValueError(f"{name} must be contiguous")

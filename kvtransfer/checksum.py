@@ -37,3 +37,9 @@ def first_mismatch(data: torch.Tensor, chunk_bytes: int, expected: Sequence[tupl
         if want != have:
             return chunk
     return None
+
+
+def digest_rows(rows: torch.Tensor, chunks: Sequence[int]) -> tuple[tuple[int, int], ...]:
+    """(chunk, xxh3-64) for chunks already gathered as rows of a (k, chunk_bytes) uint8 host tensor."""
+    host = rows.numpy()
+    return tuple((c, xxhash.xxh3_64_intdigest(row.tobytes())) for c, row in zip(chunks, host, strict=True))

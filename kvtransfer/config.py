@@ -49,6 +49,10 @@ class TransportConfig:
     # Accept connections that arrive on loopback only; None: exactly when `host` is a loopback
     # address, since then no peer elsewhere could have been told to dial this worker.
     loopback_only: bool | None = None
+    # Between GPU workers of one host, the sender writes a ticket's blocks straight into the
+    # receiver's cache over CUDA IPC (kvtransfer/ipc.py) instead of sending UCX payloads. Either
+    # side turning it off keeps every transfer on UCX.
+    direct_writes: bool = True
     record_timeline: bool = False  # stamp each step of every ticket (kvtransfer.timeline): for benchmarks
 
     def __post_init__(self) -> None:
@@ -68,6 +72,11 @@ class TransportConfig:
         if self.delayed_submission is not None:
             return self.delayed_submission
         return not self.device.startswith("cuda")
+
+    @property
+    def direct_writes_on(self) -> bool:
+        """Direct writes are possible at all: switched on, and KV (so staging) on a GPU."""
+        return self.direct_writes and self.device.startswith("cuda")
 
     @property
     def accepts_loopback_only(self) -> bool:

@@ -19,6 +19,7 @@ import torch
 from ucxx.exceptions import UCXMessageTruncatedError
 
 from engine.kv_layout import KVLayout
+from kvtransfer.ipc import PeerCaches
 from kvtransfer.wire import FRAME_BYTES, Message, decode, encode
 
 log = structlog.get_logger(__name__)
@@ -87,6 +88,10 @@ class Connection:
         self.instance = instance
         self.layout = layout
         self.lost: str | None = None  # why the connection ended, once it has
+        # Direct writes (ipc.py): on the dialing side, the peer's caches mapped into this process;
+        # on the accepting side, whether the handshake offered them (exported our caches).
+        self.peer_caches: PeerCaches | None = None
+        self.export_offered = False
         self._on_message = on_message
         self._on_lost = on_lost
         self._next_tag = _FIRST_PAYLOAD_TAG

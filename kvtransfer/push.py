@@ -1,6 +1,8 @@
 """KVPush: one ticket's sending side, as the prefill engine holds it (engine.handoff.KVExportSink).
 
-Layers are grouped into messages of about config.message_bytes. On the engine's step thread, the
+Layers are grouped into messages of about config.message_bytes. A push to a same-host GPU peer
+whose cache this process has mapped writes each group straight into the receiver's blocks instead
+(direct.py), once the receiver has granted it; otherwise, on the engine's step thread, the
 push_layer that completes a message packs the message's layers into a pooled staging buffer in one
 call (on CUDA one kernel launch, queued on the current stream, so the engine's later writes are
 ordered after it) and hands the message to the transport's loop (KVSender, sender.py); then
@@ -23,6 +25,7 @@ import torch
 
 from engine.kv_layout import KVLayout
 from kernels.kv_pack import pack_blocks
+from kvtransfer.direct import DirectWrite, Finished, Group
 from kvtransfer.staging import Staging
 from kvtransfer.telemetry import TransferStats
 from kvtransfer.ticket import Ticket
@@ -47,16 +50,18 @@ class KVPush:
     """One ticket's sending side. push_layer/close/cancel come from the engine thread; `future`
     resolves with TransferStats once the receiver has every layer, or raises TransferFailed."""
 
-    def __init__(self, sender: KVSender, ticket: Ticket, layout: KVLayout) -> None:
+    def __init__(self, sender: KVSender, ticket: Ticket, layout: KVLayout, direct: DirectWrite | None = None) -> None:
         self.ticket = ticket
         self.layout = layout  # of the blocks pushed: the receiver's handshake must agree on it
+        self.direct = direct  # set when the receiver's cache is mapped here: its layers may be written directly
         self.future: concurrent.futures.Future[TransferStats] = concurrent.futures.Future()
+        self.started_at = 0.0  # time.monotonic() of the first push_layer
         self._sender = sender
         self._dtype: torch.dtype = getattr(torch, layout.dtype)
         self._next_layer = 0
         self._stopped = False  # cancelled or closed early: later calls do nothing
-        self._group: Outbound | None = None  # the message being filled
-        self._group_view = torch.empty(0)  # its staging as (n, 2, num_blocks, block_size, kv_heads, head_dim)
+        self._group_first = 0  # the message being filled: its first layer and its size in layers
+        self._group_size = 0
         self._layers: list[torch.Tensor] = []  # its layers pushed so far, packed when the last arrives
         self._ids: torch.Tensor | None = None  # (num_blocks,) int64 on the cache's device
         self._ids_list: list[int] = []
@@ -69,20 +74,28 @@ class KVPush:
         if len(block_ids) != self.ticket.num_blocks:
             return self._stop(f"the request has {len(block_ids)} blocks, the ticket {self.ticket.num_blocks}")
         if layer == 0:
+            self.started_at = time.monotonic()
             self._sender.timeline.mark(self.ticket.ticket_id, Step.FIRST_LAYER)
-        group = self._group or self._start_group(layer, len(block_ids), kv_layer.device)
+        if not self._layers:
+            self._group_first, self._group_size = layer, self._layers_per_message(len(block_ids), layer)
         self._layers.append(kv_layer)
         self._next_layer += 1
-        if self._next_layer < group.first_layer + group.num_layers:
+        if self._next_layer < self._group_first + self._group_size:
             return
-        # (n, 2, num_blocks, block_size, kv_heads, head_dim): the message's layers in one pack, one launch
-        pack_blocks(self._layers, self._block_ids(block_ids, kv_layer.device), self._group_view)
-        if kv_layer.is_cuda:
-            group.packed = torch.cuda.Event()
-            group.packed.record()
-        self._sender.timeline.mark(self.ticket.ticket_id, Step.PACKED, group.first_layer)
-        self._group, self._layers = None, []
-        self._sender.submit(self, group)
+        layers, self._layers = self._layers, []
+        ids = self._block_ids(block_ids, kv_layer.device)
+        if self.direct is None:
+            return self._pack(self._group_first, layers, ids)
+        ready = torch.cuda.Event()
+        ready.record()  # on the engine's stream: the group's blocks are final from here
+        last = self._next_layer == self.layout.num_layers
+        outcome = self.direct.offer(Group(self._group_first, layers, ready), ids, last, self.ticket.ticket_id)
+        if isinstance(outcome, Finished):
+            self._sender.timeline.mark(self.ticket.ticket_id, Step.PACKED, self._group_first)
+            self._sender.submit_written(self, outcome)
+            return
+        for group in outcome:  # the grant has not come (or said no): these go over UCX after all
+            self._pack(group.first_layer, group.layers, ids)
 
     def close(self) -> None:
         if not self._stopped and self._next_layer != self.layout.num_layers:
@@ -100,20 +113,25 @@ class KVPush:
 
     def _stop(self, reason: str) -> None:
         self._stopped = True
-        if self._group is not None:
-            self._sender.pool.release(self._group.staging)
-            self._group, self._layers = None, []
+        self._layers = []
         self._sender.stop(self, reason)
 
-    def _start_group(self, first: int, num_blocks: int, device: torch.device) -> Outbound:
-        layout = self.layout
-        layer_bytes = num_blocks * layout.block_elems_per_layer * self._dtype.itemsize
-        n = min(max(1, self._sender.config.message_bytes // layer_bytes), layout.num_layers - first)
-        staging = self._sender.pool.acquire(n * layer_bytes)
-        shape = (n, 2, num_blocks, layout.block_size, layout.num_kv_heads, layout.head_dim)
-        self._group = Outbound(first, n, staging, None, time.monotonic())
-        self._group_view = staging.view(self._dtype, shape)
-        return self._group
+    def _layers_per_message(self, num_blocks: int, first: int) -> int:
+        layer_bytes = num_blocks * self.layout.block_elems_per_layer * self._dtype.itemsize
+        return min(max(1, self._sender.config.message_bytes // layer_bytes), self.layout.num_layers - first)
+
+    def _pack(self, first: int, layers: list[torch.Tensor], ids: torch.Tensor) -> None:
+        """Pack a message's layers into a staging buffer (one launch, on the engine's stream) and hand it on."""
+        layout, n = self.layout, len(layers)
+        staging = self._sender.pool.acquire(n * ids.numel() * layout.block_elems_per_layer * self._dtype.itemsize)
+        shape = (n, 2, ids.numel(), layout.block_size, layout.num_kv_heads, layout.head_dim)
+        pack_blocks(layers, ids, staging.view(self._dtype, shape))
+        message = Outbound(first, n, staging, None, self.started_at)
+        if layers[0].is_cuda:
+            message.packed = torch.cuda.Event()
+            message.packed.record()
+        self._sender.timeline.mark(self.ticket.ticket_id, Step.PACKED, first)
+        self._sender.submit(self, message)
 
     def _block_ids(self, block_ids: Sequence[int], device: torch.device) -> torch.Tensor:
         if self._ids is None or self._ids_list != list(block_ids):

@@ -29,23 +29,25 @@ import concurrent.futures
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import structlog
 import torch
 
 from kernels.kv_pack import validate_block_ids
 from kvtransfer.caches import KVCaches
+from kvtransfer.checksum import digest_rows
 from kvtransfer.config import TransportConfig
 from kvtransfer.connection import Connection, Tasks, notify, quietly
+from kvtransfer.direct import gather_chunks
 from kvtransfer.errors import TransferFailed
+from kvtransfer.incoming import Incoming, check_data, check_written
 from kvtransfer.staging import StagingPool
 from kvtransfer.telemetry import Direction, TransferObserver, TransferStats
 from kvtransfer.ticket import Ticket, TicketId
 from kvtransfer.ticket_import import CALL_TIMEOUT_S, LeaseState, TicketImport, on_loop
 from kvtransfer.timeline import Step, Timeline
 from kvtransfer.unpack import Unpacker
-from kvtransfer.wire import Cancel, Data, Done, Failed, Hold, Message
+from kvtransfer.wire import Cancel, Claim, Data, Done, Failed, Granted, Hold, Message, Stopped, Written
 
 # KVCaches, LeaseState and TicketImport lived here before their own modules: still importable from here
 __all__ = ["KVCaches", "KVReceiver", "LeaseState", "TicketImport", "check_data"]
@@ -55,44 +57,6 @@ log = structlog.get_logger(__name__)
 _REMEMBERED_ENDINGS = 1024  # why recent tickets ended, to answer late messages precisely
 _COMPLETED = "the ticket already completed"
 _SENDER_CANCELLED = "the sender ended it: cancelled: "  # its push was cancelled on purpose (KVPush.cancel)
-
-
-@dataclass(slots=True, eq=False)
-class _Incoming:
-    """The loop's record of one expected ticket."""
-
-    ticket: TicketImport
-    caches: KVCaches  # where the blocks are
-    block_ids: torch.Tensor  # (num_blocks,) int64 on the host, validated once
-    device_ids: torch.Tensor  # the same on the caches' device, copied at registration
-    layer_bytes: int  # one layer of the ticket, packed
-    lease_s: float  # the sender's longest allowed silence
-    claimed: list[bool]  # per layer: a Data header for it was accepted
-    conn: Connection | None = None  # bound by the first Hold or accepted Data header
-    started: float | None = None
-    bytes_landed: int = 0
-    receiving: int = 0  # payload receives posted and not completed
-    scattering: int = 0  # unpacks in progress (on the loop or the scatter thread)
-    failure: TransferFailed | None = None
-
-
-def check_data(data: Data, num_blocks: int, layer_bytes: int, claimed: Sequence[bool]) -> str | None:
-    """Why a Data header cannot be accepted for a ticket, or None when it can."""
-    num_layers = len(claimed)
-    if data.num_blocks != num_blocks:
-        return f"the sender has {data.num_blocks} blocks, the reservation {num_blocks}"
-    last = data.first_layer + data.num_layers
-    if data.num_layers < 1 or data.first_layer < 0 or last > num_layers:
-        return f"layers [{data.first_layer}, {last}) are outside [0, {num_layers})"
-    if any(claimed[data.first_layer : last]):
-        return f"layers [{data.first_layer}, {last}) overlap layers already sent"
-    if data.nbytes != data.num_layers * layer_bytes:
-        want = data.num_layers * layer_bytes
-        return f"the payload is {data.nbytes} bytes; {data.num_layers} layers of this ticket are {want}"
-    chunks = data.num_layers * 2 * num_blocks
-    if any(not 0 <= c < chunks for c, _ in data.checksums):
-        return "a checksum names a block outside the payload"
-    return None
 
 
 class KVReceiver:
@@ -116,11 +80,13 @@ class KVReceiver:
         self._tasks = tasks
         self._address = address
         self.timeline = timeline
-        self._incoming: dict[str, _Incoming] = {}  # loop thread only
+        self._incoming: dict[str, Incoming] = {}  # loop thread only
         self._leases: dict[TicketImport, asyncio.TimerHandle] = {}  # loop thread only
         self._endings: OrderedDict[str, str] = OrderedDict()
         self._slots = asyncio.Semaphore(config.max_inflight_recv)
         self._unpacker = Unpacker(loop)
+        self._grace_s = config.sender_grace_s
+        self._quarantined: dict[str, Incoming] = {}  # failed tickets a direct writer has not yet let go
 
     # ---- any thread but the loop's
     def __len__(self) -> int:
@@ -174,10 +140,23 @@ class KVReceiver:
             entry = self._incoming.get(message.ticket)
             if entry is not None and entry.conn in (None, conn):
                 self._fail(entry, f"the sender ended it: {message.reason}", tell_peer=False)
+        elif isinstance(message, Claim):
+            self._claim(conn, message.ticket)
+        elif isinstance(message, Written):
+            self.timeline.mark(message.ticket, Step.WRITTEN_HEARD)
+            self._tasks.spawn(self._written(conn, message))
+        elif isinstance(message, Stopped):
+            entry = self._quarantined.get(message.ticket)
+            if entry is not None and entry.conn is conn:
+                self._release(entry)
 
     def on_lost(self, conn: Connection, reason: str) -> None:
         for entry in [e for e in self._incoming.values() if e.conn is conn]:
             self._fail(entry, f"connection lost: {reason}", tell_peer=False)
+        for entry in [e for e in self._quarantined.values() if e.conn is conn]:
+            # The writer stops launching copies when it sees the loss; what it queued before ends
+            # within milliseconds. Its Stopped can no longer come: free the blocks a grace later.
+            self.loop.call_later(self._grace_s, self._release, entry)
 
     def shutdown(self) -> None:
         for lease in self._leases.values():
@@ -186,6 +165,8 @@ class KVReceiver:
         for entry in list(self._incoming.values()):
             self._fail(entry, "the transport closed", tell_peer=False)
         self._unpacker.shutdown()
+        for entry in list(self._quarantined.values()):
+            self._release(entry)
         for entry in list(self._incoming.values()):
             self._publish(entry)
 
@@ -232,7 +213,7 @@ class KVReceiver:
         layout = caches.layout
         layer_bytes = ids.numel() * layout.block_elems_per_layer * caches.tensors[0].dtype.itemsize
         device_ids = self._unpacker.upload(ids, caches.tensors[0].device)
-        entry = _Incoming(ticket, caches, ids, device_ids, layer_bytes, timeout_s, [False] * layout.num_layers)
+        entry = Incoming(ticket, caches, ids, device_ids, layer_bytes, timeout_s, [False] * layout.num_layers)
         self._incoming[ticket_id] = entry
         self._start_lease(ticket, timeout_s)
         self.timeline.mark(ticket_id, Step.EXPECTED)
@@ -287,6 +268,8 @@ class KVReceiver:
         self._fail(entry, reason, tell_peer=True)
         while entry.scattering:
             await asyncio.sleep(0.001)
+        if entry.writer_quiet is not None:
+            await entry.writer_quiet.wait()  # the direct writer's Stopped (or its loss) frees the blocks
 
     async def _receive(self, conn: Connection, data: Data) -> None:
         entry = self._incoming.get(data.ticket)
@@ -306,7 +289,7 @@ class KVReceiver:
         async with self._slots:
             await self._land(entry, conn, data)
 
-    async def _land(self, entry: _Incoming, conn: Connection, data: Data) -> None:
+    async def _land(self, entry: Incoming, conn: Connection, data: Data) -> None:
         staging = self.pool.acquire(data.nbytes)
         try:
             entry.receiving += 1
@@ -336,11 +319,11 @@ class KVReceiver:
             if entry.scattering == 0:
                 self._publish(entry)
             return
-        self._landed(entry, data)
+        self._landed(entry, data.first_layer, data.num_layers, data.nbytes)
 
-    def _landed(self, entry: _Incoming, data: Data) -> None:
-        entry.bytes_landed += data.nbytes
-        for layer in range(data.first_layer, data.first_layer + data.num_layers):
+    def _landed(self, entry: Incoming, first_layer: int, num_layers: int, nbytes: int) -> None:
+        entry.bytes_landed += nbytes
+        for layer in range(first_layer, first_layer + num_layers):
             entry.ticket._ready[layer] = True
         if not all(entry.ticket._ready):
             return
@@ -355,11 +338,95 @@ class KVReceiver:
         notify(self._observer.on_complete, stats)
         self._tasks.spawn(quietly(self._send_done(entry.conn, Done(ticket_id, entry.bytes_landed))))
 
+    # ---- direct writes (a same-host GPU sender writes the ticket's blocks itself: ipc.py, direct.py)
+    def _claim(self, conn: Connection, ticket_id: str) -> None:
+        """A Hold that asks to write the blocks directly: grant it if this connection mapped the
+        caches the ticket lands in; from then on only that writer's Stopped (or its loss) lets a
+        failed ticket's blocks go."""
+        self.timeline.mark(ticket_id, Step.CLAIM_HEARD)
+        entry = self._incoming.get(ticket_id)
+        if entry is None or (entry.conn is not None and entry.conn is not conn):
+            ending = "the ticket is bound to another peer" if entry else self._endings.get(ticket_id, "unknown ticket")
+            self._tasks.spawn(quietly(conn.send(Failed(ticket_id, ending))))
+            return
+        self._hold(conn, ticket_id)
+        direct = conn.export_offered and entry.caches is self.caches
+        if direct:
+            entry.writer_quiet = asyncio.Event()
+        self._tasks.spawn(self._grant(conn, entry, direct))
+
+    async def _grant(self, conn: Connection, entry: Incoming, direct: bool) -> None:
+        ticket_id = entry.ticket.ticket_id
+        tag = conn.next_tag() if direct else 0
+        try:
+            await conn.send(Granted(ticket_id, direct, tag))
+            if direct:
+                await conn.send_payload(entry.block_ids, tag)
+            self.timeline.mark(ticket_id, Step.GRANT_SENT)
+        except Exception as e:  # the connection's loss handler fails the ticket
+            log.debug("kv grant send failed", ticket=ticket_id, error=str(e))
+
+    async def _written(self, conn: Connection, written: Written) -> None:
+        entry = self._incoming.get(written.ticket)
+        problem = check_written(written, entry, conn) if entry is not None else None
+        if entry is None or problem is not None:
+            reason = problem or self._endings.get(written.ticket, "unknown ticket")
+            if entry is not None:
+                self._fail(entry, reason, tell_peer=True)
+            else:
+                await quietly(conn.send(Failed(written.ticket, reason)))
+            return
+        entry.started = time.monotonic() if entry.started is None else entry.started
+        if written.checksums:
+            entry.scattering += 1  # a read of the blocks: a failure meanwhile waits for it
+            try:
+                bad = await self._unpacker.run(entry.caches.tensors[0].device, self._first_bad_chunk, entry, written)
+            finally:
+                entry.scattering -= 1
+            if bad is not None:
+                layer = bad // (2 * entry.block_ids.numel())
+                self._fail(entry, f"checksum mismatch in layer {layer} (chunk {bad} of the ticket)", tell_peer=True)
+        if entry.failure is not None:
+            if entry.scattering == 0:
+                self._publish(entry)
+            return
+        self._landed(entry, 0, len(entry.claimed), written.bytes)
+
+    def _first_bad_chunk(self, entry: Incoming, written: Written) -> int | None:
+        """On the scatter thread: the first sampled chunk of the blocks whose digest differs from the writer's."""
+        chunks = [c for c, _ in written.checksums]
+        rows = gather_chunks(list(entry.caches.tensors), entry.device_ids, chunks)
+        got = digest_rows(rows.cpu(), chunks)
+        return next((c for (c, want), (_, have) in zip(written.checksums, got, strict=True) if want != have), None)
+
+    def _quarantine(self, entry: Incoming) -> None:
+        """Keep a failed ticket's blocks until its direct writer lets them go (Stopped). A writer
+        that says nothing within the grace is cut off: its connection's loss starts the release."""
+        self._quarantined[entry.ticket.ticket_id] = entry
+        conn = entry.conn
+        if conn is None or conn.lost is not None:
+            self.loop.call_later(self._grace_s, self._release, entry)
+            return
+
+        def overdue() -> None:
+            if entry.quarantined and conn.lost is None:
+                conn.abort("a direct writer did not confirm it stopped writing a failed ticket")
+
+        self.loop.call_later(self._grace_s, overdue)
+
+    def _release(self, entry: Incoming) -> None:
+        if self._quarantined.get(entry.ticket.ticket_id) is entry:
+            del self._quarantined[entry.ticket.ticket_id]
+        if entry.writer_quiet is not None:
+            entry.writer_quiet.set()
+        if entry.scattering == 0:
+            self._publish(entry)
+
     async def _send_done(self, conn: Connection, done: Done) -> None:
         await conn.send(done)
         self.timeline.mark(done.ticket, Step.DONE_SENT)
 
-    def _refusal(self, entry: _Incoming | None, conn: Connection, data: Data) -> str | None:
+    def _refusal(self, entry: Incoming | None, conn: Connection, data: Data) -> str | None:
         if entry is None:
             return self._endings.get(data.ticket, "unknown ticket (never expected here)")
         if entry.conn is not None and entry.conn is not conn:
@@ -369,7 +436,7 @@ class KVReceiver:
             return f"the ticket's KV layout differs from the connection's: {difference}"
         return check_data(data, entry.block_ids.numel(), entry.layer_bytes, entry.claimed)
 
-    def _fail(self, entry: _Incoming, reason: str, *, tell_peer: bool) -> None:
+    def _fail(self, entry: Incoming, reason: str, *, tell_peer: bool) -> None:
         if entry.failure is not None:
             return
         ticket_id = entry.ticket.ticket_id
@@ -380,16 +447,18 @@ class KVReceiver:
         report("kv import failed", ticket=ticket_id, peer=peer, reason=reason)
         if tell_peer and entry.conn is not None and entry.conn.lost is None:
             self._tasks.spawn(quietly(entry.conn.send(Failed(ticket_id, reason))))
+        if entry.quarantined:
+            self._quarantine(entry)
         if entry.scattering == 0:
             self._publish(entry)
 
-    def _publish(self, entry: _Incoming) -> None:
-        if entry.failure is None or entry.ticket.future.done():
+    def _publish(self, entry: Incoming) -> None:
+        if entry.failure is None or entry.ticket.future.done() or entry.quarantined:
             return
         entry.ticket.future.set_exception(entry.failure)
         notify(self._observer.on_failure, entry.failure, Direction.RECV)
 
-    def _forget(self, entry: _Incoming, ending: str) -> None:
+    def _forget(self, entry: Incoming, ending: str) -> None:
         ticket_id = entry.ticket.ticket_id
         if self._incoming.get(ticket_id) is entry:
             del self._incoming[ticket_id]

@@ -12,6 +12,13 @@ until its first message goes, it sends the receiver a Hold every quarter lease (
 milliseconds after opening), which keeps the ticket's lease from running out while the prefill
 has not even begun. The sender's own deadline
 likewise counts from the last Hold or message it sent.
+
+A push to a peer whose cache this process mapped at the handshake (ipc.py) claims its ticket at
+once instead of the first Hold; the receiver's Granted brings the ticket's block ids (a small
+payload), which arms the push's direct writes (direct.py); once the last copy has finished, one
+Written message reports every layer, and the Done completes the push as before. A claimed ticket
+that fails is answered with Stopped once the copy stream has passed every copy of it: only then
+may the receiver free its blocks.
 """
 
 from __future__ import annotations
@@ -26,16 +33,18 @@ import structlog
 import torch
 
 from engine.kv_layout import KVLayout
-from kvtransfer.checksum import digest_chunks, sample_chunks
+from kvtransfer.checksum import digest_chunks, digest_rows, sample_chunks
 from kvtransfer.config import TransportConfig
 from kvtransfer.connection import Connection, Tasks, notify, quietly
+from kvtransfer.direct import DirectWrite, Finished
 from kvtransfer.errors import IncompatiblePeer, TransferFailed
+from kvtransfer.ipc import PeerCaches
 from kvtransfer.push import KVPush, Outbound
 from kvtransfer.staging import StagingPool
 from kvtransfer.telemetry import Direction, TransferObserver, TransferStats
 from kvtransfer.ticket import Ticket
 from kvtransfer.timeline import Step, Timeline
-from kvtransfer.wire import Cancel, Data, Done, Failed, Hold, Message
+from kvtransfer.wire import Cancel, Claim, Data, Done, Failed, Granted, Hold, Message, Stopped, Written
 
 log = structlog.get_logger(__name__)
 
@@ -57,6 +66,7 @@ class _Outgoing:
     bytes_sent: int = 0
     in_flight: int = 0  # messages handed over and not yet fully sent
     landed_bytes: int | None = None  # the receiver's Done; completes once in_flight is 0 too
+    claimed: bool = False  # a Claim went: if the ticket fails, the receiver waits for our Stopped
 
 
 class KVSender:
@@ -84,6 +94,9 @@ class KVSender:
         self._waiter = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kvtransfer-pack-wait")
         device = torch.device(config.device)
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None  # the waiter thread's
+        # direct writes: their copies run on this stream; the caches mapped per peer address (loop writes)
+        self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._mapped: dict[str, PeerCaches] = {}
 
     # ---- any thread
     def __len__(self) -> int:
@@ -93,13 +106,25 @@ class KVSender:
         layout = layout or self.layout
         if layout is None:
             raise ValueError("this transport serves several KV layouts: name the layout of the blocks pushed")
-        push = KVPush(self, ticket, layout)
+        push = KVPush(self, ticket, layout, self._direct_write(ticket, layout))
         self.timeline.mark(ticket.ticket_id, Step.OPENED)
         self._loop.call_soon_threadsafe(self._register, push)
         return push
 
     def submit(self, push: KVPush, message: Outbound) -> None:
         self._loop.call_soon_threadsafe(self._start_send, push, message)
+
+    def submit_written(self, push: KVPush, finished: Finished) -> None:
+        self._loop.call_soon_threadsafe(self._start_written, push, finished)
+
+    def _direct_write(self, ticket: Ticket, layout: KVLayout) -> DirectWrite | None:
+        """Direct writes for a push to a peer whose cache a live connection has mapped (the first
+        push to a peer goes over UCX: its connection, and so the mapping, is made on the way)."""
+        peer = self._mapped.get(ticket.address)
+        if peer is None or self.copy_stream is None or layout != self.layout:
+            return None
+        lease_s = max(0.0, ticket.lease_left_s())
+        return DirectWrite(peer, self.copy_stream, layout.num_layers, self.config.checksum_samples, lease_s)
 
     def stop(self, push: KVPush, reason: str) -> None:
         self._loop.call_soon_threadsafe(self._stop, push, reason)
@@ -116,15 +141,29 @@ class KVSender:
                 self._complete(out)
         elif isinstance(message, Failed):
             self._fail(out, f"the receiver ended it: {message.reason}", tell_peer=False)
+        elif isinstance(message, Granted):
+            self._tasks.spawn(self._granted(out, conn, message))
 
     def on_lost(self, conn: Connection, reason: str) -> None:
         for out in [o for o in self._outgoing.values() if o.conn is conn]:
             self._fail(out, f"connection lost: {reason}", tell_peer=False)
+        if conn.peer_caches is not None:
+            if self._mapped.get(conn.peer) is conn.peer_caches:
+                del self._mapped[conn.peer]
+            self._tasks.spawn(self._unmap(conn.peer_caches))
 
     def shutdown(self) -> None:
         for out in list(self._outgoing.values()):
             self._fail(out, "the transport closed", tell_peer=False)
+        if self.copy_stream is not None:
+            self.copy_stream.synchronize()  # no copy runs into a mapping the teardown drops
         self._waiter.shutdown(wait=True)
+
+    async def _unmap(self, peer: PeerCaches) -> None:
+        """Drop a lost connection's mapping once no copy into it can be queued or running."""
+        if self.copy_stream is not None:
+            await self._loop.run_in_executor(self._waiter, self.copy_stream.synchronize)
+        peer.close()
 
     def _register(self, push: KVPush) -> None:
         ticket = push.ticket.ticket_id
@@ -156,11 +195,19 @@ class KVSender:
         while self._outgoing.get(ticket) is out and out.started is None:
             try:
                 conn = await self._bind(out)
-                if first:
+                sent_at = time.monotonic()
+                if first and self._claims(out, conn):  # at once: the grant must come before the last layer
+                    first, out.claimed = False, True
+                    await conn.send(Claim(ticket))
+                    self.timeline.mark(ticket, Step.CLAIM_SENT)
+                elif first:
                     first = False
                     await asyncio.sleep(min(_FIRST_HOLD_S, out.lease_s / 4))
                     continue
-                await conn.send(Hold(ticket))
+                else:
+                    await conn.send(Hold(ticket))
+                if out.push.direct is not None:
+                    out.push.direct.renewed(sent_at + out.lease_s)
             except TransferFailed as e:
                 self._fail(out, e.reason, tell_peer=False, error=e)
                 return
@@ -169,6 +216,83 @@ class KVSender:
                 return
             self._renew(out)
             await asyncio.sleep(interval)
+
+    def _claims(self, out: _Outgoing, conn: Connection) -> bool:
+        direct = out.push.direct
+        if direct is None:
+            return False
+        if conn.peer_caches is not direct.peer:  # the connection was made again since the push opened
+            direct.decline()
+            return False
+        return True
+
+    async def _granted(self, out: _Outgoing, conn: Connection, granted: Granted) -> None:
+        """The ticket is ours to write: fetch its block ids and arm the push's direct writes."""
+        direct = out.push.direct
+        self.timeline.mark(granted.ticket, Step.GRANTED)
+        if direct is None or not granted.direct:
+            if direct is not None:
+                direct.decline()
+            return
+        ids = torch.empty(out.push.ticket.num_blocks, dtype=torch.int64).pin_memory()
+        try:
+            await conn.recv_payload(ids, granted.tag)
+        except Exception as e:
+            self._fail(out, f"the grant's block ids were lost: {type(e).__name__}: {e}", tell_peer=True)
+            return
+        if self._outgoing.get(granted.ticket) is out:
+            direct.arm(ids)
+            self.timeline.mark(granted.ticket, Step.ARMED)
+
+    def _start_written(self, push: KVPush, finished: Finished) -> None:
+        out = self._outgoing.get(push.ticket.ticket_id)
+        if out is None or out.push is not push:
+            return
+        out.started = push.started_at
+        out.in_flight += 1
+        self._tasks.spawn(self._send_written(out, finished))
+
+    async def _send_written(self, out: _Outgoing, finished: Finished) -> None:
+        """Once the copies have finished: one Written for every layer (with the sampled checksums)."""
+        info = out.push.ticket
+        try:
+            conn = await self._bind(out)
+            if not await _finishes_soon(finished.written):
+                await self._loop.run_in_executor(self._waiter, finished.written.synchronize)
+            self.timeline.mark(info.ticket_id, Step.PACK_DONE, 0)
+            checksums: tuple[tuple[int, int], ...] = ()
+            if finished.samples is not None:
+                rows = await self._loop.run_in_executor(self._waiter, finished.samples.cpu)
+                checksums = digest_rows(rows, finished.chunks)
+            nbytes = info.num_blocks * self.layout_bytes(out.push.layout)
+            if self._outgoing.get(info.ticket_id) is not out:
+                return
+            await conn.send(Written(info.ticket_id, nbytes, checksums))
+            self.timeline.mark(info.ticket_id, Step.HEADER_SENT, 0)
+            out.bytes_sent = nbytes
+            if self._outgoing.get(info.ticket_id) is out:
+                self._renew(out)
+        except TransferFailed as e:
+            self._fail(out, e.reason, tell_peer=False, error=e)
+        except Exception as e:
+            self._fail(out, f"written failed: {type(e).__name__}: {e}", tell_peer=False)
+        finally:
+            out.in_flight -= 1
+        if out.landed_bytes is not None and out.in_flight == 0 and self._outgoing.get(info.ticket_id) is out:
+            self._complete(out)
+
+    @staticmethod
+    def layout_bytes(layout: KVLayout) -> int:
+        """Bytes of one block over every layer, K and V."""
+        return layout.num_layers * layout.block_elems_per_layer * getattr(torch, layout.dtype).itemsize
+
+    async def _stopped(self, out: _Outgoing, stopped: torch.cuda.Event | None) -> None:
+        """Tell the receiver of a failed claimed ticket once none of its copies can still run."""
+        if stopped is not None:
+            await self._loop.run_in_executor(self._waiter, stopped.synchronize)
+        conn = out.conn
+        if conn is not None and conn.lost is None:
+            await quietly(conn.send(Stopped(out.push.ticket.ticket_id)))
 
     def _start_send(self, push: KVPush, message: Outbound) -> None:
         out = self._outgoing.get(push.ticket.ticket_id)
@@ -239,6 +363,8 @@ class KVSender:
             raise TransferFailed(info.address, info.ticket_id, 0, f"cannot connect: {type(e).__name__}: {e}") from e
         if out.conn is None:
             out.conn = conn
+            if conn.peer_caches is not None:
+                self._mapped[info.address] = conn.peer_caches
         if conn is not out.conn or conn.lost is not None:
             raise TransferFailed(info.address, info.ticket_id, out.bytes_sent, "connection lost mid-ticket")
         return conn
@@ -307,6 +433,10 @@ class KVSender:
         report("kv push failed", ticket=info.ticket_id, peer=info.address, reason=error.reason)
         if tell_peer and out.conn is not None and out.conn.lost is None:
             self._tasks.spawn(quietly(out.conn.send(Cancel(info.ticket_id, reason))))
+        if out.push.direct is not None:
+            stopped = out.push.direct.stop()  # launches nothing more from here on
+            if out.claimed:
+                self._tasks.spawn(self._stopped(out, stopped))
         _settle(out.push.future, error)
         notify(self._observer.on_failure, error, Direction.SEND)
 

@@ -19,16 +19,22 @@ class Step(enum.Enum):
     # the sending side
     OPENED = "open"  # push() called (engine thread)
     FIRST_LAYER = "first_layer"  # the first push_layer (engine thread)
-    PACKED = "pack_launched"  # a message's pack queued (engine thread)
+    CLAIM_SENT = "claim_sent"  # direct writes: the Claim's send completed
+    GRANTED = "granted"  # the receiver's Granted arrived
+    ARMED = "armed"  # its block ids arrived: copies may launch
+    PACKED = "pack_launched"  # a message's pack (direct: the ticket's last copy) queued (engine thread)
     SEND_TASK = "send_task"  # the loop picked the message up
-    HEADER_SENT = "header_sent"  # its Data header's send completed
-    PACK_DONE = "pack_done"  # the loop saw its pack finished
+    HEADER_SENT = "header_sent"  # its Data header's (direct: the Written's) send completed
+    PACK_DONE = "pack_done"  # the loop saw its pack (direct: every copy) finished
     PAYLOAD_SENT = "payload_sent"  # its payload's send completed
     DONE_HEARD = "done_heard"  # the receiver's Done arrived
     COMPLETED = "completed"  # the push's future resolved
     # the receiving side
     EXPECTED = "expected"  # the ticket registered on the loop
     HOLD_HEARD = "hold_heard"
+    CLAIM_HEARD = "claim_heard"
+    GRANT_SENT = "grant_sent"  # the Granted and its block ids were sent
+    WRITTEN_HEARD = "written_heard"  # direct writes: the sender's Written arrived
     DATA_HEARD = "data_heard"  # a Data header arrived
     RECV_POSTED = "recv_posted"  # its payload's receive posted
     PAYLOAD_LANDED = "payload_landed"  # the payload is in the staging buffer

@@ -35,6 +35,7 @@ from kvtransfer.caches import KVCaches
 from kvtransfer.config import TransportConfig
 from kvtransfer.connection import CTL_TAG, Connection, Tasks
 from kvtransfer.errors import IncompatiblePeer
+from kvtransfer.ipc import EXPORT_TAG, PeerCaches, export_caches, exportable, host_identity, open_caches
 from kvtransfer.listen import arrived_on_loopback, local_address
 from kvtransfer.push import KVPush
 from kvtransfer.receiver import KVReceiver
@@ -46,14 +47,18 @@ from kvtransfer.timeline import Timeline
 from kvtransfer.wire import (
     FRAME_BYTES,
     Cancel,
+    Claim,
     Data,
     Done,
     Failed,
+    Granted,
     Hello,
     Hold,
     Message,
     Refuse,
+    Stopped,
     Welcome,
+    Written,
     decode,
     encode,
 )
@@ -100,6 +105,9 @@ class KVTransport:
         self._accepted: set[Connection] = set()
         self._sender: KVSender | None = None
         self._receiver: KVReceiver | None = None
+        # direct writes (ipc.py): who may share CUDA memory with us, and our caches' export, made once
+        self._host = host_identity() if config.direct_writes_on else ""
+        self._export: bytes | None = None
 
     # ---- lifecycle (any thread)
     def start(self, timeout_s: float = 30.0) -> KVTransport:
@@ -279,11 +287,16 @@ class KVTransport:
         timeout = self.config.connect_timeout_s
         ep = await asyncio.wait_for(ucxx.create_endpoint(host, int(port), connect_timeout=timeout), timeout)
         try:
-            hello = Hello(self.address, self.instance, layout)
+            hello = Hello(self.address, self.instance, layout, self._host)
             await asyncio.wait_for(ep.send(encode(hello), tag=CTL_TAG), timeout)
             frame = bytearray(FRAME_BYTES)
             await asyncio.wait_for(ep.recv(frame, tag=CTL_TAG), timeout)
             reply = decode(frame)
+            peer_caches = None
+            if isinstance(reply, Welcome) and reply.export_bytes > 0:
+                blob = bytearray(reply.export_bytes)
+                await asyncio.wait_for(ep.recv(blob, tag=EXPORT_TAG), timeout)
+                peer_caches = self._map(address, bytes(blob), layout)
             if not isinstance(reply, Welcome | Refuse):
                 raise ValueError(f"the peer answered the handshake with {reply.kind}")
             difference = layout.first_difference(reply.layout)
@@ -295,10 +308,34 @@ class KVTransport:
             ep.abort()
             raise
         conn = Connection(ep, address, reply.instance, layout, self._route, self._lost)
+        conn.peer_caches = peer_caches
         conn.start(self._tasks)
         self._dialed[(address, layout)] = conn
-        log.info("kv peer connected", peer=address, instance=reply.instance)
+        log.info("kv peer connected", peer=address, instance=reply.instance, direct_writes=peer_caches is not None)
         return conn
+
+    def _map(self, address: str, blob: bytes, layout: KVLayout) -> PeerCaches | None:
+        """Map a same-host peer's exported caches; None (KV over UCX) when this process cannot."""
+        try:
+            return open_caches(blob, layout, torch.device(self.config.device))
+        except Exception as e:
+            log.warning("kv direct writes unavailable: KV goes over UCX", peer=address,
+                        error=f"{type(e).__name__}: {e}")  # fmt: skip
+            return None
+
+    def _offers_export(self, hello: Hello) -> bytes | None:
+        """Our caches' export for a dialer that can map them: same host identity, both on GPUs."""
+        caches = self._caches
+        if not (self._host and hello.host == self._host and caches is not None and exportable(caches.tensors)):
+            return None
+        if self._export is None:
+            try:
+                self._export = export_caches(caches.tensors)
+            except Exception as e:
+                log.warning("kv caches cannot be exported: KV comes over UCX", error=f"{type(e).__name__}: {e}")
+                self._host = ""
+                return None
+        return self._export
 
     async def _accept(self, ep: Any) -> None:
         """Listener callback: the dialing peer's Hello, then Welcome or Refuse."""
@@ -322,22 +359,27 @@ class KVTransport:
                 # the dialer hangs up once it has read the refusal; its hang-up ends this receive
                 await asyncio.wait_for(ep.recv(bytearray(FRAME_BYTES), tag=CTL_TAG), timeout)
                 return
-            await ep.send(encode(Welcome(self.address, self.instance, layout)), tag=CTL_TAG)
+            export = self._offers_export(hello)
+            welcome = Welcome(self.address, self.instance, layout, len(export) if export else 0)
+            await ep.send(encode(welcome), tag=CTL_TAG)
+            if export:
+                await asyncio.wait_for(ep.send(bytearray(export), tag=EXPORT_TAG), timeout)
         except Exception as e:
             log.info("kv peer handshake ended", error=f"{type(e).__name__}: {e}")
             ep.abort()
             return
         conn = Connection(ep, hello.name, hello.instance, layout, self._route, self._lost)
+        conn.export_offered = export is not None
         conn.start(self._tasks)
         self._accepted.add(conn)
 
     def _route(self, conn: Connection, message: Message) -> None:
-        if isinstance(message, Hold | Data | Cancel):
+        if isinstance(message, Hold | Data | Cancel | Claim | Written | Stopped):
             if self._receiver is None:
                 conn.abort("a peer sent KV to a worker with no receiving side")
                 return
             self._receiver.on_message(conn, message)
-        elif isinstance(message, Done | Failed):
+        elif isinstance(message, Done | Failed | Granted):
             self.sender.on_message(conn, message)
         else:
             conn.abort(f"unexpected {message.kind} message after the handshake")

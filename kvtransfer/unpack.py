@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 
@@ -20,6 +22,7 @@ from kvtransfer.caches import KVCaches
 from kvtransfer.checksum import first_mismatch
 from kvtransfer.wire import Data
 
+T = TypeVar("T")
 _WAIT_ON_LOOP_BYTES = 64 << 20  # an unpack this small (~50 µs of copying on a GPU) is waited for on the loop
 
 
@@ -60,6 +63,17 @@ class Unpacker:
         else:
             await self._loop.run_in_executor(self._scatter, unpacked.synchronize)
         return None
+
+    async def run(self, device: torch.device, read: Callable[..., T], *args: Any) -> T:
+        """Run a read of caches on `device` on the scatter thread, on the receiver's own stream (a
+        direct write's checksums), so it never waits for the engine's queued steps."""
+        return await self._loop.run_in_executor(self._scatter, self._on_stream, device, read, *args)
+
+    def _on_stream(self, device: torch.device, read: Callable[..., T], *args: Any) -> T:
+        if device.type != "cuda":
+            return read(*args)
+        with torch.cuda.stream(self._stream(device)):
+            return read(*args)
 
     def _stream(self, device: torch.device) -> torch.cuda.Stream:
         stream = self._streams.get(device)

@@ -12,6 +12,18 @@ KV payloads travel separately, each on a tag of its own that the Data header ann
     Cancel(ticket, reason) ---------------->
              <------------------------------ Done(ticket, bytes) | Failed(ticket, reason)
 
+Between GPU workers of one host the Hello names the host (ipc.host_identity) and a Welcome that
+agrees says how large its cache export is (ipc.py), which follows on EXPORT_TAG; then a ticket's
+KV need not travel as payloads at all (direct writes, push.py and receiver.py):
+
+    Claim(ticket) ------------------------->  at once when the push opens: a Hold that asks to write
+             <------------------------------ Granted(ticket, direct) | Failed(ticket, reason)
+    (the sender's kernels write the ticket's blocks in the receiver's cache)
+    Written(ticket, bytes, checksums) ----->  every layer is there
+             <------------------------------ Done | Failed
+    Stopped(ticket) ----------------------->  after a Failed or Cancel of a claimed ticket: nothing
+                                              of the sender writes those blocks any more
+
 A ticket's lease measures the sender's silence, not the prefill's length: every Hold and every
 accepted Data header renews it, so a request queued behind others on a busy prefill worker keeps
 its reservation, while one whose prefill worker died (or never started it) loses it after a lease.
@@ -36,6 +48,7 @@ class Hello:
     name: str  # the dialing worker's own listener address
     instance: str  # random per process: a restarted peer is a new instance
     layout: KVLayout
+    host: str = ""  # ipc.host_identity() when the dialer could write into a same-host peer's GPU cache
 
 
 @dataclass(frozen=True)
@@ -44,6 +57,7 @@ class Welcome:
     name: str
     instance: str
     layout: KVLayout
+    export_bytes: int = 0  # > 0: the receiver's cache export (ipc.py) follows on EXPORT_TAG
 
 
 @dataclass(frozen=True)
@@ -96,8 +110,46 @@ class Failed:
     reason: str
 
 
-Message = Hello | Welcome | Refuse | Hold | Data | Cancel | Done | Failed
-_KINDS: dict[str, type[Message]] = {c.kind: c for c in (Hello, Welcome, Refuse, Hold, Data, Cancel, Done, Failed)}
+@dataclass(frozen=True)
+class Claim:
+    """A Hold that also asks to write the ticket's blocks directly (the connection mapped them)."""
+
+    kind: ClassVar[str] = "claim"
+    ticket: str
+
+
+@dataclass(frozen=True)
+class Granted:
+    """The ticket is bound to this sender; direct: it may write the blocks itself, else it sends Data."""
+
+    kind: ClassVar[str] = "granted"
+    ticket: str
+    direct: bool
+    tag: int = 0  # direct: the ticket's block ids (int64) follow on this tag
+
+
+@dataclass(frozen=True)
+class Written:
+    """Every layer of a granted ticket is in its blocks (the sender's copies have finished)."""
+
+    kind: ClassVar[str] = "written"
+    ticket: str
+    bytes: int
+    checksums: tuple[tuple[int, int], ...] = ()  # as Data's, chunks numbered as one message of every layer
+
+
+@dataclass(frozen=True)
+class Stopped:
+    """Nothing of the sender writes a claimed ticket's blocks any more: the receiver may free them."""
+
+    kind: ClassVar[str] = "stopped"
+    ticket: str
+
+
+Message = Hello | Welcome | Refuse | Hold | Data | Cancel | Done | Failed | Claim | Granted | Written | Stopped
+_KINDS: dict[str, type[Message]] = {
+    c.kind: c for c in (Hello, Welcome, Refuse, Hold, Data, Cancel, Done, Failed, Claim, Granted, Written, Stopped)
+}
 
 
 def encode(message: Message) -> bytearray:

@@ -49,6 +49,7 @@ class PeerSpec:
     ucx_tls: str = "tcp,self"
     host: str = "127.0.0.1"  # the address the peer advertises
     loopback_only: bool | None = None
+    direct_writes: bool = True  # GPU peers of one host: the sender writes the receiver's blocks over CUDA IPC
 
 
 def pattern(seed: int, layer: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -244,6 +245,10 @@ class _Worker:
         result["seconds"] = time.monotonic() - started
         return result
 
+    def direct_state(self, ticket: str) -> str | None:
+        """How an open push's layers travel: None (over UCX), or its direct writes' state (direct.py)."""
+        return _direct_state(self.pushes[ticket])
+
     def wait_push(self, tickets: list[str], timeout_s: float) -> dict[str, Any]:
         results = {}
         for ticket in tickets:
@@ -251,7 +256,7 @@ class _Worker:
             started = time.monotonic()
             try:
                 stats = push.wait(timeout_s)
-                results[ticket] = {"ok": True, "bytes": stats.bytes}
+                results[ticket] = {"ok": True, "bytes": stats.bytes, "direct": _direct_state(push) == "armed"}
             except Exception as e:
                 results[ticket] = {"ok": False, "error": e, "after_s": time.monotonic() - started}
             self.release(ticket)
@@ -262,6 +267,10 @@ class _Worker:
         while pool.in_use and time.monotonic() < deadline:
             time.sleep(0.01)
         return {"tickets": results, "staging_allocations": pool.allocations}
+
+
+def _direct_state(push: Any) -> str | None:
+    return None if push.direct is None else str(push.direct.state.value)
 
 
 def _main(conn: Connection, spec: PeerSpec) -> None:
@@ -282,6 +291,7 @@ def _main(conn: Connection, spec: PeerSpec) -> None:
     config = TransportConfig(
         host=spec.host, port=spec.port, device=spec.device, ucx_tls=spec.ucx_tls,
         checksum_samples=spec.checksum_samples, message_bytes=spec.message_bytes, loopback_only=spec.loopback_only,
+        direct_writes=spec.direct_writes,
     )  # fmt: skip
     observed = _Observed()
     transport = KVTransport(layout, config, kv_caches=caches if spec.receive else None, observer=observed).start()

@@ -1,0 +1,111 @@
+"""Direct writes over CUDA IPC: a receiver's KV caches mapped into a same-host sender's process.
+
+When both workers are GPU processes of one host (the same boot id and PID namespace: CUDA IPC
+needs both), the receiver exports its cache tensors once per connection at the handshake and the
+sender maps them once (torch's own storage IPC, as torch.multiprocessing shares CUDA tensors:
+the mapping is the whole cudaMalloc allocation, plus the storage's offset into it). The sender
+then gathers a ticket's blocks from its cache straight into the receiver's blocks with one kernel
+per group of layers (kernels.kv_pack.copy_blocks): no staging buffer, no UCX payload. Which writes
+a receiver allows, and until when, is its grant rule (receiver.py, docs/architecture.md).
+
+Anything that fails here (no IPC between the processes, a driver that refuses the handle) only
+means the connection carries KV over UCX as before.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+import torch
+
+from engine.kv_layout import KVLayout
+
+log = structlog.get_logger(__name__)
+
+EXPORT_TAG = 1 << 62  # the tag the export travels on after a Welcome that offers it (payload tags count up from 2)
+_BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
+
+
+def host_identity() -> str:
+    """Who can share CUDA memory with this process: the boot id and the PID namespace ("" if unknown)."""
+    try:
+        return f"{_BOOT_ID.read_text().strip()}/{os.readlink('/proc/self/ns/pid')}"
+    except OSError:
+        return ""
+
+
+def _b64(raw: bytes | None) -> str | None:
+    return None if raw is None else base64.b64encode(raw).decode()
+
+
+def _unb64(text: str | None) -> bytes | None:
+    return None if text is None else base64.b64decode(text)
+
+
+def export_caches(tensors: Sequence[torch.Tensor]) -> bytes:
+    """What a peer needs to map every layer's cache tensor: one entry per layer (torch's
+    storage IPC tuple, as torch.multiprocessing sends it, and the tensor's offset in its storage)."""
+    layers = []
+    for kv in tensors:
+        storage = kv.untyped_storage()
+        device, handle, size, offset, ref_handle, ref_offset, event, event_sync = storage._share_cuda_()
+        layers.append({
+            "handle": _b64(handle), "size": size, "offset": offset, "ref_handle": _b64(ref_handle),
+            "ref_offset": ref_offset, "event": _b64(event), "event_sync": bool(event_sync),
+            "tensor_offset": kv.storage_offset(), "num_blocks": kv.shape[1],
+        })  # fmt: skip
+    return json.dumps({"layers": layers}).encode()
+
+
+@dataclass(eq=False)
+class PeerCaches:
+    """A receiver's cache tensors, mapped into this process: what direct writes land in."""
+
+    layers: list[torch.Tensor]  # per layer (2, num_blocks, block_size, kv_heads, head_dim), the peer's memory
+
+    @property
+    def num_blocks(self) -> int:
+        return self.layers[0].shape[1]
+
+    def close(self) -> None:
+        """Drop the mappings (torch closes the IPC handles with the last reference). Only once no
+        copy into them is queued: the sender synchronises its copy stream first."""
+        self.layers = []
+
+
+def open_caches(blob: bytes, layout: KVLayout, device: torch.device) -> PeerCaches:
+    """Map a peer's exported caches on `device` (this process's own GPU, whichever GPU holds them:
+    the driver maps a peer GPU's memory over NVLink or PCIe). Raises on anything unusable."""
+    entries = json.loads(blob)["layers"]
+    if len(entries) != layout.num_layers:
+        raise ValueError(f"the peer exported {len(entries)} layers, the layout has {layout.num_layers}")
+    dtype = getattr(torch, layout.dtype)
+    storages: dict[tuple[str, int], torch.UntypedStorage] = {}  # layers sharing one storage map it once
+    layers = []
+    torch.cuda.init()
+    for e in entries:
+        key = (e["handle"], e["offset"])
+        storage = storages.get(key)
+        if storage is None:
+            storage = storages[key] = torch.UntypedStorage._new_shared_cuda(
+                device.index if device.index is not None else torch.cuda.current_device(),
+                _unb64(e["handle"]), e["size"], e["offset"], _unb64(e["ref_handle"]), e["ref_offset"],
+                _unb64(e["event"]), e["event_sync"],
+            )  # fmt: skip
+        shape = (2, int(e["num_blocks"]), layout.block_size, layout.num_kv_heads, layout.head_dim)
+        strides = [1] * len(shape)
+        for i in range(len(shape) - 2, -1, -1):
+            strides[i] = strides[i + 1] * shape[i + 1]
+        kv = torch.empty(0, dtype=dtype, device=device).set_(storage, int(e["tensor_offset"]), shape, strides)
+        layers.append(kv)
+    return PeerCaches(layers)
+
+
+def exportable(tensors: Sequence[torch.Tensor] | None) -> bool:
+    return bool(tensors) and all(t.is_cuda for t in tensors or ())
