@@ -256,7 +256,9 @@ class _Worker:
             started = time.monotonic()
             try:
                 stats = push.wait(timeout_s)
-                results[ticket] = {"ok": True, "bytes": stats.bytes, "direct": _direct_state(push) == "armed"}
+                results[ticket] = {"ok": True, "bytes": stats.bytes}
+                if push.direct is not None:  # the receiver's cache was mapped: written directly, or not in time
+                    results[ticket]["direct"] = _direct_state(push) == "armed"
             except Exception as e:
                 results[ticket] = {"ok": False, "error": e, "after_s": time.monotonic() - started}
             self.release(ticket)
