@@ -71,14 +71,18 @@ def copy_blocks(
     dst_ids: torch.Tensor,
     *,
     use_triton: bool | None = None,
+    checked: bool = False,
 ) -> None:
     """dst_layers[l][kv, dst_ids[i]] = src_layers[l][kv, src_ids[i]], block to block with no staging
     buffer between: a direct write into another worker's cache mapped over CUDA IPC (kvtransfer).
 
     Both pools have the same block shape and dtype but may differ in size; the ids must be distinct
-    and inside their pools (validate_block_ids), as for unpack_blocks.
+    and inside their pools (validate_block_ids), as for unpack_blocks. checked=True skips the checks
+    of shapes and devices, for a caller that made them once for these tensors (they cost ~1 µs a
+    tensor, which adds up on a transfer's critical path).
     """
-    _check_pair(src_layers, src_ids, dst_layers, dst_ids)
+    if not checked:
+        _check_pair(src_layers, src_ids, dst_layers, dst_ids)
     if use_triton is None:
         use_triton = src_ids.is_cuda and triton_available()
     if use_triton:

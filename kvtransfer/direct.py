@@ -66,6 +66,7 @@ class DirectWrite:
         self._lock = threading.Lock()
         self._kept: list[Group] = []
         self._seen: list[torch.Tensor] = []  # every layer offered so far: the checksums sample them
+        self._checked = False
         self._src_ids: torch.Tensor | None = None  # on the sender's device (the engine's stream uploaded them)
         self._dst_ids: torch.Tensor | None = None  # the grant's, on the sender's device (the copy stream's upload)
 
@@ -136,9 +137,12 @@ class DirectWrite:
     def _launch(self, group: Group) -> None:
         assert self._src_ids is not None and self._dst_ids is not None
         last = group.first_layer + len(group.layers)
+        dst = self.peer.layers[group.first_layer : last]
         with torch.cuda.stream(self.stream):
             self.stream.wait_event(group.ready)
-            copy_blocks(group.layers, self._src_ids, self.peer.layers[group.first_layer : last], self._dst_ids)
+            # the checks once per push: the engine's caches and the mapping stay the same tensors
+            copy_blocks(group.layers, self._src_ids, dst, self._dst_ids, checked=self._checked)
+        self._checked = True
 
     def _finish(self, ticket_key: str) -> Finished:
         """After the last copy: gather the sampled chunks (still on the copy stream, so before the

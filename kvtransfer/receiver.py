@@ -144,7 +144,7 @@ class KVReceiver:
             self._claim(conn, message.ticket)
         elif isinstance(message, Written):
             self.timeline.mark(message.ticket, Step.WRITTEN_HEARD)
-            self._tasks.spawn(self._written(conn, message))
+            self._written(conn, message)
         elif isinstance(message, Stopped):
             entry = self._quarantined.get(message.ticket)
             if entry is not None and entry.conn is conn:
@@ -366,7 +366,8 @@ class KVReceiver:
         except Exception as e:  # the connection's loss handler fails the ticket
             log.debug("kv grant send failed", ticket=ticket_id, error=str(e))
 
-    async def _written(self, conn: Connection, written: Written) -> None:
+    def _written(self, conn: Connection, written: Written) -> None:
+        """Every layer is in the blocks: land the ticket at once, or after checking sampled checksums."""
         entry = self._incoming.get(written.ticket)
         problem = check_written(written, entry, conn) if entry is not None else None
         if entry is None or problem is not None:
@@ -374,18 +375,24 @@ class KVReceiver:
             if entry is not None:
                 self._fail(entry, reason, tell_peer=True)
             else:
-                await quietly(conn.send(Failed(written.ticket, reason)))
+                self._tasks.spawn(quietly(conn.send(Failed(written.ticket, reason))))
             return
         entry.started = time.monotonic() if entry.started is None else entry.started
         if written.checksums:
-            entry.scattering += 1  # a read of the blocks: a failure meanwhile waits for it
-            try:
-                bad = await self._unpacker.run(entry.caches.tensors[0].device, self._first_bad_chunk, entry, written)
-            finally:
-                entry.scattering -= 1
-            if bad is not None:
-                layer = bad // (2 * entry.block_ids.numel())
-                self._fail(entry, f"checksum mismatch in layer {layer} (chunk {bad} of the ticket)", tell_peer=True)
+            self._tasks.spawn(self._check_written(entry, written))
+        else:
+            self._landed(entry, 0, len(entry.claimed), written.bytes)
+
+    async def _check_written(self, entry: Incoming, written: Written) -> None:
+        entry.scattering += 1  # a read of the blocks: a failure meanwhile waits for it
+        try:
+            device = entry.caches.tensors[0].device
+            bad = await self._unpacker.run(device, self._first_bad_chunk, entry, written)
+        finally:
+            entry.scattering -= 1
+        if bad is not None:
+            layer = bad // (2 * entry.block_ids.numel())
+            self._fail(entry, f"checksum mismatch in layer {layer} (chunk {bad} of the ticket)", tell_peer=True)
         if entry.failure is not None:
             if entry.scattering == 0:
                 self._publish(entry)

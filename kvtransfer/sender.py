@@ -27,16 +27,16 @@ import asyncio
 import concurrent.futures
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 
 import structlog
 import torch
 
 from engine.kv_layout import KVLayout
-from kvtransfer.checksum import digest_chunks, digest_rows, sample_chunks
+from kvtransfer.checksum import digest_chunks, sample_chunks
 from kvtransfer.config import TransportConfig
 from kvtransfer.connection import Connection, Tasks, notify, quietly
-from kvtransfer.direct import DirectWrite, Finished
+from kvtransfer.direct import Finished
+from kvtransfer.direct_send import DirectSending, Outgoing, finishes_soon
 from kvtransfer.errors import IncompatiblePeer, TransferFailed
 from kvtransfer.ipc import PeerCaches
 from kvtransfer.push import KVPush, Outbound
@@ -44,32 +44,14 @@ from kvtransfer.staging import StagingPool
 from kvtransfer.telemetry import Direction, TransferObserver, TransferStats
 from kvtransfer.ticket import Ticket
 from kvtransfer.timeline import Step, Timeline
-from kvtransfer.wire import Cancel, Claim, Data, Done, Failed, Granted, Hold, Message, Stopped, Written
+from kvtransfer.wire import Cancel, Claim, Data, Done, Failed, Granted, Hold, Message
 
 log = structlog.get_logger(__name__)
 
-# A pack takes microseconds once the GPU reaches it; polling its event this long on the loop beats
-# a thread hop when the GPU is not far behind the engine, and costs little when it is.
-_PACK_POLL_S = 200e-6
 _FIRST_HOLD_S = 0.005  # see KVSender._hold
 
 
-@dataclass(slots=True, eq=False)
-class _Outgoing:
-    """The loop's record of one push in flight."""
-
-    push: KVPush
-    lease_s: float = 0.0  # the receiver's lease: its longest allowed silence of ours
-    deadline: asyncio.TimerHandle | None = None
-    conn: Connection | None = None
-    started: float | None = None
-    bytes_sent: int = 0
-    in_flight: int = 0  # messages handed over and not yet fully sent
-    landed_bytes: int | None = None  # the receiver's Done; completes once in_flight is 0 too
-    claimed: bool = False  # a Claim went: if the ticket fails, the receiver waits for our Stopped
-
-
-class KVSender:
+class KVSender(DirectSending):
     """The loop side of every push. Messages of a ticket, and tickets, are sent concurrently."""
 
     def __init__(
@@ -90,7 +72,7 @@ class KVSender:
         self._loop = loop
         self._tasks = tasks
         self._connect = connect
-        self._outgoing: dict[str, _Outgoing] = {}  # loop thread only
+        self._outgoing: dict[str, Outgoing] = {}  # loop thread only
         self._waiter = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kvtransfer-pack-wait")
         device = torch.device(config.device)
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None  # the waiter thread's
@@ -116,15 +98,6 @@ class KVSender:
 
     def submit_written(self, push: KVPush, finished: Finished) -> None:
         self._loop.call_soon_threadsafe(self._start_written, push, finished)
-
-    def _direct_write(self, ticket: Ticket, layout: KVLayout) -> DirectWrite | None:
-        """Direct writes for a push to a peer whose cache a live connection has mapped (the first
-        push to a peer goes over UCX: its connection, and so the mapping, is made on the way)."""
-        peer = self._mapped.get(ticket.address)
-        if peer is None or self.copy_stream is None or layout != self.layout:
-            return None
-        lease_s = max(0.0, ticket.lease_left_s())
-        return DirectWrite(peer, self.copy_stream, layout.num_layers, self.config.checksum_samples, lease_s)
 
     def stop(self, push: KVPush, reason: str) -> None:
         self._loop.call_soon_threadsafe(self._stop, push, reason)
@@ -159,30 +132,24 @@ class KVSender:
             self.copy_stream.synchronize()  # no copy runs into a mapping the teardown drops
         self._waiter.shutdown(wait=True)
 
-    async def _unmap(self, peer: PeerCaches) -> None:
-        """Drop a lost connection's mapping once no copy into it can be queued or running."""
-        if self.copy_stream is not None:
-            await self._loop.run_in_executor(self._waiter, self.copy_stream.synchronize)
-        peer.close()
-
     def _register(self, push: KVPush) -> None:
         ticket = push.ticket.ticket_id
         if ticket in self._outgoing:
             failure = TransferFailed(push.ticket.address, ticket, 0, "this ticket is already being pushed")
             push.future.set_exception(failure)
             return
-        out = _Outgoing(push, lease_s=max(0.0, push.ticket.lease_left_s()))
+        out = Outgoing(push, lease_s=max(0.0, push.ticket.lease_left_s()))
         self._outgoing[ticket] = out
         self._renew(out)
         self._tasks.spawn(self._hold(out))
 
-    def _renew(self, out: _Outgoing) -> None:
+    def _renew(self, out: Outgoing) -> None:
         """Restart our deadline: the receiver's lease from now, plus a grace to hear its verdict."""
         if out.deadline is not None:
             out.deadline.cancel()
         out.deadline = self._loop.call_later(out.lease_s + self.config.sender_grace_s, self._expire, out)
 
-    async def _hold(self, out: _Outgoing) -> None:
+    async def _hold(self, out: Outgoing) -> None:
         """Hold the ticket until the first message goes (then every message renews the lease).
 
         The connection is made at once (dialing takes milliseconds), the first Hold only after
@@ -217,83 +184,6 @@ class KVSender:
             self._renew(out)
             await asyncio.sleep(interval)
 
-    def _claims(self, out: _Outgoing, conn: Connection) -> bool:
-        direct = out.push.direct
-        if direct is None:
-            return False
-        if conn.peer_caches is not direct.peer:  # the connection was made again since the push opened
-            direct.decline()
-            return False
-        return True
-
-    async def _granted(self, out: _Outgoing, conn: Connection, granted: Granted) -> None:
-        """The ticket is ours to write: fetch its block ids and arm the push's direct writes."""
-        direct = out.push.direct
-        self.timeline.mark(granted.ticket, Step.GRANTED)
-        if direct is None or not granted.direct:
-            if direct is not None:
-                direct.decline()
-            return
-        ids = torch.empty(out.push.ticket.num_blocks, dtype=torch.int64).pin_memory()
-        try:
-            await conn.recv_payload(ids, granted.tag)
-        except Exception as e:
-            self._fail(out, f"the grant's block ids were lost: {type(e).__name__}: {e}", tell_peer=True)
-            return
-        if self._outgoing.get(granted.ticket) is out:
-            direct.arm(ids)
-            self.timeline.mark(granted.ticket, Step.ARMED)
-
-    def _start_written(self, push: KVPush, finished: Finished) -> None:
-        out = self._outgoing.get(push.ticket.ticket_id)
-        if out is None or out.push is not push:
-            return
-        out.started = push.started_at
-        out.in_flight += 1
-        self._tasks.spawn(self._send_written(out, finished))
-
-    async def _send_written(self, out: _Outgoing, finished: Finished) -> None:
-        """Once the copies have finished: one Written for every layer (with the sampled checksums)."""
-        info = out.push.ticket
-        try:
-            conn = await self._bind(out)
-            if not await _finishes_soon(finished.written):
-                await self._loop.run_in_executor(self._waiter, finished.written.synchronize)
-            self.timeline.mark(info.ticket_id, Step.PACK_DONE, 0)
-            checksums: tuple[tuple[int, int], ...] = ()
-            if finished.samples is not None:
-                rows = await self._loop.run_in_executor(self._waiter, finished.samples.cpu)
-                checksums = digest_rows(rows, finished.chunks)
-            nbytes = info.num_blocks * self.layout_bytes(out.push.layout)
-            if self._outgoing.get(info.ticket_id) is not out:
-                return
-            await conn.send(Written(info.ticket_id, nbytes, checksums))
-            self.timeline.mark(info.ticket_id, Step.HEADER_SENT, 0)
-            out.bytes_sent = nbytes
-            if self._outgoing.get(info.ticket_id) is out:
-                self._renew(out)
-        except TransferFailed as e:
-            self._fail(out, e.reason, tell_peer=False, error=e)
-        except Exception as e:
-            self._fail(out, f"written failed: {type(e).__name__}: {e}", tell_peer=False)
-        finally:
-            out.in_flight -= 1
-        if out.landed_bytes is not None and out.in_flight == 0 and self._outgoing.get(info.ticket_id) is out:
-            self._complete(out)
-
-    @staticmethod
-    def layout_bytes(layout: KVLayout) -> int:
-        """Bytes of one block over every layer, K and V."""
-        return layout.num_layers * layout.block_elems_per_layer * getattr(torch, layout.dtype).itemsize
-
-    async def _stopped(self, out: _Outgoing, stopped: torch.cuda.Event | None) -> None:
-        """Tell the receiver of a failed claimed ticket once none of its copies can still run."""
-        if stopped is not None:
-            await self._loop.run_in_executor(self._waiter, stopped.synchronize)
-        conn = out.conn
-        if conn is not None and conn.lost is None:
-            await quietly(conn.send(Stopped(out.push.ticket.ticket_id)))
-
     def _start_send(self, push: KVPush, message: Outbound) -> None:
         out = self._outgoing.get(push.ticket.ticket_id)
         if out is None or out.push is not push:
@@ -303,7 +193,7 @@ class KVSender:
         out.in_flight += 1
         self._tasks.spawn(self._send(out, message))
 
-    async def _send(self, out: _Outgoing, message: Outbound) -> None:
+    async def _send(self, out: Outgoing, message: Outbound) -> None:
         ticket_id = out.push.ticket.ticket_id
         self.timeline.mark(ticket_id, Step.SEND_TASK, message.first_layer)
         try:
@@ -346,13 +236,13 @@ class KVSender:
         """Send the payload once its pack has finished: as soon as the loop sees it has, if that is
         within _PACK_POLL_S (a finished event is a query away; the loop runs its other work between
         queries), else after a wait on the waiter thread (a hop to it and back costs ~0.2 ms)."""
-        if message.packed is not None and not await _finishes_soon(message.packed):
+        if message.packed is not None and not await finishes_soon(message.packed):
             await self._loop.run_in_executor(self._waiter, message.packed.synchronize)
         self.timeline.mark(ticket_id, Step.PACK_DONE, message.first_layer)
         await conn.send_payload(message.staging.data, tag)
         self.timeline.mark(ticket_id, Step.PAYLOAD_SENT, message.first_layer)
 
-    async def _bind(self, out: _Outgoing) -> Connection:
+    async def _bind(self, out: Outgoing) -> Connection:
         """The ticket's connection: every message of a ticket goes over the same one."""
         info = out.push.ticket
         try:
@@ -369,12 +259,12 @@ class KVSender:
             raise TransferFailed(info.address, info.ticket_id, out.bytes_sent, "connection lost mid-ticket")
         return conn
 
-    async def _hashes(self, out: _Outgoing, message: Outbound) -> tuple[tuple[int, int], ...]:
+    async def _hashes(self, out: Outgoing, message: Outbound) -> tuple[tuple[int, int], ...]:
         if message.packed is None:
             return self._checksums(out, message)
         return await self._loop.run_in_executor(self._waiter, self._packed_checksums, out, message)
 
-    def _packed_checksums(self, out: _Outgoing, message: Outbound) -> tuple[tuple[int, int], ...]:
+    def _packed_checksums(self, out: Outgoing, message: Outbound) -> tuple[tuple[int, int], ...]:
         """On the waiter thread: wait for the pack, then hash on the sender's own stream — a read-back
         on the default stream would wait for every step the engine has queued since the pack."""
         assert message.packed is not None
@@ -384,7 +274,7 @@ class KVSender:
         with torch.cuda.stream(self._stream):
             return self._checksums(out, message)
 
-    def _checksums(self, out: _Outgoing, message: Outbound) -> tuple[tuple[int, int], ...]:
+    def _checksums(self, out: Outgoing, message: Outbound) -> tuple[tuple[int, int], ...]:
         info = out.push.ticket
         if not self.config.checksum_samples:
             return ()
@@ -393,7 +283,7 @@ class KVSender:
         chunks = sample_chunks(message.num_layers * 2 * info.num_blocks, self.config.checksum_samples, key)
         return digest_chunks(message.staging.data, chunk_bytes, chunks)
 
-    def _header(self, out: _Outgoing, message: Outbound, tag: int, checksums: tuple[tuple[int, int], ...]) -> Data:
+    def _header(self, out: Outgoing, message: Outbound, tag: int, checksums: tuple[tuple[int, int], ...]) -> Data:
         info = out.push.ticket
         return Data(
             info.ticket_id, message.first_layer, message.num_layers, info.num_blocks, message.staging.nbytes, tag,
@@ -405,13 +295,13 @@ class KVSender:
         if out is not None and out.push is push:
             self._fail(out, reason, tell_peer=True)
 
-    def _expire(self, out: _Outgoing) -> None:
+    def _expire(self, out: Outgoing) -> None:
         stalled = out.in_flight > 0 and out.conn is not None
         self._fail(out, f"the lease expired with {out.bytes_sent} bytes sent", tell_peer=True)
         if stalled and out.conn is not None:  # sends the receiver never took: the peer is stuck
             out.conn.abort("a ticket's sends stalled past its lease")
 
-    def _complete(self, out: _Outgoing) -> None:
+    def _complete(self, out: Outgoing) -> None:
         self._forget(out)
         self.timeline.mark(out.push.ticket.ticket_id, Step.COMPLETED)
         nbytes = out.landed_bytes or 0
@@ -421,7 +311,7 @@ class KVSender:
         _settle(out.push.future, stats)
         notify(self._observer.on_complete, stats)
 
-    def _fail(self, out: _Outgoing, reason: str, *, tell_peer: bool, error: TransferFailed | None = None) -> None:
+    def _fail(self, out: Outgoing, reason: str, *, tell_peer: bool, error: TransferFailed | None = None) -> None:
         if self._outgoing.get(out.push.ticket.ticket_id) is not out:
             return
         self._forget(out)
@@ -440,20 +330,10 @@ class KVSender:
         _settle(out.push.future, error)
         notify(self._observer.on_failure, error, Direction.SEND)
 
-    def _forget(self, out: _Outgoing) -> None:
+    def _forget(self, out: Outgoing) -> None:
         del self._outgoing[out.push.ticket.ticket_id]
         if out.deadline is not None:
             out.deadline.cancel()
-
-
-async def _finishes_soon(event: torch.cuda.Event) -> bool:
-    """Whether event completes within _PACK_POLL_S, queried between the loop's other callbacks."""
-    deadline = time.monotonic() + _PACK_POLL_S
-    while not event.query():
-        if time.monotonic() > deadline:
-            return False
-        await asyncio.sleep(0)
-    return True
 
 
 def _settle(future: concurrent.futures.Future[TransferStats], outcome: TransferStats | TransferFailed) -> None:

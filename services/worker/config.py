@@ -24,6 +24,9 @@ class WorkerConfig:
     # for lower latency per message; unset, it does on GPU workers only (TransportConfig.progress).
     kv_progress: ProgressMode | None = None
     kv_message_bytes: int = 32 * MiB  # a pushed request's layers travel in messages of about this size
+    # GPU workers of one host write KV straight into each other's caches over CUDA IPC
+    # (kvtransfer/ipc.py); off, every transfer goes over UCX (PDMESH_WORKER_KV_DIRECT_WRITES=0).
+    kv_direct_writes: bool = True
     lease_ms: int = 10_000  # an uncommitted reservation frees its blocks after this long, unless Reserve asks
     # The KV store (when the scheduler names one): a lookup is on the way to the first token, so it
     # is short; a fetch gets at most this long (and a quarter of the request's time left). An offer
@@ -67,5 +70,5 @@ class WorkerConfig:
         tls = "cuda_ipc,cuda_copy,sm,tcp,self" if cuda else "tcp,self"
         return TransportConfig(
             host=self.advertise_host, port=self.kv_port, device=self.engine.device, ucx_tls=tls,
-            progress=self.kv_progress, message_bytes=self.kv_message_bytes,
+            progress=self.kv_progress, message_bytes=self.kv_message_bytes, direct_writes=self.kv_direct_writes,
         )  # fmt: skip

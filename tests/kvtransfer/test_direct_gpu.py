@@ -76,7 +76,7 @@ def test_a_ticket_released_mid_write_is_never_written_after_its_blocks_are_freed
     try:
         first_ticket(decode, prefill)
         info = granted(decode, prefill, "rel", num_tokens=500, seed=5)
-        prefill.call("push", infos=[info], seeds=[5], layers=4)  # four layers written, the prefill goes on
+        prefill.call("push", infos=[info], seeds=[5], layers=4, timeout_s=30)  # 4 layers written, the prefill goes on
 
         # Decode.Release: once cancel returns, the writer has said it stopped (no copy of the ticket
         # queued or to come), so the blocks may be freed and zeroed.
@@ -98,7 +98,7 @@ def test_a_frozen_writer_whose_lease_ran_out_writes_nothing_when_it_wakes() -> N
     try:
         first_ticket(decode, prefill)
         info = granted(decode, prefill, "frozen", num_tokens=500, seed=6, lease_s=1.0)
-        prefill.call("push", infos=[info], seeds=[6], layers=4)
+        prefill.call("push", infos=[info], seeds=[6], layers=4, timeout_s=30)
         os.kill(prefill.process.pid, signal.SIGSTOP)  # no more Holds: the lease runs out
         try:
             # No Stopped can come: the receiver cuts the writer off a grace after the lease, and

@@ -212,6 +212,12 @@ def test_a_worker_hands_its_kv_settings_to_its_transport() -> None:
         from_env(WorkerConfig, "worker", environ={"PDMESH_WORKER_KV_MESSAGE_BYTES": "0"})
 
 
+def test_direct_kv_writes_are_on_by_default_and_one_setting_turns_them_off() -> None:
+    assert from_env(WorkerConfig, "worker", environ={}).transport().direct_writes
+    off = from_env(WorkerConfig, "worker", environ={"PDMESH_WORKER_KV_DIRECT_WRITES": "off"}).transport()
+    assert not off.direct_writes
+
+
 def test_one_setting_guards_both_doors_and_the_old_per_door_names_still_guard_their_own() -> None:
     both = from_env(SchedulerConfig, "scheduler", environ={"PDMESH_API_KEYS": "k1,k2"})
     assert both.door_keys == DoorKeys(grpc=("k1", "k2"), http=("k1", "k2"))

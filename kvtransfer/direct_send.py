@@ -1,0 +1,177 @@
+"""The sending side's direct writes, on the loop (KVSender's part; the push's is direct.py).
+
+A push to a peer whose cache a connection mapped (ipc.py) claims its ticket at once; the Granted
+brings the ticket's block ids as a small payload and arms the push; once its last copy has
+finished, one Written reports every layer (with sampled checksums of the source blocks, gathered
+on the copy stream before the engine may overwrite them). A claimed ticket that fails is answered
+with Stopped once the copy stream has passed every copy of it; a lost connection's mapping is
+dropped once no copy into it can still run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import time
+from dataclasses import dataclass
+
+import torch
+
+from engine.kv_layout import KVLayout
+from kvtransfer.checksum import digest_rows
+from kvtransfer.config import TransportConfig
+from kvtransfer.connection import Connection, Tasks, quietly
+from kvtransfer.direct import DirectWrite, Finished
+from kvtransfer.errors import TransferFailed
+from kvtransfer.ipc import PeerCaches
+from kvtransfer.push import KVPush
+from kvtransfer.ticket import Ticket
+from kvtransfer.timeline import Step, Timeline
+from kvtransfer.wire import Granted, Stopped, Written
+
+# A pack (or a copy) takes microseconds once the GPU reaches it; polling its event this long on the
+# loop beats a thread hop when the GPU is not far behind the engine, and costs little when it is.
+_PACK_POLL_S = 200e-6
+
+
+@dataclass(slots=True, eq=False)
+class Outgoing:
+    """The loop's record of one push in flight."""
+
+    push: KVPush
+    lease_s: float = 0.0  # the receiver's lease: its longest allowed silence of ours
+    deadline: asyncio.TimerHandle | None = None
+    conn: Connection | None = None
+    started: float | None = None
+    bytes_sent: int = 0
+    in_flight: int = 0  # messages handed over and not yet fully sent
+    landed_bytes: int | None = None  # the receiver's Done; completes once in_flight is 0 too
+    claimed: bool = False  # a Claim went: if the ticket fails, the receiver waits for our Stopped
+
+
+class DirectSending:
+    """KVSender's direct-write half: the attributes and methods below the stubs are KVSender's."""
+
+    config: TransportConfig
+    layout: KVLayout | None
+    timeline: Timeline
+    copy_stream: torch.cuda.Stream | None
+    _mapped: dict[str, PeerCaches]
+    _outgoing: dict[str, Outgoing]
+    _loop: asyncio.AbstractEventLoop
+    _tasks: Tasks
+    _waiter: concurrent.futures.ThreadPoolExecutor
+
+    def _fail(self, out: Outgoing, reason: str, *, tell_peer: bool, error: TransferFailed | None = None) -> None:
+        raise NotImplementedError
+
+    async def _bind(self, out: Outgoing) -> Connection:
+        raise NotImplementedError
+
+    def _renew(self, out: Outgoing) -> None:
+        raise NotImplementedError
+
+    def _complete(self, out: Outgoing) -> None:
+        raise NotImplementedError
+
+    def _direct_write(self, ticket: Ticket, layout: KVLayout) -> DirectWrite | None:
+        """Direct writes for a push to a peer whose cache a live connection has mapped (the first
+        push to a peer goes over UCX: its connection, and so the mapping, is made on the way)."""
+        peer = self._mapped.get(ticket.address)
+        if peer is None or self.copy_stream is None or layout != self.layout:
+            return None
+        lease_s = max(0.0, ticket.lease_left_s())
+        return DirectWrite(peer, self.copy_stream, layout.num_layers, self.config.checksum_samples, lease_s)
+
+    async def _unmap(self, peer: PeerCaches) -> None:
+        """Drop a lost connection's mapping once no copy into it can be queued or running."""
+        if self.copy_stream is not None:
+            await self._loop.run_in_executor(self._waiter, self.copy_stream.synchronize)
+        peer.close()
+
+    def _claims(self, out: Outgoing, conn: Connection) -> bool:
+        direct = out.push.direct
+        if direct is None:
+            return False
+        if conn.peer_caches is not direct.peer:  # the connection was made again since the push opened
+            direct.decline()
+            return False
+        return True
+
+    async def _granted(self, out: Outgoing, conn: Connection, granted: Granted) -> None:
+        """The ticket is ours to write: fetch its block ids and arm the push's direct writes."""
+        direct = out.push.direct
+        self.timeline.mark(granted.ticket, Step.GRANTED)
+        if direct is None or not granted.direct:
+            if direct is not None:
+                direct.decline()
+            return
+        ids = torch.empty(out.push.ticket.num_blocks, dtype=torch.int64).pin_memory()
+        try:
+            await conn.recv_payload(ids, granted.tag)
+        except Exception as e:
+            self._fail(out, f"the grant's block ids were lost: {type(e).__name__}: {e}", tell_peer=True)
+            return
+        if self._outgoing.get(granted.ticket) is out:
+            direct.arm(ids)
+            self.timeline.mark(granted.ticket, Step.ARMED)
+
+    def _start_written(self, push: KVPush, finished: Finished) -> None:
+        out = self._outgoing.get(push.ticket.ticket_id)
+        if out is None or out.push is not push:
+            return
+        out.started = push.started_at
+        out.in_flight += 1
+        self._tasks.spawn(self._send_written(out, finished))
+
+    async def _send_written(self, out: Outgoing, finished: Finished) -> None:
+        """Once the copies have finished: one Written for every layer (with the sampled checksums)."""
+        info = out.push.ticket
+        try:
+            conn = await self._bind(out)
+            if not await finishes_soon(finished.written):
+                await self._loop.run_in_executor(self._waiter, finished.written.synchronize)
+            self.timeline.mark(info.ticket_id, Step.PACK_DONE, 0)
+            checksums: tuple[tuple[int, int], ...] = ()
+            if finished.samples is not None:
+                rows = await self._loop.run_in_executor(self._waiter, finished.samples.cpu)
+                checksums = digest_rows(rows, finished.chunks)
+            nbytes = info.num_blocks * self.layout_bytes(out.push.layout)
+            if self._outgoing.get(info.ticket_id) is not out:
+                return
+            await conn.send(Written(info.ticket_id, nbytes, checksums))
+            self.timeline.mark(info.ticket_id, Step.HEADER_SENT, 0)
+            out.bytes_sent = nbytes
+            if self._outgoing.get(info.ticket_id) is out:
+                self._renew(out)
+        except TransferFailed as e:
+            self._fail(out, e.reason, tell_peer=False, error=e)
+        except Exception as e:
+            self._fail(out, f"written failed: {type(e).__name__}: {e}", tell_peer=False)
+        finally:
+            out.in_flight -= 1
+        if out.landed_bytes is not None and out.in_flight == 0 and self._outgoing.get(info.ticket_id) is out:
+            self._complete(out)
+
+    @staticmethod
+    def layout_bytes(layout: KVLayout) -> int:
+        """Bytes of one block over every layer, K and V."""
+        return layout.num_layers * layout.block_elems_per_layer * getattr(torch, layout.dtype).itemsize
+
+    async def _stopped(self, out: Outgoing, stopped: torch.cuda.Event | None) -> None:
+        """Tell the receiver of a failed claimed ticket once none of its copies can still run."""
+        if stopped is not None:
+            await self._loop.run_in_executor(self._waiter, stopped.synchronize)
+        conn = out.conn
+        if conn is not None and conn.lost is None:
+            await quietly(conn.send(Stopped(out.push.ticket.ticket_id)))
+
+
+async def finishes_soon(event: torch.cuda.Event) -> bool:
+    """Whether event completes within _PACK_POLL_S, queried between the loop's other callbacks."""
+    deadline = time.monotonic() + _PACK_POLL_S
+    while not event.query():
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0)
+    return True
