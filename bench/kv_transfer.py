@@ -10,7 +10,7 @@ arrives (its prefill then takes at least that long before the first layer is fin
 
 Two paths on GPUs (--paths), each a pair of processes of its own, in the same run:
   direct  the sender writes the blocks straight into the receiver's cache over CUDA IPC (the
-          push's Claim is granted during the lead; then one copy kernel per message and one Written)
+          push's AskWrite is granted during the lead; then one copy kernel per message and one Written)
   ucx     direct writes off: packed into staging buffers, sent over UCX, unpacked (the old path)
 
   GPU (default): pairs of processes, each seeing one GPU (CUDA_VISIBLE_DEVICES), sender GPU first:

@@ -1,6 +1,6 @@
 """One push's direct writes: its layer groups copied straight into the receiver's blocks over CUDA IPC.
 
-A push to a peer whose cache this process has mapped (ipc.py) claims its ticket at once (wire.Claim)
+A push to a peer whose cache this process has mapped (ipc.py) asks to write its ticket at once (wire.AskWrite)
 and keeps each finished layer group here, with an event on the engine's stream marking it final,
 until the receiver's grant arrives (its block ids, on the loop): then every kept group is copied on
 the sender's copy stream, and later groups as they finish, on the engine's thread. The engine's
@@ -12,7 +12,7 @@ The lock orders the engine thread's launches against the loop's arm() and stop()
 returned, nothing of this push is launched again, and once the copy stream has been synchronised
 after it (KVSender does that on its waiter thread) nothing of it writes the receiver's blocks.
 Nor is anything launched once the lease has run out as this side sees it (`valid_until`: a lease
-from the moment before its last Claim or Hold was sent, never later than the receiver's own
+from the moment before its last AskWrite or Hold was sent, never later than the receiver's own
 expiry), so a writer that froze and woke up later does not write blocks its receiver let go.
 """
 
@@ -31,7 +31,7 @@ from kvtransfer.ipc import PeerCaches
 
 
 class DirectState(enum.Enum):
-    PENDING = "pending"  # claimed, no grant yet: groups are kept
+    PENDING = "pending"  # asked, no grant yet: groups are kept
     ARMED = "armed"  # granted: groups are copied as they finish
     PACKED = "packed"  # the last layer came before the grant (or the grant said no): UCX carries it all
     STOPPED = "stopped"  # the push failed or was cancelled: nothing is launched any more
@@ -126,7 +126,7 @@ class DirectWrite:
             return stopped
 
     def renewed(self, until: float) -> None:
-        """The loop sent a Claim or Hold just after time.monotonic() was until - lease."""
+        """The loop sent an AskWrite or Hold just after time.monotonic() was until - lease."""
         self.valid_until = max(self.valid_until, until)
 
     # ---- under the lock

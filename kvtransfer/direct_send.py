@@ -1,9 +1,9 @@
 """The sending side's direct writes, on the loop (KVSender's part; the push's is direct.py).
 
-A push to a peer whose cache a connection mapped (ipc.py) claims its ticket at once; the Granted
+A push to a peer whose cache a connection mapped (ipc.py) asks to write its ticket at once; the Granted
 brings the ticket's block ids as a small payload and arms the push; once its last copy has
 finished, one Written reports every layer (with sampled checksums of the source blocks, gathered
-on the copy stream before the engine may overwrite them). A claimed ticket that fails is answered
+on the copy stream before the engine may overwrite them). A ticket asked for that fails is answered
 with Stopped once the copy stream has passed every copy of it; a lost connection's mapping is
 dropped once no copy into it can still run.
 """
@@ -46,7 +46,7 @@ class Outgoing:
     bytes_sent: int = 0
     in_flight: int = 0  # messages handed over and not yet fully sent
     landed_bytes: int | None = None  # the receiver's Done; completes once in_flight is 0 too
-    claimed: bool = False  # a Claim went: if the ticket fails, the receiver waits for our Stopped
+    asked: bool = False  # an AskWrite went: if the ticket fails, the receiver waits for our Stopped
 
 
 class DirectSending:
@@ -89,7 +89,7 @@ class DirectSending:
             await self._loop.run_in_executor(self._waiter, self.copy_stream.synchronize)
         peer.close()
 
-    def _claims(self, out: Outgoing, conn: Connection) -> bool:
+    def _asks(self, out: Outgoing, conn: Connection) -> bool:
         direct = out.push.direct
         if direct is None:
             return False
@@ -159,7 +159,7 @@ class DirectSending:
         return layout.num_layers * layout.block_elems_per_layer * getattr(torch, layout.dtype).itemsize
 
     async def _stopped(self, out: Outgoing, stopped: torch.cuda.Event | None) -> None:
-        """Tell the receiver of a failed claimed ticket once none of its copies can still run."""
+        """Tell the receiver of a failed ticket it asked for once none of its copies can still run."""
         if stopped is not None:
             await self._loop.run_in_executor(self._waiter, stopped.synchronize)
         conn = out.conn

@@ -47,7 +47,7 @@ from kvtransfer.ticket import Ticket, TicketId
 from kvtransfer.ticket_import import CALL_TIMEOUT_S, LeaseState, TicketImport, on_loop
 from kvtransfer.timeline import Step, Timeline
 from kvtransfer.unpack import Unpacker
-from kvtransfer.wire import Cancel, Claim, Data, Done, Failed, Granted, Hold, Message, Stopped, Written
+from kvtransfer.wire import AskWrite, Cancel, Data, Done, Failed, Granted, Hold, Message, Stopped, Written
 
 # KVCaches, LeaseState and TicketImport lived here before their own modules: still importable from here
 __all__ = ["KVCaches", "KVReceiver", "LeaseState", "TicketImport", "check_data"]
@@ -140,8 +140,8 @@ class KVReceiver:
             entry = self._incoming.get(message.ticket)
             if entry is not None and entry.conn in (None, conn):
                 self._fail(entry, f"the sender ended it: {message.reason}", tell_peer=False)
-        elif isinstance(message, Claim):
-            self._claim(conn, message.ticket)
+        elif isinstance(message, AskWrite):
+            self._ask(conn, message.ticket)
         elif isinstance(message, Written):
             self.timeline.mark(message.ticket, Step.WRITTEN_HEARD)
             self._written(conn, message)
@@ -339,11 +339,11 @@ class KVReceiver:
         self._tasks.spawn(quietly(self._send_done(entry.conn, Done(ticket_id, entry.bytes_landed))))
 
     # ---- direct writes (a same-host GPU sender writes the ticket's blocks itself: ipc.py, direct.py)
-    def _claim(self, conn: Connection, ticket_id: str) -> None:
+    def _ask(self, conn: Connection, ticket_id: str) -> None:
         """A Hold that asks to write the blocks directly: grant it if this connection mapped the
         caches the ticket lands in; from then on only that writer's Stopped (or its loss) lets a
         failed ticket's blocks go."""
-        self.timeline.mark(ticket_id, Step.CLAIM_HEARD)
+        self.timeline.mark(ticket_id, Step.ASK_HEARD)
         entry = self._incoming.get(ticket_id)
         if entry is None or (entry.conn is not None and entry.conn is not conn):
             ending = "the ticket is bound to another peer" if entry else self._endings.get(ticket_id, "unknown ticket")

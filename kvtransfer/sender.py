@@ -13,10 +13,10 @@ milliseconds after opening), which keeps the ticket's lease from running out whi
 has not even begun. The sender's own deadline
 likewise counts from the last Hold or message it sent.
 
-A push to a peer whose cache this process mapped at the handshake (ipc.py) claims its ticket at
+A push to a peer whose cache this process mapped at the handshake (ipc.py) asks to write its ticket at
 once instead of the first Hold; the receiver's Granted brings the ticket's block ids (a small
 payload), which arms the push's direct writes (direct.py); once the last copy has finished, one
-Written message reports every layer, and the Done completes the push as before. A claimed ticket
+Written message reports every layer, and the Done completes the push as before. A ticket asked for
 that fails is answered with Stopped once the copy stream has passed every copy of it: only then
 may the receiver free its blocks.
 """
@@ -44,7 +44,7 @@ from kvtransfer.staging import StagingPool
 from kvtransfer.telemetry import Direction, TransferObserver, TransferStats
 from kvtransfer.ticket import Ticket
 from kvtransfer.timeline import Step, Timeline
-from kvtransfer.wire import Cancel, Claim, Data, Done, Failed, Granted, Hold, Message
+from kvtransfer.wire import AskWrite, Cancel, Data, Done, Failed, Granted, Hold, Message
 
 log = structlog.get_logger(__name__)
 
@@ -163,10 +163,10 @@ class KVSender(DirectSending):
             try:
                 conn = await self._bind(out)
                 sent_at = time.monotonic()
-                if first and self._claims(out, conn):  # at once: the grant must come before the last layer
-                    first, out.claimed = False, True
-                    await conn.send(Claim(ticket))
-                    self.timeline.mark(ticket, Step.CLAIM_SENT)
+                if first and self._asks(out, conn):  # at once: the grant must come before the last layer
+                    first, out.asked = False, True
+                    await conn.send(AskWrite(ticket))
+                    self.timeline.mark(ticket, Step.ASK_SENT)
                 elif first:
                     first = False
                     await asyncio.sleep(min(_FIRST_HOLD_S, out.lease_s / 4))
@@ -325,7 +325,7 @@ class KVSender(DirectSending):
             self._tasks.spawn(quietly(out.conn.send(Cancel(info.ticket_id, reason))))
         if out.push.direct is not None:
             stopped = out.push.direct.stop()  # launches nothing more from here on
-            if out.claimed:
+            if out.asked:
                 self._tasks.spawn(self._stopped(out, stopped))
         _settle(out.push.future, error)
         notify(self._observer.on_failure, error, Direction.SEND)

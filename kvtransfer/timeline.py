@@ -19,7 +19,7 @@ class Step(enum.Enum):
     # the sending side
     OPENED = "open"  # push() called (engine thread)
     FIRST_LAYER = "first_layer"  # the first push_layer (engine thread)
-    CLAIM_SENT = "claim_sent"  # direct writes: the Claim's send completed
+    ASK_SENT = "ask_sent"  # direct writes: the AskWrite's send completed
     GRANTED = "granted"  # the receiver's Granted arrived
     ARMED = "armed"  # its block ids arrived: copies may launch
     PACKED = "pack_launched"  # a message's pack (direct: the ticket's last copy) queued (engine thread)
@@ -32,7 +32,7 @@ class Step(enum.Enum):
     # the receiving side
     EXPECTED = "expected"  # the ticket registered on the loop
     HOLD_HEARD = "hold_heard"
-    CLAIM_HEARD = "claim_heard"
+    ASK_HEARD = "ask_heard"
     GRANT_SENT = "grant_sent"  # the Granted and its block ids were sent
     WRITTEN_HEARD = "written_heard"  # direct writes: the sender's Written arrived
     DATA_HEARD = "data_heard"  # a Data header arrived

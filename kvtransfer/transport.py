@@ -46,8 +46,8 @@ from kvtransfer.ticket_import import TicketImport
 from kvtransfer.timeline import Timeline
 from kvtransfer.wire import (
     FRAME_BYTES,
+    AskWrite,
     Cancel,
-    Claim,
     Data,
     Done,
     Failed,
@@ -374,7 +374,7 @@ class KVTransport:
         self._accepted.add(conn)
 
     def _route(self, conn: Connection, message: Message) -> None:
-        if isinstance(message, Hold | Data | Cancel | Claim | Written | Stopped):
+        if isinstance(message, Hold | Data | Cancel | AskWrite | Written | Stopped):
             if self._receiver is None:
                 conn.abort("a peer sent KV to a worker with no receiving side")
                 return

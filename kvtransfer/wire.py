@@ -16,13 +16,14 @@ Between GPU workers of one host the Hello names the host (ipc.host_identity) and
 agrees says how large its cache export is (ipc.py), which follows on EXPORT_TAG; then a ticket's
 KV need not travel as payloads at all (direct writes, push.py and receiver.py):
 
-    Claim(ticket) ------------------------->  at once when the push opens: a Hold that asks to write
-             <------------------------------ Granted(ticket, direct) | Failed(ticket, reason)
+    AskWrite(ticket) ---------------------->  at once when the push opens: a Hold that asks to write
+             <------------------------------ Granted(ticket, direct, tag) | Failed(ticket, reason)
+             <------------------------------ (direct: the ticket's block ids, int64, on `tag`)
     (the sender's kernels write the ticket's blocks in the receiver's cache)
     Written(ticket, bytes, checksums) ----->  every layer is there
              <------------------------------ Done | Failed
-    Stopped(ticket) ----------------------->  after a Failed or Cancel of a claimed ticket: nothing
-                                              of the sender writes those blocks any more
+    Stopped(ticket) ----------------------->  after a Failed or Cancel of a ticket it asked to
+                                              write: nothing of the sender writes its blocks any more
 
 A ticket's lease measures the sender's silence, not the prefill's length: every Hold and every
 accepted Data header renews it, so a request queued behind others on a busy prefill worker keeps
@@ -111,10 +112,10 @@ class Failed:
 
 
 @dataclass(frozen=True)
-class Claim:
+class AskWrite:
     """A Hold that also asks to write the ticket's blocks directly (the connection mapped them)."""
 
-    kind: ClassVar[str] = "claim"
+    kind: ClassVar[str] = "ask_write"
     ticket: str
 
 
@@ -140,15 +141,15 @@ class Written:
 
 @dataclass(frozen=True)
 class Stopped:
-    """Nothing of the sender writes a claimed ticket's blocks any more: the receiver may free them."""
+    """Nothing of the sender writes the ticket's blocks any more: the receiver may free them."""
 
     kind: ClassVar[str] = "stopped"
     ticket: str
 
 
-Message = Hello | Welcome | Refuse | Hold | Data | Cancel | Done | Failed | Claim | Granted | Written | Stopped
+Message = Hello | Welcome | Refuse | Hold | Data | Cancel | Done | Failed | AskWrite | Granted | Written | Stopped
 _KINDS: dict[str, type[Message]] = {
-    c.kind: c for c in (Hello, Welcome, Refuse, Hold, Data, Cancel, Done, Failed, Claim, Granted, Written, Stopped)
+    c.kind: c for c in (Hello, Welcome, Refuse, Hold, Data, Cancel, Done, Failed, AskWrite, Granted, Written, Stopped)
 }
 
 

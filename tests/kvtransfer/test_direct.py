@@ -15,7 +15,7 @@ from engine.kv_layout import KVLayout
 from kvtransfer.config import TransportConfig
 from kvtransfer.direct import DirectState, DirectWrite, Group
 from kvtransfer.ipc import PeerCaches, host_identity
-from kvtransfer.wire import Claim, Granted, Hello, Stopped, Welcome, Written, decode, encode
+from kvtransfer.wire import AskWrite, Granted, Hello, Stopped, Welcome, Written, decode, encode
 
 LAYOUT = KVLayout("m", "bfloat16", block_size=16, num_layers=4, num_kv_heads=2, head_dim=8)
 
@@ -23,7 +23,7 @@ LAYOUT = KVLayout("m", "bfloat16", block_size=16, num_layers=4, num_kv_heads=2, 
 @pytest.mark.parametrize(
     "message",
     [
-        Claim("t1"),
+        AskWrite("t1"),
         Granted("t1", direct=True, tag=7),
         Granted("t1", direct=False),
         Written("t1", bytes=4096, checksums=((3, 2**63 + 5),)),

@@ -44,7 +44,7 @@ def first_ticket(decode: Peer, prefill: Peer) -> None:
 
 def granted(decode: Peer, prefill: Peer, ticket: str, num_tokens: int, seed: int, lease_s: float = 60) -> Any:
     """Expect a ticket and open its push, as a prefill worker does when the request arrives: the
-    Claim goes at once and the grant arms the push before its first layer."""
+    AskWrite goes at once and the grant arms the push before its first layer."""
     info = decode.call("expect", ticket=ticket, num_tokens=num_tokens, seed=seed, timeout_s=lease_s)
     prefill.call("open", infos=[info])
     eventually(lambda: prefill.call("direct_state", ticket=ticket) == "armed")
