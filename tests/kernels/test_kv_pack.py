@@ -6,7 +6,7 @@ import pytest
 import torch
 from kernel_cases import kv_pool, nan_staging, run_in_interpreter, same_bytes
 
-from kernels.kv_pack import pack_blocks, pack_blocks_ref, unpack_blocks, validate_block_ids
+from kernels.kv_pack import copy_blocks, pack_blocks, pack_blocks_ref, unpack_blocks, validate_block_ids
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
@@ -77,6 +77,24 @@ def test_reference_refuses_an_id_outside_the_pool() -> None:
     layers = kv_pool(1, num_blocks=4)
     with pytest.raises(RuntimeError, match="out of"):
         pack_blocks_ref(layers, torch.tensor([4]), nan_staging(layers, 1))
+
+
+def test_copy_blocks_writes_exactly_the_named_blocks_of_another_pool() -> None:
+    src = kv_pool(2, num_blocks=9, dtype=torch.float32)
+    dst = [torch.zeros(2, 5, *layer.shape[2:]) for layer in src]
+    copy_blocks(src, torch.tensor([8, 1]), dst, torch.tensor([0, 4]), use_triton=False)
+    for mine, layer in zip(dst, src, strict=True):
+        assert same_bytes(mine[:, [0, 4]], layer[:, [8, 1]])
+        assert not mine[:, 1:4].any()
+
+
+def test_copy_blocks_names_a_mismatched_argument() -> None:
+    src = kv_pool(2, num_blocks=9, dtype=torch.float32)
+    dst = [torch.zeros(2, 5, 16, 2, 4, dtype=torch.bfloat16) for _ in src]
+    with pytest.raises(ValueError, match="destination blocks torch.bfloat16"):
+        copy_blocks(src, torch.tensor([1]), dst, torch.tensor([0]))
+    with pytest.raises(ValueError, match="2 source block ids but 1 destination"):
+        copy_blocks(src, torch.tensor([1, 2]), src, torch.tensor([0]))
 
 
 def test_triton_kernel_matches_reference_in_interpreter() -> None:
