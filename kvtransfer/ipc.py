@@ -107,5 +107,14 @@ def open_caches(blob: bytes, layout: KVLayout, device: torch.device) -> PeerCach
     return PeerCaches(layers)
 
 
+def map_peer(address: str, blob: bytes, layout: KVLayout, device: torch.device) -> PeerCaches | None:
+    """open_caches for a connection: None (its KV then goes over UCX) when this process cannot map them."""
+    try:
+        return open_caches(blob, layout, device)
+    except Exception as e:
+        log.warning("kv direct writes unavailable: KV goes over UCX", peer=address, error=f"{type(e).__name__}: {e}")
+        return None
+
+
 def exportable(tensors: Sequence[torch.Tensor] | None) -> bool:
     return bool(tensors) and all(t.is_cuda for t in tensors or ())

@@ -35,19 +35,18 @@ import torch
 
 from kernels.kv_pack import validate_block_ids
 from kvtransfer.caches import KVCaches
-from kvtransfer.checksum import digest_rows
 from kvtransfer.config import TransportConfig
 from kvtransfer.connection import Connection, Tasks, notify, quietly
-from kvtransfer.direct import gather_chunks
+from kvtransfer.direct_receive import DirectReceiving
 from kvtransfer.errors import TransferFailed
-from kvtransfer.incoming import Incoming, check_data, check_written
+from kvtransfer.incoming import Incoming, check_data
 from kvtransfer.staging import StagingPool
 from kvtransfer.telemetry import Direction, TransferObserver, TransferStats
 from kvtransfer.ticket import Ticket, TicketId
 from kvtransfer.ticket_import import CALL_TIMEOUT_S, LeaseState, TicketImport, on_loop
 from kvtransfer.timeline import Step, Timeline
 from kvtransfer.unpack import Unpacker
-from kvtransfer.wire import AskWrite, Cancel, Data, Done, Failed, Granted, Hold, Message, Stopped, Written
+from kvtransfer.wire import AskWrite, Cancel, Data, Done, Failed, Hold, Message, Stopped, Written
 
 # KVCaches, LeaseState and TicketImport lived here before their own modules: still importable from here
 __all__ = ["KVCaches", "KVReceiver", "LeaseState", "TicketImport", "check_data"]
@@ -59,7 +58,7 @@ _COMPLETED = "the ticket already completed"
 _SENDER_CANCELLED = "the sender ended it: cancelled: "  # its push was cancelled on purpose (KVPush.cancel)
 
 
-class KVReceiver:
+class KVReceiver(DirectReceiving):
     def __init__(
         self,
         caches: KVCaches | None,  # where tickets land unless expect() names other caches
@@ -337,97 +336,6 @@ class KVReceiver:
         self.timeline.mark(ticket_id, Step.LANDED)
         notify(self._observer.on_complete, stats)
         self._tasks.spawn(quietly(self._send_done(entry.conn, Done(ticket_id, entry.bytes_landed))))
-
-    # ---- direct writes (a same-host GPU sender writes the ticket's blocks itself: ipc.py, direct.py)
-    def _ask(self, conn: Connection, ticket_id: str) -> None:
-        """A Hold that asks to write the blocks directly: grant it if this connection mapped the
-        caches the ticket lands in; from then on only that writer's Stopped (or its loss) lets a
-        failed ticket's blocks go."""
-        self.timeline.mark(ticket_id, Step.ASK_HEARD)
-        entry = self._incoming.get(ticket_id)
-        if entry is None or (entry.conn is not None and entry.conn is not conn):
-            ending = "the ticket is bound to another peer" if entry else self._endings.get(ticket_id, "unknown ticket")
-            self._tasks.spawn(quietly(conn.send(Failed(ticket_id, ending))))
-            return
-        self._hold(conn, ticket_id)
-        direct = conn.export_offered and entry.caches is self.caches
-        if direct:
-            entry.writer_quiet = asyncio.Event()
-        self._tasks.spawn(self._grant(conn, entry, direct))
-
-    async def _grant(self, conn: Connection, entry: Incoming, direct: bool) -> None:
-        ticket_id = entry.ticket.ticket_id
-        tag = conn.next_tag() if direct else 0
-        try:
-            await conn.send(Granted(ticket_id, direct, tag))
-            if direct:
-                await conn.send_payload(entry.block_ids, tag)
-            self.timeline.mark(ticket_id, Step.GRANT_SENT)
-        except Exception as e:  # the connection's loss handler fails the ticket
-            log.debug("kv grant send failed", ticket=ticket_id, error=str(e))
-
-    def _written(self, conn: Connection, written: Written) -> None:
-        """Every layer is in the blocks: land the ticket at once, or after checking sampled checksums."""
-        entry = self._incoming.get(written.ticket)
-        problem = check_written(written, entry, conn) if entry is not None else None
-        if entry is None or problem is not None:
-            reason = problem or self._endings.get(written.ticket, "unknown ticket")
-            if entry is not None:
-                self._fail(entry, reason, tell_peer=True)
-            else:
-                self._tasks.spawn(quietly(conn.send(Failed(written.ticket, reason))))
-            return
-        entry.started = time.monotonic() if entry.started is None else entry.started
-        if written.checksums:
-            self._tasks.spawn(self._check_written(entry, written))
-        else:
-            self._landed(entry, 0, len(entry.claimed), written.bytes)
-
-    async def _check_written(self, entry: Incoming, written: Written) -> None:
-        entry.scattering += 1  # a read of the blocks: a failure meanwhile waits for it
-        try:
-            device = entry.caches.tensors[0].device
-            bad = await self._unpacker.run(device, self._first_bad_chunk, entry, written)
-        finally:
-            entry.scattering -= 1
-        if bad is not None:
-            layer = bad // (2 * entry.block_ids.numel())
-            self._fail(entry, f"checksum mismatch in layer {layer} (chunk {bad} of the ticket)", tell_peer=True)
-        if entry.failure is not None:
-            if entry.scattering == 0:
-                self._publish(entry)
-            return
-        self._landed(entry, 0, len(entry.claimed), written.bytes)
-
-    def _first_bad_chunk(self, entry: Incoming, written: Written) -> int | None:
-        """On the scatter thread: the first sampled chunk of the blocks whose digest differs from the writer's."""
-        chunks = [c for c, _ in written.checksums]
-        rows = gather_chunks(list(entry.caches.tensors), entry.device_ids, chunks)
-        got = digest_rows(rows.cpu(), chunks)
-        return next((c for (c, want), (_, have) in zip(written.checksums, got, strict=True) if want != have), None)
-
-    def _quarantine(self, entry: Incoming) -> None:
-        """Keep a failed ticket's blocks until its direct writer lets them go (Stopped). A writer
-        that says nothing within the grace is cut off: its connection's loss starts the release."""
-        self._quarantined[entry.ticket.ticket_id] = entry
-        conn = entry.conn
-        if conn is None or conn.lost is not None:
-            self.loop.call_later(self._grace_s, self._release, entry)
-            return
-
-        def overdue() -> None:
-            if entry.quarantined and conn.lost is None:
-                conn.abort("a direct writer did not confirm it stopped writing a failed ticket")
-
-        self.loop.call_later(self._grace_s, overdue)
-
-    def _release(self, entry: Incoming) -> None:
-        if self._quarantined.get(entry.ticket.ticket_id) is entry:
-            del self._quarantined[entry.ticket.ticket_id]
-        if entry.writer_quiet is not None:
-            entry.writer_quiet.set()
-        if entry.scattering == 0:
-            self._publish(entry)
 
     async def _send_done(self, conn: Connection, done: Done) -> None:
         await conn.send(done)

@@ -35,7 +35,7 @@ from kvtransfer.caches import KVCaches
 from kvtransfer.config import TransportConfig
 from kvtransfer.connection import CTL_TAG, Connection, Tasks
 from kvtransfer.errors import IncompatiblePeer
-from kvtransfer.ipc import EXPORT_TAG, PeerCaches, export_caches, exportable, host_identity, open_caches
+from kvtransfer.ipc import EXPORT_TAG, export_caches, exportable, host_identity, map_peer
 from kvtransfer.listen import arrived_on_loopback, local_address
 from kvtransfer.push import KVPush
 from kvtransfer.receiver import KVReceiver
@@ -296,7 +296,7 @@ class KVTransport:
             if isinstance(reply, Welcome) and reply.export_bytes > 0:
                 blob = bytearray(reply.export_bytes)
                 await asyncio.wait_for(ep.recv(blob, tag=EXPORT_TAG), timeout)
-                peer_caches = self._map(address, bytes(blob), layout)
+                peer_caches = map_peer(address, bytes(blob), layout, torch.device(self.config.device))
             if not isinstance(reply, Welcome | Refuse):
                 raise ValueError(f"the peer answered the handshake with {reply.kind}")
             difference = layout.first_difference(reply.layout)
@@ -313,15 +313,6 @@ class KVTransport:
         self._dialed[(address, layout)] = conn
         log.info("kv peer connected", peer=address, instance=reply.instance, direct_writes=peer_caches is not None)
         return conn
-
-    def _map(self, address: str, blob: bytes, layout: KVLayout) -> PeerCaches | None:
-        """Map a same-host peer's exported caches; None (KV over UCX) when this process cannot."""
-        try:
-            return open_caches(blob, layout, torch.device(self.config.device))
-        except Exception as e:
-            log.warning("kv direct writes unavailable: KV goes over UCX", peer=address,
-                        error=f"{type(e).__name__}: {e}")  # fmt: skip
-            return None
 
     def _offers_export(self, hello: Hello) -> bytes | None:
         """Our caches' export for a dialer that can map them: same host identity, both on GPUs."""
