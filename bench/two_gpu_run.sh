@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Issue 13 in one device call on two GPUs: prefill on GPU 1, decode on GPU 0.
 #   1. kv      KV transfer GPU1 -> GPU0 between two worker processes (bench/kv_transfer.py), beside a
-#              torch peer copy of the same bytes in the same run.
+#              torch peer copy of the same bytes in the same run: direct writes over CUDA IPC and
+#              the UCX path (direct writes off), each its own pair of processes.
+#   kv-timeline  (not in the default PHASES) where a direct-write ticket's time goes, step by step
+#              on both sides (bench/kv_transfer.py --timeline; 1k and 4k tokens).
 #   2. mesh    `pdmesh bench serve` against 1 prefill (GPU1) + 1 decode (GPU0), disaggregated, and
 #              against two colocated workers (one per GPU, every prompt prefilled where it is
 #              decoded): the same Mooncake trace replay and the same mixed long-prompt/long-output
@@ -111,6 +114,10 @@ fi
 if wants kv; then
   # shellcheck disable=SC2086
   phase kv 150 "$FAILURE_RESERVE_S" $PY bench/kv_transfer.py $KV_ARGS --out "$LOGS/kv_transfer.json"
+fi
+if wants kv-timeline; then
+  TAIL=40 phase kv-timeline 60 "$FAILURE_RESERVE_S" $PY bench/kv_transfer.py --pairs 1:0 --paths direct --message-mib 512 \
+    --tokens 1024,4096 --iters 3 --timeline --out "$LOGS/kv_timeline.json"
 fi
 if wants model; then
   wait "$MODEL_PID"; say "== model $(($(date +%s) - T0))s: $(tail -n 2 "$LOGS/model.log" | tr '\n' ' ')"
