@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.batcher import Batch, Batcher, step_shape
+from engine.block_copy import copy_in
 from engine.block_pool import BlockPool
 from engine.config import EngineConfig
 from engine.cpu_linear import packing_supported
@@ -225,6 +226,19 @@ class Engine:
             sink.push_layer(layer, kv, ids, len(ids) * self.config.cache.block_size)
         sink.close()
         return len(ids)
+
+    def import_blocks(
+        self, request_id: str, block_ids: Sequence[int], slabs: Sequence[torch.Tensor], slots: Sequence[int]
+    ) -> tuple[bool, torch.cuda.Event | None]:
+        """Copy host slots (a KV store's, mapped: kvtransfer/shm.py) into blocks a request holds for
+        its pending import; (copied, the CUDA event after the copies, None off CUDA). Not copied
+        when the request no longer waits for its import (ended, aborted, import failed): its
+        blocks may be another's by now. Call between steps, as export_blocks."""
+        rid = RequestId(request_id)
+        request = self.requests.get(rid)
+        if rid not in self.reservations and (request is None or request.kv_import is None):
+            return False, None
+        return True, copy_in(self.kv_caches, block_ids, slabs, slots)
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """Cancel a request or a reservation at any moment; every block it held is released."""

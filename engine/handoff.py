@@ -26,6 +26,13 @@ Offering — `Engine.take_finished_chains()` names the full blocks finished requ
 prefix cache, and `Engine.export_blocks(hashes, sink)` pushes them through any KVExportSink while
 they are still cached (between steps), so a worker can copy them to a KV store off the TTFT path.
 
+Shared memory — a worker on its KV store's host maps the store's memory tier (kvtransfer/shm.py)
+and moves blocks by copying, not over UCX: `Engine.import_blocks(request_id, block_ids, slabs,
+slots)` copies host slots into the blocks a pending prefix import holds (between steps, queued on
+the current stream on CUDA), and an offer's sink (kvtransfer.shm.SlabSink) copies exported blocks
+into the store's slots. The KVImport protocol above is unchanged: the import is done once the
+copy has completed and the store confirmed its slots were held all along.
+
 The engine knows nothing of tickets, peers or UCX: kvtransfer implements these protocols.
 `engine.inprocess_link` is the in-process implementation the tests use.
 """

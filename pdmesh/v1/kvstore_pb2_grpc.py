@@ -50,6 +50,21 @@ class KVStoreStub:
                 request_serializer=pdmesh_dot_v1_dot_kvstore__pb2.FetchRequest.SerializeToString,
                 response_deserializer=pdmesh_dot_v1_dot_kvstore__pb2.FetchResponse.FromString,
                 _registered_method=True)
+        self.MapMemory = channel.unary_unary(
+                '/pdmesh.v1.KVStore/MapMemory',
+                request_serializer=pdmesh_dot_v1_dot_kvstore__pb2.MapMemoryRequest.SerializeToString,
+                response_deserializer=pdmesh_dot_v1_dot_kvstore__pb2.MapMemoryResponse.FromString,
+                _registered_method=True)
+        self.ReleaseFetch = channel.unary_unary(
+                '/pdmesh.v1.KVStore/ReleaseFetch',
+                request_serializer=pdmesh_dot_v1_dot_kvstore__pb2.ReleaseFetchRequest.SerializeToString,
+                response_deserializer=pdmesh_dot_v1_dot_kvstore__pb2.ReleaseFetchResponse.FromString,
+                _registered_method=True)
+        self.CommitOffer = channel.unary_unary(
+                '/pdmesh.v1.KVStore/CommitOffer',
+                request_serializer=pdmesh_dot_v1_dot_kvstore__pb2.CommitOfferRequest.SerializeToString,
+                response_deserializer=pdmesh_dot_v1_dot_kvstore__pb2.CommitOfferResponse.FromString,
+                _registered_method=True)
         self.GetStatus = channel.unary_unary(
                 '/pdmesh.v1.KVStore/GetStatus',
                 request_serializer=pdmesh_dot_v1_dot_kvstore__pb2.GetStatusRequest.SerializeToString,
@@ -89,6 +104,30 @@ class KVStoreServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def MapMemory(self, request, context):
+        """Where the layout's memory tier is, for a worker on the store's host to map it (the namespace
+        is created if need be, as by a first offer). An empty path: the memory is not shared, use UCX.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReleaseFetch(self, request, context):
+        """Ends a fetch over shared memory: its blocks are unpinned. `held` false: the lease ran out
+        before (the blocks may have changed while they were copied: discard the copy).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CommitOffer(self, request, context):
+        """Ends an offer over shared memory: its slots, written, are stored under new generations (or,
+        `written` false, given back). `stored` false: the lease had run out, nothing is stored.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetStatus(self, request, context):
         """Capacity, use and counters, for operators (`pdmesh status`) and tests.
         """
@@ -113,6 +152,21 @@ def add_KVStoreServicer_to_server(servicer, server):
                     servicer.Fetch,
                     request_deserializer=pdmesh_dot_v1_dot_kvstore__pb2.FetchRequest.FromString,
                     response_serializer=pdmesh_dot_v1_dot_kvstore__pb2.FetchResponse.SerializeToString,
+            ),
+            'MapMemory': grpc.unary_unary_rpc_method_handler(
+                    servicer.MapMemory,
+                    request_deserializer=pdmesh_dot_v1_dot_kvstore__pb2.MapMemoryRequest.FromString,
+                    response_serializer=pdmesh_dot_v1_dot_kvstore__pb2.MapMemoryResponse.SerializeToString,
+            ),
+            'ReleaseFetch': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReleaseFetch,
+                    request_deserializer=pdmesh_dot_v1_dot_kvstore__pb2.ReleaseFetchRequest.FromString,
+                    response_serializer=pdmesh_dot_v1_dot_kvstore__pb2.ReleaseFetchResponse.SerializeToString,
+            ),
+            'CommitOffer': grpc.unary_unary_rpc_method_handler(
+                    servicer.CommitOffer,
+                    request_deserializer=pdmesh_dot_v1_dot_kvstore__pb2.CommitOfferRequest.FromString,
+                    response_serializer=pdmesh_dot_v1_dot_kvstore__pb2.CommitOfferResponse.SerializeToString,
             ),
             'GetStatus': grpc.unary_unary_rpc_method_handler(
                     servicer.GetStatus,
@@ -202,6 +256,87 @@ class KVStore:
             '/pdmesh.v1.KVStore/Fetch',
             pdmesh_dot_v1_dot_kvstore__pb2.FetchRequest.SerializeToString,
             pdmesh_dot_v1_dot_kvstore__pb2.FetchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MapMemory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdmesh.v1.KVStore/MapMemory',
+            pdmesh_dot_v1_dot_kvstore__pb2.MapMemoryRequest.SerializeToString,
+            pdmesh_dot_v1_dot_kvstore__pb2.MapMemoryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReleaseFetch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdmesh.v1.KVStore/ReleaseFetch',
+            pdmesh_dot_v1_dot_kvstore__pb2.ReleaseFetchRequest.SerializeToString,
+            pdmesh_dot_v1_dot_kvstore__pb2.ReleaseFetchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CommitOffer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdmesh.v1.KVStore/CommitOffer',
+            pdmesh_dot_v1_dot_kvstore__pb2.CommitOfferRequest.SerializeToString,
+            pdmesh_dot_v1_dot_kvstore__pb2.CommitOfferResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -20,6 +20,8 @@ class TierConfig:
     disk_path: Path | None = None  # None: no disk tier; blocks evicted from memory are dropped
     disk_bytes: int = 64 * GiB
     max_namespaces: int = 4  # KV layouts held at once; each has tiers of the sizes above
+    shm_dir: Path | None = None  # memory in files here, mapped by workers of this host; None: private
+    name: str = ""  # names the files: unique among the stores of a host
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,10 @@ class KVStoreConfig:
     disk_path: Path | None = None
     disk_bytes: int = 64 * GiB
     max_namespaces: int = 4
+    # The memory tier as files here (tmpfs), which workers on this host map and copy blocks
+    # through instead of UCX (kvtransfer/shm.py); None (PDMESH_KVSTORE_SHARED_MEMORY_DIR=""):
+    # private memory, every worker uses UCX.
+    shared_memory_dir: Path | None = Path("/dev/shm")
     # How long an offered block's slot waits for the worker's push before it is given back.
     offer_lease_ms: int = 10_000
     # The KV listener's UCX transports. Both ends of a connection must wire up alike: GPU workers
@@ -54,8 +60,12 @@ class KVStoreConfig:
     def id(self) -> str:
         return self.store_id or f"kvstore-{self.advertise_host}-{self.server.port}"
 
-    def tiers(self) -> TierConfig:
-        return TierConfig(self.memory_bytes, self.disk_path, self.disk_bytes, self.max_namespaces)
+    def tiers(self, name: str = "") -> TierConfig:
+        """name: the store's, unique on its host (its files are named by it)."""
+        return TierConfig(
+            self.memory_bytes, self.disk_path, self.disk_bytes, self.max_namespaces, self.shared_memory_dir,
+            name or self.id,
+        )  # fmt: skip
 
     def transport(self) -> TransportConfig:
         """The store's blocks and staging buffers are host memory: tcp reaches every worker (GPU

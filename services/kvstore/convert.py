@@ -12,8 +12,10 @@ from engine.block_pool import KVEvents
 from engine.errors import InvalidRequest
 from engine.ids import BlockHash
 from engine.kv_layout import KVLayout
+from kvtransfer.shm import ArenaInfo
 from pdmesh.convert import layout_from_pb, layout_to_pb
 from pdmesh.v1 import common_pb2, kvstore_pb2, worker_pb2
+from services.kvstore.shared import SharedFetch, SharedOffer
 from services.kvstore.stats import StoreStatus
 from services.kvstore.transfers import OfferAnswer
 from services.worker.convert import ticket_to_pb
@@ -48,6 +50,36 @@ def generations_of(request: kvstore_pb2.FetchRequest) -> list[int]:
             "send the generation Lookup returned for each block",
         )  # fmt: skip
     return list(request.generations)
+
+
+def shared_of(pb: kvstore_pb2.SharedMemory, field: str) -> tuple[int, float]:
+    """(arena id, lease in seconds) of a shared-memory fetch or offer."""
+    if pb.lease_ms < 1:
+        raise InvalidRequest(f"{field}.lease_ms", "is 0", "give the copy a lease, e.g. the fetch's timeout")
+    return pb.arena_id, pb.lease_ms / 1000
+
+
+def lease_id_of(lease_id: str) -> str:
+    if not lease_id:
+        raise InvalidRequest("lease_id", "is empty", "send the lease_id the fetch or offer answered")
+    return lease_id
+
+
+def map_to_pb(info: ArenaInfo | None) -> kvstore_pb2.MapMemoryResponse:
+    if info is None:
+        return kvstore_pb2.MapMemoryResponse()
+    return kvstore_pb2.MapMemoryResponse(
+        path=info.path, arena_bytes=info.arena_bytes, arena_id=info.arena_id, num_slots=info.num_slots,
+        boot_id=info.boot_id,
+    )  # fmt: skip
+
+
+def shared_fetch_to_pb(fetch: SharedFetch) -> kvstore_pb2.FetchResponse:
+    return kvstore_pb2.FetchResponse(slots=fetch.slots, lease_id=fetch.lease_id)
+
+
+def shared_offer_to_pb(offer: SharedOffer) -> kvstore_pb2.OfferResponse:
+    return kvstore_pb2.OfferResponse(wanted=offer.wanted, slots=offer.slots, lease_id=offer.lease_id)
 
 
 def offer_to_pb(answer: OfferAnswer) -> kvstore_pb2.OfferResponse:

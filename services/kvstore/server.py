@@ -9,6 +9,7 @@ So no worker's call ever waits for the allocation (memory.py says why it must no
 from __future__ import annotations
 
 import asyncio
+import os
 
 import structlog
 
@@ -18,6 +19,7 @@ from services.bootstrap import Server, ServicerBinding, serve
 from services.kvstore.config import KVStoreConfig
 from services.kvstore.registry_client import StoreReporter
 from services.kvstore.servicer import KVStoreServicer
+from services.kvstore.shared import SharedTransfers
 from services.kvstore.store import BlockStore
 from services.kvstore.telemetry import StoreMetrics
 from services.kvstore.transfers import StoreTransfers
@@ -28,14 +30,17 @@ _METRICS_REFRESH_S = 1.0  # how fresh the /metrics figures are
 
 
 async def serve_kvstore(config: KVStoreConfig) -> None:
-    store = BlockStore(config.tiers())
+    # Its memory files are named by the store, which a port picked at bind (0) does not fix: then
+    # by the process too, so two such stores of one host never remove each other's files.
+    store = BlockStore(config.tiers(config.id if config.server.port else f"{config.id}-{os.getpid()}"))
     metrics = StoreMetrics()
     endpoint = MetricsEndpoint.start(metrics.registry, config.telemetry)
     transport = KVTransport(None, config.transport(), observer=metrics.transfers)
     await asyncio.to_thread(transport.start)
     transfers = StoreTransfers(store, transport, config.offer_lease_ms / 1000)
+    shared = SharedTransfers(store)
     binding = ServicerBinding(
-        KVStoreServicer(store, transfers),
+        KVStoreServicer(store, transfers, shared),
         kvstore_pb2_grpc.add_KVStoreServicer_to_server,
         kvstore_pb2.DESCRIPTOR.services_by_name["KVStore"],
         ready=lambda: store.ready,
@@ -55,6 +60,7 @@ async def serve_kvstore(config: KVStoreConfig) -> None:
         status = store.status()
         log.info(
             "kvstore ready", port=server.port, kv=transport.address, pinned=store.pin,
+            shared_memory=status.shared_memory,
             memory_bytes=status.memory_capacity_bytes, disk_bytes=status.disk_capacity_bytes,
             restored_blocks=status.counters.restored_blocks,
         )  # fmt: skip
@@ -73,6 +79,7 @@ async def serve_kvstore(config: KVStoreConfig) -> None:
         if reporter is not None:
             await reporter.stop()
         await transfers.close()
+        shared.close()
         await asyncio.to_thread(transport.close)
         await asyncio.to_thread(store.close)
 

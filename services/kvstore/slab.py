@@ -3,7 +3,7 @@
 The slab is laid out as a worker's paged KV cache (one (2, slots, block_size, kv_heads, head_dim)
 tensor per layer), so kvtransfer lands offered blocks in it and packs fetched blocks out of it
 exactly as it does for an engine's cache. Its memory is an arena the store allocated beforehand
-(memory.HostMemory: pinned when a GPU is present), cut into one view per layer, so making a slab
+(memory.HostMemory: in /dev/shm, pinned when a GPU is present), cut into one view per layer, so making a slab
 costs nothing. Free slots are handed out lowest first: unpinned, the untouched tail of the arena
 never becomes resident.
 """
@@ -15,12 +15,9 @@ import heapq
 import torch
 
 from engine.kv_layout import KVLayout
+from kvtransfer.shm import block_bytes, slab_tensors
 
-
-def block_bytes(layout: KVLayout) -> int:
-    """Bytes of one block, every layer, K and V."""
-    itemsize = torch.empty((), dtype=getattr(torch, layout.dtype)).element_size()
-    return layout.num_layers * layout.block_elems_per_layer * itemsize
+__all__ = ["HostSlab", "block_bytes"]
 
 
 class HostSlab:
@@ -30,14 +27,10 @@ class HostSlab:
         self.num_slots = arena.numel() // block_bytes(layout)
         if self.num_slots < 1:
             raise ValueError(f"an arena of {arena.numel()} bytes holds no block of {block_bytes(layout)} bytes")
-        shape = (2, self.num_slots, layout.block_size, layout.num_kv_heads, layout.head_dim)
-        dtype = getattr(torch, layout.dtype)
         self.block_bytes = block_bytes(layout)
-        layer_bytes = self.num_slots * self.block_bytes // layout.num_layers
-        # per layer (2, num_slots, block_size, kv_heads, head_dim): consecutive runs of the arena
-        self.tensors = [
-            arena[i * layer_bytes : (i + 1) * layer_bytes].view(dtype).view(shape) for i in range(layout.num_layers)
-        ]
+        # per layer (2, num_slots, block_size, kv_heads, head_dim): consecutive runs of the arena,
+        # as the workers that map it cut it too
+        self.tensors = slab_tensors(arena, layout, self.num_slots)
         self._returned: list[int] = []  # a heap of slots given back
         self._fresh = 0  # slots from here on were never handed out
 

@@ -24,6 +24,8 @@ class StoreCounters:
     promoted_blocks: int = 0  # disk -> memory, for a fetch
     evicted_blocks: int = 0  # dropped from the store entirely
     restored_blocks: int = 0  # found on disk at start, each under a new generation
+    leases: int = 0  # shared-memory fetches and offers under way (a gauge, as fetches_in_flight)
+    leases_expired: int = 0  # shared-memory fetches and offers whose worker neither released nor committed
 
 
 @dataclass(frozen=True)
@@ -35,4 +37,5 @@ class StoreStatus:
     num_namespaces: int = 0
     num_memory_blocks: int = 0
     num_disk_blocks: int = 0
+    shared_memory: bool = False  # the memory tier is in /dev/shm: workers of this host map it
     counters: StoreCounters = field(default_factory=StoreCounters)

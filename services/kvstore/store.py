@@ -19,9 +19,10 @@ import torch
 from engine.block_pool import KVEvents
 from engine.ids import BlockHash
 from engine.kv_layout import KVLayout
+from kvtransfer.shm import ArenaInfo, boot_id
 from services.kvstore.config import TierConfig
 from services.kvstore.disk import DiskShelf, known_namespaces
-from services.kvstore.memory import HostMemory
+from services.kvstore.memory import Arena, HostMemory
 from services.kvstore.namespace import Namespace
 from services.kvstore.slab import HostSlab, block_bytes
 from services.kvstore.stats import StoreCounters, StoreStatus
@@ -34,7 +35,8 @@ class BlockStore:
         self.pin = torch.cuda.is_available() if pin is None else pin
         self.counters = StoreCounters()
         self.namespaces: dict[KVLayout, Namespace] = {}
-        self.memory = HostMemory(tiers.memory_bytes, self.pin, tiers.max_namespaces)
+        self.memory = HostMemory(tiers.memory_bytes, self.pin, tiers.max_namespaces, tiers.shm_dir, tiers.name)
+        self.arenas: dict[KVLayout, Arena] = {}
         self.ready = False  # start() is done: the memory tier is there and the disk restored
         self._io = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kvstore-disk")
         self._epoch = secrets.randbits(32) << 32
@@ -78,6 +80,14 @@ class BlockStore:
             namespace = self._create(layout, arena) if arena is not None else None
         return namespace
 
+    def shared(self, layout: KVLayout) -> ArenaInfo | None:
+        """Where a worker of this host maps the layout's memory; None when it is private memory
+        (or the namespace does not exist yet)."""
+        arena, namespace = self.arenas.get(layout), self.namespaces.get(layout)
+        if arena is None or arena.path is None or namespace is None:
+            return None
+        return ArenaInfo(str(arena.path), arena.tensor.numel(), arena.arena_id, namespace.num_slots, boot_id())
+
     def lookup(self, layout: KVLayout, hashes: Sequence[BlockHash]) -> list[int]:
         namespace = self.namespaces.get(layout)
         found = namespace.lookup(hashes) if namespace is not None else []
@@ -99,6 +109,7 @@ class BlockStore:
             num_namespaces=len(self.namespaces),
             num_memory_blocks=sum(ns.num_memory_blocks for ns in spaces),
             num_disk_blocks=sum(ns.num_disk_blocks for ns in spaces),
+            shared_memory=self.memory.shared,
             counters=self.counters,
         )
 
@@ -110,11 +121,12 @@ class BlockStore:
     def _fits(self, layout: KVLayout) -> bool:
         return block_bytes(layout) <= self.tiers.memory_bytes
 
-    def _create(self, layout: KVLayout, arena: torch.Tensor) -> Namespace:
+    def _create(self, layout: KVLayout, arena: Arena) -> Namespace:
         disk = None
         if self.tiers.disk_path is not None:
             disk = DiskShelf(self.tiers.disk_path, layout, self.tiers.disk_bytes, self._io)
-        namespace = Namespace(HostSlab(layout, arena), disk, self.new_generation, self.counters)
+        namespace = Namespace(HostSlab(layout, arena.tensor), disk, self.new_generation, self.counters)
+        self.arenas[layout] = arena
         if disk is not None:
             namespace.restore(disk.restore())  # what a previous run left, under new generations
         self.namespaces[layout] = namespace

@@ -32,6 +32,7 @@ _COUNTERS = {  # StoreCounters field -> what it counts
     "promoted_blocks": "Blocks moved from disk to memory for a fetch",
     "evicted_blocks": "Blocks dropped from the store",
     "restored_blocks": "Blocks found on disk at start",
+    "leases_expired": "Shared-memory fetches and offers whose lease ran out (their worker died or stalled)",
 }
 _GAUGES = {  # StoreStatus field -> what it measures
     "memory_used_bytes": "Bytes of KV held in memory",
@@ -63,4 +64,7 @@ class StoreMetrics(Collector):
             yield GaugeMetricFamily(f"{PREFIX}kvstore_{name}", doc, value=getattr(status, name))
         yield GaugeMetricFamily(
             f"{PREFIX}kvstore_fetches_in_flight", "Fetches being pushed", value=status.counters.fetches_in_flight
+        )
+        yield GaugeMetricFamily(
+            f"{PREFIX}kvstore_leases", "Shared-memory fetches and offers under way", value=status.counters.leases
         )

@@ -41,6 +41,9 @@ class WorkerConfig:
     # Finished blocks waiting to be offered, at most: beyond it new ones are dropped (and counted),
     # so a store that cannot keep up never makes offers pile up on the worker.
     kvstore_offer_backlog_mib: int = 1024
+    # On the store's host, fetch and offer by copying through the store's memory mapped from
+    # /dev/shm (services/worker/shared_memory.py) instead of UCX; false: always UCX.
+    kvstore_shared_memory: bool = True
     server: ServerConfig = field(default_factory=ServerConfig)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     channel: ChannelConfig = field(default_factory=ChannelConfig)  # its calls to the scheduler

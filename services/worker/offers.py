@@ -17,12 +17,18 @@ waiting _YIELD_MAX_S, and runs are small. Offers share the transport's thread wi
 and on one H200 a hand-off that landed on a decode worker while it was offering its earlier 4k
 prompts (512 MiB each, over tcp in 64 MiB runs) had 236 ms of its push exposed, against 1-6 ms
 without offers (BENCHMARKS.md, "Where a 4k prompt's TTFT goes").
+
+On the store's host (shared_memory.py) an offer writes the wanted blocks straight into the
+store's mapped memory: the store answers their slots under a lease, Engine.export_blocks copies
+into them through a kvtransfer.shm.SlabSink (nothing written past the lease), and CommitOffer
+stores them, or gives the slots back when the copy did not complete.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections import deque
 
 import structlog
@@ -30,15 +36,17 @@ import structlog
 from engine.async_engine import AsyncEngine
 from engine.ids import BlockHash
 from kvtransfer.errors import TransferFailed
+from kvtransfer.shm import SlabSink
 from kvtransfer.transport import KVTransport
-from services.worker.store_client import StoreClient, StoreUnavailable
+from services.worker.shared_memory import MappedArena, SharedMemoryLink, needs_remap
+from services.worker.store_client import StaleLookup, StoreClient, StoreUnavailable
 
 log = structlog.get_logger(__name__)
 _INTERVAL_S = 0.05  # how often the loop looks for finished requests
 # One offer's run of blocks: bounds the pack done between two steps, and how long a hand-off that
 # arrives during a run shares the transport with it (16 MiB: ~25 ms at the store's ~0.6 GB/s).
 _BYTES_PER_OFFER = 16 << 20
-_PUSH_TIMEOUT_S = 30.0
+_PUSH_TIMEOUT_S = 30.0  # also a shared offer's lease: the copy is milliseconds, the engine's step may not be
 _YIELD_POLL_S = 0.005  # how often a waiting offer looks whether the hand-offs are done
 _YIELD_MAX_S = 2.0  # then it goes anyway: under constant load offers still trickle, the backlog bounds them
 
@@ -48,8 +56,12 @@ class Offerer:
     not fit is dropped and counted: a store that cannot keep up costs the worker nothing), the
     other offers the backlog's chains one at a time, oldest first."""
 
-    def __init__(self, engine: AsyncEngine, transport: KVTransport, store: StoreClient, backlog_bytes: int) -> None:
+    def __init__(
+        self, engine: AsyncEngine, transport: KVTransport, store: StoreClient, backlog_bytes: int,
+        link: SharedMemoryLink | None = None,
+    ) -> None:  # fmt: skip
         self.engine = engine
+        self.link = link
         self.transport = transport
         self.store = store
         self.pushed_blocks = 0  # blocks this worker has put in the store
@@ -125,6 +137,12 @@ class Offerer:
 
     async def _offer_run(self, hashes: tuple[BlockHash, ...]) -> int:
         await self._yield_to_handoffs()
+        mapped = self.link.acquire() if self.link is not None else None
+        if mapped is not None and self.link is not None:
+            try:
+                return await self._offer_shared(hashes, mapped)
+            finally:
+                self.link.release(mapped)
         offered = await self.store.offer(hashes)
         if offered.ticket is None or not offered.wanted:
             return 0
@@ -134,6 +152,33 @@ class Offerer:
         if exported:
             await asyncio.wait_for(asyncio.wrap_future(push.future), _PUSH_TIMEOUT_S)
             self.store.counters.offered_blocks += exported
+        return exported
+
+    async def _offer_shared(self, hashes: tuple[BlockHash, ...], mapped: MappedArena) -> int:
+        deadline = time.monotonic() + _PUSH_TIMEOUT_S  # counted from before the call: the store's starts later
+        try:
+            offered = await self.store.offer_shared(hashes, mapped.info.arena_id, _PUSH_TIMEOUT_S)
+        except StaleLookup as e:
+            if needs_remap(e) and self.link is not None:
+                self.link.forget()
+            raise
+        if not offered.wanted:
+            return 0
+        sink = SlabSink(mapped.slabs, offered.slots, deadline)
+        wanted = [hashes[i] for i in offered.wanted]
+        try:
+            exported = await self.engine.call(lambda e: e.export_blocks(wanted, sink))
+            await asyncio.to_thread(sink.wait)
+        except asyncio.CancelledError:  # the export may still run: the slots go back at the lease's end
+            sink.cancel("the offer was cancelled")
+            raise
+        except BaseException:
+            await self.store.commit_offer(offered.lease_id, written=False)
+            raise
+        written = sink.landed() and time.monotonic() < deadline
+        if not await self.store.commit_offer(offered.lease_id, written) or not written:
+            return 0
+        self.store.counters.offered_blocks += exported
         return exported
 
 

@@ -5,6 +5,10 @@ engine computes only the rest.
            -> receiver.expect (a ticket, leased for the fetch's time) -> store.Fetch pushes into it
            -> the request runs with the import; the engine computes from where it ends
 
+On the store's host the fetch is a copy out of the store's memory, mapped (shared_fetch.py); the
+fetch policy measures that route apart from the store's UCX one ("<address> shm"), so each is
+judged by its own speed.
+
 The store can only make a request faster, never fail it or make it miss its deadline: a fetch is
 made only when it is predicted faster than computing those tokens here (fetch_policy.py: the
 store's measured speed against the engine's; the lookup and every fetch are timed for it); the
@@ -19,7 +23,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Coroutine, Sequence
+from typing import Any
 
 import structlog
 
@@ -33,6 +38,8 @@ from engine.sampling_params import SamplingParams
 from kvtransfer.receiver import TicketImport
 from kvtransfer.transport import KVTransport
 from services.worker.fetch_policy import FetchPlan, FetchPolicy, FetchReason
+from services.worker.shared_fetch import SharedFetcher, SharedImport
+from services.worker.shared_memory import MappedArena, SharedMemoryLink
 from services.worker.store_client import StaleLookup, StoreClient, StoreUnavailable
 
 log = structlog.get_logger(__name__)
@@ -42,9 +49,11 @@ _SHARE_OF_TIME_LEFT = 0.25  # the most of a request's remaining time a fetch may
 class PrefixFetcher:
     def __init__(
         self, engine: AsyncEngine, transport: KVTransport, store: StoreClient, layout: KVLayout, fetch_timeout_s: float,
-        policy: FetchPolicy,
+        policy: FetchPolicy, link: SharedMemoryLink | None = None,
     ) -> None:  # fmt: skip
         self.engine = engine
+        self.link = link
+        self.shared = SharedFetcher(engine, store, link, policy) if link is not None else None
         self.policy = policy
         self.transport = transport
         self.store = store
@@ -74,7 +83,9 @@ class PrefixFetcher:
             async for out in stream:
                 yield out
 
-    async def _fetch_prefix(self, request_id: str, tokens: list[int], time_left_s: float | None) -> TicketImport | None:
+    async def _fetch_prefix(
+        self, request_id: str, tokens: list[int], time_left_s: float | None
+    ) -> TicketImport | SharedImport | None:
         """The import of the store's part of the prefix, its fetch under way; None when there is none
         (or fetching it is predicted slower than computing it)."""
         if not self.store.available:
@@ -83,7 +94,21 @@ class PrefixFetcher:
         hashes = chain_hashes(tokens[: (len(tokens) - 1) // bs * bs], bs, self.layout.model_fingerprint)
         if not hashes:
             return None
-        address = self.store.address
+        mapped = self.link.acquire() if self.link is not None else None
+        imported = None
+        try:
+            imported = await self._fetch_via(request_id, tokens, hashes, time_left_s, mapped)
+            return imported
+        finally:
+            if mapped is not None and self.link is not None and not isinstance(imported, SharedImport):
+                self.link.release(mapped)  # else the shared fetch has it, and releases it
+
+    async def _fetch_via(
+        self, request_id: str, tokens: list[int], hashes: list, time_left_s: float | None, mapped: MappedArena | None
+    ) -> TicketImport | SharedImport | None:
+        """_fetch_prefix through the mapped memory when there is one, else UCX."""
+        bs = self.layout.block_size
+        address = self.store.address + (" shm" if mapped is not None else "")  # the policy's route
         try:
             started = time.monotonic()
             generations = await self.store.lookup(hashes)
@@ -100,6 +125,13 @@ class PrefixFetcher:
         if held is None:
             return None
         first = held.num_cached_tokens // bs
+        last = first + len(held.block_ids)
+        if mapped is not None and self.shared is not None:
+            shared = SharedImport()
+            fetch = self.shared.fetch(request_id, shared, mapped, list(held.block_ids), hashes[first:last],
+                                      generations[first:last], address, timeout_s)  # fmt: skip
+            self._run(fetch)
+            return shared
         try:
             imported = await self.transport.expect_async(
                 f"{request_id}/kvstore", held.block_ids, held.num_import_tokens, timeout_s
@@ -108,8 +140,7 @@ class PrefixFetcher:
             await self.engine.abort(request_id)
             raise
         imported.commit()  # the engine owns the blocks; the lease now bounds the fetch alone
-        last = first + len(held.block_ids)
-        self._start(imported, address, hashes[first:last], generations[first:last], timeout_s)
+        self._run(self._fetch(imported, address, hashes[first:last], generations[first:last], timeout_s))
         return imported
 
     async def _reserve(
@@ -153,10 +184,7 @@ class PrefixFetcher:
                 compute_ms=_ms(plan.compute_ms),
             )  # fmt: skip
 
-    def _start(
-        self, imported: TicketImport, address: str, hashes: list, generations: list[int], timeout_s: float
-    ) -> None:
-        fetch = self._fetch(imported, address, hashes, generations, timeout_s)
+    def _run(self, fetch: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(fetch)
         self._fetches.add(task)
         task.add_done_callback(self._fetches.discard)

@@ -35,6 +35,7 @@ from services.worker.load import SAMPLES_PER_REPORT, LoadSampler
 from services.worker.offers import Offerer
 from services.worker.prefix_fetch import PrefixFetcher
 from services.worker.registry_client import Reporter
+from services.worker.shared_memory import SharedMemoryLink
 from services.worker.store_client import StoreClient
 from services.worker.telemetry import StoreUseMetrics, WorkerTelemetry
 
@@ -63,8 +64,10 @@ async def serve_worker(config: WorkerConfig) -> None:
     )  # fmt: skip
     layout = engine.kv_layout
     policy = FetchPolicy(config.fetch_settings(), layout.bytes_per_token * layout.block_size, layout.block_size)
-    fetcher = PrefixFetcher(async_engine, transport, store, layout, config.kvstore_fetch_timeout_ms / 1000, policy)
-    offerer = Offerer(async_engine, transport, store, config.kvstore_offer_backlog_mib << 20)
+    link = SharedMemoryLink(store, register=engine.device.type == "cuda") if config.kvstore_shared_memory else None
+    fetch_timeout_s = config.kvstore_fetch_timeout_ms / 1000
+    fetcher = PrefixFetcher(async_engine, transport, store, layout, fetch_timeout_s, policy, link)
+    offerer = Offerer(async_engine, transport, store, config.kvstore_offer_backlog_mib << 20, link)
     telemetry.registry.register(StoreUseMetrics(store.counters))
     decoding = config.role is WorkerRole.DECODE
     reservations = Reservations(async_engine, transport, config.id, config.lease_ms) if decoding else None
@@ -118,6 +121,8 @@ async def serve_worker(config: WorkerConfig) -> None:
             await reporter.stop()
         await offerer.stop()
         await fetcher.close()
+        if link is not None:
+            await link.close()
         await store.close()
         if reservations is not None:
             await reservations.close()

@@ -19,6 +19,7 @@ import structlog
 
 from engine.ids import BlockHash
 from engine.kv_layout import KVLayout
+from kvtransfer.shm import ArenaInfo
 from kvtransfer.ticket import Ticket
 from pdmesh.channel import channel
 from pdmesh.config import ChannelConfig
@@ -44,6 +45,13 @@ class StaleLookup(StoreUnavailable):
 class Offered:
     wanted: list[int]  # positions of the offered hashes the store wants pushed
     ticket: Ticket | None  # where to push them
+
+
+@dataclass(frozen=True)
+class SharedOffered:
+    wanted: list[int]  # positions of the offered hashes the store wants written
+    slots: list[int]  # the slot each is written to
+    lease_id: str
 
 
 @dataclass
@@ -124,6 +132,52 @@ class StoreClient:
             raise
         self.counters.fetches += 1
         self.counters.fetched_blocks += len(hashes)
+
+    async def map_memory(self) -> ArenaInfo | None:
+        """Where the store's memory for this layout is (None: not shared)."""
+        request = kvstore_pb2.MapMemoryRequest(kv_layout=self.layout_pb)
+        reply = await self._call("map", lambda stub: stub.MapMemory(request, timeout=self.lookup_timeout_s))
+        if not reply.path:
+            return None
+        return ArenaInfo(reply.path, reply.arena_bytes, reply.arena_id, reply.num_slots, reply.boot_id)
+
+    async def fetch_shared(
+        self, hashes: Sequence[BlockHash], generations: Sequence[int], arena_id: int, lease_s: float
+    ) -> tuple[list[int], str]:
+        """Pin the blocks in the store's mapped memory: (their slots, the lease to release)."""
+        shared = kvstore_pb2.SharedMemory(arena_id=arena_id, lease_ms=max(1, int(lease_s * 1000)))
+        request = kvstore_pb2.FetchRequest(
+            kv_layout=self.layout_pb, block_hashes=hashes, generations=generations, shared=shared
+        )
+        try:
+            reply = await self._call("fetch", lambda stub: stub.Fetch(request, timeout=lease_s))
+        except StoreUnavailable:
+            self.counters.fetch_failures += 1
+            raise
+        return list(reply.slots), reply.lease_id
+
+    async def release_fetch(self, lease_id: str, num_blocks: int) -> bool:
+        """Unpin a shared fetch; whether the store held the blocks until now (False: discard the copy)."""
+        request = kvstore_pb2.ReleaseFetchRequest(lease_id=lease_id)
+        reply = await self._call("release", lambda stub: stub.ReleaseFetch(request, timeout=self.lookup_timeout_s))
+        if reply.held:
+            self.counters.fetches += 1
+            self.counters.fetched_blocks += num_blocks
+        else:
+            self.counters.fetch_failures += 1
+        return bool(reply.held)
+
+    async def offer_shared(self, hashes: Sequence[BlockHash], arena_id: int, lease_s: float) -> SharedOffered:
+        self.counters.offers += 1
+        shared = kvstore_pb2.SharedMemory(arena_id=arena_id, lease_ms=max(1, int(lease_s * 1000)))
+        request = kvstore_pb2.OfferRequest(kv_layout=self.layout_pb, block_hashes=hashes, shared=shared)
+        reply = await self._call("offer", lambda stub: stub.Offer(request, timeout=self.offer_timeout_s))
+        return SharedOffered(list(reply.wanted), list(reply.slots), reply.lease_id)
+
+    async def commit_offer(self, lease_id: str, written: bool) -> bool:
+        request = kvstore_pb2.CommitOfferRequest(lease_id=lease_id, written=written)
+        reply = await self._call("commit", lambda stub: stub.CommitOffer(request, timeout=self.offer_timeout_s))
+        return bool(reply.stored)
 
     async def close(self) -> None:
         for ch in [*self._retired, *([self._channel] if self._channel is not None else [])]:

@@ -1,9 +1,11 @@
 """A KV store as a real process (`pdmesh serve kvstore`), and a worker's side of it in the test
 process: a KV transport over a small paged cache, with the calls a worker makes (offer and push,
-lookup, fetch into its own blocks)."""
+lookup, fetch into its own blocks); SharedUser makes them through the store's memory mapped from
+/dev/shm instead."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import random
@@ -11,27 +13,35 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 import grpc
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from engine.block_copy import copy_in
 from engine.block_hash import chain_hashes
 from engine.config import EngineConfig
 from engine.ids import BlockHash
 from engine.kv_layout import KVLayout
 from kvtransfer import KVTransport
+from kvtransfer.shm import SlabSink
 from pdmesh.convert import layout_to_pb
 from pdmesh.v1 import kvstore_pb2, kvstore_pb2_grpc
 from services.worker.config import WorkerConfig
 from services.worker.convert import ticket_from_pb, ticket_to_pb
+from services.worker.shared_memory import MappedArena, SharedMemoryLink
+from services.worker.store_client import SharedOffered, StoreClient
 
 ROOT = Path(__file__).resolve().parents[3]
 LAYOUT = KVLayout("store-test-model", "float32", block_size=4, num_layers=3, num_kv_heads=2, head_dim=16)
 BLOCK_BYTES = 3 * 2 * 4 * 2 * 16 * 4  # 1536
 _SERVING = health_pb2.HealthCheckResponse.SERVING
+T = TypeVar("T")
+TOKENS_KILLED = list(range(500, 516))  # 4 blocks: 2 a killed worker fetches, 2 it offers (shm_worker.py)
 
 
 @dataclass
@@ -161,3 +171,98 @@ class StoreUser:
 
     def status(self) -> kvstore_pb2.KVStoreStatus:
         return self.stub.GetStatus(kvstore_pb2.GetStatusRequest())
+
+
+class SharedUser:
+    """A worker's side over shared memory: its own KV pool, the worker's StoreClient and
+    SharedMemoryLink (mapping the store's /dev/shm file), and the copies a worker makes
+    (kvtransfer.shm.SlabSink for offers, engine.block_copy.copy_in for fetches)."""
+
+    def __init__(self, store_address: str, layout: KVLayout = LAYOUT, device: str = "cpu") -> None:
+        self.layout = layout
+        shape = (2, 64, layout.block_size, layout.num_kv_heads, layout.head_dim)
+        dtype = getattr(torch, layout.dtype)
+        self.caches = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layout.num_layers)]
+        self.loop = asyncio.new_event_loop()
+        self.client = StoreClient(layout, 10, 10)
+        self.run(self._point_at(store_address))  # its grpc.aio channel belongs to this loop
+        self.link = SharedMemoryLink(self.client, register=device.startswith("cuda"))
+        self.channel = grpc.insecure_channel(store_address)
+
+    def status(self) -> kvstore_pb2.KVStoreStatus:
+        return kvstore_pb2_grpc.KVStoreStub(self.channel).GetStatus(kvstore_pb2.GetStatusRequest())
+
+    async def _point_at(self, address: str) -> None:
+        self.client.point_at(address)
+
+    def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        return self.loop.run_until_complete(coroutine)
+
+    def close(self) -> None:
+        self.run(self.link.close())
+        self.run(self.client.close())
+        self.loop.close()
+        self.channel.close()
+
+    def mapped(self, timeout_s: float = 30) -> MappedArena | None:
+        """The store's memory once mapped; None if the link gave up on it (another host)."""
+        return self.run(self._mapped(timeout_s))
+
+    async def _mapped(self, timeout_s: float) -> MappedArena | None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            mapped = self.link.acquire()
+            if mapped is not None:
+                self.link.release(mapped)
+                return mapped
+            if self.link.gave_up:
+                return None
+            await asyncio.sleep(0.05)
+        raise TimeoutError("the store's memory was never mapped")
+
+    def offer(
+        self, hashes: list[BlockHash], blocks: list[int], lease_s: float = 10, commit: bool = True
+    ) -> SharedOffered:
+        """Fill `blocks` with each hash's values, offer, write what is wanted into its slots, commit."""
+        mapped = self.mapped()
+        assert mapped is not None
+        for block_hash, block in zip(hashes, blocks, strict=True):
+            for layer, kv in enumerate(self.caches):
+                kv[:, block] = value_of(block_hash, layer)
+        offered = self.run(self.client.offer_shared(hashes, mapped.info.arena_id, lease_s))
+        if offered.wanted:
+            sink = SlabSink(mapped.slabs, offered.slots, time.monotonic() + lease_s)
+            ids = [blocks[i] for i in offered.wanted]
+            for layer, kv in enumerate(self.caches):
+                sink.push_layer(layer, kv, ids, len(ids) * self.layout.block_size)
+            sink.close()
+            sink.wait()
+            if commit:
+                assert self.run(self.client.commit_offer(offered.lease_id, sink.landed()))
+        return offered
+
+    def chain(self, tokens: list[int]) -> list[BlockHash]:
+        return chain_hashes(tokens, self.layout.block_size, self.layout.model_fingerprint)
+
+    def pin(self, hashes: list[BlockHash], generations: list[int], lease_s: float = 10) -> tuple[list[int], str]:
+        mapped = self.mapped()
+        assert mapped is not None
+        return self.run(self.client.fetch_shared(hashes, generations, mapped.info.arena_id, lease_s))
+
+    def fetch(self, hashes: list[BlockHash], generations: list[int], into: list[int]) -> bool:
+        """Copy the blocks into `into`; True when the store held them throughout and every block
+        holds its hash's values."""
+        mapped = self.mapped()
+        assert mapped is not None
+        for kv in self.caches:
+            kv[:, into] = 0
+        slots, lease_id = self.pin(hashes, generations)
+        event = copy_in(self.caches, into, mapped.slabs, slots)
+        if event is not None:
+            event.synchronize()
+        held = self.run(self.client.release_fetch(lease_id, len(hashes)))
+        return held and all(
+            bool((kv[:, block] == value_of(h, layer)).all())
+            for h, block in zip(hashes, into, strict=True)
+            for layer, kv in enumerate(self.caches)
+        )

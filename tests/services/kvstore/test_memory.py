@@ -14,6 +14,7 @@ import signal
 import socket
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import pytest
@@ -43,10 +44,10 @@ class SlowAllocation:
         self.threads: list[threading.Thread] = []
         self._allocate = memory.allocate_arena
 
-    def __call__(self, nbytes: int, pin: bool) -> object:
+    def __call__(self, nbytes: int, pin: bool, path: Path | None = None) -> object:
         self.threads.append(threading.current_thread())
         self.gate.wait(60)
-        return self._allocate(nbytes, pin)
+        return self._allocate(nbytes, pin, path)
 
 
 @pytest.fixture

@@ -1,0 +1,67 @@
+"""Block copies between the KV cache and host slots laid out like it (a KV store's memory tier
+mapped from shared memory: kvtransfer/shm.py), one contiguous run of slots at a time.
+
+A host run `slab[k, a:b]` is one contiguous piece of memory, so it crosses to the GPU as one DMA
+copy (non-blocking when the host memory is page-locked or registered); the cache's blocks need not
+be contiguous, so they are gathered or scattered on the device (index_select / index_copy_).
+Indexing the host side with a list instead would gather on the CPU into pageable memory first,
+which then crosses synchronously: the cost a shared-memory path exists to avoid.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+def slot_runs(slots: Sequence[int]) -> list[tuple[int, int, int]]:
+    """(position in slots, first slot, length) of each run of consecutive slots, in order."""
+    runs: list[tuple[int, int, int]] = []
+    for i, slot in enumerate(slots):
+        if runs and runs[-1][1] + runs[-1][2] == slot:
+            pos, first, n = runs[-1]
+            runs[-1] = (pos, first, n + 1)
+        else:
+            runs.append((i, slot, 1))
+    return runs
+
+
+def copy_in(
+    kv_caches: Sequence[torch.Tensor], block_ids: Sequence[int], slabs: Sequence[torch.Tensor], slots: Sequence[int]
+) -> torch.cuda.Event | None:
+    """Write slot `slots[i]` of every layer's slab into cache block `block_ids[i]`. On CUDA the
+    copies are queued on the current stream (later steps are ordered after them) and the event
+    recorded after the last one is returned: the slots must stay as they are until it completes."""
+    assert len(block_ids) == len(slots)
+    device = kv_caches[0].device
+    ids = torch.tensor(list(block_ids), dtype=torch.long, device=device)
+    runs = slot_runs(slots)
+    for kv, slab in zip(kv_caches, slabs, strict=True):
+        for k in range(2):
+            for pos, first, n in runs:
+                staged = slab[k, first : first + n].to(device, non_blocking=True)
+                kv[k].index_copy_(0, ids[pos : pos + n], staged)
+    return record_event(device)
+
+
+def copy_out(kv: torch.Tensor, block_ids: Sequence[int], slab: torch.Tensor, slots: Sequence[int]) -> None:
+    """Write one layer's cache blocks `block_ids[i]` into slot `slots[i]` of its slab (queued on
+    the current stream on CUDA: record an event after the last layer and wait for it before the
+    slots are read)."""
+    assert len(block_ids) == len(slots)
+    ids = torch.tensor(list(block_ids), dtype=torch.long, device=kv.device)
+    for k in range(2):
+        gathered = kv[k].index_select(0, ids)
+        for pos, first, n in slot_runs(slots):
+            slab[k, first : first + n].copy_(gathered[pos : pos + n], non_blocking=True)
+
+
+def record_event(device: torch.device) -> torch.cuda.Event | None:
+    """An event recorded on the current stream after what was queued so far (None off CUDA: the
+    copies there are done when they return)."""
+    if device.type != "cuda":
+        return None
+    event = torch.cuda.Event()
+    event.record()
+    return event

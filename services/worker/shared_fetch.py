@@ -1,0 +1,115 @@
+"""A prefix fetch through the store's memory mapped on this host (shared_memory.py), instead of a
+UCX push into a ticket:
+
+    store.Fetch(shared) -> the blocks pinned, their slots, a lease
+    engine thread, between steps: Engine.import_blocks copies the slots into the reserved blocks
+    (on CUDA queued on the engine's stream; this waits for its event, off the event loop)
+    store.ReleaseFetch -> "held": the blocks stayed pinned throughout, the copy is what was
+    looked up -> the import is done; otherwise it failed and the engine computes those tokens
+
+The import (SharedImport) is the engine's KVImport: a request waits for it and, if it fails,
+computes the tokens itself, losing only the time to notice (every call is timed by the fetch's
+timeout). A request that ends first cancels it; the copy then never starts (the check runs on
+the engine's thread, where the cancel does), and the lease is released.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import structlog
+
+from engine.async_engine import AsyncEngine
+from engine.ids import BlockHash
+from services.worker.fetch_policy import FetchPolicy
+from services.worker.shared_memory import MappedArena, SharedMemoryLink, needs_remap
+from services.worker.store_client import StaleLookup, StoreClient, StoreUnavailable
+
+log = structlog.get_logger(__name__)
+
+
+class SharedImport:
+    """engine.handoff.KVImport of a shared-memory fetch."""
+
+    def __init__(self) -> None:
+        self._done = False
+        self._error: BaseException | None = None
+        self.cancelled = False  # set on the engine's thread
+
+    def done(self) -> bool:
+        return self._done
+
+    def error(self) -> BaseException | None:
+        return self._error
+
+    def cancel(self, reason: str) -> None:
+        self.cancelled = True
+
+    def finish(self) -> None:
+        if self._error is None:
+            self._done = True
+
+    def fail(self, error: BaseException) -> None:
+        if not self._done and self._error is None:
+            self._error = error
+
+
+class SharedFetcher:
+    def __init__(self, engine: AsyncEngine, store: StoreClient, link: SharedMemoryLink, policy: FetchPolicy) -> None:
+        self.engine = engine
+        self.store = store
+        self.link = link
+        self.policy = policy
+
+    async def fetch(
+        self, request_id: str, imported: SharedImport, mapped: MappedArena, block_ids: list[int],
+        hashes: list[BlockHash], generations: list[int], route: str, timeout_s: float,
+    ) -> None:  # fmt: skip
+        """Fill the import's blocks (run as a task; releases `mapped` at the end)."""
+        started = time.monotonic()
+        try:
+            landed = await self._fetch(request_id, imported, mapped, block_ids, hashes, generations, timeout_s)
+        except StaleLookup as e:  # answered at once: no measure of speed
+            if needs_remap(e):
+                self.link.forget()
+            imported.fail(e)
+            log.info("kv store fetch refused; computing the prefix", request_id=request_id, reason=str(e))
+            return
+        except (StoreUnavailable, TimeoutError, asyncio.CancelledError) as e:
+            imported.fail(e if not isinstance(e, asyncio.CancelledError) else StoreUnavailable("cancelled"))
+            log.info("kv store fetch failed; computing the prefix", request_id=request_id, reason=str(e))
+            landed = False
+        finally:
+            self.link.release(mapped)
+        self.policy.fetch_took(route, len(hashes), (time.monotonic() - started) * 1000, landed=landed)
+
+    async def _fetch(
+        self, request_id: str, imported: SharedImport, mapped: MappedArena, block_ids: list[int],
+        hashes: list[BlockHash], generations: list[int], timeout_s: float,
+    ) -> bool:  # fmt: skip
+        slots, lease_id = await self.store.fetch_shared(hashes, generations, mapped.info.arena_id, timeout_s)
+        try:
+            slabs = mapped.slabs
+            copied, event = await self.engine.call(
+                lambda e: (False, None) if imported.cancelled else e.import_blocks(request_id, block_ids, slabs, slots)
+            )
+            if event is not None:
+                await asyncio.to_thread(event.synchronize)
+        finally:  # shielded: a cancelled fetch still unpins at once, not at its lease's end
+            held = await asyncio.shield(self._release(lease_id, len(hashes)))
+        if not copied:
+            imported.fail(StoreUnavailable("the request ended before its prefix was copied"))
+            return False
+        if not held:
+            imported.fail(StoreUnavailable("the store's lease ran out during the copy"))
+            return False
+        imported.finish()
+        return True
+
+    async def _release(self, lease_id: str, num_blocks: int) -> bool:
+        try:
+            return await self.store.release_fetch(lease_id, num_blocks)
+        except StoreUnavailable as e:
+            log.info("kv store release failed; the lease ends on its own", lease=lease_id, reason=str(e))
+            return False

@@ -1,0 +1,135 @@
+"""A worker's mapping of its KV store's memory tier, when they share a host (kvtransfer/shm.py).
+
+The store is asked once where its memory is (MapMemory); a worker of the same boot id maps the
+file, checks the arena id in its header and, on a GPU, registers the mapping with CUDA (seconds
+per GiB: on a thread, while fetches and offers keep using UCX). From then on the fetcher and the
+offerer copy through it. Everything else keeps UCX: another host (boot id), a file this worker
+cannot see (another container's /dev/shm) or map, a store whose memory is private. A store that
+answered "not shared" or "another host" is asked again only when the scheduler names another
+store; one whose namespace was not ready yet, or that failed to answer, after a while. A call
+refused for naming an old arena (the store restarted under the same name) drops the mapping,
+and the next use maps the new one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+import structlog
+import torch
+
+from kvtransfer import shm
+from services.worker.store_client import StoreClient, StoreUnavailable
+
+log = structlog.get_logger(__name__)
+_RETRY_S = 5.0  # before asking a store whose namespace was not ready (or that failed) again
+
+
+@dataclass(eq=False)
+class MappedArena:
+    info: shm.ArenaInfo
+    arena: torch.Tensor
+    slabs: list[torch.Tensor]  # per layer (2, num_slots, block_size, kv_heads, head_dim)
+    registered: bool
+    users: int = 0  # fetches and offers copying through it now
+    retired: bool = False  # dropped: unregistered once its last user is done
+
+    def retire_if_unused(self) -> None:
+        if self.retired and self.users == 0 and self.registered:
+            self.registered = False
+            shm.unregister(self.arena)  # no copy is queued on it: its users waited for theirs
+
+
+def needs_remap(error: Exception) -> bool:
+    """Whether a refusal of a shared call means the mapping is not the store's arena any more."""
+    return "arena_id" in str(error) or "shares no memory" in str(error)
+
+
+class SharedMemoryLink:
+    def __init__(self, store: StoreClient, register: bool) -> None:
+        self.store = store
+        self.register = register  # a GPU worker's: page-locked for DMA
+        self._mapped: MappedArena | None = None
+        self._address = ""  # the store _mapped (or the answer below) is for
+        self._retry_at = 0.0  # inf: the store said its memory is not for this worker
+        self._mapping: asyncio.Task[None] | None = None
+
+    @property
+    def gave_up(self) -> bool:
+        """The store said its memory is not for this worker (another host, not visible here)."""
+        return self._retry_at == float("inf")
+
+    def _current(self) -> MappedArena | None:
+        """The current store's mapped memory; None (UCX) while it is not mapped, mapping begun if
+        it is worth trying."""
+        if self.store.address != self._address:
+            self.forget()
+            self._address, self._retry_at = self.store.address, 0.0
+        if self._mapped is not None or not self._address or not self.store.available:
+            return self._mapped
+        if self._mapping is None and time.monotonic() >= self._retry_at:
+            self._mapping = asyncio.get_running_loop().create_task(self._map(self._address))
+        return None
+
+    def acquire(self) -> MappedArena | None:
+        """The current store's mapped memory for one fetch or offer (release() it after), or None."""
+        mapped = self._current()
+        if mapped is not None:
+            mapped.users += 1
+        return mapped
+
+    def release(self, mapped: MappedArena) -> None:
+        mapped.users -= 1
+        mapped.retire_if_unused()
+
+    def forget(self) -> None:
+        """Drop the mapping (the store restarted, or another store is named); copies under way
+        through it finish first."""
+        mapped, self._mapped = self._mapped, None
+        if mapped is not None:
+            log.info("kv store memory unmapped", path=mapped.info.path)
+            mapped.retired = True
+            mapped.retire_if_unused()
+        self._retry_at = 0.0
+
+    async def close(self) -> None:
+        if self._mapping is not None:
+            self._mapping.cancel()
+            await asyncio.gather(self._mapping, return_exceptions=True)
+        self.forget()
+
+    async def _map(self, address: str) -> None:
+        try:
+            mapped = await self._try_map()
+        except (StoreUnavailable, OSError, RuntimeError) as e:
+            log.info("kv store memory not mapped; using UCX", reason=str(e))
+            mapped, self._retry_at = None, time.monotonic() + _RETRY_S
+        finally:
+            self._mapping = None
+        if mapped is not None and address == self.store.address == self._address:
+            self._mapped = mapped
+            log.info("kv store memory mapped", path=mapped.info.path, bytes=mapped.info.arena_bytes,
+                     registered=mapped.registered)  # fmt: skip
+        elif mapped is not None:  # the store changed meanwhile
+            mapped.retired = True
+            mapped.retire_if_unused()
+
+    async def _try_map(self) -> MappedArena | None:
+        info = await self.store.map_memory()
+        if info is None:
+            self._retry_at = time.monotonic() + _RETRY_S  # not shared, or its memory not ready yet
+            return None
+        if info.boot_id != shm.boot_id() or not info.boot_id:
+            self._retry_at = float("inf")
+            log.info("kv store on another host; using UCX", store=self.store.address)
+            return None
+        arena = await asyncio.to_thread(shm.open_arena, info)
+        if arena is None:
+            self._retry_at = float("inf")  # another container's /dev/shm, or not this store's file
+            log.info("kv store memory not visible here; using UCX", path=info.path)
+            return None
+        registered = self.register and await asyncio.to_thread(shm.register, arena)
+        slabs = shm.slab_tensors(arena, self.store.layout, info.num_slots)
+        return MappedArena(info, arena, slabs, registered)
