@@ -141,6 +141,10 @@ class Offerer:
         if mapped is not None and self.link is not None:
             try:
                 return await self._offer_shared(hashes, mapped)
+            except StaleLookup as e:
+                if not needs_remap(e):
+                    raise
+                self.link.forget()  # the store restarted: this run over UCX, the next ones mapped again
             finally:
                 self.link.release(mapped)
         offered = await self.store.offer(hashes)
@@ -156,12 +160,7 @@ class Offerer:
 
     async def _offer_shared(self, hashes: tuple[BlockHash, ...], mapped: MappedArena) -> int:
         deadline = time.monotonic() + _PUSH_TIMEOUT_S  # counted from before the call: the store's starts later
-        try:
-            offered = await self.store.offer_shared(hashes, mapped.info.arena_id, _PUSH_TIMEOUT_S)
-        except StaleLookup as e:
-            if needs_remap(e) and self.link is not None:
-                self.link.forget()
-            raise
+        offered = await self.store.offer_shared(hashes, mapped.info.arena_id, _PUSH_TIMEOUT_S)
         if not offered.wanted:
             return 0
         sink = SlabSink(mapped.slabs, offered.slots, deadline)

@@ -244,6 +244,9 @@ class SharedUser:
     def chain(self, tokens: list[int]) -> list[BlockHash]:
         return chain_hashes(tokens, self.layout.block_size, self.layout.model_fingerprint)
 
+    def lookup_generations(self, hashes: list[BlockHash]) -> list[int]:
+        return self.run(self.client.lookup(hashes))
+
     def pin(self, hashes: list[BlockHash], generations: list[int], lease_s: float = 10) -> tuple[list[int], str]:
         mapped = self.mapped()
         assert mapped is not None

@@ -8,11 +8,12 @@ its memory is pinned, and the first offer is answered within the worker's deadli
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 import pytest
 import torch
-from store_process import StoreProcess, StoreUser, free_ports
+from store_process import SharedUser, StoreProcess, StoreUser, free_ports
 
 from engine.kv_layout import KVLayout
 
@@ -42,5 +43,26 @@ def test_a_gpu_workers_blocks_land_in_the_store_and_come_back_byte_exact(store: 
         generations = user.lookup(hashes)
         assert len(generations) == 32
         assert user.fetch(hashes, generations, into=list(range(32, 64)))
+    finally:
+        user.close()
+
+
+def test_a_gpu_worker_on_the_stores_host_copies_through_the_mapped_memory(store: StoreProcess) -> None:
+    """The same-host path: the worker maps the store's /dev/shm arena, registers it with CUDA, and
+    blocks go between GPU memory and it by DMA copies, byte-exact. The rate is printed (the
+    benchmark is bench/kv_store.py --phases turn2), not asserted."""
+    user = SharedUser(store.address, LLAMA_8B, device="cuda:0")
+    try:
+        mapped = user.mapped(timeout_s=300)  # registering the 8 GiB mapping takes seconds
+        assert mapped is not None and mapped.registered
+        hashes = user.chain(list(range(5000, 5000 + 64 * 16)))  # 64 blocks, 128 MiB
+        assert user.offer(hashes, list(range(64)), lease_s=OFFER_DEADLINE_S * 5).wanted == list(range(64))
+        generations = user.lookup_generations(hashes)
+        assert len(generations) == 64
+        started = time.perf_counter()
+        assert user.fetch(hashes, generations, into=list(range(64)))
+        took_s = time.perf_counter() - started
+        print(f"shared-memory fetch of 128 MiB into GPU blocks: {took_s * 1000:.1f} ms, {0.128 / took_s:.1f} GB/s")
+        assert user.status().num_leases == 0
     finally:
         user.close()
