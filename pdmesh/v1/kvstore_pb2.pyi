@@ -16,10 +16,12 @@ class LookupRequest(_message.Message):
     def __init__(self, kv_layout: _Optional[_Union[_common_pb2.KVLayout, _Mapping]] = ..., block_hashes: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class LookupResponse(_message.Message):
-    __slots__ = ("generations",)
+    __slots__ = ("generations", "arena_id")
     GENERATIONS_FIELD_NUMBER: _ClassVar[int]
+    ARENA_ID_FIELD_NUMBER: _ClassVar[int]
     generations: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, generations: _Optional[_Iterable[int]] = ...) -> None: ...
+    arena_id: int
+    def __init__(self, generations: _Optional[_Iterable[int]] = ..., arena_id: _Optional[int] = ...) -> None: ...
 
 class OfferRequest(_message.Message):
     __slots__ = ("kv_layout", "block_hashes", "shared")

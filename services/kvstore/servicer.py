@@ -23,7 +23,9 @@ class KVStoreServicer(kvstore_pb2_grpc.KVStoreServicer):
         self, request: kvstore_pb2.LookupRequest, context: grpc.aio.ServicerContext
     ) -> kvstore_pb2.LookupResponse:
         layout, hashes = convert.layout_of(request.kv_layout), convert.hashes_of(request.block_hashes)
-        return kvstore_pb2.LookupResponse(generations=self.store.lookup(layout, hashes))
+        shared = self.store.shared(layout)
+        arena_id = shared.arena_id if shared is not None else 0
+        return kvstore_pb2.LookupResponse(generations=self.store.lookup(layout, hashes), arena_id=arena_id)
 
     async def Offer(  # noqa: N802
         self, request: kvstore_pb2.OfferRequest, context: grpc.aio.ServicerContext

@@ -94,30 +94,31 @@ class PrefixFetcher:
         hashes = chain_hashes(tokens[: (len(tokens) - 1) // bs * bs], bs, self.layout.model_fingerprint)
         if not hashes:
             return None
-        mapped = self.link.acquire() if self.link is not None else None
+        try:
+            started = time.monotonic()
+            generations = await self.store.lookup(hashes)
+            lookup_ms = (time.monotonic() - started) * 1000
+        except StoreUnavailable as e:
+            log.info("kv store lookup failed; computing the prompt", request_id=request_id, reason=str(e))
+            return None
+        mapped = self.link.acquire() if self.link is not None else None  # after the lookup: it names the arena
+        address = self.store.address + (" shm" if mapped is not None else "")  # the policy's route
+        self.policy.store(address).lookup_took(lookup_ms)
         imported = None
         try:
-            imported = await self._fetch_via(request_id, tokens, hashes, time_left_s, mapped)
+            if generations:
+                imported = await self._fetch_via(request_id, tokens, hashes, generations, address, time_left_s, mapped)
             return imported
         finally:
             if mapped is not None and self.link is not None and not isinstance(imported, SharedImport):
                 self.link.release(mapped)  # else the shared fetch has it, and releases it
 
     async def _fetch_via(
-        self, request_id: str, tokens: list[int], hashes: list, time_left_s: float | None, mapped: MappedArena | None
-    ) -> TicketImport | SharedImport | None:
+        self, request_id: str, tokens: list[int], hashes: list, generations: list[int], address: str,
+        time_left_s: float | None, mapped: MappedArena | None,
+    ) -> TicketImport | SharedImport | None:  # fmt: skip
         """_fetch_prefix through the mapped memory when there is one, else UCX."""
         bs = self.layout.block_size
-        address = self.store.address + (" shm" if mapped is not None else "")  # the policy's route
-        try:
-            started = time.monotonic()
-            generations = await self.store.lookup(hashes)
-            self.policy.store(address).lookup_took((time.monotonic() - started) * 1000)
-        except StoreUnavailable as e:
-            log.info("kv store lookup failed; computing the prompt", request_id=request_id, reason=str(e))
-            return None
-        if not generations:
-            return None
         timeout_s = self.fetch_timeout_s
         if time_left_s is not None:
             timeout_s = min(timeout_s, max(0.05, time_left_s * _SHARE_OF_TIME_LEFT))

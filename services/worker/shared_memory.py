@@ -74,7 +74,10 @@ class SharedMemoryLink:
         return None
 
     def acquire(self) -> MappedArena | None:
-        """The current store's mapped memory for one fetch or offer (release() it after), or None."""
+        """The current store's mapped memory for one fetch or offer (release() it after), or None.
+        A mapping of another arena than the store's last lookup named (it restarted) is dropped."""
+        if self._mapped is not None and self.store.arena_id not in (0, self._mapped.info.arena_id):
+            self.forget()
         mapped = self._current()
         if mapped is not None:
             mapped.users += 1

@@ -88,6 +88,7 @@ class StoreClient:
         self._aside_until = 0.0
         self._backoff = _BACKOFF_S[0]
         self._retired: list[grpc.aio.Channel] = []
+        self.arena_id = 0  # the store's shared arena, as its last lookup named it (0: not shared)
 
     @property
     def available(self) -> bool:
@@ -101,6 +102,7 @@ class StoreClient:
         if self._channel is not None:
             self._retired.append(self._channel)  # calls in flight on it finish; closed at close()
         self.address, self._aside_until, self._backoff = address, 0.0, _BACKOFF_S[0]
+        self.arena_id = 0
         self._channel = channel(address, self._channel_config) if address else None
         self._stub = kvstore_pb2_grpc.KVStoreStub(self._channel) if self._channel is not None else None
 
@@ -109,6 +111,7 @@ class StoreClient:
         self.counters.lookups += 1
         request = kvstore_pb2.LookupRequest(kv_layout=self.layout_pb, block_hashes=hashes)
         reply = await self._call("lookup", lambda stub: stub.Lookup(request, timeout=self.lookup_timeout_s))
+        self.arena_id = reply.arena_id
         return list(reply.generations)
 
     async def offer(self, hashes: Sequence[BlockHash]) -> Offered:
