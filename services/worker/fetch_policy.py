@@ -18,9 +18,15 @@ What it does not know it learns: from a store it has never measured it fetches a
 prefix is computed; before its engine has computed anything it fetches what the fetch's time
 allows. A store judged slow is probed again now and then with a small fetch, so that one that
 became fast (or restarted elsewhere) is used again. A fetch that failed or timed out counts as at
-least that slow. `FetchMode.ALWAYS` turns the comparison off (every hit is
-fetched: what tests of the store's data path, or a deployment that values saved compute over
-TTFT, want).
+least that slow.
+
+Each route to a store is measured apart: over UCX (`address`) and, on the store's host, by copying
+out of its memory mapped from /dev/shm (`route(address, shared=True)`). A mapped route's probe is
+larger (256 MiB): its copy runs at memory speed, so a small probe's time is mostly its fixed
+costs (the fetch and release calls, the wait for the engine's step), which, spread over 8 MiB,
+would read as a bandwidth several times too low and keep the store unused. `FetchMode.ALWAYS`
+turns the comparison off (every hit is fetched: what tests of the store's data path, or a
+deployment that values saved compute over TTFT, want).
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ _EWMA = 0.3  # weight of a new store measurement: a few fetches move the estimat
 _FORGET = 0.99  # per step sample: about the last 100 prompt steps fit the compute cost
 _MIN_PROMPT_STEPS = 4  # prompt-computing steps seen before the compute cost counts as measured
 _NO_PRIOR = np.zeros((1, 5))
+_SHARED = " shm"  # marks a mapped route's key
 
 
 class FetchMode(enum.Enum):
@@ -123,6 +130,7 @@ class FetchSettings:
     mode: FetchMode = FetchMode.WHEN_FASTER
     reprobe_s: float = 10.0  # a store judged slower is probed again after this long
     probe_bytes: int = 8 * MiB  # a probe's size (at least one block)
+    shared_probe_bytes: int = 256 * MiB  # a probe's size over a mapped route (the module says why)
 
 
 class FetchPolicy:
@@ -138,6 +146,11 @@ class FetchPolicy:
         self.compute = ComputeCost()
         self._stores: dict[str, StoreSpeed] = {}
         self._clock = clock
+
+    @staticmethod
+    def route(address: str, shared: bool) -> str:
+        """The key a route to a store is measured under: its address, marked when mapped."""
+        return address + _SHARED if shared else address
 
     def store(self, address: str) -> StoreSpeed:
         if address not in self._stores:
@@ -156,18 +169,19 @@ class FetchPolicy:
         fetch_ms = speed.fetch_ms(num_blocks * self.block_bytes)
         compute_ms = self.compute.compute_ms(num_blocks * self.block_size, num_cached_tokens)
         if fetch_ms is None:  # a store never measured: a probe's worth measures it
-            return FetchPlan(self._probe(num_blocks), FetchReason.LEARNING, fetch_ms, compute_ms)
+            return FetchPlan(self._probe(address, num_blocks), FetchReason.LEARNING, fetch_ms, compute_ms)
         if compute_ms is None:  # an engine that has not computed yet: the store's part in time
             return FetchPlan(self._within(speed, num_blocks, budget_ms), FetchReason.LEARNING, fetch_ms, compute_ms)
         n = self._within(speed, num_blocks, budget_ms)
         if n > 0 and self._gain_ms(speed, n, num_cached_tokens) > 0:
             return FetchPlan(n, FetchReason.FASTER, fetch_ms, compute_ms)
         if self._clock() - speed.measured_at >= self.settings.reprobe_s:
-            return FetchPlan(self._probe(num_blocks), FetchReason.PROBE, fetch_ms, compute_ms)
+            return FetchPlan(self._probe(address, num_blocks), FetchReason.PROBE, fetch_ms, compute_ms)
         return FetchPlan(0, FetchReason.SLOWER, fetch_ms, compute_ms)
 
-    def _probe(self, num_blocks: int) -> int:
-        return min(num_blocks, max(1, self.settings.probe_bytes // self.block_bytes))
+    def _probe(self, address: str, num_blocks: int) -> int:
+        probe = self.settings.shared_probe_bytes if address.endswith(_SHARED) else self.settings.probe_bytes
+        return min(num_blocks, max(1, probe // self.block_bytes))
 
     def _within(self, speed: StoreSpeed, num_blocks: int, budget_ms: float) -> int:
         """The most of `num_blocks` predicted to land within `budget_ms`."""

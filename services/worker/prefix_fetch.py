@@ -6,7 +6,7 @@ engine computes only the rest.
            -> the request runs with the import; the engine computes from where it ends
 
 On the store's host the fetch is a copy out of the store's memory, mapped (shared_fetch.py); the
-fetch policy measures that route apart from the store's UCX one ("<address> shm"), so each is
+fetch policy measures that route apart from the store's UCX one (FetchPolicy.route), so each is
 judged by its own speed.
 
 The store can only make a request faster, never fail it or make it miss its deadline: a fetch is
@@ -102,7 +102,7 @@ class PrefixFetcher:
             log.info("kv store lookup failed; computing the prompt", request_id=request_id, reason=str(e))
             return None
         mapped = self.link.acquire() if self.link is not None else None  # after the lookup: it names the arena
-        address = self.store.address + (" shm" if mapped is not None else "")  # the policy's route
+        address = self.policy.route(self.store.address, shared=mapped is not None)
         self.policy.store(address).lookup_took(lookup_ms)
         imported = None
         try:

@@ -166,3 +166,19 @@ def test_an_offer_waits_for_the_handoffs_in_flight_then_goes_anyway(monkeypatch:
         await offerer.store.close()
 
     asyncio.run(run())
+
+
+def test_a_mapped_route_is_measured_apart_with_a_larger_probe() -> None:
+    # Over UCX the store is slow (fetching 100 blocks: 2 + 100 x 5 = 502 ms against computing
+    # them in 80 ms): computed. Its mapped route is a route of its own, never measured: probed
+    # with 256 MiB (here all 100 blocks), so a copy's fixed costs do not pass for bandwidth.
+    clock = Clock()
+    p = policy(5.0, clock)
+    assert p.plan(STORE, 100, 0, 5000).reason is FetchReason.SLOWER
+    shared = FetchPolicy.route(STORE, shared=True)
+    assert shared != STORE
+    assert p.plan(shared, 100, 0, 5000) == FetchPlan(100, FetchReason.LEARNING, None, approx(80.0))
+    p.store(shared).lookup_took(1.0)
+    p.fetch_took(shared, 100, 1.0 + 100 * 0.1, landed=True)  # a copy at 0.1 ms per MiB
+    assert p.plan(shared, 100, 0, 5000) == FetchPlan(100, FetchReason.FASTER, approx(11.0), approx(80.0))
+    assert p.plan(STORE, 100, 0, 5000).reason is FetchReason.SLOWER  # UCX's measure is its own
