@@ -8,12 +8,15 @@ computes only the rest of turn two and samples exactly what computing everything
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
+import torch
 from engine_helpers import greedy, make_engine, run_to_completion
 
 from engine.engine import Engine
 from engine.inprocess_link import InProcessExport, InProcessImport
+from kvtransfer.shm import SlabSink, block_bytes, slab_tensors
 
 TURN1 = [(7 * i + 3) % 250 for i in range(42)]  # 42 tokens: 10 full blocks of 4 (40 tokens)
 TURN2 = TURN1 + [(11 * i + 5) % 250 for i in range(17)]  # 59 tokens
@@ -115,3 +118,31 @@ def test_a_block_evicted_before_its_export_cancels_the_export(tiny_llama: Path) 
     export = InProcessExport(source.kv_caches, list(range(10)), landing)
     assert source.export_blocks(chain, export) == 0
     assert isinstance(landing.failure, RuntimeError) and not landing.done()
+
+
+def test_blocks_go_through_host_slots_and_import_only_while_awaited(tiny_llama: Path) -> None:
+    """The same-host path's copies: export into host slots laid out as a KV store's memory
+    (kvtransfer.shm.SlabSink), then Engine.import_blocks from them into a reservation; greedy
+    output as computing everything. After an abort the blocks may be another's: nothing copied."""
+    source, worker, reference = make_engine(tiny_llama), make_engine(tiny_llama), make_engine(tiny_llama)
+    chain = first_turn_chain(source)
+    layout = source.kv_layout
+    arena = torch.zeros(16 * block_bytes(layout), dtype=torch.uint8)
+    slabs = slab_tensors(arena, layout, 16)
+    slots = [3, 4, 5, 9, 10, 11, 12, 0, 1, 2]  # runs, out of order
+    sink = SlabSink(slabs, slots, deadline=time.monotonic() + 60)
+    assert source.export_blocks(chain, sink) == 10 and sink.landed()
+
+    held = worker.reserve_prefix("turn2", TURN2, num_tokens=40)
+    pending = InProcessImport(num_layers=len(worker.kv_caches))
+    worker.add_request("turn2", TURN2, greedy(6), kv_import=pending)  # waits for its import
+    assert worker.import_blocks("turn2", held.block_ids, slabs, slots) == (True, None)
+    pending.layers_landed.update(range(len(worker.kv_caches)))
+    outs = last_output(worker, "turn2")
+    reference.add_request("turn2", TURN2, greedy(6))
+    assert [t for o in outs for t in o.new_token_ids] == run_to_completion(reference)["turn2"]
+
+    held = worker.reserve_prefix("aborted", [(t + 1) % 250 for t in TURN2], num_tokens=40)
+    assert len(held.block_ids) == 10
+    worker.abort("aborted")
+    assert worker.import_blocks("aborted", held.block_ids, slabs, slots) == (False, None)
