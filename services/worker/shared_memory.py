@@ -91,6 +91,7 @@ class SharedMemoryLink:
         """Drop the mapping (the store restarted, or another store is named); copies under way
         through it finish first."""
         mapped, self._mapped = self._mapped, None
+        self.store.arena_id = 0  # what the last lookup said is about the arena dropped: unknown now
         if mapped is not None:
             log.info("kv store memory unmapped", path=mapped.info.path)
             mapped.retired = True

@@ -115,8 +115,10 @@ def test_a_worker_of_another_host_uses_ucx(store: StoreProcess, monkeypatch: pyt
 def test_a_restarted_store_is_never_read_through_the_old_mapping(store: StoreProcess, user: SharedUser) -> None:
     old = user.mapped()
     assert old is not None
-    hashes = user.chain(list(range(900, 932)))[:2]
-    generations = user.run(user.client.lookup(hashes))
+    hashes = user.chain(list(range(700, 708)))
+    user.offer(hashes, [0, 1])
+    generations = user.lookup_generations(hashes)
+    assert len(generations) == 2
     store.kill()  # its file stays; the new store replaces it with a new arena
     store.start()
     with pytest.raises(StaleLookup) as refused:
