@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue 9, live on CPU: SmolLM2, 2 prefill + 2 decode, the shared Mooncake trace scaled down.
 #   1. profile   a least_loaded mesh: `pdmesh bench profile` records its profile (the models the
-#                scheduler fitted to its workers' step and push samples).
+#                scheduler fitted to its workers' step and push samples, the step gap and request
+#                overhead its calibration requests show beyond them, and the host's cores, shared).
 #   2. least     the same mesh under the trace at SPEEDUP and 2 x SPEEDUP (SPEEDUP: the sustainable
 #                load), SLOs sent with every request; then `pdmesh bench profile --no-load` records
 #                the models the scheduler fitted under that load (profile-loaded.json).
@@ -61,7 +62,9 @@ serve() {  # out speedups [extra...]
 
 loadavg "start"
 start_mesh least_loaded
-$PDMESH bench profile --target "127.0.0.1:$PORT" --out "$OUT/profile.json" --max-prompt 1024 --concurrency 1,4,8
+# The workers share this host's cores: the simulator shares them as well (pdmesh/sim/cores.py).
+$PDMESH bench profile --target "127.0.0.1:$PORT" --out "$OUT/profile.json" --max-prompt 1024 --concurrency 1,4,8 \
+    --shared-cores "$(nproc)"
 loadavg "profiled"
 serve "$OUT/least.json" "$SPEEDUP,$DOUBLE"
 loadavg "least_loaded done"

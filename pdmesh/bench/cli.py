@@ -46,6 +46,10 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[t
         "--no-load", dest="drive", action="store_false",
         help="drive no calibration load: read the models fitted so far (after a trace replay: the mesh under it)",
     )  # fmt: skip
+    profile.add_argument(
+        "--shared-cores", type=float, default=0.0,
+        help="the cores the mesh's workers share (a CPU mesh on this host: `nproc`); 0: a device each",
+    )  # fmt: skip
     profile.set_defaults(func=_bench_profile)
 
 
@@ -203,11 +207,17 @@ def _bench_profile(args: argparse.Namespace) -> int:
                 vocab = Vocabulary.of(Tokenizer.from_model(args.tokenizer or "smollm2"))
             except (EngineError, OSError) as e:
                 raise ValueError(f"--tokenizer: cannot open it ({e}); pass --tokenizer or --vocab-size") from None
-        load = ProfileLoad(args.max_prompt, concurrencies, args.decode_tokens, args.seed, args.drive)
+        if args.shared_cores < 0:
+            raise ValueError(f"--shared-cores: is {args.shared_cores}; use the host's cores, or 0 for a device each")
+        load = ProfileLoad(args.max_prompt, concurrencies, args.decode_tokens, args.seed, args.drive, args.shared_cores)
         profile = asyncio.run(record_profile(args.target, args.name or args.out.stem, load, vocab, console))
     except (ValueError, RequestFailed) as e:
         console.print(f"[red]error:[/red] {e}")
         return 2
     save_profile(profile, args.out)
-    console.print(f"wrote {args.out}: {profile.step}, {profile.transfer}, noise {profile.step_noise:.2f}")
+    console.print(
+        f"wrote {args.out}: {profile.step}, {profile.transfer}, noise {profile.step_noise:.2f}, step gap "
+        f"{profile.step_gap_ms:.1f} ms, request overhead {profile.request_overhead_ms:.0f} ms, shared cores "
+        f"{profile.shared_cores:g}"
+    )  # fmt: skip
     return 0

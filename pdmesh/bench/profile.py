@@ -12,11 +12,19 @@ CPU, workers contending for cores run slower than the calibration load shows). C
 the median over the workers
 that saw samples; the step noise is their median RMS relative error; capacities and the KV
 weight of a token come from what the workers registered.
+
+What the step models leave out is measured from the calibration load's own requests, for the
+simulator: the time a busy engine spends between the steps it times (the median of each lone
+request's TPOT less its predicted decode step: its engine loop, streaming each token out) and
+each request's calls before its prompt reaches a worker (the median of each prompt's TTFT less
+its predicted prefill and push). A CPU mesh on one host also shares its cores
+(`--shared-cores`): the simulator then slows steps that run at once, as the host does.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import statistics
 import time
 from dataclasses import dataclass
@@ -26,6 +34,7 @@ from rich.console import Console
 
 from pdmesh.bench.backend import Backend, GenerationOptions
 from pdmesh.bench.grpc_backend import GrpcBackend
+from pdmesh.bench.metrics import RequestResult
 from pdmesh.bench.runner import run_point
 from pdmesh.bench.workload import BenchRequest, Vocabulary
 from pdmesh.client import AsyncClient, ClusterState, WorkerRole, WorkerState
@@ -40,27 +49,59 @@ class ProfileLoad:
     decode_tokens: int = 32  # output of each decode-phase request
     seed: int = 0
     drive: bool = True  # False: read the models fitted so far, driving no load
+    shared_cores: float = 0.0  # the cores the mesh's workers share (a CPU mesh on one host); 0: a device each
+
+
+@dataclass(frozen=True)
+class Calibrated:
+    """The calibration load's requests: prompts (two at a time) and lone decodes (one at a time)."""
+
+    prompts: list[RequestResult]
+    lone_decodes: list[RequestResult]
 
 
 async def record_profile(target: str, name: str, load: ProfileLoad, vocab: Vocabulary, console: Console) -> Profile:
     """Drive the calibration load (unless told not to), then read and pool the scheduler's fitted models."""
     async with GrpcBackend(target) as backend, AsyncClient(target) as client:
         server = await backend.describe()
-        if load.drive:
-            await _calibrate(backend, load, vocab, console)
+        calibrated = await _calibrate(backend, load, vocab, console) if load.drive else None
         state = await client.cluster_state()
-    return pooled(state, name, f"recorded from {target} ({server.model}, {server.detail}) by pdmesh bench profile",
-                  server.model)  # fmt: skip
+    source = f"recorded from {target} ({server.model}, {server.detail}) by pdmesh bench profile"
+    profile = dataclasses.replace(pooled(state, name, source, server.model), shared_cores=load.shared_cores)
+    return profile if calibrated is None else with_overheads(profile, calibrated)
 
 
-async def _calibrate(backend: Backend, load: ProfileLoad, vocab: Vocabulary, console: Console) -> None:
+def with_overheads(profile: Profile, calibrated: Calibrated) -> Profile:
+    """The profile with the step gap and the per-request overhead its calibration requests show
+    beyond what its models predict (medians; never negative)."""
+    step, budget = profile.step, profile.prefill.max_batched_tokens
+    gaps = [
+        r.tpot_s * 1000 - step.decode_step_ms(1, r.prompt_tokens + r.output_tokens // 2)
+        for r in calibrated.lone_decodes if r.ok and r.tpot_s is not None
+    ]  # fmt: skip
+    overheads = [
+        r.ttft_s * 1000 - step.prefill_ms(r.prompt_tokens, 0, budget)
+        - profile.transfer.transfer_ms(r.prompt_tokens * profile.kv_bytes_per_token)
+        for r in calibrated.prompts if r.ok and r.ttft_s is not None
+    ]  # fmt: skip
+    return dataclasses.replace(
+        profile, step_gap_ms=max(0.0, _median(gaps)), request_overhead_ms=max(0.0, _median(overheads))
+    )
+
+
+def _median(values: list[float]) -> float:
+    return float(statistics.median(values)) if values else 0.0
+
+
+async def _calibrate(backend: Backend, load: ProfileLoad, vocab: Vocabulary, console: Console) -> Calibrated:
     """Prompts of growing length, then decode batches of growing size."""
     rng = np.random.default_rng(load.seed)
     options = GenerationOptions(ignore_eos=True)
     lengths = np.unique(np.geomspace(8, load.max_prompt, 12).astype(int))
     prompts = [BenchRequest(i, vocab.random_ids(rng, int(n)), int(n), 2) for i, n in enumerate(lengths)]
     console.print(f"profile: {len(prompts)} prompts of {lengths[0]} to {lengths[-1]} tokens, two at a time")
-    await run_point(backend, prompts * 2, options, max_in_flight=2)
+    prompt_results = await run_point(backend, prompts * 2, options, max_in_flight=2)
+    lone: list[RequestResult] = []
     for c in load.concurrencies:
         batch = [
             BenchRequest(i, vocab.random_ids(rng, n := int(rng.integers(16, load.max_prompt // 2))), n,
@@ -68,8 +109,11 @@ async def _calibrate(backend: Backend, load: ProfileLoad, vocab: Vocabulary, con
             for i in range(2 * c)
         ]
         console.print(f"profile: decode batches of {c} ({len(batch)} requests of {load.decode_tokens} tokens)")
-        await run_point(backend, batch, options, max_in_flight=c)
+        results = await run_point(backend, batch, options, max_in_flight=c)
+        if c == 1:
+            lone = results
     await asyncio.sleep(1.5)  # the last steps reach the scheduler with the next reports
+    return Calibrated(prompt_results, lone)
 
 
 def pooled(state: ClusterState, name: str, source: str, model: str) -> Profile:

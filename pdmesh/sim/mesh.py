@@ -26,6 +26,7 @@ from pdmesh.bench.metrics import RequestResult
 from pdmesh.config import PolicyName, SloConfig
 from pdmesh.enums import WorkerRole
 from pdmesh.sim.clock import EventLoop
+from pdmesh.sim.cores import Cores, SharedCores
 from pdmesh.sim.workers import Job, SimDecode, SimPrefill, SimWorker
 from pdmesh.sim.workload import SimRequest, TracePrompt
 from services.scheduler.ledger import Ledger
@@ -82,12 +83,13 @@ class SimMesh:
         # One layout for all: its fingerprint names the profile, its block the trace's, and its
         # shape weighs a token's KV as the profile does (float32, one layer, one head).
         layout = KVLayout(f"sim:{profile.name}", "float32", spec.block_tokens, 1, 1, profile.kv_bytes_per_token // 8)
+        cores = SharedCores(self.loop, profile.shared_cores) if profile.shared_cores > 0 else Cores(self.loop)
         for i in range(spec.num_prefill):
             self._add(SimPrefill(self.loop, f"prefill-{i}", profile, profile.prefill, spec.block_tokens,
-                                 spec.seed * 100_003 + i, on_prefilled=self._prefilled), layout)  # fmt: skip
+                                 spec.seed * 100_003 + i, cores, on_prefilled=self._prefilled), layout)  # fmt: skip
         for i in range(spec.num_decode):
             self._add(SimDecode(self.loop, f"decode-{i}", profile, profile.decode, spec.block_tokens,
-                                spec.seed * 100_003 + 50_000 + i, on_first_token=self._first_token,
+                                spec.seed * 100_003 + 50_000 + i, cores, on_first_token=self._first_token,
                                 on_finished=self._finished), layout)  # fmt: skip
 
     def _add(self, worker: SimWorker, layout: KVLayout) -> None:
@@ -129,6 +131,13 @@ class SimMesh:
         finally:
             self.decision_cpu_ns.append(time.thread_time_ns() - start_cpu)
             self.decision_ns.append(time.perf_counter_ns() - start)
+        delay_s = self.spec.profile.request_overhead_ms / 1000  # the calls before its prompt reaches a worker
+        if delay_s > 0:
+            self.loop.after(delay_s, lambda: self._start(job, placement))
+        else:
+            self._start(job, placement)
+
+    def _start(self, job: Job, placement: Placement) -> None:
         decode = self.workers[placement.decode.worker_id]
         assert isinstance(decode, SimDecode)
         job.decode_id = decode.worker_id
@@ -136,6 +145,7 @@ class SimMesh:
             placement.decode.assigned += 1  # the flow holds its decode worker from the stream's start
             decode.submit_local(job)
             return
+        slo = self.spec.slo
         give_up = self.loop.now() + min(self.spec.queue_timeout_s, slo.default_ttft_ms / 1000 or float("inf"))
         self._reserve(job, placement, give_up, _BACKOFF_S[0])
 

@@ -4,9 +4,11 @@ Each follows the engine's batcher (engine/batcher.py) closely enough for placeme
 it does on real workers: a per-step token budget spent on decode rows first (one token each), then
 on prompt chunks in priority order, then arrival order; prefix-cache hits at admission (whole
 blocks, never the last token); a decode worker's prompt chunks riding its decode steps, so a
-local prefill slows every request in the batch. A step lasts what the profile's step model says
-for its shape, times a drawn noise; the worker records it (engine.step_samples) and reports it
-with its load, as a real worker does.
+local prefill slows every request in the batch. A step's work is what the profile's step model
+says for its shape, times a drawn noise, plus the engine's own time between steps (the profile's
+step gap); it runs on the mesh's cores (pdmesh.sim.cores: a device each, or a CPU host's cores
+shared); the worker records it (engine.step_samples) and reports it with its load, as a real
+worker does.
 
 Simplifications, each stated where it lives: KV grows by a request's whole output when it joins a
 decode batch (no preemption: a full worker takes no more, as the reservation watermark intends);
@@ -27,6 +29,7 @@ from engine.step_samples import StepRecorder, StepShape
 from pdmesh.enums import WorkerHealth, WorkerRole
 from pdmesh.sim.cache import PrefixCache
 from pdmesh.sim.clock import EventLoop
+from pdmesh.sim.cores import Cores
 from pdmesh.sim.workload import SimRequest
 from services.scheduler.profile import Profile, RoleProfile
 from services.scheduler.reports import Capacity, LoadReport, WorkerInfo
@@ -68,9 +71,11 @@ class SimWorker:
     role: WorkerRole
 
     def __init__(
-        self, loop: EventLoop, worker_id: str, profile: Profile, role: RoleProfile, block_tokens: int, seed: int
-    ) -> None:
+        self, loop: EventLoop, worker_id: str, profile: Profile, role: RoleProfile, block_tokens: int, seed: int,
+        cores: Cores,
+    ) -> None:  # fmt: skip
         self.loop = loop
+        self.cores = cores
         self.worker_id = worker_id
         self.profile = profile
         self.limits = role
@@ -110,15 +115,19 @@ class SimWorker:
         job.cached = min(self.cache.match(job.reusable_blocks()) * self.block_tokens, job.prompt - 1)
 
     def _run_step(self, shape: StepShape, then: Callable[[], None]) -> None:
-        duration_ms = self.profile.step.step_ms(shape) * self._noise()
+        """The step's work (the profile's model, times a drawn noise) and the engine's own time
+        before its next step (the profile's step gap), on the mesh's cores. The engine times its
+        step alone, so that share of the wall time is what the worker reports."""
+        work_ms = self.profile.step.step_ms(shape) * self._noise()
+        total_ms = work_ms + self.profile.step_gap_ms
         self.stepping = True
 
-        def end() -> None:
+        def end(wall_ms: float) -> None:
             self.stepping = False
-            self.steps.record(shape, duration_ms)
+            self.steps.record(shape, wall_ms * work_ms / total_ms if total_ms > 0 else 0.0)
             then()
 
-        self.loop.after(duration_ms / 1000, end)
+        self.cores.run(total_ms, end)
 
     def _noise(self) -> float:
         """A step's time relative to the model's: the profile's relative noise, drawn."""
@@ -137,9 +146,9 @@ class SimPrefill(SimWorker):
 
     def __init__(
         self, loop: EventLoop, worker_id: str, profile: Profile, role: RoleProfile, block_tokens: int, seed: int,
-        on_prefilled: Callable[[Job, SimPrefill], None],
+        cores: Cores, on_prefilled: Callable[[Job, SimPrefill], None],
     ) -> None:  # fmt: skip
-        super().__init__(loop, worker_id, profile, role, block_tokens, seed)
+        super().__init__(loop, worker_id, profile, role, block_tokens, seed, cores)
         self.queue: list[Job] = []
         self.on_prefilled = on_prefilled
         self.pushes: list[tuple[int, float]] = []
@@ -192,9 +201,9 @@ class SimDecode(SimWorker):
 
     def __init__(
         self, loop: EventLoop, worker_id: str, profile: Profile, role: RoleProfile, block_tokens: int, seed: int,
-        on_first_token: Callable[[Job], None], on_finished: Callable[[Job], None],
+        cores: Cores, on_first_token: Callable[[Job], None], on_finished: Callable[[Job], None],
     ) -> None:  # fmt: skip
-        super().__init__(loop, worker_id, profile, role, block_tokens, seed)
+        super().__init__(loop, worker_id, profile, role, block_tokens, seed, cores)
         self.on_first_token = on_first_token
         self.on_finished = on_finished
         self.capacity = self.limits.kv_capacity_tokens

@@ -38,6 +38,11 @@ class Profile:
     transfer: TransferModel
     kv_bytes_per_token: int  # what a prompt's KV weighs on the wire
     step_noise: float = 0.0  # relative standard deviation of a step's time (the simulator draws it)
+    # What the step model leaves out, for the simulator (pdmesh bench profile measures them on a live
+    # mesh; 0 for a GPU profile whose figures hold without them):
+    shared_cores: float = 0.0  # >0: every worker's steps share this many cores (a CPU mesh on one host)
+    step_gap_ms: float = 0.0  # a busy engine's time between its steps, beyond the steps it times
+    request_overhead_ms: float = 0.0  # per request, before its prompt reaches a worker: the calls to get there
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -49,7 +54,8 @@ class Profile:
                 name=doc["name"], source=doc["source"], model=doc["model"], step=StepModel(**doc["step"]),
                 prefill=RoleProfile(**doc["prefill"]), decode=RoleProfile(**doc["decode"]),
                 transfer=TransferModel(**doc["transfer"]), kv_bytes_per_token=doc["kv_bytes_per_token"],
-                step_noise=doc.get("step_noise", 0.0),
+                step_noise=doc.get("step_noise", 0.0), shared_cores=doc.get("shared_cores", 0.0),
+                step_gap_ms=doc.get("step_gap_ms", 0.0), request_overhead_ms=doc.get("request_overhead_ms", 0.0),
             )  # fmt: skip
         except (KeyError, TypeError) as e:
             raise ValueError(f"profile: not a pdmesh profile ({e!r}); record one with `pdmesh bench profile`") from None
