@@ -49,6 +49,8 @@ def percentiles(run: dict[str, Any]) -> tuple[float, ...]:
 def truth_rows(out: Path) -> list[str]:
     live = {}
     for policy, name in (("least_loaded", "least.json"), ("slo", "slo.json")):
+        if not (out / name).is_file():
+            continue  # SLO_MESH=0: no slo mesh ran
         for run in json.loads((out / name).read_text())["runs"]:
             live[(policy, float(run["load"]["value"]))] = percentiles(run)
     rows = []
@@ -68,6 +70,8 @@ def main(out: Path) -> None:
           "admitted meeting both SLOs | all meeting both |")
     print("|---|---|---|---|---|---|---|---|")
     for policy, name in (("least_loaded", "least.json"), ("slo", "slo.json")):
+        if not (out / name).is_file():
+            continue
         for row in live_rows(out / name, policy):
             print(row)
     print()

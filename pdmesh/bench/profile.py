@@ -17,7 +17,8 @@ What the step models leave out is measured from the calibration load's own reque
 simulator: the time a busy engine spends between the steps it times (the median of each lone
 request's TPOT less its predicted decode step: its engine loop, streaming each token out) and
 each request's calls before its prompt reaches a worker (the median of each prompt's TTFT less
-its predicted prefill and push). A CPU mesh on one host also shares its cores
+its predicted prefill and push), and a hand-off's (a handed-off prompt's second token less its
+decode step and the gap: the Decode.Generate call). A CPU mesh on one host also shares its cores
 (`--shared-cores`): the simulator then slows steps that run at once, as the host does.
 """
 
@@ -38,6 +39,7 @@ from pdmesh.bench.metrics import RequestResult
 from pdmesh.bench.runner import run_point
 from pdmesh.bench.workload import BenchRequest, Vocabulary
 from pdmesh.client import AsyncClient, ClusterState, WorkerRole, WorkerState
+from pdmesh.config import SchedulerConfig
 from services.scheduler.predictor import StepModel, TransferModel
 from services.scheduler.profile import Profile, RoleProfile
 
@@ -50,6 +52,11 @@ class ProfileLoad:
     seed: int = 0
     drive: bool = True  # False: read the models fitted so far, driving no load
     shared_cores: float = 0.0  # the cores the mesh's workers share (a CPU mesh on one host); 0: a device each
+
+
+# Prompts longer than this are handed off by the mesh's default policy settings (least_loaded's
+# local_prefill_max_tokens): their second token measures the hand-off.
+LOCAL_PREFILL_MAX_TOKENS = SchedulerConfig.local_prefill_max_tokens
 
 
 @dataclass(frozen=True)
@@ -84,9 +91,16 @@ def with_overheads(profile: Profile, calibrated: Calibrated) -> Profile:
         - profile.transfer.transfer_ms(r.prompt_tokens * profile.kv_bytes_per_token)
         for r in calibrated.prompts if r.ok and r.ttft_s is not None
     ]  # fmt: skip
+    gap = max(0.0, _median(gaps))
+    # A handed-off prompt's second token comes from its decode worker: the hand-off, then a step.
+    handoffs = [
+        r.tpot_s * 1000 - step.decode_step_ms(1, r.prompt_tokens + 1) - gap
+        for r in calibrated.prompts if r.ok and r.tpot_s is not None and r.prompt_tokens > LOCAL_PREFILL_MAX_TOKENS
+    ]  # fmt: skip
     return dataclasses.replace(
-        profile, step_gap_ms=max(0.0, _median(gaps)), request_overhead_ms=max(0.0, _median(overheads))
-    )
+        profile, step_gap_ms=gap, request_overhead_ms=max(0.0, _median(overheads)),
+        handoff_ms=max(0.0, _median(handoffs)),
+    )  # fmt: skip
 
 
 def _median(values: list[float]) -> float:

@@ -176,11 +176,17 @@ class SimMesh:
         self.loop.after(exposed_ms / 1000, lambda: self._handed_off(job))
 
     def _handed_off(self, job: Job) -> None:
+        """First token; the decode worker takes the request (its Decode.Generate call) the profile's
+        hand-off time later."""
         self._first_token(job)
         self.registry.workers[job.decode_id].assigned += 1
         decode = self.workers[job.decode_id]
         assert isinstance(decode, SimDecode)
-        decode.join(job)
+        handoff_s = self.spec.profile.handoff_ms / 1000
+        if handoff_s > 0:
+            self.loop.after(handoff_s, lambda: decode.join(job))
+        else:
+            decode.join(job)
 
     def _first_token(self, job: Job) -> None:
         job.first_token_s = self.loop.now()

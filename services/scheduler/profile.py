@@ -43,6 +43,7 @@ class Profile:
     shared_cores: float = 0.0  # >0: every worker's steps share this many cores (a CPU mesh on one host)
     step_gap_ms: float = 0.0  # a busy engine's time between its steps, beyond the steps it times
     request_overhead_ms: float = 0.0  # per request, before its prompt reaches a worker: the calls to get there
+    handoff_ms: float = 0.0  # per hand-off, from its first token to joining the decode batch (Decode.Generate)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -56,6 +57,7 @@ class Profile:
                 transfer=TransferModel(**doc["transfer"]), kv_bytes_per_token=doc["kv_bytes_per_token"],
                 step_noise=doc.get("step_noise", 0.0), shared_cores=doc.get("shared_cores", 0.0),
                 step_gap_ms=doc.get("step_gap_ms", 0.0), request_overhead_ms=doc.get("request_overhead_ms", 0.0),
+                handoff_ms=doc.get("handoff_ms", 0.0),
             )  # fmt: skip
         except (KeyError, TypeError) as e:
             raise ValueError(f"profile: not a pdmesh profile ({e!r}); record one with `pdmesh bench profile`") from None

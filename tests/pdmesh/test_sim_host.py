@@ -66,10 +66,20 @@ def test_the_step_gap_and_the_request_overhead_lengthen_a_lone_request_by_exactl
     assert slow.tpot_s == pytest.approx(0.015)
 
 
+def test_a_hand_off_joins_the_decode_batch_the_profiles_hand_off_time_after_its_first_token() -> None:
+    spec = MeshSpec(dataclasses.replace(CPU, handoff_ms=50.0), 1, 1, 16, SloConfig(default_ttft_ms=0))
+    request = SimRequest(0, 0.0, 100, 11, (1, 2, 3, 4, 5, 6, 7))  # 100 tokens: past 32, handed off
+    result = simulate(spec, PolicyName.LEAST_LOADED, 1.0, [request], Slo()).results[0]
+    assert result.ttft_s == pytest.approx(0.022)  # its prefill (20 ms) and its push (2 ms)
+    assert result.e2e_s - result.ttft_s == pytest.approx(0.050 + 10 * 0.011)  # the hand-off, then ten steps
+
+
 def test_the_profile_takes_the_median_excess_of_its_calibration_requests_over_its_models() -> None:
     # Prompts of 100 tokens: predicted 20 ms of prefill + 2 ms of push; lone decodes over 100 + 16
     # tokens: a predicted 11 ms step.
-    prompts = [RequestResult(i, True, 100, 2, ttft_s=(22.0 + extra) / 1000) for i, extra in enumerate((30, 40, 90))]
+    # Their second tokens: the hand-off (60, 70, 80 ms) after the 4 ms gap and an 11 ms decode step.
+    prompts = [RequestResult(i, True, 100, 2, ttft_s=(22.0 + extra) / 1000, e2e_s=(22.0 + extra + 15 + h) / 1000)
+               for i, (extra, h) in enumerate(((30, 60), (40, 70), (90, 80)))]  # fmt: skip
     decodes = [RequestResult(i, True, 100, 32, ttft_s=0.05, e2e_s=0.05 + 31 * tpot / 1000)
                for i, tpot in enumerate((14.0, 15.0, 30.0))]  # fmt: skip
     failed = RequestResult(9, False, 100, code="UNAVAILABLE")
@@ -78,5 +88,6 @@ def test_the_profile_takes_the_median_excess_of_its_calibration_requests_over_it
 
     assert profile.request_overhead_ms == pytest.approx(40.0)
     assert profile.step_gap_ms == pytest.approx(4.0)
+    assert profile.handoff_ms == pytest.approx(70.0)
     faster = [RequestResult(0, True, 100, 2, ttft_s=0.010)]  # quicker than the model: no negative overhead
     assert with_overheads(CPU, Calibrated(faster, [])).request_overhead_ms == 0.0
