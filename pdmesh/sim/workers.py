@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import bisect
 import heapq
+import math
 import random
 from collections import deque
 from collections.abc import Callable
@@ -132,7 +133,14 @@ class SimWorker:
     def _noise(self) -> float:
         """A step's time relative to the model's: the profile's relative noise, drawn."""
         sigma = self.profile.step_noise
-        return max(0.2, self._rng.gauss(1.0, sigma)) if sigma > 0 else 1.0
+        if sigma <= 0:
+            return 1.0
+        # Log-normal with mean 1 and that relative deviation: a step is never negative, and a
+        # large deviation is a few steps taken far longer (preempted on a shared CPU), not many
+        # short ones. A normal clipped at a floor drifts the mean up as the deviation grows (by a
+        # third at the 1.6 a busy CPU mesh reported).
+        log_sigma = math.sqrt(math.log1p(sigma * sigma))
+        return self._rng.lognormvariate(-log_sigma * log_sigma / 2, log_sigma)
 
     def push_ms(self, num_bytes: int) -> float:
         """A KV push's exposed time, drawn as a step's."""

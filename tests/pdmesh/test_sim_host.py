@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
 
 from pdmesh.bench.metrics import RequestResult, Slo
@@ -15,6 +16,7 @@ from pdmesh.sim.clock import EventLoop
 from pdmesh.sim.cores import Cores, SharedCores
 from pdmesh.sim.mesh import MeshSpec
 from pdmesh.sim.run import simulate
+from pdmesh.sim.workers import SimDecode
 from pdmesh.sim.workload import SimRequest
 from services.scheduler.predictor import StepModel, TransferModel
 from services.scheduler.profile import Profile, RoleProfile
@@ -91,3 +93,16 @@ def test_the_profile_takes_the_median_excess_of_its_calibration_requests_over_it
     assert profile.handoff_ms == pytest.approx(70.0)
     faster = [RequestResult(0, True, 100, 2, ttft_s=0.010)]  # quicker than the model: no negative overhead
     assert with_overheads(CPU, Calibrated(faster, [])).request_overhead_ms == 0.0
+
+
+@pytest.mark.parametrize("noise", [0.05, 0.5, 1.6])
+def test_drawn_step_noise_keeps_the_models_mean_and_the_profiles_deviation(noise: float) -> None:
+    # A busy CPU mesh reported 1.6: a normal clipped at a floor would have made the mean step a
+    # third longer than the model's; the log-normal keeps it.
+    loop, profile = EventLoop(), dataclasses.replace(CPU, step_noise=noise)
+    worker = SimDecode(loop, "d", profile, CPU.decode, 16, 7, Cores(loop), on_first_token=lambda job: None,
+                       on_finished=lambda job: None)  # fmt: skip
+    draws = np.array([worker._noise() for _ in range(40_000)])
+    assert draws.min() > 0
+    assert draws.mean() == pytest.approx(1.0, abs=0.03 * max(1.0, noise))
+    assert draws.std() == pytest.approx(noise, rel=0.15)
