@@ -21,10 +21,12 @@ became fast (or restarted elsewhere) is used again. A fetch that failed or timed
 least that slow.
 
 Each route to a store is measured apart: over UCX (`address`) and, on the store's host, by copying
-out of its memory mapped from /dev/shm (`route(address, shared=True)`). A mapped route's probe is
-larger (256 MiB): its copy runs at memory speed, so a small probe's time is mostly its fixed
-costs (the fetch and release calls, the wait for the engine's step), which, spread over 8 MiB,
-would read as a bandwidth several times too low and keep the store unused. `FetchMode.ALWAYS`
+out of its memory mapped from /dev/shm (`route(address, shared=True)`). A mapped route's first
+fetch, and its probes, take up to 1 GiB: its copy runs at memory speed (an 8k-token Llama-8B
+prefix, 1 GB, is ~0.1 s at PCIe speed, ~0.3 s even from pageable memory), so trying it costs
+little, while a small probe's time is mostly fixed costs (the fetch and release calls, the wait
+for the engine's step) that, spread over 8 MiB, would read as a bandwidth several times too low
+and keep the store unused. `FetchMode.ALWAYS`
 turns the comparison off (every hit is fetched: what tests of the store's data path, or a
 deployment that values saved compute over TTFT, want).
 """
@@ -130,7 +132,7 @@ class FetchSettings:
     mode: FetchMode = FetchMode.WHEN_FASTER
     reprobe_s: float = 10.0  # a store judged slower is probed again after this long
     probe_bytes: int = 8 * MiB  # a probe's size (at least one block)
-    shared_probe_bytes: int = 256 * MiB  # a probe's size over a mapped route (the module says why)
+    shared_probe_bytes: int = 1024 * MiB  # a probe's size over a mapped route (the module says why)
 
 
 class FetchPolicy:

@@ -103,10 +103,15 @@ async def serve_worker(config: WorkerConfig) -> None:
         taken = pushes.take(SAMPLES_PER_REPORT) if pushes is not None else []
         return load_report_to_pb(stats, events, reserved, transport.num_in_flight, steps, taken)
 
+    def on_store(address: str) -> None:  # from the reporter's task: on the loop
+        store.point_at(address)
+        if link is not None:
+            link.prepare()  # mapped before the first fetch needs it
+
     async def on_ready(server: Server) -> None:
         nonlocal reporter
         info = worker_info_to_pb(config, engine, transport.address, server.port)
-        reporter = Reporter(config.scheduler, info, load, config.channel, on_store=store.point_at)
+        reporter = Reporter(config.scheduler, info, load, config.channel, on_store=on_store)
         reporter.start()
         offerer.start()
         log.info("worker ready", worker_id=config.id, port=server.port, kv=transport.address)

@@ -73,6 +73,11 @@ class SharedMemoryLink:
             self._mapping = asyncio.get_running_loop().create_task(self._map(self._address))
         return None
 
+    def prepare(self) -> None:
+        """Begin mapping the current store's memory now (the scheduler named it), so a worker's
+        first fetch need not go over UCX while it maps. Call on the event loop."""
+        self._current()
+
     def acquire(self) -> MappedArena | None:
         """The current store's mapped memory for one fetch or offer (release() it after), or None.
         A mapping of another arena than the store's last lookup named (it restarted) is dropped."""

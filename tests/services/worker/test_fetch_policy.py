@@ -171,7 +171,7 @@ def test_an_offer_waits_for_the_handoffs_in_flight_then_goes_anyway(monkeypatch:
 def test_a_mapped_route_is_measured_apart_with_a_larger_probe() -> None:
     # Over UCX the store is slow (fetching 100 blocks: 2 + 100 x 5 = 502 ms against computing
     # them in 80 ms): computed. Its mapped route is a route of its own, never measured: probed
-    # with 256 MiB (here all 100 blocks), so a copy's fixed costs do not pass for bandwidth.
+    # with up to 1 GiB (here all 100 blocks), so a copy's fixed costs do not pass for bandwidth.
     clock = Clock()
     p = policy(5.0, clock)
     assert p.plan(STORE, 100, 0, 5000).reason is FetchReason.SLOWER
