@@ -76,8 +76,11 @@ class SharedFetcher:
             imported.fail(e)
             log.info("kv store fetch refused; computing the prefix", request_id=request_id, reason=str(e))
             return
-        except (StoreUnavailable, TimeoutError, asyncio.CancelledError) as e:
-            imported.fail(e if not isinstance(e, asyncio.CancelledError) else StoreUnavailable("cancelled"))
+        except asyncio.CancelledError:  # the worker is stopping
+            imported.fail(StoreUnavailable("the fetch was cancelled"))
+            raise
+        except Exception as e:  # whatever failed, the request computes those tokens, never waits
+            imported.fail(e)
             log.info("kv store fetch failed; computing the prefix", request_id=request_id, reason=str(e))
             landed = False
         finally:
