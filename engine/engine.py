@@ -19,6 +19,7 @@ from engine.block_copy import copy_in
 from engine.block_pool import BlockPool
 from engine.config import EngineConfig
 from engine.cpu_linear import packing_supported
+from engine.cpu_threads import CpuThreads
 from engine.cuda_graphs import CaptureReport
 from engine.errors import DeviceLost, EngineError, InvalidRequest, RequestNotFound
 from engine.handoff import KVExportSink, KVImport
@@ -76,6 +77,7 @@ class Engine:
         if self.device.type == "cpu" and config.cpu_packed_linears and packing_supported(self.dtype):
             model.pack_for_cpu()
         self.runner = ModelRunner(model, self.kv_caches, cache.block_size)
+        self.cpu_threads = CpuThreads.for_device(self.device, config.cpu_one_thread_max_tokens)
         self.graph_capture: list[CaptureReport] = []
         if self.device.type == "cuda":  # every graph now, before any other thread touches the device
             max_batch = min(config.cuda_graph_max_batch, config.batcher.max_running)
@@ -286,6 +288,7 @@ class Engine:
             raise DeviceLost(self._lost)
         shape = step_shape(batch)
         inputs = self.runner.prepare(batch.chunks)
+        self.cpu_threads.fit(batch.num_tokens)
         watch.lap(Phase.PREPARE)
         logits = self.runner.execute(inputs)  # (completing chunks, vocab)
         watch.lap(Phase.LAUNCH)

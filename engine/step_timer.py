@@ -35,13 +35,15 @@ class StepKind(enum.Enum):
 @dataclass
 class StepTimes:
     seconds: dict[Phase, float] = field(default_factory=lambda: dict.fromkeys(Phase, 0.0))
+    cpu_seconds: dict[Phase, float] = field(default_factory=lambda: dict.fromkeys(Phase, 0.0))  # the step thread's
     steps: dict[StepKind, int] = field(default_factory=lambda: dict.fromkeys(StepKind, 0))
     step_seconds: dict[StepKind, float] = field(default_factory=lambda: dict.fromkeys(StepKind, 0.0))
     tokens: int = 0  # tokens computed (prefill and decode)
     sampled: int = 0  # tokens sampled
 
-    def add(self, phase: Phase, seconds: float) -> None:
+    def add(self, phase: Phase, seconds: float, cpu_seconds: float = 0.0) -> None:
         self.seconds[phase] += seconds
+        self.cpu_seconds[phase] += cpu_seconds
 
     def add_step(self, kind: StepKind, seconds: float, tokens: int, sampled: int) -> None:
         self.steps[kind] += 1
@@ -53,6 +55,7 @@ class StepTimes:
         """Totals in ms and mean ms per step of each kind, for a log line."""
         return {
             "phase_ms": {p.value: round(s * 1000, 1) for p, s in self.seconds.items()},
+            "phase_cpu_ms": {p.value: round(s * 1000, 1) for p, s in self.cpu_seconds.items() if p is not Phase.IDLE},
             "steps": {k.value: n for k, n in self.steps.items() if n},
             "mean_step_ms": {
                 k.value: round(self.step_seconds[k] / n * 1000, 2) for k, n in self.steps.items() if n
@@ -68,11 +71,12 @@ class Stopwatch:
     def __init__(self, times: StepTimes) -> None:
         self.times = times
         self.start = self._last = time.perf_counter()
+        self._last_cpu = time.thread_time()
 
     def lap(self, phase: Phase) -> None:
-        now = time.perf_counter()
-        self.times.add(phase, now - self._last)
-        self._last = now
+        now, cpu = time.perf_counter(), time.thread_time()
+        self.times.add(phase, now - self._last, cpu - self._last_cpu)
+        self._last, self._last_cpu = now, cpu
 
     @property
     def elapsed(self) -> float:
