@@ -42,9 +42,9 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     batcher: BatcherConfig = field(default_factory=BatcherConfig)
     torch_threads: int | None = None  # CPU threads for torch; None leaves torch's default
-    # CPU: steps of at most this many tokens run on one thread (engine.cpu_threads: in a mesh the
-    # other cores serve the rest of the worker and the mesh); 0: every step on torch_threads.
-    cpu_one_thread_max_tokens: int = 4
+    # CPU: steps of at most this many tokens (decode batches, short chunks) run on one thread fewer,
+    # leaving a core to the rest of the worker and the mesh (engine.cpu_threads); 0: all threads always.
+    cpu_small_step_max_tokens: int = 64
     seed: int = 0  # seeds the per-request seeds drawn for requests that bring none
     cuda_graph_max_batch: int = 64  # decode steps up to this batch replay captured CUDA graphs; 0: off
     # Other steps (prefill chunks in the batch) replay captured pieces around eager attention.

@@ -77,7 +77,7 @@ class Engine:
         if self.device.type == "cpu" and config.cpu_packed_linears and packing_supported(self.dtype):
             model.pack_for_cpu()
         self.runner = ModelRunner(model, self.kv_caches, cache.block_size)
-        self.cpu_threads = CpuThreads.for_device(self.device, config.cpu_one_thread_max_tokens)
+        self.cpu_threads = CpuThreads.for_device(self.device, config.cpu_small_step_max_tokens)
         self.graph_capture: list[CaptureReport] = []
         if self.device.type == "cuda":  # every graph now, before any other thread touches the device
             max_batch = min(config.cuda_graph_max_batch, config.batcher.max_running)
