@@ -5,7 +5,8 @@
 #
 #     A="" B="PDMESH_ENGINE_CPU_SMALL_STEP_MAX_TOKENS=0" CONCURRENCY=1 bench/cpu_mesh_ab.sh
 #
-# A and B are environment assignments for the mesh (space-separated NAME=VALUE). Each run starts a
+# A and B are environment assignments for the mesh (space-separated NAME=VALUE), A_ARGS and B_ARGS
+# more `pdmesh up` arguments for each side (e.g. B_ARGS=--no-kvstore). Each run starts a
 # fresh mesh, sends 2 uncounted requests, then $REQUESTS of 256 random prompt tokens x 64 output
 # tokens at $CONCURRENCY (`pdmesh bench serve`), and prints output tokens/s, TPOT p50, each mesh
 # process's CPU time over the counted requests, and the decode worker's step-loop summary (wall
@@ -23,6 +24,8 @@ PDMESH=$ROOT/.venv/bin/pdmesh
 MODEL_DIR=${MODEL_DIR:-${TMPDIR:-/tmp}/smollm2-hf}
 A=${A:-}
 B=${B:-}
+A_ARGS=${A_ARGS:-}
+B_ARGS=${B_ARGS:-}
 CONCURRENCY=${CONCURRENCY:-1}
 REQUESTS=${REQUESTS:-16}
 ROUNDS=${ROUNDS:-2}
@@ -38,12 +41,12 @@ descendants() { local c; for c in $(ps -o pid= --ppid "$1"); do echo "$c"; desce
 cpu_ticks() { for p in "$@"; do echo "$p $(awk '{print $14 + $15}' "/proc/$p/stat" 2>/dev/null || echo 0)"; done; }
 prioritize() { [ -z "$PRIORITY" ] || for p in "$@"; do echo "$PRIORITY" > "/proc/$p/autogroup"; done; }
 
-run() {  # run NAME "ENV ASSIGNMENTS"
+run() {  # run NAME "ENV ASSIGNMENTS" "UP ARGUMENTS"
     local name=$1 dir=$OUT/$1 mesh pids
     mkdir -p "$dir"
     # shellcheck disable=SC2086  # the assignments are meant to split
     env $2 setsid "$PDMESH" up --port "$PORT" --http-port $((PORT + 350)) --prefill 0 --decode 1 \
-        --model "$MODEL_DIR" --dtype bfloat16 --threads "$THREADS" --no-restart > "$dir/mesh.log" 2>&1 &
+        --model "$MODEL_DIR" --dtype bfloat16 --threads "$THREADS" --no-restart $3 > "$dir/mesh.log" 2>&1 &
     mesh=$!
     until grep -q "pdmesh is up" "$dir/mesh.log"; do
         kill -0 "$mesh" 2>/dev/null || { echo "mesh exited: $dir/mesh.log" >&2; exit 1; }
@@ -65,11 +68,15 @@ run() {  # run NAME "ENV ASSIGNMENTS"
     for _ in $(seq 40); do kill -0 "$mesh" 2>/dev/null || break; sleep 1; done
     kill -KILL -- "-$mesh" 2>/dev/null || true
     cp -r "$(grep -o '/tmp/pdmesh-up-[A-Za-z0-9_]*' "$dir/mesh.log" | head -1)" "$dir/logs"
-    .venv/bin/python bench/cpu_mesh_ab_summary.py "$dir" "$name ($2)"
+    .venv/bin/python bench/cpu_mesh_ab_summary.py "$dir" "$name ($2 $3)"
 }
 
 echo "load before: $(uptime)" | tee "$OUT/machine.txt"
 for round in $(seq 1 "$ROUNDS"); do
-    if [ $((round % 2)) -eq 1 ]; then run "a$round" "$A"; run "b$round" "$B"; else run "b$round" "$B"; run "a$round" "$A"; fi
+    if [ $((round % 2)) -eq 1 ]; then
+        run "a$round" "$A" "$A_ARGS"; run "b$round" "$B" "$B_ARGS"
+    else
+        run "b$round" "$B" "$B_ARGS"; run "a$round" "$A" "$A_ARGS"
+    fi
 done
 echo "load after: $(uptime)" | tee -a "$OUT/machine.txt"

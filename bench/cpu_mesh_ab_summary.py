@@ -39,9 +39,11 @@ def main() -> None:
     run, label = Path(sys.argv[1]), sys.argv[2]
     point = json.loads((run / "run.json").read_text())
     point = point["runs"][0] if "runs" in point else point
-    tpot = point.get("tpot_ms") or {}
-    print(f"== {label}: {point['ok']} ok, {point['failed']} failed, {point['output_tokens_per_s']:.1f} out tok/s, "
-          f"TPOT p50 {tpot.get('p50', float('nan')):.2f} ms")
+    tpot, ttft = point.get("tpot_ms") or {}, point.get("ttft_ms") or {}
+    print(
+        f"== {label}: {point['ok']} ok, {point['failed']} failed, {point['output_tokens_per_s']:.1f} out tok/s, "
+        f"TTFT p50 {ttft.get('p50', float('nan')):.0f} ms, TPOT p50 {tpot.get('p50', float('nan')):.2f} ms"
+    )
     before, after, roles = _ticks(run / "cpu_before.txt"), _ticks(run / "cpu_after.txt"), _roles(run / "processes.txt")
     tokens = point["total_output_tokens"]
     cpu = {roles.get(pid, pid): (t - before.get(pid, 0)) * _TICK_MS for pid, t in after.items()}
@@ -50,8 +52,10 @@ def main() -> None:
     if loop is not None:
         wall, cpu_ms = loop["phase_ms"], loop["phase_cpu_ms"]
         assert isinstance(wall, dict) and isinstance(cpu_ms, dict)
-        print(f"   step loop: {loop['steps']}, mean ms {loop['mean_step_ms']}; forward wall {wall['launch']:.0f} ms, "
-              f"step thread CPU {cpu_ms['launch']:.0f} ms ({cpu_ms['launch'] / max(wall['launch'], 1e-9):.0%})")
+        print(
+            f"   step loop: {loop['steps']}, mean ms {loop['mean_step_ms']}; forward wall {wall['launch']:.0f} ms, "
+            f"step thread CPU {cpu_ms['launch']:.0f} ms ({cpu_ms['launch'] / max(wall['launch'], 1e-9):.0%})"
+        )
 
 
 if __name__ == "__main__":
