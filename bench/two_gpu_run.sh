@@ -122,9 +122,12 @@ fi
 if wants model; then
   wait "$MODEL_PID"; say "== model $(($(date +%s) - T0))s: $(tail -n 2 "$LOGS/model.log" | tr '\n' ' ')"
 fi
+# MESHES picks which of the two meshes the mesh phase runs, so that the comparison can span two
+# device calls on one warm machine (the summary reads both calls' logs put side by side).
+MESHES=${MESHES:-"disagg coloc"}
 if wants mesh; then
-  mesh disagg 50051 --prefill 1 --decode 1
-  PDMESH_SCHEDULER_LOCAL_PREFILL_MAX_TOKENS=100000000 mesh coloc 51051 --prefill 0 --decode 2
+  [[ " $MESHES " == *" disagg "* ]] && mesh disagg 50051 --prefill 1 --decode 1
+  [[ " $MESHES " == *" coloc "* ]] && PDMESH_SCHEDULER_LOCAL_PREFILL_MAX_TOKENS=100000000 mesh coloc 51051 --prefill 0 --decode 2
 fi
 if wants mesh-slo; then  # the same two GPUs under the default slo policy: it may prefill on the decode GPU
   PDMESH_SCHEDULER_POLICY=slo mesh disagg-slo 52051 --prefill 1 --decode 1
