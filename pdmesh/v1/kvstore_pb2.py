@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from pdmesh.v1 import common_pb2 as pdmesh_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17pdmesh/v1/kvstore.proto\x12\tpdmesh.v1\x1a\x16pdmesh/v1/common.proto\"M\n\rLookupRequest\x12&\n\tkv_layout\x18\x01 \x01(\x0b\x32\x13.pdmesh.v1.KVLayout\x12\x14\n\x0c\x62lock_hashes\x18\x02 \x03(\x06\"7\n\x0eLookupResponse\x12\x13\n\x0bgenerations\x18\x01 \x03(\x06\x12\x10\n\x08\x61rena_id\x18\x02 \x01(\x06\"u\n\x0cOfferRequest\x12&\n\tkv_layout\x18\x01 \x01(\x0b\x32\x13.pdmesh.v1.KVLayout\x12\x14\n\x0c\x62lock_hashes\x18\x02 \x03(\x06\x12\'\n\x06shared\x18\x03 \x01(\x0b\x32\x17.pdmesh.v1.SharedMemory\"2\n\x0cSharedMemory\x12\x10\n\x08\x61rena_id\x18\x01 \x01(\x06\x12\x10\n\x08lease_ms\x18\x02 \x01(\r\"e\n\rOfferResponse\x12\x0e\n\x06wanted\x18\x01 \x03(\r\x12#\n\x06ticket\x18\x02 \x01(\x0b\x32\x13.pdmesh.v1.KVTicket\x12\r\n\x05slots\x18\x03 \x03(\r\x12\x10\n\x08lease_id\x18\x04 \x01(\t\"\xc2\x01\n\x0c\x46\x65tchRequest\x12&\n\tkv_layout\x18\x01 \x01(\x0b\x32\x13.pdmesh.v1.KVLayout\x12\x14\n\x0c\x62lock_hashes\x18\x02 \x03(\x06\x12\x13\n\x0bgenerations\x18\x03 \x03(\x06\x12%\n\x06ticket\x18\x04 \x01(\x0b\x32\x13.pdmesh.v1.KVTicketH\x00\x12)\n\x06shared\x18\x05 \x01(\x0b\x32\x17.pdmesh.v1.SharedMemoryH\x00\x42\r\n\x0b\x64\x65stination\"]\n\rFetchResponse\x12\x16\n\x0etransfer_bytes\x18\x01 \x01(\x04\x12\x13\n\x0btransfer_ms\x18\x02 \x01(\x01\x12\r\n\x05slots\x18\x03 \x03(\r\x12\x10\n\x08lease_id\x18\x04 \x01(\t\":\n\x10MapMemoryRequest\x12&\n\tkv_layout\x18\x01 \x01(\x0b\x32\x13.pdmesh.v1.KVLayout\"l\n\x11MapMemoryResponse\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x13\n\x0b\x61rena_bytes\x18\x02 \x01(\x04\x12\x10\n\x08\x61rena_id\x18\x03 \x01(\x06\x12\x11\n\tnum_slots\x18\x04 \x01(\r\x12\x0f\n\x07\x62oot_id\x18\x05 \x01(\t\"\'\n\x13ReleaseFetchRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\"$\n\x14ReleaseFetchResponse\x12\x0c\n\x04held\x18\x01 \x01(\x08\"7\n\x12\x43ommitOfferRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x0f\n\x07written\x18\x02 \x01(\x08\"%\n\x13\x43ommitOfferResponse\x12\x0e\n\x06stored\x18\x01 \x01(\x08\"\x12\n\x10GetStatusRequest\"\x8b\x05\n\rKVStoreStatus\x12\x1d\n\x15memory_capacity_bytes\x18\x01 \x01(\x04\x12\x19\n\x11memory_used_bytes\x18\x02 \x01(\x04\x12\x1b\n\x13\x64isk_capacity_bytes\x18\x03 \x01(\x04\x12\x17\n\x0f\x64isk_used_bytes\x18\x04 \x01(\x04\x12\x16\n\x0enum_namespaces\x18\x05 \x01(\r\x12\x19\n\x11num_memory_blocks\x18\x06 \x01(\x04\x12\x17\n\x0fnum_disk_blocks\x18\x07 \x01(\x04\x12\x13\n\x0bnum_lookups\x18\x08 \x01(\x04\x12\x19\n\x11num_lookup_blocks\x18\t \x01(\x04\x12\x1d\n\x15num_lookup_hit_blocks\x18\n \x01(\x04\x12\x13\n\x0bnum_fetches\x18\x0b \x01(\x04\x12\x1a\n\x12num_fetched_blocks\x18\x0c \x01(\x04\x12\x1b\n\x13num_fetches_refused\x18\r \x01(\x04\x12\x1a\n\x12num_fetches_failed\x18\x0e \x01(\x04\x12\x1d\n\x15num_fetches_in_flight\x18\x0f \x01(\r\x12\x12\n\nnum_offers\x18\x10 \x01(\x04\x12\x19\n\x11num_stored_blocks\x18\x11 \x01(\x04\x12\x1a\n\x12num_demoted_blocks\x18\x12 \x01(\x04\x12\x1b\n\x13num_promoted_blocks\x18\x13 \x01(\x04\x12\x1a\n\x12num_evicted_blocks\x18\x14 \x01(\x04\x12\x1b\n\x13num_restored_blocks\x18\x15 \x01(\x04\x12\x15\n\rshared_memory\x18\x16 \x01(\x08\x12\x12\n\nnum_leases\x18\x17 \x01(\r\x12\x1a\n\x12num_leases_expired\x18\x18 \x01(\x04\x32\xeb\x03\n\x07KVStore\x12=\n\x06Lookup\x12\x18.pdmesh.v1.LookupRequest\x1a\x19.pdmesh.v1.LookupResponse\x12:\n\x05Offer\x12\x17.pdmesh.v1.OfferRequest\x1a\x18.pdmesh.v1.OfferResponse\x12:\n\x05\x46\x65tch\x12\x17.pdmesh.v1.FetchRequest\x1a\x18.pdmesh.v1.FetchResponse\x12\x46\n\tMapMemory\x12\x1b.pdmesh.v1.MapMemoryRequest\x1a\x1c.pdmesh.v1.MapMemoryResponse\x12O\n\x0cReleaseFetch\x12\x1e.pdmesh.v1.ReleaseFetchRequest\x1a\x1f.pdmesh.v1.ReleaseFetchResponse\x12L\n\x0b\x43ommitOffer\x12\x1d.pdmesh.v1.CommitOfferRequest\x1a\x1e.pdmesh.v1.CommitOfferResponse\x12\x42\n\tGetStatus\x12\x1b.pdmesh.v1.GetStatusRequest\x1a\x18.pdmesh.v1.KVStoreStatusb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17pdmesh/v1/kvstore.proto\x12\tpdmesh.v1\x1a\x16pdmesh/v1/common.proto\"M\n\rLookupRequest\x12&\n\tkv_layout\x18\x01 \x01(\x0b\x32\x13.pdmesh.v1.KVLayout\x12\x14\n\x0c\x62lock_hashes\x18\x02 \x03(\x06\"7\n\x0eLookupResponse\x12\x13\n\x0bgenerations\x18\x01 \x03(\x06\x12\x10\n\x08\x61rena_id\x18\x02 \x01(\x06\"u\n\x0cOfferRequest\x12&\n\tkv_layout\x18\x01 \x01(\x0b\x32\x13.pdmesh.v1.KVLayout\x12\x14\n\x0c\x62lock_hashes\x18\x02 \x03(\x06\x12\'\n\x06shared\x18\x03 \x01(\x0b\x32\x17.pdmesh.v1.SharedMemory\"2\n\x0cSharedMemory\x12\x10\n\x08\x61rena_id\x18\x01 \x01(\x06\x12\x10\n\x08lease_ms\x18\x02 \x01(\r\"d\n\rOfferResponse\x12\x0e\n\x06wanted\x18\x01 \x03(\r\x12#\n\x06ticket\x18\x02 \x01(\x0b\x32\x13.pdmesh.v1.KVTicket\x12\r\n\x05slots\x18\x03 \x03(\r\x12\x0f\n\x07hold_id\x18\x04 \x01(\t\"\xc2\x01\n\x0c\x46\x65tchRequest\x12&\n\tkv_layout\x18\x01 \x01(\x0b\x32\x13.pdmesh.v1.KVLayout\x12\x14\n\x0c\x62lock_hashes\x18\x02 \x03(\x06\x12\x13\n\x0bgenerations\x18\x03 \x03(\x06\x12%\n\x06ticket\x18\x04 \x01(\x0b\x32\x13.pdmesh.v1.KVTicketH\x00\x12)\n\x06shared\x18\x05 \x01(\x0b\x32\x17.pdmesh.v1.SharedMemoryH\x00\x42\r\n\x0b\x64\x65stination\"\\\n\rFetchResponse\x12\x16\n\x0etransfer_bytes\x18\x01 \x01(\x04\x12\x13\n\x0btransfer_ms\x18\x02 \x01(\x01\x12\r\n\x05slots\x18\x03 \x03(\r\x12\x0f\n\x07hold_id\x18\x04 \x01(\t\":\n\x10MapMemoryRequest\x12&\n\tkv_layout\x18\x01 \x01(\x0b\x32\x13.pdmesh.v1.KVLayout\"l\n\x11MapMemoryResponse\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x13\n\x0b\x61rena_bytes\x18\x02 \x01(\x04\x12\x10\n\x08\x61rena_id\x18\x03 \x01(\x06\x12\x11\n\tnum_slots\x18\x04 \x01(\r\x12\x0f\n\x07\x62oot_id\x18\x05 \x01(\t\"&\n\x13ReleaseFetchRequest\x12\x0f\n\x07hold_id\x18\x01 \x01(\t\"$\n\x14ReleaseFetchResponse\x12\x0c\n\x04held\x18\x01 \x01(\x08\"6\n\x12\x43ommitOfferRequest\x12\x0f\n\x07hold_id\x18\x01 \x01(\t\x12\x0f\n\x07written\x18\x02 \x01(\x08\"%\n\x13\x43ommitOfferResponse\x12\x0e\n\x06stored\x18\x01 \x01(\x08\"\x12\n\x10GetStatusRequest\"\x8b\x05\n\rKVStoreStatus\x12\x1d\n\x15memory_capacity_bytes\x18\x01 \x01(\x04\x12\x19\n\x11memory_used_bytes\x18\x02 \x01(\x04\x12\x1b\n\x13\x64isk_capacity_bytes\x18\x03 \x01(\x04\x12\x17\n\x0f\x64isk_used_bytes\x18\x04 \x01(\x04\x12\x16\n\x0enum_namespaces\x18\x05 \x01(\r\x12\x19\n\x11num_memory_blocks\x18\x06 \x01(\x04\x12\x17\n\x0fnum_disk_blocks\x18\x07 \x01(\x04\x12\x13\n\x0bnum_lookups\x18\x08 \x01(\x04\x12\x19\n\x11num_lookup_blocks\x18\t \x01(\x04\x12\x1d\n\x15num_lookup_hit_blocks\x18\n \x01(\x04\x12\x13\n\x0bnum_fetches\x18\x0b \x01(\x04\x12\x1a\n\x12num_fetched_blocks\x18\x0c \x01(\x04\x12\x1b\n\x13num_fetches_refused\x18\r \x01(\x04\x12\x1a\n\x12num_fetches_failed\x18\x0e \x01(\x04\x12\x1d\n\x15num_fetches_in_flight\x18\x0f \x01(\r\x12\x12\n\nnum_offers\x18\x10 \x01(\x04\x12\x19\n\x11num_stored_blocks\x18\x11 \x01(\x04\x12\x1a\n\x12num_demoted_blocks\x18\x12 \x01(\x04\x12\x1b\n\x13num_promoted_blocks\x18\x13 \x01(\x04\x12\x1a\n\x12num_evicted_blocks\x18\x14 \x01(\x04\x12\x1b\n\x13num_restored_blocks\x18\x15 \x01(\x04\x12\x15\n\rshared_memory\x18\x16 \x01(\x08\x12\x12\n\nnum_leases\x18\x17 \x01(\r\x12\x1a\n\x12num_leases_expired\x18\x18 \x01(\x04\x32\xeb\x03\n\x07KVStore\x12=\n\x06Lookup\x12\x18.pdmesh.v1.LookupRequest\x1a\x19.pdmesh.v1.LookupResponse\x12:\n\x05Offer\x12\x17.pdmesh.v1.OfferRequest\x1a\x18.pdmesh.v1.OfferResponse\x12:\n\x05\x46\x65tch\x12\x17.pdmesh.v1.FetchRequest\x1a\x18.pdmesh.v1.FetchResponse\x12\x46\n\tMapMemory\x12\x1b.pdmesh.v1.MapMemoryRequest\x1a\x1c.pdmesh.v1.MapMemoryResponse\x12O\n\x0cReleaseFetch\x12\x1e.pdmesh.v1.ReleaseFetchRequest\x1a\x1f.pdmesh.v1.ReleaseFetchResponse\x12L\n\x0b\x43ommitOffer\x12\x1d.pdmesh.v1.CommitOfferRequest\x1a\x1e.pdmesh.v1.CommitOfferResponse\x12\x42\n\tGetStatus\x12\x1b.pdmesh.v1.GetStatusRequest\x1a\x18.pdmesh.v1.KVStoreStatusb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,27 +41,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SHAREDMEMORY']._serialized_start=317
   _globals['_SHAREDMEMORY']._serialized_end=367
   _globals['_OFFERRESPONSE']._serialized_start=369
-  _globals['_OFFERRESPONSE']._serialized_end=470
-  _globals['_FETCHREQUEST']._serialized_start=473
-  _globals['_FETCHREQUEST']._serialized_end=667
-  _globals['_FETCHRESPONSE']._serialized_start=669
-  _globals['_FETCHRESPONSE']._serialized_end=762
-  _globals['_MAPMEMORYREQUEST']._serialized_start=764
-  _globals['_MAPMEMORYREQUEST']._serialized_end=822
-  _globals['_MAPMEMORYRESPONSE']._serialized_start=824
-  _globals['_MAPMEMORYRESPONSE']._serialized_end=932
-  _globals['_RELEASEFETCHREQUEST']._serialized_start=934
-  _globals['_RELEASEFETCHREQUEST']._serialized_end=973
-  _globals['_RELEASEFETCHRESPONSE']._serialized_start=975
-  _globals['_RELEASEFETCHRESPONSE']._serialized_end=1011
-  _globals['_COMMITOFFERREQUEST']._serialized_start=1013
-  _globals['_COMMITOFFERREQUEST']._serialized_end=1068
-  _globals['_COMMITOFFERRESPONSE']._serialized_start=1070
-  _globals['_COMMITOFFERRESPONSE']._serialized_end=1107
-  _globals['_GETSTATUSREQUEST']._serialized_start=1109
-  _globals['_GETSTATUSREQUEST']._serialized_end=1127
-  _globals['_KVSTORESTATUS']._serialized_start=1130
-  _globals['_KVSTORESTATUS']._serialized_end=1781
-  _globals['_KVSTORE']._serialized_start=1784
-  _globals['_KVSTORE']._serialized_end=2275
+  _globals['_OFFERRESPONSE']._serialized_end=469
+  _globals['_FETCHREQUEST']._serialized_start=472
+  _globals['_FETCHREQUEST']._serialized_end=666
+  _globals['_FETCHRESPONSE']._serialized_start=668
+  _globals['_FETCHRESPONSE']._serialized_end=760
+  _globals['_MAPMEMORYREQUEST']._serialized_start=762
+  _globals['_MAPMEMORYREQUEST']._serialized_end=820
+  _globals['_MAPMEMORYRESPONSE']._serialized_start=822
+  _globals['_MAPMEMORYRESPONSE']._serialized_end=930
+  _globals['_RELEASEFETCHREQUEST']._serialized_start=932
+  _globals['_RELEASEFETCHREQUEST']._serialized_end=970
+  _globals['_RELEASEFETCHRESPONSE']._serialized_start=972
+  _globals['_RELEASEFETCHRESPONSE']._serialized_end=1008
+  _globals['_COMMITOFFERREQUEST']._serialized_start=1010
+  _globals['_COMMITOFFERREQUEST']._serialized_end=1064
+  _globals['_COMMITOFFERRESPONSE']._serialized_start=1066
+  _globals['_COMMITOFFERRESPONSE']._serialized_end=1103
+  _globals['_GETSTATUSREQUEST']._serialized_start=1105
+  _globals['_GETSTATUSREQUEST']._serialized_end=1123
+  _globals['_KVSTORESTATUS']._serialized_start=1126
+  _globals['_KVSTORESTATUS']._serialized_end=1777
+  _globals['_KVSTORE']._serialized_start=1780
+  _globals['_KVSTORE']._serialized_end=2271
 # @@protoc_insertion_point(module_scope)

@@ -42,16 +42,16 @@ class SharedMemory(_message.Message):
     def __init__(self, arena_id: _Optional[int] = ..., lease_ms: _Optional[int] = ...) -> None: ...
 
 class OfferResponse(_message.Message):
-    __slots__ = ("wanted", "ticket", "slots", "lease_id")
+    __slots__ = ("wanted", "ticket", "slots", "hold_id")
     WANTED_FIELD_NUMBER: _ClassVar[int]
     TICKET_FIELD_NUMBER: _ClassVar[int]
     SLOTS_FIELD_NUMBER: _ClassVar[int]
-    LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    HOLD_ID_FIELD_NUMBER: _ClassVar[int]
     wanted: _containers.RepeatedScalarFieldContainer[int]
     ticket: _common_pb2.KVTicket
     slots: _containers.RepeatedScalarFieldContainer[int]
-    lease_id: str
-    def __init__(self, wanted: _Optional[_Iterable[int]] = ..., ticket: _Optional[_Union[_common_pb2.KVTicket, _Mapping]] = ..., slots: _Optional[_Iterable[int]] = ..., lease_id: _Optional[str] = ...) -> None: ...
+    hold_id: str
+    def __init__(self, wanted: _Optional[_Iterable[int]] = ..., ticket: _Optional[_Union[_common_pb2.KVTicket, _Mapping]] = ..., slots: _Optional[_Iterable[int]] = ..., hold_id: _Optional[str] = ...) -> None: ...
 
 class FetchRequest(_message.Message):
     __slots__ = ("kv_layout", "block_hashes", "generations", "ticket", "shared")
@@ -68,16 +68,16 @@ class FetchRequest(_message.Message):
     def __init__(self, kv_layout: _Optional[_Union[_common_pb2.KVLayout, _Mapping]] = ..., block_hashes: _Optional[_Iterable[int]] = ..., generations: _Optional[_Iterable[int]] = ..., ticket: _Optional[_Union[_common_pb2.KVTicket, _Mapping]] = ..., shared: _Optional[_Union[SharedMemory, _Mapping]] = ...) -> None: ...
 
 class FetchResponse(_message.Message):
-    __slots__ = ("transfer_bytes", "transfer_ms", "slots", "lease_id")
+    __slots__ = ("transfer_bytes", "transfer_ms", "slots", "hold_id")
     TRANSFER_BYTES_FIELD_NUMBER: _ClassVar[int]
     TRANSFER_MS_FIELD_NUMBER: _ClassVar[int]
     SLOTS_FIELD_NUMBER: _ClassVar[int]
-    LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    HOLD_ID_FIELD_NUMBER: _ClassVar[int]
     transfer_bytes: int
     transfer_ms: float
     slots: _containers.RepeatedScalarFieldContainer[int]
-    lease_id: str
-    def __init__(self, transfer_bytes: _Optional[int] = ..., transfer_ms: _Optional[float] = ..., slots: _Optional[_Iterable[int]] = ..., lease_id: _Optional[str] = ...) -> None: ...
+    hold_id: str
+    def __init__(self, transfer_bytes: _Optional[int] = ..., transfer_ms: _Optional[float] = ..., slots: _Optional[_Iterable[int]] = ..., hold_id: _Optional[str] = ...) -> None: ...
 
 class MapMemoryRequest(_message.Message):
     __slots__ = ("kv_layout",)
@@ -100,10 +100,10 @@ class MapMemoryResponse(_message.Message):
     def __init__(self, path: _Optional[str] = ..., arena_bytes: _Optional[int] = ..., arena_id: _Optional[int] = ..., num_slots: _Optional[int] = ..., boot_id: _Optional[str] = ...) -> None: ...
 
 class ReleaseFetchRequest(_message.Message):
-    __slots__ = ("lease_id",)
-    LEASE_ID_FIELD_NUMBER: _ClassVar[int]
-    lease_id: str
-    def __init__(self, lease_id: _Optional[str] = ...) -> None: ...
+    __slots__ = ("hold_id",)
+    HOLD_ID_FIELD_NUMBER: _ClassVar[int]
+    hold_id: str
+    def __init__(self, hold_id: _Optional[str] = ...) -> None: ...
 
 class ReleaseFetchResponse(_message.Message):
     __slots__ = ("held",)
@@ -112,12 +112,12 @@ class ReleaseFetchResponse(_message.Message):
     def __init__(self, held: _Optional[bool] = ...) -> None: ...
 
 class CommitOfferRequest(_message.Message):
-    __slots__ = ("lease_id", "written")
-    LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    __slots__ = ("hold_id", "written")
+    HOLD_ID_FIELD_NUMBER: _ClassVar[int]
     WRITTEN_FIELD_NUMBER: _ClassVar[int]
-    lease_id: str
+    hold_id: str
     written: bool
-    def __init__(self, lease_id: _Optional[str] = ..., written: _Optional[bool] = ...) -> None: ...
+    def __init__(self, hold_id: _Optional[str] = ..., written: _Optional[bool] = ...) -> None: ...
 
 class CommitOfferResponse(_message.Message):
     __slots__ = ("stored",)

@@ -61,7 +61,7 @@ def shared_of(pb: kvstore_pb2.SharedMemory, field: str) -> tuple[int, float]:
 
 def lease_id_of(lease_id: str) -> str:
     if not lease_id:
-        raise InvalidRequest("lease_id", "is empty", "send the lease_id the fetch or offer answered")
+        raise InvalidRequest("hold_id", "is empty", "send the hold_id the fetch or offer answered")
     return lease_id
 
 
@@ -75,11 +75,11 @@ def map_to_pb(info: ArenaInfo | None) -> kvstore_pb2.MapMemoryResponse:
 
 
 def shared_fetch_to_pb(fetch: SharedFetch) -> kvstore_pb2.FetchResponse:
-    return kvstore_pb2.FetchResponse(slots=fetch.slots, lease_id=fetch.lease_id)
+    return kvstore_pb2.FetchResponse(slots=fetch.slots, hold_id=fetch.lease_id)
 
 
 def shared_offer_to_pb(offer: SharedOffer) -> kvstore_pb2.OfferResponse:
-    return kvstore_pb2.OfferResponse(wanted=offer.wanted, slots=offer.slots, lease_id=offer.lease_id)
+    return kvstore_pb2.OfferResponse(wanted=offer.wanted, slots=offer.slots, hold_id=offer.lease_id)
 
 
 def offer_to_pb(answer: OfferAnswer) -> kvstore_pb2.OfferResponse:

@@ -56,12 +56,12 @@ class KVStoreServicer(kvstore_pb2_grpc.KVStoreServicer):
     async def ReleaseFetch(  # noqa: N802
         self, request: kvstore_pb2.ReleaseFetchRequest, context: grpc.aio.ServicerContext
     ) -> kvstore_pb2.ReleaseFetchResponse:
-        return kvstore_pb2.ReleaseFetchResponse(held=self.shared.release(convert.lease_id_of(request.lease_id)))
+        return kvstore_pb2.ReleaseFetchResponse(held=self.shared.release(convert.lease_id_of(request.hold_id)))
 
     async def CommitOffer(  # noqa: N802
         self, request: kvstore_pb2.CommitOfferRequest, context: grpc.aio.ServicerContext
     ) -> kvstore_pb2.CommitOfferResponse:
-        stored = self.shared.commit(convert.lease_id_of(request.lease_id), request.written)
+        stored = self.shared.commit(convert.lease_id_of(request.hold_id), request.written)
         return kvstore_pb2.CommitOfferResponse(stored=stored)
 
     async def GetStatus(  # noqa: N802

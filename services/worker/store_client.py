@@ -157,11 +157,11 @@ class StoreClient:
         except StoreUnavailable:
             self.counters.fetch_failures += 1
             raise
-        return list(reply.slots), reply.lease_id
+        return list(reply.slots), reply.hold_id
 
     async def release_fetch(self, lease_id: str, num_blocks: int) -> bool:
         """Unpin a shared fetch; whether the store held the blocks until now (False: discard the copy)."""
-        request = kvstore_pb2.ReleaseFetchRequest(lease_id=lease_id)
+        request = kvstore_pb2.ReleaseFetchRequest(hold_id=lease_id)
         reply = await self._call("release", lambda stub: stub.ReleaseFetch(request, timeout=self.lookup_timeout_s))
         if reply.held:
             self.counters.fetches += 1
@@ -175,10 +175,10 @@ class StoreClient:
         shared = kvstore_pb2.SharedMemory(arena_id=arena_id, lease_ms=max(1, int(lease_s * 1000)))
         request = kvstore_pb2.OfferRequest(kv_layout=self.layout_pb, block_hashes=hashes, shared=shared)
         reply = await self._call("offer", lambda stub: stub.Offer(request, timeout=self.offer_timeout_s))
-        return SharedOffered(list(reply.wanted), list(reply.slots), reply.lease_id)
+        return SharedOffered(list(reply.wanted), list(reply.slots), reply.hold_id)
 
     async def commit_offer(self, lease_id: str, written: bool) -> bool:
-        request = kvstore_pb2.CommitOfferRequest(lease_id=lease_id, written=written)
+        request = kvstore_pb2.CommitOfferRequest(hold_id=lease_id, written=written)
         reply = await self._call("commit", lambda stub: stub.CommitOffer(request, timeout=self.offer_timeout_s))
         return bool(reply.stored)
 
