@@ -38,7 +38,7 @@ import grpc
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from pdmesh.client import AsyncClient, ClusterState  # noqa: E402
-from pdmesh.up import Mesh, MeshSpec  # noqa: E402
+from pdmesh.up import KVSTORE_ID, Mesh, MeshSpec  # noqa: E402
 
 UNCLEAR = {"UNKNOWN", "INTERNAL", "OK"}
 
@@ -173,6 +173,18 @@ async def disturbed(
     return outs
 
 
+async def forget_prompts(mesh: Mesh) -> None:
+    """Every process holding KV starts again empty, so the disturbed run computes and pushes its
+    prompts as a first sight would. The oracle run had left them in the decode worker's cache and
+    the KV store, and with the store reachable over shared memory the decode worker took them
+    from there and prefilled the few tokens left itself: no push to kill (seen on two H200s)."""
+    names = [n for n in (KVSTORE_ID, "prefill-0", "decode-0") if n in mesh.procs]
+    for name in names:
+        mesh.kill(name)
+    for name in names:  # the store first: the workers map its memory when it registers
+        await asyncio.to_thread(mesh.restart, name, 300)
+
+
 def role_of(state: ClusterState, role: str) -> list[Any]:
     return [w for w in state.workers if w.role is not None and w.role.name == role]
 
@@ -183,6 +195,7 @@ async def scenarios(mesh: Mesh, args: argparse.Namespace) -> list[Scenario]:
         # 1. The prefill worker dies while its KV is on the wire.
         prompts = prompts_of(args.concurrent, *args.push_prompt, args.vocab, seed=13)
         oracle = await undisturbed(client, prompts, args.push_tokens, args.deadline_s)
+        await forget_prompts(mesh)
         push = Scenario("prefill-killed", len(prompts), "prefill-0")
 
         first_reservation: list[float] = []
