@@ -44,7 +44,7 @@ SLO_TPOT_MS=${SLO_TPOT_MS:-50}
 # outputs as recorded; replayed at 1x to 4x, each speed with prompts of its own (cold caches), so
 # that DistServe's goodput (the highest speed at which 90% meet both SLOs) is read off the sweep.
 TRACE_ARGS=${TRACE_ARGS:-"--requests 100 --trace-input-scale 0.25 --trace-speedup 1,1.5,2,3,4"}
-MIXED_ARGS=${MIXED_ARGS:-"--rate 3,5 --requests 60 --input-len 512:8192 --output-len 32:512"}
+MIXED_ARGS=${MIXED_ARGS:-"--rate 4,8,12 --requests 90 --input-len 512:8192 --output-len 32:512"}
 KV_ARGS=${KV_ARGS:-"--pairs 1:0 --message-mib 32,512"}
 FAILURE_ARGS=${FAILURE_ARGS:-""}
 # Extra `pdmesh up` flags for every mesh, e.g. MESH_ARGS=--no-kvstore to compare the two plans alone.

@@ -140,6 +140,10 @@ def distserve_ratio(disagg: float | None, coloc: float | None, loads: list[float
         return {"ratio_above": bound, "verdict": verdict(ok),
                 "text": f"colocated met the target at none of {loads}: ratio > {bound:.2f} ({verdict(ok)} "
                         f"against >= {GOODPUT_RATIO_TARGET})"}  # fmt: skip
+    if disagg == coloc == max(loads):  # both met it at the highest load: the grid stopped too low
+        return {"ratio": None, "verdict": "not determined",
+                "text": f"both met the target at the highest load tried ({disagg}): the sweep did not reach "
+                        "either mesh's goodput; extend it"}  # fmt: skip
     r = disagg / coloc
     ok = r >= GOODPUT_RATIO_TARGET
     return {
