@@ -52,6 +52,7 @@ def main() -> None:
     p.add_argument("--kv-blocks", type=int, default=4096)
     p.add_argument("--prompts", type=int, default=64)
     p.add_argument("--tokens", type=int, default=16)
+    p.add_argument("--vocab", type=int, default=100000, help="prompt token ids below this (two_gpu_failures')")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
     config = EngineConfig(
@@ -59,7 +60,7 @@ def main() -> None:
         cache=CacheConfig(num_blocks=args.kv_blocks, enable_prefix_caching=False),
     )  # fmt: skip
     engine = Engine.from_config(config)
-    prompts = prompts_of(args.prompts, 256, 768, 100000, seed=13)  # two_gpu_failures' prefill-killed prompts
+    prompts = prompts_of(args.prompts, 256, 768, args.vocab, seed=13)  # two_gpu_failures' prefill-killed prompts
     params = SamplingParams(max_tokens=args.tokens, temperature=0.0, ignore_eos=True, logprobs=True)
     forward = list(range(len(prompts)))
     started = time.monotonic()

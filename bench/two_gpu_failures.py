@@ -73,6 +73,7 @@ class Scenario:
     # every request whose tokens part from the oracle's: which, where, and the logprob differences
     mismatches: list[dict[str, Any]] = field(default_factory=list)
     noise_nats: float = 0.0  # the largest |logprob difference| from the oracle over tokens that agree
+    with_logprobs: int = 0  # requests whose stream carried one logprob per token, as the oracle's did
 
 
 async def one(client: AsyncClient, prompt: list[int], max_tokens: int, deadline_s: float, out: Outcome) -> None:
@@ -86,6 +87,8 @@ async def one(client: AsyncClient, prompt: list[int], max_tokens: int, deadline_
         out.code, out.details = e.code().name, e.details() or ""
     except Exception as e:  # noqa: BLE001 - anything else is an unclear failure, reported as such
         out.code, out.details = "UNKNOWN", f"{type(e).__name__}: {e}"
+    if len(out.logprobs) != len(out.tokens):  # not one per token: no near-tie can be claimed from them
+        out.logprobs = []
     out.seconds = time.monotonic() - started
 
 
@@ -155,9 +158,10 @@ def judge(
 def verdict_of(scenario: Scenario, index: int, out: Outcome, want: Outcome, tie_nats: float) -> str:
     """One request's verdict against the oracle's; a parting from it is recorded in scenario.mismatches."""
     scenario.noise_nats = max(scenario.noise_nats, noise_nats(out.tokens, out.logprobs, want.tokens, want.logprobs))
-    if out.code in UNCLEAR or (out.code != "OK" and not out.details):
-        return "unclear_failure"
+    scenario.with_logprobs += bool(out.logprobs or not out.tokens) and bool(want.logprobs)
     finished = out.code == "OK"  # a finished request has all of the oracle's tokens, a failed one a prefix
+    if not finished and (out.code in UNCLEAR or not out.details):
+        return "unclear_failure"
     parted = diverges(out.tokens, out.logprobs, want.tokens, want.logprobs, whole=finished)
     if parted is None:
         return "ok" if finished else "failed_clearly"
@@ -267,7 +271,7 @@ def report(s: Scenario) -> None:
     print(f"{s.name}: {s.requests} requests, {s.killed} killed after {s.kill_after_s:.2f}s "
           f"({s.state_at_kill.get('requests_done')} done, {s.state_at_kill.get('requests_with_tokens')} streaming); "
           f"outcomes {s.outcomes} codes {s.failure_codes}; slowest {s.worst_seconds:.1f}s; "
-          f"survivor idle {s.survivors_idle}; logprob noise {s.noise_nats:.2e} nats", flush=True)  # fmt: skip
+          f"survivor idle {s.survivors_idle}; logprobs for {s.with_logprobs}, noise {s.noise_nats:.2e} nats", flush=True)  # fmt: skip
     for m in s.mismatches:
         kind = "near-tie" if m["near_tie"] else "WRONG"
         print(f"  request {m['request']} ({m['code']}) parts from the oracle at token {m['position']}: {kind}, "
