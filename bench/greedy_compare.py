@@ -35,8 +35,12 @@ class Divergence:
 
 
 def diverges(
-    tokens: Sequence[int], logprobs: Sequence[float], want: Sequence[int], want_logprobs: Sequence[float],
-    *, whole: bool = True,
+    tokens: Sequence[int],
+    logprobs: Sequence[float],
+    want: Sequence[int],
+    want_logprobs: Sequence[float],
+    *,
+    whole: bool = True,
 ) -> Divergence | None:
     """None when `tokens` is `want` (whole) or a prefix of it (not whole); else where and how they
     part (a run that stops short of a whole `want` parts where it stopped). A position without a

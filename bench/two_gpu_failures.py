@@ -16,8 +16,9 @@ its deadline, having streamed only a prefix of the oracle's tokens. One exceptio
 as near_tie with its figures: float32 still lets a batch's make-up flip a greedy choice between two
 tokens whose logits tie to rounding (greedy_compare.py), so a request that parts from the oracle
 where both runs' chosen logprobs agree to --tie-nats, having agreed that closely on every token
-before, is a near-tie, not a wrong token. Afterwards every surviving worker must report all KV blocks free, no reservation and no
-running request. Prints one line per scenario; writes JSON to --out; exits 1 if any check fails.
+before, is a near-tie, not a wrong token. Afterwards every surviving worker must report all KV
+blocks free, no reservation and no running request. Prints one line per scenario (and one per
+request that parts from the oracle); writes JSON to --out; exits 1 if any check fails.
 
     python bench/two_gpu_failures.py --model /tmp/llama8b-random --device cuda --out failures.json
     python bench/two_gpu_failures.py --model /tmp/tiny --device cpu --concurrent 8   # smoke on CPU
@@ -271,7 +272,8 @@ def report(s: Scenario) -> None:
     print(f"{s.name}: {s.requests} requests, {s.killed} killed after {s.kill_after_s:.2f}s "
           f"({s.state_at_kill.get('requests_done')} done, {s.state_at_kill.get('requests_with_tokens')} streaming); "
           f"outcomes {s.outcomes} codes {s.failure_codes}; slowest {s.worst_seconds:.1f}s; "
-          f"survivor idle {s.survivors_idle}; logprobs for {s.with_logprobs}, noise {s.noise_nats:.2e} nats", flush=True)  # fmt: skip
+          f"survivor idle {s.survivors_idle}; logprobs for {s.with_logprobs}, noise {s.noise_nats:.2e} nats",
+          flush=True)  # fmt: skip
     for m in s.mismatches:
         kind = "near-tie" if m["near_tie"] else "WRONG"
         print(f"  request {m['request']} ({m['code']}) parts from the oracle at token {m['position']}: {kind}, "
