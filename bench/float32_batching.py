@@ -1,6 +1,6 @@
 """Does the batch alone change greedy tokens in float32? One engine, the same prompts, two batchings.
 
-Not a test: a bench that reports (RELIABILITY.md, "a near-tie, not a wrong token"). The engine
+Not a test: a bench that reports (RELIABILITY.md, "A near-tie or a wrong token"). The engine
 runs the prompts of bench/two_gpu_failures.py's prefill-killed scenario three times with its prefix
 cache off, so every run computes every prompt: all of them at once (as the oracle run's batches),
 then one at a time, then all at once in the reverse order. Nothing moves between processes. For
@@ -53,6 +53,7 @@ def main() -> None:
     p.add_argument("--prompts", type=int, default=64)
     p.add_argument("--tokens", type=int, default=16)
     p.add_argument("--vocab", type=int, default=100000, help="prompt token ids below this (two_gpu_failures')")
+    p.add_argument("--prompt-tokens", default="256:768", help="each prompt's length, LOW:HIGH (two_gpu_failures')")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
     config = EngineConfig(
@@ -60,7 +61,7 @@ def main() -> None:
         cache=CacheConfig(num_blocks=args.kv_blocks, enable_prefix_caching=False),
     )  # fmt: skip
     engine = Engine.from_config(config)
-    prompts = prompts_of(args.prompts, 256, 768, args.vocab, seed=13)  # two_gpu_failures' prefill-killed prompts
+    prompts = prompts_of(args.prompts, *map(int, args.prompt_tokens.split(":")), args.vocab, seed=13)  # two_gpu_failures' prefill-killed prompts
     params = SamplingParams(max_tokens=args.tokens, temperature=0.0, ignore_eos=True, logprobs=True)
     forward = list(range(len(prompts)))
     started = time.monotonic()
