@@ -61,7 +61,8 @@ def main() -> None:
         cache=CacheConfig(num_blocks=args.kv_blocks, enable_prefix_caching=False),
     )  # fmt: skip
     engine = Engine.from_config(config)
-    prompts = prompts_of(args.prompts, *map(int, args.prompt_tokens.split(":")), args.vocab, seed=13)  # two_gpu_failures' prefill-killed prompts
+    low, high = (int(n) for n in args.prompt_tokens.split(":"))
+    prompts = prompts_of(args.prompts, low, high, args.vocab, seed=13)  # the prefill-killed scenario's, by default
     params = SamplingParams(max_tokens=args.tokens, temperature=0.0, ignore_eos=True, logprobs=True)
     forward = list(range(len(prompts)))
     started = time.monotonic()
