@@ -227,6 +227,10 @@ async def scenarios(mesh: Mesh, args: argparse.Namespace) -> list[Scenario]:
         prompts = prompts_of(args.concurrent, *args.push_prompt, args.vocab, seed=13)
         oracle = await undisturbed(client, prompts, args.push_tokens, args.deadline_s)
         await forget_prompts(mesh)
+        # One request of other prompts first, so the restarted workers' KV connection is made
+        # before the kill: on two H200s the kill otherwise landed in the first handshake, and
+        # nothing was on the wire to lose.
+        await undisturbed(client, prompts_of(1, *args.push_prompt, args.vocab, seed=99), 2, args.deadline_s)
         push = Scenario("prefill-killed", len(prompts), "prefill-0")
 
         first_reservation: list[float] = []
