@@ -44,7 +44,8 @@ class EngineConfig:
     torch_threads: int | None = None  # CPU threads for torch; None leaves torch's default
     # CPU: steps of at most this many tokens (decode batches, short chunks) run on one thread fewer,
     # leaving a core to the rest of the worker and the mesh (engine.cpu_threads); 0: all threads always.
-    cpu_small_step_max_tokens: int = 64
+    # 16: on the 2-core machine one thread won at batch 1 and 8, two at batch 32 (BENCHMARKS.md).
+    cpu_small_step_max_tokens: int = 16
     seed: int = 0  # seeds the per-request seeds drawn for requests that bring none
     cuda_graph_max_batch: int = 64  # decode steps up to this batch replay captured CUDA graphs; 0: off
     # Other steps (prefill chunks in the batch) replay captured pieces around eager attention.
