@@ -39,6 +39,11 @@ class StagingPool:
         self.retain_bytes = retain_bytes
         self.allocations = 0  # buffers ever allocated: flat once transfers reach a steady state
         self.in_use = 0  # acquired and not yet released
+        # Per size class, the most buffers ever in use at once. While nothing was dropped for
+        # exceeding retain_bytes, allocations == sum(peak_in_use.values()): the pool allocated only
+        # when more buffers of a class were in flight than ever before.
+        self.peak_in_use: defaultdict[int, int] = defaultdict(int)
+        self._in_use_by_class: defaultdict[int, int] = defaultdict(int)
         self._free: defaultdict[int, list[torch.Tensor]] = defaultdict(list)
         self._free_bytes = 0
         self._lock = threading.Lock()
@@ -47,6 +52,8 @@ class StagingPool:
         capacity = max(_MIN_CLASS, 1 << (nbytes - 1).bit_length())
         with self._lock:
             self.in_use += 1
+            in_class = self._in_use_by_class[capacity] = self._in_use_by_class[capacity] + 1
+            self.peak_in_use[capacity] = max(self.peak_in_use[capacity], in_class)
             free = self._free[capacity]
             if free:
                 self._free_bytes -= capacity
@@ -58,6 +65,7 @@ class StagingPool:
         capacity = staging.buffer.numel()
         with self._lock:
             self.in_use -= 1
+            self._in_use_by_class[capacity] -= 1
             if self._free_bytes + capacity <= self.retain_bytes:
                 self._free[capacity].append(staging.buffer)
                 self._free_bytes += capacity

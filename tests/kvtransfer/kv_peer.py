@@ -268,7 +268,8 @@ class _Worker:
         deadline = time.monotonic() + 5.0
         while pool.in_use and time.monotonic() < deadline:
             time.sleep(0.01)
-        return {"tickets": results, "staging_allocations": pool.allocations}
+        peak = sum(pool.peak_in_use.values())
+        return {"tickets": results, "staging_allocations": pool.allocations, "staging_peak": peak}
 
 
 def _direct_state(push: Any) -> str | None:

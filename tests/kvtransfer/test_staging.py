@@ -45,3 +45,16 @@ def test_a_staging_buffer_views_as_the_packed_kv_shape() -> None:
     view = staging.view(torch.bfloat16, (2, 2, 3, 16, 8, 128))
 
     assert view.is_contiguous() and view.data_ptr() == staging.buffer.data_ptr()
+
+
+def test_the_pool_allocates_only_past_the_most_buffers_of_a_class_ever_in_use() -> None:
+    pool = StagingPool(torch.device("cpu"), retain_bytes=64 << 20)
+    burst = [pool.acquire(1 << 20) for _ in range(3)] + [pool.acquire(5 << 20)]
+    for staging in burst:
+        pool.release(staging)
+
+    again = [pool.acquire(1 << 20) for _ in range(2)] + [pool.acquire(5 << 20), pool.acquire(5 << 20)]
+
+    assert dict(pool.peak_in_use) == {1 << 20: 3, 8 << 20: 2}
+    assert pool.allocations == sum(pool.peak_in_use.values()) == 5  # only the second 8 MiB buffer is new
+    assert pool.in_use == len(again)

@@ -61,7 +61,10 @@ def test_a_second_request_reuses_the_staging_buffers(pair: tuple[Peer, Peer]) ->
     second, landed = transfer(decode, prefill, {"warm-2": 1000}, seed=11)
 
     assert landed["tickets"]["warm-2"]["exact"]
-    assert second["staging_allocations"] == first["staging_allocations"]
+    # How many messages are in flight at once depends on how fast the transport thread sends
+    # (on a loaded machine the second request may have one more out than the first): the pool
+    # allocates only past the most buffers of a size ever in use at once, never per request.
+    assert second["staging_allocations"] == second["staging_peak"]
 
 
 def test_32_concurrent_tickets_all_land_exact(pair: tuple[Peer, Peer]) -> None:
