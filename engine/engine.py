@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import random
 import time
-from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from engine.batcher import Batch, Batcher, step_shape
-from engine.block_copy import copy_in
+from engine.block_exchange import BlockExchange
 from engine.block_pool import BlockPool
 from engine.config import EngineConfig
 from engine.cpu_linear import packing_supported
@@ -29,7 +28,7 @@ from engine.kv_layout import KVLayout
 from engine.kv_manager import KVManager, blocks_for
 from engine.model import LlamaModel, build_model
 from engine.model_config import ModelConfig
-from engine.output import OutputProcessor
+from engine.output import OutputProcessor, request_output
 from engine.request import FinishReason, Request, RequestOutput, RequestStatus
 from engine.reservations import PrefixReservation, Reservations
 from engine.runner import ModelRunner
@@ -40,8 +39,6 @@ from engine.step_timer import Phase, StepTimes, Stopwatch
 from engine.tokenizer import Tokenizer
 from engine.validation import RequestLimits, check_request
 from engine.weights import load_checkpoint
-
-_FINISHED_CHAINS_KEPT = 1024  # finished requests' block chains kept for a worker to offer; older ones go
 
 
 @dataclass(frozen=True)
@@ -92,9 +89,9 @@ class Engine:
         self.requests: dict[RequestId, Request] = {}
         self._outputs: dict[RequestId, OutputProcessor] = {}
         self.reservations = Reservations(self.kv, cache, fingerprint)
-        # Hash chains of the full blocks finished requests computed or imported, newest last: what a
-        # worker may offer to a KV store (take_finished_chains, export_blocks).
-        self.finished_chains: deque[tuple[BlockHash, ...]] = deque(maxlen=_FINISHED_CHAINS_KEPT)
+        self.exchange = BlockExchange(
+            self.kv_caches, self.pool, self.kv, self.reservations, self.requests, cache.block_size
+        )
         self._seeds = random.Random(config.seed)
         self.eos_token_ids = tuple(self.model_config.eos_token_ids) or (
             tokenizer.eos_token_ids if tokenizer is not None else ()
@@ -210,37 +207,18 @@ class Engine:
 
     def take_finished_chains(self) -> list[tuple[BlockHash, ...]]:
         """The full-block hash chains of the requests finished since the last take, oldest first."""
-        chains = list(self.finished_chains)
-        self.finished_chains.clear()
-        return chains
+        return self.exchange.take_finished_chains()
 
     def export_blocks(self, hashes: Sequence[BlockHash], sink: KVExportSink) -> int:
-        """Push the KV of the cached blocks `hashes` through `sink`, every layer, then close it;
-        returns the blocks pushed. Call between steps (the async engine's commands are): on CUDA
-        the copies are queued on the current stream, so later writes to those blocks come after
-        them. A block evicted since it was cached cancels the sink instead (0)."""
-        block_ids = [self.pool.lookup(h) for h in hashes]
-        if not block_ids or any(b is None for b in block_ids):
-            sink.cancel("a block left the prefix cache before it was exported")
-            return 0
-        ids = [b for b in block_ids if b is not None]
-        for layer, kv in enumerate(self.kv_caches):
-            sink.push_layer(layer, kv, ids, len(ids) * self.config.cache.block_size)
-        sink.close()
-        return len(ids)
+        """Push cached blocks through `sink` between steps (engine.block_exchange); the blocks pushed."""
+        return self.exchange.export_blocks(hashes, sink)
 
     def import_blocks(
         self, request_id: str, block_ids: Sequence[int], slabs: Sequence[torch.Tensor], slots: Sequence[int]
     ) -> tuple[bool, torch.cuda.Event | None]:
-        """Copy host slots (a KV store's, mapped: kvtransfer/shm.py) into blocks a request holds for
-        its pending import; (copied, the CUDA event after the copies, None off CUDA). Not copied
-        when the request no longer waits for its import (ended, aborted, import failed): its
-        blocks may be another's by now. Call between steps, as export_blocks."""
-        rid = RequestId(request_id)
-        request = self.requests.get(rid)
-        if rid not in self.reservations and (request is None or request.kv_import is None):
-            return False, None
-        return True, copy_in(self.kv_caches, block_ids, slabs, slots)
+        """Copy a KV store's mapped slots into a pending import's blocks between steps
+        (engine.block_exchange); (copied, the CUDA event after the copies)."""
+        return self.exchange.import_blocks(request_id, block_ids, slabs, slots)
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """Cancel a request or a reservation at any moment; every block it held is released."""
@@ -342,7 +320,7 @@ class Engine:
             out = self._finish(request, finish, text)
             out.new_token_ids, out.new_logprobs, out.stop = [token_id], logprobs, processor.stop
             return out
-        return self._output(request, [token_id], logprobs, text)
+        return request_output(request, [token_id], logprobs, text)
 
     def _finish(
         self, request: Request, reason: FinishReason | None, text: str, error: str | None = None
@@ -355,44 +333,21 @@ class Engine:
             request.kv_import.cancel(error or "the request ended")
             request.kv_import = None
         self.batcher.remove(request)
-        self._keep_chain(request)
+        self.exchange.keep_chain(request)
         self.kv.release(request)
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason
         del self.requests[request.request_id]
         del self._outputs[request.request_id]
-        out = self._output(request, [], None, text)
+        out = request_output(request, [], None, text)
         out.error = error
         return out
-
-    def _keep_chain(self, request: Request) -> None:
-        """Remember the hashes of the full blocks the request leaves in the prefix cache."""
-        full = min(request.num_computed_tokens // self.config.cache.block_size, len(request.block_hashes))
-        if self.kv.prefix_caching and full:
-            self.finished_chains.append(tuple(request.block_hashes[:full]))
 
     def _fail_imports(self, batch: Batch) -> list[RequestOutput]:
         outputs = []
         for request in batch.failed_imports:
             outputs.append(self._finish(request, FinishReason.ERROR, "", error="KV import failed"))
         return outputs
-
-    def _output(self, request: Request, ids: list[int], logprobs: list[float] | None, text: str) -> RequestOutput:
-        return RequestOutput(
-            request_id=request.request_id,
-            new_token_ids=ids,
-            new_logprobs=logprobs,
-            text_delta=text,
-            finished=request.finished,
-            finish_reason=request.finish_reason,
-            num_prompt_tokens=request.num_prompt_tokens,
-            num_cached_tokens=request.num_cached_tokens,
-            num_imported_tokens=request.num_imported_tokens,
-            num_output_tokens=request.num_output_tokens - request.num_prior_output_tokens,
-            queue_s=(
-                None if request.first_scheduled_time is None else request.first_scheduled_time - request.arrival_time
-            ),
-        )
 
     # -- validation --------------------------------------------------------------------------
 

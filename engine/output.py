@@ -1,4 +1,5 @@
-"""Turning sampled tokens into what a caller sees: text deltas, stop decisions, finish reasons.
+"""Turning sampled tokens into what a caller sees: text deltas, stop decisions, finish reasons,
+and the RequestOutput a step emits (request_output).
 
 One OutputProcessor per request: incremental detokenization (never half a UTF-8 character),
 stop strings cut exactly (even across token boundaries), stop token ids, end-of-sequence and
@@ -10,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from engine.detokenizer import IncrementalDetokenizer, StopChecker
-from engine.request import FinishReason, Request
+from engine.request import FinishReason, Request, RequestOutput
 from engine.sampling_params import SamplingParams
 from engine.tokenizer import Tokenizer
 
@@ -53,3 +54,22 @@ class OutputProcessor:
     def flush(self) -> str:
         """The text held back for a possible stop string, released (the request ends here)."""
         return self.stops.flush() if self.stops is not None else ""
+
+
+def request_output(request: Request, ids: list[int], logprobs: list[float] | None, text: str) -> RequestOutput:
+    """What a step emits for a request: its new tokens and text, and where it stands."""
+    return RequestOutput(
+        request_id=request.request_id,
+        new_token_ids=ids,
+        new_logprobs=logprobs,
+        text_delta=text,
+        finished=request.finished,
+        finish_reason=request.finish_reason,
+        num_prompt_tokens=request.num_prompt_tokens,
+        num_cached_tokens=request.num_cached_tokens,
+        num_imported_tokens=request.num_imported_tokens,
+        num_output_tokens=request.num_output_tokens - request.num_prior_output_tokens,
+        queue_s=(
+            None if request.first_scheduled_time is None else request.first_scheduled_time - request.arrival_time
+        ),
+    )
