@@ -2,10 +2,11 @@
 
 UCX (through ucxx's asyncio API) runs on an event loop in a thread of its own, so the engine's
 step thread and a gRPC service's event loop both call in thread-safely. The transport owns the
-process-wide ucxx context (one per process: ucxx keeps it global), the listener peers dial, and
-one cached connection per peer it dials; a connection that is lost (the peer died or restarted)
-is dropped and the next ticket to that peer dials again. Every new connection starts with a
-handshake comparing KV layouts; a peer whose layout differs is refused, naming the field.
+process-wide ucxx context (one per process: ucxx keeps it global; ucx_context.py), the listener
+peers dial, and one cached connection per peer it dials; a connection that is lost (the peer died
+or restarted) is dropped and the next ticket to that peer dials again. Every new connection
+starts with a handshake comparing KV layouts (handshake.py); a peer whose layout differs is
+refused, naming the field.
 
 A worker's transport has one layout, its engine's. A KV store's (layout None) holds
 blocks of every layout its clients bring: it accepts each peer with the layout that peer names,
@@ -19,8 +20,6 @@ routes control messages between them and the connections.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
 import threading
 import uuid
 from collections.abc import Callable, Sequence
@@ -31,11 +30,12 @@ import torch
 import ucxx
 
 from engine.kv_layout import KVLayout
+from kvtransfer import ucx_context
 from kvtransfer.caches import KVCaches
 from kvtransfer.config import TransportConfig
-from kvtransfer.connection import CTL_TAG, Connection, Tasks
-from kvtransfer.errors import IncompatiblePeer
-from kvtransfer.ipc import EXPORT_TAG, export_caches, exportable, host_identity, map_peer
+from kvtransfer.connection import Connection, Tasks
+from kvtransfer.handshake import answer, greet
+from kvtransfer.ipc import export_caches, exportable, host_identity
 from kvtransfer.listen import arrived_on_loopback, local_address
 from kvtransfer.push import KVPush
 from kvtransfer.receiver import KVReceiver
@@ -44,29 +44,9 @@ from kvtransfer.telemetry import NullObserver, TransferObserver
 from kvtransfer.ticket import Ticket
 from kvtransfer.ticket_import import TicketImport
 from kvtransfer.timeline import Timeline
-from kvtransfer.wire import (
-    FRAME_BYTES,
-    AskWrite,
-    Cancel,
-    Data,
-    Done,
-    Failed,
-    Granted,
-    Hello,
-    Hold,
-    Message,
-    Refuse,
-    Stopped,
-    Welcome,
-    Written,
-    decode,
-    encode,
-)
+from kvtransfer.wire import AskWrite, Cancel, Data, Done, Failed, Granted, Hello, Hold, Message, Stopped, Written
 
 log = structlog.get_logger(__name__)
-
-_process_lock = threading.Lock()  # ucxx has one context per process, so one transport at a time
-_process_transport: KVTransport | None = None
 
 
 class KVTransport:
@@ -111,11 +91,7 @@ class KVTransport:
 
     # ---- lifecycle (any thread)
     def start(self, timeout_s: float = 30.0) -> KVTransport:
-        global _process_transport
-        with _process_lock:
-            if _process_transport is not None:
-                raise RuntimeError("a KVTransport is already running in this process (ucxx allows one context)")
-            _process_transport = self
+        ucx_context.claim(self)
         self._thread = threading.Thread(target=self._run, name="kvtransfer", daemon=True)
         self._thread.start()
         if not self._ready.wait(timeout_s) or self._startup_error is not None:
@@ -131,7 +107,6 @@ class KVTransport:
 
     def close(self, timeout_s: float = 30.0) -> None:
         """Fail what is in flight, close every connection and the listener, stop the thread."""
-        global _process_transport
         loop, thread = self._loop, self._thread
         if thread is None:
             return
@@ -141,9 +116,7 @@ class KVTransport:
         if thread.is_alive():
             log.error("kv transport thread did not stop", timeout_s=timeout_s)
         self._thread = None
-        with _process_lock:
-            if _process_transport is self:
-                _process_transport = None
+        ucx_context.release(self)
 
     def __enter__(self) -> KVTransport:
         return self.start()
@@ -218,14 +191,7 @@ class KVTransport:
         loop = asyncio.get_running_loop()
         self._stopping = asyncio.Event()
         try:
-            _drop_stale_ucx_variable()
-            # ucxx binds its notifier to the loop running at init: it must be this one
-            ucxx.init(
-                options=self.config.ucx_init_options,
-                progress_mode=self.config.progress_mode.value,
-                enable_delayed_submission=self.config.delayed_submission_on,
-                enable_python_future=True,
-            )
+            ucx_context.init(self.config)  # on this loop: ucxx binds its notifier to the loop running at init
             self._listener = ucxx.create_listener(
                 self._accept, port=self.config.port or None, connect_timeout=self.config.connect_timeout_s
             )
@@ -261,14 +227,7 @@ class KVTransport:
             self._listener = None
         self._dialed.clear()
         self._accepted.clear()
-        with contextlib.suppress(Exception):  # private ucxx API, only a speed-up and quiet: see below
-            _stop_notifier(ucxx.core._ctx)
-        for _ in range(3):  # the notifier's last wake-ups were posted to this loop: run them before it closes
-            await asyncio.sleep(0)
-        try:
-            ucxx.reset()
-        except Exception as e:  # a reference still held somewhere; the process can go on
-            log.warning("ucxx reset incomplete", error=str(e))
+        await ucx_context.reset()
 
     async def _connect(self, address: str, layout: KVLayout) -> Connection:
         key = (address, layout)
@@ -288,22 +247,7 @@ class KVTransport:
         ep = await asyncio.wait_for(ucxx.create_endpoint(host, int(port), connect_timeout=timeout), timeout)
         try:
             hello = Hello(self.address, self.instance, layout, self._host)
-            await asyncio.wait_for(ep.send(encode(hello), tag=CTL_TAG), timeout)
-            frame = bytearray(FRAME_BYTES)
-            await asyncio.wait_for(ep.recv(frame, tag=CTL_TAG), timeout)
-            reply = decode(frame)
-            peer_caches = None
-            if isinstance(reply, Welcome) and reply.export_bytes > 0:
-                blob = bytearray(reply.export_bytes)
-                await asyncio.wait_for(ep.recv(blob, tag=EXPORT_TAG), timeout)
-                peer_caches = map_peer(address, bytes(blob), layout, torch.device(self.config.device))
-            if not isinstance(reply, Welcome | Refuse):
-                raise ValueError(f"the peer answered the handshake with {reply.kind}")
-            difference = layout.first_difference(reply.layout)
-            if difference is not None:
-                raise IncompatiblePeer(address, "", difference)
-            if isinstance(reply, Refuse):
-                raise IncompatiblePeer(address, "", reply.difference)
+            reply, peer_caches = await greet(ep, hello, address, torch.device(self.config.device), timeout)
         except BaseException:
             ep.abort()
             raise
@@ -336,31 +280,12 @@ class KVTransport:
                         local=local_address(ep.ucp_endpoint))  # fmt: skip
             ep.abort()
             return
-        try:
-            frame = bytearray(FRAME_BYTES)
-            await asyncio.wait_for(ep.recv(frame, tag=CTL_TAG), timeout)
-            hello = decode(frame)
-            if not isinstance(hello, Hello):
-                raise ValueError(f"a peer opened with {hello.kind} instead of hello")
-            layout = self.layout or hello.layout  # a store takes each peer's own
-            difference = layout.first_difference(hello.layout)
-            if difference is not None:
-                log.warning("kv peer refused", peer=hello.name, difference=difference)
-                await ep.send(encode(Refuse(layout, difference)), tag=CTL_TAG)
-                # the dialer hangs up once it has read the refusal; its hang-up ends this receive
-                await asyncio.wait_for(ep.recv(bytearray(FRAME_BYTES), tag=CTL_TAG), timeout)
-                return
-            export = self._offers_export(hello)
-            welcome = Welcome(self.address, self.instance, layout, len(export) if export else 0)
-            await ep.send(encode(welcome), tag=CTL_TAG)
-            if export:
-                await asyncio.wait_for(ep.send(bytearray(export), tag=EXPORT_TAG), timeout)
-        except Exception as e:
-            log.info("kv peer handshake ended", error=f"{type(e).__name__}: {e}")
-            ep.abort()
+        greeted = await answer(ep, self.layout, self.address, self.instance, self._offers_export, timeout)
+        if greeted is None:
             return
-        conn = Connection(ep, hello.name, hello.instance, layout, self._route, self._lost)
-        conn.export_offered = export is not None
+        hello = greeted.hello
+        conn = Connection(ep, hello.name, hello.instance, greeted.layout, self._route, self._lost)
+        conn.export_offered = greeted.export is not None
         conn.start(self._tasks)
         self._accepted.add(conn)
 
@@ -385,24 +310,3 @@ class KVTransport:
         if self._receiver is not None:
             self._receiver.on_lost(conn, reason)
 
-
-def _drop_stale_ucx_variable() -> None:
-    """ucxx sets UCX_MEMTYPE_CACHE=n in this process's environment when imported, for the UCX
-    releases that had that option; UCX 1.20 has none and warns about the unknown variable at every
-    start. The value has no effect there, so it goes before UCX reads the environment."""
-    if ucxx.get_ucx_version() >= (1, 20) and os.environ.get("UCX_MEMTYPE_CACHE") == "n":
-        del os.environ["UCX_MEMTYPE_CACHE"]
-
-
-def _stop_notifier(ctx: Any) -> None:
-    """Stop ucxx's notifier thread now, and leave it marked stopped.
-
-    ucxx.reset() stops the thread too, but only at the thread's next 1 s poll, and the thread
-    consumes the stop request on its way out, which leaves the C++ notifier marked running: the
-    worker's destructor then warns at process exit ("The notifier thread should be explicitly
-    stopped"). So: wake it, join it, mark it stopped again."""
-    if ctx is None:
-        return
-    ctx.worker.stop_request_notifier_thread()
-    ctx.stop_notifier_thread()
-    ctx.worker.stop_request_notifier_thread()

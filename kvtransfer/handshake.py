@@ -1,0 +1,99 @@
+"""The handshake every new UCX connection opens with, both sides of it.
+
+The dialer sends a Hello (its listener address, process instance, the layout of the blocks it
+will move, and its host identity when it could write into a same-host peer's GPU cache); the
+listener answers Welcome with its own layout (and, for a same-host GPU dialer, its caches' CUDA
+IPC export on EXPORT_TAG) or Refuse naming the first field where the layouts differ. A layout
+mismatch is an IncompatiblePeer on the dialer's side and a logged refusal on the listener's.
+
+Only the exchange lives here; the transport (transport.py) turns a handshaken endpoint into a
+Connection and keeps it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+import torch
+
+from engine.kv_layout import KVLayout
+from kvtransfer.connection import CTL_TAG
+from kvtransfer.errors import IncompatiblePeer
+from kvtransfer.ipc import EXPORT_TAG, PeerCaches, map_peer
+from kvtransfer.wire import FRAME_BYTES, Hello, Refuse, Welcome, decode, encode
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class Greeted:
+    """A dialer the listener welcomed: its Hello, the layout agreed, our export if we sent one."""
+
+    hello: Hello
+    layout: KVLayout
+    export: bytes | None
+
+
+async def greet(
+    ep: Any, hello: Hello, address: str, device: torch.device, timeout: float
+) -> tuple[Welcome, PeerCaches | None]:
+    """Dialer side, on a new endpoint to `address`: (the Welcome, the peer's caches mapped when it
+    exported them). Raises IncompatiblePeer when the peer's layout differs or it refused us."""
+    await asyncio.wait_for(ep.send(encode(hello), tag=CTL_TAG), timeout)
+    frame = bytearray(FRAME_BYTES)
+    await asyncio.wait_for(ep.recv(frame, tag=CTL_TAG), timeout)
+    reply = decode(frame)
+    peer_caches = None
+    if isinstance(reply, Welcome) and reply.export_bytes > 0:
+        blob = bytearray(reply.export_bytes)
+        await asyncio.wait_for(ep.recv(blob, tag=EXPORT_TAG), timeout)
+        peer_caches = map_peer(address, bytes(blob), hello.layout, device)
+    if not isinstance(reply, Welcome | Refuse):
+        raise ValueError(f"the peer answered the handshake with {reply.kind}")
+    difference = hello.layout.first_difference(reply.layout)
+    if difference is not None:
+        raise IncompatiblePeer(address, "", difference)
+    if isinstance(reply, Refuse):
+        raise IncompatiblePeer(address, "", reply.difference)
+    return reply, peer_caches
+
+
+async def answer(
+    ep: Any,
+    layout: KVLayout | None,
+    address: str,
+    instance: str,
+    export_for: Callable[[Hello], bytes | None],
+    timeout: float,
+) -> Greeted | None:
+    """Listener side, on an endpoint a peer dialed: read its Hello and welcome it (with our export
+    when `export_for` gives one), or refuse it. `layout` None (a KV store) takes the dialer's.
+    None when the peer was refused or the handshake failed (the endpoint is aborted then)."""
+    try:
+        frame = bytearray(FRAME_BYTES)
+        await asyncio.wait_for(ep.recv(frame, tag=CTL_TAG), timeout)
+        hello = decode(frame)
+        if not isinstance(hello, Hello):
+            raise ValueError(f"a peer opened with {hello.kind} instead of hello")
+        agreed = layout or hello.layout  # a store takes each peer's own
+        difference = agreed.first_difference(hello.layout)
+        if difference is not None:
+            log.warning("kv peer refused", peer=hello.name, difference=difference)
+            await ep.send(encode(Refuse(agreed, difference)), tag=CTL_TAG)
+            # the dialer hangs up once it has read the refusal; its hang-up ends this receive
+            await asyncio.wait_for(ep.recv(bytearray(FRAME_BYTES), tag=CTL_TAG), timeout)
+            return None
+        export = export_for(hello)
+        welcome = Welcome(address, instance, agreed, len(export) if export else 0)
+        await ep.send(encode(welcome), tag=CTL_TAG)
+        if export:
+            await asyncio.wait_for(ep.send(bytearray(export), tag=EXPORT_TAG), timeout)
+    except Exception as e:
+        log.info("kv peer handshake ended", error=f"{type(e).__name__}: {e}")
+        ep.abort()
+        return None
+    return Greeted(hello, agreed, export)
