@@ -20,7 +20,7 @@ Two paths on GPUs (--paths), each a pair of processes of its own, in the same ru
       of the same bytes in host memory (memcpy), measured in the same run.
 
 Every size is checked once: per-layer integer sums of the sender's and receiver's blocks must agree.
-Prints a table; writes JSON to --out.
+Prints a table; writes JSON to --out. The worker processes are bench/kv_transfer_worker.py.
 
     python bench/kv_transfer.py --out bench/results/kv_transfer_gpu.json             # nvidia-h200-x2
     python bench/kv_transfer.py --host --out bench/results/kv_transfer_host.json     # CPU machine
@@ -30,12 +30,10 @@ Prints a table; writes JSON to --out.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import itertools
 import json
 import math
-import multiprocessing
 import os
 import platform
 import statistics
@@ -43,19 +41,16 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Any
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from engine.kv_layout import KVLayout  # noqa: E402
+from bench.kv_transfer_worker import LAYOUT, Worker  # noqa: E402
 
-LAYOUT = KVLayout("llama-3.1-8b", "bfloat16", block_size=16, num_layers=32, num_kv_heads=8, head_dim=128)
 TOKENS = (16, 256, 1024, 4096, 16384)  # 16 tokens (one block a layer): mostly the fixed cost per ticket
 GPU_TLS = "cuda_ipc,cuda_copy,sm,tcp,self"  # sm carries UCX's rendezvous control faster than tcp
 HOST_TLS = "tcp,self"
-REPLY_S = 300.0
 # kvtransfer.config.ProgressMode's values (importing it would load ucxx in this process); auto: its default
 PROGRESS_MODES = ("auto", "thread", "thread-polling")
 
@@ -63,145 +58,6 @@ PROGRESS_MODES = ("auto", "thread", "thread-polling")
 def payload_bytes(tokens: int) -> int:
     blocks = -(-tokens // LAYOUT.block_size)
     return blocks * LAYOUT.block_elems_per_layer * 2 * LAYOUT.num_layers  # bf16: 2 bytes
-
-
-# ---- the worker processes
-
-
-def _worker(
-    conn: Any, role: str, device: str, pool_blocks: int, tls: str, message_bytes: int, options: dict[str, Any]
-) -> None:
-    """A sending or receiving worker with its own scattered KV pool, driven by (command, args) pairs."""
-    try:
-        torch.set_num_threads(2)
-        from kvtransfer import KVTransport, TransportConfig
-        from kvtransfer.config import ProgressMode
-
-        if device.startswith("cuda"):
-            torch.cuda.set_device(device)
-        shape = (2, pool_blocks, LAYOUT.block_size, LAYOUT.num_kv_heads, LAYOUT.head_dim)
-        caches = [torch.zeros(shape, dtype=torch.bfloat16, device=device) for _ in range(LAYOUT.num_layers)]
-        order = torch.randperm(pool_blocks, generator=torch.Generator().manual_seed(0 if role == "recv" else 1))
-        config = TransportConfig(
-            direct_writes=options["direct_writes"],
-            device=device,
-            ucx_tls=tls,
-            message_bytes=message_bytes,
-            progress=None if options["progress"] == "auto" else ProgressMode(options["progress"]),
-            delayed_submission=options["delayed_submission"],
-            record_timeline=options["timeline"],
-        )
-        transport = KVTransport(LAYOUT, config, kv_caches=caches if role == "recv" else None).start()
-        conn.send(("ok", transport.address))
-    except BaseException:
-        conn.send(("error", traceback.format_exc()))
-        return
-    imports: dict[str, Any] = {}
-    try:
-        while True:
-            command, args = conn.recv()
-            if command == "quit":
-                break
-            try:
-                blocks = order[: -(-args["tokens"] // LAYOUT.block_size)].tolist()
-                if command == "expect":
-                    imp = transport.expect(args["ticket"], blocks, args["tokens"], timeout_s=120)
-                    imports[args["ticket"]] = imp
-                    conn.send(("ok", imp.ticket))
-                elif command == "wait":
-                    imports.pop(args["ticket"]).wait(REPLY_S)
-                    conn.send(("ok", None))
-                elif command == "fill":
-                    ids = torch.tensor(blocks, device=device)
-                    for kv in caches:
-                        kv.index_copy_(1, ids, torch.randn((2, len(blocks), *shape[2:]), device=device).bfloat16())
-                    conn.send(("ok", None))
-                elif command == "push":
-                    conn.send(("ok", _push(transport, caches, blocks, args["info"], device, args["lead_s"])))
-                elif command == "sums":
-                    conn.send(("ok", _sums(caches, blocks, device)))
-                elif command == "timeline":
-                    conn.send(("ok", transport.timeline.take(args["ticket"])))
-            except BaseException:
-                conn.send(("error", traceback.format_exc()))
-    finally:
-        transport.close()
-
-
-def _push(
-    transport: Any, caches: list[torch.Tensor], blocks: list[int], info: Any, device: str, lead_s: float
-) -> tuple[float, bool]:
-    """Seconds from the first push_layer (packing included) until the receiver has every layer, and
-    whether the blocks were written directly. The push opens lead_s before its first layer, as a
-    prefill's opens when the request arrives."""
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    push = transport.push(info)
-    if lead_s:
-        time.sleep(lead_s)
-    started = time.perf_counter()
-    for layer, kv in enumerate(caches):
-        push.push_layer(layer, kv, blocks, info.num_tokens)
-    push.close()
-    push.wait(REPLY_S)
-    seconds = time.perf_counter() - started
-    return seconds, push.direct is not None and push.direct.state.value == "armed"
-
-
-def _sums(caches: list[torch.Tensor], blocks: list[int], device: str) -> list[int]:
-    ids = torch.tensor(blocks, device=device)
-    return [int(kv.index_select(1, ids).view(torch.int16).sum(dtype=torch.int64)) for kv in caches]
-
-
-class Worker:
-    def __init__(
-        self,
-        role: str,
-        device: str,
-        visible: str | None,
-        args: argparse.Namespace,
-        tls: str,
-        message_mib: int,
-        direct_writes: bool,
-    ) -> None:
-        ctx = multiprocessing.get_context("spawn")
-        self.conn, theirs = ctx.Pipe()
-        saved = os.environ.get("CUDA_VISIBLE_DEVICES")
-        if visible is not None:
-            os.environ["CUDA_VISIBLE_DEVICES"] = visible  # read by the child at its CUDA init
-        options = {
-            "progress": args.progress, "delayed_submission": args.delayed_submission, "timeline": args.timeline,
-            "direct_writes": direct_writes,
-        }  # fmt: skip
-        worker_args = (theirs, role, device, args.pool_blocks, tls, message_mib << 20, options)
-        self.process = ctx.Process(target=_worker, args=worker_args, daemon=True)
-        self.process.start()
-        if visible is not None:
-            if saved is None:
-                del os.environ["CUDA_VISIBLE_DEVICES"]
-            else:
-                os.environ["CUDA_VISIBLE_DEVICES"] = saved
-        self.address = self._reply(REPLY_S)
-
-    def call(self, command: str, **args: Any) -> Any:
-        self.conn.send((command, args))
-        return self._reply(REPLY_S)
-
-    def _reply(self, timeout_s: float) -> Any:
-        if not self.conn.poll(timeout_s):
-            raise TimeoutError(f"worker did not answer within {timeout_s} s")
-        status, value = self.conn.recv()
-        if status != "ok":
-            raise RuntimeError(f"worker failed:\n{value}")
-        return value
-
-    def stop(self) -> None:
-        if self.process.is_alive():
-            with contextlib.suppress(OSError):
-                self.conn.send(("quit", {}))
-            self.process.join(60)
-        if self.process.is_alive():
-            self.process.kill()
 
 
 # ---- ceilings, measured in the parent
