@@ -174,6 +174,27 @@ class Namespace:
         for entry in entries:
             entry.readers -= 1
 
+    async def start_fetch(
+        self, hashes: Sequence[BlockHash], generations: Sequence[int]
+    ) -> tuple[list[Stored], list[int]]:
+        """A fetch's first half, over UCX or shared memory: the blocks as looked up, pinned, and
+        their memory slots (disk read back first); the fetch counts as in flight until the caller
+        unpins them and takes it out. A stale lookup (StaleBlock) counts as refused; on any
+        failure nothing stays pinned or in flight."""
+        try:
+            entries = self.pin(hashes, generations)
+        except StaleBlock:
+            self.counters.fetches_refused += 1
+            raise
+        self.counters.fetches_in_flight += 1
+        try:
+            return entries, await self.load(entries)
+        except BaseException as e:
+            self.counters.fetches_in_flight -= 1
+            self.counters.fetches_refused += isinstance(e, StaleBlock)
+            self.unpin(entries)
+            raise
+
     # ---- restore after a restart
     def restore(self, hashes: Sequence[BlockHash]) -> None:
         """Blocks a previous run left on disk, oldest first: each under a new generation."""

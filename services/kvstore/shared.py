@@ -79,24 +79,11 @@ class SharedTransfers:
         self, layout: KVLayout, hashes: Sequence[BlockHash], generations: Sequence[int], arena_id: int, lease_s: float
     ) -> SharedFetch:
         namespace = self._namespace(layout, arena_id)
-        counters = self.store.counters
-        try:
-            entries = namespace.pin(hashes, generations)
-        except StaleBlock:
-            counters.fetches_refused += 1
-            raise
-        counters.fetches_in_flight += 1
-        try:
-            slots = await namespace.load(entries)
-        except BaseException:
-            counters.fetches_in_flight -= 1
-            counters.fetches_refused += 1
-            namespace.unpin(entries)
-            raise
+        entries, slots = await namespace.start_fetch(hashes, generations)
         lease_id = f"fetch-{uuid.uuid4().hex[:16]}"
         timer = asyncio.get_running_loop().call_later(min(lease_s, MAX_LEASE_S), self._expired, lease_id)
         self._fetches[lease_id] = _Lease(namespace, timer, entries=entries)
-        counters.leases += 1
+        self.store.counters.leases += 1
         return SharedFetch(slots, lease_id)
 
     def release(self, lease_id: str) -> bool:

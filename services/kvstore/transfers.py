@@ -91,14 +91,8 @@ class StoreTransfers:
             raise StaleBlock("kv_layout", "the store holds no block of this KV layout", "look the prefix up again")
         if ticket.num_blocks != len(hashes):
             raise StaleBlock("ticket", f"holds {ticket.num_blocks} blocks for {len(hashes)} hashes", "match them")
+        entries, slots = await namespace.start_fetch(hashes, generations)
         try:
-            entries = namespace.pin(hashes, generations)
-        except StaleBlock:
-            counters.fetches_refused += 1
-            raise
-        counters.fetches_in_flight += 1
-        try:
-            slots = await namespace.load(entries)
             nbytes = await self._push(namespace, ticket, slots)
         except TransferFailed:
             counters.fetches_failed += 1
