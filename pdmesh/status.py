@@ -1,5 +1,5 @@
 """`pdmesh status`: the mesh as its scheduler sees it — every worker's health and load, and the KV
-store's health, capacity, use and hit counts — as tables, or as one JSON object (--json)."""
+store's health, capacity, use, hit counts and shared-memory leases — as tables, or as one JSON object (--json)."""
 
 from __future__ import annotations
 
@@ -38,6 +38,9 @@ def store_rows(store: KVStoreState) -> list[list[str]]:
     """One store's figures, a (label, value) per line."""
     disk = (f"{_mib(store.disk_used_bytes)} of {_mib(store.disk_capacity_bytes)} MiB per layout, "
             f"{store.num_disk_blocks} blocks" if store.disk_capacity_bytes else "none")  # fmt: skip
+    shared = (f"memory in /dev/shm, mapped by workers of its host: {store.num_leases} leases held, "
+              f"{store.num_leases_expired} ran out" if store.shared_memory
+              else "no (private memory: workers fetch and offer over UCX)")  # fmt: skip
     return [
         ["kv store", f"{store.store_id} at {store.address}, {store.health.value if store.health else '?'}"],
         ["memory", f"{_mib(store.memory_used_bytes)} of {_mib(store.memory_capacity_bytes)} MiB per layout, "
@@ -50,6 +53,7 @@ def store_rows(store: KVStoreState) -> list[list[str]]:
         ["offers", f"{store.num_offers}: {store.num_stored_blocks} blocks stored"],
         ["eviction", f"{store.num_demoted_blocks} to disk, {store.num_promoted_blocks} back, "
                      f"{store.num_evicted_blocks} dropped, {store.num_restored_blocks} restored at start"],
+        ["shared", shared],
         ["indexed", f"{store.num_indexed_blocks} blocks in the scheduler's prefix index"],
     ]  # fmt: skip
 

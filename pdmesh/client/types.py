@@ -172,6 +172,9 @@ class KVStoreState:
     num_promoted_blocks: int
     num_evicted_blocks: int
     num_restored_blocks: int
+    shared_memory: bool  # the memory tier is in /dev/shm: workers of the store's host map it
+    num_leases: int  # shared-memory fetches and offers under way
+    num_leases_expired: int  # shared-memory fetches and offers whose worker neither released nor committed
 
 
 @dataclass(frozen=True)

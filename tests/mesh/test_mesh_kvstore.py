@@ -200,13 +200,17 @@ def test_each_turn_computes_only_its_new_tokens_on_either_prefill_worker(mesh, s
     assert (store.num_fetches, store.num_fetches_refused, store.num_fetches_failed) == (2, 0, 0)
     assert store.memory_used_bytes <= store.memory_capacity_bytes
 
-    # What an operator sees: `pdmesh status` shows the store, its use and its hits.
+    # What an operator sees: `pdmesh status` shows the store, its use and its hits, and its memory
+    # shared with the workers of its host (every fetch released its lease, none ran out).
     shown = subprocess.run([sys.executable, "-m", "pdmesh", "status", "--target", mesh.target],
                            capture_output=True, text=True, check=True).stdout  # fmt: skip
     assert f"kv store  {KVSTORE_ID}" in shown and "fetches   2 (" in shown and "refused" in shown
+    assert "shared    memory in /dev/shm, mapped by workers of its host: 0 leases held, 0 ran out" in shown
     as_json = json.loads(subprocess.run([sys.executable, "-m", "pdmesh", "status", "--target", mesh.target, "--json"],
                                         capture_output=True, text=True, check=True).stdout)  # fmt: skip
-    assert as_json["kv_stores"][0]["num_fetches"] == 2 and as_json["kv_stores"][0]["health"] == "serving"
+    (shown_store,) = as_json["kv_stores"]
+    assert shown_store["num_fetches"] == 2 and shown_store["health"] == "serving"
+    assert (shown_store["shared_memory"], shown_store["num_leases"], shown_store["num_leases_expired"]) == (True, 0, 0)
 
 
 def test_a_decode_worker_that_fails_over_fetches_the_prompt_from_the_store(mesh, store, chat_model: Path) -> None:
