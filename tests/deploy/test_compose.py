@@ -3,7 +3,8 @@
 The scenario a user of docker-compose.cpu.yml lives through: every service comes up healthy; a
 chat request through the scheduler's published port is answered — greedy SmolLM2 says Paris, with
 the KV moved from the prefill container to the decode container — and through the published
-OpenAI API port too; the decode container dies by
+OpenAI API port too; both workers map the KV store's memory tier (the kv-memory volume) and copy
+blocks through it; the decode container dies by
 SIGKILL, its restart policy brings it back and the mesh answers the same again; `down` leaves no
 container, network or volume behind.
 
@@ -35,6 +36,7 @@ pytestmark = [pytest.mark.compose, pytest.mark.timeout(2400)]
 ROOT = Path(__file__).resolve().parents[2]
 CPU_FILE = ROOT / "docker-compose.cpu.yml"
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
+_MAPPED = "kv store memory mapped"  # a worker's log line (services/worker/shared_memory.py)
 MAX_TOKENS = 16
 HEALTHY_TIMEOUT_S = 600.0  # the workers' start_period (300 s) and then some, on a busy machine
 
@@ -105,6 +107,20 @@ def test_the_openai_api_answers_through_its_published_port(project: ComposeProje
     assert answer.usage is not None and answer.usage.completion_tokens == MAX_TOKENS
 
 
+def test_the_workers_map_the_kv_stores_memory(project: ComposeProject) -> None:
+    """The store's memory tier is a file of the kv-memory volume that the workers mount too: each
+    maps it once the scheduler names the store, and copies blocks through it instead of UCX."""
+    project.wait_healthy(HEALTHY_TIMEOUT_S)
+    ask(project)  # the mesh has both roles and the store, and the answer's blocks were offered
+    with Client(f"127.0.0.1:{project.variables['PDMESH_PORT']}") as client:
+        (store,) = client.cluster_state().kv_stores
+    assert store.shared_memory, store
+    deadline = time.monotonic() + 60
+    while unmapped := [s for s in ("prefill", "decode") if _MAPPED not in _log_of(project, s)]:
+        assert time.monotonic() < deadline, f"{unmapped} never mapped the store's memory"
+        time.sleep(1)
+
+
 def test_killed_decode_is_restarted_and_serves_again(project: ComposeProject, expected_tokens: list[int]) -> None:
     project.wait_healthy(HEALTHY_TIMEOUT_S)
     restarts = project.kill("decode")
@@ -137,6 +153,10 @@ def ask(project: ComposeProject, timeout_s: float = 120.0) -> Completion:
         answer = client.complete(CHAT, max_tokens=MAX_TOKENS, ignore_eos=True, timeout_s=timeout_s)
     assert answer.finish_reason is FinishReason.LENGTH
     return answer
+
+
+def _log_of(project: ComposeProject, service: str) -> str:
+    return project.logs(project.container(service)["Id"], lines=5000)
 
 
 def _mesh_ready(client: Client) -> bool:
