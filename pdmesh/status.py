@@ -38,7 +38,7 @@ def store_rows(store: KVStoreState) -> list[list[str]]:
     """One store's figures, a (label, value) per line."""
     disk = (f"{_mib(store.disk_used_bytes)} of {_mib(store.disk_capacity_bytes)} MiB per layout, "
             f"{store.num_disk_blocks} blocks" if store.disk_capacity_bytes else "none")  # fmt: skip
-    shared = (f"memory in /dev/shm, mapped by workers of its host: {store.num_leases} leases held, "
+    shared = (f"a file the workers of its host map: {store.num_leases} leases held, "
               f"{store.num_leases_expired} ran out" if store.shared_memory
               else "no (private memory: workers fetch and offer over UCX)")  # fmt: skip
     return [

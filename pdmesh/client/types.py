@@ -172,7 +172,7 @@ class KVStoreState:
     num_promoted_blocks: int
     num_evicted_blocks: int
     num_restored_blocks: int
-    shared_memory: bool  # the memory tier is in /dev/shm: workers of the store's host map it
+    shared_memory: bool  # the memory tier is a file (/dev/shm by default) the workers of its host map
     num_leases: int  # shared-memory fetches and offers under way
     num_leases_expired: int  # shared-memory fetches and offers whose worker neither released nor committed
 
