@@ -79,7 +79,11 @@ class Mesh:
         self.config = SchedulerConfig(
             server=ServerConfig(host="127.0.0.1", port=int(self.target.rsplit(":", 1)[1]), shutdown_grace_s=0.2),
             # The flow's tests run least_loaded, whose plan rule they script; slo has its own tests.
-            model=model, http=http, **{"report_interval_ms": 50, "policy": PolicyName.LEAST_LOADED, **settings},
+            # The scripted workers report on the test's own event loop, which a loaded CI machine
+            # can hold up for seconds: a worker counts as silent only after 30 s here (CI once saw
+            # a live worker go stale under the default 3 s), and tests of staleness set their own.
+            model=model, http=http,
+            **{"report_interval_ms": 50, "stale_after_ms": 30_000, "policy": PolicyName.LEAST_LOADED, **settings},
         )  # fmt: skip
         self.prefill: list[ScriptedWorker] = []
         self.decode: list[ScriptedWorker] = []
