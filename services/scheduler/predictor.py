@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.ma  # noqa: F401  # np.median and np.quantile import it on first use (their NaN check): 25-65 ms inside whichever placement came first
 
 from engine.step_samples import StepSample, StepShape
 from services.linear_fit import MIN_MS, LinearFit

@@ -9,6 +9,10 @@ decode row, a push 5 ms) and synthetic residuals, so every expectation is worked
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 from slo_cluster import Cluster
 
@@ -195,3 +199,30 @@ def test_the_admission_queue_learns_how_long_a_request_may_wait_or_is_refused_at
         cluster.placer.wait_budget_s(cluster.shape(2000, ttft_ms=1000))
     assert refused.value.retry_after_s == pytest.approx(1.04)  # when the first of the four leaves
     assert len(cluster.ledger.bookings) == 4  # asking books nothing
+
+
+PLACE_TWELVE = """
+import sys
+from slo_cluster import Cluster
+
+cluster = Cluster(prefill=1, decode=1)
+for i in range(12):
+    shape = cluster.shape(100 + i, ttft_ms=5000)
+    before = set(sys.modules)
+    cluster.placer.place(shape)
+    print(i + 1, *sorted(set(sys.modules) - before))
+    cluster.now += 0.2
+    cluster.placer.prefilled(shape.request_id)
+    cluster.now += 0.5
+    cluster.placer.ended(shape.request_id, 10)
+"""
+
+
+def test_no_placement_imports_a_module_the_first_learnt_margin_included() -> None:
+    # The 9th request is the first placed on margins learnt from outcomes (min_samples 8): its
+    # np.median once imported numpy.ma in the middle of the placement, 39-65 ms of one request's
+    # TTFT once per scheduler. A fresh interpreter, since this one has imported everything by now.
+    here = Path(__file__).parent
+    run = subprocess.run([sys.executable, "-c", PLACE_TWELVE], cwd=here, capture_output=True, text=True, check=True)
+
+    assert run.stdout.split("\n")[:12] == [str(i) for i in range(1, 13)]
