@@ -43,6 +43,8 @@ def add_sim_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[typ
     m.add_argument("--no-prior", dest="prior", action="store_false",
                    help="the scheduler starts knowing nothing (default: the profile is its prior)")
     m.add_argument("--candidates", type=int, default=SloConfig.candidates, help="slo: workers forecast per role")
+    m.add_argument("--wait-weight", type=float, default=SloConfig.wait_weight,
+                   help="slo: compute-ms a ms of a request's extra wait for its first token costs (0: compute alone)")
     m.add_argument("--report-interval-ms", type=float, default=500.0, help="workers' load reports")
     w = p.add_argument_group("workload")
     w.add_argument("--trace", type=Path, default=None, help="a Mooncake-format JSONL trace")
@@ -96,7 +98,10 @@ def _run(args: argparse.Namespace, console: Console) -> SimReport:
     slo = Slo(args.slo_ttft_ms, args.slo_tpot_ms)
     spec = MeshSpec(
         load_profile(args.profile), args.prefill, args.decode, block,
-        SloConfig(default_ttft_ms=args.slo_ttft_ms, default_tpot_ms=args.slo_tpot_ms, candidates=args.candidates),
+        SloConfig(
+            default_ttft_ms=args.slo_ttft_ms, default_tpot_ms=args.slo_tpot_ms, candidates=args.candidates,
+            wait_weight=args.wait_weight,
+        ),
         use_prior=args.prior, report_interval_s=args.report_interval_ms / 1000, seed=args.seed,
     )  # fmt: skip
     if min(args.prefill, args.decode) < 0 or args.decode < 1:

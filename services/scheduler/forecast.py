@@ -78,7 +78,8 @@ class DecodeSide:
     step_after_ms: float
     step_bound_ms: float  # the step after admission, bounded by the worker's recent TPOT errors
     room_wait_ms: float  # until its KV and a batch slot are free for the request (inf: never)
-    local_wait_ms: float  # its own prefill queue (local prefills placed on it)
+    local_wait_ms: float  # its own prefill queue (local prefills placed on it) ahead of the request
+    local_work_ms: float  # all of that queue, whatever its priority: what will stall its batch anyway
 
     @property
     def fits(self) -> bool:
@@ -115,7 +116,7 @@ def decode_side(worker: Worker, ledger: Ledger, request: Request, now: float, he
     return DecodeSide(
         worker, batch, step_now, step_after, ledger.margins.bound_ms(Outcome.TPOT, worker.worker_id, step_after, error),
         room_wait_ms(worker, batch, request, step_now, now, headroom),
-        ledger.queue(worker.worker_id).wait_ms(now, request.priority),
+        ledger.queue(worker.worker_id).wait_ms(now, request.priority), ledger.queue(worker.worker_id).wait_ms(now),
     )  # fmt: skip
 
 
@@ -159,10 +160,13 @@ def local_prefill(side: DecodeSide, request: Request, cached: int) -> Prefill:
 
 def stall_fits(side: DecodeSide, prefill: Prefill, now: float, factor: float = 1.0) -> bool:
     """Whether every member with a TPOT target can absorb a local prefill's stall: its remaining
-    tokens at the new step time (its bound) plus the stall (its compute times `factor`: how much
-    the worker's TTFT bound grows per forecast millisecond) stay within its target."""
-    stall = prefill.compute_ms * factor
-    if stall <= 0 or side.batch.min_tpot_ms <= 0:
+    tokens at the new step time (its bound) plus the stall stay within its target. The stall is the
+    prompt's compute and the local prefills already queued there (they stall the same members: each
+    admitted alone would fit, a burst of them not), times `factor` (how much the worker's TTFT bound
+    grows per forecast millisecond). The queued ones count whole (their steps' decode rows
+    included), which errs on the side of the running requests."""
+    stall = (side.local_work_ms + prefill.compute_ms) * factor
+    if prefill.compute_ms <= 0 or side.batch.min_tpot_ms <= 0:
         return True
     for member in side.batch.members.values():
         if member.tpot_ms > 0:

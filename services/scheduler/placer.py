@@ -38,6 +38,7 @@ def make_policy(
         margins = MarginSettings(quantile=slo.margin_quantile, window=slo.margin_window, horizon_s=slo.margin_horizon_s)
         settings = SloSettings(
             candidates=slo.candidates, overhead_ms=slo.overhead_ms, tie_fraction=slo.tie_fraction,
+            wait_weight=slo.wait_weight,
             retry_min_s=slo.retry_min_s, retry_max_s=slo.retry_max_s, margins=margins,
         )  # fmt: skip
         return SloPolicy(registry, ledger, settings)

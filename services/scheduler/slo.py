@@ -11,10 +11,29 @@ no request on that decode worker (the new one included) is pushed past its TPOT 
 judged on an upper bound, not the mean: the forecast times the worker's recent error margin
 (margin.Margins, calibrated from the outcomes of the requests it admitted), so a worker whose
 forecasts have lately run 40% short gets 40% more room. Time the request spent before placement
-(tokenizing, the admission queue) comes off its TTFT target. Among
-feasible plans the cheapest wins — cost is the compute the plan spends, so a worker holding the
-prompt's prefix is cheap by itself — and plans within `tie_fraction` of each other are decided by
-prefix affinity (more cached tokens), then the earlier first token. When no plan is feasible the
+(tokenizing, the admission queue) comes off its TTFT target.
+
+Among feasible plans the cheapest wins. A plan's cost is the compute it spends (so a worker holding
+the prompt's prefix is cheap by itself) plus the time its first token comes later than the soonest
+feasible plan's, times `wait_weight` (1: a millisecond the request waits weighs as a millisecond of
+compute). Plans within `tie_fraction` of the cheapest are decided by prefix affinity (more cached
+tokens), then the earlier first token.
+
+Why the wait counts. With compute alone, a target every plan meets (the 30 s default of a request
+that asks for none) let the cheaper worker take a whole burst however long its queue grew: 16
+concurrent 4k prompts on 1 prefill + 1 decode worker queued on the prefill worker (its plan a few
+ms cheaper than a local prefill on a decoding worker) while the decode worker could have started
+half of them — TTFT p50 7–9x the colocated mesh's on an H200 (BENCHMARKS.md). Counting the wait
+prices a queue in the one unit the cost already has: a worker holding the prefix keeps a burst
+while its queue costs less than the compute it saves ("sticky until saturated"), and otherwise the
+burst spreads. The alternatives: a default TTFT target derived from the idle forecast would turn
+"no SLO" into refusals or queueing cliffs at an arbitrary multiple; a latency tie-break within a
+bounded cost premium keeps the flaw whenever the plans' costs differ by more than the premium (a
+prefix hit), however long the queue. Running requests pay for a local prefill in stalled steps;
+their TPOT targets bound that (forecast.stall_fits, which counts the local prefills already queued
+on the worker: a burst of them, each fitting alone, must fit together), and requests without a
+TPOT target accept the stall as the colocated mesh imposes it — the operator's default_tpot_ms
+protects them. When no plan is feasible the
 request is refused at once with RESOURCE_EXHAUSTED and the soonest time a plan is predicted to
 become feasible, rather than queued past its SLO; when even idle workers could not meet it (the
 prompt alone takes longer than the TTFT target, a lone decode step longer than the TPOT target),
@@ -64,6 +83,7 @@ class SloSettings:
     candidates: int = 4  # least-loaded workers of each role forecast per request (beside prefix holders)
     overhead_ms: float = 0.0  # per request beyond its predicted steps and push (calls, hand-off)
     tie_fraction: float = 0.02  # plans whose costs differ by less than this share are a tie
+    wait_weight: float = 1.0  # compute-ms one ms of the request's own wait beyond its soonest plan's costs
     kv_headroom: float = 0.1  # share of a decode worker's KV kept free (the reservation watermark)
     retry_min_s: float = 0.05  # bounds of the retry hint of a refusal
     retry_max_s: float = 60.0
@@ -111,7 +131,7 @@ class SloPolicy:
         now = self.registry.clock()
         request = self._request(shape, now)
         plans, sides = self._plans(shape, request, pool, now)
-        best = _choose([p for p in plans if p.feasible], self.settings.tie_fraction)
+        best = _choose([p for p in plans if p.feasible], self.settings.tie_fraction, self.settings.wait_weight)
         if best is None:
             raise self._refusal(shape, request, plans, sides, now)
         return Placement(
@@ -328,15 +348,18 @@ def _ttft_ok(request: Request, ttft_ms: float, worker: Worker) -> bool:
     return request.ttft_ms <= 0 or ttft_ms <= request.ttft_ms or not worker.predictors.calibrated
 
 
-def _choose(plans: list[Plan], tie_fraction: float) -> Plan | None:
+def _choose(plans: list[Plan], tie_fraction: float, wait_weight: float) -> Plan | None:
     """Among the plans whose decode worker has room now (waiting for a full worker's members to
-    leave only when every worker is full), the cheapest; within `tie_fraction` of it, the most
-    cached tokens, then the earliest first token, then the lightest decode batch."""
+    leave only when every worker is full), the cheapest, counting beside its compute the time its
+    first token comes later than the soonest plan's (times `wait_weight`); within `tie_fraction` of
+    it, the most cached tokens, then the earliest first token, then the lightest decode batch."""
     plans = [p for p in plans if p.decode.room_wait_ms == 0] or plans
     if not plans:
         return None
-    cheapest = min(p.cost_ms for p in plans)
-    close = [p for p in plans if p.cost_ms <= cheapest * (1 + tie_fraction) + 1e-9]
+    soonest = min(p.ttft_ms for p in plans)
+    costs = [p.cost_ms + wait_weight * (p.ttft_ms - soonest) for p in plans]
+    cheapest = min(costs)
+    close = [p for p, cost in zip(plans, costs, strict=True) if cost <= cheapest * (1 + tie_fraction) + 1e-9]
     return min(close, key=_tie_break)
 
 

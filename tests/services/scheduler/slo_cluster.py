@@ -30,13 +30,15 @@ class Cluster:
     """A registry of workers that never report load, the ledger, and the slo policy over them, on
     a clock the test sets."""
 
-    def __init__(self, prefill: int, decode: int, kv_tokens: int = 1 << 20, profile: bool = True) -> None:
+    def __init__(
+        self, prefill: int, decode: int, kv_tokens: int = 1 << 20, profile: bool = True, wait_weight: float = 1.0
+    ) -> None:
         self.now = 100.0
         # Without the profile the workers' models start from nothing and learn from their reports.
         calibration = Calibration(CalibrationSettings(), *((MODEL, PUSH) if profile else (None, None)))
         self.registry = Registry(3600.0, None, calibration, clock=lambda: self.now)
         self.ledger = Ledger(self.registry.clock)
-        policy = SloPolicy(self.registry, self.ledger, SloSettings())
+        policy = SloPolicy(self.registry, self.ledger, SloSettings(wait_weight=wait_weight))
         self.placer = Placer(policy, self.registry, self.ledger, SloConfig())
         capacity = Capacity(kv_tokens // LAYOUT.block_size, 256, 2048, 1 << 20)
         for role, count in ((WorkerRole.PREFILL, prefill), (WorkerRole.DECODE, decode)):
