@@ -7,10 +7,11 @@
 #
 # A and B are environment assignments for the mesh (space-separated NAME=VALUE), A_ARGS and B_ARGS
 # more `pdmesh up` arguments for each side (e.g. B_ARGS=--no-kvstore). Each run starts a
-# fresh mesh, sends 2 uncounted requests, then $REQUESTS of 256 random prompt tokens x 64 output
-# tokens at $CONCURRENCY (`pdmesh bench serve`), and prints output tokens/s, TPOT p50, each mesh
-# process's CPU time over the counted requests, and the decode worker's step-loop summary (wall
-# and the step thread's CPU time per phase: wall above CPU is time the step thread did not run).
+# fresh mesh, sends 2 uncounted requests, then $REQUESTS of $INPUT_LEN (256) random prompt tokens
+# x $OUTPUT_LEN (64) output tokens at $CONCURRENCY (`pdmesh bench serve`), and prints output
+# tokens/s, TTFT and TPOT p50, each mesh process's CPU time over the counted requests, and the
+# decode worker's step-loop summary (wall and the step thread's CPU time per phase: wall above CPU
+# is time the step thread did not run).
 #
 # PRIORITY (an autogroup nice, e.g. -15; needs root) raises every mesh process and the load
 # generator above the machine's other sessions: `pdmesh up` starts each process in a session of
@@ -28,6 +29,8 @@ A_ARGS=${A_ARGS:-}
 B_ARGS=${B_ARGS:-}
 CONCURRENCY=${CONCURRENCY:-1}
 REQUESTS=${REQUESTS:-16}
+INPUT_LEN=${INPUT_LEN:-256}
+OUTPUT_LEN=${OUTPUT_LEN:-64}
 ROUNDS=${ROUNDS:-2}
 THREADS=${THREADS:-2}
 PRIORITY=${PRIORITY:-}
@@ -55,7 +58,8 @@ run() {  # run NAME "ENV ASSIGNMENTS" "UP ARGUMENTS"
     pids=$(descendants "$mesh")
     # shellcheck disable=SC2086
     prioritize $pids
-    local load=(--target "127.0.0.1:$PORT" --concurrency "$CONCURRENCY" --input-len 256 --output-len 64 --no-progress)
+    local load=(--target "127.0.0.1:$PORT" --concurrency "$CONCURRENCY" --input-len "$INPUT_LEN" --output-len "$OUTPUT_LEN"
+        --no-progress)
     "$PDMESH" bench serve "${load[@]}" --requests 2 --seed 99 > /dev/null
     # shellcheck disable=SC2086
     cpu_ticks $pids > "$dir/cpu_before.txt"

@@ -83,8 +83,9 @@ class SloConfig:
     overhead_ms: float = 0.0  # per request beyond its predicted steps and push (calls, hand-off)
     tie_fraction: float = 0.02  # plans within this share of the cheapest's cost are decided by prefix affinity
     # slo: what one millisecond of a request's wait for its first token, beyond its soonest plan's,
-    # costs against a millisecond of compute (0: the cheapest compute wins, however long its queue).
-    wait_weight: float = 1.0
+    # costs against a millisecond of compute (0: the cheapest compute wins, however long its queue;
+    # services/scheduler/slo.py says why 0.5).
+    wait_weight: float = 0.5
     retry_min_s: float = 0.05  # bounds of a refusal's retry hint
     retry_max_s: float = 60.0
     calibration_forget: float = 0.998  # per step sample: about the last 500 steps decide the fit
@@ -101,7 +102,7 @@ class SloConfig:
         if not 0 < self.margin_quantile < 1:
             raise ConfigError("margin_quantile", f"is {self.margin_quantile}; use a share in (0, 1), e.g. 0.95")
         if self.wait_weight < 0:
-            raise ConfigError("wait_weight", f"is {self.wait_weight}; use 0 (compute alone) or more, e.g. 1")
+            raise ConfigError("wait_weight", f"is {self.wait_weight}; use 0 (compute alone) or more, e.g. 0.5")
         if self.default_ttft_ms < 0 or self.default_tpot_ms < 0 or self.overhead_ms < 0:
             raise ConfigError("default_ttft_ms", "targets and overheads cannot be negative; use 0 for none")
         if not 0 < self.calibration_forget <= 1:

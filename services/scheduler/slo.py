@@ -15,8 +15,8 @@ forecasts have lately run 40% short gets 40% more room. Time the request spent b
 
 Among feasible plans the cheapest wins. A plan's cost is the compute it spends (so a worker holding
 the prompt's prefix is cheap by itself) plus the time its first token comes later than the soonest
-feasible plan's, times `wait_weight` (1: a millisecond the request waits weighs as a millisecond of
-compute). Plans within `tie_fraction` of the cheapest are decided by prefix affinity (more cached
+feasible plan's, times `wait_weight` (0.5: a millisecond the request waits weighs half a millisecond
+of compute). Plans within `tie_fraction` of the cheapest are decided by prefix affinity (more cached
 tokens), then the earlier first token.
 
 Why the wait counts. With compute alone, a target every plan meets (the 30 s default of a request
@@ -26,20 +26,26 @@ ms cheaper than a local prefill on a decoding worker) while the decode worker co
 half of them — TTFT p50 7–9x the colocated mesh's on an H200 (BENCHMARKS.md). Counting the wait
 prices a queue in the one unit the cost already has: a worker holding the prefix keeps a burst
 while its queue costs less than the compute it saves ("sticky until saturated"), and otherwise the
-burst spreads. The alternatives: a default TTFT target derived from the idle forecast would turn
+burst spreads. Why half: a millisecond of compute on a busy worker is also a millisecond for every
+request queued behind it there, so it is worth more than one request's millisecond of waiting; at 1
+the simulated Mooncake trace (8 + 8 H100s, TTFT 4 s / TPOT 100 ms) lost ~0.5 point of attainment at
+its goodput knee in one seed of two, at 0.5 none in either, while a burst's plans — whose compute
+differs by a few percent and whose waits by whole prompts — spread the same at either weight
+(BENCHMARKS.md). The alternatives: a default TTFT target derived from the idle forecast would turn
 "no SLO" into refusals or queueing cliffs at an arbitrary multiple; a latency tie-break within a
 bounded cost premium keeps the flaw whenever the plans' costs differ by more than the premium (a
 prefix hit), however long the queue. Running requests pay for a local prefill in stalled steps;
 their TPOT targets bound that (forecast.stall_fits, which counts the local prefills already queued
-on the worker: a burst of them, each fitting alone, must fit together), and requests without a
-TPOT target accept the stall as the colocated mesh imposes it — the operator's default_tpot_ms
-protects them. When no plan is feasible the
-request is refused at once with RESOURCE_EXHAUSTED and the soonest time a plan is predicted to
-become feasible, rather than queued past its SLO; when even idle workers could not meet it (the
-prompt alone takes longer than the TTFT target, a lone decode step longer than the TPOT target),
-with OUT_OF_RANGE naming the target and the predicted best, since retrying cannot help. The
-admission queue asks first (`wait_budget_ms`): a request is refused before it queues, never after
-waiting out its SLO there.
+on the worker: a burst of them, each fitting alone, must fit together), and requests without a TPOT
+target accept the stall as the colocated mesh imposes it — the operator's default_tpot_ms protects
+them.
+
+When no plan is feasible the request is refused at once with RESOURCE_EXHAUSTED and the soonest
+time a plan is predicted to become feasible, rather than queued past its SLO; when even idle
+workers could not meet it (the prompt alone takes longer than the TTFT target, a lone decode step
+longer than the TPOT target), with OUT_OF_RANGE naming the target and the predicted best, since
+retrying cannot help. The admission queue asks first (`wait_budget_ms`): a request is refused
+before it queues, never after waiting out its SLO there.
 
 Priorities: a request's queue wait counts only work of its priority or higher (the engines run
 higher priorities first), so a lower priority never delays a higher one's first token. Targets a
@@ -83,7 +89,7 @@ class SloSettings:
     candidates: int = 4  # least-loaded workers of each role forecast per request (beside prefix holders)
     overhead_ms: float = 0.0  # per request beyond its predicted steps and push (calls, hand-off)
     tie_fraction: float = 0.02  # plans whose costs differ by less than this share are a tie
-    wait_weight: float = 1.0  # compute-ms one ms of the request's own wait beyond its soonest plan's costs
+    wait_weight: float = 0.5  # compute-ms one ms of the request's own wait beyond its soonest plan's costs
     kv_headroom: float = 0.1  # share of a decode worker's KV kept free (the reservation watermark)
     retry_min_s: float = 0.05  # bounds of the retry hint of a refusal
     retry_max_s: float = 60.0

@@ -31,7 +31,12 @@ class Cluster:
     a clock the test sets."""
 
     def __init__(
-        self, prefill: int, decode: int, kv_tokens: int = 1 << 20, profile: bool = True, wait_weight: float = 1.0
+        self,
+        prefill: int,
+        decode: int,
+        kv_tokens: int = 1 << 20,
+        profile: bool = True,
+        wait_weight: float = SloSettings.wait_weight,
     ) -> None:
         self.now = 100.0
         # Without the profile the workers' models start from nothing and learn from their reports.
