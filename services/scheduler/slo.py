@@ -28,7 +28,7 @@ prices a queue in the one unit the cost already has: a worker holding the prefix
 while its queue costs less than the compute it saves ("sticky until saturated"), and otherwise the
 burst spreads. Why half: a millisecond of compute on a busy worker is also a millisecond for every
 request queued behind it there, so it is worth more than one request's millisecond of waiting; at 1
-the simulated Mooncake trace (8 + 8 H100s, TTFT 4 s / TPOT 100 ms) lost ~0.5 point of attainment at
+the simulated Mooncake trace (8 + 8 H100s, TTFT 4 s / TPOT 100 ms) lost ~0.7 point of attainment at
 its goodput knee in one seed of two, at 0.5 none in either, while a burst's plans — whose compute
 differs by a few percent and whose waits by whole prompts — spread the same at either weight
 (BENCHMARKS.md). The alternatives: a default TTFT target derived from the idle forecast would turn
