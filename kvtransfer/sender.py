@@ -323,12 +323,20 @@ class KVSender(DirectSending):
         report("kv push failed", ticket=info.ticket_id, peer=info.address, reason=error.reason)
         if tell_peer and out.conn is not None and out.conn.lost is None:
             self._tasks.spawn(quietly(out.conn.send(Cancel(info.ticket_id, reason))))
+        elif tell_peer and out.conn is None:  # ended while dialing: the receiver still holds the blocks
+            self._tasks.spawn(quietly(self._cancel_once_connected(info, out.push.layout, reason)))
         if out.push.direct is not None:
             stopped = out.push.direct.stop()  # launches nothing more from here on
             if out.asked:
                 self._tasks.spawn(self._stopped(out, stopped))
         _settle(out.push.future, error)
         notify(self._observer.on_failure, error, Direction.SEND)
+
+    async def _cancel_once_connected(self, info: Ticket, layout: KVLayout, reason: str) -> None:
+        """Tell the receiver of a ticket that ended before its connection was up, so it frees the
+        blocks now rather than when its lease runs out (a connection that cannot be made: the lease)."""
+        conn = await self._connect(info.address, layout)
+        await conn.send(Cancel(info.ticket_id, reason))
 
     def _forget(self, out: Outgoing) -> None:
         del self._outgoing[out.push.ticket.ticket_id]
