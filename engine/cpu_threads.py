@@ -45,3 +45,17 @@ class CpuThreads:
             torch.set_num_threads(want)
             self._current = want
         return want
+
+
+def one_thread_here() -> None:
+    """For a thread other than the step thread that runs torch ops (KV copies, checks): one
+    OpenMP thread, so that it never starts an OpenMP pool of its own.
+
+    Why: libgomp decides how long an idle pool thread spins before it sleeps by how many threads
+    it manages. Within the process's core count it spins GOMP_SPINCOUNT times; past it, only ~100
+    times. A second pool (a loader or transport thread that once ran a large op on two threads)
+    put workers past it by accident, so that the spin count depended on which threads had ever
+    touched torch. With the step thread's pool the only one, GOMP_SPINCOUNT decides
+    (pdmesh.config.openmp sets its default; BENCHMARKS.md, "OpenMP pools and spinning").
+    """
+    torch.set_num_threads(1)

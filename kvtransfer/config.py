@@ -54,6 +54,10 @@ class TransportConfig:
     # side turning it off keeps every transfer on UCX.
     direct_writes: bool = True
     record_timeline: bool = False  # stamp each step of every ticket (kvtransfer.timeline): for benchmarks
+    # The transport's threads run their torch ops (packs, unpacks) on one OpenMP thread, starting
+    # no OpenMP pool: set by a CPU worker, whose step thread keeps the process's only pool
+    # (engine.cpu_threads.one_thread_here says why).
+    one_torch_thread: bool = False
 
     def __post_init__(self) -> None:
         if self.message_bytes < 1 or self.max_inflight_recv < 1:

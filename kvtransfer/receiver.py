@@ -83,7 +83,7 @@ class KVReceiver(DirectReceiving):
         self._leases: dict[TicketImport, asyncio.TimerHandle] = {}  # loop thread only
         self._endings: OrderedDict[str, str] = OrderedDict()
         self._slots = asyncio.Semaphore(config.max_inflight_recv)
-        self._unpacker = Unpacker(loop)
+        self._unpacker = Unpacker(loop, config.one_torch_thread)
         self._grace_s = config.sender_grace_s
         self._quarantined: dict[str, Incoming] = {}  # failed tickets a direct writer has not yet let go
 

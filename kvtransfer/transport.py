@@ -29,6 +29,7 @@ import structlog
 import torch
 import ucxx
 
+from engine.cpu_threads import one_thread_here
 from engine.kv_layout import KVLayout
 from kvtransfer import ucx_context
 from kvtransfer.caches import KVCaches
@@ -179,6 +180,8 @@ class KVTransport:
 
     # ---- the loop thread
     def _run(self) -> None:
+        if self.config.one_torch_thread:
+            one_thread_here()
         loop = asyncio.new_event_loop()
         self._loop = loop
         asyncio.set_event_loop(loop)

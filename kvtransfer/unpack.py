@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 import torch
 
+from engine.cpu_threads import one_thread_here
 from kernels.kv_pack import unpack_blocks
 from kvtransfer.caches import KVCaches
 from kvtransfer.checksum import first_mismatch
@@ -29,9 +30,11 @@ _WAIT_ON_LOOP_BYTES = 64 << 20  # an unpack this small (~50 µs of copying on a 
 class Unpacker:
     """Used on the transport's loop; its scatter thread does the waits and checks the loop must not."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, one_torch_thread: bool = False) -> None:
         self._loop = loop
-        self._scatter = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kvtransfer-scatter")
+        self._scatter = concurrent.futures.ThreadPoolExecutor(
+            1, thread_name_prefix="kvtransfer-scatter", initializer=one_thread_here if one_torch_thread else None
+        )
         self._streams: dict[torch.device, torch.cuda.Stream] = {}  # per CUDA device unpacked into
 
     def shutdown(self) -> None:

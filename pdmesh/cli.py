@@ -45,6 +45,9 @@ def _serve(args: argparse.Namespace) -> int:
 
     import structlog
 
+    from pdmesh.config.openmp import set_openmp_defaults
+
+    set_openmp_defaults()  # before anything imports torch
     from engine.errors import DeviceLost, ModelLoadError
     from pdmesh.config import ConfigError, TelemetryConfig, from_env
     from pdmesh.supervisor import EX_CONFIG

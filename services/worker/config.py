@@ -74,4 +74,5 @@ class WorkerConfig:
         return TransportConfig(
             host=self.advertise_host, port=self.kv_port, device=self.engine.device, ucx_tls=tls,
             progress=self.kv_progress, message_bytes=self.kv_message_bytes, direct_writes=self.kv_direct_writes,
+            one_torch_thread=self.engine.device == "cpu",
         )  # fmt: skip

@@ -14,10 +14,12 @@ starts a fresh one.
 from __future__ import annotations
 
 import asyncio
+from concurrent.futures import ThreadPoolExecutor
 
 import structlog
 
 from engine.async_engine import AsyncEngine
+from engine.config import EngineConfig
 from engine.engine import Engine
 from engine.errors import DeviceLost
 from kvtransfer.transport import KVTransport
@@ -45,7 +47,7 @@ log = structlog.get_logger(__name__)
 async def serve_worker(config: WorkerConfig) -> None:
     engine_config = config.engine
     log.info("loading model", model=engine_config.model, device=engine_config.device, role=config.role.value)
-    engine = await asyncio.to_thread(Engine.from_config, engine_config)
+    engine = await load_engine(engine_config)
     loop, device_lost = asyncio.get_running_loop(), asyncio.Event()
 
     def on_device_lost(_: DeviceLost) -> None:  # on the engine's step thread
@@ -141,3 +143,11 @@ async def serve_worker(config: WorkerConfig) -> None:
     )
     if async_engine.lost is not None:
         raise async_engine.lost
+
+
+async def load_engine(config: EngineConfig) -> Engine:
+    """Engine.from_config on a thread of its own that then ends, taking the OpenMP pool its
+    loading started with it: a loader thread left in asyncio's executor would keep that pool
+    beside the step thread's (engine.cpu_threads.one_thread_here says why that matters)."""
+    with ThreadPoolExecutor(1, thread_name_prefix="engine-load") as loader:
+        return await asyncio.get_running_loop().run_in_executor(loader, Engine.from_config, config)

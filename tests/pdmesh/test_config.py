@@ -25,6 +25,8 @@ from pdmesh.config import (
     from_env,
     otel_export,
 )
+from pdmesh.config.openmp import DEFAULT_SPINCOUNT, set_openmp_defaults
+from services.kvstore.config import KVStoreConfig
 from services.worker.config import WorkerConfig
 
 
@@ -212,6 +214,15 @@ def test_a_worker_hands_its_kv_settings_to_its_transport() -> None:
         from_env(WorkerConfig, "worker", environ={"PDMESH_WORKER_KV_MESSAGE_BYTES": "0"})
 
 
+def test_only_a_cpu_workers_transport_keeps_its_torch_ops_on_one_thread() -> None:
+    """A CPU worker's step thread keeps the process's only OpenMP pool; a GPU worker's transport
+    and the KV store's keep torch's thread count for their host copies."""
+    assert from_env(WorkerConfig, "worker", environ={}).transport().one_torch_thread
+    cuda = from_env(WorkerConfig, "worker", environ={"PDMESH_ENGINE_DEVICE": "cuda:0"})
+    assert not cuda.transport().one_torch_thread
+    assert not from_env(KVStoreConfig, "kvstore", environ={}).transport().one_torch_thread
+
+
 def test_direct_kv_writes_are_on_by_default_and_one_setting_turns_them_off() -> None:
     assert from_env(WorkerConfig, "worker", environ={}).transport().direct_writes
     off = from_env(WorkerConfig, "worker", environ={"PDMESH_WORKER_KV_DIRECT_WRITES": "off"}).transport()
@@ -236,3 +247,12 @@ def test_one_setting_guards_both_doors_and_the_old_per_door_names_still_guard_th
     assert deprecated_settings(SchedulerConfig, "scheduler", empty) == []
     with pytest.raises(ConfigError, match="^PDMESH_SCHEDULER_GRPC_API_KEYS: is not a setting; scheduler has api_keys"):
         from_env(SchedulerConfig, "scheduler", environ={"PDMESH_SCHEDULER_GRPC_API_KEYS": "g1"})
+
+
+def test_openmp_spin_default_is_set_before_torch_and_a_given_one_kept() -> None:
+    environ: dict[str, str] = {}
+    set_openmp_defaults(environ)
+    assert environ == {"GOMP_SPINCOUNT": str(DEFAULT_SPINCOUNT)}
+    given = {"GOMP_SPINCOUNT": "300000"}
+    set_openmp_defaults(given)
+    assert given == {"GOMP_SPINCOUNT": "300000"}
