@@ -7,9 +7,10 @@ and on a machine whose cores are also wanted by others (the mesh's scheduler, KV
 clients; other tenants) a thread spinning while its step's master is preempted stalled a
 256-token prefill on two threads from ~175 ms to a median 1,450 ms. 100 is the count a worker
 ran with until now (libgomp's own count once it manages more threads than cores, which a stray
-second OpenMP pool caused; engine.cpu_threads.one_thread_here). Longer spinning (20,000) was
-faster on a quiet machine and slower on a busy one (BENCHMARKS.md, "OpenMP pools and spinning"):
-set GOMP_SPINCOUNT to choose; a value already in the environment is kept.
+second OpenMP pool caused; engine.cpu_threads.one_thread_here). Longer spinning (20,000) made
+the engine alone faster on a quiet machine but the live mesh slower, its pool thread spinning on
+the core the rest of the mesh needs (BENCHMARKS.md, "OpenMP pools and spinning"). A
+GOMP_SPINCOUNT already in the environment is kept.
 """
 
 from __future__ import annotations
