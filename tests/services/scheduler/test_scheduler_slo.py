@@ -115,12 +115,15 @@ async def test_a_request_that_could_not_get_a_decode_slot_within_its_ttft_is_ref
         await anext(s)
     await eventually(lambda: mesh.decode_servicer().running == 8, what="every slot to be taken")
 
-    started = time.monotonic()
     with pytest.raises(grpc.aio.AioRpcError) as refused:
         await mesh.client.complete([1, 2, 3], max_tokens=4, ttft_ms=2000)
 
     assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert time.monotonic() - started < 1.5  # the old queue held it its whole 2 s target first
+    # The policy's refusal, before the queue: the old queue held it its whole 2 s target first
+    # and then said "waited 2000 ms for a decode slot" (a wall-clock bound here failed on a loaded
+    # machine, so the test reads which refusal it was).
+    assert refused.value.details().startswith("slo: no plan meets the request's SLO now")
+    assert "waited" not in refused.value.details()
     hint = retry_after_s(refused.value)
     assert hint is not None and hint >= 1.0  # the first stream leaves seconds from now
     assert (await mesh.cluster()).num_queued_requests == 0
