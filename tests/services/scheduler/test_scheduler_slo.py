@@ -55,13 +55,13 @@ async def test_a_saturated_mesh_refuses_at_once_with_resource_exhausted_and_retr
     firsts = [await anext(s) for s in streams]  # all four decoding at once
     assert {c.token_ids[0] > 0 for c in firsts} == {True}
 
-    started = time.monotonic()
     with pytest.raises(grpc.aio.AioRpcError) as refused:
         await mesh.client.complete(list(range(1, 21)), max_tokens=20, seed=9)
 
     assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert time.monotonic() - started < 2.0  # at once, not after queueing
+    # At once, not after queueing: the queue's refusal would say "waited N ms for a decode slot".
     assert "no plan meets the request's SLO now" in (refused.value.details() or "")
+    assert "waited" not in (refused.value.details() or "")
     hint = retry_after_s(refused.value)
     assert hint is not None and 0.05 <= hint <= 20 * 0.030  # the first of the four leaves within 20 steps
     assert len(mesh.decode_servicer().generates) == 4  # the refused request cost no worker anything
