@@ -84,6 +84,10 @@ class KVSender(DirectSending):
     def __len__(self) -> int:
         return len(self._outgoing)
 
+    def uses(self, conn: Connection) -> bool:
+        """Whether a ticket is being pushed over `conn` (loop thread)."""
+        return any(out.conn is conn for out in self._outgoing.values())
+
     def open(self, ticket: Ticket, layout: KVLayout | None = None) -> KVPush:
         layout = layout or self.layout
         if layout is None:
@@ -253,6 +257,7 @@ class KVSender(DirectSending):
             raise TransferFailed(info.address, info.ticket_id, 0, f"cannot connect: {type(e).__name__}: {e}") from e
         if out.conn is None:
             out.conn = conn
+            self.timeline.mark(info.ticket_id, Step.CONNECTED)
             if conn.peer_caches is not None:
                 self._mapped[info.address] = conn.peer_caches
         if conn is not out.conn or conn.lost is not None:

@@ -18,6 +18,7 @@ import time
 class Step(enum.Enum):
     # the sending side
     OPENED = "open"  # push() called (engine thread)
+    CONNECTED = "connected"  # the ticket has its connection (at once when one was open: no dial)
     FIRST_LAYER = "first_layer"  # the first push_layer (engine thread)
     ASK_SENT = "ask_sent"  # direct writes: the AskWrite's send completed
     GRANTED = "granted"  # the receiver's Granted arrived

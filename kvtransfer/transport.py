@@ -6,7 +6,8 @@ process-wide ucxx context (one per process: ucxx keeps it global; ucx_context.py
 peers dial, and one cached connection per peer it dials; a connection that is lost (the peer died
 or restarted) is dropped and the next ticket to that peer dials again. Every new connection
 starts with a handshake comparing KV layouts (handshake.py); a peer whose layout differs is
-refused, naming the field.
+refused, naming the field. preconnect() names the peers this worker may push to: their connections
+are opened in the background before a ticket needs them, and closed once a peer leaves (warm.py).
 
 A worker's transport has one layout, its engine's. A KV store's (layout None) holds
 blocks of every layout its clients bring: it accepts each peer with the layout that peer names,
@@ -20,6 +21,7 @@ routes control messages between them and the connections.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import uuid
 from collections.abc import Callable, Sequence
@@ -45,6 +47,7 @@ from kvtransfer.telemetry import NullObserver, TransferObserver
 from kvtransfer.ticket import Ticket
 from kvtransfer.ticket_import import TicketImport
 from kvtransfer.timeline import Timeline
+from kvtransfer.warm import WarmPeers
 from kvtransfer.wire import AskWrite, Cancel, Data, Done, Failed, Granted, Hello, Hold, Message, Stopped, Written
 
 log = structlog.get_logger(__name__)
@@ -86,6 +89,8 @@ class KVTransport:
         self._accepted: set[Connection] = set()
         self._sender: KVSender | None = None
         self._receiver: KVReceiver | None = None
+        self._warm: WarmPeers | None = None
+        self.dials = 0  # connections this transport dialed (read from any thread: a snapshot)
         # direct writes (ipc.py): who may share CUDA memory with us, and our caches' export, made once
         self._host = host_identity() if config.direct_writes_on else ""
         self._export: bytes | None = None
@@ -136,6 +141,34 @@ class KVTransport:
         """Tickets being pushed or received now (read from any thread: a snapshot, not a lock)."""
         sending = len(self._sender) if self._sender is not None else 0
         return sending + (len(self._receiver) if self._receiver is not None else 0)
+
+    @property
+    def peers(self) -> list[str]:
+        """The peers this transport holds a live dialed connection to (a snapshot, any thread)."""
+        return sorted({peer for (peer, _), conn in list(self._dialed.items()) if conn.lost is None})
+
+    @property
+    def preconnected(self) -> int:
+        """Connections opened ahead of any ticket by preconnect() (a snapshot, any thread)."""
+        return self._warm.opened if self._warm is not None else 0
+
+    def preconnect(self, peers: Sequence[str]) -> None:
+        """Keep a connection open to each of `peers` (KV listeners, "host:port") for this transport's
+        layout, made in the background now; close the idle ones to peers left out since the last
+        call. Returns at once, from any thread; a peer that cannot be reached is tried again later."""
+        loop, stopping = self._loop, self._stopping
+        if self.layout is None:
+            raise ValueError("a transport of any layout has no layout to connect with: name peers to a worker's")
+        if loop is None or stopping is None or loop.is_closed() or stopping.is_set():
+            return
+        wanted = frozenset(p for p in peers if p != self.address)
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: the transport is gone
+            loop.call_soon_threadsafe(self._want, wanted)
+
+    def _want(self, peers: frozenset[str]) -> None:
+        # never dial once stopping: ucxx must not create an endpoint while the transport tears down
+        if self._warm is not None and self._stopping is not None and not self._stopping.is_set():
+            self._warm.want(peers)
 
     @property
     def sender(self) -> KVSender:
@@ -202,6 +235,8 @@ class KVTransport:
             self._sender = KVSender(
                 self.layout, self.config, self._observer, loop, self._tasks, self._connect, self.timeline
             )
+            if self.layout is not None:
+                self._warm = WarmPeers(self.layout, self._connect, self._connected, self._in_use, self._tasks)
             if self._receiving:
                 self._receiver = KVReceiver(
                     self._caches, self.config, self._observer, loop, self._tasks, self.address, self.timeline
@@ -258,8 +293,17 @@ class KVTransport:
         conn.peer_caches = peer_caches
         conn.start(self._tasks)
         self._dialed[(address, layout)] = conn
+        self.dials += 1
         log.info("kv peer connected", peer=address, instance=reply.instance, direct_writes=peer_caches is not None)
         return conn
+
+    def _connected(self, address: str) -> Connection | None:
+        assert self.layout is not None
+        conn = self._dialed.get((address, self.layout))
+        return conn if conn is not None and conn.lost is None else None
+
+    def _in_use(self, conn: Connection) -> bool:
+        return self._sender is not None and self._sender.uses(conn)
 
     def _offers_export(self, hello: Hello) -> bytes | None:
         """Our caches' export for a dialer that can map them: same host identity, both on GPUs."""

@@ -168,14 +168,16 @@ class ReportLoadRequest(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., report_seq: _Optional[int] = ..., time_unix_ms: _Optional[int] = ..., health: _Optional[_Union[WorkerHealth, str]] = ..., num_kv_blocks_free: _Optional[int] = ..., num_kv_blocks_total: _Optional[int] = ..., num_running_requests: _Optional[int] = ..., num_waiting_requests: _Optional[int] = ..., num_kv_reservations: _Optional[int] = ..., num_kv_transfers_in_flight: _Optional[int] = ..., step_samples: _Optional[_Iterable[_Union[StepSample, _Mapping]]] = ..., push_samples: _Optional[_Iterable[_Union[TransferSample, _Mapping]]] = ..., kv_cache_events: _Optional[_Union[KVCacheEvents, _Mapping]] = ...) -> None: ...
 
 class ReportLoadResponse(_message.Message):
-    __slots__ = ("reregister", "kv_snapshot_requested", "kv_store_address")
+    __slots__ = ("reregister", "kv_snapshot_requested", "kv_store_address", "kv_peers")
     REREGISTER_FIELD_NUMBER: _ClassVar[int]
     KV_SNAPSHOT_REQUESTED_FIELD_NUMBER: _ClassVar[int]
     KV_STORE_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    KV_PEERS_FIELD_NUMBER: _ClassVar[int]
     reregister: bool
     kv_snapshot_requested: bool
     kv_store_address: str
-    def __init__(self, reregister: _Optional[bool] = ..., kv_snapshot_requested: _Optional[bool] = ..., kv_store_address: _Optional[str] = ...) -> None: ...
+    kv_peers: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, reregister: _Optional[bool] = ..., kv_snapshot_requested: _Optional[bool] = ..., kv_store_address: _Optional[str] = ..., kv_peers: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class KVStoreInfo(_message.Message):
     __slots__ = ("store_id", "address", "kv_transfer_address", "version")

@@ -9,7 +9,9 @@ gap in the reports' sequence numbers asks the worker for a snapshot. The reports
 samples calibrate the worker's predictors (predictor.py).
 
 KV stores register and report the same way (their blocks go to the same index, per layout); the
-live store's address is what workers are told to fill and fetch from.
+live store's address is what workers are told to fill and fetch from. Each report's answer also
+names the KV listeners the worker may push to (kv_peers), so that it connects to them before a
+request needs the connection.
 
 The channel to each worker is built here, from the scheduler's ChannelConfig (TLS and limits); a
 simulated worker (pdmesh sim) has none. Time is the registry's `clock`: the simulator's virtual one
@@ -207,6 +209,22 @@ class Registry:
             w for w in self.workers.values()
             if w.role is role and not w.draining and not self.is_stale(w) and id(w) not in skip
         ]  # fmt: skip
+
+    def kv_peers(self, worker_id: str) -> list[str]:
+        """The KV listeners a worker may push to, which it connects to ahead of any ticket: for a
+        prefill worker the live decode workers' of its layout (another layout would refuse it), for
+        every worker the live store's (its offers). Empty for a worker this registry does not know."""
+        worker = self.workers.get(worker_id)
+        if worker is None:
+            return []
+        peers = []
+        if worker.role is WorkerRole.PREFILL:
+            decoders = self.live(WorkerRole.DECODE)
+            peers = [w.info.kv_transfer_address for w in decoders if w.info.kv_layout == worker.info.kv_layout]
+        store = self.live_store()
+        if store is not None and store.info.kv_transfer_address:
+            peers.append(store.info.kv_transfer_address)
+        return sorted(set(peers))
 
     def mark_dead(self, worker: Worker) -> None:
         worker.dead = True

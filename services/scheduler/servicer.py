@@ -79,8 +79,9 @@ class RegistryServicer(worker_pb2_grpc.RegistryServicer):
     ) -> worker_pb2.ReportLoadResponse:
         known, snapshot_wanted = self.registry.report(load_from_pb(request))
         return worker_pb2.ReportLoadResponse(
-            reregister=not known, kv_snapshot_requested=snapshot_wanted, kv_store_address=self._store_address()
-        )
+            reregister=not known, kv_snapshot_requested=snapshot_wanted, kv_store_address=self._store_address(),
+            kv_peers=self.registry.kv_peers(request.worker_id),
+        )  # fmt: skip
 
     async def RegisterKVStore(  # noqa: N802
         self, request: worker_pb2.RegisterKVStoreRequest, context: grpc.aio.ServicerContext

@@ -27,6 +27,10 @@ class WorkerConfig:
     # GPU workers of one host write KV straight into each other's caches over CUDA IPC
     # (kvtransfer/ipc.py); off, every transfer goes over UCX (PDMESH_WORKER_KV_DIRECT_WRITES=0).
     kv_direct_writes: bool = True
+    # Connect to the peers this worker may push KV to (the decode workers and the store the
+    # scheduler names) before a ticket needs them, so no request pays the dial and handshake;
+    # off (PDMESH_WORKER_KV_PRECONNECT=0), each connection is made by the first ticket to its peer.
+    kv_preconnect: bool = True
     lease_ms: int = 10_000  # an uncommitted reservation frees its blocks after this long, unless Reserve asks
     # The KV store (when the scheduler names one): a lookup is on the way to the first token, so it
     # is short; a fetch gets at most this long (and a quarter of the request's time left). An offer

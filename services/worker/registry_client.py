@@ -5,6 +5,8 @@ A report the scheduler does not recognise (it restarted) makes the worker regist
 report costs only freshness, so failures are logged and retried on the next tick, never fatal.
 The first report after each registration, and any the scheduler asks for, carries a snapshot of
 the prefix cache's hashes instead of its changes. report_now() sends one at once (draining).
+Each answer names the KV store and the KV listeners this worker may push to (kv_peers), which its
+transport connects to ahead of any ticket.
 """
 
 from __future__ import annotations
@@ -31,12 +33,14 @@ LoadFn = Callable[[bool], Awaitable[worker_pb2.ReportLoadRequest]]
 class Reporter:
     def __init__(
         self, scheduler: str, info: worker_pb2.WorkerInfo, load: LoadFn, config: ChannelConfig | None = None,
-        on_store: Callable[[str], None] | None = None,
+        on_store: Callable[[str], None] | None = None, on_peers: Callable[[list[str]], None] | None = None,
     ) -> None:  # fmt: skip
-        """on_store hears the KV store the scheduler names in each answer ("" for none)."""
+        """on_store hears the KV store the scheduler names in each answer ("" for none), on_peers
+        the KV listeners it names for this worker to push to."""
         self.info = info
         self.load = load
         self.on_store = on_store
+        self.on_peers = on_peers
         self._channel = channel(scheduler, config)
         self._stub = worker_pb2_grpc.RegistryStub(self._channel)
         self._task: asyncio.Task[None] | None = None
@@ -98,6 +102,8 @@ class Reporter:
         self._snapshot = reply.kv_snapshot_requested
         if self.on_store is not None:
             self.on_store(reply.kv_store_address)
+        if self.on_peers is not None and not reply.reregister:
+            self.on_peers(list(reply.kv_peers))
         if reply.reregister:
             self._registered = False
             return 0.0

@@ -39,7 +39,7 @@ from services.worker.prefix_fetch import PrefixFetcher
 from services.worker.registry_client import Reporter
 from services.worker.shared_memory import SharedMemoryLink
 from services.worker.store_client import StoreClient
-from services.worker.telemetry import StoreUseMetrics, WorkerTelemetry
+from services.worker.telemetry import KVConnectionMetrics, StoreUseMetrics, WorkerTelemetry
 
 log = structlog.get_logger(__name__)
 
@@ -71,6 +71,7 @@ async def serve_worker(config: WorkerConfig) -> None:
     fetcher = PrefixFetcher(async_engine, transport, store, layout, fetch_timeout_s, policy, link)
     offerer = Offerer(async_engine, transport, store, config.kvstore_offer_backlog_mib << 20, link)
     telemetry.registry.register(StoreUseMetrics(store.counters))
+    telemetry.registry.register(KVConnectionMetrics(transport))
     decoding = config.role is WorkerRole.DECODE
     reservations = Reservations(async_engine, transport, config.id, config.lease_ms) if decoding else None
     reporter: Reporter | None = None
@@ -113,7 +114,8 @@ async def serve_worker(config: WorkerConfig) -> None:
     async def on_ready(server: Server) -> None:
         nonlocal reporter
         info = worker_info_to_pb(config, engine, transport.address, server.port)
-        reporter = Reporter(config.scheduler, info, load, config.channel, on_store=on_store)
+        on_peers = transport.preconnect if config.kv_preconnect else None
+        reporter = Reporter(config.scheduler, info, load, config.channel, on_store=on_store, on_peers=on_peers)
         reporter.start()
         offerer.start()
         log.info("worker ready", worker_id=config.id, port=server.port, kv=transport.address)

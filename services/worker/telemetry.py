@@ -16,10 +16,11 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import structlog
 from prometheus_client import CollectorRegistry
-from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from engine.engine import EngineStats
@@ -30,6 +31,9 @@ from services.telemetry.metrics import PREFIX, REQUEST_BUCKETS, counter, gauge, 
 from services.telemetry.spans import Attr, Attributes, SpanName, context_of, record
 from services.telemetry.transfers import TransferMetrics
 from services.worker.store_client import StoreCounters
+
+if TYPE_CHECKING:
+    from kvtransfer.transport import KVTransport
 
 log = structlog.get_logger(__name__)
 _EXPECTED_MEMORY = 4096  # tickets whose trace context is kept until their transfer ends
@@ -180,3 +184,25 @@ class StoreUseMetrics(Collector):
     def collect(self) -> Iterator[Metric]:
         for name, doc in _STORE_COUNTERS.items():
             yield CounterMetricFamily(f"{PREFIX}worker_kvstore_{name}", doc, value=getattr(self._counters, name))
+
+
+class KVConnectionMetrics(Collector):
+    """The KV connections this worker dialed (to the peers it pushes to), read at scrape time: how
+    many are open now, how many were ever dialed, and how many of those were opened ahead of any
+    ticket (a dial a ticket made instead is one its request waited for)."""
+
+    def __init__(self, transport: KVTransport) -> None:
+        self._transport = transport
+
+    def collect(self) -> Iterator[Metric]:
+        transport = self._transport
+        yield GaugeMetricFamily(
+            f"{PREFIX}worker_kv_peer_connections", "KV connections this worker dialed that are open now",
+            value=len(transport.peers),
+        )
+        dials = transport.dials
+        yield CounterMetricFamily(f"{PREFIX}worker_kv_dials", "KV connections this worker dialed", value=dials)
+        yield CounterMetricFamily(
+            f"{PREFIX}worker_kv_preconnects", "KV connections opened ahead of any ticket (kv_peers)",
+            value=transport.preconnected,
+        )

@@ -245,6 +245,15 @@ class _Worker:
         result["seconds"] = time.monotonic() - started
         return result
 
+    def preconnect(self, peers: list[str]) -> None:
+        self.transport.preconnect(peers)
+
+    def connections(self) -> dict[str, Any]:
+        """The transport's dialed connections: the peers open now, dials ever made, and how many of
+        those preconnect() opened."""
+        t = self.transport
+        return {"peers": t.peers, "dials": t.dials, "preconnected": t.preconnected}
+
     def direct_state(self, ticket: str) -> str | None:
         """How an open push's layers travel: None (over UCX), or its direct writes' state (direct.py)."""
         return _direct_state(self.pushes[ticket])
