@@ -43,7 +43,7 @@ run() {  # run NAME PRECONNECT(1|0)
         --decode 1 --model "$MODEL_DIR" --device "$DEVICE" --threads "$THREADS" --kv-blocks "$KV_BLOCKS" \
         --no-kvstore --no-restart > "$dir/mesh.log" 2>&1 &
     mesh=$!
-    until grep -q "pdmesh is up" "$dir/mesh.log"; do
+    until grep -qs "pdmesh is up" "$dir/mesh.log"; do
         kill -0 "$mesh" 2>/dev/null || { echo "mesh exited: $dir/mesh.log" >&2; exit 1; }
         sleep 1
     done

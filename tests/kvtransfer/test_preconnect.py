@@ -18,6 +18,7 @@ def connections(peer: Peer) -> dict:
 def connected(prefill: Peer, wanted: list[str], within_s: float = 30.0) -> dict:
     """Name `wanted` to the prefill peer every 0.1 s, as load reports do, until it holds exactly
     those connections; their state then."""
+
     def holds() -> bool:
         prefill.call("preconnect", peers=wanted)
         return connections(prefill)["peers"] == sorted(wanted)
