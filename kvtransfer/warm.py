@@ -11,6 +11,11 @@ Nothing here is on a request's path: a connection that fails to open is tried ag
 backoff and never fails a ticket (a ticket to a peer with no connection dials as it comes, and one
 to a peer dialing now waits for that dial, as two tickets do). Everything runs on the transport's
 loop.
+
+Dialing a listener that is being destroyed can crash the listening process inside UCX (a
+connection request racing ucp_listener_destroy: openucx/ucx#11087), so the list names only peers
+that report SERVING: a worker told to stop reports DRAINING at once and leaves the list at that
+report, before it closes its transport; and a transport that is stopping dials nothing.
 """
 
 from __future__ import annotations
