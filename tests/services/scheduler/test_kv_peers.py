@@ -50,3 +50,19 @@ def test_a_prefill_worker_is_told_its_live_decode_workers_of_its_layout_and_the_
     assert registry.kv_peers("prefill-0") == ["decode-1:kv", "store:kv"]
     clock.now = 4.0
     assert registry.kv_peers("prefill-0") == []
+
+
+def test_the_list_follows_joins_deaths_and_returns_at_once() -> None:
+    # kv_peers keeps the decode listeners between reports; a change of who is live rebuilds them.
+    clock = Clock()
+    registry = Registry(3.0, None, clock=clock)
+    registry.add(info("prefill-0", WorkerRole.PREFILL), None)
+    decode = registry.add(info("decode-0", WorkerRole.DECODE), None)
+    assert registry.kv_peers("prefill-0") == ["decode-0:kv"]
+
+    registry.add(info("decode-1", WorkerRole.DECODE), None)
+    assert registry.kv_peers("prefill-0") == ["decode-0:kv", "decode-1:kv"]
+    registry.mark_dead(decode)
+    assert registry.kv_peers("prefill-0") == ["decode-1:kv"]
+    registry.report(report("decode-0", 1))
+    assert registry.kv_peers("prefill-0") == ["decode-0:kv", "decode-1:kv"]
