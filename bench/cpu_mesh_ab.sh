@@ -40,9 +40,9 @@ mkdir -p "$OUT"
 [ -f "$MODEL_DIR/config.json" ] || .venv/bin/python bench/smollm2_hf.py "$MODEL_DIR"
 export PDMESH_SCHEDULER_LOCAL_PREFILL_MAX_TOKENS=1000000  # colocated: the decode worker prefills
 
-descendants() { local c; for c in $(ps -o pid= --ppid "$1"); do echo "$c"; descendants "$c"; done; }
+# shellcheck source=bench/mesh_lib.sh
+. "$ROOT/bench/mesh_lib.sh"
 cpu_ticks() { for p in "$@"; do echo "$p $(awk '{print $14 + $15}' "/proc/$p/stat" 2>/dev/null || echo 0)"; done; }
-prioritize() { [ -z "$PRIORITY" ] || for p in "$@"; do echo "$PRIORITY" > "/proc/$p/autogroup"; done; }
 
 run() {  # run NAME "ENV ASSIGNMENTS" "UP ARGUMENTS"
     local name=$1 dir=$OUT/$1 mesh pids
@@ -51,10 +51,7 @@ run() {  # run NAME "ENV ASSIGNMENTS" "UP ARGUMENTS"
     env $2 setsid "$PDMESH" up --port "$PORT" --http-port $((PORT + 350)) --prefill 0 --decode 1 \
         --model "$MODEL_DIR" --dtype bfloat16 --threads "$THREADS" --no-restart $3 > "$dir/mesh.log" 2>&1 &
     mesh=$!
-    until grep -q "pdmesh is up" "$dir/mesh.log"; do
-        kill -0 "$mesh" 2>/dev/null || { echo "mesh exited: $dir/mesh.log" >&2; exit 1; }
-        sleep 2
-    done
+    wait_up "$dir/mesh.log" "$mesh" 2
     pids=$(descendants "$mesh")
     # shellcheck disable=SC2086
     prioritize $pids
@@ -63,14 +60,11 @@ run() {  # run NAME "ENV ASSIGNMENTS" "UP ARGUMENTS"
     "$PDMESH" bench serve "${load[@]}" --requests 2 --seed 99 > /dev/null
     # shellcheck disable=SC2086
     cpu_ticks $pids > "$dir/cpu_before.txt"
-    setsid bash -c '[ -z "$1" ] || echo "$1" > /proc/$$/autogroup; shift; exec "$@"' _ "$PRIORITY" \
-        "$PDMESH" bench serve "${load[@]}" --requests "$REQUESTS" --seed 7 --out "$dir/run.json" > "$dir/bench.txt"
+    prioritized "$PDMESH" bench serve "${load[@]}" --requests "$REQUESTS" --seed 7 --out "$dir/run.json" > "$dir/bench.txt"
     # shellcheck disable=SC2086
     cpu_ticks $pids > "$dir/cpu_after.txt"
     ps -o pid=,args= -p "$(echo $pids | tr ' ' ,)" > "$dir/processes.txt"
-    kill -TERM -- "-$mesh"
-    for _ in $(seq 40); do kill -0 "$mesh" 2>/dev/null || break; sleep 1; done
-    kill -KILL -- "-$mesh" 2>/dev/null || true
+    stop_mesh "$mesh"
     cp -r "$(grep -o '/tmp/pdmesh-up-[A-Za-z0-9_]*' "$dir/mesh.log" | head -1)" "$dir/logs"
     .venv/bin/python bench/cpu_mesh_ab_summary.py "$dir" "$name ($2 $3)"
 }

@@ -33,8 +33,8 @@ mkdir -p "$OUT"
 [ "$DEVICE" != cpu ] || [ -f "$MODEL_DIR/config.json" ] || .venv/bin/python bench/smollm2_hf.py "$MODEL_DIR"
 export PDMESH_SCHEDULER_POLICY=least_loaded PDMESH_SCHEDULER_LOCAL_PREFILL_MAX_TOKENS=0  # every prompt disaggregated
 
-descendants() { local c; for c in $(ps -o pid= --ppid "$1"); do echo "$c"; descendants "$c"; done; }
-prioritize() { [ -z "$PRIORITY" ] || for p in "$@"; do echo "$PRIORITY" > "/proc/$p/autogroup"; done; }
+# shellcheck source=bench/mesh_lib.sh
+. "$ROOT/bench/mesh_lib.sh"
 
 run() {  # run NAME PRECONNECT(1|0)
     local name=$1 dir=$OUT/$1 mesh
@@ -43,19 +43,13 @@ run() {  # run NAME PRECONNECT(1|0)
         --decode 1 --model "$MODEL_DIR" --device "$DEVICE" --threads "$THREADS" --kv-blocks "$KV_BLOCKS" \
         --no-kvstore --no-restart > "$dir/mesh.log" 2>&1 &
     mesh=$!
-    until grep -qs "pdmesh is up" "$dir/mesh.log"; do
-        kill -0 "$mesh" 2>/dev/null || { echo "mesh exited: $dir/mesh.log" >&2; exit 1; }
-        sleep 1
-    done
+    wait_up "$dir/mesh.log" "$mesh" 1
     # shellcheck disable=SC2046
     prioritize $(descendants "$mesh")
     sleep "$SETTLE_S"
-    setsid bash -c '[ -z "$1" ] || echo "$1" > /proc/$$/autogroup; shift; exec "$@"' _ "$PRIORITY" \
-        .venv/bin/python bench/ttft_breakdown.py --target "127.0.0.1:$PORT" --input-len "$INPUT_LEN" --output-len 2 \
+    prioritized .venv/bin/python bench/ttft_breakdown.py --target "127.0.0.1:$PORT" --input-len "$INPUT_LEN" --output-len 2 \
         --warmup 0 --requests "$REQUESTS" --vocab "$VOCAB" --seed "$RANDOM" --out "$dir/run.json" > "$dir/ttft.txt"
-    kill -TERM -- "-$mesh"
-    for _ in $(seq 40); do kill -0 "$mesh" 2>/dev/null || break; sleep 1; done
-    kill -KILL -- "-$mesh" 2>/dev/null || true
+    stop_mesh "$mesh"
     .venv/bin/python - "$dir/run.json" "$name" <<'PY'
 import json, sys
 rows = json.load(open(sys.argv[1]))["requests"]

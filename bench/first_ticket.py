@@ -22,10 +22,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "kvtransfer")]
 
+from kv_peer import SMOLLM2 as LAYOUT  # noqa: E402
 from kv_peer import PeerSpec, start_peers  # noqa: E402
-
-LAYOUT = {"model_fingerprint": "smollm2-135m", "dtype": "float32", "block_size": 16,
-          "num_layers": 30, "num_kv_heads": 3, "head_dim": 64}  # fmt: skip
 
 
 def one_round(warm: bool, tokens: int, device: str) -> tuple[float, float]:
