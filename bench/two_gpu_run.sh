@@ -44,6 +44,8 @@ SLO_TPOT_MS=${SLO_TPOT_MS:-50}
 # outputs as recorded; replayed at 1x to 4x, each speed with prompts of its own (cold caches), so
 # that DistServe's goodput (the highest speed at which 90% meet both SLOs) is read off the sweep.
 TRACE_ARGS=${TRACE_ARGS:-"--requests 100 --trace-input-scale 0.25 --trace-speedup 1,1.5,2,3,4"}
+# Which loads each mesh carries: the trace replay, the mixed load, or both.
+MESH_LOADS=${MESH_LOADS:-"trace mixed"}
 MIXED_ARGS=${MIXED_ARGS:-"--rate 4,8,12 --requests 90 --input-len 512:8192 --output-len 32:512"}
 KV_ARGS=${KV_ARGS:-"--pairs 1:0 --message-mib 32,512"}
 FAILURE_ARGS=${FAILURE_ARGS:-""}
@@ -89,10 +91,10 @@ mesh() {
   say "== $name up after ${waited}s"
   local common="--target 127.0.0.1:$port --slo-ttft-ms $SLO_TTFT_MS --slo-tpot-ms $SLO_TPOT_MS --timeout-s 120 --no-progress"
   # shellcheck disable=SC2086
-  phase "$name-trace" 200 "$FAILURE_RESERVE_S" $PY -m pdmesh bench serve $common --warmup 4 --trace "$TRACE" \
+  [[ " $MESH_LOADS " == *" trace "* ]] && phase "$name-trace" 200 "$FAILURE_RESERVE_S" $PY -m pdmesh bench serve $common --warmup 4 --trace "$TRACE" \
     $TRACE_ARGS --out "$LOGS/$name-trace.json"
   # shellcheck disable=SC2086
-  phase "$name-mixed" 110 "$FAILURE_RESERVE_S" $PY -m pdmesh bench serve $common --warmup 0 $MIXED_ARGS \
+  [[ " $MESH_LOADS " == *" mixed "* ]] && phase "$name-mixed" "${MIXED_LIMIT_S:-110}" "$FAILURE_RESERVE_S" $PY -m pdmesh bench serve $common --warmup 0 $MIXED_ARGS \
     --out "$LOGS/$name-mixed.json"
   kill -INT $pid
   timeout 40 tail --pid=$pid -f /dev/null
