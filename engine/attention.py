@@ -2,8 +2,9 @@
 
 The batch's tokens are flattened: first every request advancing by one token (decode — and a
 one-token prompt), then the prefill chunks. Each layer writes its new K/V into the cache slots,
-then attends: decodes through the paged-attention kernel (Triton on CUDA; on CPU the fused torch
-path, its gather planned once per step), each prefill chunk through scaled_dot_product_attention
+then attends: decodes through the paged-attention kernel (Triton on CUDA; on CPU the compiled C
+kernel of kernels/cpu_native.py where it builds, else the fused torch path, its gather planned
+once per step), each prefill chunk through scaled_dot_product_attention
 over its cached prefix plus itself.
 """
 
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
+from kernels.cpu_native import NativeDecodeAttention
 from kernels.paged_attention import paged_attention_decode
 from kernels.paged_attention_cpu import DecodePlan, decode_attention_cpu, plan_decode
 
@@ -40,7 +42,10 @@ class AttentionMetadata:
     decode_block_tables: torch.Tensor | None  # (num_decodes, max_blocks) int32
     decode_context_lens: torch.Tensor | None  # (num_decodes,) int32, including the new token
     prefills: list[PrefillSpan]
-    # CPU: the decodes' gather plan, made by the first layer and reused by the others.
+    # CPU: the compiled decode-attention kernel (kernels/cpu_native.py); None: torch's SDPA path.
+    cpu_native: NativeDecodeAttention | None = None
+    # CPU: the decodes' plan (the kernel's checked tables, or SDPA's gather), made by the first
+    # layer and reused by the others.
     cpu_decode_plan: DecodePlan | None = None
 
 
@@ -78,7 +83,7 @@ def _decode(q: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata, sc
     if q.is_cuda:
         return paged_attention_decode(q, kv_layer[0], kv_layer[1], tables, lens, scale)
     if meta.cpu_decode_plan is None:  # the step's first layer
-        meta.cpu_decode_plan = plan_decode(tables, lens, kv_layer.shape[2])
+        meta.cpu_decode_plan = plan_decode(tables, lens, kv_layer.shape[2], meta.cpu_native)
     return decode_attention_cpu(q, kv_layer, meta.cpu_decode_plan, scale)
 
 

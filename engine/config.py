@@ -57,6 +57,9 @@ class EngineConfig:
     # CPU: linears through oneDNN with weights reordered once at load (engine.cpu_linear); False
     # keeps torch's default BLAS (MKL), which is slow on non-Intel CPUs.
     cpu_packed_linears: bool = True
+    # CPU: decode attention through the C kernel built at load (kernels/cpu_native.py), ~3x faster
+    # than torch's SDPA over gathered blocks; False (or no C compiler) keeps the SDPA path.
+    cpu_native_attention: bool = True
 
     def __post_init__(self) -> None:
         if self.cache.block_size < 1:

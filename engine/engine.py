@@ -39,6 +39,7 @@ from engine.step_timer import Phase, StepTimes, Stopwatch
 from engine.tokenizer import Tokenizer
 from engine.validation import RequestLimits, check_request
 from engine.weights import load_checkpoint
+from kernels.cpu_native import native_attention_for
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,8 @@ class Engine:
         if self.device.type == "cpu" and config.cpu_packed_linears and packing_supported(self.dtype):
             model.pack_for_cpu()
         self.runner = ModelRunner(model, self.kv_caches, cache.block_size)
+        if self.device.type == "cpu" and config.cpu_native_attention:
+            self.runner.cpu_attention = native_attention_for(self.kv_caches[0], self.model_config.num_heads)
         self.cpu_threads = CpuThreads.for_device(self.device, config.cpu_small_step_max_tokens)
         self.graph_capture: list[CaptureReport] = []
         if self.device.type == "cuda":  # every graph now, before any other thread touches the device

@@ -24,6 +24,7 @@ from engine.cuda_graphs import CaptureReport, DecodeGraphs
 from engine.model import LlamaModel
 from engine.piecewise import PiecewiseGraphs
 from engine.step_timer import StepKind
+from kernels.cpu_native import NativeDecodeAttention
 
 
 @dataclass(slots=True)
@@ -93,6 +94,7 @@ class ModelRunner:
         self.pieces = pieces  # every other step, when it fits a bucket
         self.last_kind = StepKind.EAGER_DECODE  # how the latest execute() ran
         self.upload = Uploader(self.device)
+        self.cpu_attention: NativeDecodeAttention | None = None  # CPU decodes through the C kernel when set
 
     def capture_graphs(
         self, num_blocks: int, max_batch: int, max_width: int, piecewise_tokens: int | None
@@ -146,6 +148,7 @@ class ModelRunner:
             decode_block_tables=tables,
             decode_context_lens=lens,
             prefills=prefills,
+            cpu_native=self.cpu_attention,
         )
         return ForwardInputs(input_ids=input_ids, positions=positions_t, meta=meta, logits_rows=rows_t, order=order)
 

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from kernels.cpu_native import NativeDecodeAttention
+
 
 @dataclass(frozen=True, slots=True)
 class DecodePlan:
@@ -36,13 +38,31 @@ class DecodePlan:
     batch: int
     tokens: int  # the longest context: keys per row after the gather
     mask: torch.Tensor | None  # (batch, 1, 1, tokens) bool, True where a key is in its row's context; None at batch 1
+    # The compiled kernel (kernels/cpu_native.py) with the step's tables, checked once here; None: SDPA.
+    native: NativeDecodeAttention | None = None
+    tables: torch.Tensor | None = None  # (batch, max_blocks) int32, contiguous
+    lens: torch.Tensor | None = None  # (batch,) int32, contiguous
+    max_block_id: int = -1  # the highest block id the tables reach, checked against each layer's cache
 
 
-def plan_decode(block_tables: torch.Tensor, context_lens: torch.Tensor, block_size: int) -> DecodePlan:
-    """block_tables: (batch, max_blocks) int32; context_lens: (batch,) int32, CPU tensors."""
+def plan_decode(
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    block_size: int,
+    native: NativeDecodeAttention | None = None,
+) -> DecodePlan:
+    """block_tables: (batch, max_blocks) int32; context_lens: (batch,) int32, CPU tensors. With
+    `native`, the layers run the compiled kernel over the cache's blocks (no gather, no mask)."""
     batch = block_tables.shape[0]
     lens = context_lens.long()
     longest = int(lens.max()) if batch else 0
+    if native is not None and batch and _tables_valid(block_tables, lens, block_size):
+        tables = block_tables.to(torch.int32).contiguous()
+        used = -(-longest // block_size)
+        return DecodePlan(
+            block_ids=tables.new_empty(0), batch=batch, tokens=longest, mask=None, native=native,
+            tables=tables, lens=context_lens.to(torch.int32).contiguous(), max_block_id=int(tables[:, :used].max()),
+        )  # fmt: skip
     used = min(block_tables.shape[1], -(-longest // block_size))
     ids = block_tables[:, :used].reshape(-1).long()
     mask = None
@@ -61,6 +81,12 @@ def decode_attention_cpu(
     """paged_attention_decode_cpu for one layer of a planned step: K and V copied in one go."""
     if plan.batch == 0:
         return torch.empty_like(q)
+    if plan.native is not None and plan.max_block_id < kv_layer.shape[1] and plan.native.supports(q, kv_layer):
+        assert plan.tables is not None and plan.lens is not None
+        return plan.native(q, kv_layer, plan.tables, plan.lens, scale)
+    if plan.native is not None:  # a layer the kernel cannot take: plan the gather for SDPA
+        assert plan.tables is not None and plan.lens is not None
+        plan = plan_decode(plan.tables, plan.lens, kv_layer.shape[2])
     _, _, block_size, num_kv_heads, head_dim = kv_layer.shape
     blocks = kv_layer.index_select(1, plan.block_ids)  # (2, batch * used, block_size, kv_heads, head_dim)
     per_seq = blocks.view(2, plan.batch, -1, num_kv_heads, head_dim)[:, :, : plan.tokens].transpose(2, 3)
@@ -79,6 +105,13 @@ def paged_attention_decode_cpu(
         return torch.empty_like(q)
     plan = plan_decode(block_tables, context_lens, k_cache.shape[1])
     return _attend(q, _gather(k_cache, plan), _gather(v_cache, plan), plan.mask, scale)
+
+
+def _tables_valid(block_tables: torch.Tensor, lens: torch.Tensor, block_size: int) -> bool:
+    """Every context fits its table row and no id is negative: what the kernel reads unchecked."""
+    if int(lens.min()) < 0 or int(lens.max()) > block_tables.shape[1] * block_size:
+        return False
+    return block_tables.numel() == 0 or int(block_tables.min()) >= 0
 
 
 def _attend(

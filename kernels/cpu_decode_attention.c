@@ -1,0 +1,227 @@
+/* Decode attention over the paged KV cache on CPU: one query token per sequence, read straight
+ * from the cache's blocks. Compiled at first use by kernels/cpu_native.py, which says why it
+ * exists and how it is built.
+ *
+ * Layout (engine/kv_layout.py): kv is (2, num_blocks, block_size, kv_heads, head_dim), K then V;
+ * q and out are (batch, heads, head_dim), contiguous; head_dim a multiple of 16. For every
+ * (sequence, KV head) the group of query heads sharing that KV head is done together, so each key
+ * and value row is read once: scores q.k * scale in float32 (16-bit operands widened exactly),
+ * softmax in float32, then the probability-weighted sum of the values in float32, divided by the
+ * softmax's sum. Only the first context_lens[b] slots of a sequence are read, so stale slots past
+ * a context (of any value, NaN included) never reach the result.
+ *
+ * GCC/Clang vector extensions (16 floats) rather than intrinsics: the compiler maps them onto
+ * whatever the machine has (-march=native: AVX-512 here, two AVX2 registers elsewhere).
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define LANES 16
+#define MAX_GROUP 16 /* query heads per KV head; more: the caller takes the torch path */
+#define MAX_CHUNKS 16 /* head_dim / 16, head_dim <= 256 */
+
+typedef float v16f __attribute__((vector_size(64)));
+typedef uint32_t v16u __attribute__((vector_size(64)));
+typedef uint16_t v16h __attribute__((vector_size(32)));
+
+static inline v16f load_f32(const float *p) {
+    v16f x;
+    memcpy(&x, p, sizeof x);
+    return x;
+}
+
+static inline v16f load_bf16(const uint16_t *p) {  /* bfloat16 is float32's upper half: exact */
+    v16h h;
+    memcpy(&h, p, sizeof h);
+    v16u u = __builtin_convertvector(h, v16u) << 16;
+    v16f x;
+    memcpy(&x, &u, sizeof x);
+    return x;
+}
+
+typedef float v8f __attribute__((vector_size(32)));
+typedef float v4f __attribute__((vector_size(16)));
+
+static inline float hsum(v16f x) {  /* a tree of halves: four dependent adds, not fifteen */
+    v8f lo8, hi8;
+    memcpy(&lo8, &x, sizeof lo8);
+    memcpy(&hi8, (const char *)&x + sizeof lo8, sizeof hi8);
+    v8f s8 = lo8 + hi8;
+    v4f lo4, hi4;
+    memcpy(&lo4, &s8, sizeof lo4);
+    memcpy(&hi4, (const char *)&s8 + sizeof lo4, sizeof hi4);
+    v4f s4 = lo4 + hi4;
+    return (s4[0] + s4[2]) + (s4[1] + s4[3]);
+}
+
+typedef union {
+    uint32_t u;
+    float f;
+} bits32;
+
+static inline float bf16_to_f32(uint16_t h) {
+    bits32 v;
+    v.u = (uint32_t)h << 16;
+    return v.f;
+}
+
+static inline uint16_t f32_to_bf16(float f) {  /* round to nearest even, as torch does */
+    bits32 v;
+    v.f = f;
+    if ((v.u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((v.u >> 16) | 0x40u);  /* NaN stays NaN */
+    return (uint16_t)((v.u + 0x7fffu + ((v.u >> 16) & 1u)) >> 16);
+}
+
+/* exp(x) for x <= 0 (scores minus their maximum), branch-free so that the loop over it vectorises:
+ * x = n ln2 + r with |r| <= ln2/2 (ln2 split in two so n ln2 is exact), exp(r) by its Taylor series
+ * to r^7 (truncation under 1e-8 relative), and 2^n put into the exponent bits. */
+static inline float exp_nonpositive(float x) {
+    x = x < -87.0f ? -87.0f : x;  /* exp(-87) ~ 1.6e-38, still normal; below that a softmax weight is 0 */
+    float n = __builtin_rintf(x * 1.44269504088896341f);
+    float r = x - n * 0.693145751953125f;
+    r = r - n * 1.428606765330187045e-06f;
+    float p = 1.0f / 5040.0f;
+    p = p * r + 1.0f / 720.0f;
+    p = p * r + 1.0f / 120.0f;
+    p = p * r + 1.0f / 24.0f;
+    p = p * r + 1.0f / 6.0f;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    bits32 scale;
+    scale.u = (uint32_t)((int32_t)n + 127) << 23;
+    return p * scale.f;
+}
+
+/* Scores of the group's queries (qf: group x head_dim float32) against the first ctx keys, then
+ * (after softmax_rows) acc (group x head_dim float32) = sum over t of p[g][t] * v[t]. Always
+ * inlined into per-shape copies below: with group and chunks constants the accumulators live in
+ * registers. */
+#define DEFINE_PASSES(SUFFIX, T, LOAD)                                                                \
+    static inline __attribute__((always_inline)) void scores_##SUFFIX(                              \
+        const v16f *qf, const T *k_cache, const int32_t *table, int ctx, int block_size,               \
+        int64_t slot_stride, const int chunks, const int group, float scale, float *scores) {         \
+        for (int t = 0; t < ctx; t++) {                                                               \
+            const T *k = k_cache + ((int64_t)table[t / block_size] * block_size + t % block_size) * slot_stride; \
+            v16f acc[MAX_GROUP];                                                                      \
+            for (int g = 0; g < group; g++) acc[g] = (v16f){0};                                       \
+            for (int c = 0; c < chunks; c++) {                                                        \
+                v16f kc = LOAD(k + c * LANES);                                                        \
+                for (int g = 0; g < group; g++) acc[g] += qf[g * chunks + c] * kc;                    \
+            }                                                                                         \
+            for (int g = 0; g < group; g++) scores[(int64_t)g * ctx + t] = hsum(acc[g]) * scale;      \
+        }                                                                                             \
+    }                                                                                                 \
+    static inline __attribute__((always_inline)) void values_##SUFFIX(                              \
+        const float *p, const T *v_cache, const int32_t *table, int ctx, int block_size,               \
+        int64_t slot_stride, const int chunks, const int group, v16f *out) {                          \
+        v16f acc[MAX_GROUP * MAX_CHUNKS];                                                             \
+        for (int i = 0; i < group * chunks; i++) acc[i] = (v16f){0};                                  \
+        for (int t = 0; t < ctx; t++) {                                                               \
+            const T *v = v_cache + ((int64_t)table[t / block_size] * block_size + t % block_size) * slot_stride; \
+            for (int c = 0; c < chunks; c++) {                                                        \
+                v16f vc = LOAD(v + c * LANES);                                                        \
+                for (int g = 0; g < group; g++) acc[g * chunks + c] += p[(int64_t)g * ctx + t] * vc;  \
+            }                                                                                         \
+        }                                                                                             \
+        for (int i = 0; i < group * chunks; i++) out[i] = acc[i];                                     \
+    }
+
+DEFINE_PASSES(bf16, uint16_t, load_bf16)
+DEFINE_PASSES(f32, float, load_f32)
+
+/* Softmax of each of the group's score rows in place, unnormalised; returns the sums in sums.
+ * round_weights: the weights that multiply the values are rounded to bfloat16 (the sums are not),
+ * as torch's CPU flash attention does for 16-bit inputs, so that a bfloat16 model's outputs follow
+ * what transformers computes through it. */
+static void softmax_rows(float *scores, int ctx, int group, float *sums, int round_weights) {
+    for (int g = 0; g < group; g++) {
+        float *s = scores + (int64_t)g * ctx, m = s[0], sum = 0.0f;
+        for (int t = 1; t < ctx; t++) m = s[t] > m ? s[t] : m;
+        for (int t = 0; t < ctx; t++) s[t] = exp_nonpositive(s[t] - m);
+        for (int t = 0; t < ctx; t++) sum += s[t];
+        sums[g] = sum;
+        if (round_weights)
+            for (int t = 0; t < ctx; t++) s[t] = bf16_to_f32(f32_to_bf16(s[t]));
+    }
+}
+
+/* One (sequence, KV head): the group's query rows q_rows (group x head_dim) against the first ctx
+ * slots of the sequence's blocks; writes the group's output rows. */
+#define DEFINE_ATTEND(SUFFIX, T, LOAD, STORE)                                                         \
+    static inline __attribute__((always_inline)) void attend_##SUFFIX(                              \
+        const T *q_rows, const T *k_cache, const T *v_cache, T *out_rows, const int32_t *table, int ctx, \
+        int block_size, int64_t slot_stride, const int chunks, const int group, float scale, float *scores) { \
+        v16f qf[MAX_GROUP * MAX_CHUNKS], acc[MAX_GROUP * MAX_CHUNKS];                                 \
+        float sums[MAX_GROUP];                                                                        \
+        for (int i = 0; i < group * chunks; i++) qf[i] = LOAD(q_rows + i * LANES);                    \
+        scores_##SUFFIX(qf, k_cache, table, ctx, block_size, slot_stride, chunks, group, scale, scores); \
+        softmax_rows(scores, ctx, group, sums, sizeof(T) == 2);                                                       \
+        values_##SUFFIX(scores, v_cache, table, ctx, block_size, slot_stride, chunks, group, acc);    \
+        for (int g = 0; g < group; g++)                                                               \
+            for (int c = 0; c < chunks; c++) STORE(out_rows + (g * chunks + c) * LANES, acc[g * chunks + c] / sums[g]); \
+    }                                                                                                 \
+    static void attend_##SUFFIX##_any(const T *q, const T *k, const T *v, T *o, const int32_t *table, int ctx, \
+                                      int bs, int64_t stride, int chunks, int group, float scale, float *scores) { \
+        attend_##SUFFIX(q, k, v, o, table, ctx, bs, stride, chunks, group, scale, scores);            \
+    }                                                                                                 \
+    /* SmolLM2 (3 query heads per KV head, head_dim 64) and Llama-3 8B's (4, 128) shapes, unrolled */ \
+    static void attend_##SUFFIX##_3x4(const T *q, const T *k, const T *v, T *o, const int32_t *table, int ctx, \
+                                      int bs, int64_t stride, float scale, float *scores) {           \
+        attend_##SUFFIX(q, k, v, o, table, ctx, bs, stride, 4, 3, scale, scores);                     \
+    }                                                                                                 \
+    static void attend_##SUFFIX##_4x8(const T *q, const T *k, const T *v, T *o, const int32_t *table, int ctx, \
+                                      int bs, int64_t stride, float scale, float *scores) {           \
+        attend_##SUFFIX(q, k, v, o, table, ctx, bs, stride, 8, 4, scale, scores);                     \
+    }                                                                                                 \
+    static void batch_##SUFFIX(const T *q, const T *kv, T *out, const int32_t *tables, const int32_t *lens, \
+                               int batch, int max_blocks, int64_t half, int block_size, int heads, int kv_heads, \
+                               int head_dim, float scale, float *scores) {                           \
+        int group = heads / kv_heads, chunks = head_dim / LANES;                                      \
+        int64_t slot_stride = (int64_t)kv_heads * head_dim;                                           \
+        for (int b = 0; b < batch; b++)                                                               \
+            for (int kvh = 0; kvh < kv_heads; kvh++) {                                                \
+                int64_t first = ((int64_t)b * heads + (int64_t)kvh * group) * head_dim;               \
+                const T *k = kv + (int64_t)kvh * head_dim, *v = k + half;                             \
+                const int32_t *table = tables + (int64_t)b * max_blocks;                              \
+                if (lens[b] <= 0) /* nothing to attend to: zeros (an empty softmax would give NaN) */ \
+                    memset(out + first, 0, sizeof(T) * (size_t)group * head_dim);                     \
+                else if (group == 3 && chunks == 4)                                                   \
+                    attend_##SUFFIX##_3x4(q + first, k, v, out + first, table, lens[b], block_size, slot_stride, scale, scores); \
+                else if (group == 4 && chunks == 8)                                                   \
+                    attend_##SUFFIX##_4x8(q + first, k, v, out + first, table, lens[b], block_size, slot_stride, scale, scores); \
+                else                                                                                  \
+                    attend_##SUFFIX##_any(q + first, k, v, out + first, table, lens[b], block_size, slot_stride, chunks, group, scale, scores); \
+            }                                                                                         \
+    }
+
+static inline void store_f32(float *p, v16f x) { memcpy(p, &x, sizeof x); }
+
+static inline void store_bf16(uint16_t *p, v16f x) {
+    for (int l = 0; l < LANES; l++) p[l] = f32_to_bf16(x[l]);
+}
+
+DEFINE_ATTEND(bf16, uint16_t, load_bf16, store_bf16)
+DEFINE_ATTEND(f32, float, load_f32, store_f32)
+
+/* dtype: 0 float32, 1 bfloat16. Returns 0; -1 if a shape is not supported (head_dim not a
+ * multiple of 16 or over 256, more than MAX_GROUP query heads per KV head), -2 if scratch memory
+ * ran out. */
+int pdmesh_decode_attention(int dtype, const void *q, const void *kv, void *out, const int32_t *tables,
+                            const int32_t *lens, int batch, int max_blocks, int num_blocks, int block_size,
+                            int heads, int kv_heads, int head_dim, float scale) {
+    int group = heads / kv_heads, longest = 1;
+    if (head_dim % LANES != 0 || head_dim / LANES > MAX_CHUNKS || group > MAX_GROUP || group * kv_heads != heads)
+        return -1;
+    for (int b = 0; b < batch; b++) longest = lens[b] > longest ? lens[b] : longest;
+    float *scores = malloc(sizeof(float) * (size_t)group * longest);
+    if (scores == NULL) return -2;
+    int64_t half = (int64_t)num_blocks * block_size * kv_heads * head_dim; /* V after K */
+    if (dtype == 1)
+        batch_bf16(q, kv, out, tables, lens, batch, max_blocks, half, block_size, heads, kv_heads, head_dim, scale, scores);
+    else
+        batch_f32(q, kv, out, tables, lens, batch, max_blocks, half, block_size, heads, kv_heads, head_dim, scale, scores);
+    free(scores);
+    return 0;
+}
