@@ -20,12 +20,14 @@ def make_engine(
     inject_device_loss_at_step: int = 0,
     dtype: str | None = None,
     packed_linears: bool = True,
+    native_attention: bool = True,
 ) -> Engine:
     config = EngineConfig(
         model=str(path),
         device="cpu",
         dtype=dtype,
         cpu_packed_linears=packed_linears,
+        cpu_native_attention=native_attention,
         cache=CacheConfig(block_size=block_size, num_blocks=num_blocks, enable_prefix_caching=prefix_caching),
         batcher=BatcherConfig(max_batched_tokens=max_batched_tokens, max_prefill_chunk=max_prefill_chunk),
         torch_threads=2,

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from engine.inprocess_link import InProcessExport, InProcessImport
+from kernels.cpu_native import native_decode_attention
 from tests.engine.conftest import assert_greedy_up_to_ties, hf_greedy, hf_model
 from tests.engine.engine_helpers import greedy, make_engine, run_to_completion
 
@@ -44,6 +45,8 @@ def results(tokens: dict[str, list[int]], count: int) -> list[list[int]]:
 
 def test_batch_of_mixed_lengths_matches_transformers(tiny_llama: Path, expected: list[list[int]]) -> None:
     engine = make_engine(tiny_llama)
+    # Decodes go through the compiled kernel wherever it builds (kernels/cpu_native.py).
+    assert (engine.runner.cpu_attention is None) == (native_decode_attention() is None)
     submit(engine, MIXED)
     assert results(run_to_completion(engine), len(MIXED)) == expected
 
@@ -70,6 +73,19 @@ def test_torch_default_linears_match_too(tiny_llama: Path, expected: list[list[i
     engine = make_engine(tiny_llama, packed_linears=False)
     submit(engine, MIXED)
     assert results(run_to_completion(engine), len(MIXED)) == expected
+
+
+@pytest.mark.parametrize("dtype", [None, "bfloat16"])
+def test_torch_sdpa_decode_path_matches_too(tiny_llama: Path, expected: list[list[int]], dtype: str | None) -> None:
+    # The fallback where the C kernel cannot be built (no compiler) or takes no such shape.
+    engine = make_engine(tiny_llama, native_attention=False, dtype=dtype)
+    assert engine.runner.cpu_attention is None
+    submit(engine, MIXED)
+    tokens = results(run_to_completion(engine), len(MIXED))
+    if dtype is None:
+        assert tokens == expected
+    else:
+        assert_greedy_up_to_ties(hf_model(tiny_llama, torch.bfloat16), MIXED, tokens)
 
 
 def test_prefix_cache_hits_skip_compute_and_keep_tokens(tiny_llama: Path) -> None:
