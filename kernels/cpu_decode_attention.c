@@ -16,6 +16,9 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #define LANES 16
 #define MAX_GROUP 16 /* query heads per KV head; more: the caller takes the torch path */
@@ -175,13 +178,14 @@ static void softmax_rows(float *scores, int ctx, int group, float *sums, int rou
                                       int bs, int64_t stride, float scale, float *scores) {           \
         attend_##SUFFIX(q, k, v, o, table, ctx, bs, stride, 8, 4, scale, scores);                     \
     }                                                                                                 \
-    static void batch_##SUFFIX(const T *q, const T *kv, T *out, const int32_t *tables, const int32_t *lens, \
-                               int batch, int max_blocks, int64_t half, int block_size, int heads, int kv_heads, \
+    /* Items lo ..< hi of the batch's (sequence, KV head) pairs, sequence-major. */                 \
+    static void items_##SUFFIX(const T *q, const T *kv, T *out, const int32_t *tables, const int32_t *lens, \
+                               int lo, int hi, int max_blocks, int64_t half, int block_size, int heads, int kv_heads, \
                                int head_dim, float scale, float *scores) {                           \
         int group = heads / kv_heads, chunks = head_dim / LANES;                                      \
         int64_t slot_stride = (int64_t)kv_heads * head_dim;                                           \
-        for (int b = 0; b < batch; b++)                                                               \
-            for (int kvh = 0; kvh < kv_heads; kvh++) {                                                \
+        for (int item = lo; item < hi; item++) {                                                      \
+                int b = item / kv_heads, kvh = item % kv_heads;                                       \
                 int64_t first = ((int64_t)b * heads + (int64_t)kvh * group) * head_dim;               \
                 const T *k = kv + (int64_t)kvh * head_dim, *v = k + half;                             \
                 const int32_t *table = tables + (int64_t)b * max_blocks;                              \
@@ -207,21 +211,45 @@ DEFINE_ATTEND(f32, float, load_f32, store_f32)
 
 /* dtype: 0 float32, 1 bfloat16. Returns 0; -1 if a shape is not supported (head_dim not a
  * multiple of 16 or over 256, more than MAX_GROUP query heads per KV head), -2 if scratch memory
- * ran out. */
+ * ran out.
+ *
+ * Built with OpenMP, the (sequence, KV head) pairs are split between the calling thread's OpenMP
+ * threads: as many as torch was told to use on this thread (torch.set_num_threads sets the same
+ * per-thread count), and the same pool, since this library's libgomp.so.1 resolves to the one
+ * torch already loaded. */
 int pdmesh_decode_attention(int dtype, const void *q, const void *kv, void *out, const int32_t *tables,
                             const int32_t *lens, int batch, int max_blocks, int num_blocks, int block_size,
                             int heads, int kv_heads, int head_dim, float scale) {
-    int group = heads / kv_heads, longest = 1;
+    int group = heads / kv_heads, longest = 1, items = batch * kv_heads, failed = 0;
     if (head_dim % LANES != 0 || head_dim / LANES > MAX_CHUNKS || group > MAX_GROUP || group * kv_heads != heads)
         return -1;
     for (int b = 0; b < batch; b++) longest = lens[b] > longest ? lens[b] : longest;
-    float *scores = malloc(sizeof(float) * (size_t)group * longest);
-    if (scores == NULL) return -2;
     int64_t half = (int64_t)num_blocks * block_size * kv_heads * head_dim; /* V after K */
-    if (dtype == 1)
-        batch_bf16(q, kv, out, tables, lens, batch, max_blocks, half, block_size, heads, kv_heads, head_dim, scale, scores);
-    else
-        batch_f32(q, kv, out, tables, lens, batch, max_blocks, half, block_size, heads, kv_heads, head_dim, scale, scores);
-    free(scores);
-    return 0;
+    int threads = 1;
+#ifdef _OPENMP
+    threads = omp_get_max_threads() < items ? omp_get_max_threads() : items;
+#pragma omp parallel num_threads(threads) if (threads > 1) reduction(| : failed)
+#endif
+    {
+        int tid = 0, nt = 1;
+#ifdef _OPENMP
+        tid = omp_get_thread_num();
+        nt = omp_get_num_threads();
+#endif
+        int lo = (int)((int64_t)items * tid / nt), hi = (int)((int64_t)items * (tid + 1) / nt);
+        float *scores = malloc(sizeof(float) * (size_t)group * longest);
+        if (scores == NULL) {
+            failed = 1;
+        } else {
+            if (dtype == 1)
+                items_bf16(q, kv, out, tables, lens, lo, hi, max_blocks, half, block_size, heads, kv_heads, head_dim,
+                           scale, scores);
+            else
+                items_f32(q, kv, out, tables, lens, lo, hi, max_blocks, half, block_size, heads, kv_heads, head_dim,
+                          scale, scores);
+            free(scores);
+        }
+    }
+    (void)threads;
+    return failed ? -2 : 0;
 }

@@ -37,6 +37,15 @@ log = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).with_name("cpu_decode_attention.c")
 _FLAGS = ["-O3", "-fno-math-errno", "-fPIC", "-shared"]
+# Tried in order: OpenMP (splits a step's pairs between the step thread's torch threads; its
+# libgomp.so.1 is torch's, already loaded, so one pool) and this CPU's instructions, then without
+# each where the compiler refuses (no libgomp, no -march=native).
+_FLAG_LADDER = (
+    ["-march=native", "-fopenmp", *_FLAGS],
+    ["-fopenmp", *_FLAGS],
+    ["-march=native", *_FLAGS],
+    _FLAGS,
+)
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 _MAX_GROUP, _MAX_HEAD_DIM = 16, 256  # the kernel's limits (MAX_GROUP, MAX_CHUNKS * 16)
 
@@ -116,7 +125,7 @@ def _build() -> Path:
     if compiler is None:
         raise RuntimeError("no C compiler (cc, gcc or clang) on PATH")
     source = _SOURCE.read_bytes()
-    for flags in (["-march=native", *_FLAGS], _FLAGS):  # a compiler without -march=native: portable code
+    for flags in _FLAG_LADDER:
         key = hashlib.sha256(b"\0".join([source, compiler.encode(), " ".join(flags).encode(), _cpu_flags()]))
         target = _cache_dir() / f"cpu_decode_attention-{key.hexdigest()[:16]}.so"
         if target.exists():
