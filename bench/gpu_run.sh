@@ -67,6 +67,7 @@ load_args() {  # the bench serve arguments of a load name
     c8) echo "--concurrency 8 --requests 16 --input-len 1024 --output-len 256" ;;
     c16) echo "--concurrency 16 --requests 32 --input-len 1024 --output-len 256" ;;
     c64) echo "--concurrency 64 --requests 128 --input-len 1024 --output-len 256" ;;
+    c64long) echo "--concurrency 64 --requests 512 --input-len 1024 --output-len 256" ;;  # eight waves: the ramps weigh less
     c256) echo "--concurrency 256 --requests 256 --input-len 1024 --output-len 128" ;;
     seq4k) echo "--concurrency 1 --requests 6 --input-len 4096 --output-len 16" ;;
     bd4k) echo "--requests ${BD_N:-8} --warmup 2 --input-len ${BD_LEN:-4096} --output-len 16" ;;  # bench/ttft_breakdown.py's
