@@ -60,6 +60,8 @@ class EngineConfig:
     # CPU: decode attention through the C kernel built at load (kernels/cpu_native.py), ~3x faster
     # than torch's SDPA over gathered blocks; False (or no C compiler) keeps the SDPA path.
     cpu_native_attention: bool = True
+    # CPU: RMSNorm in one C call (kernels/cpu_norm.py) instead of nine torch ops; False keeps the ops.
+    cpu_native_norm: bool = True
 
     def __post_init__(self) -> None:
         if self.cache.block_size < 1:

@@ -40,6 +40,7 @@ from engine.tokenizer import Tokenizer
 from engine.validation import RequestLimits, check_request
 from engine.weights import load_checkpoint
 from kernels.cpu_native import native_attention_for
+from kernels.cpu_norm import native_rms_norm
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,8 @@ class Engine:
         self.runner = ModelRunner(model, self.kv_caches, cache.block_size)
         if self.device.type == "cpu" and config.cpu_native_attention:
             self.runner.cpu_attention = native_attention_for(self.kv_caches[0], self.model_config.num_heads)
+        if self.device.type == "cpu" and config.cpu_native_norm:
+            model.use_native_norms(native_rms_norm())
         self.cpu_threads = CpuThreads.for_device(self.device, config.cpu_small_step_max_tokens)
         self.graph_capture: list[CaptureReport] = []
         if self.device.type == "cuda":  # every graph now, before any other thread touches the device

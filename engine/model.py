@@ -18,6 +18,7 @@ from engine.attention import AttentionMetadata, paged_attention
 from engine.config import EngineConfig
 from engine.cpu_linear import PackedLinear, pack_linears
 from engine.model_config import ModelConfig, RopeScaling
+from kernels.cpu_norm import NativeRmsNorm
 
 
 class RMSNorm(nn.Module):
@@ -25,8 +26,12 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.native: NativeRmsNorm | None = None  # CPU: the same arithmetic in one C call (kernels.cpu_norm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        native = self.native
+        if native is not None and native.supports(x, self.weight):
+            return native(x, self.weight, self.eps)
         # Normalise in float32, as the reference implementation does, then scale in x's dtype.
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -174,6 +179,12 @@ class LlamaModel(nn.Module):
         pack_linears(self)
         if self.lm_head is None:
             self.lm_head = PackedLinear(self.embed_tokens.weight, None)
+
+    def use_native_norms(self, native: NativeRmsNorm | None) -> None:
+        """Every RMSNorm through the C kernel (CPU), or back to torch's ops with None."""
+        for module in self.modules():
+            if isinstance(module, RMSNorm):
+                module.native = native
 
     def load_weights(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy Hugging Face-named tensors into the fused layout; every parameter must be set."""

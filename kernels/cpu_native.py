@@ -8,44 +8,24 @@ decode row (its per-block GEMM calls, buffers and conversions), ~250 µs a layer
 row's blocks out first; batched matmuls have the same per-item cost and round bfloat16 scores
 (BENCHMARKS.md, "Where a CPU decode step goes"). vLLM's CPU backend has a C++ paged-attention
 kernel of its own for the same reason. This one reads K and V once, straight from the paged
-cache, in float32 (bfloat16 operands widened exactly), ~3x faster than gather + SDPA.
-
-Why C through ctypes rather than a torch C++ extension: a file that includes torch's headers
-takes a minute to compile on a 2-core machine, every time the source or torch changes; this one
-has no includes beyond libc and compiles in a fraction of a second. The shared object is cached
-per user under ~/.cache/pdmesh (else the temp directory), named by a hash of the source, the
-compiler and the CPU's feature flags (it is built with -march=native). ctypes releases the GIL
-for the call, so the worker's event loop runs while a layer's attention does.
+cache, in float32 (bfloat16 operands widened exactly), ~3x faster than gather + SDPA. How it is
+built and loaded: kernels/cpu_build.py.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import logging
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 
 import torch
 
+from kernels.cpu_build import BuildError, load_library
+
 log = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).with_name("cpu_decode_attention.c")
-_FLAGS = ["-O3", "-fno-math-errno", "-fPIC", "-shared"]
-# Tried in order: OpenMP (splits a step's pairs between the step thread's torch threads; its
-# libgomp.so.1 is torch's, already loaded, so one pool) and this CPU's instructions, then without
-# each where the compiler refuses (no libgomp, no -march=native).
-_FLAG_LADDER = (
-    ["-march=native", "-fopenmp", *_FLAGS],
-    ["-fopenmp", *_FLAGS],
-    ["-march=native", *_FLAGS],
-    _FLAGS,
-)
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 _MAX_GROUP, _MAX_HEAD_DIM = 16, 256  # the kernel's limits (MAX_GROUP, MAX_CHUNKS * 16)
 
@@ -111,59 +91,8 @@ def native_attention_for(kv_layer: torch.Tensor, num_heads: int) -> NativeDecode
 @functools.cache
 def native_decode_attention() -> NativeDecodeAttention | None:
     """The compiled kernel, built on first use; None (logged once) where no compiler can build it."""
-    if platform.system() != "Linux" or not hasattr(torch, "bfloat16"):
-        return None
     try:
-        return NativeDecodeAttention(ctypes.CDLL(str(_build())))
-    except (OSError, subprocess.SubprocessError, RuntimeError) as e:
+        return NativeDecodeAttention(load_library(_SOURCE))
+    except BuildError as e:
         log.warning("CPU decode attention kernel unavailable, using torch's SDPA path: %s", e)
         return None
-
-
-def _build() -> Path:
-    compiler = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-    if compiler is None:
-        raise RuntimeError("no C compiler (cc, gcc or clang) on PATH")
-    source = _SOURCE.read_bytes()
-    for flags in _FLAG_LADDER:
-        key = hashlib.sha256(b"\0".join([source, compiler.encode(), " ".join(flags).encode(), _cpu_flags()]))
-        target = _cache_dir() / f"cpu_decode_attention-{key.hexdigest()[:16]}.so"
-        if target.exists():
-            return target
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-        os.close(fd)
-        try:
-            done = subprocess.run(
-                [compiler, *flags, "-o", tmp, str(_SOURCE)], capture_output=True, text=True, timeout=120
-            )
-            if done.returncode == 0:
-                os.replace(tmp, target)  # atomic: processes building at once each see a whole file
-                return target
-            error = done.stderr.strip()[-500:]
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-    raise RuntimeError(f"{compiler} failed: {error}")
-
-
-def _cache_dir() -> Path:
-    for base in (Path.home() / ".cache", Path(tempfile.gettempdir())):
-        path = base / "pdmesh" / "kernels"
-        try:
-            path.mkdir(parents=True, exist_ok=True)
-        except OSError:
-            continue
-        if os.access(path, os.W_OK):
-            return path
-    raise RuntimeError("no writable cache directory for the compiled kernel")
-
-
-def _cpu_flags() -> bytes:
-    """The CPU's feature flags (Linux): a -march=native build is only reused on the same kind of CPU."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return line.encode()
-    except OSError:
-        pass
-    return platform.machine().encode()

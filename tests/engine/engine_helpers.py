@@ -21,6 +21,7 @@ def make_engine(
     dtype: str | None = None,
     packed_linears: bool = True,
     native_attention: bool = True,
+    native_norm: bool = True,
 ) -> Engine:
     config = EngineConfig(
         model=str(path),
@@ -28,6 +29,7 @@ def make_engine(
         dtype=dtype,
         cpu_packed_linears=packed_linears,
         cpu_native_attention=native_attention,
+        cpu_native_norm=native_norm,
         cache=CacheConfig(block_size=block_size, num_blocks=num_blocks, enable_prefix_caching=prefix_caching),
         batcher=BatcherConfig(max_batched_tokens=max_batched_tokens, max_prefill_chunk=max_prefill_chunk),
         torch_threads=2,

@@ -15,6 +15,7 @@ import torch
 
 from engine.inprocess_link import InProcessExport, InProcessImport
 from kernels.cpu_native import native_decode_attention
+from kernels.cpu_norm import native_rms_norm
 from tests.engine.conftest import assert_greedy_up_to_ties, hf_greedy, hf_model
 from tests.engine.engine_helpers import greedy, make_engine, run_to_completion
 
@@ -45,8 +46,9 @@ def results(tokens: dict[str, list[int]], count: int) -> list[list[int]]:
 
 def test_batch_of_mixed_lengths_matches_transformers(tiny_llama: Path, expected: list[list[int]]) -> None:
     engine = make_engine(tiny_llama)
-    # Decodes go through the compiled kernel wherever it builds (kernels/cpu_native.py).
+    # Decodes and norms go through the C kernels wherever they build (kernels/cpu_native.py, cpu_norm.py).
     assert (engine.runner.cpu_attention is None) == (native_decode_attention() is None)
+    assert (engine.runner.model.norm.native is None) == (native_rms_norm() is None)
     submit(engine, MIXED)
     assert results(run_to_completion(engine), len(MIXED)) == expected
 
@@ -76,10 +78,10 @@ def test_torch_default_linears_match_too(tiny_llama: Path, expected: list[list[i
 
 
 @pytest.mark.parametrize("dtype", [None, "bfloat16"])
-def test_torch_sdpa_decode_path_matches_too(tiny_llama: Path, expected: list[list[int]], dtype: str | None) -> None:
-    # The fallback where the C kernel cannot be built (no compiler) or takes no such shape.
-    engine = make_engine(tiny_llama, native_attention=False, dtype=dtype)
-    assert engine.runner.cpu_attention is None
+def test_torch_paths_without_c_kernels_match(tiny_llama: Path, expected: list[list[int]], dtype: str | None) -> None:
+    # The fallback where the C kernels cannot be built (no compiler) or take no such shape.
+    engine = make_engine(tiny_llama, native_attention=False, native_norm=False, dtype=dtype)
+    assert engine.runner.cpu_attention is None and engine.runner.model.norm.native is None
     submit(engine, MIXED)
     tokens = results(run_to_completion(engine), len(MIXED))
     if dtype is None:
