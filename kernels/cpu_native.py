@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).with_name("cpu_decode_attention.c")
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
-_MAX_GROUP, _MAX_HEAD_DIM = 16, 256  # the kernel's limits (MAX_GROUP, MAX_CHUNKS * 16)
+_MAX_GROUP, _MAX_HEAD_DIM, _MAX_HEADS = 16, 256, 256  # the kernel's limits (MAX_GROUP, MAX_CHUNKS * 16, MAX_HEADS)
 
 
 class NativeDecodeAttention:
@@ -79,6 +79,7 @@ def supports_layer(kv_layer: torch.Tensor, num_heads: int) -> bool:
         and head_dim <= _MAX_HEAD_DIM
         and num_heads % kv_heads == 0
         and num_heads // kv_heads <= _MAX_GROUP
+        and num_heads <= _MAX_HEADS
     )
 
 
