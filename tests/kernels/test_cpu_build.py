@@ -1,0 +1,35 @@
+"""kernels/cpu_build.py: C sources compiled once, loaded through ctypes, and a clear BuildError
+(the callers' cue to keep their torch paths) where a source does not compile."""
+
+from __future__ import annotations
+
+import ctypes
+import shutil
+from pathlib import Path
+
+import pytest
+
+from kernels.cpu_build import BuildError, load_library
+
+pytestmark = pytest.mark.skipif(
+    not any(shutil.which(c) for c in ("cc", "gcc", "clang")), reason="no C compiler here"
+)
+
+
+def test_a_source_is_built_once_and_called(tmp_path: Path) -> None:
+    source = tmp_path / "twice.c"
+    source.write_text("int twice(int x) { return 2 * x; }\n")
+
+    lib = load_library(source)
+    lib.twice.argtypes, lib.twice.restype = [ctypes.c_int], ctypes.c_int
+
+    assert lib.twice(21) == 42
+    assert load_library(source) is lib  # the loaded library is kept, not rebuilt
+
+
+def test_a_source_that_does_not_compile_raises_build_error(tmp_path: Path) -> None:
+    source = tmp_path / "broken.c"
+    source.write_text("int broken( {\n")
+
+    with pytest.raises(BuildError, match="broken.c"):
+        load_library(source)
