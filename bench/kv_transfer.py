@@ -2,9 +2,12 @@
 
 Not a test. A request-shaped payload in Llama-3.1-8B dims (32 layers, 8 KV heads, head_dim 128,
 bf16, 16-token blocks scattered over a pool of --pool-blocks) of 256, 1k, 4k and 16k tokens is
-pushed layer by layer from a sending worker to a receiving worker through kvtransfer. One timing
-runs from the first push_layer (so packing is included) until the sender hears that the last layer
-landed (unpacked into the receiver's blocks): GB/s = payload bytes / that time, on one clock.
+pushed layer by layer from a sending worker to a receiving worker through kvtransfer. Two timings,
+both from the first push_layer (so packing is included), on one clock (time.monotonic_ns, the same
+in every process of a host): until the receiver's ticket resolved (`landed`: every layer in its
+blocks, what the decode engine's first step waits for), and until the sender heard the receiver's
+Done (`done`: what the prefill worker's Prefill reply waits for). GB/s = payload bytes / that time;
+each gets its own fixed cost per ticket (least-squares intercept over the sizes).
 Each push opens --open-lead-ms before its first layer, as a prefill worker's opens when the request
 arrives (its prefill then takes at least that long before the first layer is final).
 
@@ -92,33 +95,38 @@ def run_pair(
         nbytes = payload_bytes(tokens)
         ceiling = ceiling_gbps(nbytes, *ceiling_devices, iters=args.iters)
         sender.call("fill", tokens=tokens)
-        times, timelines, direct = [], [], 0
+        times, landings, timelines, direct = [], [], [], 0
         for i in range(args.warmup + args.iters):
             ticket = f"{name}-{tokens}-{i}"
             info = receiver.call("expect", ticket=ticket, tokens=tokens)
-            seconds, wrote_directly = sender.call("push", tokens=tokens, info=info, lead_s=args.open_lead_ms / 1e3)
-            receiver.call("wait", ticket=ticket, tokens=tokens)
+            started, done, wrote_directly = sender.call(
+                "push", tokens=tokens, info=info, lead_s=args.open_lead_ms / 1e3
+            )
+            landed = receiver.call("wait", ticket=ticket, tokens=tokens)
             if i == 0:
                 exact = sender.call("sums", tokens=tokens) == receiver.call("sums", tokens=tokens)
             if args.timeline:
                 steps = [("S", *s) for s in sender.call("timeline", ticket=ticket, tokens=tokens)]
                 steps += [("R", *s) for s in receiver.call("timeline", ticket=ticket, tokens=tokens)]
             if i >= args.warmup:
-                times.append(seconds)
+                times.append((done - started) / 1e9)
+                landings.append((landed - started) / 1e9)
                 direct += wrote_directly
                 if args.timeline:
                     timelines.append(steps)
         gbps = [nbytes / t / 1e9 for t in times]
+        landed_gbps = [nbytes / t / 1e9 for t in landings]
         row = {
             "pair": name, "tokens": tokens, "mib": nbytes / 2**20, "exact": exact,
             "median_ms": statistics.median(times) * 1e3, "median_gbps": statistics.median(gbps),
             "best_gbps": max(gbps), "ceiling_gbps": ceiling, "of_ceiling": statistics.median(gbps) / ceiling,
-            "direct_share": direct / len(times),
+            "landed_ms": statistics.median(landings) * 1e3, "landed_gbps": statistics.median(landed_gbps),
+            "landed_of_ceiling": statistics.median(landed_gbps) / ceiling, "direct_share": direct / len(times),
         }  # fmt: skip
         print(
-            f"{name:>20} {tokens:>6} {row['mib']:>8.0f} {row['median_ms']:>9.2f} {row['median_gbps']:>8.1f}"
-            f" {row['best_gbps']:>8.1f} {ceiling:>9.1f} {row['of_ceiling']:>7.0%} {'yes' if exact else 'NO':>5}"
-            f" {row['direct_share']:>6.0%}",
+            f"{name:>20} {tokens:>6} {row['mib']:>8.0f} {row['landed_ms']:>9.2f} {row['median_ms']:>9.2f}"
+            f" {row['landed_gbps']:>8.1f} {row['median_gbps']:>8.1f} {ceiling:>9.1f} {row['landed_of_ceiling']:>7.0%}"
+            f" {row['of_ceiling']:>7.0%} {'yes' if exact else 'NO':>5} {row['direct_share']:>6.0%}",
             flush=True,
         )
         if timelines:
@@ -151,12 +159,13 @@ def print_timeline(table: list[dict]) -> None:
         previous = r["ms"]
 
 
-def fixed_costs(rows: list[dict]) -> dict[str, dict[str, float]]:
-    """Per pair: median ms = fixed + bytes / marginal rate, fitted by least squares over the sizes."""
+def fixed_costs(rows: list[dict], key: str = "median_ms") -> dict[str, dict[str, float]]:
+    """Per pair: median ms (`key`: to the sender's Done, or landed_ms) = fixed + bytes / marginal
+    rate, fitted by least squares over the sizes."""
     fits = {}
     for label in dict.fromkeys(r["pair"] for r in rows):
         xs = [r["mib"] * 2**20 for r in rows if r["pair"] == label]
-        ys = [r["median_ms"] for r in rows if r["pair"] == label]
+        ys = [r[key] for r in rows if r["pair"] == label]
         if len(xs) < 2:
             continue
         mx, my = statistics.fmean(xs), statistics.fmean(ys)
@@ -217,8 +226,8 @@ def main() -> None:
     tls = args.ucx_tls or (HOST_TLS if args.host else GPU_TLS)
 
     print(
-        f"{'pair':>20} {'tokens':>6} {'MiB':>8} {'ms':>9} {'GB/s':>8} {'best':>8} {'ceiling':>9} {'of ceil':>7}"
-        " exact direct"
+        f"{'pair':>20} {'tokens':>6} {'MiB':>8} {'landed':>9} {'done':>9} {'GB/s ld':>8} {'GB/s dn':>8}"
+        f" {'ceiling':>9} {'ld/ceil':>7} {'dn/ceil':>7} exact direct"
     )
     rows: list[dict] = []
     failures: list[str] = []
@@ -253,10 +262,13 @@ def main() -> None:
                     worker.stop()
 
     fits = fixed_costs(rows)
+    landed_fits = fixed_costs(rows, "landed_ms")
     for label, fit in fits.items():
+        landed = landed_fits[label]
         print(
-            f"{label}: fixed cost per ticket {fit['fixed_ms']:.2f} ms (least-squares intercept of ms against MiB), "
-            f"{fit['marginal_gbps']:.1f} GB/s marginal",
+            f"{label}: fixed cost per ticket (least-squares intercept of ms against MiB) to landed "
+            f"{landed['fixed_ms']:.2f} ms ({landed['marginal_gbps']:.1f} GB/s marginal), to Done "
+            f"{fit['fixed_ms']:.2f} ms ({fit['marginal_gbps']:.1f} GB/s marginal)",
             flush=True,
         )
     report = {
@@ -265,7 +277,7 @@ def main() -> None:
         "cpus": os.cpu_count(), "torch": torch.__version__, "ucx_tls": tls, "progress": args.progress,
         "delayed_submission": args.delayed_submission, "open_lead_ms": args.open_lead_ms, "paths": paths,
         "pool_blocks": args.pool_blocks, "iters": args.iters, "command": " ".join(sys.argv), "rows": rows,
-        "fixed_costs": fits, "failures": failures,
+        "fixed_costs": fits, "landed_fixed_costs": landed_fits, "failures": failures,
     }  # fmt: skip
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,8 @@
 """The two worker processes of bench/kv_transfer.py: each a KVTransport with its own scattered KV
 pool in Llama-3.1-8B dims, driven from the parent over a pipe by (command, args) pairs (expect,
-wait, fill, push, sums, timeline, quit); `Worker` is the parent's handle on one.
+wait, fill, push, sums, timeline, quit); `Worker` is the parent's handle on one. Times are
+time.monotonic_ns() stamps, one clock for every process of the host, so the parent subtracts a
+sender's stamp from a receiver's.
 
 Not a test. Each process sees the GPUs the parent names (CUDA_VISIBLE_DEVICES, read at its CUDA
 init) and imports kvtransfer, so ucxx loads in the workers only, never in the parent.
@@ -53,6 +55,7 @@ def worker_main(
         conn.send(("error", traceback.format_exc()))
         return
     imports: dict[str, Any] = {}
+    landed: dict[str, int] = {}  # ticket -> time.monotonic_ns() when its import resolved (on the transport's loop)
     try:
         while True:
             command, args = conn.recv()
@@ -61,12 +64,15 @@ def worker_main(
             try:
                 blocks = order[: -(-args["tokens"] // LAYOUT.block_size)].tolist()
                 if command == "expect":
-                    imp = transport.expect(args["ticket"], blocks, args["tokens"], timeout_s=120)
-                    imports[args["ticket"]] = imp
+                    ticket = args["ticket"]
+                    imp = transport.expect(ticket, blocks, args["tokens"], timeout_s=120)
+                    imports[ticket] = imp
+                    # stamped the moment the ticket lands, as the decode engine's next step would see it
+                    imp.future.add_done_callback(lambda _, t=ticket: landed.__setitem__(t, time.monotonic_ns()))
                     conn.send(("ok", imp.ticket))
                 elif command == "wait":
                     imports.pop(args["ticket"]).wait(REPLY_S)
-                    conn.send(("ok", None))
+                    conn.send(("ok", landed.pop(args["ticket"])))
                 elif command == "fill":
                     ids = torch.tensor(blocks, device=device)
                     for kv in caches:
@@ -86,22 +92,22 @@ def worker_main(
 
 def _push(
     transport: Any, caches: list[torch.Tensor], blocks: list[int], info: Any, device: str, lead_s: float
-) -> tuple[float, bool]:
-    """Seconds from the first push_layer (packing included) until the receiver has every layer, and
-    whether the blocks were written directly. The push opens lead_s before its first layer, as a
-    prefill's opens when the request arrives."""
+) -> tuple[int, int, bool]:
+    """time.monotonic_ns() at the first push_layer (packing included) and when the sender heard the
+    receiver's Done, and whether the blocks were written directly. The push opens lead_s before
+    its first layer, as a prefill's opens when the request arrives."""
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     push = transport.push(info)
     if lead_s:
         time.sleep(lead_s)
-    started = time.perf_counter()
+    started = time.monotonic_ns()
     for layer, kv in enumerate(caches):
         push.push_layer(layer, kv, blocks, info.num_tokens)
     push.close()
     push.wait(REPLY_S)
-    seconds = time.perf_counter() - started
-    return seconds, push.direct is not None and push.direct.state.value == "armed"
+    done = time.monotonic_ns()
+    return started, done, push.direct is not None and push.direct.state.value == "armed"
 
 
 def _sums(caches: list[torch.Tensor], blocks: list[int], device: str) -> list[int]:

@@ -3,7 +3,8 @@
 The dialer sends a Hello (its listener address, process instance, the layout of the blocks it
 will move, and its host identity when it could write into a same-host peer's GPU cache); the
 listener answers Welcome with its own layout (and, for a same-host GPU dialer, its caches' CUDA
-IPC export on EXPORT_TAG) or Refuse naming the first field where the layouts differ. A layout
+IPC export on EXPORT_TAG, and whether it opened the dialer's copies event: copies.py) or Refuse
+naming the first field where the layouts differ. A layout
 mismatch is an IncompatiblePeer on the dialer's side and a logged refusal on the listener's.
 
 Only the exchange lives here; the transport (transport.py) turns a handshaken endpoint into a
@@ -30,12 +31,21 @@ log = structlog.get_logger(__name__)
 
 
 @dataclass(frozen=True)
+class Offer:
+    """What the listener gives a same-host GPU dialer: its caches' export, and the dialer's copies
+    event opened here (None: the dialer's Written must wait for its copies)."""
+
+    export: bytes
+    copies: torch.cuda.Event | None = None
+
+
+@dataclass(frozen=True)
 class Greeted:
-    """A dialer the listener welcomed: its Hello, the layout agreed, our export if we sent one."""
+    """A dialer the listener welcomed: its Hello, the layout agreed, what we offered it if anything."""
 
     hello: Hello
     layout: KVLayout
-    export: bytes | None
+    offer: Offer | None
 
 
 async def greet(
@@ -67,11 +77,11 @@ async def answer(
     layout: KVLayout | None,
     address: str,
     instance: str,
-    export_for: Callable[[Hello], bytes | None],
+    offer_for: Callable[[Hello], Offer | None],
     timeout: float,
 ) -> Greeted | None:
     """Listener side, on an endpoint a peer dialed: read its Hello and welcome it (with our export
-    when `export_for` gives one), or refuse it. `layout` None (a KV store) takes the dialer's.
+    when `offer_for` gives one), or refuse it. `layout` None (a KV store) takes the dialer's.
     None when the peer was refused or the handshake failed (the endpoint is aborted then)."""
     try:
         frame = bytearray(FRAME_BYTES)
@@ -87,13 +97,14 @@ async def answer(
             # the dialer hangs up once it has read the refusal; its hang-up ends this receive
             await asyncio.wait_for(ep.recv(bytearray(FRAME_BYTES), tag=CTL_TAG), timeout)
             return None
-        export = export_for(hello)
-        welcome = Welcome(address, instance, agreed, len(export) if export else 0)
-        await ep.send(encode(welcome), tag=CTL_TAG)
-        if export:
-            await asyncio.wait_for(ep.send(bytearray(export), tag=EXPORT_TAG), timeout)
+        offer = offer_for(hello)
+        export_bytes = len(offer.export) if offer is not None else 0
+        watches = offer is not None and offer.copies is not None
+        await ep.send(encode(Welcome(address, instance, agreed, export_bytes, watches)), tag=CTL_TAG)
+        if offer is not None:
+            await asyncio.wait_for(ep.send(bytearray(offer.export), tag=EXPORT_TAG), timeout)
     except Exception as e:
         log.info("kv peer handshake ended", error=f"{type(e).__name__}: {e}")
         ep.abort()
         return None
-    return Greeted(hello, agreed, export)
+    return Greeted(hello, agreed, offer)

@@ -37,7 +37,8 @@ from kvtransfer import ucx_context
 from kvtransfer.caches import KVCaches
 from kvtransfer.config import TransportConfig
 from kvtransfer.connection import Connection, Tasks
-from kvtransfer.handshake import answer, greet
+from kvtransfer.copies import open_copies_event
+from kvtransfer.handshake import Offer, answer, greet
 from kvtransfer.ipc import export_caches, exportable, host_identity
 from kvtransfer.listen import arrived_on_loopback, local_address
 from kvtransfer.push import KVPush
@@ -283,14 +284,17 @@ class KVTransport:
         host, port = address.rsplit(":", 1)
         timeout = self.config.connect_timeout_s
         ep = await asyncio.wait_for(ucxx.create_endpoint(host, int(port), connect_timeout=timeout), timeout)
+        copies = self.sender.copies_event() if self._host else None
         try:
-            hello = Hello(self.address, self.instance, layout, self._host)
+            hello = Hello(self.address, self.instance, layout, self._host, copies[1] if copies else "")
             reply, peer_caches = await greet(ep, hello, address, torch.device(self.config.device), timeout)
         except BaseException:
             ep.abort()
             raise
         conn = Connection(ep, address, reply.instance, layout, self._route, self._lost)
         conn.peer_caches = peer_caches
+        if peer_caches is not None and copies is not None and reply.watches_copies:
+            self.sender.watched(peer_caches, copies[0])  # Written goes as soon as a ticket's copies are queued
         conn.start(self._tasks)
         self._dialed[(address, layout)] = conn
         self.dials += 1
@@ -305,8 +309,9 @@ class KVTransport:
     def _in_use(self, conn: Connection) -> bool:
         return self._sender is not None and self._sender.uses(conn)
 
-    def _offers_export(self, hello: Hello) -> bytes | None:
-        """Our caches' export for a dialer that can map them: same host identity, both on GPUs."""
+    def _offer(self, hello: Hello) -> Offer | None:
+        """Our caches' export for a dialer that can map them (same host identity, both on GPUs), and
+        its copies event opened here when it sent one."""
         caches = self._caches
         if not (self._host and hello.host == self._host and caches is not None and exportable(caches.tensors)):
             return None
@@ -317,7 +322,8 @@ class KVTransport:
                 log.warning("kv caches cannot be exported: KV comes over UCX", error=f"{type(e).__name__}: {e}")
                 self._host = ""
                 return None
-        return self._export
+        copies = open_copies_event(hello.copies_event, caches.tensors[0].device) if hello.copies_event else None
+        return Offer(self._export, copies)
 
     async def _accept(self, ep: Any) -> None:
         """Listener callback: the dialing peer's Hello, then Welcome or Refuse."""
@@ -327,12 +333,13 @@ class KVTransport:
                         local=local_address(ep.ucp_endpoint))  # fmt: skip
             ep.abort()
             return
-        greeted = await answer(ep, self.layout, self.address, self.instance, self._offers_export, timeout)
+        greeted = await answer(ep, self.layout, self.address, self.instance, self._offer, timeout)
         if greeted is None:
             return
         hello = greeted.hello
         conn = Connection(ep, hello.name, hello.instance, greeted.layout, self._route, self._lost)
-        conn.export_offered = greeted.export is not None
+        conn.export_offered = greeted.offer is not None
+        conn.copies = greeted.offer.copies if greeted.offer is not None else None
         conn.start(self._tasks)
         self._accepted.add(conn)
 
