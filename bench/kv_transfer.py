@@ -13,7 +13,9 @@ arrives (its prefill then takes at least that long before the first layer is fin
 
 Two paths on GPUs (--paths), each a pair of processes of its own, in the same run:
   direct  the sender writes the blocks straight into the receiver's cache over CUDA IPC (the
-          push's AskWrite is granted during the lead; then one copy kernel per message and one Written)
+          push's AskWrite is granted during the lead; then one copy kernel per message and one Written,
+          sent once the copies are queued; Written and Done over the same-host side channel)
+  direct-frames  the same with the side channel off: Written and Done as UCX control frames
   ucx     direct writes off: packed into staging buffers, sent over UCX, unpacked (the old path)
 
   GPU (default): pairs of processes, each seeing one GPU (CUDA_VISIBLE_DEVICES), sender GPU first:
@@ -212,7 +214,9 @@ def main() -> None:
         "--open-lead-ms", type=float, default=2.0, help="open each push this long before its first layer"
     )
     parser.add_argument(
-        "--paths", default="direct,ucx", help="GPU mode: direct (CUDA IPC writes) and/or ucx (direct writes off)"
+        "--paths",
+        default="direct,ucx",
+        help="GPU mode: direct (CUDA IPC writes), direct-frames (no side channel), ucx (direct writes off)",
     )
     parser.add_argument("--timeline", action="store_true", help="print each ticket step's median time (both sides)")
     parser.add_argument("--ucx-tls", default=None, help=f"default {GPU_TLS} (GPU) or {HOST_TLS} (--host)")
@@ -248,11 +252,13 @@ def main() -> None:
             plan, paths
         ):
             label = f"{name}/{path}/{message_mib}M"
-            direct_writes = path == "direct"
+            direct_writes, side_channel = path.startswith("direct"), path != "direct-frames"
             workers: list[Worker] = []
             try:
-                workers.append(Worker("recv", recv_device, recv_visible, args, tls, message_mib, direct_writes))
-                workers.append(Worker("send", send_device, send_visible, args, tls, message_mib, direct_writes))
+                for role, device, visible in (("recv", recv_device, recv_visible), ("send", send_device, send_visible)):
+                    workers.append(
+                        Worker(role, device, visible, args, tls, message_mib, direct_writes, side_channel)
+                    )
                 rows += run_pair(label, workers[1], workers[0], args, ceiling_devices)
             except Exception:
                 failures.append(f"{label}:\n{traceback.format_exc()}")

@@ -42,6 +42,7 @@ def worker_main(
         order = torch.randperm(pool_blocks, generator=torch.Generator().manual_seed(0 if role == "recv" else 1))
         config = TransportConfig(
             direct_writes=options["direct_writes"],
+            side_channel=options["side_channel"],
             device=device,
             ucx_tls=tls,
             message_bytes=message_bytes,
@@ -125,6 +126,7 @@ class Worker:
         tls: str,
         message_mib: int,
         direct_writes: bool,
+        side_channel: bool = True,
     ) -> None:
         ctx = multiprocessing.get_context("spawn")
         self.conn, theirs = ctx.Pipe()
@@ -133,7 +135,7 @@ class Worker:
             os.environ["CUDA_VISIBLE_DEVICES"] = visible  # read by the child at its CUDA init
         options = {
             "progress": args.progress, "delayed_submission": args.delayed_submission, "timeline": args.timeline,
-            "direct_writes": direct_writes,
+            "direct_writes": direct_writes, "side_channel": side_channel,
         }  # fmt: skip
         worker_args = (theirs, role, device, args.pool_blocks, tls, message_mib << 20, options)
         self.process = ctx.Process(target=worker_main, args=worker_args, daemon=True)

@@ -20,6 +20,7 @@ from ucxx.exceptions import UCXMessageTruncatedError
 
 from engine.kv_layout import KVLayout
 from kvtransfer.ipc import PeerCaches
+from kvtransfer.side import SideChannel, close_quietly
 from kvtransfer.wire import FRAME_BYTES, Message, decode, encode
 
 log = structlog.get_logger(__name__)
@@ -94,6 +95,7 @@ class Connection:
         self.export_offered = False
         # accepting side: the dialer's copies event, opened here (copies.py): its queued Written land on it
         self.copies: torch.cuda.Event | None = None
+        self.side: SideChannel | None = None  # Written and Done go here when set (side.py)
         self._on_message = on_message
         self._on_lost = on_lost
         self._next_tag = _FIRST_PAYLOAD_TAG
@@ -116,6 +118,22 @@ class Connection:
 
     async def send(self, message: Message) -> None:
         await self.ep.send(encode(message), tag=CTL_TAG)
+
+    async def send_soon(self, message: Message) -> None:
+        """Written and Done: over the side channel while it is open (same host), else as a control frame."""
+        side = self.side
+        if side is not None and side.open:
+            side.send(message)
+        else:
+            await self.send(message)
+
+    def attach_side(self, channel: SideChannel) -> None:
+        """Take Written and Done over `channel` from now on; its loss is this connection's."""
+        if self.lost is not None:
+            channel.close()
+            return
+        self.side = channel
+        channel.bind(lambda message: notify(self._on_message, self, message), self._lose)
 
     async def send_payload(self, data: torch.Tensor, tag: int) -> None:
         await self.ep.send(ucx_buffer(data), tag=tag)
@@ -153,4 +171,5 @@ class Connection:
         if self._reader is not None and self._reader is not asyncio.current_task():
             self._reader.cancel()
         self.ep.abort()  # fails every request still pending on the endpoint
+        close_quietly(self.side)
         self._on_lost(self, reason)

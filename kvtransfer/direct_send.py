@@ -152,7 +152,7 @@ class DirectSending:
             nbytes = info.num_blocks * self.layout_bytes(out.push.layout)
             if self._outgoing.get(info.ticket_id) is not out:
                 return
-            await conn.send(Written(info.ticket_id, nbytes, checksums, queued=finished.queued))
+            await conn.send_soon(Written(info.ticket_id, nbytes, checksums, queued=finished.queued))
             self.timeline.mark(info.ticket_id, Step.HEADER_SENT, 0)
             out.bytes_sent = nbytes
             if self._outgoing.get(info.ticket_id) is out:

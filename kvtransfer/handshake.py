@@ -37,6 +37,8 @@ class Offer:
 
     export: bytes
     copies: torch.cuda.Event | None = None
+    side_channel: str = ""  # our side channel's socket and this connection's token for it (side.py)
+    side_token: str = ""
 
 
 @dataclass(frozen=True)
@@ -100,7 +102,8 @@ async def answer(
         offer = offer_for(hello)
         export_bytes = len(offer.export) if offer is not None else 0
         watches = offer is not None and offer.copies is not None
-        await ep.send(encode(Welcome(address, instance, agreed, export_bytes, watches)), tag=CTL_TAG)
+        side, token = (offer.side_channel, offer.side_token) if offer is not None else ("", "")
+        await ep.send(encode(Welcome(address, instance, agreed, export_bytes, watches, side, token)), tag=CTL_TAG)
         if offer is not None:
             await asyncio.wait_for(ep.send(bytearray(offer.export), tag=EXPORT_TAG), timeout)
     except Exception as e:

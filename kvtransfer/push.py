@@ -83,7 +83,10 @@ class KVPush:
         if self._next_layer < self._group_first + self._group_size:
             return
         layers, self._layers = self._layers, []
+        timeline = self._sender.timeline
+        timeline.mark(self.ticket.ticket_id, Step.GROUP_FULL, self._group_first)
         ids = self._block_ids(block_ids, kv_layer.device)
+        timeline.mark(self.ticket.ticket_id, Step.IDS_READY, self._group_first)
         if self.direct is None:
             return self._pack(self._group_first, layers, ids)
         ready = torch.cuda.Event()

@@ -20,6 +20,8 @@ class Step(enum.Enum):
     OPENED = "open"  # push() called (engine thread)
     CONNECTED = "connected"  # the ticket has its connection (at once when one was open: no dial)
     FIRST_LAYER = "first_layer"  # the first push_layer (engine thread)
+    GROUP_FULL = "group_full"  # the push_layer that completes a message (a group of layers) entered
+    IDS_READY = "ids_ready"  # the ticket's block ids are on the device (the first group uploads them)
     ASK_SENT = "ask_sent"  # direct writes: the AskWrite's send completed
     GRANTED = "granted"  # the receiver's Granted arrived
     ARMED = "armed"  # its block ids arrived: copies may launch

@@ -44,6 +44,7 @@ from kvtransfer.listen import arrived_on_loopback, local_address
 from kvtransfer.push import KVPush
 from kvtransfer.receiver import KVReceiver
 from kvtransfer.sender import KVSender
+from kvtransfer.side import SideChannel, SideListener, close_quietly, dial_side
 from kvtransfer.telemetry import NullObserver, TransferObserver
 from kvtransfer.ticket import Ticket
 from kvtransfer.ticket_import import TicketImport
@@ -95,6 +96,7 @@ class KVTransport:
         # direct writes (ipc.py): who may share CUDA memory with us, and our caches' export, made once
         self._host = host_identity() if config.direct_writes_on else ""
         self._export: bytes | None = None
+        self._side: SideListener | None = None  # Written and Done from same-host writers (side.py)
 
     # ---- lifecycle (any thread)
     def start(self, timeout_s: float = 30.0) -> KVTransport:
@@ -242,6 +244,9 @@ class KVTransport:
                 self._receiver = KVReceiver(
                     self._caches, self.config, self._observer, loop, self._tasks, self.address, self.timeline
                 )
+            if self._host and self.config.side_channel and self._caches is not None:
+                side = SideListener(loop)
+                self._side = side if await side.start() else None
         except BaseException as e:
             self._startup_error = e
             self._ready.set()
@@ -264,6 +269,8 @@ class KVTransport:
         if self._listener is not None:
             self._listener.close()
             self._listener = None
+        if self._side is not None:
+            self._side.close()
         self._dialed.clear()
         self._accepted.clear()
         await ucx_context.reset()
@@ -285,20 +292,27 @@ class KVTransport:
         timeout = self.config.connect_timeout_s
         ep = await asyncio.wait_for(ucxx.create_endpoint(host, int(port), connect_timeout=timeout), timeout)
         copies = self.sender.copies_event() if self._host else None
+        channel: SideChannel | None = None
         try:
             hello = Hello(self.address, self.instance, layout, self._host, copies[1] if copies else "")
             reply, peer_caches = await greet(ep, hello, address, torch.device(self.config.device), timeout)
+            if peer_caches is not None and reply.side_channel and self.config.side_channel:
+                channel = await dial_side(reply.side_channel, reply.side_token, timeout)
         except BaseException:
             ep.abort()
+            close_quietly(channel)
             raise
         conn = Connection(ep, address, reply.instance, layout, self._route, self._lost)
         conn.peer_caches = peer_caches
         if peer_caches is not None and copies is not None and reply.watches_copies:
             self.sender.watched(peer_caches, copies[0])  # Written goes as soon as a ticket's copies are queued
+        if channel is not None:
+            conn.attach_side(channel)
         conn.start(self._tasks)
         self._dialed[(address, layout)] = conn
         self.dials += 1
-        log.info("kv peer connected", peer=address, instance=reply.instance, direct_writes=peer_caches is not None)
+        log.info("kv peer connected", peer=address, instance=reply.instance, direct_writes=peer_caches is not None,
+                 side_channel=channel is not None)  # fmt: skip
         return conn
 
     def _connected(self, address: str) -> Connection | None:
@@ -323,7 +337,9 @@ class KVTransport:
                 self._host = ""
                 return None
         copies = open_copies_event(hello.copies_event, caches.tensors[0].device) if hello.copies_event else None
-        return Offer(self._export, copies)
+        if self._side is None:
+            return Offer(self._export, copies)
+        return Offer(self._export, copies, self._side.name, self._side.offer())
 
     async def _accept(self, ep: Any) -> None:
         """Listener callback: the dialing peer's Hello, then Welcome or Refuse."""
@@ -338,8 +354,11 @@ class KVTransport:
             return
         hello = greeted.hello
         conn = Connection(ep, hello.name, hello.instance, greeted.layout, self._route, self._lost)
-        conn.export_offered = greeted.offer is not None
-        conn.copies = greeted.offer.copies if greeted.offer is not None else None
+        offer = greeted.offer
+        conn.export_offered = offer is not None
+        conn.copies = offer.copies if offer is not None else None
+        if offer is not None and offer.side_token and self._side is not None:
+            self._side.expect(offer.side_token, conn.attach_side)
         conn.start(self._tasks)
         self._accepted.add(conn)
 

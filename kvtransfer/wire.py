@@ -24,6 +24,7 @@ KV need not travel as payloads at all (direct writes, push.py and receiver.py):
     Written(ticket, bytes, checksums) ----->  every layer is there (queued: once the Hello's copies
                                               event, recorded after the last copy, completes)
              <------------------------------ Done | Failed
+    (Written and Done take the Welcome's side channel, a Unix socket, when the dialer reached it: side.py)
     Stopped(ticket) ----------------------->  after a Failed or Cancel of a ticket it asked to
                                               write: nothing of the sender writes its blocks any more
 
@@ -63,6 +64,8 @@ class Welcome:
     layout: KVLayout
     export_bytes: int = 0  # > 0: the receiver's cache export (ipc.py) follows on EXPORT_TAG
     watches_copies: bool = False  # the receiver opened the Hello's copies event: Written may precede the copies
+    side_channel: str = ""  # the receiver's Unix socket for Written and Done (side.py), and this connection's
+    side_token: str = ""  # token for it (hex)
 
 
 @dataclass(frozen=True)
@@ -160,8 +163,13 @@ _KINDS: dict[str, type[Message]] = {
 }
 
 
+def encode_body(message: Message) -> bytes:
+    """The message as JSON (a frame's body; the side channel's too, side.py)."""
+    return json.dumps({"kind": message.kind, **asdict(message)}, separators=(",", ":")).encode()
+
+
 def encode(message: Message) -> bytearray:
-    body = json.dumps({"kind": message.kind, **asdict(message)}, separators=(",", ":")).encode()
+    body = encode_body(message)
     if len(body) > FRAME_BYTES - _LENGTH.size:
         raise ValueError(f"a {message.kind} message of {len(body)} bytes does not fit a control frame")
     frame = bytearray(FRAME_BYTES)
@@ -174,7 +182,15 @@ def decode(frame: bytes | bytearray) -> Message:
     """The message in a frame; ValueError for anything malformed (the connection is then dropped)."""
     try:
         (length,) = _LENGTH.unpack_from(frame, 0)
-        raw = json.loads(bytes(frame[_LENGTH.size : _LENGTH.size + length]))
+    except struct.error as e:
+        raise ValueError(f"malformed control frame: {e}") from e
+    return decode_body(bytes(frame[_LENGTH.size : _LENGTH.size + length]))
+
+
+def decode_body(body: bytes) -> Message:
+    """The message in a frame's JSON body; ValueError for anything malformed."""
+    try:
+        raw = json.loads(body)
         cls = _KINDS[raw.pop("kind")]
         values = {f.name: raw[f.name] for f in fields(cls) if f.name in raw}
         if "layout" in values:

@@ -37,6 +37,7 @@ LAYOUT = KVLayout("m", "bfloat16", block_size=16, num_layers=4, num_kv_heads=2, 
         Hello("127.0.0.1:1", "abc", LAYOUT, host="boot/pid:[1]", copies_event="A" * 88),
         Welcome("127.0.0.1:2", "def", LAYOUT, export_bytes=1234),
         Welcome("127.0.0.1:2", "def", LAYOUT, export_bytes=1234, watches_copies=True),
+        Welcome("127.0.0.1:2", "def", LAYOUT, 1234, True, side_channel="\0pdmesh-kv-x", side_token="ab" * 16),
     ],
 )
 def test_direct_write_messages_survive_their_frames(message: Any) -> None:

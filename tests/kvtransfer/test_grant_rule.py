@@ -62,6 +62,9 @@ class RecordingConnection:
     async def send(self, message: Message) -> None:
         self.sent.append(message)
 
+    async def send_soon(self, message: Message) -> None:  # a side channel's messages are recorded alike
+        self.sent.append(message)
+
     async def send_payload(self, data: torch.Tensor, tag: int) -> None:
         self.payloads.append((tag, data.tolist()))
 

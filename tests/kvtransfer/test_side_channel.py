@@ -1,0 +1,133 @@
+"""The same-host side channel (kvtransfer/side.py) on a real abstract Unix socket, without a GPU:
+a dialer is bound to exactly the connection its token was made for, in either order of arrival;
+only Written goes to the listener and only Done comes back; anything else, or a closed end, takes
+the channel down and reports it. Direct writes over it run in test_direct_gpu.py."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from kvtransfer import side
+from kvtransfer.side import SideChannel, SideListener, dial_side
+from kvtransfer.wire import Cancel, Done, Message, Written
+
+
+class Bound:
+    """What one bound end heard: messages, and why it was lost."""
+
+    def __init__(self) -> None:
+        self.messages: list[Message] = []
+        self.lost: list[str] = []
+
+    def attach(self, channel: SideChannel) -> None:
+        channel.bind(self.messages.append, self.lost.append)
+
+
+def run(scenario: Callable[[SideListener], Awaitable[Any]]) -> Any:
+    async def main() -> Any:
+        listener = SideListener(asyncio.get_running_loop())
+        assert await listener.start()
+        try:
+            return await scenario(listener)
+        finally:
+            listener.close()
+
+    return asyncio.run(main())
+
+
+async def settle(check: Callable[[], bool]) -> None:
+    for _ in range(500):
+        if check():
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError("condition not reached in time")
+
+
+def test_written_and_done_cross_the_channel_of_the_connection_the_token_was_made_for() -> None:
+    async def scenario(listener: SideListener) -> tuple[list[Message], list[Message], list[Message]]:
+        mine, other, dialer = Bound(), Bound(), Bound()
+        token = listener.offer()
+        listener.expect(token, mine.attach)
+        listener.expect(listener.offer(), other.attach)
+        channel = await dial_side(listener.name, token, 5.0)
+        assert channel is not None
+        dialer.attach(channel)
+        channel.send(Written("t1", 4096, queued=True))
+        channel.send(Written("t2", 8192))
+        await settle(lambda: len(mine.messages) == 2)
+        return mine.messages, other.messages, dialer.messages
+
+    mine, other, _ = run(scenario)
+    assert mine == [Written("t1", 4096, queued=True), Written("t2", 8192)] and other == []
+
+
+def test_a_dialer_that_arrives_before_its_connection_is_registered_is_bound_when_it_is() -> None:
+    async def scenario(listener: SideListener) -> list[Message]:
+        bound, dialer = Bound(), Bound()
+        token = listener.offer()
+        channel = await dial_side(listener.name, token, 5.0)
+        assert channel is not None
+        dialer.attach(channel)
+        channel.send(Written("early", 16))  # held until the binding
+        await asyncio.sleep(0.05)
+        listener.expect(token, bound.attach)
+        await settle(lambda: bool(bound.messages))
+        return bound.messages
+
+    assert run(scenario) == [Written("early", 16)]
+
+
+def test_done_comes_back_to_the_dialer() -> None:
+    async def scenario(listener: SideListener) -> list[Message]:
+        ends: list[SideChannel] = []
+        token = listener.offer()
+        listener.expect(token, lambda ch: (ends.append(ch), ch.bind(lambda m: None, lambda r: None)))
+        dialer = Bound()
+        channel = await dial_side(listener.name, token, 5.0)
+        assert channel is not None
+        dialer.attach(channel)
+        await settle(lambda: bool(ends))
+        ends[0].send(Done("t1", 4096))
+        await settle(lambda: bool(dialer.messages))
+        return dialer.messages
+
+    assert run(scenario) == [Done("t1", 4096)]
+
+
+def test_a_message_of_another_kind_takes_the_channel_down_and_both_ends_hear_it() -> None:
+    async def scenario(listener: SideListener) -> tuple[Bound, Bound]:
+        bound, dialer = Bound(), Bound()
+        token = listener.offer()
+        listener.expect(token, bound.attach)
+        channel = await dial_side(listener.name, token, 5.0)
+        assert channel is not None
+        dialer.attach(channel)
+        channel.send(Cancel("t1", "no"))  # Cancel keeps UCX: on the side channel it is a fault
+        await settle(lambda: bool(bound.lost) and bool(dialer.lost))
+        return bound, dialer
+
+    bound, dialer = run(scenario)
+    assert bound.messages == [] and bound.lost and dialer.lost
+
+
+def test_a_token_that_names_no_connection_is_closed(monkeypatch: Any) -> None:
+    monkeypatch.setattr(side, "_BIND_S", 0.1)
+
+    async def scenario(listener: SideListener) -> list[str]:
+        dialer = Bound()
+        channel = await dial_side(listener.name, listener.offer(), 5.0)  # offered, never expected
+        assert channel is not None
+        dialer.attach(channel)
+        await settle(lambda: bool(dialer.lost))
+        return dialer.lost
+
+    assert run(scenario)
+
+
+def test_a_socket_that_is_not_there_leaves_the_connection_on_ucx() -> None:
+    async def scenario(listener: SideListener) -> SideChannel | None:
+        return await dial_side("\0pdmesh-kv-nobody-listens-here", listener.offer(), 1.0)
+
+    assert run(scenario) is None
