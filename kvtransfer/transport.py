@@ -151,6 +151,11 @@ class KVTransport:
         return sorted({peer for (peer, _), conn in list(self._dialed.items()) if conn.lost is None})
 
     @property
+    def side_channels(self) -> int:
+        """Live dialed connections whose Written and Done take a side channel (side.py; a snapshot)."""
+        return sum(1 for c in list(self._dialed.values()) if c.lost is None and c.side is not None and c.side.open)
+
+    @property
     def preconnected(self) -> int:
         """Connections opened ahead of any ticket by preconnect() (a snapshot, any thread)."""
         return self._warm.opened if self._warm is not None else 0

@@ -51,6 +51,7 @@ class PeerSpec:
     loopback_only: bool | None = None
     direct_writes: bool = True  # GPU peers of one host: the sender writes the receiver's blocks over CUDA IPC
     record_timeline: bool = False  # stamp each ticket's steps (kvtransfer.timeline), read with timeline()
+    side_channel: bool = True  # direct writes' Written and Done over a same-host Unix socket (kvtransfer/side.py)
 
 
 def pattern(seed: int, layer: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -250,10 +251,10 @@ class _Worker:
         self.transport.preconnect(peers)
 
     def connections(self) -> dict[str, Any]:
-        """The transport's dialed connections: the peers open now, dials ever made, and how many of
-        those preconnect() opened."""
+        """The transport's dialed connections: the peers open now, dials ever made, how many of
+        those preconnect() opened, and how many carry a side channel."""
         t = self.transport
-        return {"peers": t.peers, "dials": t.dials, "preconnected": t.preconnected}
+        return {"peers": t.peers, "dials": t.dials, "preconnected": t.preconnected, "side_channels": t.side_channels}
 
     def direct_state(self, ticket: str) -> str | None:
         """How an open push's layers travel: None (over UCX), or its direct writes' state (direct.py)."""
@@ -314,7 +315,7 @@ def _main(conn: Connection, spec: PeerSpec) -> None:
     config = TransportConfig(
         host=spec.host, port=spec.port, device=spec.device, ucx_tls=spec.ucx_tls,
         checksum_samples=spec.checksum_samples, message_bytes=spec.message_bytes, loopback_only=spec.loopback_only,
-        direct_writes=spec.direct_writes, record_timeline=spec.record_timeline,
+        direct_writes=spec.direct_writes, record_timeline=spec.record_timeline, side_channel=spec.side_channel,
     )  # fmt: skip
     observed = _Observed()
     transport = KVTransport(layout, config, kv_caches=caches if spec.receive else None, observer=observed).start()

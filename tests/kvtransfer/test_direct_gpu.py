@@ -24,13 +24,18 @@ LAYER_BYTES = 2 * 16 * 3 * 64 * 2  # one block of one layer, K and V, bfloat16
 
 
 def peers(
-    *, direct_writes: bool = True, message_bytes: int = 8 << 20, checksum_samples: int = 4, timeline: bool = False
+    *,
+    direct_writes: bool = True,
+    message_bytes: int = 8 << 20,
+    checksum_samples: int = 4,
+    timeline: bool = False,
+    side_channel: bool = True,
 ) -> tuple[Peer, Peer]:
     """Checksums on (the default here) make a Written wait for the copies; off (the transport's
     default), it goes once they are queued and the receiver watches the writer's copies event."""
     common = {
         "device": "cuda:0", "ucx_tls": CUDA_TLS, "direct_writes": direct_writes, "message_bytes": message_bytes,
-        "checksum_samples": checksum_samples, "record_timeline": timeline,
+        "checksum_samples": checksum_samples, "record_timeline": timeline, "side_channel": side_channel,
     }  # fmt: skip
     decode, prefill = start_peers(PeerSpec(LAYOUT, POOL, **common), PeerSpec(LAYOUT, POOL, receive=False, **common))
     return decode, prefill
@@ -59,11 +64,18 @@ def granted(decode: Peer, prefill: Peer, ticket: str, num_tokens: int, seed: int
     return info
 
 
-@pytest.mark.parametrize("checksum_samples", [4, 0], ids=["checksums", "queued-written"])
-def test_a_direct_write_lands_byte_exact_in_exactly_the_tickets_blocks(checksum_samples: int) -> None:
-    decode, prefill = peers(checksum_samples=checksum_samples)
+@pytest.mark.parametrize(
+    ("checksum_samples", "side_channel"),
+    [(4, True), (0, True), (0, False)],
+    ids=["checksums", "queued-written", "queued-written-over-ucx-frames"],
+)
+def test_a_direct_write_lands_byte_exact_in_exactly_the_tickets_blocks(
+    checksum_samples: int, side_channel: bool
+) -> None:
+    decode, prefill = peers(checksum_samples=checksum_samples, side_channel=side_channel)
     try:
         first_ticket(decode, prefill)
+        assert prefill.call("connections")["side_channels"] == int(side_channel)
         tickets = {f"d{i}": 1000 - 77 * i for i in range(4)}
         infos = [granted(decode, prefill, t, n, seed=i) for i, (t, n) in enumerate(tickets.items())]
 
