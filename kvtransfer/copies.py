@@ -72,8 +72,9 @@ async def finishes_soon(event: torch.cuda.Event, within_s: float = _LOOP_POLL_S)
 class CopiesWatch:
     """Polls events on a thread of its own until they complete, for coroutines on one loop."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, device: torch.device) -> None:
         self._loop = loop
+        self._device = device  # where the events were opened: current on the watcher thread
         self._pending: dict[asyncio.Future[None], torch.cuda.Event] = {}
         self._wake = threading.Condition()
         self._closed = False
@@ -104,6 +105,8 @@ class CopiesWatch:
             self._wake.notify()
 
     def _run(self) -> None:
+        if self._device.type == "cuda":
+            torch.cuda.set_device(self._device)
         while True:
             with self._wake:
                 while not self._pending and not self._closed:

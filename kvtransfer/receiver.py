@@ -87,7 +87,7 @@ class KVReceiver(DirectReceiving):
         self._unpacker = Unpacker(loop, config.one_torch_thread)
         self._grace_s = config.sender_grace_s
         self._quarantined: dict[str, Incoming] = {}  # failed tickets a direct writer has not yet let go
-        self._copies_watch = CopiesWatch(loop)  # queued Written: polls the writers' copies events
+        self._copies_watch = CopiesWatch(loop, device)  # queued Written: polls the writers' copies events
 
     # ---- any thread but the loop's
     def __len__(self) -> int:

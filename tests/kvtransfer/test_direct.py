@@ -82,7 +82,7 @@ def _on_a_loop(coro_fn: Callable[[asyncio.AbstractEventLoop], Awaitable[Any]]) -
 
 def test_the_copies_watch_returns_once_the_event_completes_and_not_before() -> None:
     async def scenario(loop: asyncio.AbstractEventLoop) -> tuple[bool, int]:
-        watch, flag = CopiesWatch(loop), _Flag()
+        watch, flag = CopiesWatch(loop, torch.device("cpu")), _Flag()
         waiting = asyncio.ensure_future(watch.finished(flag))  # type: ignore[arg-type]
         await asyncio.sleep(0.2)
         early = waiting.done()
@@ -97,7 +97,7 @@ def test_the_copies_watch_returns_once_the_event_completes_and_not_before() -> N
 
 def test_the_copies_watch_can_be_cancelled_and_reports_a_query_that_fails() -> None:
     async def scenario(loop: asyncio.AbstractEventLoop) -> tuple[int, int]:
-        watch, dead, broken = CopiesWatch(loop), _Flag(), _Flag()
+        watch, dead, broken = CopiesWatch(loop, torch.device("cpu")), _Flag(), _Flag()
         waiting = asyncio.ensure_future(watch.finished(dead))  # type: ignore[arg-type]
         await asyncio.sleep(0.05)
         waiting.cancel()  # the ticket failed: stop watching an event that may never complete
