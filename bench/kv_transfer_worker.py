@@ -73,6 +73,8 @@ def worker_main(
                     conn.send(("ok", imp.ticket))
                 elif command == "wait":
                     imports.pop(args["ticket"]).wait(REPLY_S)
+                    while args["ticket"] not in landed:  # a future wakes its waiters before its callbacks run
+                        time.sleep(0)
                     conn.send(("ok", landed.pop(args["ticket"])))
                 elif command == "fill":
                     ids = torch.tensor(blocks, device=device)
