@@ -16,7 +16,7 @@ first on the loop, then on one watcher thread that polls every pending event and
 
 The sender never destroys a connection's event while it runs: a receiver may query it until it
 notices the connection is gone, and an imported event whose exporter destroyed it is undefined
-behaviour. That is one small event per same-host connection ever dialed.
+behaviour. That is one small event per same-host connection whose peer opened it.
 """
 
 from __future__ import annotations
