@@ -3,9 +3,10 @@
 The dialer sends a Hello (its listener address, process instance, the layout of the blocks it
 will move, and its host identity when it could write into a same-host peer's GPU cache); the
 listener answers Welcome with its own layout (and, for a same-host GPU dialer, its caches' CUDA
-IPC export on EXPORT_TAG, and whether it opened the dialer's copies event: copies.py) or Refuse
-naming the first field where the layouts differ. A layout
-mismatch is an IncompatiblePeer on the dialer's side and a logged refusal on the listener's.
+IPC export on EXPORT_TAG, whether it opened the dialer's copies event (copies.py) and its side
+channel with a token for this connection (side.py)) or Refuse naming the first field where the
+layouts differ. A layout mismatch is an IncompatiblePeer on the dialer's side and a logged
+refusal on the listener's.
 
 Only the exchange lives here; the transport (transport.py) turns a handshaken endpoint into a
 Connection and keeps it.
