@@ -93,8 +93,6 @@ class Connection:
         # on the accepting side, whether the handshake offered them (exported our caches).
         self.peer_caches: PeerCaches | None = None
         self.export_offered = False
-        # accepting side: the dialer's copies event, opened here (copies.py): its queued Written land on it
-        self.copies: torch.cuda.Event | None = None
         self.side: SideChannel | None = None  # Written and Done go here when set (side.py)
         self._on_message = on_message
         self._on_lost = on_lost

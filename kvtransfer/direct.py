@@ -5,10 +5,8 @@ and keeps each finished layer group here, with an event on the engine's stream m
 until the receiver's grant arrives (its block ids, on the loop): then every kept group is copied on
 the sender's copy stream, and later groups as they finish, on the engine's thread. The engine's
 stream waits for the ticket's last copy, so whatever the engine writes into those blocks later is
-ordered after every copy. After the last copy the connection's copies event is recorded too, so
-the Written can go at once and the receiver sees the copies finish itself (copies.py). If the
-grant has not come when the last layer is pushed, the push falls back to packing and sending
-every group over UCX (KVPush), so the engine never waits on the network.
+ordered after every copy. If the grant has not come when the last layer is pushed, the push falls
+back to packing and sending every group over UCX (KVPush), so the engine never waits on the network.
 
 The lock orders the engine thread's launches against the loop's arm() and stop(): once stop() has
 returned, nothing of this push is launched again, and once the copy stream has been synchronised
@@ -53,9 +51,6 @@ class Finished:
     written: torch.cuda.Event
     samples: torch.Tensor | None  # (k, chunk_bytes) uint8 gathered on the copy stream, for checksums
     chunks: list[int]
-    # the peer's copies event was recorded after the last copy: Written may go before the copies
-    # finish (the receiver lands the ticket once it sees the event complete, copies.py)
-    queued: bool = False
 
 
 class DirectWrite:
@@ -151,10 +146,7 @@ class DirectWrite:
 
     def _finish(self, ticket_key: str) -> Finished:
         """After the last copy: gather the sampled chunks (still on the copy stream, so before the
-        engine may overwrite its blocks), mark the end, and make the engine's stream wait for it.
-        Without checksums, record the peer's copies event too, so Written need not wait for the
-        copies (with them, it carries digests of the source blocks, which the receiver checks
-        against its own once the copies are done: it waits, as before)."""
+        engine may overwrite its blocks), mark the end, and make the engine's stream wait for it."""
         assert self._src_ids is not None
         samples, chunks = None, []
         if self._checksum_samples:
@@ -165,10 +157,7 @@ class DirectWrite:
         written = torch.cuda.Event()
         written.record(self.stream)
         torch.cuda.current_stream(self.stream.device).wait_event(written)
-        copies = self.peer.copies if samples is None else None
-        if copies is not None:
-            copies.record(self.stream)
-        return Finished(written, samples, chunks, queued=copies is not None)
+        return Finished(written, samples, chunks)
 
 
 def gather_chunks(layers: list[torch.Tensor], ids: torch.Tensor, chunks: list[int]) -> torch.Tensor:

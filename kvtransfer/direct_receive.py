@@ -2,10 +2,7 @@
 
 A sender whose connection mapped this worker's caches (ipc.py) asks to write a ticket (AskWrite);
 the grant binds the ticket to that connection and sends the ticket's block ids. Its Written lands
-the ticket at once (after checking sampled checksums against the blocks, when it carries them),
-or, when it says the copies were only queued, once the writer's copies event (opened at the
-handshake) is seen complete: never before, and not at all if the ticket failed meanwhile (a dead
-writer's event never completes: the connection's loss or the lease fails the ticket).
+the ticket at once (after checking sampled checksums against the blocks, when it carries them).
 A granted ticket that fails is quarantined: its failure is published (which lets the engine free
 the blocks) only once the writer said Stopped, or a grace after its connection was lost; a writer
 that stays silent for a grace is cut off. See docs/architecture.md, "kvtransfer".
@@ -22,10 +19,8 @@ import structlog
 from kvtransfer.caches import KVCaches
 from kvtransfer.checksum import digest_rows
 from kvtransfer.connection import Connection, Tasks, quietly
-from kvtransfer.copies import CopiesWatch
 from kvtransfer.direct import gather_chunks
 from kvtransfer.incoming import Incoming, check_written
-from kvtransfer.ticket_import import TicketImport
 from kvtransfer.timeline import Step, Timeline
 from kvtransfer.unpack import Unpacker
 from kvtransfer.wire import Failed, Granted, Written
@@ -45,11 +40,6 @@ class DirectReceiving:
     _unpacker: Unpacker
     _grace_s: float
     _quarantined: dict[str, Incoming]
-    _copies_watch: CopiesWatch
-    _leases: dict[TicketImport, asyncio.TimerHandle]
-
-    def _start_lease(self, ticket: TicketImport, lease_s: float) -> None:
-        raise NotImplementedError
 
     def _hold(self, conn: Connection, ticket_id: str) -> None:
         raise NotImplementedError
@@ -102,33 +92,8 @@ class DirectReceiving:
                 self._tasks.spawn(quietly(conn.send(Failed(written.ticket, reason))))
             return
         entry.started = time.monotonic() if entry.started is None else entry.started
-        if entry.ticket in self._leases:  # the writer's word: its lease starts over, as a Data header's does
-            self._start_lease(entry.ticket, entry.lease_s)
-        if written.queued:
-            entry.awaiting = self._tasks.spawn(self._await_copies(entry, conn, written))
-        elif written.checksums:
-            self._tasks.spawn(self._check_written(entry, written))
-        else:
-            self._landed(entry, 0, len(entry.claimed), written.bytes)
-
-    async def _await_copies(self, entry: Incoming, conn: Connection, written: Written) -> None:
-        """Land a queued Written's ticket once the writer's copies event completes. A failure
-        meanwhile (lease, cancel, the connection's loss) cancels this wait (_fail)."""
-        assert conn.copies is not None
-        try:
-            await self._copies_watch.finished(conn.copies)
-        except asyncio.CancelledError:
-            return  # the ticket failed: its failure is published as any granted ticket's
-        except Exception as e:
-            self._fail(entry, f"the writer's copies cannot be confirmed: {type(e).__name__}: {e}", tell_peer=True)
-            return
-        finally:
-            entry.awaiting = None
-        if entry.failure is not None or self._incoming.get(entry.ticket.ticket_id) is not entry or conn.lost:
-            return
-        self.timeline.mark(entry.ticket.ticket_id, Step.COPIES_SEEN)
         if written.checksums:
-            await self._check_written(entry, written)
+            self._tasks.spawn(self._check_written(entry, written))
         else:
             self._landed(entry, 0, len(entry.claimed), written.bytes)
 

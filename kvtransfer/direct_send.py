@@ -1,11 +1,10 @@
 """The sending side's direct writes, on the loop (KVSender's part; the push's is direct.py).
 
 A push to a peer whose cache a connection mapped (ipc.py) asks to write its ticket at once; the Granted
-brings the ticket's block ids as a small payload and arms the push; once its last copy is queued
-(and the connection's copies event recorded after it: copies.py), one Written reports every layer
-at once, and the receiver lands the ticket when it sees that event complete. With checksums on,
-the Written waits for the copies and carries sampled checksums of the source blocks, gathered on
-the copy stream before the engine may overwrite them. A ticket asked for that fails is answered
+brings the ticket's block ids as a small payload and arms the push; once its last copy has
+finished, one Written reports every layer (with sampled checksums of the source blocks, gathered
+on the copy stream before the engine may overwrite them), over the connection's side channel
+when it has one (side.py). A ticket asked for that fails is answered
 with Stopped once the copy stream has passed every copy of it; a lost connection's mapping is
 dropped once no copy into it can still run.
 """
@@ -14,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import time
 from dataclasses import dataclass
 
 import torch
@@ -22,7 +22,6 @@ from engine.kv_layout import KVLayout
 from kvtransfer.checksum import digest_rows
 from kvtransfer.config import TransportConfig
 from kvtransfer.connection import Connection, Tasks, quietly
-from kvtransfer.copies import finishes_soon, new_copies_event
 from kvtransfer.direct import DirectWrite, Finished
 from kvtransfer.errors import TransferFailed
 from kvtransfer.ipc import PeerCaches
@@ -31,7 +30,9 @@ from kvtransfer.ticket import Ticket
 from kvtransfer.timeline import Step, Timeline
 from kvtransfer.wire import Granted, Stopped, Written
 
-__all__ = ["DirectSending", "Outgoing", "finishes_soon"]
+# A pack (or a copy) takes microseconds once the GPU reaches it; polling its event this long on the
+# loop beats a thread hop when the GPU is not far behind the engine, and costs little when it is.
+_PACK_POLL_S = 200e-6
 
 
 @dataclass(slots=True, eq=False)
@@ -61,7 +62,6 @@ class DirectSending:
     _loop: asyncio.AbstractEventLoop
     _tasks: Tasks
     _waiter: concurrent.futures.ThreadPoolExecutor
-    _copies_events: list[torch.cuda.Event]
 
     def _fail(self, out: Outgoing, reason: str, *, tell_peer: bool, error: TransferFailed | None = None) -> None:
         raise NotImplementedError
@@ -83,16 +83,6 @@ class DirectSending:
             return None
         lease_s = max(0.0, ticket.lease_left_s())
         return DirectWrite(peer, self.copy_stream, layout.num_layers, self.config.checksum_samples, lease_s)
-
-    def copies_event(self) -> tuple[torch.cuda.Event, str] | None:
-        """A new connection's copies event and its handle for the Hello (copies.py); None off GPUs."""
-        return new_copies_event(self.copy_stream.device) if self.copy_stream is not None else None
-
-    def watched(self, peer: PeerCaches, event: torch.cuda.Event) -> None:
-        """The peer opened the event: record it after each ticket's copies to this peer. Kept for the
-        life of the sender: the peer may query it until it sees the connection end (copies.py)."""
-        peer.copies = event
-        self._copies_events.append(event)
 
     async def _unmap(self, peer: PeerCaches) -> None:
         """Drop a lost connection's mapping once no copy into it can be queued or running."""
@@ -136,15 +126,13 @@ class DirectSending:
         self._tasks.spawn(self._send_written(out, finished))
 
     async def _send_written(self, out: Outgoing, finished: Finished) -> None:
-        """One Written for every layer: at once when the receiver watches the copies event recorded
-        after them (finished.queued), else once the copies have finished (with the sampled checksums)."""
+        """Once the copies have finished: one Written for every layer (with the sampled checksums)."""
         info = out.push.ticket
         try:
             conn = await self._bind(out)
-            if not finished.queued:
-                if not await finishes_soon(finished.written):
-                    await self._loop.run_in_executor(self._waiter, finished.written.synchronize)
-                self.timeline.mark(info.ticket_id, Step.PACK_DONE, 0)
+            if not await finishes_soon(finished.written):
+                await self._loop.run_in_executor(self._waiter, finished.written.synchronize)
+            self.timeline.mark(info.ticket_id, Step.PACK_DONE, 0)
             checksums: tuple[tuple[int, int], ...] = ()
             if finished.samples is not None:
                 rows = await self._loop.run_in_executor(self._waiter, finished.samples.cpu)
@@ -152,7 +140,7 @@ class DirectSending:
             nbytes = info.num_blocks * self.layout_bytes(out.push.layout)
             if self._outgoing.get(info.ticket_id) is not out:
                 return
-            await conn.send_soon(Written(info.ticket_id, nbytes, checksums, queued=finished.queued))
+            await conn.send_soon(Written(info.ticket_id, nbytes, checksums))
             self.timeline.mark(info.ticket_id, Step.HEADER_SENT, 0)
             out.bytes_sent = nbytes
             if self._outgoing.get(info.ticket_id) is out:
@@ -178,3 +166,13 @@ class DirectSending:
         conn = out.conn
         if conn is not None and conn.lost is None:
             await quietly(conn.send(Stopped(out.push.ticket.ticket_id)))
+
+
+async def finishes_soon(event: torch.cuda.Event) -> bool:
+    """Whether event completes within _PACK_POLL_S, queried between the loop's other callbacks."""
+    deadline = time.monotonic() + _PACK_POLL_S
+    while not event.query():
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0)
+    return True

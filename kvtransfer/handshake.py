@@ -3,10 +3,9 @@
 The dialer sends a Hello (its listener address, process instance, the layout of the blocks it
 will move, and its host identity when it could write into a same-host peer's GPU cache); the
 listener answers Welcome with its own layout (and, for a same-host GPU dialer, its caches' CUDA
-IPC export on EXPORT_TAG, whether it opened the dialer's copies event (copies.py) and its side
-channel with a token for this connection (side.py)) or Refuse naming the first field where the
-layouts differ. A layout mismatch is an IncompatiblePeer on the dialer's side and a logged
-refusal on the listener's.
+IPC export on EXPORT_TAG, and its side channel with a token for this connection: side.py) or
+Refuse naming the first field where the layouts differ. A layout mismatch is an IncompatiblePeer
+on the dialer's side and a logged refusal on the listener's.
 
 Only the exchange lives here; the transport (transport.py) turns a handshaken endpoint into a
 Connection and keeps it.
@@ -33,11 +32,9 @@ log = structlog.get_logger(__name__)
 
 @dataclass(frozen=True)
 class Offer:
-    """What the listener gives a same-host GPU dialer: its caches' export, and the dialer's copies
-    event opened here (None: the dialer's Written must wait for its copies)."""
+    """What the listener gives a same-host GPU dialer: its caches' export, and its side channel."""
 
     export: bytes
-    copies: torch.cuda.Event | None = None
     side_channel: str = ""  # our side channel's socket and this connection's token for it (side.py)
     side_token: str = ""
 
@@ -102,9 +99,8 @@ async def answer(
             return None
         offer = offer_for(hello)
         export_bytes = len(offer.export) if offer is not None else 0
-        watches = offer is not None and offer.copies is not None
         side, token = (offer.side_channel, offer.side_token) if offer is not None else ("", "")
-        await ep.send(encode(Welcome(address, instance, agreed, export_bytes, watches, side, token)), tag=CTL_TAG)
+        await ep.send(encode(Welcome(address, instance, agreed, export_bytes, side, token)), tag=CTL_TAG)
         if offer is not None:
             await asyncio.wait_for(ep.send(bytearray(offer.export), tag=EXPORT_TAG), timeout)
     except Exception as e:

@@ -36,7 +36,6 @@ class Incoming:
     # still write the blocks, so a failure is published (and the blocks freed) only once it is set:
     # by the writer's Stopped, or a grace after its connection was lost (receiver.py).
     writer_quiet: asyncio.Event | None = None
-    awaiting: asyncio.Task[None] | None = None  # a queued Written's wait for the writer's copies (copies.py)
 
     @property
     def quarantined(self) -> bool:
@@ -66,10 +65,6 @@ def check_written(written: Written, entry: Incoming, conn: Connection) -> str | 
     """Why a Written cannot be accepted for a ticket, or None when it can."""
     if entry.writer_quiet is None or entry.conn is not conn:
         return "the ticket was not granted to this sender for direct writes"
-    if written.queued and conn.copies is None:
-        return "the sender's copies may still run, and this connection has no copies event to see them finish"
-    if entry.awaiting is not None:
-        return "the ticket was already reported written"
     want = entry.layer_bytes * len(entry.claimed)
     if written.bytes != want:
         return f"the sender wrote {written.bytes} bytes; the ticket's blocks are {want}"

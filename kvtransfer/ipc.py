@@ -68,9 +68,6 @@ class PeerCaches:
     """A receiver's cache tensors, mapped into this process: what direct writes land in."""
 
     layers: list[torch.Tensor]  # per layer (2, num_blocks, block_size, kv_heads, head_dim), the peer's memory
-    # the interprocess event the peer watches, recorded after each ticket's last copy (copies.py);
-    # None: the peer did not open it, so a Written waits for the copies
-    copies: torch.cuda.Event | None = None
 
     @property
     def num_blocks(self) -> int:
@@ -78,10 +75,8 @@ class PeerCaches:
 
     def close(self) -> None:
         """Drop the mappings (torch closes the IPC handles with the last reference). Only once no
-        copy into them is queued: the sender synchronises its copy stream first. The copies event
-        stays alive in the sender (copies.py says why)."""
+        copy into them is queued: the sender synchronises its copy stream first."""
         self.layers = []
-        self.copies = None
 
 
 def open_caches(blob: bytes, layout: KVLayout, device: torch.device) -> PeerCaches:

@@ -37,7 +37,6 @@ from kernels.kv_pack import validate_block_ids
 from kvtransfer.caches import KVCaches
 from kvtransfer.config import TransportConfig
 from kvtransfer.connection import Connection, Tasks, notify, quietly
-from kvtransfer.copies import CopiesWatch
 from kvtransfer.direct_receive import DirectReceiving
 from kvtransfer.errors import TransferFailed
 from kvtransfer.incoming import Incoming, check_data
@@ -87,7 +86,6 @@ class KVReceiver(DirectReceiving):
         self._unpacker = Unpacker(loop, config.one_torch_thread)
         self._grace_s = config.sender_grace_s
         self._quarantined: dict[str, Incoming] = {}  # failed tickets a direct writer has not yet let go
-        self._copies_watch = CopiesWatch(loop, device)  # queued Written: polls the writers' copies events
 
     # ---- any thread but the loop's
     def __len__(self) -> int:
@@ -166,7 +164,6 @@ class KVReceiver(DirectReceiving):
         for entry in list(self._incoming.values()):
             self._fail(entry, "the transport closed", tell_peer=False)
         self._unpacker.shutdown()
-        self._copies_watch.close()
         for entry in list(self._quarantined.values()):
             self._release(entry)
         for entry in list(self._incoming.values()):
@@ -365,8 +362,6 @@ class KVReceiver(DirectReceiving):
         report("kv import failed", ticket=ticket_id, peer=peer, reason=reason)
         if tell_peer and entry.conn is not None and entry.conn.lost is None:
             self._tasks.spawn(quietly(entry.conn.send(Failed(ticket_id, reason))))
-        if entry.awaiting is not None and entry.awaiting is not asyncio.current_task():
-            entry.awaiting.cancel()  # a queued Written's copies: this ticket never lands now
         if entry.quarantined:
             self._quarantine(entry)
         if entry.scattering == 0:

@@ -15,9 +15,9 @@ likewise counts from the last Hold or message it sent.
 
 A push to a peer whose cache this process mapped at the handshake (ipc.py) asks to write its ticket at
 once instead of the first Hold; the receiver's Granted brings the ticket's block ids (a small
-payload), which arms the push's direct writes (direct.py); once the last copy is queued, one
-Written message reports every layer (the receiver sees the copies finish through an interprocess
-event, copies.py), and the Done completes the push as before. A ticket asked for
+payload), which arms the push's direct writes (direct.py); once the last copy has finished, one
+Written message reports every layer, and the Done completes the push as before (both over the
+connection's same-host side channel when it has one: side.py). A ticket asked for
 that fails is answered with Stopped once the copy stream has passed every copy of it: only then
 may the receiver free its blocks.
 """
@@ -80,7 +80,6 @@ class KVSender(DirectSending):
         # direct writes: their copies run on this stream; the caches mapped per peer address (loop writes)
         self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._mapped: dict[str, PeerCaches] = {}
-        self._copies_events: list[torch.cuda.Event] = []  # one per same-host connection dialed, never destroyed
 
     # ---- any thread
     def __len__(self) -> int:

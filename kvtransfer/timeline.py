@@ -38,7 +38,6 @@ class Step(enum.Enum):
     ASK_HEARD = "ask_heard"
     GRANT_SENT = "grant_sent"  # the Granted and its block ids were sent
     WRITTEN_HEARD = "written_heard"  # direct writes: the sender's Written arrived
-    COPIES_SEEN = "copies_seen"  # a queued Written: the writer's copies event seen complete
     DATA_HEARD = "data_heard"  # a Data header arrived
     RECV_POSTED = "recv_posted"  # its payload's receive posted
     PAYLOAD_LANDED = "payload_landed"  # the payload is in the staging buffer

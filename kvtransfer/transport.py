@@ -37,7 +37,6 @@ from kvtransfer import ucx_context
 from kvtransfer.caches import KVCaches
 from kvtransfer.config import TransportConfig
 from kvtransfer.connection import Connection, Tasks
-from kvtransfer.copies import open_copies_event
 from kvtransfer.handshake import Offer, answer, greet
 from kvtransfer.ipc import export_caches, exportable, host_identity
 from kvtransfer.listen import arrived_on_loopback, local_address
@@ -296,10 +295,9 @@ class KVTransport:
         host, port = address.rsplit(":", 1)
         timeout = self.config.connect_timeout_s
         ep = await asyncio.wait_for(ucxx.create_endpoint(host, int(port), connect_timeout=timeout), timeout)
-        copies = self.sender.copies_event() if self._host else None
         channel: SideChannel | None = None
         try:
-            hello = Hello(self.address, self.instance, layout, self._host, copies[1] if copies else "")
+            hello = Hello(self.address, self.instance, layout, self._host)
             reply, peer_caches = await greet(ep, hello, address, torch.device(self.config.device), timeout)
             if peer_caches is not None and reply.side_channel and self.config.side_channel:
                 channel = await dial_side(reply.side_channel, reply.side_token, timeout)
@@ -309,8 +307,6 @@ class KVTransport:
             raise
         conn = Connection(ep, address, reply.instance, layout, self._route, self._lost)
         conn.peer_caches = peer_caches
-        if peer_caches is not None and copies is not None and reply.watches_copies:
-            self.sender.watched(peer_caches, copies[0])  # Written goes as soon as a ticket's copies are queued
         if channel is not None:
             conn.attach_side(channel)
         conn.start(self._tasks)
@@ -330,7 +326,7 @@ class KVTransport:
 
     def _offer(self, hello: Hello) -> Offer | None:
         """Our caches' export for a dialer that can map them (same host identity, both on GPUs), and
-        its copies event opened here when it sent one."""
+        our side channel with a token for its connection."""
         caches = self._caches
         if not (self._host and hello.host == self._host and caches is not None and exportable(caches.tensors)):
             return None
@@ -341,10 +337,9 @@ class KVTransport:
                 log.warning("kv caches cannot be exported: KV comes over UCX", error=f"{type(e).__name__}: {e}")
                 self._host = ""
                 return None
-        copies = open_copies_event(hello.copies_event, caches.tensors[0].device) if hello.copies_event else None
         if self._side is None:
-            return Offer(self._export, copies)
-        return Offer(self._export, copies, self._side.name, self._side.offer())
+            return Offer(self._export)
+        return Offer(self._export, self._side.name, self._side.offer())
 
     async def _accept(self, ep: Any) -> None:
         """Listener callback: the dialing peer's Hello, then Welcome or Refuse."""
@@ -361,7 +356,6 @@ class KVTransport:
         conn = Connection(ep, hello.name, hello.instance, greeted.layout, self._route, self._lost)
         offer = greeted.offer
         conn.export_offered = offer is not None
-        conn.copies = offer.copies if offer is not None else None
         if offer is not None and offer.side_token and self._side is not None:
             self._side.expect(offer.side_token, conn.attach_side)
         conn.start(self._tasks)

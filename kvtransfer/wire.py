@@ -13,16 +13,14 @@ KV payloads travel separately, each on a tag of its own that the Data header ann
              <------------------------------ Done(ticket, bytes) | Failed(ticket, reason)
 
 Between GPU workers of one host the Hello names the host (ipc.host_identity) and a Welcome that
-agrees says how large its cache export is (ipc.py), which follows on EXPORT_TAG, and whether it opened
-the interprocess event the dialer records after each ticket's copies (copies.py); then a ticket's
+agrees says how large its cache export is (ipc.py), which follows on EXPORT_TAG; then a ticket's
 KV need not travel as payloads at all (direct writes, push.py and receiver.py):
 
     AskWrite(ticket) ---------------------->  at once when the push opens: a Hold that asks to write
              <------------------------------ Granted(ticket, direct, tag) | Failed(ticket, reason)
              <------------------------------ (direct: the ticket's block ids, int64, on `tag`)
     (the sender's kernels write the ticket's blocks in the receiver's cache)
-    Written(ticket, bytes, checksums) ----->  every layer is there (queued: once the Hello's copies
-                                              event, recorded after the last copy, completes)
+    Written(ticket, bytes, checksums) ----->  every layer is there
              <------------------------------ Done | Failed
     (Written and Done take the Welcome's side channel, a Unix socket, when the dialer reached it: side.py)
     Stopped(ticket) ----------------------->  after a Failed or Cancel of a ticket it asked to
@@ -53,7 +51,6 @@ class Hello:
     instance: str  # random per process: a restarted peer is a new instance
     layout: KVLayout
     host: str = ""  # ipc.host_identity() when the dialer could write into a same-host peer's GPU cache
-    copies_event: str = ""  # its interprocess event's handle (base64), recorded after each ticket's copies (copies.py)
 
 
 @dataclass(frozen=True)
@@ -63,7 +60,6 @@ class Welcome:
     instance: str
     layout: KVLayout
     export_bytes: int = 0  # > 0: the receiver's cache export (ipc.py) follows on EXPORT_TAG
-    watches_copies: bool = False  # the receiver opened the Hello's copies event: Written may precede the copies
     side_channel: str = ""  # the receiver's Unix socket for Written and Done (side.py), and this connection's
     side_token: str = ""  # token for it (hex)
 
@@ -138,15 +134,12 @@ class Granted:
 
 @dataclass(frozen=True)
 class Written:
-    """Every layer of a granted ticket is in its blocks (the sender's copies have finished), or, with
-    queued, every copy is queued and the connection's copies event recorded after the last: the
-    ticket lands once the receiver sees that event complete (copies.py)."""
+    """Every layer of a granted ticket is in its blocks (the sender's copies have finished)."""
 
     kind: ClassVar[str] = "written"
     ticket: str
     bytes: int
     checksums: tuple[tuple[int, int], ...] = ()  # as Data's, chunks numbered as one message of every layer
-    queued: bool = False
 
 
 @dataclass(frozen=True)

@@ -50,7 +50,6 @@ class PeerSpec:
     host: str = "127.0.0.1"  # the address the peer advertises
     loopback_only: bool | None = None
     direct_writes: bool = True  # GPU peers of one host: the sender writes the receiver's blocks over CUDA IPC
-    record_timeline: bool = False  # stamp each ticket's steps (kvtransfer.timeline), read with timeline()
     side_channel: bool = True  # direct writes' Written and Done over a same-host Unix socket (kvtransfer/side.py)
 
 
@@ -260,16 +259,6 @@ class _Worker:
         """How an open push's layers travel: None (over UCX), or its direct writes' state (direct.py)."""
         return _direct_state(self.pushes[ticket])
 
-    def stall_copies(self, seconds: float) -> None:
-        """Queue a kernel that spins about `seconds` on the sender's copy stream: the direct writes
-        queued after it finish only then (the GPU clocks of the cards tested run near 2 GHz)."""
-        with torch.cuda.stream(self.transport.sender.copy_stream):
-            torch.cuda._sleep(int(seconds * 2e9))
-
-    def timeline(self, ticket: str) -> list[str]:
-        """The steps of a ticket stamped so far on this side (record_timeline), oldest first."""
-        return [step for step, _, _ in self.transport.timeline.take(ticket)]
-
     def wait_push(self, tickets: list[str], timeout_s: float) -> dict[str, Any]:
         results = {}
         for ticket in tickets:
@@ -315,7 +304,7 @@ def _main(conn: Connection, spec: PeerSpec) -> None:
     config = TransportConfig(
         host=spec.host, port=spec.port, device=spec.device, ucx_tls=spec.ucx_tls,
         checksum_samples=spec.checksum_samples, message_bytes=spec.message_bytes, loopback_only=spec.loopback_only,
-        direct_writes=spec.direct_writes, record_timeline=spec.record_timeline, side_channel=spec.side_channel,
+        direct_writes=spec.direct_writes, side_channel=spec.side_channel,
     )  # fmt: skip
     observed = _Observed()
     transport = KVTransport(layout, config, kv_caches=caches if spec.receive else None, observer=observed).start()

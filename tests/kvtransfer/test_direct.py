@@ -5,10 +5,7 @@ are in test_direct_gpu.py."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -16,10 +13,9 @@ import torch
 
 from engine.kv_layout import KVLayout
 from kvtransfer.config import TransportConfig
-from kvtransfer.copies import CopiesWatch
 from kvtransfer.direct import DirectState, DirectWrite, Group
 from kvtransfer.ipc import PeerCaches, host_identity
-from kvtransfer.wire import FRAME_BYTES, AskWrite, Granted, Hello, Stopped, Welcome, Written, decode, encode
+from kvtransfer.wire import AskWrite, Granted, Hello, Stopped, Welcome, Written, decode, encode
 
 LAYOUT = KVLayout("m", "bfloat16", block_size=16, num_layers=4, num_kv_heads=2, head_dim=8)
 
@@ -31,13 +27,10 @@ LAYOUT = KVLayout("m", "bfloat16", block_size=16, num_layers=4, num_kv_heads=2, 
         Granted("t1", direct=True, tag=7),
         Granted("t1", direct=False),
         Written("t1", bytes=4096, checksums=((3, 2**63 + 5),)),
-        Written("t1", bytes=4096, queued=True),
         Stopped("t1"),
         Hello("127.0.0.1:1", "abc", LAYOUT, host="boot/pid:[1]"),
-        Hello("127.0.0.1:1", "abc", LAYOUT, host="boot/pid:[1]", copies_event="A" * 88),
         Welcome("127.0.0.1:2", "def", LAYOUT, export_bytes=1234),
-        Welcome("127.0.0.1:2", "def", LAYOUT, export_bytes=1234, watches_copies=True),
-        Welcome("127.0.0.1:2", "def", LAYOUT, 1234, True, side_channel="\0pdmesh-kv-x", side_token="ab" * 16),
+        Welcome("127.0.0.1:2", "def", LAYOUT, 1234, side_channel="\0pdmesh-kv-x", side_token="ab" * 16),
     ],
 )
 def test_direct_write_messages_survive_their_frames(message: Any) -> None:
@@ -49,71 +42,10 @@ def test_a_hello_from_an_older_peer_offers_no_direct_writes() -> None:
     assert decode(frame) == Hello("127.0.0.1:1", "abc", LAYOUT, host="")
 
 
-def test_messages_from_a_peer_without_copies_events_wait_for_the_copies() -> None:
-    """A peer that predates copies events sends Hello, Welcome and Written without those fields."""
-    old_written = b'{"kind":"written","ticket":"t","bytes":8,"checksums":[]}'
-    frame = bytearray(FRAME_BYTES)
-    frame[:4] = len(old_written).to_bytes(4, "little")
-    frame[4 : 4 + len(old_written)] = old_written
-    assert decode(frame) == Written("t", bytes=8, queued=False)
-    assert decode(encode(Hello("127.0.0.1:1", "abc", LAYOUT))).copies_event == ""  # type: ignore[union-attr]
-    assert not decode(encode(Welcome("127.0.0.1:2", "d", LAYOUT, 10))).watches_copies  # type: ignore[union-attr]
-
-
-class _Flag:
-    def __init__(self) -> None:
-        self.finished = False
-        self.error: Exception | None = None
-        self.queries = 0
-
-    def query(self) -> bool:
-        self.queries += 1
-        if self.error is not None:
-            raise self.error
-        return self.finished
-
-
-def _on_a_loop(coro_fn: Callable[[asyncio.AbstractEventLoop], Awaitable[Any]]) -> Any:
-    async def main() -> Any:
-        return await coro_fn(asyncio.get_running_loop())
-
-    return asyncio.run(main())
-
-
-def test_the_copies_watch_returns_once_the_event_completes_and_not_before() -> None:
-    async def scenario(loop: asyncio.AbstractEventLoop) -> tuple[bool, int]:
-        watch, flag = CopiesWatch(loop, torch.device("cpu")), _Flag()
-        waiting = asyncio.ensure_future(watch.finished(flag))  # type: ignore[arg-type]
-        await asyncio.sleep(0.2)
-        early = waiting.done()
-        flag.finished = True
-        await asyncio.wait_for(waiting, 5)
-        watch.close()
-        return early, flag.queries
-
-    early, queries = _on_a_loop(scenario)
-    assert not early and queries > 2  # polled on the loop, then by the watcher thread
-
-
-def test_the_copies_watch_can_be_cancelled_and_reports_a_query_that_fails() -> None:
-    async def scenario(loop: asyncio.AbstractEventLoop) -> tuple[int, int]:
-        watch, dead, broken = CopiesWatch(loop, torch.device("cpu")), _Flag(), _Flag()
-        waiting = asyncio.ensure_future(watch.finished(dead))  # type: ignore[arg-type]
-        await asyncio.sleep(0.05)
-        waiting.cancel()  # the ticket failed: stop watching an event that may never complete
-        with contextlib.suppress(asyncio.CancelledError):
-            await waiting
-        await asyncio.sleep(0.05)
-        queries_after_cancel = dead.queries
-        await asyncio.sleep(0.1)
-        broken.error = RuntimeError("driver error")
-        with pytest.raises(RuntimeError, match="driver error"):
-            await asyncio.wait_for(watch.finished(broken), 5)  # type: ignore[arg-type]
-        watch.close()
-        return queries_after_cancel, dead.queries
-
-    before, after = _on_a_loop(scenario)
-    assert before == after  # no longer polled
+def test_a_welcome_from_an_older_peer_offers_no_side_channel() -> None:
+    """A peer that predates side channels sends its Welcome without them: Written and Done take UCX."""
+    welcome = decode(encode(Welcome("127.0.0.1:2", "d", LAYOUT, 10)))
+    assert (welcome.side_channel, welcome.side_token) == ("", "")  # type: ignore[union-attr]
 
 
 def test_the_host_identity_is_the_boot_and_the_pid_namespace() -> None:

@@ -25,21 +25,7 @@ from kvtransfer.timeline import Timeline
 from kvtransfer.wire import AskWrite, Failed, Granted, Message, Stopped, Written
 
 LAYOUT = KVLayout("m", "float32", block_size=4, num_layers=2, num_kv_heads=1, head_dim=2)
-NBYTES = 3 * LAYOUT.num_layers * LAYOUT.block_elems_per_layer * 4  # the granted ticket's 3 blocks, every layer
 GRACE_S = 1.0  # long enough that a loaded machine still tells "before the grace" from "after"
-
-
-class CopiesFlag:
-    """Stands in for a writer's interprocess copies event: complete once the test says so."""
-
-    def __init__(self) -> None:
-        self.finished = False
-        self.error: Exception | None = None
-
-    def query(self) -> bool:
-        if self.error is not None:
-            raise self.error
-        return self.finished
 
 
 class RecordingConnection:
@@ -49,7 +35,6 @@ class RecordingConnection:
         self.peer = "127.0.0.1:9"
         self.lost: str | None = None
         self.export_offered = True
-        self.copies: CopiesFlag | None = None  # the writer's copies event, when the handshake opened one
         self.sent: list[Message] = []
         self.payloads: list[tuple[int, list[int]]] = []
         self._on_lost = on_lost
@@ -62,7 +47,7 @@ class RecordingConnection:
     async def send(self, message: Message) -> None:
         self.sent.append(message)
 
-    async def send_soon(self, message: Message) -> None:  # a side channel's messages are recorded alike
+    async def send_soon(self, message: Message) -> None:  # Done: over a side channel, recorded alike
         self.sent.append(message)
 
     async def send_payload(self, data: torch.Tensor, tag: int) -> None:
@@ -109,11 +94,8 @@ def eventually(check: Callable[[], bool], within_s: float = 5.0) -> None:
         time.sleep(0.005)
 
 
-def granted_ticket(
-    receiver: KVReceiver, lease_s: float, expired: list[str], copies: CopiesFlag | None = None
-) -> tuple[Any, RecordingConnection]:
+def granted_ticket(receiver: KVReceiver, lease_s: float, expired: list[str]) -> tuple[Any, RecordingConnection]:
     conn = RecordingConnection(lambda c, reason: receiver.loop.call_soon(receiver.on_lost, c, reason))
-    conn.copies = copies
     ticket = receiver.expect("t", [5, 2, 7], num_tokens=10, timeout_s=lease_s, on_expire=lambda t: expired.append("t"))
     deliver(receiver, conn, AskWrite("t"))
     return ticket, conn
@@ -178,75 +160,9 @@ def test_cancel_returns_only_once_the_writer_stopped(receiver: KVReceiver) -> No
 
 def test_a_written_ticket_lands_at_once(receiver: KVReceiver) -> None:
     ticket, conn = granted_ticket(receiver, lease_s=30, expired=[])
-    nbytes = NBYTES
+    nbytes = 3 * LAYOUT.num_layers * LAYOUT.block_elems_per_layer * 4
 
     deliver(receiver, conn, Written("t", bytes=nbytes))
 
     assert ticket.done() and ticket.wait(1).bytes == nbytes
     eventually(lambda: any(m.kind == "done" for m in conn.sent))
-
-
-
-def test_a_queued_written_lands_only_once_the_writers_copies_are_seen_finished(receiver: KVReceiver) -> None:
-    copies = CopiesFlag()
-    ticket, conn = granted_ticket(receiver, lease_s=30, expired=[], copies=copies)
-
-    deliver(receiver, conn, Written("t", bytes=NBYTES, queued=True))
-    time.sleep(0.3)  # the loop's poll and then the watcher thread's, many times over
-    assert not ticket.done() and ticket.error() is None and not any(m.kind == "done" for m in conn.sent)
-
-    copies.finished = True
-    assert ticket.wait(5).bytes == NBYTES
-    eventually(lambda: any(m.kind == "done" for m in conn.sent))
-
-
-def test_a_queued_written_whose_writer_is_lost_before_its_copies_finish_never_lands(receiver: KVReceiver) -> None:
-    copies = CopiesFlag()
-    expired: list[str] = []
-    ticket, conn = granted_ticket(receiver, lease_s=30, expired=expired, copies=copies)
-    deliver(receiver, conn, Written("t", bytes=NBYTES, queued=True))
-
-    conn.abort("the writer died")  # a dead writer's copies event never completes...
-    time.sleep(0.1)
-    copies.finished = True  # ...and even if it seemed to, the ticket failed first
-    eventually(lambda: ticket.error() is not None, within_s=GRACE_S + 5)  # freed a grace after the loss
-    assert not ticket.done() and "connection lost" in ticket.error().reason  # type: ignore[union-attr]
-    assert not any(m.kind == "done" for m in conn.sent)
-
-
-def test_a_queued_written_whose_lease_runs_out_never_lands(receiver: KVReceiver) -> None:
-    copies = CopiesFlag()
-    expired: list[str] = []
-    ticket, conn = granted_ticket(receiver, lease_s=0.3, expired=expired, copies=copies)
-    deliver(receiver, conn, Written("t", bytes=NBYTES, queued=True))
-
-    eventually(lambda: any(isinstance(m, Failed) for m in conn.sent))  # the lease ran out: the writer is told
-    copies.finished = True
-    deliver(receiver, conn, Stopped("t"))  # the writer's copy stream has passed the ticket
-    eventually(lambda: expired == ["t"])
-    assert not ticket.done() and "lease expired" in ticket.error().reason  # type: ignore[union-attr]
-    assert not any(m.kind == "done" for m in conn.sent)
-
-
-def test_copies_that_cannot_be_confirmed_fail_the_ticket(receiver: KVReceiver) -> None:
-    copies = CopiesFlag()
-    copies.error = RuntimeError("CUDA error: an illegal memory access was encountered")
-    ticket, conn = granted_ticket(receiver, lease_s=30, expired=[], copies=copies)
-    deliver(receiver, conn, Written("t", bytes=NBYTES, queued=True))
-
-    eventually(lambda: any(isinstance(m, Failed) for m in conn.sent))
-    assert not ticket.done()
-    deliver(receiver, conn, Stopped("t"))
-    eventually(lambda: ticket.error() is not None)
-    assert "copies cannot be confirmed" in ticket.error().reason  # type: ignore[union-attr]
-
-
-def test_a_queued_written_over_a_connection_without_a_copies_event_is_refused(receiver: KVReceiver) -> None:
-    ticket, conn = granted_ticket(receiver, lease_s=30, expired=[])
-    deliver(receiver, conn, Written("t", bytes=NBYTES, queued=True))
-
-    failed = [m for m in conn.sent if isinstance(m, Failed)]
-    assert failed and "no copies event" in failed[0].reason
-    deliver(receiver, conn, Stopped("t"))
-    eventually(lambda: ticket.error() is not None)
-    assert not ticket.done()
