@@ -14,7 +14,7 @@ arrives (its prefill then takes at least that long before the first layer is fin
 Two paths on GPUs (--paths), each a pair of processes of its own, in the same run:
   direct  the sender writes the blocks straight into the receiver's cache over CUDA IPC (the
           push's AskWrite is granted during the lead; then one copy kernel per message and one Written,
-          sent once the copies are queued; Written and Done over the same-host side channel)
+          sent once the copies have finished; Written and Done over the same-host side channel)
   direct-frames  the same with the side channel off: Written and Done as UCX control frames
   ucx     direct writes off: packed into staging buffers, sent over UCX, unpacked (the old path)
 
