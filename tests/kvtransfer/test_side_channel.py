@@ -54,13 +54,13 @@ def test_written_and_done_cross_the_channel_of_the_connection_the_token_was_made
         channel = await dial_side(listener.name, token, 5.0)
         assert channel is not None
         dialer.attach(channel)
-        channel.send(Written("t1", 4096, queued=True))
+        channel.send(Written("t1", 4096, checksums=((3, 7),)))
         channel.send(Written("t2", 8192))
         await settle(lambda: len(mine.messages) == 2)
         return mine.messages, other.messages, dialer.messages
 
     mine, other, _ = run(scenario)
-    assert mine == [Written("t1", 4096, queued=True), Written("t2", 8192)] and other == []
+    assert mine == [Written("t1", 4096, checksums=((3, 7),)), Written("t2", 8192)] and other == []
 
 
 def test_a_dialer_that_arrives_before_its_connection_is_registered_is_bound_when_it_is() -> None:
