@@ -23,12 +23,27 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from enum import Enum
 
 from services.scheduler.ledger import Booking, DecodeBatch, Ledger
+from engine.step_samples import StepShape
 from services.scheduler.margin import Outcome
+from services.scheduler.predictor import prefill_steps
 from services.scheduler.registry import Worker
 
 DEFAULT_BUDGET_TOKENS = 2048  # a worker that registered no step budget
+_TIE_MS = 1e-6
+
+
+class Check(Enum):
+    """What a plan must pass to be feasible; an infeasible plan names the first it failed (the
+    refusal says which), in the order checked."""
+
+    ROOM = "its decode worker can never hold the request's KV"
+    TTFT = "its TTFT bound exceeds the target"
+    TPOT = "the decode step after admission (its bound) exceeds the request's TPOT target"
+    MEMBERS = "the decode step after admission (its bound) exceeds a running request's TPOT target"
+    STALL = "the prefill's stall would push running requests past their TPOT targets"
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +76,7 @@ class Prefill:
     compute_ms: float  # what those steps cost beyond what the worker was doing anyway: the plan's cost
     steps: int  # engine steps the prompt takes
     transfer_ms: float  # exposed push (0 locally)
+    calibrated: bool  # its duration is evidence enough to refuse on (WorkerPredictors.calibrated)
 
     @property
     def ready_ms(self) -> float:
@@ -80,6 +96,7 @@ class DecodeSide:
     room_wait_ms: float  # until its KV and a batch slot are free for the request (inf: never)
     local_wait_ms: float  # its own prefill queue (local prefills placed on it) ahead of the request
     local_work_ms: float  # all of that queue, whatever its priority: what will stall its batch anyway
+    calibrated: bool  # the step after admission is evidence enough to refuse on (WorkerPredictors.calibrated)
 
     @property
     def fits(self) -> bool:
@@ -87,12 +104,19 @@ class DecodeSide:
         return not math.isinf(self.room_wait_ms)
 
     def tpot_ok(self, request: Request, stall_ms: float = 0.0) -> bool:
-        """The step after admission (its bound) meets the new request's target (with `stall_ms`
-        more spread over its tokens) and every member's."""
-        step = self.step_bound_ms
-        own = request.tpot_ms <= 0 or step + stall_ms / max(1, request.max_tokens - 1) <= request.tpot_ms
+        return self.tpot_failure(request, stall_ms) is None
+
+    def tpot_failure(self, request: Request, stall_ms: float = 0.0) -> Check | None:
+        """Whether the step after admission (its bound) meets the new request's target (with
+        `stall_ms` more spread over its tokens), then every member's: the check it fails, if any.
+        An uncalibrated forecast fails nothing: a guess is no reason to refuse."""
+        if not self.calibrated:
+            return None
+        step = self.step_bound_ms - _TIE_MS  # a forecast equal to the target meets it, whatever the rounding
+        if request.tpot_ms > 0 and step + stall_ms / max(1, request.max_tokens - 1) > request.tpot_ms:
+            return Check.TPOT
         tightest = self.batch.min_tpot_ms
-        return own and (tightest <= 0 or step <= tightest)
+        return Check.MEMBERS if tightest > 0 and step > tightest else None
 
 
 def prefill_on(worker: Worker, ledger: Ledger, request: Request, cached: int, now: float) -> Prefill:
@@ -100,10 +124,11 @@ def prefill_on(worker: Worker, ledger: Ledger, request: Request, cached: int, no
     model = worker.predictors.step
     budget = worker.info.capacity.max_num_batched_tokens or DEFAULT_BUDGET_TOKENS
     uncached = max(1, request.prompt_tokens - cached)
-    compute = model.prefill_ms(uncached, request.prompt_tokens - uncached, budget)
+    shape, steps = prefill_steps(uncached, request.prompt_tokens - uncached, budget)
+    compute = model.step_ms(shape, steps)
     push = worker.predictors.transfer.transfer_ms(request.prompt_tokens * worker.info.kv_layout.bytes_per_token)
     wait = ledger.queue(worker.worker_id).wait_ms(now, request.priority)
-    return Prefill(worker, cached, wait, compute, compute, math.ceil(uncached / budget), push)
+    return Prefill(worker, cached, wait, compute, compute, steps, push, worker.predictors.calibrated_for(shape, steps))
 
 
 def decode_side(worker: Worker, ledger: Ledger, request: Request, now: float, headroom: float) -> DecodeSide:
@@ -111,12 +136,14 @@ def decode_side(worker: Worker, ledger: Ledger, request: Request, now: float, he
     batch = ledger.batch(worker.worker_id)
     n, context = len(batch), batch.context_tokens
     step_now = model.decode_step_ms(n, context)
-    step_after = model.decode_step_ms(n + 1, context + request.mean_context)
+    after = StepShape(0, 0, n + 1, context + request.mean_context)
+    step_after = model.step_ms(after)
     error = worker.predictors.relative_error
     return DecodeSide(
         worker, batch, step_now, step_after, ledger.margins.bound_ms(Outcome.TPOT, worker.worker_id, step_after, error),
         room_wait_ms(worker, batch, request, step_now, now, headroom),
         ledger.queue(worker.worker_id).wait_ms(now, request.priority), ledger.queue(worker.worker_id).wait_ms(now),
+        worker.predictors.calibrated_for(after),
     )  # fmt: skip
 
 
@@ -151,11 +178,11 @@ def local_prefill(side: DecodeSide, request: Request, cached: int) -> Prefill:
     model = worker.predictors.step
     budget = worker.info.capacity.max_num_batched_tokens or DEFAULT_BUDGET_TOKENS
     uncached = max(1, request.prompt_tokens - cached)
-    steps = math.ceil(uncached / budget)
     n, context = len(side.batch), side.batch.context_tokens
-    mixed = model.prefill_ms(uncached, request.prompt_tokens - uncached, budget, n, context)
+    shape, steps = prefill_steps(uncached, request.prompt_tokens - uncached, budget, n, context)
+    mixed = model.step_ms(shape, steps)
     gain = mixed - steps * side.step_now_ms if n else mixed
-    return Prefill(worker, cached, side.local_wait_ms, mixed, gain, steps, 0.0)
+    return Prefill(worker, cached, side.local_wait_ms, mixed, gain, steps, 0.0, worker.predictors.calibrated_for(shape, steps))
 
 
 def stall_fits(side: DecodeSide, prefill: Prefill, now: float, factor: float = 1.0) -> bool:
@@ -166,8 +193,8 @@ def stall_fits(side: DecodeSide, prefill: Prefill, now: float, factor: float = 1
     grows per forecast millisecond). The queued ones count whole (their steps' decode rows
     included), which errs on the side of the running requests."""
     stall = (side.local_work_ms + prefill.compute_ms) * factor
-    if prefill.compute_ms <= 0 or side.batch.min_tpot_ms <= 0:
-        return True
+    if prefill.compute_ms <= 0 or side.batch.min_tpot_ms <= 0 or not (prefill.calibrated and side.calibrated):
+        return True  # an uncalibrated forecast (the stall's or the step's) refuses nothing
     for member in side.batch.members.values():
         if member.tpot_ms > 0:
             budget = remaining_tokens(member, side.step_now_ms, now) * (member.tpot_ms - side.step_bound_ms)

@@ -75,12 +75,19 @@ class StepModel:
         at most `budget` tokens, each step also carrying a decode batch of the given size."""
         if num_uncached <= 0:
             return 0.0
-        steps = math.ceil(num_uncached / max(1, budget))
-        shape = StepShape(
-            num_uncached, StepShape.attention_pairs(num_uncached, num_cached), decode_requests * steps,
-            decode_context * steps,
-        )  # fmt: skip
-        return self.step_ms(shape, steps)
+        return self.step_ms(*prefill_steps(num_uncached, num_cached, budget, decode_requests, decode_context))
+
+
+def prefill_steps(
+    num_uncached: int, num_cached: int, budget: int, decode_requests: int = 0, decode_context: int = 0
+) -> tuple[StepShape, int]:
+    """The steps a prompt takes (StepModel.prefill_ms): their total shape and how many."""
+    steps = math.ceil(num_uncached / max(1, budget))
+    shape = StepShape(
+        num_uncached, StepShape.attention_pairs(num_uncached, num_cached), decode_requests * steps,
+        decode_context * steps,
+    )  # fmt: skip
+    return shape, steps
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,10 +113,21 @@ _TRANSFER_PRIOR_SHAPES = np.array([[1.0, 0.0], [1.0, 256.0]])  # a tiny push and
 REFIT_SAMPLES = 16  # a worker's model is refitted after this many new samples of its own
 ERROR_AFTER_SAMPLES = 64  # its prediction error is tracked once its own model has seen this many
 POOL_REFIT_MAX = 4096
-# Samples a pool needs (without a configured profile) before its forecasts count as evidence: a
-# model fitted to a handful of steps can extrapolate wildly (on two H200s a prefill model fitted to
-# the first few steps forecast 1,884,338 ms for a 4,513-token prompt and refused it as out of reach).
+# Samples a pool needs (without a configured profile) before its model as a whole counts as
+# calibrated: a model fitted to a handful of steps can extrapolate wildly (on two H200s a prefill
+# model fitted to the first few steps forecast 1,884,338 ms for a 4,513-token prompt and refused it
+# as out of reach).
 CALIBRATED_AFTER_SAMPLES = 64
+# What one forecast needs to count: samples of each kind of work it forecasts (prompt steps for a
+# prompt's, decode steps for a decode step's), not of the pool in all: on two H100s a decode model resting on the decode worker's first few steps forecast TPOT
+# 3,807 ms while the prefill worker's prompt steps made the pool count as calibrated, and requests
+# with a TPOT target were refused. 32: a kind's first steps may be compiling kernels; 32 outweigh
+# them (the 1/y^2 weights: one 12 ms step weighs as much as 10^5 steps of 4 s).
+CALIBRATED_KIND_SAMPLES = 32
+# And the forecast must lie where the samples are: at least this many samples' worth of evidence
+# along its own shape (LinearFit.support), so a coefficient they never exercised (a batch size they
+# never varied, apart from the fixed cost) refuses nothing.
+CALIBRATED_SUPPORT = 1.0
 # The idle worker's pace: the share of a worker's recent steps taken to have run with the device to
 # themselves (their measured / predicted time, at this quantile, scales its forecasts to an idle
 # worker's), over its last IDLE_WINDOW steps, once it has IDLE_AFTER_RATIOS of them.
@@ -151,7 +169,7 @@ class WorkerPredictors:
             y = np.array([s.duration_ms for s in steps])
             self._track_error(x, y)
             self._steps.add(x, y)
-            self.pool.steps.add(x, y)
+            self.pool.add_steps(steps, x, y)
         if transfers:
             x = np.array([[1.0, b / MiB] for b, _ in transfers])
             y = np.array([ms for _, ms in transfers])
@@ -226,8 +244,14 @@ class WorkerPredictors:
 
     @property
     def calibrated(self) -> bool:
-        """Whether this worker's step forecasts are evidence enough to refuse a request on."""
+        """Whether its pool as a whole is (a profile, or CALIBRATED_AFTER_SAMPLES samples); whether
+        one forecast counts is calibrated_for's to say."""
         return self.pool.calibrated
+
+    def calibrated_for(self, shape: StepShape, num_steps: int = 1) -> bool:
+        """Whether this worker's forecast of `num_steps` steps of total `shape` is evidence enough to
+        refuse a request on (PoolPredictors.calibrated_for)."""
+        return self.pool.calibrated_for(shape, num_steps, self.step.step_ms(shape, num_steps))
 
     @property
     def num_transfer_samples(self) -> int:
@@ -250,11 +274,33 @@ class PoolPredictors:
         self._transfer_prior = transfer_prior
         self._step: tuple[int, StepModel] | None = None
         self._transfer: tuple[int, TransferModel] | None = None
+        self.prompt_samples = 0  # samples of steps that computed prompt tokens
+        self.decode_samples = 0  # ... that ran decode rows
+
+    def add_steps(self, steps: Sequence[StepSample], x: np.ndarray, y: np.ndarray) -> None:
+        self.steps.add(x, y)
+        self.prompt_samples += sum(1 for s in steps if s.shape.num_prefill_tokens)
+        self.decode_samples += sum(1 for s in steps if s.shape.num_decode_requests)
 
     @property
     def calibrated(self) -> bool:
         """A configured profile, or enough samples of its own that the fit spans real step shapes."""
         return self._step_prior is not None or self.steps.num_samples >= CALIBRATED_AFTER_SAMPLES
+
+    def calibrated_for(self, shape: StepShape, num_steps: int, forecast_ms: float) -> bool:
+        """Whether a forecast of `shape` (`num_steps` steps' worth) is evidence: a configured
+        profile; or CALIBRATED_KIND_SAMPLES samples of each kind of work it forecasts (prompt,
+        decode) and CALIBRATED_SUPPORT samples' worth along its shape. Only the samples count,
+        never the prior: a guess is no reason to refuse, and the steps of what is admitted
+        calibrate it."""
+        if self._step_prior is not None:
+            return True
+        if shape.num_prefill_tokens and self.prompt_samples < CALIBRATED_KIND_SAMPLES:
+            return False
+        if shape.num_decode_requests and self.decode_samples < CALIBRATED_KIND_SAMPLES:
+            return False
+        features = (float(num_steps), *shape.features()[1:])
+        return self.steps.support(features, forecast_ms) >= CALIBRATED_SUPPORT
 
     @property
     def step(self) -> StepModel:

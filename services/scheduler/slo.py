@@ -63,9 +63,11 @@ import math
 from dataclasses import dataclass
 
 from engine.kv_layout import KVLayout
+from engine.step_samples import StepShape
 from pdmesh.config import PolicyName
 from pdmesh.enums import WorkerRole
 from services.scheduler.forecast import (
+    Check,
     DecodeSide,
     Prefill,
     Request,
@@ -105,7 +107,11 @@ class Plan:
     tpot_ms: float
     ttft_bound_ms: float  # the TTFT forecast's upper bound: what the target is checked against
     ttft_margin: Bound  # the prefilling worker's margin the bound came from
-    feasible: bool
+    failed: Check | None  # the first check it failed; None: feasible
+
+    @property
+    def feasible(self) -> bool:
+        return self.failed is None
 
     @property
     def unavoidable_ms(self) -> float:
@@ -141,8 +147,11 @@ class SloPolicy:
         if best is None:
             raise self._refusal(shape, request, plans, sides, now)
         return Placement(
-            best.decode.worker, None if best.local else best.prefill.worker, predicted_ttft_ms=best.ttft_ms,
-            predicted_tpot_ms=best.tpot_ms, cost_ms=best.cost_ms, cached_tokens=best.prefill.cached_tokens,
+            best.decode.worker, None if best.local else best.prefill.worker,
+            # An uncalibrated forecast is a guess: scoring it would teach the margins the model's
+            # ignorance (a 0 ms guess measured at 16 ms read as "16x too short" for 30 s), not its error.
+            predicted_ttft_ms=best.ttft_ms if best.prefill.calibrated else None,
+            predicted_tpot_ms=best.tpot_ms if best.decode.calibrated else None, cost_ms=best.cost_ms, cached_tokens=best.prefill.cached_tokens,
             prefill_ms=best.prefill.duration_ms,
         )  # fmt: skip
 
@@ -227,9 +236,10 @@ class SloPolicy:
         ttft = self._ttft_ms(prefill, side)
         margin = self._ttft_margin(side.worker)
         bound = margin.ms(ttft)
-        stall_ok = stall_fits(side, prefill, now, margin.slope)
-        ok = _ttft_ok(request, bound, side.worker) and side.fits and side.tpot_ok(request) and stall_ok
-        return Plan(prefill, side, True, ttft, side.step_after_ms, bound, margin, ok)
+        failed = _failure(side, request, bound, prefill)
+        if failed is None and not stall_fits(side, prefill, now, margin.slope):
+            failed = Check.STALL
+        return Plan(prefill, side, True, ttft, side.step_after_ms, bound, margin, failed)
 
     def _handoff(self, prefill: Prefill, sides: list[DecodeSide], request: Request) -> Plan | None:
         """The hand-off to the first of `sides` (fastest step first) that can take the request in
@@ -241,12 +251,13 @@ class SloPolicy:
             bound = margin.ms(ttft)
             # Local prefills still queued on the decode worker when the request joins stall its decode.
             stall = max(0.0, side.local_wait_ms - ttft)
-            ok = side.fits and side.tpot_ok(request, stall)
+            failed = _failure(side, request, bound, prefill, stall)
             tpot = side.step_after_ms + stall / max(1, request.max_tokens - 1)
-            if ok and _ttft_ok(request, bound, prefill.worker):
-                return Plan(prefill, side, False, ttft, tpot, bound, margin, True)
+            plan = Plan(prefill, side, False, ttft, tpot, bound, margin, failed)
+            if failed is None:
+                return plan
             if fallback is None or bound < fallback.ttft_bound_ms:
-                fallback = Plan(prefill, side, False, ttft, tpot, bound, margin, False)
+                fallback = plan
         return fallback
 
     # -- refusals ---------------------------------------------------------------------------------
@@ -261,11 +272,7 @@ class SloPolicy:
         # A retry comes with its whole TTFT target again.
         soonest = self._soonest_ms(dataclasses.replace(request, ttft_ms=shape.ttft_ms), plans, sides, now)
         best = min(plans, key=lambda p: p.ttft_bound_ms, default=None)
-        why = "no worker is live for it" if best is None else (
-            f"the best plan predicts TTFT {best.ttft_ms:.0f} ms (bound {best.ttft_bound_ms:.0f} ms) and TPOT "
-            f"{best.tpot_ms:.1f} ms against targets {request.ttft_ms:.0f} ms left / {shape.tpot_ms or 'none'} ms "
-            "(or its decode worker is full)"
-        )  # fmt: skip
+        why = "no worker is live for it" if best is None else _why(best, request, shape)
         if math.isinf(soonest):
             return SloOutOfReach(
                 "slo", f"no plan can meet the request's SLO, even on idle workers: {why}",
@@ -312,6 +319,23 @@ class SloPolicy:
         return worker.predictors.step.decode_step_ms(len(batch), batch.context_tokens)
 
 
+def _why(plan: Plan, request: Request, shape: RequestShape) -> str:
+    """What a refusal says of the plan predicted to give the first token soonest: its forecasts and
+    bounds against the targets, and which check refused it."""
+    where = f"on {plan.decode.worker.worker_id}" if plan.local else (
+        f"{plan.prefill.worker.worker_id} -> {plan.decode.worker.worker_id}"
+    )  # fmt: skip
+    full = f", its decode worker full for {plan.decode.room_wait_ms:.0f} ms" if plan.decode.room_wait_ms > 0 else ""
+    tightest = plan.decode.batch.min_tpot_ms
+    members = f", its batch's tightest target {tightest:g} ms" if tightest > 0 else ""
+    refused = plan.failed.value if plan.failed is not None else "none failed"
+    return (
+        f"the best plan ({where}) predicts TTFT {plan.ttft_ms:.0f} ms (bound {plan.ttft_bound_ms:.0f} ms) and TPOT "
+        f"{plan.tpot_ms:.1f} ms (step bound {plan.decode.step_bound_ms:.1f} ms) against targets "
+        f"{request.ttft_ms:.0f} ms left / {shape.tpot_ms or 'none'} ms{members}{full}; refused because {refused}"
+    )  # fmt: skip
+
+
 def _out_of_reach(
     shape: RequestShape, request: Request, plans: list[Plan], sides: list[DecodeSide], margins: MarginSettings
 ) -> SloOutOfReach | None:
@@ -321,7 +345,7 @@ def _out_of_reach(
     worker. No forecast is
     bounded below the margins' floors, so a target under a floor is never met either. Only
     calibrated forecasts say "never": a guess of an uncalibrated pool refuses nothing."""
-    if shape.ttft_ms > 0 and plans and all(p.prefill.worker.predictors.calibrated for p in plans):
+    if shape.ttft_ms > 0 and plans and all(p.prefill.calibrated for p in plans):
         fastest = min(p.idle_unavoidable_ms for p in plans)
         if max(fastest, margins.ttft_floor_ms) > shape.ttft_ms:
             floor = f", and no first token is bounded below {margins.ttft_floor_ms:g} ms (the margins' floor)"
@@ -332,11 +356,9 @@ def _out_of_reach(
                 f"allow at least {math.ceil(max(fastest, margins.ttft_floor_ms))} ms or shorten the prompt; retrying "
                 "will not help",
             )  # fmt: skip
-    if shape.tpot_ms > 0 and sides and all(side.worker.predictors.calibrated for side in sides):
-        alone = min(
-            side.worker.predictors.step.decode_step_ms(1, request.mean_context) * side.worker.predictors.idle_factor
-            for side in sides
-        )
+    lone = StepShape(0, 0, 1, request.mean_context)
+    if shape.tpot_ms > 0 and sides and all(side.worker.predictors.calibrated_for(lone) for side in sides):
+        alone = min(side.worker.predictors.step.step_ms(lone) * side.worker.predictors.idle_factor for side in sides)
         alone = max(margins.tpot_floor_ms, alone)  # no step is bounded below the floor
         if alone > shape.tpot_ms:
             return SloOutOfReach(
@@ -347,11 +369,21 @@ def _out_of_reach(
     return None
 
 
-def _ttft_ok(request: Request, ttft_ms: float, worker: Worker) -> bool:
-    """Whether a plan's TTFT bound meets the target. A worker whose pool is not yet calibrated
-    (predictor.CALIBRATED_AFTER_SAMPLES) passes: its forecast is a guess, and a guess is no reason
-    to refuse; its outcomes calibrate it."""
-    return request.ttft_ms <= 0 or ttft_ms <= request.ttft_ms or not worker.predictors.calibrated
+def _failure(side: DecodeSide, request: Request, ttft_bound_ms: float, prefill: Prefill, stall_ms: float = 0.0
+             ) -> Check | None:  # fmt: skip
+    """The first check a plan fails of those every plan takes (room, TTFT, TPOT), or None."""
+    if not side.fits:
+        return Check.ROOM
+    if not _ttft_ok(request, ttft_bound_ms, prefill):
+        return Check.TTFT
+    return side.tpot_failure(request, stall_ms)
+
+
+def _ttft_ok(request: Request, ttft_ms: float, prefill: Prefill) -> bool:
+    """Whether a plan's TTFT bound meets the target. An uncalibrated prompt forecast passes
+    (predictor.WorkerPredictors.calibrated): it is a guess, and a guess is no reason to refuse; the
+    steps of what is admitted calibrate it."""
+    return request.ttft_ms <= 0 or ttft_ms <= request.ttft_ms or not prefill.calibrated
 
 
 def _choose(plans: list[Plan], tie_fraction: float, wait_weight: float) -> Plan | None:

@@ -5,6 +5,7 @@ a RetryInfo saying when to come back, instead of queueing a request past its SLO
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 
 import grpc
@@ -27,16 +28,21 @@ STEPS = tuple(
 )
 
 
-async def calibrated(mesh: Mesh, samples: int = 1) -> None:
-    """Until the scheduler has fitted every worker's step model to at least `samples` of its
-    samples (a TTFT refusal needs CALIBRATED_AFTER_SAMPLES: before, forecasts refuse nothing)."""
+PROMPT_STEPS = sum(1 for s in STEPS if s.num_prefill_tokens)  # the rarer kind in a report (3 of 8)
+
+
+async def calibrated(mesh: Mesh, samples: int = CALIBRATED_AFTER_SAMPLES) -> None:
+    """Until the scheduler has fitted every worker's step model to their samples, and their pool
+    holds at least `samples` of each kind of step (prompt, decode): a refusal needs
+    CALIBRATED_AFTER_SAMPLES of the kind it forecasts; before, forecasts refuse nothing."""
     for worker in mesh.workers:
         worker.step_samples = STEPS
+    reports = math.ceil(samples / (PROMPT_STEPS * len(mesh.workers)))  # each worker's, for the pool's count
     deadline = time.monotonic() + 10
     while True:
         state = await mesh.cluster()
         models = [w.step_model for w in state.workers]
-        if all(m.num_samples >= samples and abs(m.per_decode_request_ms - 5.0) < 0.01 for m in models):
+        if all(m.num_samples >= reports * len(STEPS) and abs(m.per_decode_request_ms - 5.0) < 0.01 for m in models):
             return
         assert time.monotonic() < deadline, f"the step models never calibrated: {models}"
         await asyncio.sleep(0.02)
