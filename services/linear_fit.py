@@ -67,7 +67,6 @@ class LinearFit:
             self._solved = (key, _nnls_normal(a, b))
         return self._solved[1]
 
-
     def support(self, x: Sequence[float], predicted_ms: float) -> float:
         """How many samples' worth of evidence back a prediction of `predicted_ms` at features `x`:
         the samples alone, never the prior. N samples of exactly that shape give N; a shape along

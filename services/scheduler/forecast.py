@@ -25,8 +25,8 @@ import math
 from dataclasses import dataclass
 from enum import Enum
 
-from services.scheduler.ledger import Booking, DecodeBatch, Ledger
 from engine.step_samples import StepShape
+from services.scheduler.ledger import Booking, DecodeBatch, Ledger
 from services.scheduler.margin import Outcome
 from services.scheduler.predictor import prefill_steps
 from services.scheduler.registry import Worker
@@ -182,7 +182,9 @@ def local_prefill(side: DecodeSide, request: Request, cached: int) -> Prefill:
     shape, steps = prefill_steps(uncached, request.prompt_tokens - uncached, budget, n, context)
     mixed = model.step_ms(shape, steps)
     gain = mixed - steps * side.step_now_ms if n else mixed
-    return Prefill(worker, cached, side.local_wait_ms, mixed, gain, steps, 0.0, worker.predictors.calibrated_for(shape, steps))
+    return Prefill(
+        worker, cached, side.local_wait_ms, mixed, gain, steps, 0.0, worker.predictors.calibrated_for(shape, steps)
+    )
 
 
 def stall_fits(side: DecodeSide, prefill: Prefill, now: float, factor: float = 1.0) -> bool:
@@ -216,4 +218,3 @@ def first_departure_ms(side: DecodeSide, now: float) -> float:
     free): the soonest a full or too-slow decode worker can take a request."""
     step = max(side.step_now_ms, 1e-3)
     return min((remaining_tokens(m, step, now) * step for m in side.batch.members.values()), default=0.0)
-

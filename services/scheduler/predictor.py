@@ -119,10 +119,11 @@ POOL_REFIT_MAX = 4096
 # as out of reach).
 CALIBRATED_AFTER_SAMPLES = 64
 # What one forecast needs to count: samples of each kind of work it forecasts (prompt steps for a
-# prompt's, decode steps for a decode step's), not of the pool in all: on two H100s a decode model resting on the decode worker's first few steps forecast TPOT
-# 3,807 ms while the prefill worker's prompt steps made the pool count as calibrated, and requests
-# with a TPOT target were refused. 32: a kind's first steps may be compiling kernels; 32 outweigh
-# them (the 1/y^2 weights: one 12 ms step weighs as much as 10^5 steps of 4 s).
+# prompt's, decode steps for a decode step's), not of the pool in all: on two H100s a decode model
+# resting on the decode worker's first few steps forecast TPOT 3,807 ms while the prefill worker's
+# prompt steps made the pool count as calibrated, and requests with a TPOT target were refused.
+# 32: a kind's first steps may be compiling kernels; 32 outweigh them (the 1/y^2 weights: one 12 ms
+# step weighs as much as 10^5 steps of 4 s).
 CALIBRATED_KIND_SAMPLES = 32
 # And the forecast must lie where the samples are: at least this many samples' worth of evidence
 # along its own shape (LinearFit.support), so a coefficient they never exercised (a batch size they

@@ -40,6 +40,15 @@ on the worker: a burst of them, each fitting alone, must fit together), and requ
 target accept the stall as the colocated mesh imposes it — the operator's default_tpot_ms protects
 them.
 
+Guesses refuse nothing. Without a configured profile the step models start from no samples, and
+a forecast counts as evidence only where the samples have exercised it
+(predictor.WorkerPredictors.calibrated_for: enough prompt steps for a prompt's, enough decode steps
+for a decode step's, and evidence along its own shape). An uncalibrated forecast fails no check and
+is not scored into the margins: on a fresh mesh the first requests were forecast ~0 ms, their
+outcomes taught the TPOT margin a 16x factor, and for the next 30 s every plan's 15 ms step was
+bounded past a 50 ms target (77% of a sustainable load refused in the simulator; 64 of 90 on two
+H100s). An infeasible plan names the first check it failed (forecast.Check), and so does a refusal.
+
 When no plan is feasible the request is refused at once with RESOURCE_EXHAUSTED and the soonest
 time a plan is predicted to become feasible, rather than queued past its SLO; when even idle
 workers could not meet it (the prompt alone takes longer than the TTFT target, a lone decode step
@@ -151,8 +160,8 @@ class SloPolicy:
             # An uncalibrated forecast is a guess: scoring it would teach the margins the model's
             # ignorance (a 0 ms guess measured at 16 ms read as "16x too short" for 30 s), not its error.
             predicted_ttft_ms=best.ttft_ms if best.prefill.calibrated else None,
-            predicted_tpot_ms=best.tpot_ms if best.decode.calibrated else None, cost_ms=best.cost_ms, cached_tokens=best.prefill.cached_tokens,
-            prefill_ms=best.prefill.duration_ms,
+            predicted_tpot_ms=best.tpot_ms if best.decode.calibrated else None,
+            cost_ms=best.cost_ms, cached_tokens=best.prefill.cached_tokens, prefill_ms=best.prefill.duration_ms,
         )  # fmt: skip
 
     def wait_budget_ms(self, shape: RequestShape, pool: Pool) -> float:
@@ -344,7 +353,7 @@ def _out_of_reach(
     the TTFT target on every plan, or a lone decode step exceeds the TPOT target on every decode
     worker. No forecast is
     bounded below the margins' floors, so a target under a floor is never met either. Only
-    calibrated forecasts say "never": a guess of an uncalibrated pool refuses nothing."""
+    calibrated forecasts say "never": a guess refuses nothing."""
     if shape.ttft_ms > 0 and plans and all(p.prefill.calibrated for p in plans):
         fastest = min(p.idle_unavoidable_ms for p in plans)
         if max(fastest, margins.ttft_floor_ms) > shape.ttft_ms:
@@ -381,7 +390,7 @@ def _failure(side: DecodeSide, request: Request, ttft_bound_ms: float, prefill: 
 
 def _ttft_ok(request: Request, ttft_ms: float, prefill: Prefill) -> bool:
     """Whether a plan's TTFT bound meets the target. An uncalibrated prompt forecast passes
-    (predictor.WorkerPredictors.calibrated): it is a guess, and a guess is no reason to refuse; the
+    (predictor.WorkerPredictors.calibrated_for): it is a guess, and a guess is no reason to refuse; the
     steps of what is admitted calibrate it."""
     return request.ttft_ms <= 0 or ttft_ms <= request.ttft_ms or not prefill.calibrated
 
