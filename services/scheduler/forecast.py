@@ -40,6 +40,7 @@ class Check(Enum):
     refusal says which), in the order checked."""
 
     ROOM = "its decode worker can never hold the request's KV"
+    FULL = "its decode worker has no room for the request (KV, a batch slot) before the TTFT target"
     TTFT = "its TTFT bound exceeds the target"
     TPOT = "the decode step after admission (its bound) exceeds the request's TPOT target"
     MEMBERS = "the decode step after admission (its bound) exceeds a running request's TPOT target"

@@ -245,7 +245,7 @@ class SloPolicy:
         ttft = self._ttft_ms(prefill, side)
         margin = self._ttft_margin(side.worker)
         bound = margin.ms(ttft)
-        failed = _failure(side, request, bound, prefill)
+        failed = _failure(side, request, bound, prefill, margin)
         if failed is None and not stall_fits(side, prefill, now, margin.slope):
             failed = Check.STALL
         return Plan(prefill, side, True, ttft, side.step_after_ms, bound, margin, failed)
@@ -260,7 +260,7 @@ class SloPolicy:
             bound = margin.ms(ttft)
             # Local prefills still queued on the decode worker when the request joins stall its decode.
             stall = max(0.0, side.local_wait_ms - ttft)
-            failed = _failure(side, request, bound, prefill, stall)
+            failed = _failure(side, request, bound, prefill, margin, stall)
             tpot = side.step_after_ms + stall / max(1, request.max_tokens - 1)
             plan = Plan(prefill, side, False, ttft, tpot, bound, margin, failed)
             if failed is None:
@@ -378,21 +378,23 @@ def _out_of_reach(
     return None
 
 
-def _failure(side: DecodeSide, request: Request, ttft_bound_ms: float, prefill: Prefill, stall_ms: float = 0.0
-             ) -> Check | None:  # fmt: skip
-    """The first check a plan fails of those every plan takes (room, TTFT, TPOT), or None."""
+def _failure(
+    side: DecodeSide, request: Request, ttft_bound_ms: float, prefill: Prefill, margin: Bound, stall_ms: float = 0.0
+) -> Check | None:
+    """The first check a plan fails of those every plan takes (room, TTFT, TPOT), or None.
+
+    The TTFT check rests on the prompt's forecast (its queue was booked from such forecasts too);
+    when that is a guess (predictor.WorkerPredictors.calibrated_for) the plan is held only to what
+    does not rest on it: the wait for room on the decode worker, a decode forecast, when that one
+    is calibrated. A guess is no reason to refuse; the steps of what is admitted calibrate it."""
     if not side.fits:
         return Check.ROOM
-    if not _ttft_ok(request, ttft_bound_ms, prefill):
-        return Check.TTFT
+    if request.ttft_ms > 0:
+        if prefill.calibrated and ttft_bound_ms > request.ttft_ms:
+            return Check.TTFT
+        if side.calibrated and side.room_wait_ms > 0 and margin.ms(side.room_wait_ms) > request.ttft_ms:
+            return Check.FULL
     return side.tpot_failure(request, stall_ms)
-
-
-def _ttft_ok(request: Request, ttft_ms: float, prefill: Prefill) -> bool:
-    """Whether a plan's TTFT bound meets the target. An uncalibrated prompt forecast passes
-    (predictor.WorkerPredictors.calibrated_for): it is a guess, and a guess is no reason to refuse; the
-    steps of what is admitted calibrate it."""
-    return request.ttft_ms <= 0 or ttft_ms <= request.ttft_ms or not prefill.calibrated
 
 
 def _choose(plans: list[Plan], tie_fraction: float, wait_weight: float) -> Plan | None:
