@@ -31,7 +31,6 @@ class LinearFit:
         self._forget = forget
         self.num_samples = 0
         self._solved: tuple[tuple[float, ...] | None, np.ndarray] | None = None
-        self._inverse: tuple[np.ndarray, np.ndarray] | None = None  # (column scales, scaled inverse of X'WX)
 
     def add(self, x: np.ndarray, y: np.ndarray) -> None:
         """Samples as rows of `x` (features) with targets `y` in ms, oldest first.
@@ -47,14 +46,14 @@ class LinearFit:
         self._a = total * self._a + (x.T * w) @ x
         self._b = total * self._b + (x.T * w) @ y
         self.num_samples += len(y)
-        self._solved = self._inverse = None
+        self._solved = None
 
     def merge(self, other: LinearFit) -> None:
         """Add another fit's evidence (a pool of workers)."""
         self._a = self._a + other._a
         self._b = self._b + other._b
         self.num_samples += other.num_samples
-        self._solved = self._inverse = None
+        self._solved = None
 
     def coefficients(self, prior: Sequence[float] | None) -> np.ndarray:
         key = None if prior is None else tuple(prior)
@@ -66,28 +65,6 @@ class LinearFit:
                 a, b = a + (self._shapes.T * w) @ self._shapes, b + (self._shapes.T * w) @ y
             self._solved = (key, _nnls_normal(a, b))
         return self._solved[1]
-
-    def support(self, x: Sequence[float], predicted_ms: float) -> float:
-        """How many samples' worth of evidence back a prediction of `predicted_ms` at features `x`:
-        the samples alone, never the prior. N samples of exactly that shape give N; a shape along
-        which no sample varied (a coefficient they never exercised, or an extrapolation their
-        collinear features cannot tell apart) gives about 0.
-
-        Under the relative weighting the variance of a prediction is sigma^2 x'(X'WX)^-1 x in units
-        of the predicted time squared; N samples of the same shape make it sigma^2 predicted^2 / N.
-        So predicted^2 / x'(X'WX)^-1 x counts the samples a prediction rests on, whatever the noise.
-        """
-        if predicted_ms <= 0 or self.num_samples == 0:
-            return 0.0
-        if self._inverse is None:
-            scale = np.sqrt(np.maximum(np.diag(self._a), 1e-300))
-            a_s = self._a / np.outer(scale, scale)
-            # A ridge far below any real sample's weight: a direction no sample spans gets no support.
-            self._inverse = (scale, np.linalg.pinv(a_s + 1e-9 * np.eye(len(scale))))
-        scale, inverse = self._inverse
-        z = np.asarray(x, dtype=np.float64) / scale
-        spread = float(z @ inverse @ z)
-        return predicted_ms**2 / spread if spread > 0 else 0.0
 
 
 def _nnls_normal(a: np.ndarray, b: np.ndarray) -> np.ndarray:

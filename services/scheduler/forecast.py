@@ -129,7 +129,7 @@ def prefill_on(worker: Worker, ledger: Ledger, request: Request, cached: int, no
     compute = model.step_ms(shape, steps)
     push = worker.predictors.transfer.transfer_ms(request.prompt_tokens * worker.info.kv_layout.bytes_per_token)
     wait = ledger.queue(worker.worker_id).wait_ms(now, request.priority)
-    return Prefill(worker, cached, wait, compute, compute, steps, push, worker.predictors.calibrated_for(shape, steps))
+    return Prefill(worker, cached, wait, compute, compute, steps, push, worker.predictors.calibrated_for(shape))
 
 
 def decode_side(worker: Worker, ledger: Ledger, request: Request, now: float, headroom: float) -> DecodeSide:
@@ -184,7 +184,7 @@ def local_prefill(side: DecodeSide, request: Request, cached: int) -> Prefill:
     mixed = model.step_ms(shape, steps)
     gain = mixed - steps * side.step_now_ms if n else mixed
     return Prefill(
-        worker, cached, side.local_wait_ms, mixed, gain, steps, 0.0, worker.predictors.calibrated_for(shape, steps)
+        worker, cached, side.local_wait_ms, mixed, gain, steps, 0.0, worker.predictors.calibrated_for(shape)
     )
 
 

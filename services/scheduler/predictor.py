@@ -125,10 +125,6 @@ CALIBRATED_AFTER_SAMPLES = 64
 # 32: a kind's first steps may be compiling kernels; 32 outweigh them (the 1/y^2 weights: one 12 ms
 # step weighs as much as 10^5 steps of 4 s).
 CALIBRATED_KIND_SAMPLES = 32
-# And the forecast must lie where the samples are: at least this many samples' worth of evidence
-# along its own shape (LinearFit.support), so a coefficient they never exercised (a batch size they
-# never varied, apart from the fixed cost) refuses nothing.
-CALIBRATED_SUPPORT = 1.0
 # The idle worker's pace: the share of a worker's recent steps taken to have run with the device to
 # themselves (their measured / predicted time, at this quantile, scales its forecasts to an idle
 # worker's), over its last IDLE_WINDOW steps, once it has IDLE_AFTER_RATIOS of them.
@@ -249,10 +245,10 @@ class WorkerPredictors:
         one forecast counts is calibrated_for's to say."""
         return self.pool.calibrated
 
-    def calibrated_for(self, shape: StepShape, num_steps: int = 1) -> bool:
-        """Whether this worker's forecast of `num_steps` steps of total `shape` is evidence enough to
-        refuse a request on (PoolPredictors.calibrated_for)."""
-        return self.pool.calibrated_for(shape, num_steps, self.step.step_ms(shape, num_steps))
+    def calibrated_for(self, shape: StepShape) -> bool:
+        """Whether this worker's forecast of steps of (total) `shape` is evidence enough to refuse a
+        request on (PoolPredictors.calibrated_for)."""
+        return self.pool.calibrated_for(shape)
 
     @property
     def num_transfer_samples(self) -> int:
@@ -288,20 +284,19 @@ class PoolPredictors:
         """A configured profile, or enough samples of its own that the fit spans real step shapes."""
         return self._step_prior is not None or self.steps.num_samples >= CALIBRATED_AFTER_SAMPLES
 
-    def calibrated_for(self, shape: StepShape, num_steps: int, forecast_ms: float) -> bool:
-        """Whether a forecast of `shape` (`num_steps` steps' worth) is evidence: a configured
-        profile; or CALIBRATED_KIND_SAMPLES samples of each kind of work it forecasts (prompt,
-        decode) and CALIBRATED_SUPPORT samples' worth along its shape. Only the samples count,
-        never the prior: a guess is no reason to refuse, and the steps of what is admitted
-        calibrate it."""
+    def calibrated_for(self, shape: StepShape) -> bool:
+        """Whether a forecast of `shape` is evidence: a configured profile, or
+        CALIBRATED_KIND_SAMPLES samples of each kind of work it forecasts (prompt, decode). Only the
+        samples count, never the prior: a guess is no reason to refuse, and the steps of what is
+        admitted calibrate it. Within a kind the linear model extrapolates (a batch of 30 from
+        batches of 1 to 3, non-negative coefficients): judging each forecast by the evidence along
+        its own shape (x'(X'WX)^-1 x) was tried and refused nothing a real mesh had not already
+        run, down to a KV-full decode worker's wait when its batches had all been of one request."""
         if self._step_prior is not None:
             return True
         if shape.num_prefill_tokens and self.prompt_samples < CALIBRATED_KIND_SAMPLES:
             return False
-        if shape.num_decode_requests and self.decode_samples < CALIBRATED_KIND_SAMPLES:
-            return False
-        features = (float(num_steps), *shape.features()[1:])
-        return self.steps.support(features, forecast_ms) >= CALIBRATED_SUPPORT
+        return not (shape.num_decode_requests and self.decode_samples < CALIBRATED_KIND_SAMPLES)
 
     @property
     def step(self) -> StepModel:

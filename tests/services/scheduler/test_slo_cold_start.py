@@ -17,13 +17,11 @@ from __future__ import annotations
 
 import random
 
-import numpy as np
 import pytest
 from slo_cluster import Cluster
 
 from engine.step_samples import StepSample, StepShape
 from pdmesh.enums import WorkerHealth
-from services.linear_fit import LinearFit
 from services.scheduler.margin import Outcome
 from services.scheduler.predictor import CALIBRATED_KIND_SAMPLES
 from services.scheduler.reports import LoadReport
@@ -91,19 +89,18 @@ def test_a_decode_model_resting_on_compiling_steps_refuses_nothing() -> None:
     assert len(mesh.cluster.ledger.batch("decode-0")) == 12
 
 
-def test_a_decode_model_from_batch_one_alone_does_not_refuse_larger_batches() -> None:
-    # The decode worker has run only lone requests: fixed and per-row costs never varied apart (the
-    # prompt steps pin the fixed cost, but only if both kinds share it), so no larger batch's step is
-    # known; such forecasts refuse nothing, whatever they say.
+def test_prompt_steps_do_not_calibrate_decode_forecasts() -> None:
+    # The pool is every worker of one device kind and model: the prefill worker's prompt steps
+    # count for prompt forecasts only; a decode step's forecast waits for decode steps.
     mesh = Mesh()
     mesh.prompts(40)
-    mesh.decodes(CALIBRATED_KIND_SAMPLES, rows=(1, 1))
+    mesh.decodes(CALIBRATED_KIND_SAMPLES - 1)
     decode = mesh.cluster.registry.workers["decode-0"].predictors
-    lone, full = StepShape(0, 0, 1, 6000), StepShape(0, 0, 64, 64 * 4000)
-    assert decode.calibrated_for(lone)
-    assert not decode.calibrated_for(full)
-    mesh.decodes(CALIBRATED_KIND_SAMPLES)  # batches of 1 to 64: now it is known
-    assert decode.calibrated_for(full)
+    prompt, step = StepShape(4096, StepShape.attention_pairs(4096, 0), 0, 0), StepShape(0, 0, 8, 8 * 4000)
+    assert decode.calibrated_for(prompt)
+    assert not decode.calibrated_for(step)
+    mesh.decodes(1)
+    assert decode.calibrated_for(step)
 
 
 def test_outcomes_of_uncalibrated_forecasts_do_not_teach_the_margins() -> None:
@@ -164,14 +161,3 @@ def test_once_calibrated_a_plan_past_the_tpot_of_running_requests_is_refused_and
     assert "refused because the decode step after admission (its bound) exceeds a running request's TPOT" in str(
         refused.value
     )
-
-
-def test_support_counts_the_samples_a_prediction_rests_on() -> None:
-    fit = LinearFit(np.eye(2), 0.0, 1.0)
-    x = np.array([[1.0, 10.0]] * 8)
-    fit.add(x, np.full(8, 20.0))
-    assert fit.support((1.0, 10.0), 20.0) == pytest.approx(8.0, rel=1e-3)  # eight of that very shape
-    assert fit.support((1.0, 20.0), 30.0) < 0.01  # a direction no sample varied along
-    fit.add(np.array([[1.0, 20.0]] * 8), np.full(8, 30.0))
-    assert fit.support((1.0, 20.0), 30.0) == pytest.approx(8.0, rel=1e-3)
-    assert 1.0 < fit.support((1.0, 40.0), 50.0) < 8.0  # an extrapolation: some, less
