@@ -4,9 +4,10 @@ through ctypes (kernels/cpu_native.py, kernels/cpu_norm.py).
 Why C through ctypes rather than a torch C++ extension: a file that includes torch's headers
 takes a minute to compile on a 2-core machine, every time the source or torch changes; these
 include nothing beyond libc and compile in a fraction of a second. Each shared object is cached
-per user under ~/.cache/pdmesh/kernels (else the temp directory), named by a hash of its source,
-the compiler, the flags and the CPU's feature flags (it is built with -march=native). ctypes
-releases the GIL for each call, so a worker's event loop runs while a kernel does.
+per user under ~/.cache/pdmesh/kernels (else a private directory under the temp directory),
+named by a hash of its source, the compiler, the flags and the CPU's feature flags (it is built
+with -march=native). ctypes releases the GIL for each call, so a worker's event loop runs while
+a kernel does.
 
 Where nothing can be built (no compiler, no writable directory) load_library raises BuildError
 and the callers keep their torch paths.
@@ -20,6 +21,7 @@ import hashlib
 import os
 import platform
 import shutil
+import stat
 import subprocess
 import tempfile
 from collections.abc import Sequence
@@ -74,19 +76,22 @@ def _build(source: Path, extra_flags: Sequence[str]) -> Path:
 
 
 def _cache_dir() -> Path:
+    """~/.cache/pdmesh/kernels, else a per-user directory under the temp directory: one this user
+    owns and nobody else may write (a shared object found there is loaded into the process)."""
     try:
-        bases = [Path.home() / ".cache", Path(tempfile.gettempdir())]
+        bases = [Path.home() / ".cache" / "pdmesh", Path(tempfile.gettempdir()) / f"pdmesh-{os.getuid()}"]
     except RuntimeError:  # no home directory
-        bases = [Path(tempfile.gettempdir())]
+        bases = [Path(tempfile.gettempdir()) / f"pdmesh-{os.getuid()}"]
     for base in bases:
-        path = base / "pdmesh" / "kernels"
+        path = base / "kernels"
         try:
-            path.mkdir(parents=True, exist_ok=True)
+            path.mkdir(parents=True, exist_ok=True, mode=0o700)
+            info = path.stat()
         except OSError:
             continue
-        if os.access(path, os.W_OK):
+        if info.st_uid == os.getuid() and not info.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and os.access(path, os.W_OK):
             return path
-    raise BuildError("no writable cache directory for the compiled kernels")
+    raise BuildError("no private writable cache directory for the compiled kernels")
 
 
 def _cpu_flags() -> bytes:
