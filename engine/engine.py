@@ -20,6 +20,7 @@ from engine.config import EngineConfig
 from engine.cpu_linear import packing_supported
 from engine.cpu_threads import CpuThreads
 from engine.cuda_graphs import CaptureReport
+from engine.device_identity import device_identity
 from engine.errors import DeviceLost, EngineError, InvalidRequest, RequestNotFound
 from engine.handoff import KVExportSink, KVImport
 from engine.ids import BlockHash, BlockId, RequestId
@@ -63,6 +64,7 @@ class Engine:
         self.tokenizer = tokenizer
         self.fingerprint = fingerprint
         self.device = torch.device(config.device)
+        self.device_id = device_identity(self.device)  # what co-resident workers share (the scheduler's)
         self.dtype = getattr(torch, config.resolved_dtype)
         cache = config.cache
         num_blocks = plan_num_blocks(self.model_config, cache, self.dtype, self.device)

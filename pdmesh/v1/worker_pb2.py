@@ -26,51 +26,51 @@ from pdmesh.v1 import common_pb2 as pdmesh_dot_v1_dot_common__pb2
 from pdmesh.v1 import kvstore_pb2 as pdmesh_dot_v1_dot_kvstore__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16pdmesh/v1/worker.proto\x12\tpdmesh.v1\x1a\x16pdmesh/v1/common.proto\x1a\x17pdmesh/v1/kvstore.proto\"\x8d\x01\n\x0eWorkerCapacity\x12\x1b\n\x13num_kv_blocks_total\x18\x01 \x01(\r\x12 \n\x18max_num_running_requests\x18\x02 \x01(\r\x12\x1e\n\x16max_num_batched_tokens\x18\x03 \x01(\r\x12\x1c\n\x14max_model_len_tokens\x18\x04 \x01(\r\"\xf7\x01\n\nWorkerInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12#\n\x04role\x18\x02 \x01(\x0e\x32\x15.pdmesh.v1.WorkerRole\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x1b\n\x13kv_transfer_address\x18\x04 \x01(\t\x12\r\n\x05model\x18\x05 \x01(\t\x12&\n\tkv_layout\x18\x06 \x01(\x0b\x32\x13.pdmesh.v1.KVLayout\x12+\n\x08\x63\x61pacity\x18\x07 \x01(\x0b\x32\x19.pdmesh.v1.WorkerCapacity\x12\x0e\n\x06\x64\x65vice\x18\x08 \x01(\t\x12\x0f\n\x07version\x18\t \x01(\t\">\n\x15RegisterWorkerRequest\x12%\n\x06worker\x18\x01 \x01(\x0b\x32\x15.pdmesh.v1.WorkerInfo\"N\n\x16RegisterWorkerResponse\x12\x1a\n\x12report_interval_ms\x18\x01 \x01(\r\x12\x18\n\x10kv_store_address\x18\x02 \x01(\t\"\xa2\x01\n\nStepSample\x12\x1a\n\x12num_prefill_tokens\x18\x01 \x01(\r\x12#\n\x1bnum_prefill_attention_pairs\x18\x02 \x01(\x04\x12\x1b\n\x13num_decode_requests\x18\x03 \x01(\r\x12!\n\x19num_decode_context_tokens\x18\x04 \x01(\x04\x12\x13\n\x0b\x64uration_ms\x18\x05 \x01(\x01\"7\n\x0eTransferSample\x12\x11\n\tnum_bytes\x18\x01 \x01(\x04\x12\x12\n\nexposed_ms\x18\x02 \x01(\x01\"\xcf\x01\n\tStepModel\x12\x10\n\x08\x66ixed_ms\x18\x01 \x01(\x01\x12\x1c\n\x14per_prefill_token_ms\x18\x02 \x01(\x01\x12\x1d\n\x15per_attention_pair_ms\x18\x03 \x01(\x01\x12\x1d\n\x15per_decode_request_ms\x18\x04 \x01(\x01\x12#\n\x1bper_decode_context_token_ms\x18\x05 \x01(\x01\x12\x13\n\x0bnum_samples\x18\x06 \x01(\x04\x12\x1a\n\x12rms_relative_error\x18\x07 \x01(\x01\"J\n\rTransferModel\x12\x10\n\x08\x66ixed_ms\x18\x01 \x01(\x01\x12\x12\n\nper_mib_ms\x18\x02 \x01(\x01\x12\x13\n\x0bnum_samples\x18\x03 \x01(\x04\"_\n\rKVCacheEvents\x12\x13\n\x0bis_snapshot\x18\x01 \x01(\x08\x12\x1b\n\x13\x62lock_hashes_stored\x18\x02 \x03(\x06\x12\x1c\n\x14\x62lock_hashes_removed\x18\x03 \x03(\x06\"\x8a\x04\n\x11ReportLoadRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x12\n\nreport_seq\x18\x02 \x01(\x04\x12\x14\n\x0ctime_unix_ms\x18\x03 \x01(\x04\x12\'\n\x06health\x18\x04 \x01(\x0e\x32\x17.pdmesh.v1.WorkerHealth\x12\x1a\n\x12num_kv_blocks_free\x18\x05 \x01(\r\x12\x1b\n\x13num_kv_blocks_total\x18\x06 \x01(\r\x12\x1c\n\x14num_running_requests\x18\x07 \x01(\r\x12\x1c\n\x14num_waiting_requests\x18\x08 \x01(\r\x12\x1b\n\x13num_kv_reservations\x18\t \x01(\r\x12\"\n\x1anum_kv_transfers_in_flight\x18\n \x01(\r\x12+\n\x0cstep_samples\x18\x0f \x03(\x0b\x32\x15.pdmesh.v1.StepSample\x12/\n\x0cpush_samples\x18\x10 \x03(\x0b\x32\x19.pdmesh.v1.TransferSample\x12\x31\n\x0fkv_cache_events\x18\x0e \x01(\x0b\x32\x18.pdmesh.v1.KVCacheEventsJ\x04\x08\x0b\x10\x0cJ\x04\x08\x0c\x10\rJ\x04\x08\r\x10\x0eR\x0fprefill_samplesR\x13\x64\x65\x63ode_step_samplesR\x10transfer_samples\"s\n\x12ReportLoadResponse\x12\x12\n\nreregister\x18\x01 \x01(\x08\x12\x1d\n\x15kv_snapshot_requested\x18\x02 \x01(\x08\x12\x18\n\x10kv_store_address\x18\x03 \x01(\t\x12\x10\n\x08kv_peers\x18\x04 \x03(\t\"^\n\x0bKVStoreInfo\x12\x10\n\x08store_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x1b\n\x13kv_transfer_address\x18\x03 \x01(\t\x12\x0f\n\x07version\x18\x04 \x01(\t\"?\n\x16RegisterKVStoreRequest\x12%\n\x05store\x18\x01 \x01(\x0b\x32\x16.pdmesh.v1.KVStoreInfo\"5\n\x17RegisterKVStoreResponse\x12\x1a\n\x12report_interval_ms\x18\x01 \x01(\r\"a\n\rKVStoreEvents\x12&\n\tkv_layout\x18\x01 \x01(\x0b\x32\x13.pdmesh.v1.KVLayout\x12(\n\x06\x65vents\x18\x02 \x01(\x0b\x32\x18.pdmesh.v1.KVCacheEvents\"\xcf\x01\n\x14ReportKVStoreRequest\x12\x10\n\x08store_id\x18\x01 \x01(\t\x12\x12\n\nreport_seq\x18\x02 \x01(\x04\x12\x14\n\x0ctime_unix_ms\x18\x03 \x01(\x04\x12\'\n\x06health\x18\x04 \x01(\x0e\x32\x17.pdmesh.v1.WorkerHealth\x12(\n\x06status\x18\x05 \x01(\x0b\x32\x18.pdmesh.v1.KVStoreStatus\x12(\n\x06\x65vents\x18\x06 \x03(\x0b\x32\x18.pdmesh.v1.KVStoreEvents\"J\n\x15ReportKVStoreResponse\x12\x12\n\nreregister\x18\x01 \x01(\x08\x12\x1d\n\x15kv_snapshot_requested\x18\x02 \x01(\x08*Z\n\nWorkerRole\x12\x1b\n\x17WORKER_ROLE_UNSPECIFIED\x10\x00\x12\x17\n\x13WORKER_ROLE_PREFILL\x10\x01\x12\x16\n\x12WORKER_ROLE_DECODE\x10\x02*}\n\x0cWorkerHealth\x12\x1d\n\x19WORKER_HEALTH_UNSPECIFIED\x10\x00\x12\x19\n\x15WORKER_HEALTH_SERVING\x10\x01\x12\x1a\n\x16WORKER_HEALTH_DRAINING\x10\x02\x12\x17\n\x13WORKER_HEALTH_STALE\x10\x03\x32\xda\x02\n\x08Registry\x12U\n\x0eRegisterWorker\x12 .pdmesh.v1.RegisterWorkerRequest\x1a!.pdmesh.v1.RegisterWorkerResponse\x12I\n\nReportLoad\x12\x1c.pdmesh.v1.ReportLoadRequest\x1a\x1d.pdmesh.v1.ReportLoadResponse\x12X\n\x0fRegisterKVStore\x12!.pdmesh.v1.RegisterKVStoreRequest\x1a\".pdmesh.v1.RegisterKVStoreResponse\x12R\n\rReportKVStore\x12\x1f.pdmesh.v1.ReportKVStoreRequest\x1a .pdmesh.v1.ReportKVStoreResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16pdmesh/v1/worker.proto\x12\tpdmesh.v1\x1a\x16pdmesh/v1/common.proto\x1a\x17pdmesh/v1/kvstore.proto\"\x8d\x01\n\x0eWorkerCapacity\x12\x1b\n\x13num_kv_blocks_total\x18\x01 \x01(\r\x12 \n\x18max_num_running_requests\x18\x02 \x01(\r\x12\x1e\n\x16max_num_batched_tokens\x18\x03 \x01(\r\x12\x1c\n\x14max_model_len_tokens\x18\x04 \x01(\r\"\x8a\x02\n\nWorkerInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12#\n\x04role\x18\x02 \x01(\x0e\x32\x15.pdmesh.v1.WorkerRole\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x1b\n\x13kv_transfer_address\x18\x04 \x01(\t\x12\r\n\x05model\x18\x05 \x01(\t\x12&\n\tkv_layout\x18\x06 \x01(\x0b\x32\x13.pdmesh.v1.KVLayout\x12+\n\x08\x63\x61pacity\x18\x07 \x01(\x0b\x32\x19.pdmesh.v1.WorkerCapacity\x12\x0e\n\x06\x64\x65vice\x18\x08 \x01(\t\x12\x0f\n\x07version\x18\t \x01(\t\x12\x11\n\tdevice_id\x18\n \x01(\t\">\n\x15RegisterWorkerRequest\x12%\n\x06worker\x18\x01 \x01(\x0b\x32\x15.pdmesh.v1.WorkerInfo\"N\n\x16RegisterWorkerResponse\x12\x1a\n\x12report_interval_ms\x18\x01 \x01(\r\x12\x18\n\x10kv_store_address\x18\x02 \x01(\t\"\xa2\x01\n\nStepSample\x12\x1a\n\x12num_prefill_tokens\x18\x01 \x01(\r\x12#\n\x1bnum_prefill_attention_pairs\x18\x02 \x01(\x04\x12\x1b\n\x13num_decode_requests\x18\x03 \x01(\r\x12!\n\x19num_decode_context_tokens\x18\x04 \x01(\x04\x12\x13\n\x0b\x64uration_ms\x18\x05 \x01(\x01\"7\n\x0eTransferSample\x12\x11\n\tnum_bytes\x18\x01 \x01(\x04\x12\x12\n\nexposed_ms\x18\x02 \x01(\x01\"\xcf\x01\n\tStepModel\x12\x10\n\x08\x66ixed_ms\x18\x01 \x01(\x01\x12\x1c\n\x14per_prefill_token_ms\x18\x02 \x01(\x01\x12\x1d\n\x15per_attention_pair_ms\x18\x03 \x01(\x01\x12\x1d\n\x15per_decode_request_ms\x18\x04 \x01(\x01\x12#\n\x1bper_decode_context_token_ms\x18\x05 \x01(\x01\x12\x13\n\x0bnum_samples\x18\x06 \x01(\x04\x12\x1a\n\x12rms_relative_error\x18\x07 \x01(\x01\"J\n\rTransferModel\x12\x10\n\x08\x66ixed_ms\x18\x01 \x01(\x01\x12\x12\n\nper_mib_ms\x18\x02 \x01(\x01\x12\x13\n\x0bnum_samples\x18\x03 \x01(\x04\"_\n\rKVCacheEvents\x12\x13\n\x0bis_snapshot\x18\x01 \x01(\x08\x12\x1b\n\x13\x62lock_hashes_stored\x18\x02 \x03(\x06\x12\x1c\n\x14\x62lock_hashes_removed\x18\x03 \x03(\x06\"\x8a\x04\n\x11ReportLoadRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x12\n\nreport_seq\x18\x02 \x01(\x04\x12\x14\n\x0ctime_unix_ms\x18\x03 \x01(\x04\x12\'\n\x06health\x18\x04 \x01(\x0e\x32\x17.pdmesh.v1.WorkerHealth\x12\x1a\n\x12num_kv_blocks_free\x18\x05 \x01(\r\x12\x1b\n\x13num_kv_blocks_total\x18\x06 \x01(\r\x12\x1c\n\x14num_running_requests\x18\x07 \x01(\r\x12\x1c\n\x14num_waiting_requests\x18\x08 \x01(\r\x12\x1b\n\x13num_kv_reservations\x18\t \x01(\r\x12\"\n\x1anum_kv_transfers_in_flight\x18\n \x01(\r\x12+\n\x0cstep_samples\x18\x0f \x03(\x0b\x32\x15.pdmesh.v1.StepSample\x12/\n\x0cpush_samples\x18\x10 \x03(\x0b\x32\x19.pdmesh.v1.TransferSample\x12\x31\n\x0fkv_cache_events\x18\x0e \x01(\x0b\x32\x18.pdmesh.v1.KVCacheEventsJ\x04\x08\x0b\x10\x0cJ\x04\x08\x0c\x10\rJ\x04\x08\r\x10\x0eR\x0fprefill_samplesR\x13\x64\x65\x63ode_step_samplesR\x10transfer_samples\"s\n\x12ReportLoadResponse\x12\x12\n\nreregister\x18\x01 \x01(\x08\x12\x1d\n\x15kv_snapshot_requested\x18\x02 \x01(\x08\x12\x18\n\x10kv_store_address\x18\x03 \x01(\t\x12\x10\n\x08kv_peers\x18\x04 \x03(\t\"^\n\x0bKVStoreInfo\x12\x10\n\x08store_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x1b\n\x13kv_transfer_address\x18\x03 \x01(\t\x12\x0f\n\x07version\x18\x04 \x01(\t\"?\n\x16RegisterKVStoreRequest\x12%\n\x05store\x18\x01 \x01(\x0b\x32\x16.pdmesh.v1.KVStoreInfo\"5\n\x17RegisterKVStoreResponse\x12\x1a\n\x12report_interval_ms\x18\x01 \x01(\r\"a\n\rKVStoreEvents\x12&\n\tkv_layout\x18\x01 \x01(\x0b\x32\x13.pdmesh.v1.KVLayout\x12(\n\x06\x65vents\x18\x02 \x01(\x0b\x32\x18.pdmesh.v1.KVCacheEvents\"\xcf\x01\n\x14ReportKVStoreRequest\x12\x10\n\x08store_id\x18\x01 \x01(\t\x12\x12\n\nreport_seq\x18\x02 \x01(\x04\x12\x14\n\x0ctime_unix_ms\x18\x03 \x01(\x04\x12\'\n\x06health\x18\x04 \x01(\x0e\x32\x17.pdmesh.v1.WorkerHealth\x12(\n\x06status\x18\x05 \x01(\x0b\x32\x18.pdmesh.v1.KVStoreStatus\x12(\n\x06\x65vents\x18\x06 \x03(\x0b\x32\x18.pdmesh.v1.KVStoreEvents\"J\n\x15ReportKVStoreResponse\x12\x12\n\nreregister\x18\x01 \x01(\x08\x12\x1d\n\x15kv_snapshot_requested\x18\x02 \x01(\x08*Z\n\nWorkerRole\x12\x1b\n\x17WORKER_ROLE_UNSPECIFIED\x10\x00\x12\x17\n\x13WORKER_ROLE_PREFILL\x10\x01\x12\x16\n\x12WORKER_ROLE_DECODE\x10\x02*}\n\x0cWorkerHealth\x12\x1d\n\x19WORKER_HEALTH_UNSPECIFIED\x10\x00\x12\x19\n\x15WORKER_HEALTH_SERVING\x10\x01\x12\x1a\n\x16WORKER_HEALTH_DRAINING\x10\x02\x12\x17\n\x13WORKER_HEALTH_STALE\x10\x03\x32\xda\x02\n\x08Registry\x12U\n\x0eRegisterWorker\x12 .pdmesh.v1.RegisterWorkerRequest\x1a!.pdmesh.v1.RegisterWorkerResponse\x12I\n\nReportLoad\x12\x1c.pdmesh.v1.ReportLoadRequest\x1a\x1d.pdmesh.v1.ReportLoadResponse\x12X\n\x0fRegisterKVStore\x12!.pdmesh.v1.RegisterKVStoreRequest\x1a\".pdmesh.v1.RegisterKVStoreResponse\x12R\n\rReportKVStore\x12\x1f.pdmesh.v1.ReportKVStoreRequest\x1a .pdmesh.v1.ReportKVStoreResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pdmesh.v1.worker_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_WORKERROLE']._serialized_start=2472
-  _globals['_WORKERROLE']._serialized_end=2562
-  _globals['_WORKERHEALTH']._serialized_start=2564
-  _globals['_WORKERHEALTH']._serialized_end=2689
+  _globals['_WORKERROLE']._serialized_start=2491
+  _globals['_WORKERROLE']._serialized_end=2581
+  _globals['_WORKERHEALTH']._serialized_start=2583
+  _globals['_WORKERHEALTH']._serialized_end=2708
   _globals['_WORKERCAPACITY']._serialized_start=87
   _globals['_WORKERCAPACITY']._serialized_end=228
   _globals['_WORKERINFO']._serialized_start=231
-  _globals['_WORKERINFO']._serialized_end=478
-  _globals['_REGISTERWORKERREQUEST']._serialized_start=480
-  _globals['_REGISTERWORKERREQUEST']._serialized_end=542
-  _globals['_REGISTERWORKERRESPONSE']._serialized_start=544
-  _globals['_REGISTERWORKERRESPONSE']._serialized_end=622
-  _globals['_STEPSAMPLE']._serialized_start=625
-  _globals['_STEPSAMPLE']._serialized_end=787
-  _globals['_TRANSFERSAMPLE']._serialized_start=789
-  _globals['_TRANSFERSAMPLE']._serialized_end=844
-  _globals['_STEPMODEL']._serialized_start=847
-  _globals['_STEPMODEL']._serialized_end=1054
-  _globals['_TRANSFERMODEL']._serialized_start=1056
-  _globals['_TRANSFERMODEL']._serialized_end=1130
-  _globals['_KVCACHEEVENTS']._serialized_start=1132
-  _globals['_KVCACHEEVENTS']._serialized_end=1227
-  _globals['_REPORTLOADREQUEST']._serialized_start=1230
-  _globals['_REPORTLOADREQUEST']._serialized_end=1752
-  _globals['_REPORTLOADRESPONSE']._serialized_start=1754
-  _globals['_REPORTLOADRESPONSE']._serialized_end=1869
-  _globals['_KVSTOREINFO']._serialized_start=1871
-  _globals['_KVSTOREINFO']._serialized_end=1965
-  _globals['_REGISTERKVSTOREREQUEST']._serialized_start=1967
-  _globals['_REGISTERKVSTOREREQUEST']._serialized_end=2030
-  _globals['_REGISTERKVSTORERESPONSE']._serialized_start=2032
-  _globals['_REGISTERKVSTORERESPONSE']._serialized_end=2085
-  _globals['_KVSTOREEVENTS']._serialized_start=2087
-  _globals['_KVSTOREEVENTS']._serialized_end=2184
-  _globals['_REPORTKVSTOREREQUEST']._serialized_start=2187
-  _globals['_REPORTKVSTOREREQUEST']._serialized_end=2394
-  _globals['_REPORTKVSTORERESPONSE']._serialized_start=2396
-  _globals['_REPORTKVSTORERESPONSE']._serialized_end=2470
-  _globals['_REGISTRY']._serialized_start=2692
-  _globals['_REGISTRY']._serialized_end=3038
+  _globals['_WORKERINFO']._serialized_end=497
+  _globals['_REGISTERWORKERREQUEST']._serialized_start=499
+  _globals['_REGISTERWORKERREQUEST']._serialized_end=561
+  _globals['_REGISTERWORKERRESPONSE']._serialized_start=563
+  _globals['_REGISTERWORKERRESPONSE']._serialized_end=641
+  _globals['_STEPSAMPLE']._serialized_start=644
+  _globals['_STEPSAMPLE']._serialized_end=806
+  _globals['_TRANSFERSAMPLE']._serialized_start=808
+  _globals['_TRANSFERSAMPLE']._serialized_end=863
+  _globals['_STEPMODEL']._serialized_start=866
+  _globals['_STEPMODEL']._serialized_end=1073
+  _globals['_TRANSFERMODEL']._serialized_start=1075
+  _globals['_TRANSFERMODEL']._serialized_end=1149
+  _globals['_KVCACHEEVENTS']._serialized_start=1151
+  _globals['_KVCACHEEVENTS']._serialized_end=1246
+  _globals['_REPORTLOADREQUEST']._serialized_start=1249
+  _globals['_REPORTLOADREQUEST']._serialized_end=1771
+  _globals['_REPORTLOADRESPONSE']._serialized_start=1773
+  _globals['_REPORTLOADRESPONSE']._serialized_end=1888
+  _globals['_KVSTOREINFO']._serialized_start=1890
+  _globals['_KVSTOREINFO']._serialized_end=1984
+  _globals['_REGISTERKVSTOREREQUEST']._serialized_start=1986
+  _globals['_REGISTERKVSTOREREQUEST']._serialized_end=2049
+  _globals['_REGISTERKVSTORERESPONSE']._serialized_start=2051
+  _globals['_REGISTERKVSTORERESPONSE']._serialized_end=2104
+  _globals['_KVSTOREEVENTS']._serialized_start=2106
+  _globals['_KVSTOREEVENTS']._serialized_end=2203
+  _globals['_REPORTKVSTOREREQUEST']._serialized_start=2206
+  _globals['_REPORTKVSTOREREQUEST']._serialized_end=2413
+  _globals['_REPORTKVSTORERESPONSE']._serialized_start=2415
+  _globals['_REPORTKVSTORERESPONSE']._serialized_end=2489
+  _globals['_REGISTRY']._serialized_start=2711
+  _globals['_REGISTRY']._serialized_end=3057
 # @@protoc_insertion_point(module_scope)

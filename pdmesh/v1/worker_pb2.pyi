@@ -42,7 +42,7 @@ class WorkerCapacity(_message.Message):
     def __init__(self, num_kv_blocks_total: _Optional[int] = ..., max_num_running_requests: _Optional[int] = ..., max_num_batched_tokens: _Optional[int] = ..., max_model_len_tokens: _Optional[int] = ...) -> None: ...
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("worker_id", "role", "address", "kv_transfer_address", "model", "kv_layout", "capacity", "device", "version")
+    __slots__ = ("worker_id", "role", "address", "kv_transfer_address", "model", "kv_layout", "capacity", "device", "version", "device_id")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -52,6 +52,7 @@ class WorkerInfo(_message.Message):
     CAPACITY_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     role: WorkerRole
     address: str
@@ -61,7 +62,8 @@ class WorkerInfo(_message.Message):
     capacity: WorkerCapacity
     device: str
     version: str
-    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[WorkerRole, str]] = ..., address: _Optional[str] = ..., kv_transfer_address: _Optional[str] = ..., model: _Optional[str] = ..., kv_layout: _Optional[_Union[_common_pb2.KVLayout, _Mapping]] = ..., capacity: _Optional[_Union[WorkerCapacity, _Mapping]] = ..., device: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
+    device_id: str
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[WorkerRole, str]] = ..., address: _Optional[str] = ..., kv_transfer_address: _Optional[str] = ..., model: _Optional[str] = ..., kv_layout: _Optional[_Union[_common_pb2.KVLayout, _Mapping]] = ..., capacity: _Optional[_Union[WorkerCapacity, _Mapping]] = ..., device: _Optional[str] = ..., version: _Optional[str] = ..., device_id: _Optional[str] = ...) -> None: ...
 
 class RegisterWorkerRequest(_message.Message):
     __slots__ = ("worker",)

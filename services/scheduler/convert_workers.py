@@ -33,6 +33,7 @@ def worker_info_from_pb(pb: worker_pb2.WorkerInfo) -> WorkerInfo:
         ),
         device=pb.device,
         version=pb.version,
+        device_id=pb.device_id,
     )
 
 
@@ -47,6 +48,7 @@ def worker_info_to_pb(info: WorkerInfo) -> worker_pb2.WorkerInfo:
         capacity=worker_pb2.WorkerCapacity(**dataclasses.asdict(info.capacity)),
         device=info.device,
         version=info.version,
+        device_id=info.device_id,
     )
 
 

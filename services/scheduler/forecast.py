@@ -22,6 +22,7 @@ time after admission as `step_bound_ms` here.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
 
@@ -78,11 +79,45 @@ class Prefill:
     steps: int  # engine steps the prompt takes
     transfer_ms: float  # exposed push (0 locally)
     calibrated: bool  # its duration is evidence enough to refuse on (WorkerPredictors.calibrated)
+    device_work_ms: float = 0.0  # all prompt work queued on its device (any worker's, any priority): it
+    # stalls the decode batches there anyway
+    pace: float = 1.0  # its duration against the same steps on a device of its own (DeviceLoad.pace)
 
     @property
     def ready_ms(self) -> float:
         """From now to its first token (without the fixed overhead)."""
         return self.wait_ms + self.duration_ms + self.transfer_ms
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceLoad:
+    """What the other workers on a worker's device (Registry.sharing: they time-slice one GPU) put
+    on it, as its forecasts count it: their queued prompt work runs on the device before a prompt
+    placed now, and while their decode batches step, the device's time is shared with them."""
+
+    queued_ms: float = 0.0  # their prompt work ahead of the request (its priority or higher)
+    queued_all_ms: float = 0.0  # all of it, whatever its priority: it stalls decode batches there anyway
+    decoding: int = 0  # how many of them run a decode batch
+
+    @property
+    def pace(self) -> float:
+        """How much longer work takes here than alone: the device's time shared equally (processor
+        sharing, as a GPU time-slices contexts) with each decode batch stepping beside it."""
+        return 1.0 + self.decoding
+
+
+NO_SHARING = DeviceLoad()
+
+
+def device_load(others: Sequence[Worker], ledger: Ledger, request: Request, now: float) -> DeviceLoad:
+    """The load of `others` (the workers sharing a device with the one forecast) on that device."""
+    if not others:
+        return NO_SHARING
+    queues = [ledger.queue(w.worker_id) for w in others]
+    decoding = sum(1 for w in others if any(m.decode_started is not None for m in ledger.members(w.worker_id)))
+    return DeviceLoad(
+        sum(q.wait_ms(now, request.priority) for q in queues), sum(q.wait_ms(now) for q in queues), decoding
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +133,7 @@ class DecodeSide:
     local_wait_ms: float  # its own prefill queue (local prefills placed on it) ahead of the request
     local_work_ms: float  # all of that queue, whatever its priority: what will stall its batch anyway
     calibrated: bool  # the step after admission is evidence enough to refuse on (WorkerPredictors.calibrated)
+    device: DeviceLoad  # what the workers sharing its device put on it (NO_SHARING: none)
 
     @property
     def fits(self) -> bool:
@@ -120,31 +156,40 @@ class DecodeSide:
         return Check.MEMBERS if tightest > 0 and step > tightest else None
 
 
-def prefill_on(worker: Worker, ledger: Ledger, request: Request, cached: int, now: float) -> Prefill:
-    """The request's prompt computed on a prefill worker, then pushed."""
+def prefill_on(
+    worker: Worker, ledger: Ledger, request: Request, cached: int, now: float, device: DeviceLoad = NO_SHARING
+) -> Prefill:
+    """The request's prompt computed on a prefill worker, then pushed; on a shared device after the
+    prompt work queued there and at the device's pace."""
     model = worker.predictors.step
     budget = worker.info.capacity.max_num_batched_tokens or DEFAULT_BUDGET_TOKENS
     uncached = max(1, request.prompt_tokens - cached)
     shape, steps = prefill_steps(uncached, request.prompt_tokens - uncached, budget)
     compute = model.step_ms(shape, steps)
     push = worker.predictors.transfer.transfer_ms(request.prompt_tokens * worker.info.kv_layout.bytes_per_token)
-    wait = ledger.queue(worker.worker_id).wait_ms(now, request.priority)
-    return Prefill(worker, cached, wait, compute, compute, steps, push, worker.predictors.calibrated_for(shape))
+    queue = ledger.queue(worker.worker_id)
+    return Prefill(
+        worker, cached, queue.wait_ms(now, request.priority) + device.queued_ms, compute * device.pace, compute, steps,
+        push, worker.predictors.calibrated_for(shape), queue.wait_ms(now) + device.queued_all_ms, device.pace,
+    )  # fmt: skip
 
 
-def decode_side(worker: Worker, ledger: Ledger, request: Request, now: float, headroom: float) -> DecodeSide:
+def decode_side(
+    worker: Worker, ledger: Ledger, request: Request, now: float, headroom: float, device: DeviceLoad = NO_SHARING
+) -> DecodeSide:
+    """Its batch now and after admission; on a shared device its steps at the device's pace."""
     model = worker.predictors.step
     batch = ledger.batch(worker.worker_id)
     n, context = len(batch), batch.context_tokens
-    step_now = model.decode_step_ms(n, context)
+    step_now = model.decode_step_ms(n, context) * device.pace
     after = StepShape(0, 0, n + 1, context + request.mean_context)
-    step_after = model.step_ms(after)
+    step_after = model.step_ms(after) * device.pace
     error = worker.predictors.relative_error
     return DecodeSide(
         worker, batch, step_now, step_after, ledger.margins.bound_ms(Outcome.TPOT, worker.worker_id, step_after, error),
         room_wait_ms(worker, batch, request, step_now, now, headroom),
         ledger.queue(worker.worker_id).wait_ms(now, request.priority), ledger.queue(worker.worker_id).wait_ms(now),
-        worker.predictors.calibrated_for(after),
+        worker.predictors.calibrated_for(after), device,
     )  # fmt: skip
 
 
@@ -182,20 +227,23 @@ def local_prefill(side: DecodeSide, request: Request, cached: int) -> Prefill:
     n, context = len(side.batch), side.batch.context_tokens
     shape, steps = prefill_steps(uncached, request.prompt_tokens - uncached, budget, n, context)
     mixed = model.step_ms(shape, steps)
-    gain = mixed - steps * side.step_now_ms if n else mixed
+    device = side.device
+    gain = mixed - steps * side.step_now_ms / device.pace if n else mixed
     return Prefill(
-        worker, cached, side.local_wait_ms, mixed, gain, steps, 0.0, worker.predictors.calibrated_for(shape)
-    )
+        worker, cached, side.local_wait_ms + device.queued_ms, mixed * device.pace, gain, steps, 0.0,
+        worker.predictors.calibrated_for(shape), side.local_work_ms + device.queued_all_ms, device.pace,
+    )  # fmt: skip
 
 
 def stall_fits(side: DecodeSide, prefill: Prefill, now: float, factor: float = 1.0) -> bool:
-    """Whether every member with a TPOT target can absorb a local prefill's stall: its remaining
-    tokens at the new step time (its bound) plus the stall stay within its target. The stall is the
-    prompt's compute and the local prefills already queued there (they stall the same members: each
-    admitted alone would fit, a burst of them not), times `factor` (how much the worker's TTFT bound
-    grows per forecast millisecond). The queued ones count whole (their steps' decode rows
-    included), which errs on the side of the running requests."""
-    stall = (side.local_work_ms + prefill.compute_ms) * factor
+    """Whether every member with a TPOT target can absorb a prefill's stall on its device (a local
+    prefill, or one on a prefill worker sharing its GPU): its remaining tokens at the new step time
+    (its bound) plus the stall stay within its target. The stall is the prompt's compute and the
+    prompt work already queued on the device (it stalls the same members: each admitted alone would
+    fit, a burst of them not), times `factor` (how much the worker's TTFT bound grows per forecast
+    millisecond). The queued work counts whole (its steps' decode rows included), which errs on
+    the side of the running requests."""
+    stall = (prefill.device_work_ms + prefill.compute_ms) * factor
     if prefill.compute_ms <= 0 or side.batch.min_tpot_ms <= 0 or not (prefill.calibrated and side.calibrated):
         return True  # an uncalibrated forecast (the stall's or the step's) refuses nothing
     for member in side.batch.members.values():

@@ -108,6 +108,7 @@ class Registry:
         # worker that falls silent leaves the list that much later), not a scan of every worker per
         # report — with 1,000 workers reporting every 500 ms that scan was ~2M checks a second.
         self._changes = 0
+        self._devices: dict[str, set[str]] = {}  # device_id -> the workers on it (WorkerInfo.device_id)
         self._decode_listeners: dict[KVLayout, tuple[int, float, list[str]]] = {}
 
     async def register(self, info: WorkerInfo) -> Worker:
@@ -129,6 +130,7 @@ class Registry:
         (carried over, those counts would never come down)."""
         old = self.workers.pop(info.worker_id, None)
         if old is not None:
+            self._devices.get(old.info.device_id, set()).discard(info.worker_id)
             self._layouts[old.info.kv_layout] -= 1
             if not self._layouts[old.info.kv_layout]:
                 del self._layouts[old.info.kv_layout]
@@ -138,6 +140,8 @@ class Registry:
         else:
             worker = Worker(info, worker_channel, self.calibration.for_worker(info.device, info.model), now, now)
         self.workers[info.worker_id] = worker
+        if info.device_id:
+            self._devices.setdefault(info.device_id, set()).add(info.worker_id)
         self.index.forget(info.worker_id)  # its first report is a snapshot
         self._layouts[info.kv_layout] += 1
         self._changes += 1
@@ -222,6 +226,15 @@ class Registry:
             w for w in self.workers.values()
             if w.role is role and not w.draining and not self.is_stale(w) and id(w) not in skip
         ]  # fmt: skip
+
+    def sharing(self, worker: Worker) -> list[Worker]:
+        """The other workers on `worker`'s device (it time-slices them), dead ones left out; none for
+        a worker that names no device. Sorted by id: forecasts never depend on registration order."""
+        ids = self._devices.get(worker.info.device_id) if worker.info.device_id else None
+        if not ids or len(ids) < 2:
+            return []
+        others = (self.workers[i] for i in sorted(ids) if i != worker.worker_id and i in self.workers)
+        return [w for w in others if not w.dead]
 
     def kv_peers(self, worker_id: str) -> list[str]:
         """The KV listeners a worker may push to, which it connects to ahead of any ticket: for a

@@ -33,6 +33,7 @@ class WorkerInfo:
     capacity: Capacity
     device: str = ""
     version: str = ""
+    device_id: str = ""  # the physical device, shared by co-resident workers ("": shares with none)
 
     @property
     def kv_capacity_tokens(self) -> int:

@@ -78,9 +78,11 @@ from pdmesh.enums import WorkerRole
 from services.scheduler.forecast import (
     Check,
     DecodeSide,
+    DeviceLoad,
     Prefill,
     Request,
     decode_side,
+    device_load,
     first_departure_ms,
     local_prefill,
     prefill_on,
@@ -131,7 +133,8 @@ class Plan:
     def idle_unavoidable_ms(self) -> float:
         """The same on an idle worker: what says a target can never be met (the model is fitted under
         the worker's current load; predictor.WorkerPredictors.idle_factor)."""
-        return self.unavoidable_ms * self.prefill.worker.predictors.idle_factor
+        alone = self.unavoidable_ms - self.prefill.duration_ms * (1 - 1 / self.prefill.pace)  # no neighbour's steps
+        return alone * self.prefill.worker.predictors.idle_factor
 
     @property
     def cost_ms(self) -> float:
@@ -200,17 +203,26 @@ class SloPolicy:
         prefill = _union(self._least(pool, WorkerRole.PREFILL, k), prefill_cached)
         if not decode:
             raise no_decode_worker()
-        sides = [decode_side(w, self.ledger, request, now, self.settings.kv_headroom) for w in decode]
+        devices = {w: self._device(w, request, now) for w in (*decode, *prefill)}
+        sides = [decode_side(w, self.ledger, request, now, self.settings.kv_headroom, devices[w]) for w in decode]
         plans = [self._local(side, request, decode_cached.get(side.worker, 0), now) for side in sides]
         by_layout: dict[KVLayout, list[DecodeSide]] = {}  # a prefill worker hands off within its layout
         for side in sorted(sides, key=lambda side: side.step_after_ms):
             by_layout.setdefault(side.worker.info.kv_layout, []).append(side)
         for worker in prefill:
-            p = prefill_on(worker, self.ledger, request, prefill_cached.get(worker, 0), now)
-            plan = self._handoff(p, by_layout.get(worker.info.kv_layout, []), request)
+            p = prefill_on(worker, self.ledger, request, prefill_cached.get(worker, 0), now, devices[worker])
+            stalled = [side for side in sides if side.worker in self._sharing(worker)]
+            plan = self._handoff(p, by_layout.get(worker.info.kv_layout, []), request, stalled, now)
             if plan is not None:
                 plans.append(plan)
         return plans, sides
+
+    def _sharing(self, worker: Worker) -> list[Worker]:
+        return self.registry.sharing(worker)
+
+    def _device(self, worker: Worker, request: Request, now: float) -> DeviceLoad:
+        """What the workers sharing its device (a GPU time-slices them) put on it."""
+        return device_load(self._sharing(worker), self.ledger, request, now)
 
     def _least(self, pool: Pool, role: WorkerRole, k: int) -> list[Worker]:
         heap = self.ledger.by_batch if role is WorkerRole.DECODE else self.ledger.by_queue
@@ -250,17 +262,24 @@ class SloPolicy:
             failed = Check.STALL
         return Plan(prefill, side, True, ttft, side.step_after_ms, bound, margin, failed)
 
-    def _handoff(self, prefill: Prefill, sides: list[DecodeSide], request: Request) -> Plan | None:
+    def _handoff(
+        self, prefill: Prefill, sides: list[DecodeSide], request: Request, stalled: list[DecodeSide], now: float
+    ) -> Plan | None:
         """The hand-off to the first of `sides` (fastest step first) that can take the request in
-        time; else, infeasible, to the one giving the earliest first token (a refusal reads it)."""
+        time; else, infeasible, to the one giving the earliest first token (a refusal reads it). The
+        decode batches on the prefill worker's own device (`stalled`) pay for its prompt as for a
+        local prefill: their TPOT targets must absorb the stall."""
         fallback: Plan | None = None
         margin = self._ttft_margin(prefill.worker)
+        stall_ok = all(stall_fits(side, prefill, now, margin.slope) for side in stalled)
         for side in sides:
             ttft = self._ttft_ms(prefill, side)
             bound = margin.ms(ttft)
             # Local prefills still queued on the decode worker when the request joins stall its decode.
             stall = max(0.0, side.local_wait_ms - ttft)
             failed = _failure(side, request, bound, prefill, margin, stall)
+            if failed is None and not stall_ok:
+                failed = Check.STALL
             tpot = side.step_after_ms + stall / max(1, request.max_tokens - 1)
             plan = Plan(prefill, side, False, ttft, tpot, bound, margin, failed)
             if failed is None:

@@ -135,4 +135,5 @@ def worker_info_to_pb(config: WorkerConfig, engine: Engine, kv_address: str, por
         ),  # fmt: skip
         device=config.engine.device,
         version=pdmesh.__version__,
+        device_id=engine.device_id,
     )

@@ -28,7 +28,8 @@ LAYOUT = KVLayout("fp", "float16", 16, 2, 2, 8)
 
 class Cluster:
     """A registry of workers that never report load, the ledger, and the slo policy over them, on
-    a clock the test sets."""
+    a clock the test sets; `device_id`: every worker on that one device (a shared GPU), "": each on
+    its own."""
 
     def __init__(
         self,
@@ -37,6 +38,7 @@ class Cluster:
         kv_tokens: int = 1 << 20,
         profile: bool = True,
         wait_weight: float = SloSettings.wait_weight,
+        device_id: str = "",
     ) -> None:
         self.now = 100.0
         # Without the profile the workers' models start from nothing and learn from their reports.
@@ -49,7 +51,8 @@ class Cluster:
         for role, count in ((WorkerRole.PREFILL, prefill), (WorkerRole.DECODE, decode)):
             for i in range(count):
                 name = f"{role.value}-{i}"
-                self.registry.add(WorkerInfo(name, role, f"test://{name}", "", "m", LAYOUT, capacity, "dev"), None)
+                info = WorkerInfo(name, role, f"test://{name}", "", "m", LAYOUT, capacity, "dev", device_id=device_id)
+                self.registry.add(info, None)
 
     def running(self, decode: str, count: int, tpot_ms: float, prompt: int = 1000, max_tokens: int = 100) -> None:
         """`count` requests decoding on `decode` since now, each with its TPOT target."""
