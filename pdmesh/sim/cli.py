@@ -45,6 +45,9 @@ def add_sim_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[typ
     m.add_argument("--candidates", type=int, default=SloConfig.candidates, help="slo: workers forecast per role")
     m.add_argument("--wait-weight", type=float, default=SloConfig.wait_weight,
                    help="slo: compute-ms a ms of a request's extra wait for its first token costs (0: compute alone)")
+    m.add_argument("--gpus", type=int, default=0,
+                   help="the workers share this many simulated GPUs, placed as `pdmesh up` places them, each "
+                        "time-slicing its workers (default: a GPU each)")  # fmt: skip
     m.add_argument("--report-interval-ms", type=float, default=500.0, help="workers' load reports")
     w = p.add_argument_group("workload")
     w.add_argument("--trace", type=Path, default=None, help="a Mooncake-format JSONL trace")
@@ -102,8 +105,10 @@ def _run(args: argparse.Namespace, console: Console) -> SimReport:
             default_ttft_ms=args.slo_ttft_ms, default_tpot_ms=args.slo_tpot_ms, candidates=args.candidates,
             wait_weight=args.wait_weight,
         ),
-        use_prior=args.prior, report_interval_s=args.report_interval_ms / 1000, seed=args.seed,
+        use_prior=args.prior, report_interval_s=args.report_interval_ms / 1000, seed=args.seed, gpus=args.gpus,
     )  # fmt: skip
+    if args.gpus < 0:
+        raise ValueError("--gpus: a count of GPUs; 0 (the default) gives every worker its own")
     if min(args.prefill, args.decode) < 0 or args.decode < 1:
         raise ValueError("--decode: the mesh needs at least one decode worker (and no negative counts)")
     report = SimReport(_command(), spec, slo, args.attainment, unit, [], {}, time.time())

@@ -50,6 +50,9 @@ class MeshSpec:
     slo: SloConfig  # the defaults every request gets, and the slo policy's settings
     use_prior: bool = True  # the scheduler starts from the profile (PDMESH_SLO_PROFILE) or from nothing
     report_interval_s: float = 0.5
+    # >0: the workers share this many GPUs, placed as `pdmesh up` places them (decode workers from GPU
+    # 0 up, prefill workers from the last down), each GPU time-slicing its workers (processor sharing)
+    gpus: int = 0
     queue_timeout_s: float = 30.0
     local_prefill_max_tokens: int = 32
     seed: int = 0
@@ -84,15 +87,21 @@ class SimMesh:
         # shape weighs a token's KV as the profile does (float32, one layer, one head).
         layout = KVLayout(f"sim:{profile.name}", "float32", spec.block_tokens, 1, 1, profile.kv_bytes_per_token // 8)
         cores = SharedCores(self.loop, profile.shared_cores) if profile.shared_cores > 0 else Cores(self.loop)
+        gpus = [SharedCores(self.loop, 1.0) for _ in range(spec.gpus)]
         for i in range(spec.num_prefill):
+            gpu = spec.gpus - 1 - i % spec.gpus if gpus else -1
             self._add(SimPrefill(self.loop, f"prefill-{i}", profile, profile.prefill, spec.block_tokens,
-                                 spec.seed * 100_003 + i, cores, on_prefilled=self._prefilled), layout)  # fmt: skip
+                                 spec.seed * 100_003 + i, gpus[gpu] if gpus else cores,
+                                 on_prefilled=self._prefilled), layout, gpu)  # fmt: skip
         for i in range(spec.num_decode):
+            gpu = i % spec.gpus if gpus else -1
             self._add(SimDecode(self.loop, f"decode-{i}", profile, profile.decode, spec.block_tokens,
-                                spec.seed * 100_003 + 50_000 + i, cores, on_first_token=self._first_token,
-                                on_finished=self._finished), layout)  # fmt: skip
+                                spec.seed * 100_003 + 50_000 + i, gpus[gpu] if gpus else cores,
+                                on_first_token=self._first_token, on_finished=self._finished), layout, gpu)  # fmt: skip
 
-    def _add(self, worker: SimWorker, layout: KVLayout) -> None:
+    def _add(self, worker: SimWorker, layout: KVLayout, gpu: int = -1) -> None:
+        if gpu >= 0:
+            worker.device_id = f"sim/gpu-{gpu}"
         self.workers[worker.worker_id] = worker
         self.registry.add(worker.info(layout), None)
         self._snapshot[worker.worker_id] = True

@@ -86,13 +86,17 @@ class SimWorker:
         self.stepping = False
         self.report_seq = 0
         self._rng = random.Random(seed)
+        self.device_id = ""  # the simulated GPU it shares with others ("": a device of its own)
 
     def info(self, layout: KVLayout) -> WorkerInfo:
         capacity = Capacity(
             self.limits.kv_capacity_tokens // self.block_tokens, self.limits.max_running,
             self.limits.max_batched_tokens, 1 << 30,
         )  # fmt: skip
-        return WorkerInfo(self.worker_id, self.role, f"sim://{self.worker_id}", "", "sim", layout, capacity, "sim")
+        return WorkerInfo(
+            self.worker_id, self.role, f"sim://{self.worker_id}", "", "sim", layout, capacity, "sim",
+            device_id=self.device_id,
+        )  # fmt: skip
 
     def report(self, snapshot: bool) -> LoadReport:
         self.report_seq += 1

@@ -72,7 +72,6 @@ import math
 from dataclasses import dataclass
 
 from engine.kv_layout import KVLayout
-from engine.step_samples import StepShape
 from pdmesh.config import PolicyName
 from pdmesh.enums import WorkerRole
 from services.scheduler.forecast import (
@@ -90,6 +89,9 @@ from services.scheduler.forecast import (
 )
 from services.scheduler.ledger import DecodeBatch, Ledger
 from services.scheduler.margin import Bound, Margins, MarginSettings, Outcome
+from services.scheduler.plan import Plan
+from services.scheduler.plan import out_of_reach as plan_out_of_reach
+from services.scheduler.plan import why as plan_why
 from services.scheduler.policy import Placement, Pool, RequestShape, no_decode_worker
 from services.scheduler.registry import Registry, Worker
 from services.status import SloOutOfReach, SloUnattainable
@@ -107,38 +109,6 @@ class SloSettings:
     retry_min_s: float = 0.05  # bounds of the retry hint of a refusal
     retry_max_s: float = 60.0
     margins: MarginSettings = MarginSettings()  # the error margins forecasts are bounded by
-
-
-@dataclass(frozen=True, slots=True)
-class Plan:
-    prefill: Prefill
-    decode: DecodeSide
-    local: bool
-    ttft_ms: float  # the mean forecasts (what the outcomes are scored against)
-    tpot_ms: float
-    ttft_bound_ms: float  # the TTFT forecast's upper bound: what the target is checked against
-    ttft_margin: Bound  # the prefilling worker's margin the bound came from
-    failed: Check | None  # the first check it failed; None: feasible
-
-    @property
-    def feasible(self) -> bool:
-        return self.failed is None
-
-    @property
-    def unavoidable_ms(self) -> float:
-        """The part of its TTFT no waiting removes: the prompt's steps, the push, the overhead."""
-        return self.ttft_ms - max(self.prefill.wait_ms, self.decode.room_wait_ms)
-
-    @property
-    def idle_unavoidable_ms(self) -> float:
-        """The same on an idle worker: what says a target can never be met (the model is fitted under
-        the worker's current load; predictor.WorkerPredictors.idle_factor)."""
-        alone = self.unavoidable_ms - self.prefill.duration_ms * (1 - 1 / self.prefill.pace)  # no neighbour's steps
-        return alone * self.prefill.worker.predictors.idle_factor
-
-    @property
-    def cost_ms(self) -> float:
-        return self.prefill.compute_ms + self.prefill.transfer_ms
 
 
 class SloPolicy:
@@ -294,13 +264,13 @@ class SloPolicy:
         self, shape: RequestShape, request: Request, plans: list[Plan], sides: list[DecodeSide], now: float
     ) -> SloUnattainable | SloOutOfReach:
         s = self.settings
-        out_of_reach = _out_of_reach(shape, request, plans, sides, self.margins.settings)
+        out_of_reach = plan_out_of_reach(shape, request, plans, sides, self.margins.settings)
         if out_of_reach is not None:
             return out_of_reach
         # A retry comes with its whole TTFT target again.
         soonest = self._soonest_ms(dataclasses.replace(request, ttft_ms=shape.ttft_ms), plans, sides, now)
         best = min(plans, key=lambda p: p.ttft_bound_ms, default=None)
-        why = "no worker is live for it" if best is None else _why(best, request, shape)
+        why = "no worker is live for it" if best is None else plan_why(best, request, shape)
         if math.isinf(soonest):
             return SloOutOfReach(
                 "slo", f"no plan can meet the request's SLO, even on idle workers: {why}",
@@ -345,56 +315,6 @@ class SloPolicy:
         if worker is None:
             return float(len(batch))
         return worker.predictors.step.decode_step_ms(len(batch), batch.context_tokens)
-
-
-def _why(plan: Plan, request: Request, shape: RequestShape) -> str:
-    """What a refusal says of the plan predicted to give the first token soonest: its forecasts and
-    bounds against the targets, and which check refused it."""
-    where = f"on {plan.decode.worker.worker_id}" if plan.local else (
-        f"{plan.prefill.worker.worker_id} -> {plan.decode.worker.worker_id}"
-    )  # fmt: skip
-    full = f", its decode worker full for {plan.decode.room_wait_ms:.0f} ms" if plan.decode.room_wait_ms > 0 else ""
-    tightest = plan.decode.batch.min_tpot_ms
-    members = f", its batch's tightest target {tightest:g} ms" if tightest > 0 else ""
-    refused = plan.failed.value if plan.failed is not None else "none failed"
-    return (
-        f"the best plan ({where}) predicts TTFT {plan.ttft_ms:.0f} ms (bound {plan.ttft_bound_ms:.0f} ms) and TPOT "
-        f"{plan.tpot_ms:.1f} ms (step bound {plan.decode.step_bound_ms:.1f} ms) against targets "
-        f"{request.ttft_ms:.0f} ms left / {shape.tpot_ms or 'none'} ms{members}{full}; refused because {refused}"
-    )  # fmt: skip
-
-
-def _out_of_reach(
-    shape: RequestShape, request: Request, plans: list[Plan], sides: list[DecodeSide], margins: MarginSettings
-) -> SloOutOfReach | None:
-    """The refusal of a target no idle worker could meet (mean forecasts, not bounds, scaled to an
-    idle worker's pace: a worker slowed by load now is not "never"): the prompt's steps alone exceed
-    the TTFT target on every plan, or a lone decode step exceeds the TPOT target on every decode
-    worker. No forecast is
-    bounded below the margins' floors, so a target under a floor is never met either. Only
-    calibrated forecasts say "never": a guess refuses nothing."""
-    if shape.ttft_ms > 0 and plans and all(p.prefill.calibrated for p in plans):
-        fastest = min(p.idle_unavoidable_ms for p in plans)
-        if max(fastest, margins.ttft_floor_ms) > shape.ttft_ms:
-            floor = f", and no first token is bounded below {margins.ttft_floor_ms:g} ms (the margins' floor)"
-            return SloOutOfReach(
-                "slo.ttft_ms", f"is {shape.ttft_ms:g} ms, and the fastest plan is predicted to need {fastest:.0f} ms "
-                f"for the prompt alone ({shape.prompt_tokens} tokens) even on an idle worker"
-                f"{floor if fastest <= shape.ttft_ms else ''}",
-                f"allow at least {math.ceil(max(fastest, margins.ttft_floor_ms))} ms or shorten the prompt; retrying "
-                "will not help",
-            )  # fmt: skip
-    lone = StepShape(0, 0, 1, request.mean_context)
-    if shape.tpot_ms > 0 and sides and all(side.worker.predictors.calibrated_for(lone) for side in sides):
-        alone = min(side.worker.predictors.step.step_ms(lone) * side.worker.predictors.idle_factor for side in sides)
-        alone = max(margins.tpot_floor_ms, alone)  # no step is bounded below the floor
-        if alone > shape.tpot_ms:
-            return SloOutOfReach(
-                "slo.tpot_ms", f"is {shape.tpot_ms:g} ms, and the fastest decode worker is predicted to take "
-                f"{alone:.1f} ms per token even running this request alone",
-                f"allow at least {math.ceil(alone)} ms; retrying will not help",
-            )  # fmt: skip
-    return None
 
 
 def _failure(
