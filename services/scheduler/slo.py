@@ -40,6 +40,21 @@ on the worker: a burst of them, each fitting alone, must fit together), and requ
 target accept the stall as the colocated mesh imposes it — the operator's default_tpot_ms protects
 them.
 
+Workers sharing a device. Two worker processes on one GPU time-slice it: a prompt prefilled by the
+prefill worker is not extra capacity beside the decode worker, it takes the device's time from
+that worker's steps. Each worker names its device (WorkerInfo.device_id: host and GPU UUID) and the
+forecast treats the workers naming one as one device (forecast.DeviceLoad): prompt work queued on
+any of them is ahead of a new prompt on either; a prompt runs at the device's pace, its time shared
+equally with each decode batch stepping there (processor sharing, as the GPU time-slices
+contexts); and a prompt on the prefill worker stalls the decode batches on its GPU as a local
+prefill does, so their TPOT budgets must absorb it (stall_fits). A burst on 1 prefill + 1 decode
+worker on one GPU then sees the same wait on either worker and goes to the cheaper plan — the
+local prefill, no push — as on the colocated mesh; on separate GPUs nothing changes. CPU workers
+name no device: each runs on threads of its own, the OS runs them in parallel while the host has
+cores for them, and where it has not, every worker's measured steps show it (engine/device_identity.py).
+The rule models the device rather than forbidding hand-offs: a prefill worker on a shared GPU still
+takes a prompt whose prefix it holds, or whose plan there costs less.
+
 Guesses refuse nothing. Without a configured profile the step models start from no samples, and
 a forecast counts as evidence only where the samples have exercised it
 (predictor.WorkerPredictors.calibrated_for: enough prompt steps for a prompt's, enough decode steps
