@@ -128,6 +128,7 @@ def cluster_state_from_pb(response: scheduler_pb2.GetClusterStateResponse) -> Cl
             kv_capacity_tokens=w.info.capacity.num_kv_blocks_total * w.info.kv_layout.block_size_tokens,
             max_num_batched_tokens=w.info.capacity.max_num_batched_tokens,
             max_num_running_requests=w.info.capacity.max_num_running_requests,
+            device_id=w.info.device_id,
         )
 
     def store(s: scheduler_pb2.KVStoreState) -> KVStoreState:

@@ -139,6 +139,7 @@ class WorkerState:
     kv_capacity_tokens: int = 0
     max_num_batched_tokens: int = 0
     max_num_running_requests: int = 0
+    device_id: str = ""  # the physical device it computes on, shared by co-resident workers ("": none named)
 
 
 @dataclass(frozen=True)
