@@ -134,6 +134,7 @@ class DecodeSide:
     local_work_ms: float  # all of that queue, whatever its priority: what will stall its batch anyway
     calibrated: bool  # the step after admission is evidence enough to refuse on (WorkerPredictors.calibrated)
     device: DeviceLoad  # what the workers sharing its device put on it (NO_SHARING: none)
+    tpot_floor_ms: float = 0.0  # no step is bounded below this (margin.MarginSettings)
 
     @property
     def fits(self) -> bool:
@@ -146,9 +147,10 @@ class DecodeSide:
     def tpot_failure(self, request: Request, stall_ms: float = 0.0) -> Check | None:
         """Whether the step after admission (its bound) meets the new request's target (with
         `stall_ms` more spread over its tokens), then every member's: the check it fails, if any.
-        An uncalibrated forecast fails nothing: a guess is no reason to refuse."""
+        An uncalibrated forecast fails nothing (a guess is no reason to refuse) but a target under
+        the floor, which no bound is ever below."""
         if not self.calibrated:
-            return None
+            return Check.TPOT if 0 < request.tpot_ms < self.tpot_floor_ms else None
         step = self.step_bound_ms - _TIE_MS  # a forecast equal to the target meets it, whatever the rounding
         if request.tpot_ms > 0 and step + stall_ms / max(1, request.max_tokens - 1) > request.tpot_ms:
             return Check.TPOT
@@ -189,7 +191,7 @@ def decode_side(
         worker, batch, step_now, step_after, ledger.margins.bound_ms(Outcome.TPOT, worker.worker_id, step_after, error),
         room_wait_ms(worker, batch, request, step_now, now, headroom),
         ledger.queue(worker.worker_id).wait_ms(now, request.priority), ledger.queue(worker.worker_id).wait_ms(now),
-        worker.predictors.calibrated_for(after), device,
+        worker.predictors.calibrated_for(after), device, ledger.margins.settings.tpot_floor_ms,
     )  # fmt: skip
 
 

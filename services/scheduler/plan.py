@@ -69,23 +69,29 @@ def out_of_reach(
     """The refusal of a target no idle worker could meet (mean forecasts, not bounds, scaled to an
     idle worker's pace: a worker slowed by load now is not "never"): the prompt's steps alone exceed
     the TTFT target on every plan, or a lone decode step exceeds the TPOT target on every decode
-    worker. No forecast is
-    bounded below the margins' floors, so a target under a floor is never met either. Only
-    calibrated forecasts say "never": a guess refuses nothing."""
-    if shape.ttft_ms > 0 and plans and all(p.prefill.calibrated for p in plans):
-        fastest = min(p.idle_unavoidable_ms for p in plans)
+    worker. Only calibrated forecasts say "never": a guess refuses nothing. No forecast is bounded
+    below the margins' floors, so a target under a floor is never met either, calibrated or not:
+    the floor is configuration, not a forecast."""
+    if shape.ttft_ms > 0 and plans:
+        calibrated = all(p.prefill.calibrated for p in plans)
+        fastest = min(p.idle_unavoidable_ms for p in plans) if calibrated else 0.0
         if max(fastest, margins.ttft_floor_ms) > shape.ttft_ms:
-            floor = f", and no first token is bounded below {margins.ttft_floor_ms:g} ms (the margins' floor)"
+            why = (
+                f"the fastest plan is predicted to need {fastest:.0f} ms for the prompt alone ({shape.prompt_tokens} "
+                "tokens) even on an idle worker" if fastest > shape.ttft_ms
+                else f"no first token is bounded below {margins.ttft_floor_ms:g} ms (the margins' floor)"
+            )  # fmt: skip
             return SloOutOfReach(
-                "slo.ttft_ms", f"is {shape.ttft_ms:g} ms, and the fastest plan is predicted to need {fastest:.0f} ms "
-                f"for the prompt alone ({shape.prompt_tokens} tokens) even on an idle worker"
-                f"{floor if fastest <= shape.ttft_ms else ''}",
+                "slo.ttft_ms", f"is {shape.ttft_ms:g} ms, and {why}",
                 f"allow at least {math.ceil(max(fastest, margins.ttft_floor_ms))} ms or shorten the prompt; retrying "
                 "will not help",
             )  # fmt: skip
     lone = StepShape(0, 0, 1, request.mean_context)
-    if shape.tpot_ms > 0 and sides and all(side.worker.predictors.calibrated_for(lone) for side in sides):
-        alone = min(side.worker.predictors.step.step_ms(lone) * side.worker.predictors.idle_factor for side in sides)
+    if shape.tpot_ms > 0 and sides:
+        alone = 0.0
+        if all(side.worker.predictors.calibrated_for(lone) for side in sides):
+            alone = min(side.worker.predictors.step.step_ms(lone) * side.worker.predictors.idle_factor
+                        for side in sides)  # fmt: skip
         alone = max(margins.tpot_floor_ms, alone)  # no step is bounded below the floor
         if alone > shape.tpot_ms:
             return SloOutOfReach(

@@ -340,11 +340,12 @@ def _failure(
     The TTFT check rests on the prompt's forecast (its queue was booked from such forecasts too);
     when that is a guess (predictor.WorkerPredictors.calibrated_for) the plan is held only to what
     does not rest on it: the wait for room on the decode worker, a decode forecast, when that one
-    is calibrated. A guess is no reason to refuse; the steps of what is admitted calibrate it."""
+    is calibrated. A guess is no reason to refuse; the steps of what is admitted calibrate it. A
+    target under the margins' floor fails whatever the forecast: no bound is ever below the floor."""
     if not side.fits:
         return Check.ROOM
     if request.ttft_ms > 0:
-        if prefill.calibrated and ttft_bound_ms > request.ttft_ms:
+        if ttft_bound_ms > request.ttft_ms and (prefill.calibrated or margin.floor_ms > request.ttft_ms):
             return Check.TTFT
         if side.calibrated and side.room_wait_ms > 0 and margin.ms(side.room_wait_ms) > request.ttft_ms:
             return Check.FULL

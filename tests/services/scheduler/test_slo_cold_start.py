@@ -25,7 +25,7 @@ from pdmesh.enums import WorkerHealth
 from services.scheduler.margin import Outcome
 from services.scheduler.predictor import CALIBRATED_KIND_SAMPLES
 from services.scheduler.reports import LoadReport
-from services.status import SloUnattainable
+from services.status import SloOutOfReach, SloUnattainable
 
 TTFT_MS, TPOT_MS = 3000.0, 50.0
 
@@ -161,3 +161,16 @@ def test_once_calibrated_a_plan_past_the_tpot_of_running_requests_is_refused_and
     assert "refused because the decode step after admission (its bound) exceeds a running request's TPOT" in str(
         refused.value
     )
+
+
+@pytest.mark.parametrize(("ttft_ms", "tpot_ms", "field"), [(1.0, 0.0, "slo.ttft_ms"), (0.0, 0.01, "slo.tpot_ms")])
+def test_a_target_under_the_margins_floor_is_out_of_reach_before_any_sample(
+    ttft_ms: float, tpot_ms: float, field: str
+) -> None:
+    # A guess refuses nothing, but no bound is ever below the floor (margin.py): a 1 ms TTFT or a
+    # 0.01 ms TPOT can never be met, and retrying cannot help, so even a fresh mesh says so.
+    mesh = Mesh()
+    with pytest.raises(SloOutOfReach) as refused:
+        mesh.cluster.place(1000, ttft_ms=ttft_ms, tpot_ms=tpot_ms, max_tokens=16)
+    assert refused.value.field == field
+    assert "retrying will not help" in str(refused.value)
