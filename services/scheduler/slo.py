@@ -58,11 +58,12 @@ takes a prompt whose prefix it holds, or whose plan there costs less.
 Guesses refuse nothing. Without a configured profile the step models start from no samples, and
 a forecast counts as evidence only where the samples have exercised it
 (predictor.WorkerPredictors.calibrated_for: enough prompt steps for a prompt's, enough decode steps
-for a decode step's, and evidence along its own shape). An uncalibrated forecast fails no check and
-is not scored into the margins: on a fresh mesh the first requests were forecast ~0 ms, their
-outcomes taught the TPOT margin a 16x factor, and for the next 30 s every plan's 15 ms step was
-bounded past a 50 ms target (77% of a sustainable load refused in the simulator; 64 of 90 on two
-H100s). An infeasible plan names the first check it failed (forecast.Check), and so does a refusal.
+for a decode step's). An uncalibrated forecast fails no check (but a target under the margins'
+floors, which no forecast is bounded below) and is not scored into the margins: on a fresh mesh
+the first requests were forecast ~0 ms, their outcomes taught the TPOT margin a 16x factor, and
+for the next 30 s every plan's 15 ms step was bounded past a 50 ms target (77% of a sustainable
+load refused in the simulator; 64 of 90 on two H100s). An infeasible plan names the first check it
+failed (forecast.Check), and so does a refusal.
 
 When no plan is feasible the request is refused at once with RESOURCE_EXHAUSTED and the soonest
 time a plan is predicted to become feasible, rather than queued past its SLO; when even idle
