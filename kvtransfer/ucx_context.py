@@ -8,7 +8,6 @@ quirks of starting and stopping it cleanly live here so the transport reads as i
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import threading
 from typing import Any
