@@ -17,7 +17,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 
 import structlog
 from structlog.tracebacks import ExceptionDictTransformer
@@ -96,21 +97,35 @@ def request_context(request_id: str) -> Iterator[None]:
 
 
 class Outage:
-    """One warning when a peer becomes unreachable and one line when it answers again, not a
-    warning per retry: a worker retries its scheduler every half second, and while `pdmesh up`
-    stops the mesh (the scheduler first) that filled the terminal."""
+    """One line when a peer stops answering, one warning if it is still unreachable `grace_s` later,
+    and one line when it answers again — not a warning per retry (a worker retries its scheduler
+    every half second). The grace keeps a moment's absence off the terminal: while `pdmesh up`
+    stops the mesh the scheduler goes first (its streams finish on the workers), and a worker
+    whose report lands before its own stop found nobody there; a restarted scheduler is back
+    within seconds too. Only an outage that lasts is a warning."""
 
-    def __init__(self, peer: str) -> None:
+    def __init__(self, peer: str, grace_s: float = 5.0, clock: Callable[[], float] = time.monotonic) -> None:
         self.peer = peer
-        self.down = False
+        self.grace_s = grace_s
+        self._clock = clock
+        self._down_since: float | None = None
+        self._warned = False
         self._log = structlog.get_logger("services.outage")
 
+    @property
+    def down(self) -> bool:
+        return self._down_since is not None
+
     def failed(self, **fields: object) -> None:
-        if not self.down:
-            self.down = True
-            self._log.warning(f"{self.peer} unreachable; retrying", **fields)
+        now = self._clock()
+        if self._down_since is None:
+            self._down_since = now
+            self._log.info(f"{self.peer} unreachable; retrying", **fields)
+        elif not self._warned and now - self._down_since >= self.grace_s:
+            self._warned = True
+            self._log.warning(f"{self.peer} still unreachable after {now - self._down_since:.0f} s; retrying", **fields)
 
     def answered(self) -> None:
-        if self.down:
-            self.down = False
+        if self._down_since is not None:
+            self._down_since, self._warned = None, False
             self._log.info(f"{self.peer} reachable again")

@@ -160,10 +160,8 @@ def test_the_demo_reads_cleanly_from_start_to_stop(tmp_path: Path) -> None:
     assert "> What is the capital of France?\nThe capital of France is Paris.\n[8 tokens; TTFT" in out, up.report()
     assert "{" not in out, f"no log line inside the answer\n{up.report()}"
     # A worker whose report lands in the moment between the scheduler's exit and its own stop
-    # warns, once (not at every retry).
-    unreachable = [line for line in up.err if '"event": "scheduler unreachable; retrying"' in line]
-    assert len(unreachable) <= 3, f"one warning per worker and store at most:\n{err}"
-    shown = "".join(line for line in up.err if line not in unreachable)
-    for noise in ("WARN", "Traceback", "never awaited", "was destroyed", '"level": "error"'):
+    # finds nobody there: a moment's absence, kept in the full logs but off the terminal.
+    shown = "".join(up.err)
+    for noise in ("WARN", "unreachable", "Traceback", "never awaited", "was destroyed", '"level": "error"'):
         assert noise not in shown, f"{noise!r} on the terminal:\n{err}"
     assert (tmp_path / "decode-0.log").read_text().count('"event": "stopped"') == 1, "the full logs are kept"

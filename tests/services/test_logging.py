@@ -7,8 +7,9 @@ import logging
 
 import pytest
 import structlog
+import structlog.testing
 
-from services.logging import configure_logging
+from services.logging import Outage, configure_logging
 
 
 def test_an_exception_is_logged_with_its_traceback_and_without_the_frames_locals(
@@ -31,3 +32,24 @@ def test_an_exception_is_logged_with_its_traceback_and_without_the_frames_locals
         text = json.dumps(line)
         assert "illegal memory access" in text and "failing_step" in text
         assert "private prompt" not in text and "secret_prompt" not in text
+
+
+def test_an_outage_warns_once_it_lasts_and_a_moments_absence_stays_off_the_terminal() -> None:
+    now = [0.0]
+    outage = Outage("scheduler", grace_s=5.0, clock=lambda: now[0])
+    with structlog.testing.capture_logs() as logs:
+        for t in (0.0, 0.5, 1.0):  # the scheduler stopped first; the worker stops a second later
+            now[0] = t
+            outage.failed(code="UNAVAILABLE")
+        outage.answered()
+        for t in (10.0, 10.5, 15.0, 15.5, 20.0):  # an outage that lasts
+            now[0] = t
+            outage.failed(code="UNAVAILABLE")
+        outage.answered()
+    assert [(entry["log_level"], entry["event"]) for entry in logs] == [
+        ("info", "scheduler unreachable; retrying"),
+        ("info", "scheduler reachable again"),
+        ("info", "scheduler unreachable; retrying"),
+        ("warning", "scheduler still unreachable after 5 s; retrying"),
+        ("info", "scheduler reachable again"),
+    ]
