@@ -5,9 +5,9 @@ Why C through ctypes rather than a torch C++ extension: a file that includes tor
 takes a minute to compile on a 2-core machine, every time the source or torch changes; these
 include nothing beyond libc and compile in a fraction of a second. Each shared object is cached
 per user under ~/.cache/pdmesh/kernels (else a private directory under the temp directory),
-named by a hash of its source, the compiler, the flags and the CPU's feature flags (it is built
-with -march=native). ctypes releases the GIL for each call, so a worker's event loop runs while
-a kernel does.
+named by a hash of its source and the headers beside it (kernels/cpu_bf16.h), the compiler, the
+flags and the CPU's feature flags (it is built with -march=native). ctypes releases the GIL for
+each call, so a worker's event loop runs while a kernel does.
 
 Where nothing can be built (no compiler, no writable directory) load_library raises BuildError
 and the callers keep their torch paths.
@@ -53,7 +53,9 @@ def _build(source: Path, extra_flags: Sequence[str]) -> Path:
     compiler = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if compiler is None:
         raise BuildError("no C compiler (cc, gcc or clang) on PATH")
-    text, error = source.read_bytes(), ""
+    # The headers beside the source count: a kernel that includes one is rebuilt when it changes.
+    text = b"\0".join(p.read_bytes() for p in [source, *sorted(source.parent.glob("*.h"))])
+    error = ""
     for rung in _LADDER:
         flags = [*rung, *_FLAGS, *extra_flags]
         key = hashlib.sha256(b"\0".join([text, compiler.encode(), " ".join(flags).encode(), _cpu_flags()]))

@@ -17,6 +17,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "cpu_bf16.h"
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -58,24 +60,6 @@ static inline float hsum(v16f x) {  /* a tree of halves: four dependent adds, no
     memcpy(&hi4, (const char *)&s8 + sizeof lo4, sizeof hi4);
     v4f s4 = lo4 + hi4;
     return (s4[0] + s4[2]) + (s4[1] + s4[3]);
-}
-
-typedef union {
-    uint32_t u;
-    float f;
-} bits32;
-
-static inline float bf16_to_f32(uint16_t h) {
-    bits32 v;
-    v.u = (uint32_t)h << 16;
-    return v.f;
-}
-
-static inline uint16_t f32_to_bf16(float f) {  /* round to nearest even, as torch does */
-    bits32 v;
-    v.f = f;
-    if ((v.u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((v.u >> 16) | 0x40u);  /* NaN stays NaN */
-    return (uint16_t)((v.u + 0x7fffu + ((v.u >> 16) & 1u)) >> 16);
 }
 
 /* exp(x) for x <= 0 (scores minus their maximum), branch-free so that the loop over it vectorises:

@@ -2,29 +2,13 @@
  * transformers' LlamaRMSNorm) op for op: x in float32, mean of squares, rsqrt(mean + eps) as
  * 1 / sqrt, x * that, rounded to the model's dtype, times the weight in that dtype. Only the order
  * of the sum of squares differs from torch's (a few units in the last place of the mean, at
- * most). Compiled with kernels/cpu_decode_attention.c by kernels/cpu_native.py; the torch module
+ * most). Built by kernels/cpu_build.py, called by kernels/cpu_norm.py; the torch module
  * spends ~14 µs a call in nine ops (61 calls a SmolLM2 step), this ~1 µs plus the call.
  */
 #include <math.h>
 #include <stdint.h>
 
-typedef union {
-    uint32_t u;
-    float f;
-} norm_bits32;
-
-static inline float norm_bf16_to_f32(uint16_t h) {
-    norm_bits32 v;
-    v.u = (uint32_t)h << 16;
-    return v.f;
-}
-
-static inline uint16_t norm_f32_to_bf16(float f) { /* round to nearest even, as torch does */
-    norm_bits32 v;
-    v.f = f;
-    if ((v.u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((v.u >> 16) | 0x40u);
-    return (uint16_t)((v.u + 0x7fffu + ((v.u >> 16) & 1u)) >> 16);
-}
+#include "cpu_bf16.h"
 
 #define NORM_LANES 16
 
@@ -47,8 +31,8 @@ static inline uint16_t norm_f32_to_bf16(float f) { /* round to nearest even, as 
         }                                                                                            \
     }
 
-#define NORM_LOAD_BF16(x) norm_bf16_to_f32(x)
-#define NORM_ROUND_BF16(x) norm_f32_to_bf16(x)
+#define NORM_LOAD_BF16(x) bf16_to_f32(x)
+#define NORM_ROUND_BF16(x) f32_to_bf16(x)
 #define NORM_SAME(x) (x)
 DEFINE_NORM(bf16, uint16_t, NORM_LOAD_BF16, NORM_ROUND_BF16)
 DEFINE_NORM(f32, float, NORM_SAME, NORM_SAME)
