@@ -11,6 +11,7 @@
 # all but off) kvstore (issue 8: a GPU test of the store, then bench/kv_store.py, ~4 min;
 # `PHASES="setup model kvstore"`). The engine phase also prints bench/serving_bound.py's bound for c64;
 # each mesh's per-process logs (PDMESH_TELEMETRY_LOG_LEVEL=debug for per-request lines) land in the logs.
+# MESH_AFTER_UP: a shell command run once each mesh is up, before its loads.
 set -u
 # The disaggregated meshes here hand every long prompt off (least_loaded's fixed rule), as when the
 # figures were recorded; the default slo policy would decide per request instead.
@@ -93,6 +94,9 @@ mesh() {
     sleep 1; waited=$((waited + 1))
   done
   say "== $name up after ${waited}s"
+  if [[ -n ${MESH_AFTER_UP:-} ]]; then  # e.g. stop a worker: what the mesh does without it (its context kept)
+    bash -c "$MESH_AFTER_UP" >>"$LOGS/$name.up.log" 2>&1; say "== $name: ran MESH_AFTER_UP"
+  fi
   local seed=0
   for load in $LOADS; do
     seed=$((seed + 1))  # each load its own prompts: a later load must not hit an earlier one's prefix cache
