@@ -268,8 +268,7 @@ class KVTransport:
         for conn in [*self._dialed.values(), *self._accepted]:
             conn.abort("the transport closed")
         await self._tasks.cancel_all()
-        for task in list(self._dialing.values()):
-            task.cancel()
+        await self._cancel_dials()
         if self._listener is not None:
             self._listener.close()
             self._listener = None
@@ -278,6 +277,17 @@ class KVTransport:
         self._dialed.clear()
         self._accepted.clear()
         await ucx_context.reset()
+
+    async def _cancel_dials(self) -> None:
+        """Cancel the dials in flight and wait for them to end. A cancelled dial keeps its
+        CancelledError, whose traceback holds ucxx's create_endpoint frame and through it the UCX
+        context: ucxx.reset() fails ("not all Endpoints ... are closed") while anything still
+        refers to the task, a local of the caller's included, hence a function of its own."""
+        dials = list(self._dialing.values())
+        for dial in dials:
+            dial.cancel()
+        await asyncio.gather(*dials, return_exceptions=True)
+        self._dialing.clear()
 
     async def _connect(self, address: str, layout: KVLayout) -> Connection:
         key = (address, layout)

@@ -1,14 +1,20 @@
 """Connections opened before a ticket needs them (KVTransport.preconnect, kvtransfer/warm.py): real
 peer processes over UCX/tcp. The first push to a preconnected peer dials nothing; a peer that dies
 loses its connection and its restart gets a new one; a peer left out is closed once no ticket uses
-it; an unreachable peer fails nothing and is tried again."""
+it; an unreachable peer fails nothing and is tried again; a transport closed while a dial hangs
+still stops UCX cleanly."""
 
 from __future__ import annotations
 
+import socket
 import time
 
-from kv_peer import Peer, start_peers
+from kv_peer import SMOLLM2, Peer, start_peers
+from structlog.testing import capture_logs
 from test_failures import LAYER_BYTES, LEASE_S, POOL, eventually, full_transfer, spec
+
+from engine.kv_layout import KVLayout
+from kvtransfer import KVTransport, TransportConfig
 
 
 def connections(peer: Peer) -> dict:
@@ -95,3 +101,21 @@ def test_an_unreachable_peer_fails_nothing_and_is_connected_once_it_listens() ->
     finally:
         for peer in peers:
             peer.stop()
+
+
+def test_a_transport_closed_while_a_dial_hangs_stops_ucx_cleanly() -> None:
+    # A peer that takes the TCP connection and never answers: the dial waits in ucxx's
+    # create_endpoint. A cancelled dial still referred to (its task, holding its traceback) keeps
+    # the UCX context alive, and the reset at close failed with "not all Endpoints ... are closed()"
+    # (seen on GPU workers stopped while re-dialing a restarted KV store).
+    with socket.create_server(("127.0.0.1", 0)) as silent, capture_logs() as logs:
+        silent.settimeout(30)
+        transport = KVTransport(KVLayout(**SMOLLM2), TransportConfig(ucx_tls="tcp,self")).start()
+        try:
+            transport.preconnect([f"127.0.0.1:{silent.getsockname()[1]}"])
+            accepted, _ = silent.accept()  # the dial is in flight
+        finally:
+            transport.close()
+        accepted.close()
+    assert [entry for entry in logs if entry["event"] == "ucxx reset incomplete"] == []
+    assert transport.num_in_flight == 0
