@@ -1,5 +1,6 @@
 """`pdmesh bench serve`, the command a user runs, against a live SmolLM2 mesh (1 prefill + 1 decode,
-the shared smollm2_mesh), over its gRPC door and its OpenAI HTTP door.
+the shared smollm2_mesh), over its gRPC door and its OpenAI HTTP door; and `pdmesh bench profile`,
+which records that mesh's profile for `pdmesh sim`.
 
 A short concurrency sweep answers every request with exactly the asked tokens, and its JSON says
 so per run; requests the mesh refuses are counted as failed under their status code, never lost.
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from pdmesh.up import Mesh
+from services.scheduler.profile import load_profile
 from tests.mesh.conftest import SMOLLM2_API_KEY
 
 pytestmark = pytest.mark.slow
@@ -98,3 +100,28 @@ def test_an_unreachable_target_is_a_clear_error(tmp_path: Path) -> None:
     assert done.returncode == 2
     assert "error:" in done.stderr and "UNAVAILABLE" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_a_profile_recorded_from_the_live_mesh_drives_the_simulator(smollm2_mesh: Mesh, tmp_path: Path) -> None:
+    recorded, out = tmp_path / "mesh-profile.json", tmp_path / "sim.json"
+    done = subprocess.run([sys.executable, "-m", "pdmesh", "bench", "profile", "--target", smollm2_mesh.target,
+                           "--out", str(recorded), "--max-prompt", "64", "--concurrency", "1,2", "--decode-tokens",
+                           "4", "--shared-cores", "2"], capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    # The scheduler's models of the live workers, fitted to the steps they reported (non-negative
+    # fits: a step of either kind takes time), and what the workers registered.
+    profile = load_profile(str(recorded))
+    assert (profile.name, profile.model, profile.shared_cores) == ("mesh-profile", "smollm2", 2.0)
+    assert profile.step.prefill_ms(64, 0, profile.prefill.max_batched_tokens) > 0
+    assert profile.step.decode_step_ms(1, 64) > 0
+    assert profile.kv_bytes_per_token > 0 and profile.decode.kv_capacity_tokens > 0
+
+    simulated = subprocess.run([sys.executable, "-m", "pdmesh", "sim", "--profile", str(recorded), "--prefill", "1",
+                                "--decode", "1", "--requests", "40", "--input-len", "16:64", "--output-len", "4:16",
+                                "--rate", "1", "--slo-ttft-ms", "60000", "--slo-tpot-ms", "60000", "--policy",
+                                "least_loaded,slo", "--out", str(out), "--no-progress"],
+                               capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert simulated.returncode == 0, simulated.stderr
+    doc = json.loads(out.read_text())
+    assert doc["profile"]["name"] == "mesh-profile" and doc["profile"]["source"] == profile.source
+    assert [(r["policy"], r["requests"], r["ok"]) for r in doc["runs"]] == [("least_loaded", 40, 40), ("slo", 40, 40)]

@@ -4,6 +4,7 @@ files as a user reads them."""
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ from pdmesh.bench.workload import LengthRange
 from pdmesh.cli import main
 from pdmesh.config import PolicyName, SloConfig
 from pdmesh.sim.mesh import MeshSpec
-from pdmesh.sim.run import Run, simulate
+from pdmesh.sim.run import Run, SearchSettings, search_goodput, simulate
 from pdmesh.sim.workload import at_rate, at_speedup, drawn_shapes, trace_shapes
 from services.scheduler.profile import H100_LLAMA_8B
 
@@ -122,3 +123,63 @@ def test_workers_sharing_one_simulated_gpu_serve_bursts_as_the_colocated_mesh_do
     assert fingerprint(shared) == fingerprint(again)
     assert shared.metrics.ttft_ms.p50 == pytest.approx(colocated.metrics.ttft_ms.p50, rel=0.05)
     assert shared.metrics.tpot_ms.p90 == pytest.approx(colocated.metrics.tpot_ms.p90, rel=0.1)
+
+
+@dataclass(frozen=True)
+class _Point:
+    """What search_goodput reads of a run: its load and the share meeting both SLOs."""
+
+    load: float
+    attainment_pct: float
+
+
+def _cliff(at: float):
+    """Every request meets both SLOs up to `at` requests/s, none beyond; the loads tried, in order."""
+    tried: list[float] = []
+
+    def run(load: float) -> _Point:
+        tried.append(load)
+        return _Point(load, 100.0 if load <= at else 0.0)
+
+    return run, tried
+
+
+def test_the_sweep_doubles_to_a_miss_then_bisects_in_the_log_to_the_goodput() -> None:
+    run, tried = _cliff(5.0)
+    best, runs = search_goodput(run, SearchSettings(start=1.0, bisections=5))
+
+    assert tried[:4] == [1.0, 2.0, 4.0, 8.0] and len(runs) == len(tried) == 9
+    assert best is not None and best <= 5.0 < best * 2 ** (1 / 32)  # 4..8 halved in the log 5 times
+    # Started past the cliff it halves down to a load that meets the target, then bisects up.
+    run, tried = _cliff(5.0)
+    assert search_goodput(run, SearchSettings(start=20.0))[0] == 5.0 and tried[:3] == [20.0, 10.0, 5.0]
+    # A target no load meets has no goodput (DistServe's is undefined), after max_doublings halvings.
+    run, tried = _cliff(0.0)
+    assert search_goodput(run, SearchSettings(start=1.0, max_doublings=4)) == (None, [_Point(1.0, 0.0),
+        _Point(0.5, 0.0), _Point(0.25, 0.0), _Point(0.125, 0.0)])  # fmt: skip
+
+
+def test_the_command_sweeps_each_policys_goodput_and_shows_its_progress(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "sweep.json"
+    with pytest.raises(SystemExit) as ended:
+        main([
+            "sim", "--prefill", "1", "--decode", "1", "--requests", "60", "--input-len", "500:4000",
+            "--output-len", "20:200", "--rate", "1", "--sweep", "--slo-ttft-ms", "1500", "--slo-tpot-ms", "60",
+            "--policy", "round_robin,slo", "--out", str(out),
+        ])  # fmt: skip
+
+    assert ended.value.code == 0
+    doc = json.loads(out.read_text())
+    for policy in ("round_robin", "slo"):
+        runs = [r for r in doc["runs"] if r["policy"] == policy]
+        met = [r["load"] for r in runs if r["attainment_pct"]["both"] >= 90.0]
+        goodput = doc["goodput_requests_per_s"][policy]
+        # The highest rate tried at which >= 90% met both SLOs, with a miss tried above it.
+        assert met and goodput == max(met)
+        assert any(r["load"] > goodput and r["attainment_pct"]["both"] < 90.0 for r in runs)
+    # Not on a terminal: a line per finished run instead of a bar.
+    err = capsys.readouterr().err
+    assert err.count(": 60 requests simulated in ") == len(doc["runs"])
+    assert "goodput (90% meeting both SLOs) of round_robin:" in err
