@@ -44,6 +44,9 @@ class Delta:
     # The server's count of all output tokens so far, when it says (OpenAI usage): it corrects
     # a count a backend could only estimate from chunks.
     output_tokens: int | None = None
+    # Where the prompt's KV came from, when the server's usage says: found cached, and computed.
+    cached_prompt_tokens: int | None = None
+    computed_prompt_tokens: int | None = None
 
 
 @dataclass(frozen=True)

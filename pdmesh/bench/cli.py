@@ -23,6 +23,15 @@ EXAMPLES = """Load a running mesh and report throughput, latency percentiles and
     pdmesh bench serve --trace ../shared/traces/mooncake_synthetic_trace.jsonl \\
         --trace-input-scale 0.0625 --trace-speedup 1,2 --requests 200 ...
 """
+SCORE_EXAMPLES = """Judge saved `pdmesh bench serve --out` runs at other SLOs, from their per-request records:
+per run and SLO pair the share meeting TTFT, TPOT and both, and the goodput (requests/s meeting
+both); per sweep DistServe's goodput (the highest load at which --attainment % meet both).
+Every TTFT target is paired with every TPOT target. Examples:
+
+    pdmesh bench score rates.json --slo-ttft-ms 1000,2000,4000 --slo-tpot-ms 50,100
+    pdmesh bench score disagg.json coloc.json --slo-ttft-ms 2000 --slo-tpot-ms 100 --out score.json
+    pdmesh bench score rate1.json rate2.json rate4.json --combine --slo-ttft-ms 2000 --slo-tpot-ms 100
+"""
 
 
 def add_bench_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -32,6 +41,12 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[t
                              description=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     _add_serve_flags(serve)
     serve.set_defaults(func=_bench_serve)
+    score = kinds.add_parser(
+        "score", help="judge saved bench serve runs again at other SLOs", description=SCORE_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    _add_score_flags(score)
+    score.set_defaults(func=_bench_score)
     profile = kinds.add_parser("profile", help="record a live mesh's performance profile (for pdmesh sim)")
     profile.add_argument("--target", default="127.0.0.1:50051", help="the scheduler's host:port")
     profile.add_argument("--out", type=Path, required=True, help="the profile JSON to write")
@@ -96,8 +111,21 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
     s.add_argument("--send-slo", action="store_true", help="also send the SLO targets with each request")
     s.add_argument("--out", type=Path, default=None, help="JSON results")
     s.add_argument("--plot", type=Path, default=None, help="PNG: latency percentiles and throughput against load")
-    s.add_argument("--per-request", action="store_true", help="keep every request's timings in the JSON")
+    s.add_argument("--per-request", action=argparse.BooleanOptionalAction, default=True,
+                   help="every request's record in the JSON (default on; pdmesh bench score reads them)")  # fmt: skip
+    s.add_argument("--token-times", action="store_true",
+                   help="and in each record every output token's arrival (grows with the output lengths)")  # fmt: skip
     s.add_argument("--no-progress", dest="progress", action="store_false")
+
+
+def _add_score_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("runs", nargs="+", type=Path, help="JSON files written by pdmesh bench serve --out")
+    p.add_argument("--slo-ttft-ms", default=None, help="TTFT targets, a list: 1000,2000")
+    p.add_argument("--slo-tpot-ms", default=None, help="TPOT targets, a list: 50,100")
+    p.add_argument("--attainment", type=float, default=90.0, help="goodput: %% of requests meeting both SLOs")
+    p.add_argument("--combine", action="store_true",
+                   help="the files' runs are one sweep (split over invocations), not a sweep each")  # fmt: skip
+    p.add_argument("--out", type=Path, default=None, help="JSON: every score")
 
 
 def _numbers(text: str, name: str, integer: bool = False) -> tuple[float, ...]:
@@ -146,6 +174,8 @@ def plan_from_args(args: argparse.Namespace) -> BenchPlan:
         raise ValueError(f"--requests: is {args.requests}; send at least 1")
     if args.shared_prefix_len < 0 or args.prefix_groups < 1:
         raise ValueError("--shared-prefix-len / --prefix-groups: use a length >= 0 and at least 1 group")
+    if args.token_times and not args.per_request:
+        raise ValueError("--token-times: the token times go in the per-request records; drop --no-per-request")
     slo = Slo(args.slo_ttft_ms, args.slo_tpot_ms)
     options = GenerationOptions(
         ignore_eos=args.ignore_eos, temperature=args.temperature, seed=args.sampling_seed,
@@ -163,7 +193,8 @@ def plan_from_args(args: argparse.Namespace) -> BenchPlan:
         attainment_target_pct=args.attainment, max_concurrency=args.max_concurrency, burstiness=args.burstiness,
         trace=args.trace, trace_scaling=TraceScaling(args.trace_input_scale, args.trace_output_scale),
         tokenizer=args.tokenizer, vocab_size=args.vocab_size, seed=args.seed, warmup=args.warmup,
-        out=args.out, plot=args.plot, per_request=args.per_request, progress=args.progress,
+        out=args.out, plot=args.plot, per_request=args.per_request, token_times=args.token_times,
+        progress=args.progress,
     )  # fmt: skip
 
 
@@ -220,4 +251,35 @@ def _bench_profile(args: argparse.Namespace) -> int:
         f"{profile.step_gap_ms:.1f} ms, request overhead {profile.request_overhead_ms:.0f} ms, shared cores "
         f"{profile.shared_cores:g}"
     )  # fmt: skip
+    return 0
+
+
+def _bench_score(args: argparse.Namespace) -> int:
+    import json
+    import sys
+
+    from rich.console import Console
+
+    from pdmesh.bench.score import group_sweeps, load_runs, print_score, score, score_json, slo_pairs
+    from pdmesh.bench.serve import command_line
+
+    try:
+        if args.slo_ttft_ms is None and args.slo_tpot_ms is None:
+            raise ValueError("--slo-ttft-ms / --slo-tpot-ms: give the targets to judge by (either or both, lists)")
+        if not 0 < args.attainment <= 100:
+            raise ValueError(f"--attainment: is {args.attainment}; a percentage above 0, at most 100")
+        ttft = _numbers(args.slo_ttft_ms, "--slo-ttft-ms") if args.slo_ttft_ms is not None else ()
+        tpot = _numbers(args.slo_tpot_ms, "--slo-tpot-ms") if args.slo_tpot_ms is not None else ()
+        runs = [run for path in args.runs for run in load_runs(path)]
+        report = score(group_sweeps(runs, args.combine), slo_pairs(ttft, tpot), args.attainment)
+    except ValueError as e:
+        Console(stderr=True).print(f"[red]error:[/red] {e}")
+        return 2
+    console = Console()
+    if not console.is_terminal:
+        console.width = 200  # a log file or a pipe has room for the whole table
+    print_score(report, console)
+    if args.out is not None:
+        args.out.write_text(json.dumps(score_json(report, command_line(sys.argv[1:])), indent=2) + "\n")
+        Console(stderr=True).print(f"wrote {args.out}")
     return 0

@@ -48,11 +48,18 @@ class GrpcBackend(Backend):
                 if reason is FinishReason.ABORT:
                     raise RequestFailed("FINISH_ABORT", "the server ended the stream (finish reason abort)")
                 finished = finished or reason is not None
-                prompt_tokens = chunk.usage.prompt_tokens if chunk.usage is not None else None
-                yield Delta(len(chunk.token_ids), prompt_tokens, reason.value if reason else None)
+                yield _delta(chunk, reason.value if reason else None)
         except grpc.aio.AioRpcError as e:
             raise RequestFailed(e.code().name, e.details() or "") from None
         finally:
             await chunks.aclose()  # cancels the call now, not when the generator is collected
         if not finished:
             raise RequestFailed("NO_FINISH", "the stream ended without a finish reason")
+
+
+def _delta(chunk: Chunk, reason: str | None) -> Delta:
+    u = chunk.usage
+    if u is None:
+        return Delta(len(chunk.token_ids), finish_reason=reason)
+    return Delta(len(chunk.token_ids), u.prompt_tokens, reason, cached_prompt_tokens=u.cached_prompt_tokens,
+                 computed_prompt_tokens=u.computed_prompt_tokens)  # fmt: skip

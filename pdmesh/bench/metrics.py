@@ -10,7 +10,8 @@ Definitions (the ones vLLM's and SGLang's serving benchmarks use, so figures com
 - Output tokens/s and request rate: over the run's duration, first send to last answer (or
   failure); only successful requests count.
 - Goodput (DistServe): successful requests per second that met both the TTFT and the TPOT SLO;
-  attainment: the share of *all* requests sent that did (a failed request is a miss).
+  attainment: the share of *all* requests sent that did (a failed request is a miss). Across a
+  sweep, DistServe's goodput is the highest load whose attainment reaches a target (90%).
 Percentiles interpolate linearly between samples (numpy's default, as vLLM's benchmark).
 """
 
@@ -38,6 +39,11 @@ class RequestResult:
     code: str | None = None  # on failure: a gRPC status name, an HTTP status, or the backend's own name
     error: str = ""
     finish_reason: str | None = None
+    # Each output token's arrival, seconds after sending (a chunk's tokens share its arrival).
+    token_times_s: list[float] = field(default_factory=list)
+    # What the server's usage said of the prompt, when it says: tokens found cached, and computed.
+    cached_prompt_tokens: int | None = None
+    computed_prompt_tokens: int | None = None
 
     def add_chunk(self, num_tokens: int, at_s: float) -> None:
         """A chunk of `num_tokens` tokens arrived `at_s` seconds after the request was sent."""
@@ -48,6 +54,7 @@ class RequestResult:
         else:
             gap = at_s - (self.e2e_s or 0.0)
             self.itl_s.extend([gap / num_tokens] * num_tokens)
+        self.token_times_s.extend([at_s] * num_tokens)
         self.output_tokens += num_tokens
         self.e2e_s = at_s
 
@@ -171,6 +178,32 @@ def goodput(results: list[RequestResult], slo: Slo, duration_s: float) -> Goodpu
         requests_per_s=good / duration_s if duration_s > 0 else 0.0,
         attainment_pct=100.0 * good / len(results) if results else 0.0,
     )
+
+
+@dataclass(frozen=True)
+class Attainment:
+    """One run judged at one SLO pair: the share of all requests sent meeting each target alone,
+    and both (whose goodput is the run's goodput at these SLOs)."""
+
+    ttft_pct: float
+    tpot_pct: float
+    both: Goodput
+
+
+def attainment(results: list[RequestResult], slo: Slo) -> Attainment:
+    """`results` at `slo`, each target alone and both (the same test `summarize` applies)."""
+    duration = _duration(results)
+    return Attainment(
+        ttft_pct=goodput(results, Slo(slo.ttft_ms, None), duration).attainment_pct,
+        tpot_pct=goodput(results, Slo(None, slo.tpot_ms), duration).attainment_pct,
+        both=goodput(results, slo, duration),
+    )
+
+
+def max_load_meeting(points: list[tuple[float, float]], target_pct: float) -> float | None:
+    """DistServe's goodput over a sweep: of (load, attainment %) points, the highest load whose
+    attainment reaches `target_pct`; None when none does."""
+    return max((load for load, pct in points if pct >= target_pct), default=None)
 
 
 def _duration(results: list[RequestResult]) -> float:

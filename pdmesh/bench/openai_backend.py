@@ -118,7 +118,8 @@ async def _deltas(response: httpx.Response) -> AsyncIterator[Delta]:
             num_tokens, counted = so_far - counted, so_far
         else:
             num_tokens = 1 if text else 0
-        yield Delta(num_tokens, usage.get("prompt_tokens"), reason, so_far)
+        cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens")  # OpenAI's usage, when given
+        yield Delta(num_tokens, usage.get("prompt_tokens"), reason, so_far, cached_prompt_tokens=cached)
     if not finished:
         raise RequestFailed("NO_FINISH", "the stream ended without a finish reason")
 

@@ -64,7 +64,8 @@ class BenchPlan:
     warmup: int = 0
     out: Path | None = None
     plot: Path | None = None
-    per_request: bool = False
+    per_request: bool = True  # every request's record in the JSON
+    token_times: bool = False  # and in each, every output token's arrival
     progress: bool = True
     api_key: str | None = dataclasses.field(default=None, repr=False)  # never written to the JSON
 

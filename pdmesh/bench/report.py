@@ -1,8 +1,9 @@
 """A sweep's results for people and programs: the console table, the JSON file and the PNG.
 
 The JSON holds, per load point, the counts `ok` and `failed` (and failures by status code) beside
-every figure, plus the exact command and the plan, so a figure can always be traced to how it
-was measured. The plot puts latency percentiles and throughput against the load.
+every figure and (unless --no-per-request) every request's record (`records`), plus the exact
+command and the plan, so a figure can always be traced to how it was measured, and a run judged
+again at other SLOs (`pdmesh bench score`). The plot puts latency percentiles and throughput against the load.
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ from rich.console import Console
 from rich.table import Table
 
 from pdmesh.bench.backend import ServerInfo
-from pdmesh.bench.metrics import RequestResult, RunMetrics
+from pdmesh.bench.metrics import RequestResult, RunMetrics, max_load_meeting
 from pdmesh.bench.plan import BenchPlan, LoadMode, LoadPoint
+from pdmesh.bench.records import request_json
 
 
 @dataclass
@@ -43,29 +45,17 @@ class SweepResult:
     def best_load_meeting_slo(self) -> float | None:
         """DistServe's goodput across a sweep: the highest load at which the attainment target
         was met (None when no point met it, or no SLO was given)."""
-        met = [
-            p.point.value for p in self.points
-            if p.metrics.goodput is not None and p.metrics.goodput.attainment_pct >= self.plan.attainment_target_pct
-        ]  # fmt: skip
-        return max(met, default=None)
+        met = [(p.point.value, p.metrics.goodput.attainment_pct) for p in self.points if p.metrics.goodput is not None]
+        return max_load_meeting(met, self.plan.attainment_target_pct)
 
 
-def point_json(p: PointResult, per_request: bool) -> dict[str, Any]:
+def point_json(p: PointResult, per_request: bool, token_times: bool = False) -> dict[str, Any]:
     value = int(p.point.value) if p.point.mode is LoadMode.CONCURRENCY else _num(p.point.value)
     doc: dict[str, Any] = {"load": {"mode": p.point.mode.value, "value": value}}
     doc.update(dataclasses.asdict(p.metrics))
     if per_request:
-        doc["per_request"] = [_request_json(r) for r in p.results]
+        doc["per_request"] = [request_json(r, token_times) for r in p.results]
     return doc
-
-
-def _request_json(r: RequestResult) -> dict[str, Any]:
-    return {
-        "index": r.index, "ok": r.ok, "code": r.code, "prompt_tokens": r.prompt_tokens,
-        "output_tokens": r.output_tokens, "scheduled_s": r.scheduled_s, "start_s": r.start_s,
-        "ttft_s": r.ttft_s, "tpot_s": r.tpot_s, "e2e_s": r.e2e_s, "finish_reason": r.finish_reason,
-        "error": r.error,  # a refusal's message says whether, and when, to retry
-    }  # fmt: skip
 
 
 def sweep_json(sweep: SweepResult) -> dict[str, Any]:
@@ -78,7 +68,7 @@ def sweep_json(sweep: SweepResult) -> dict[str, Any]:
                         "python": platform.python_version()},  # fmt: skip
         "server": dataclasses.asdict(sweep.server),
         "plan": sweep.plan.to_json(),
-        "runs": [point_json(p, sweep.plan.per_request) for p in sweep.points],
+        "runs": [point_json(p, sweep.plan.per_request, sweep.plan.token_times) for p in sweep.points],
         "goodput_sweep": {
             "attainment_target_pct": sweep.plan.attainment_target_pct,
             "max_load_meeting_target": None if best is None else _num(best),

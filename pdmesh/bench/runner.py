@@ -65,6 +65,10 @@ async def measure(backend: Backend, request: BenchRequest, options: GenerationOp
                 result.finish_reason = delta.finish_reason
             if delta.output_tokens is not None:
                 server_count = delta.output_tokens
+            if delta.cached_prompt_tokens is not None:
+                result.cached_prompt_tokens = delta.cached_prompt_tokens
+            if delta.computed_prompt_tokens is not None:
+                result.computed_prompt_tokens = delta.computed_prompt_tokens
         if server_count is not None and result.ttft_s is not None:
             result.output_tokens = server_count  # the server's count wins over one estimated from chunks
         result.ok = result.ttft_s is not None

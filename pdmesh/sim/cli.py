@@ -12,7 +12,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from pdmesh.bench.metrics import RequestResult, Slo
+from pdmesh.bench.metrics import RequestResult, Slo, max_load_meeting
 from pdmesh.bench.trace import TraceScaling, load_trace
 from pdmesh.bench.workload import LengthRange
 from pdmesh.config import PolicyName, SloConfig
@@ -124,8 +124,7 @@ def _run(args: argparse.Namespace, console: Console) -> SimReport:
                 best, runs = search_goodput(run, SearchSettings(loads[0], args.attainment))
             else:
                 runs = [run(load) for load in loads]
-                met = [r.load for r in runs if r.attainment_pct >= args.attainment]
-                best = max(met, default=None)
+                best = max_load_meeting([(r.load, r.attainment_pct) for r in runs], args.attainment)
             report.runs += runs
             report.goodput[policy.value] = None if best is None else rate_of(best)
     return report

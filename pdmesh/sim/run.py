@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pdmesh.bench.metrics import RequestResult, RunMetrics, Slo, goodput, summarize
+from pdmesh.bench.metrics import RequestResult, RunMetrics, Slo, attainment, summarize
 from pdmesh.config import PolicyName
 from pdmesh.sim.mesh import MeshSpec, SimMesh
 from pdmesh.sim.workload import SimRequest
@@ -66,12 +66,11 @@ def simulate(
     wall = time.perf_counter() - started
     span = max((r.arrival_s for r in requests), default=0.0) - min((r.arrival_s for r in requests), default=0.0)
     metrics = summarize(results, slo)
+    met = attainment(results, slo)
     n = max(1, len(results))
     refused = sum(1 for r in results if r.code in ("RESOURCE_EXHAUSTED", "OUT_OF_RANGE"))
     return Run(
-        policy, load, (len(requests) - 1) / span if span > 0 else math.inf, metrics,
-        goodput(results, Slo(slo.ttft_ms, None), metrics.duration_s).attainment_pct,
-        goodput(results, Slo(None, slo.tpot_ms), metrics.duration_s).attainment_pct,
+        policy, load, (len(requests) - 1) / span if span > 0 else math.inf, metrics, met.ttft_pct, met.tpot_pct,
         100.0 * refused / n, _latency(mesh.decision_ns, mesh.decision_cpu_ns), wall, mesh.loop.now(), results,
     )  # fmt: skip
 
