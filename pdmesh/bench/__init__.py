@@ -7,7 +7,9 @@
                openai_backend (any OpenAI-compatible server, httpx)
     runner     one load point: requests at a concurrency or at their arrival times, timed per chunk
     metrics    per-request results -> one run's figures (percentiles, TPOT, ITL, goodput)
+    records    each request's record in the JSON, and reading it back
     report     the JSON file, the console table, the PNG
     plan       the sweep's load points and each point's requests, from the command line (cli)
     serve      `pdmesh bench serve`: a sweep of load points, end to end
+    score      `pdmesh bench score`: saved runs judged again at other SLOs
 """
