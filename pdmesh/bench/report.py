@@ -3,7 +3,8 @@
 The JSON holds, per load point, the counts `ok` and `failed` (and failures by status code) beside
 every figure and (unless --no-per-request) every request's record (`records`), plus the exact
 command and the plan, so a figure can always be traced to how it was measured, and a run judged
-again at other SLOs (`pdmesh bench score`). The plot puts latency percentiles and throughput against the load.
+again at other SLOs (`pdmesh bench score`). The plot puts latency percentiles and throughput
+against the load.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ import contextlib
 import time
 from collections.abc import Callable
 
-from pdmesh.bench.backend import Backend, GenerationOptions, RequestFailed
+from pdmesh.bench.backend import Backend, Delta, GenerationOptions, RequestFailed
 from pdmesh.bench.metrics import RequestResult
 from pdmesh.bench.workload import BenchRequest
 
@@ -59,16 +59,9 @@ async def measure(backend: Backend, request: BenchRequest, options: GenerationOp
     try:
         async for delta in backend.stream(request, options):
             result.add_chunk(delta.num_tokens, time.perf_counter() - start)
-            if delta.prompt_tokens is not None:
-                result.prompt_tokens = delta.prompt_tokens
-            if delta.finish_reason is not None:
-                result.finish_reason = delta.finish_reason
+            _note_server_counts(result, delta)
             if delta.output_tokens is not None:
                 server_count = delta.output_tokens
-            if delta.cached_prompt_tokens is not None:
-                result.cached_prompt_tokens = delta.cached_prompt_tokens
-            if delta.computed_prompt_tokens is not None:
-                result.computed_prompt_tokens = delta.computed_prompt_tokens
         if server_count is not None and result.ttft_s is not None:
             result.output_tokens = server_count  # the server's count wins over one estimated from chunks
         result.ok = result.ttft_s is not None
@@ -81,3 +74,15 @@ async def measure(backend: Backend, request: BenchRequest, options: GenerationOp
     if not result.ok:
         result.e2e_s = time.perf_counter() - start  # counts in the run's duration, not in E2E figures
     return result
+
+
+def _note_server_counts(result: RequestResult, delta: Delta) -> None:
+    """What the server said besides tokens, as it says it (the last word wins)."""
+    if delta.prompt_tokens is not None:
+        result.prompt_tokens = delta.prompt_tokens
+    if delta.finish_reason is not None:
+        result.finish_reason = delta.finish_reason
+    if delta.cached_prompt_tokens is not None:
+        result.cached_prompt_tokens = delta.cached_prompt_tokens
+    if delta.computed_prompt_tokens is not None:
+        result.computed_prompt_tokens = delta.computed_prompt_tokens
