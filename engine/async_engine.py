@@ -19,6 +19,7 @@ import contextlib
 import logging
 import queue
 import threading
+import time
 from collections import defaultdict, deque
 from collections.abc import AsyncGenerator, Callable, Sequence
 from concurrent.futures import Future
@@ -36,6 +37,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 _IDLE_POLL_S = 0.002  # how often an engine with only KV-import waiters looks again
 _MAX_FAILED_STEPS = 3  # failed steps in a row that mean the engine cannot run, whatever the probe says
+_SLOW_COMMAND_S = 0.005  # a command that holds the steps back longer is logged (debug)
 
 Item = RequestOutput | BaseException
 
@@ -237,6 +239,7 @@ class AsyncEngine:
         return True
 
     def _run_commands(self) -> None:
+        times = self.engine.step_times
         while True:
             try:
                 fn, future = self._commands.get_nowait()
@@ -244,10 +247,15 @@ class AsyncEngine:
                 return
             if not future.set_running_or_notify_cancel():
                 continue
+            start, start_cpu = time.perf_counter(), time.thread_time()
             try:
                 future.set_result(fn(self.engine))
             except BaseException as exc:
                 future.set_exception(exc)
+            seconds = time.perf_counter() - start
+            times.add_command(command_name(fn), seconds, time.thread_time() - start_cpu)
+            if seconds > _SLOW_COMMAND_S:
+                log.debug("slow engine command: %s took %.1f ms", command_name(fn), seconds * 1000)
 
     def _refuse_commands(self, exc: BaseException) -> None:
         while True:
@@ -274,6 +282,12 @@ class AsyncEngine:
             _abort_quietly(self.engine, request_id)
             failed.append((request_id, exc))
         self._dispatch(failed)
+
+
+def command_name(fn: Callable[..., object]) -> str:
+    """Who asked, for the step loop's summary: "Offerer._offer_shared" for a lambda made there."""
+    qualname = getattr(fn, "__qualname__", type(fn).__name__)
+    return ".".join(part for part in qualname.split(".") if part not in ("<locals>", "<lambda>"))
 
 
 def _abort_quietly(engine: Engine, request_id: str) -> None:

@@ -13,6 +13,8 @@ import enum
 import time
 from dataclasses import dataclass, field
 
+_COMMANDS_SHOWN = 8  # kinds of command a summary lists
+
 
 class Phase(enum.Enum):
     SCHEDULE = "schedule"  # the batcher's plan
@@ -32,6 +34,16 @@ class StepKind(enum.Enum):
     MIXED = "mixed"  # prefill chunks in the batch, launched op by op
 
 
+@dataclass(slots=True)
+class CommandTimes:
+    """One kind of command's runs between steps."""
+
+    count: int = 0
+    seconds: float = 0.0
+    cpu_seconds: float = 0.0  # the step thread's (a wait for the device may spin: it counts here too)
+    max_seconds: float = 0.0
+
+
 @dataclass
 class StepTimes:
     seconds: dict[Phase, float] = field(default_factory=lambda: dict.fromkeys(Phase, 0.0))
@@ -40,6 +52,8 @@ class StepTimes:
     step_seconds: dict[StepKind, float] = field(default_factory=lambda: dict.fromkeys(StepKind, 0.0))
     tokens: int = 0  # tokens computed (prefill and decode)
     sampled: int = 0  # tokens sampled
+    # The COMMANDS phase by who asked (the command's function), so a summary names what runs between steps.
+    commands: dict[str, CommandTimes] = field(default_factory=dict)
 
     def add(self, phase: Phase, seconds: float, cpu_seconds: float = 0.0) -> None:
         self.seconds[phase] += seconds
@@ -51,17 +65,28 @@ class StepTimes:
         self.tokens += tokens
         self.sampled += sampled
 
+    def add_command(self, name: str, seconds: float, cpu_seconds: float) -> None:
+        times = self.commands.get(name)
+        if times is None:
+            times = self.commands[name] = CommandTimes()
+        times.count += 1
+        times.seconds += seconds
+        times.cpu_seconds += cpu_seconds
+        times.max_seconds = max(times.max_seconds, seconds)
+
     def summary(self) -> dict[str, object]:
         """Totals in ms and mean ms per step of each kind, for a log line."""
         return {
             "phase_ms": {p.value: round(s * 1000, 1) for p, s in self.seconds.items()},
             "phase_cpu_ms": {p.value: round(s * 1000, 1) for p, s in self.cpu_seconds.items() if p is not Phase.IDLE},
             "steps": {k.value: n for k, n in self.steps.items() if n},
-            "mean_step_ms": {
-                k.value: round(self.step_seconds[k] / n * 1000, 2) for k, n in self.steps.items() if n
-            },
+            "mean_step_ms": {k.value: round(self.step_seconds[k] / n * 1000, 2) for k, n in self.steps.items() if n},
             "tokens": self.tokens,
             "sampled": self.sampled,
+            "commands": {  # the costliest first: name -> [count, ms, cpu ms, max ms]
+                name: [t.count, *(round(s * 1000, 1) for s in (t.seconds, t.cpu_seconds, t.max_seconds))]
+                for name, t in sorted(self.commands.items(), key=lambda item: -item[1].seconds)[:_COMMANDS_SHOWN]
+            },
         }
 
 

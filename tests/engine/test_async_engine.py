@@ -111,6 +111,24 @@ async def test_on_cpu_a_steps_outputs_reach_their_caller_before_the_next_step_co
         async_engine.shutdown()
 
 
+async def test_the_step_loop_summary_names_what_ran_between_steps(tiny_llama: Path) -> None:
+    async_engine = AsyncEngine(make_engine(tiny_llama, num_blocks=64))
+    try:
+        await _drain(async_engine.generate("a", [1, 2, 3], greedy(2)))
+        await async_engine.stats()
+        await async_engine.stats()
+        await async_engine.call(lambda e: e.take_finished_chains())
+    finally:
+        async_engine.shutdown()
+    commands = async_engine.engine.step_times.summary()["commands"]
+    assert isinstance(commands, dict)
+    # name -> [count, ms, cpu ms, max ms]; a lambda is named after the function that made it
+    assert commands["AsyncEngine.generate.add"][0] == 1
+    assert commands["AsyncEngine.stats"][0] == 2
+    assert commands["test_the_step_loop_summary_names_what_ran_between_steps"][0] == 1
+    assert all(ms >= 0 and cpu >= 0 and top <= ms for _, ms, cpu, top in commands.values())
+
+
 async def _drain(stream) -> None:  # type: ignore[no-untyped-def]
     async for _ in stream:
         pass
