@@ -6,6 +6,14 @@ copy (non-blocking when the host memory is page-locked or registered); the cache
 be contiguous, so they are gathered or scattered on the device (index_select / index_copy_).
 Indexing the host side with a list instead would gather on the CPU into pageable memory first,
 which then crosses synchronously: the cost a shared-memory path exists to avoid.
+
+Nothing here waits for the device. These copies run on the engine's step thread between steps (an
+offer's export, a fetch's import), so a wait would hold the next step back; and where another
+process shares the GPU (a prefill and a decode worker on one card) a wait lasts until that
+process's time slice ends. The block ids were once uploaded with torch.tensor(ids, device=...)
+per layer: a copy from pageable memory, which synchronises the stream, 32 times per 16 MiB offer
+run of an 8B model. Beside a busy prefill worker each run then held a decode worker's steps back
+~20 ms, doubling its TPOT (BENCHMARKS.md, "Offers that waited for the device").
 """
 
 from __future__ import annotations
@@ -27,6 +35,15 @@ def slot_runs(slots: Sequence[int]) -> list[tuple[int, int, int]]:
     return runs
 
 
+def device_ids(block_ids: Sequence[int], device: torch.device) -> torch.Tensor:
+    """(n,) int64 block ids on `device`, queued on the current stream without waiting (from pinned
+    memory on CUDA; the host allocator keeps the pinned copy until the upload has read it)."""
+    ids = torch.tensor(list(block_ids), dtype=torch.long)
+    if device.type != "cuda":
+        return ids
+    return ids.pin_memory().to(device, non_blocking=True)
+
+
 def copy_in(
     kv_caches: Sequence[torch.Tensor], block_ids: Sequence[int], slabs: Sequence[torch.Tensor], slots: Sequence[int]
 ) -> torch.cuda.Event | None:
@@ -35,7 +52,7 @@ def copy_in(
     recorded after the last one is returned: the slots must stay as they are until it completes."""
     assert len(block_ids) == len(slots)
     device = kv_caches[0].device
-    ids = torch.tensor(list(block_ids), dtype=torch.long, device=device)
+    ids = device_ids(block_ids, device)
     runs = slot_runs(slots)
     for kv, slab in zip(kv_caches, slabs, strict=True):
         for k in range(2):
@@ -45,12 +62,11 @@ def copy_in(
     return record_event(device)
 
 
-def copy_out(kv: torch.Tensor, block_ids: Sequence[int], slab: torch.Tensor, slots: Sequence[int]) -> None:
-    """Write one layer's cache blocks `block_ids[i]` into slot `slots[i]` of its slab (queued on
-    the current stream on CUDA: record an event after the last layer and wait for it before the
-    slots are read)."""
-    assert len(block_ids) == len(slots)
-    ids = torch.tensor(list(block_ids), dtype=torch.long, device=kv.device)
+def copy_out(kv: torch.Tensor, ids: torch.Tensor, slab: torch.Tensor, slots: Sequence[int]) -> None:
+    """Write one layer's cache blocks `ids[i]` ((n,) int64 on the cache's device: device_ids) into
+    slot `slots[i]` of its slab (queued on the current stream on CUDA: record an event after the
+    last layer and wait for it, off the step thread, before the slots are read)."""
+    assert ids.numel() == len(slots) and ids.device == kv.device
     for k in range(2):
         gathered = kv[k].index_select(0, ids)
         for pos, first, n in slot_runs(slots):

@@ -27,7 +27,7 @@ from pathlib import Path
 import structlog
 import torch
 
-from engine.block_copy import copy_out, record_event
+from engine.block_copy import copy_out, device_ids, record_event
 from engine.kv_layout import KVLayout
 
 log = structlog.get_logger(__name__)
@@ -146,6 +146,7 @@ class SlabSink:
         self.failure: str | None = None
         self.event: torch.cuda.Event | None = None
         self.device = torch.device("cpu")
+        self._ids: torch.Tensor | None = None  # the blocks' ids on the cache's device, uploaded once for every layer
 
     def push_layer(self, layer: int, kv_layer: torch.Tensor, block_ids: Sequence[int], num_tokens: int) -> None:
         if self.failure is not None:
@@ -153,7 +154,9 @@ class SlabSink:
         if time.monotonic() >= self.deadline:
             self.failure = "the offer's lease ran out before its blocks were written"
             return
-        copy_out(kv_layer, block_ids, self.slabs[layer], self.slots)
+        if self._ids is None:
+            self._ids = device_ids(block_ids, kv_layer.device)
+        copy_out(kv_layer, self._ids, self.slabs[layer], self.slots)
         self.layers += 1
         self.device = kv_layer.device
 
