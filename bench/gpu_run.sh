@@ -73,6 +73,9 @@ load_args() {  # the bench serve arguments of a load name
     seq4k) echo "--concurrency 1 --requests 6 --input-len 4096 --output-len 16" ;;
     bd4k) echo "--requests ${BD_N:-8} --warmup 2 --input-len ${BD_LEN:-4096} --output-len 16" ;;  # bench/ttft_breakdown.py's
     c16x4k) echo "--concurrency 16 --requests 32 --input-len 4096 --output-len 32" ;;
+    # The same, four waves: with two, the p50 fell between the first wave's queue and the second's (issue 15)
+    c16x4kl) echo "--concurrency 16 --requests 64 --input-len 4096 --output-len 32" ;;
+    seq4kl) echo "--concurrency 1 --requests 12 --input-len 4096 --output-len 16" ;;
   esac
 }
 

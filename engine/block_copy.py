@@ -62,15 +62,15 @@ def copy_in(
     return record_event(device)
 
 
-def copy_out(kv: torch.Tensor, ids: torch.Tensor, slab: torch.Tensor, slots: Sequence[int]) -> None:
+def copy_out(kv: torch.Tensor, ids: torch.Tensor, slab: torch.Tensor, runs: Sequence[tuple[int, int, int]]) -> None:
     """Write one layer's cache blocks `ids[i]` ((n,) int64 on the cache's device: device_ids) into
-    slot `slots[i]` of its slab (queued on the current stream on CUDA: record an event after the
-    last layer and wait for it, off the step thread, before the slots are read)."""
-    assert ids.numel() == len(slots) and ids.device == kv.device
+    the slab's slots, `runs` being slot_runs(slots) (queued on the current stream on CUDA: record an
+    event after the last layer and wait for it, off the step thread, before the slots are read)."""
+    assert ids.device == kv.device
+    gathered = kv.index_select(1, ids)  # (2, n, block_size, kv_heads, head_dim): K and V in one launch
     for k in range(2):
-        gathered = kv[k].index_select(0, ids)
-        for pos, first, n in slot_runs(slots):
-            slab[k, first : first + n].copy_(gathered[pos : pos + n], non_blocking=True)
+        for pos, first, n in runs:
+            slab[k, first : first + n].copy_(gathered[k, pos : pos + n], non_blocking=True)
 
 
 def record_event(device: torch.device) -> torch.cuda.Event | None:

@@ -27,7 +27,7 @@ from pathlib import Path
 import structlog
 import torch
 
-from engine.block_copy import copy_out, device_ids, record_event
+from engine.block_copy import copy_out, device_ids, record_event, slot_runs
 from engine.kv_layout import KVLayout
 
 log = structlog.get_logger(__name__)
@@ -147,6 +147,7 @@ class SlabSink:
         self.event: torch.cuda.Event | None = None
         self.device = torch.device("cpu")
         self._ids: torch.Tensor | None = None  # the blocks' ids on the cache's device, uploaded once for every layer
+        self._runs = slot_runs(slots)
 
     def push_layer(self, layer: int, kv_layer: torch.Tensor, block_ids: Sequence[int], num_tokens: int) -> None:
         if self.failure is not None:
@@ -155,8 +156,9 @@ class SlabSink:
             self.failure = "the offer's lease ran out before its blocks were written"
             return
         if self._ids is None:
+            assert len(block_ids) == len(self.slots), "one slot per exported block"
             self._ids = device_ids(block_ids, kv_layer.device)
-        copy_out(kv_layer, self._ids, self.slabs[layer], self.slots)
+        copy_out(kv_layer, self._ids, self.slabs[layer], self._runs)
         self.layers += 1
         self.device = kv_layer.device
 
