@@ -63,6 +63,29 @@ def test_the_prefill_worker_holding_the_prompts_prefix_wins_it_costs_less() -> N
     assert placement.cost_ms == pytest.approx(10 + 0.1 * 976 + 5)
 
 
+def test_plans_within_the_tie_fraction_go_to_the_worker_holding_more_of_the_prefix() -> None:
+    # prefill-1 holds the prompt's first block (16 tokens) but has 8 ms of work queued: its plan
+    # costs 10 + 198.4 + 5 (the push) = 213.4 ms and its first token comes at 8 + 213.4 = 221.4 ms,
+    # 6.4 ms after prefill-0's (210 + 5); at half a compute-ms per ms of wait that is 216.6 against
+    # prefill-0's 215: dearer, but within 2%, a tie, which prefix affinity breaks.
+    prompt = list(range(2000))
+
+    def place(queued_ms: float):
+        cluster = Cluster(prefill=2, decode=1)
+        cluster.running("decode-0", 4, tpot_ms=12.0)  # no room for a local prefill
+        cluster.caches("prefill-1", prompt, 16)
+        cluster.queued("prefill-1", queued_ms)
+        return cluster.place(prompt)
+
+    tie = place(8.0)
+    assert tie.prefill is not None and tie.prefill.worker_id == "prefill-1" and tie.cached_tokens == 16
+    assert tie.predicted_ttft_ms == pytest.approx(221.4)
+    # 30 ms queued: 213.4 + 0.5 x 28.4 = 227.6 against 215, past the tie: the cheaper plan wins.
+    cheaper = place(30.0)
+    assert cheaper.prefill is not None and cheaper.prefill.worker_id == "prefill-0" and cheaper.cached_tokens == 0
+    assert cheaper.predicted_ttft_ms == pytest.approx(215.0)
+
+
 def test_a_decode_worker_whose_requests_would_miss_their_tpot_is_passed_over() -> None:
     # decode-0 runs ten requests at 11.0 ms a step, each with an 11 ms target: one more makes 11.1.
     cluster = Cluster(prefill=1, decode=2)
