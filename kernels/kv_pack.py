@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -71,22 +72,21 @@ def copy_blocks(
     dst_ids: torch.Tensor,
     *,
     use_triton: bool | None = None,
-    checked: bool = False,
 ) -> None:
     """dst_layers[l][kv, dst_ids[i]] = src_layers[l][kv, src_ids[i]], block to block with no staging
     buffer between: a direct write into another worker's cache mapped over CUDA IPC (kvtransfer).
 
     Both pools have the same block shape and dtype but may differ in size; the ids must be distinct
-    and inside their pools (validate_block_ids), as for unpack_blocks. checked=True skips the checks
-    of shapes and devices, for a caller that made them once for these tensors (they cost ~1 µs a
-    tensor, which adds up on a transfer's critical path).
+    and inside their pools (validate_block_ids), as for unpack_blocks. A caller that copies between
+    the same layer groups again and again plans once (plan_copy) and launches with launch_copy: the
+    checks and the layer tables cost ~1 µs a tensor, which adds up on a transfer's critical path.
     """
-    if not checked:
-        _check_pair(src_layers, src_ids, dst_layers, dst_ids)
+    _check_pair(src_layers, src_ids, dst_layers, dst_ids)
     if use_triton is None:
         use_triton = src_ids.is_cuda and triton_available()
     if use_triton:
-        _copy_between_triton(src_layers, src_ids, dst_layers, dst_ids, checked)
+        check_triton_device(src_ids, dst_ids)
+        launch_copy(plan_copy(src_layers, dst_layers), src_ids, dst_ids)
     else:
         copy_blocks_ref(src_layers, src_ids, dst_layers, dst_ids)
 
@@ -162,23 +162,35 @@ def _copy_triton(staging: torch.Tensor, kv_layers: Sequence[torch.Tensor], block
     )  # fmt: skip
 
 
-def _copy_between_triton(
-    src_layers: Sequence[torch.Tensor],
-    src_ids: torch.Tensor,
-    dst_layers: Sequence[torch.Tensor],
-    dst_ids: torch.Tensor,
-    checked: bool = False,
-) -> None:
-    require_triton()
-    if not checked:  # ~15 µs for a 32-layer group (66 tensors), on a direct write's critical path
-        check_triton_device(src_ids, dst_ids, *src_layers, *dst_layers)
-    from kernels._kv_pack_kernel import WORD_TYPES, _copy_between_kernel
+@dataclass(frozen=True, slots=True)
+class CopyPlan:
+    """Everything a block-to-block copy between two layer groups needs but the ids, worked out once
+    (plan_copy): caches never move, so a direct writer reuses one per group of layers and peer."""
 
-    n = src_ids.numel()
-    if n == 0:
-        return
-    _, src_num_blocks, *block_shape = src_layers[0].shape
-    block_bytes = src_layers[0].element_size() * block_shape[0] * block_shape[1] * block_shape[2]
+    src_base: torch.Tensor  # the first layer of each side: the kernel's base pointers
+    dst_base: torch.Tensor
+    src_offsets: torch.Tensor  # each layer's distance from its base, in words (on the device)
+    dst_offsets: torch.Tensor
+    src_align: int
+    dst_align: int
+    word_bytes: int
+    block_words: int
+    chunk: int
+    chunks_per_block: int
+    num_layers: int
+
+
+def plan_copy(src_layers: Sequence[torch.Tensor], dst_layers: Sequence[torch.Tensor]) -> CopyPlan:
+    """The Triton copy's launch parameters for these layer groups, after checking them (not the ids)."""
+    require_triton()
+    if len(src_layers) != len(dst_layers):
+        raise ValueError(f"{len(src_layers)} source layers but {len(dst_layers)} destination layers")
+    src, dst = src_layers[0], dst_layers[0]
+    ids = torch.empty(0, dtype=torch.int64, device=src.device)  # the checks' stand-in: ids are the launch's
+    _check_pair(src_layers, ids, dst_layers, ids)
+    check_triton_device(*src_layers, *dst_layers)
+    _, _, *block_shape = src.shape
+    block_bytes = src.element_size() * block_shape[0] * block_shape[1] * block_shape[2]
     src_pointers = tuple(kv.data_ptr() for kv in src_layers)
     dst_pointers = tuple(kv.data_ptr() for kv in dst_layers)
     word_bytes = next(
@@ -186,15 +198,29 @@ def _copy_between_triton(
         for size in (8, 4, 2, 1)
         if block_bytes % size == 0 and all(p % size == 0 for p in src_pointers + dst_pointers)
     )
-    src_offsets, src_align = _layer_offsets(src_pointers, word_bytes, src_layers[0].device)
-    dst_offsets, dst_align = _layer_offsets(dst_pointers, word_bytes, dst_layers[0].device)
+    src_offsets, src_align = _layer_offsets(src_pointers, word_bytes, src.device)
+    dst_offsets, dst_align = _layer_offsets(dst_pointers, word_bytes, dst.device)
     block_words = block_bytes // word_bytes
     chunk = min(next_power_of_2(block_words), _CHUNK_BYTES // word_bytes)
-    chunks_per_block = -(-block_words // chunk)
-    _copy_between_kernel[(n * chunks_per_block, 2 * len(src_layers))](
-        src_layers[0], src_offsets, src_ids, dst_layers[0], dst_offsets, dst_ids, src_num_blocks,
-        dst_layers[0].shape[1], WORD=WORD_TYPES[word_bytes], SRC_ALIGN=src_align, DST_ALIGN=dst_align,
-        BLOCK_WORDS=block_words, CHUNK=chunk, CHUNKS_PER_BLOCK=chunks_per_block, num_warps=4,
+    return CopyPlan(
+        src, dst, src_offsets, dst_offsets, src_align, dst_align, word_bytes, block_words, chunk,
+        -(-block_words // chunk), len(src_layers),
+    )  # fmt: skip
+
+
+def launch_copy(plan: CopyPlan, src_ids: torch.Tensor, dst_ids: torch.Tensor) -> None:
+    """copy_blocks with a plan: one launch on the current stream, nothing checked or built (the ids
+    must be n int64 on the device, distinct and inside their pools, as for copy_blocks)."""
+    from kernels._kv_pack_kernel import WORD_TYPES, _copy_between_kernel
+
+    n = src_ids.numel()
+    if n == 0:
+        return
+    _copy_between_kernel[(n * plan.chunks_per_block, 2 * plan.num_layers)](
+        plan.src_base, plan.src_offsets, src_ids, plan.dst_base, plan.dst_offsets, dst_ids, plan.src_base.shape[1],
+        plan.dst_base.shape[1], WORD=WORD_TYPES[plan.word_bytes], SRC_ALIGN=plan.src_align,
+        DST_ALIGN=plan.dst_align, BLOCK_WORDS=plan.block_words, CHUNK=plan.chunk,
+        CHUNKS_PER_BLOCK=plan.chunks_per_block, num_warps=4,
     )  # fmt: skip
 
 

@@ -119,11 +119,20 @@ class Connection:
 
     async def send_soon(self, message: Message) -> None:
         """Written and Done: over the side channel while it is open (same host), else as a control frame."""
-        side = self.side
-        if side is not None and side.open:
-            side.send(message)
-        else:
+        if not self.send_now(message):
             await self.send(message)
+
+    def send_now(self, message: Message) -> bool:
+        """Written and Done over the side channel, written before this returns; False (nothing
+        sent) when the connection has none open."""
+        side = self.side
+        if side is None or not side.open:
+            return False
+        try:
+            side.send(message)
+        except ConnectionError:
+            return False  # the channel just went: its loss takes this connection down too
+        return True
 
     def attach_side(self, channel: SideChannel) -> None:
         """Take Written and Done over `channel` from now on; its loss is this connection's."""

@@ -25,9 +25,12 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.kv_pack import copy_blocks
+from kernels.kv_pack import copy_blocks, launch_copy
 from kvtransfer.checksum import sample_chunks
 from kvtransfer.ipc import PeerCaches
+from kvtransfer.side import SideChannel
+from kvtransfer.timeline import Step, Timeline
+from kvtransfer.wire import Written
 
 
 class DirectState(enum.Enum):
@@ -55,7 +58,14 @@ class Finished:
 
 class DirectWrite:
     def __init__(
-        self, peer: PeerCaches, stream: torch.cuda.Stream, num_layers: int, checksum_samples: int, lease_s: float
+        self,
+        peer: PeerCaches,
+        stream: torch.cuda.Stream,
+        num_layers: int,
+        checksum_samples: int,
+        lease_s: float,
+        timeline: Timeline | None = None,
+        ticket_id: str = "",
     ) -> None:
         self.peer = peer
         self.stream = stream  # the sender's copy stream, shared by its pushes
@@ -66,7 +76,9 @@ class DirectWrite:
         self._lock = threading.Lock()
         self._kept: list[Group] = []
         self._seen: list[torch.Tensor] = []  # every layer offered so far: the checksums sample them
-        self._checked = False
+        self._timeline = timeline
+        self._ticket_id = ticket_id
+        self._side: SideChannel | None = None  # the connection's side channel, when the grant came over one
         self._src_ids: torch.Tensor | None = None  # on the sender's device (the engine's stream uploaded them)
         self._dst_ids: torch.Tensor | None = None  # the grant's, on the sender's device (the copy stream's upload)
 
@@ -77,7 +89,8 @@ class DirectWrite:
         copied, what the loop needs to report it Written."""
         with self._lock:
             self._src_ids = src_ids
-            self._seen.extend(group.layers)
+            if self._checksum_samples:
+                self._seen.extend(group.layers)
             self._check_lease()
             if self.state is DirectState.ARMED:
                 self._launch(group)
@@ -92,13 +105,15 @@ class DirectWrite:
             return kept
 
     # ---- the loop
-    def arm(self, dst_ids: torch.Tensor) -> bool:
+    def arm(self, dst_ids: torch.Tensor, side: SideChannel | None = None) -> bool:
         """The grant came with the receiver's block ids (pinned host memory): copy what is kept.
-        False when the push has already fallen back or stopped."""
+        False when the push has already fallen back or stopped. `side`: the connection's side
+        channel, which the Written takes (send_written)."""
         with self._lock:
             self._check_lease()
             if self.state is not DirectState.PENDING:
                 return False
+            self._side = side
             with torch.cuda.stream(self.stream):
                 self._dst_ids = dst_ids.to(self.stream.device, non_blocking=True)
             self.state = DirectState.ARMED
@@ -125,6 +140,20 @@ class DirectWrite:
             stopped.record(self.stream)
             return stopped
 
+    # ---- the thread that saw the copies finish (direct_send.py)
+    def send_written(self, written: Written) -> bool:
+        """Send the Written over the side channel now, unless the push stopped first: under the
+        lock, so a stop() either comes before (nothing is sent) or after (as for a failure after
+        any Written). False: not sent (stopped, or no side channel: the loop sends a frame)."""
+        with self._lock:
+            if self.state is not DirectState.ARMED or self._side is None or not self._side.open:
+                return False
+            try:
+                self._side.send(written)
+            except ConnectionError:
+                return False  # the channel went down: so does its connection, which fails the push
+            return True
+
     def renewed(self, until: float) -> None:
         """The loop sent an AskWrite or Hold just after time.monotonic() was until - lease."""
         self.valid_until = max(self.valid_until, until)
@@ -136,13 +165,17 @@ class DirectWrite:
 
     def _launch(self, group: Group) -> None:
         assert self._src_ids is not None and self._dst_ids is not None
-        last = group.first_layer + len(group.layers)
-        dst = self.peer.layers[group.first_layer : last]
+        # planned (and checked) once per peer and group of layers: the caches stay the same tensors
+        plan = self.peer.plan(group.first_layer, group.layers)
         with torch.cuda.stream(self.stream):
             self.stream.wait_event(group.ready)
-            # the checks once per push: the engine's caches and the mapping stay the same tensors
-            copy_blocks(group.layers, self._src_ids, dst, self._dst_ids, checked=self._checked)
-        self._checked = True
+            if plan is not None:
+                launch_copy(plan, self._src_ids, self._dst_ids)
+            else:  # no Triton: the torch reference
+                dst = self.peer.layers[group.first_layer : group.first_layer + len(group.layers)]
+                copy_blocks(group.layers, self._src_ids, dst, self._dst_ids, use_triton=False)
+        if self._timeline is not None:
+            self._timeline.mark(self._ticket_id, Step.COPY_LAUNCHED, group.first_layer)
 
     def _finish(self, ticket_key: str) -> Finished:
         """After the last copy: gather the sampled chunks (still on the copy stream, so before the

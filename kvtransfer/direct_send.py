@@ -3,8 +3,10 @@
 A push to a peer whose cache a connection mapped (ipc.py) asks to write its ticket at once; the Granted
 brings the ticket's block ids as a small payload and arms the push; once its last copy has
 finished, one Written reports every layer (with sampled checksums of the source blocks, gathered
-on the copy stream before the engine may overwrite them), over the connection's side channel
-when it has one (side.py). A ticket asked for that fails is answered
+on the copy stream before the engine may overwrite them). The engine thread hands the copies' end
+event to the written thread, which waits for it off the GIL and sends the Written from there over
+the connection's side channel (side.py), so the loop is not on that path at all; without a side
+channel the loop sends it as a control frame. A ticket asked for that fails is answered
 with Stopped once the copy stream has passed every copy of it; a lost connection's mapping is
 dropped once no copy into it can still run.
 """
@@ -13,8 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -62,6 +67,7 @@ class DirectSending:
     _loop: asyncio.AbstractEventLoop
     _tasks: Tasks
     _waiter: concurrent.futures.ThreadPoolExecutor
+    _written_waiter: concurrent.futures.ThreadPoolExecutor  # the written thread (one)
 
     def _fail(self, out: Outgoing, reason: str, *, tell_peer: bool, error: TransferFailed | None = None) -> None:
         raise NotImplementedError
@@ -82,7 +88,10 @@ class DirectSending:
         if peer is None or self.copy_stream is None or layout != self.layout:
             return None
         lease_s = max(0.0, ticket.lease_left_s())
-        return DirectWrite(peer, self.copy_stream, layout.num_layers, self.config.checksum_samples, lease_s)
+        return DirectWrite(
+            peer, self.copy_stream, layout.num_layers, self.config.checksum_samples, lease_s, self.timeline,
+            ticket.ticket_id,
+        )  # fmt: skip
 
     async def _unmap(self, peer: PeerCaches) -> None:
         """Drop a lost connection's mapping once no copy into it can be queued or running."""
@@ -114,36 +123,68 @@ class DirectSending:
             self._fail(out, f"the grant's block ids were lost: {type(e).__name__}: {e}", tell_peer=True)
             return
         if self._outgoing.get(granted.ticket) is out:
-            direct.arm(ids)
+            direct.arm(ids, conn.side if conn.side is not None and conn.side.open else None)
             self.timeline.mark(granted.ticket, Step.ARMED)
 
-    def _start_written(self, push: KVPush, finished: Finished) -> None:
-        out = self._outgoing.get(push.ticket.ticket_id)
-        if out is None or out.push is not push:
-            return
-        out.started = push.started_at
-        out.in_flight += 1
-        self._tasks.spawn(self._send_written(out, finished))
-
-    async def _send_written(self, out: Outgoing, finished: Finished) -> None:
-        """Once the copies have finished: one Written for every layer (with the sampled checksums)."""
-        info = out.push.ticket
+    # ---- the written thread: where the end of a ticket's copies is first known
+    def _await_written(self, push: KVPush, finished: Finished) -> None:
+        """Wait for the ticket's copies (off the GIL), then send its Written from here over the side
+        channel (sparing the hops to the loop and its task); the loop then only keeps the books.
+        Without a side channel the loop sends it as a control frame."""
+        info = push.ticket
         try:
-            conn = await self._bind(out)
-            if not await finishes_soon(finished.written):
-                await self._loop.run_in_executor(self._waiter, finished.written.synchronize)
+            finished.written.synchronize()
             self.timeline.mark(info.ticket_id, Step.PACK_DONE, 0)
             checksums: tuple[tuple[int, int], ...] = ()
             if finished.samples is not None:
-                rows = await self._loop.run_in_executor(self._waiter, finished.samples.cpu)
-                checksums = digest_rows(rows, finished.chunks)
-            nbytes = info.num_blocks * self.layout_bytes(out.push.layout)
-            if self._outgoing.get(info.ticket_id) is not out:
-                return
-            await conn.send_soon(Written(info.ticket_id, nbytes, checksums))
+                checksums = digest_rows(finished.samples.cpu(), finished.chunks)
+        except Exception as e:
+            self._call_loop(self._written_failed, push, f"written failed: {type(e).__name__}: {e}")
+            return
+        written = Written(info.ticket_id, info.num_blocks * self.layout_bytes(push.layout), checksums)
+        assert push.direct is not None
+        if push.direct.send_written(written):
             self.timeline.mark(info.ticket_id, Step.HEADER_SENT, 0)
-            out.bytes_sent = nbytes
-            if self._outgoing.get(info.ticket_id) is out:
+            self._call_loop(self._written_sent, push, written)
+        else:
+            self._call_loop(self._start_written_frame, push, written)
+
+    def _call_loop(self, callback: Callable[..., None], *args: Any) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop closed: the transport is shutting down
+            self._loop.call_soon_threadsafe(callback, *args)
+
+    # ---- the loop
+    def _written_sent(self, push: KVPush, written: Written) -> None:
+        out = self._outgoing.get(push.ticket.ticket_id)
+        if out is None or out.push is not push:
+            return  # the Done may already have completed it
+        out.started = push.started_at if out.started is None else out.started
+        out.bytes_sent = written.bytes
+        self._renew(out)
+
+    def _written_failed(self, push: KVPush, reason: str) -> None:
+        out = self._outgoing.get(push.ticket.ticket_id)
+        if out is not None and out.push is push:
+            self._fail(out, reason, tell_peer=False)
+
+    def _start_written_frame(self, push: KVPush, written: Written) -> None:
+        out = self._outgoing.get(push.ticket.ticket_id)
+        if out is None or out.push is not push:
+            return
+        out.started = push.started_at if out.started is None else out.started
+        out.in_flight += 1
+        self._tasks.spawn(self._send_written(out, written))
+
+    async def _send_written(self, out: Outgoing, written: Written) -> None:
+        """A Written as a control frame (a connection without a side channel)."""
+        try:
+            conn = await self._bind(out)
+            if self._outgoing.get(written.ticket) is not out:
+                return
+            await conn.send_soon(written)
+            self.timeline.mark(written.ticket, Step.HEADER_SENT, 0)
+            out.bytes_sent = written.bytes
+            if self._outgoing.get(written.ticket) is out:
                 self._renew(out)
         except TransferFailed as e:
             self._fail(out, e.reason, tell_peer=False, error=e)
@@ -151,7 +192,7 @@ class DirectSending:
             self._fail(out, f"written failed: {type(e).__name__}: {e}", tell_peer=False)
         finally:
             out.in_flight -= 1
-        if out.landed_bytes is not None and out.in_flight == 0 and self._outgoing.get(info.ticket_id) is out:
+        if out.landed_bytes is not None and out.in_flight == 0 and self._outgoing.get(written.ticket) is out:
             self._complete(out)
 
     @staticmethod

@@ -18,13 +18,15 @@ import base64
 import json
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import structlog
 import torch
 
 from engine.kv_layout import KVLayout
+from kernels._triton import triton_available
+from kernels.kv_pack import CopyPlan, plan_copy
 
 log = structlog.get_logger(__name__)
 
@@ -63,20 +65,41 @@ def export_caches(tensors: Sequence[torch.Tensor]) -> bytes:
     return json.dumps({"layers": layers}).encode()
 
 
+_MAX_PLANS = 256  # copy plans kept per peer: an engine pushes a few dozen groupings at most
+
+
 @dataclass(eq=False)
 class PeerCaches:
     """A receiver's cache tensors, mapped into this process: what direct writes land in."""
 
     layers: list[torch.Tensor]  # per layer (2, num_blocks, block_size, kv_heads, head_dim), the peer's memory
+    # (first layer, the source layers' addresses) -> the copy's plan (kernels.kv_pack.plan_copy)
+    _plans: dict[tuple[int, tuple[int, ...]], CopyPlan] = field(default_factory=dict)
 
     @property
     def num_blocks(self) -> int:
         return self.layers[0].shape[1]
 
+    def plan(self, first_layer: int, src_layers: Sequence[torch.Tensor]) -> CopyPlan | None:
+        """The copy plan from these source layers into ours from first_layer (None without Triton).
+        Keyed on the sources' addresses: the engine's caches never move, so a plan made (and its
+        tensors checked) for a group is right for every later push of that group."""
+        if not triton_available():
+            return None
+        key = (first_layer, tuple(kv.data_ptr() for kv in src_layers))
+        found = self._plans.get(key)
+        if found is None:
+            found = plan_copy(src_layers, self.layers[first_layer : first_layer + len(src_layers)])
+            if len(self._plans) >= _MAX_PLANS:
+                self._plans.pop(next(iter(self._plans)))
+            self._plans[key] = found
+        return found
+
     def close(self) -> None:
         """Drop the mappings (torch closes the IPC handles with the last reference). Only once no
         copy into them is queued: the sender synchronises its copy stream first."""
         self.layers = []
+        self._plans = {}  # they hold the first mapped layer too
 
 
 def open_caches(blob: bytes, layout: KVLayout, device: torch.device) -> PeerCaches:

@@ -76,6 +76,9 @@ class KVPush:
         if layer == 0:
             self.started_at = time.monotonic()
             self._sender.timeline.mark(self.ticket.ticket_id, Step.FIRST_LAYER)
+            # up now, while the engine computes the next layers, not when the last group is due
+            self._block_ids(block_ids, kv_layer.device)
+            self._sender.timeline.mark(self.ticket.ticket_id, Step.IDS_READY)
         if not self._layers:
             self._group_first, self._group_size = layer, self._layers_per_message(len(block_ids), layer)
         self._layers.append(kv_layer)
@@ -85,8 +88,7 @@ class KVPush:
         layers, self._layers = self._layers, []
         timeline = self._sender.timeline
         timeline.mark(self.ticket.ticket_id, Step.GROUP_FULL, self._group_first)
-        ids = self._block_ids(block_ids, kv_layer.device)
-        timeline.mark(self.ticket.ticket_id, Step.IDS_READY, self._group_first)
+        ids = self._block_ids(block_ids, kv_layer.device)  # uploaded at layer 0 unless the engine's ids changed
         if self.direct is None:
             return self._pack(self._group_first, layers, ids)
         ready = torch.cuda.Event()
@@ -139,8 +141,9 @@ class KVPush:
     def _block_ids(self, block_ids: Sequence[int], device: torch.device) -> torch.Tensor:
         if self._ids is None or self._ids_list != list(block_ids):
             self._ids_list = list(block_ids)
-            ids = torch.tensor(self._ids_list, dtype=torch.int64)
+            cuda = device.type == "cuda"
+            ids = torch.tensor(self._ids_list, dtype=torch.int64, pin_memory=cuda)  # one host tensor, pinned
             # From pinned memory, queued on the engine's stream: a copy from pageable memory would
             # wait for every kernel the step has queued so far, stalling the engine thread mid-prefill.
-            self._ids = ids.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else ids
+            self._ids = ids.to(device, non_blocking=True) if cuda else ids
         return self._ids

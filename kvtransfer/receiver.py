@@ -334,11 +334,15 @@ class KVReceiver(DirectReceiving):
         )
         entry.ticket.future.set_result(stats)
         self.timeline.mark(ticket_id, Step.LANDED)
+        done = Done(ticket_id, entry.bytes_landed)
+        if entry.conn.send_now(done):  # a direct writer's: over the side channel, before anything else here
+            self.timeline.mark(ticket_id, Step.DONE_SENT)
+        else:
+            self._tasks.spawn(quietly(self._send_done(entry.conn, done)))
         notify(self._observer.on_complete, stats)
-        self._tasks.spawn(quietly(self._send_done(entry.conn, Done(ticket_id, entry.bytes_landed))))
 
     async def _send_done(self, conn: Connection, done: Done) -> None:
-        await conn.send_soon(done)  # a direct writer's over the side channel (side.py)
+        await conn.send(done)
         self.timeline.mark(done.ticket, Step.DONE_SENT)
 
     def _refusal(self, entry: Incoming | None, conn: Connection, data: Data) -> str | None:

@@ -16,8 +16,9 @@ likewise counts from the last Hold or message it sent.
 A push to a peer whose cache this process mapped at the handshake (ipc.py) asks to write its ticket at
 once instead of the first Hold; the receiver's Granted brings the ticket's block ids (a small
 payload), which arms the push's direct writes (direct.py); once the last copy has finished, one
-Written message reports every layer, and the Done completes the push as before (both over the
-connection's same-host side channel when it has one: side.py). A ticket asked for
+Written message reports every layer (sent by the thread that saw the copies finish:
+direct_send.py), and the Done completes the push as before (both over the connection's same-host
+side channel when it has one: side.py). A ticket asked for
 that fails is answered with Stopped once the copy stream has passed every copy of it: only then
 may the receiver free its blocks.
 """
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import time
 from collections.abc import Awaitable, Callable
 
@@ -75,6 +77,9 @@ class KVSender(DirectSending):
         self._connect = connect
         self._outgoing: dict[str, Outgoing] = {}  # loop thread only
         self._waiter = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kvtransfer-pack-wait")
+        # waits for a direct-write ticket's copies and sends its Written (direct_send.py): a thread
+        # of its own, so a Written never queues behind a pack's or an unmap's wait
+        self._written_waiter = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kvtransfer-written")
         device = torch.device(config.device)
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None  # the waiter thread's
         # direct writes: their copies run on this stream; the caches mapped per peer address (loop writes)
@@ -102,7 +107,8 @@ class KVSender(DirectSending):
         self._loop.call_soon_threadsafe(self._start_send, push, message)
 
     def submit_written(self, push: KVPush, finished: Finished) -> None:
-        self._loop.call_soon_threadsafe(self._start_written, push, finished)
+        with contextlib.suppress(RuntimeError):  # shut down: the transport closing fails the push
+            self._written_waiter.submit(self._await_written, push, finished)
 
     def stop(self, push: KVPush, reason: str) -> None:
         self._loop.call_soon_threadsafe(self._stop, push, reason)
@@ -136,6 +142,7 @@ class KVSender(DirectSending):
         if self.copy_stream is not None:
             self.copy_stream.synchronize()  # no copy runs into a mapping the teardown drops
         self._waiter.shutdown(wait=True)
+        self._written_waiter.shutdown(wait=True)
 
     def _register(self, push: KVPush) -> None:
         ticket = push.ticket.ticket_id
@@ -311,7 +318,7 @@ class KVSender(DirectSending):
         self._forget(out)
         self.timeline.mark(out.push.ticket.ticket_id, Step.COMPLETED)
         nbytes = out.landed_bytes or 0
-        started = out.started if out.started is not None else time.monotonic()
+        started = out.started if out.started is not None else (out.push.started_at or time.monotonic())
         info = out.push.ticket
         stats = TransferStats(info.ticket_id, info.address, Direction.SEND, nbytes, time.monotonic() - started)
         _settle(out.push.future, stats)

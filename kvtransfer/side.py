@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import secrets
 import struct
+import threading
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -50,6 +52,9 @@ class SideChannel(asyncio.Protocol):
         self._on_message: Callable[[Message], None] | None = None
         self._on_lost: Callable[[str], None] | None = None
         self._transport: asyncio.Transport | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._write_lock = threading.Lock()
+        self._fd: int | None = None  # our duplicate of the socket's descriptor: every write goes through it
         self._buffer = bytearray()
         self._held: list[Message] = []  # arrived before the channel was bound to its connection
 
@@ -62,17 +67,46 @@ class SideChannel(asyncio.Protocol):
             on_lost("the side channel closed")
 
     def send(self, message: Message) -> None:
-        assert self._transport is not None
+        """Write one message now, from any thread; ConnectionError if the channel is (now) closed."""
         body = encode_body(message)
-        self._transport.write(_LENGTH.pack(len(body)) + body)
+        self.send_raw(_LENGTH.pack(len(body)) + body)
+
+    def send_raw(self, data: bytes) -> None:
+        with self._write_lock:
+            if self._fd is None:
+                raise ConnectionError("the side channel closed")
+            try:
+                written = os.write(self._fd, data)  # non-blocking: the descriptor shares the socket's flags
+            except OSError as e:
+                written, error = -1, f"{type(e).__name__}: {e}"
+            else:
+                error = f"a write took {written} of {len(data)} bytes (the peer stopped reading)"
+            if written == len(data):
+                return
+            self._close_fd()
+        log.warning("kv side channel dropped", reason=error)
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self.close)
+        raise ConnectionError(f"the side channel closed: {error}")
 
     def close(self) -> None:
+        """On the loop."""
+        with self._write_lock:
+            self._close_fd()
         if self._transport is not None:
             self._transport.close()
+
+    def _close_fd(self) -> None:
+        """Under the write lock."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
     # ---- asyncio.Protocol, on the loop
     def connection_made(self, transport: Any) -> None:
         self._transport = transport
+        self._loop = asyncio.get_running_loop()
+        self._fd = os.dup(transport.get_extra_info("socket").fileno())
         self.open = True
 
     def data_received(self, data: bytes) -> None:
@@ -104,6 +138,8 @@ class SideChannel(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.open = False
+        with self._write_lock:
+            self._close_fd()
         if self._on_lost is not None:
             self._on_lost(f"the side channel closed: {exc}" if exc else "the side channel closed")
 
@@ -181,8 +217,11 @@ async def dial_side(name: str, token: str, timeout_s: float) -> SideChannel | No
     except (OSError, TimeoutError, ValueError) as e:
         log.info("kv side channel not reached: Written and Done go over UCX", error=f"{type(e).__name__}: {e}")
         return None
-    assert channel._transport is not None
-    channel._transport.write(raw)
+    try:
+        channel.send_raw(raw)
+    except ConnectionError as e:
+        log.info("kv side channel not reached: Written and Done go over UCX", error=str(e))
+        return None
     return channel
 
 

@@ -47,8 +47,9 @@ class RecordingConnection:
     async def send(self, message: Message) -> None:
         self.sent.append(message)
 
-    async def send_soon(self, message: Message) -> None:  # Done: over a side channel, recorded alike
+    def send_now(self, message: Message) -> bool:  # Done: over a side channel, recorded alike
         self.sent.append(message)
+        return True
 
     async def send_payload(self, data: torch.Tensor, tag: int) -> None:
         self.payloads.append((tag, data.tolist()))

@@ -131,3 +131,27 @@ def test_a_socket_that_is_not_there_leaves_the_connection_on_ucx() -> None:
         return await dial_side("\0pdmesh-kv-nobody-listens-here", listener.offer(), 1.0)
 
     assert run(scenario) is None
+
+
+def test_a_written_sent_from_another_thread_arrives_whole_and_a_closed_end_refuses_to_send() -> None:
+    """A direct writer sends its Written from the thread that saw its copies finish, not the loop."""
+
+    async def scenario(listener: SideListener) -> tuple[list[Message], str]:
+        bound, dialer = Bound(), Bound()
+        token = listener.offer()
+        listener.expect(token, bound.attach)
+        channel = await dial_side(listener.name, token, 5.0)
+        assert channel is not None
+        dialer.attach(channel)
+        await asyncio.gather(*(asyncio.to_thread(channel.send, Written(f"t{i}", 16 * i)) for i in range(20)))
+        await settle(lambda: len(bound.messages) == 20)
+        channel.close()
+        try:
+            await asyncio.to_thread(channel.send, Written("late", 16))
+        except ConnectionError as e:
+            return bound.messages, str(e)
+        return bound.messages, ""
+
+    messages, refusal = run(scenario)
+    assert sorted(m.ticket for m in messages) == sorted(f"t{i}" for i in range(20))  # type: ignore[attr-defined]
+    assert "closed" in refusal
