@@ -21,6 +21,7 @@ from services.logging import Outage
 
 log = structlog.get_logger(__name__)
 _RETRY_S = 0.5
+_SCHEDULER_GRACE_S = 60.0  # longer than the workers' drain (30 s by default), see _run
 
 
 class StoreReporter:
@@ -48,7 +49,10 @@ class StoreReporter:
         await self._channel.close()
 
     async def _run(self) -> None:
-        outage = Outage("scheduler")
+        # pdmesh up stops the store last, after the workers' drain (their last offers land), so at
+        # every stop the scheduler is gone for as long as that drain lasts; the workers report a
+        # real scheduler outage after 5 s already.
+        outage = Outage("scheduler", grace_s=_SCHEDULER_GRACE_S)
         while True:
             try:
                 interval = await self._report()

@@ -53,3 +53,17 @@ def test_an_outage_warns_once_it_lasts_and_a_moments_absence_stays_off_the_termi
         ("warning", "scheduler still unreachable after 5 s; retrying"),
         ("info", "scheduler reachable again"),
     ]
+
+
+def test_an_outage_that_lasts_while_this_process_stops_is_no_warning() -> None:
+    now, stopping = [0.0], [False]
+    outage = Outage("scheduler", grace_s=5.0, clock=lambda: now[0], stopping=lambda: stopping[0])
+    with structlog.testing.capture_logs() as logs:
+        stopping[0] = True  # this worker drains its streams for 8 s after the scheduler went
+        for t in (0.0, 6.0, 8.0):
+            now[0] = t
+            outage.failed(code="UNAVAILABLE")
+    assert [(entry["log_level"], entry["event"]) for entry in logs] == [
+        ("info", "scheduler unreachable; retrying"),
+        ("info", "scheduler still unreachable after 6 s; retrying"),
+    ]

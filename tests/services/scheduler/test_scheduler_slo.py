@@ -110,13 +110,14 @@ async def test_over_http_an_slo_no_idle_worker_could_meet_is_a_400_naming_the_ta
 async def test_a_request_that_could_not_get_a_decode_slot_within_its_ttft_is_refused_before_queueing(
     mesh_factory: MeshFactory,
 ) -> None:
-    # Eight streams fill the scripted decode worker's eight slots for about 5 s (100 tokens, 50 ms
+    # Eight streams fill the scripted decode worker's eight slots for about 20 s (400 tokens, 50 ms
     # apart; the calibrated step with eight rows is 50 ms). A ninth with a 2 s TTFT target cannot
     # get a slot in time: refused at once with when to come back, not after 2 s in the queue.
+    # (With 100 tokens, 5 s, a loaded machine reached the refusal with under 1 s of them left.)
     mesh = await mesh_factory(prefill=0, decode=1, policy=PolicyName.SLO)
     await calibrated(mesh, CALIBRATED_AFTER_SAMPLES)
     mesh.decode_servicer().token_delay_s = 0.05
-    streams = [mesh.client.generate([1, 2, 3], max_tokens=100, seed=i) for i in range(8)]
+    streams = [mesh.client.generate([1, 2, 3], max_tokens=400, seed=i) for i in range(8)]
     for s in streams:
         await anext(s)
     await eventually(lambda: mesh.decode_servicer().running == 8, what="every slot to be taken")
