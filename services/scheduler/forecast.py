@@ -81,7 +81,8 @@ class Prefill:
     calibrated: bool  # its duration is evidence enough to refuse on (WorkerPredictors.calibrated)
     device_work_ms: float = 0.0  # all prompt work queued on its device (any worker's, any priority): it
     # stalls the decode batches there anyway
-    pace: float = 1.0  # its duration against the same steps on a device of its own (DeviceLoad.pace)
+    pace: float = 1.0  # its duration against the same steps on a device of its own (DeviceLoad.prompt_ms)
+    delay_ms: float = 0.0  # what it costs the first tokens of prompts queued on its device's other workers
 
     @property
     def ready_ms(self) -> float:
@@ -90,34 +91,86 @@ class Prefill:
 
 
 @dataclass(frozen=True, slots=True)
-class DeviceLoad:
-    """What the other workers on a worker's device (Registry.sharing: they time-slice one GPU) put
-    on it, as its forecasts count it: their queued prompt work runs on the device before a prompt
-    placed now, and while their decode batches step, the device's time is shared with them."""
+class Neighbour:
+    """Another worker on a worker's device, as a GPU context beside it: how long it keeps the
+    device busy, and where its queued prompts end (in work from now, its own order)."""
 
-    queued_ms: float = 0.0  # their prompt work ahead of the request (its priority or higher)
-    queued_all_ms: float = 0.0  # all of it, whatever its priority: it stalls decode batches there anyway
-    decoding: int = 0  # how many of them run a decode batch
+    busy_ms: float  # its queued prompt work; inf while it holds a decode batch (it steps on and on)
+    ends_ms: tuple[float, ...]  # each queued prompt's end, cumulative work from now
+    queued_ms: float  # all its queued prompt work, whatever the priority
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceLoad:
+    """What the other workers on a worker's device (Registry.sharing) put on it, as its forecasts
+    count it. A GPU time-slices the processes on it: each context busy at a time gets an equal share
+    (processor sharing), so a prompt does not wait for a neighbour's queue, it runs beside it."""
+
+    neighbours: tuple[Neighbour, ...] = ()
+    own_busy: bool = False  # the worker forecast holds a decode batch: its context is on the device anyway
+
+    @property
+    def decoding(self) -> int:
+        return sum(1 for n in self.neighbours if math.isinf(n.busy_ms))
 
     @property
     def pace(self) -> float:
-        """How much longer work takes here than alone: the device's time shared equally (processor
-        sharing, as a GPU time-slices contexts) with each decode batch stepping beside it."""
+        """How much longer a decode step takes here than alone: the device shared equally with each
+        neighbour's decode batch, which steps as long as it lasts."""
         return 1.0 + self.decoding
+
+    @property
+    def queued_all_ms(self) -> float:
+        """The neighbours' queued prompt work: it stalls the decode batches on the device anyway."""
+        return sum(n.queued_ms for n in self.neighbours)
+
+    def finish_ms(self, work_ms: float) -> float:
+        """When `work_ms` of the worker's own work (alone-pace) is done: while a neighbour is busy
+        each gets half (with k busy, 1/(k+1)); a neighbour busy for b ms of its own work delays it
+        by min(b, work)."""
+        return work_ms + sum(min(n.busy_ms, work_ms) for n in self.neighbours)
+
+    def prompt_ms(self, own_wait_ms: float, work_ms: float) -> tuple[float, float]:
+        """A prompt after `own_wait_ms` of the worker's own queue: (its start, its duration)."""
+        start = self.finish_ms(own_wait_ms)
+        return start, self.finish_ms(own_wait_ms + work_ms) - start
+
+    def delay_ms(self, own_wait_ms: float, work_ms: float) -> float:
+        """What the prompt costs the neighbours' queued prompts' first tokens, summed: each one still
+        running while it runs ends later by the overlap. None when the worker holds a decode batch:
+        its context shares the device anyway, the prompt rides its steps and takes no one's share."""
+        if self.own_busy or not self.neighbours:
+            return 0.0
+        return sum(min(work_ms, max(0.0, end - own_wait_ms)) for n in self.neighbours for end in n.ends_ms)
 
 
 NO_SHARING = DeviceLoad()
 
 
-def device_load(others: Sequence[Worker], ledger: Ledger, request: Request, now: float) -> DeviceLoad:
-    """The load of `others` (the workers sharing a device with the one forecast) on that device."""
+def device_load(worker: Worker, others: Sequence[Worker], ledger: Ledger, now: float) -> DeviceLoad:
+    """The load of `others` (the workers sharing a device with `worker`) on that device. A worker
+    with batch members (decoding, or their prompts on the way) counts as stepping on: by the time a
+    prompt placed now runs, they decode."""
     if not others:
         return NO_SHARING
-    queues = [ledger.queue(w.worker_id) for w in others]
-    decoding = sum(1 for w in others if any(m.decode_started is not None for m in ledger.members(w.worker_id)))
-    return DeviceLoad(
-        sum(q.wait_ms(now, request.priority) for q in queues), sum(q.wait_ms(now) for q in queues), decoding
-    )
+    return DeviceLoad(tuple(_neighbour(w, ledger, now) for w in others), _holds_batch(worker, ledger))
+
+
+def _holds_batch(worker: Worker, ledger: Ledger) -> bool:
+    return any(True for _ in ledger.members(worker.worker_id))
+
+
+def _neighbour(worker: Worker, ledger: Ledger, now: float) -> Neighbour:
+    queue = ledger.queue(worker.worker_id)
+    queued = queue.wait_ms(now)
+    drained = max(0.0, sum(queue.work_ms) - queued)  # the work done since the queue's epoch
+    ends, total = [], 0.0
+    for booking in queue.pending.values():
+        total += booking.prefill_ms
+        if total > drained:
+            ends.append(total - drained)
+    busy = math.inf if _holds_batch(worker, ledger) else queued
+    return Neighbour(busy, tuple(ends), queued)
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,8 +214,8 @@ class DecodeSide:
 def prefill_on(
     worker: Worker, ledger: Ledger, request: Request, cached: int, now: float, device: DeviceLoad = NO_SHARING
 ) -> Prefill:
-    """The request's prompt computed on a prefill worker, then pushed; on a shared device after the
-    prompt work queued there and at the device's pace."""
+    """The request's prompt computed on a prefill worker, then pushed; on a shared device after its
+    own queue, both sharing the device with the neighbours' work (DeviceLoad.prompt_ms)."""
     model = worker.predictors.step
     budget = worker.info.capacity.max_num_batched_tokens or DEFAULT_BUDGET_TOKENS
     uncached = max(1, request.prompt_tokens - cached)
@@ -170,9 +223,12 @@ def prefill_on(
     compute = model.step_ms(shape, steps)
     push = worker.predictors.transfer.transfer_ms(request.prompt_tokens * worker.info.kv_layout.bytes_per_token)
     queue = ledger.queue(worker.worker_id)
+    own_wait = queue.wait_ms(now, request.priority)
+    start, duration = device.prompt_ms(own_wait, compute)
     return Prefill(
-        worker, cached, queue.wait_ms(now, request.priority) + device.queued_ms, compute * device.pace, compute, steps,
-        push, worker.predictors.calibrated_for(shape), queue.wait_ms(now) + device.queued_all_ms, device.pace,
+        worker, cached, start, duration, compute, steps, push, worker.predictors.calibrated_for(shape),
+        queue.wait_ms(now) + device.queued_all_ms, duration / compute if compute > 0 else 1.0,
+        device.delay_ms(own_wait, compute),
     )  # fmt: skip
 
 
@@ -231,9 +287,11 @@ def local_prefill(side: DecodeSide, request: Request, cached: int) -> Prefill:
     mixed = model.step_ms(shape, steps)
     device = side.device
     gain = mixed - steps * side.step_now_ms / device.pace if n else mixed
+    start, duration = device.prompt_ms(side.local_wait_ms, mixed)
     return Prefill(
-        worker, cached, side.local_wait_ms + device.queued_ms, mixed * device.pace, gain, steps, 0.0,
-        worker.predictors.calibrated_for(shape), side.local_work_ms + device.queued_all_ms, device.pace,
+        worker, cached, start, duration, gain, steps, 0.0, worker.predictors.calibrated_for(shape),
+        side.local_work_ms + device.queued_all_ms, duration / mixed if mixed > 0 else 1.0,
+        device.delay_ms(side.local_wait_ms, mixed),
     )  # fmt: skip
 
 

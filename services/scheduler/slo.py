@@ -43,17 +43,26 @@ them.
 Workers sharing a device. Two worker processes on one GPU time-slice it: a prompt prefilled by the
 prefill worker is not extra capacity beside the decode worker, it takes the device's time from
 that worker's steps. Each worker names its device (WorkerInfo.device_id: host and GPU UUID) and the
-forecast treats the workers naming one as one device (forecast.DeviceLoad): prompt work queued on
-any of them is ahead of a new prompt on either; a prompt runs at the device's pace, its time shared
-equally with each decode batch stepping there (processor sharing, as the GPU time-slices
-contexts); and a prompt on the prefill worker stalls the decode batches on its GPU as a local
-prefill does, so their TPOT budgets must absorb it (stall_fits). A burst on 1 prefill + 1 decode
-worker on one GPU then sees the same wait on either worker and goes to the cheaper plan — the
-local prefill, no push — as on the colocated mesh; on separate GPUs nothing changes. CPU workers
-name no device: each runs on threads of its own, the OS runs them in parallel while the host has
-cores for them, and where it has not, every worker's measured steps show it (engine/device_identity.py).
-The rule models the device rather than forbidding hand-offs: a prefill worker on a shared GPU still
-takes a prompt whose prefix it holds, or whose plan there costs less.
+forecast models the device as the GPU runs it (forecast.DeviceLoad): each busy worker is a context
+getting an equal share (processor sharing). A prompt on worker W waits for W's own queue only, and
+that queue and the prompt run at the shared pace: a neighbour busy for b ms of its own work delays
+x ms of W's by min(b, x), a neighbour holding a decode batch (its members decoding, or their
+prompts on the way) by x. What a prompt takes from the neighbours counts too: when W's context
+would otherwise leave the device to them, each neighbour's queued prompt that runs beside it ends
+later by the overlap, and that delay weighs in the plan's cost as a wait of its own (wait_weight);
+a prompt that rides the steps of a decode batch already stepping takes no one's share. A prompt on
+the prefill worker stalls the decode batches on its GPU as a local prefill does, so their TPOT
+budgets must absorb it (stall_fits). Why not one queue for the device (the rule before, H100,
+BENCHMARKS.md): the prefill worker's queue then stood ahead of a prompt on either worker, the waits
+tied, its cheaper compute won each time, and a 16-concurrent run of 4k prompts queued all 64 there
+(TTFT 11x the colocated mesh's) while a local prompt would have run beside that queue at once.
+Sequential prompts and bursts stay local as before (a hand-off to the idle prefill worker beside a
+decode worker's queue gives its own first token sooner but delays each queued prompt as much); on
+separate GPUs nothing changes. CPU workers name no device: each runs on threads of its own, the OS
+runs them in parallel while the host has cores for them, and where it has not, every worker's
+measured steps show it (engine/device_identity.py). The rule models the device rather than
+forbidding hand-offs: a prefill worker on a shared GPU still takes a prompt whose prefix it holds,
+or whose plan there costs less.
 
 Guesses refuse nothing. Without a configured profile the step models start from no samples, and
 a forecast counts as evidence only where the samples have exercised it
@@ -150,7 +159,9 @@ class SloPolicy:
             # ignorance (a 0 ms guess measured at 16 ms read as "16x too short" for 30 s), not its error.
             predicted_ttft_ms=best.ttft_ms if best.prefill.calibrated else None,
             predicted_tpot_ms=best.tpot_ms if best.decode.calibrated else None,
-            cost_ms=best.cost_ms, cached_tokens=best.prefill.cached_tokens, prefill_ms=best.prefill.duration_ms,
+            cost_ms=best.cost_ms, cached_tokens=best.prefill.cached_tokens,
+            # Queues hold work at the worker's own pace: a forecast on a shared device paces it itself.
+            prefill_ms=best.prefill.duration_ms / best.prefill.pace,
         )  # fmt: skip
 
     def wait_budget_ms(self, shape: RequestShape, pool: Pool) -> float:
@@ -189,7 +200,7 @@ class SloPolicy:
         prefill = _union(self._least(pool, WorkerRole.PREFILL, k), prefill_cached)
         if not decode:
             raise no_decode_worker()
-        devices = {w: self._device(w, request, now) for w in (*decode, *prefill)}
+        devices = {w: self._device(w, now) for w in (*decode, *prefill)}
         sides = [decode_side(w, self.ledger, request, now, self.settings.kv_headroom, devices[w]) for w in decode]
         plans = [self._local(side, request, decode_cached.get(side.worker, 0), now) for side in sides]
         by_layout: dict[KVLayout, list[DecodeSide]] = {}  # a prefill worker hands off within its layout
@@ -206,9 +217,9 @@ class SloPolicy:
     def _sharing(self, worker: Worker) -> list[Worker]:
         return self.registry.sharing(worker)
 
-    def _device(self, worker: Worker, request: Request, now: float) -> DeviceLoad:
+    def _device(self, worker: Worker, now: float) -> DeviceLoad:
         """What the workers sharing its device (a GPU time-slices them) put on it."""
-        return device_load(self._sharing(worker), self.ledger, request, now)
+        return device_load(worker, self._sharing(worker), self.ledger, now)
 
     def _least(self, pool: Pool, role: WorkerRole, k: int) -> list[Worker]:
         heap = self.ledger.by_batch if role is WorkerRole.DECODE else self.ledger.by_queue
@@ -362,7 +373,7 @@ def _choose(plans: list[Plan], tie_fraction: float, wait_weight: float) -> Plan 
     if not plans:
         return None
     soonest = min(p.ttft_ms for p in plans)
-    costs = [p.cost_ms + wait_weight * (p.ttft_ms - soonest) for p in plans]
+    costs = [p.cost_ms + wait_weight * (p.ttft_ms - soonest + p.prefill.delay_ms) for p in plans]
     cheapest = min(costs)
     close = [p for p, cost in zip(plans, costs, strict=True) if cost <= cheapest * (1 + tie_fraction) + 1e-9]
     return min(close, key=_tie_break)

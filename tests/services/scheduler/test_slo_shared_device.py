@@ -1,8 +1,9 @@
 """Workers sharing one GPU time-slice it: a prompt prefilled by the prefill worker is not extra
 capacity beside the decode worker, it competes with that worker's own steps. The `slo` policy
-forecasts them as one device: prompt work queued on any worker of the device is ahead of a new
-prompt, a prompt runs at the device's pace while decode batches step beside it, and those batches'
-TPOT targets must absorb the stall of a prompt on either worker.
+forecasts the device as the GPU runs it: each busy worker a context with an equal share, a prompt
+waiting for its own worker's queue only and running beside the others' work, what it takes from
+their queued prompts counted in its cost, and the decode batches' TPOT targets absorbing the stall
+of a prompt on either worker.
 
 One H100, 2026-11-26: 1 prefill + 1 decode worker on the same GPU, 16 concurrent 4k prompts:
 disaggregated TTFT p50 1,137 ms against 362 ms for the colocated mesh; the policy spread the burst
@@ -75,15 +76,54 @@ def test_a_prefill_worker_on_the_same_gpu_does_not_escape_the_running_requests_t
     assert "stall would push running requests past their TPOT targets" in str(refused.value)
 
 
-def test_queued_prompt_work_of_either_worker_is_ahead_on_the_device() -> None:
+def test_a_prompt_beside_the_prefill_workers_queue_shares_the_device_instead_of_waiting_for_it() -> None:
     shared = Cluster(prefill=1, decode=1, device_id=GPU)
     shared.queued("prefill-0", 500.0)  # 500 ms of prompts queued on the prefill worker
 
     placement = shared.place(100)
 
-    # Locally: after the prefill worker's 500 ms, then 10 + 10 ms (its one step of 100 tokens).
+    # Locally: its one step of 100 tokens, 10 + 10 + 0.1 ms (the queued booking's row rides along),
+    # at half the device while the prefill worker works through its queue beside it: 40.2 ms, not
+    # the 520.1 of waiting for that queue (the rule before: the GPU as one queue).
     assert placement.plan is ExecutionPlan.LOCAL_PREFILL
-    assert placement.predicted_ttft_ms == pytest.approx(520.0 + 0.1)  # the queued booking's row rides along
+    assert placement.predicted_ttft_ms == pytest.approx(40.2)
+
+
+@pytest.mark.parametrize("decoding", [0, 4])
+def test_a_prompt_goes_local_while_the_prefill_worker_holds_a_queue(decoding: int) -> None:
+    # H100, c16x4kl (BENCHMARKS.md): with the GPU forecast as one queue the prefill worker's 15 queued
+    # prompts were ahead of a new prompt on either worker, the waits tied, the prefill worker's cheaper
+    # compute won, and every prompt of the run queued there (TTFT 11x the colocated mesh's).
+    shared = Cluster(prefill=1, decode=1, device_id=GPU)
+    shared.running("decode-0", decoding, tpot_ms=0.0)
+    for _ in range(15):
+        shared.queued("prefill-0", 210.0)  # 15 prompts of 2000 tokens, bound for decode-0
+
+    placement = shared.place(2000)
+
+    # Locally one step of 10 + 200 + 0.1 per row (15 bound for it, `decoding` running), at half
+    # the device beside the prefill worker's queue. There: after its 3,150 ms of queue, itself at
+    # half pace beside decode-0's batch (members bound for it decode by then): 6,300 + 420 + 5 ms.
+    rows = 15 + decoding
+    assert placement.plan is ExecutionPlan.LOCAL_PREFILL
+    assert placement.predicted_ttft_ms == pytest.approx(2 * (210.0 + 0.1 * rows))
+
+
+def test_a_prompt_on_an_idle_prefill_worker_counts_what_it_takes_from_the_local_queue() -> None:
+    # decode-0 has three local prompts of 210 ms queued (none decoding yet). The prefill worker's plan
+    # gives the first token soonest (425 ms: 210 of work at half the device beside decode-0's
+    # context), but each of the three queued prompts ends 210 ms later for it: 630 ms of waits.
+    # Locally: 630 + 210.3 = 840.3 ms, cost 200 + 0.5 x (840.3 - 425) = 407.7 against 215 + 0.5 x 630
+    # = 530. On two GPUs the same hand-off takes nothing from anyone: handed off.
+    shared, separate = Cluster(prefill=1, decode=1, device_id=GPU), Cluster(prefill=1, decode=1)
+    for cluster in (shared, separate):
+        for _ in range(3):
+            cluster.queued("decode-0", 210.0)
+
+    placement = shared.place(2000)
+    assert placement.plan is ExecutionPlan.LOCAL_PREFILL
+    assert placement.predicted_ttft_ms == pytest.approx(840.3)
+    assert separate.place(2000).plan is ExecutionPlan.DISAGGREGATED
 
 
 def test_the_registry_groups_workers_by_the_device_they_name() -> None:
