@@ -27,6 +27,8 @@ EXAMPLES = """Simulate a mesh placing requests with the scheduler's own policies
     pdmesh sim --trace ../shared/traces/mooncake_synthetic_trace.jsonl --prefill 8 --decode 8 \\
         --slo-ttft-ms 2000 --slo-tpot-ms 100 --sweep --out sim.json --plot sim.png
     pdmesh sim --rate 2,4,8 --burstiness 0.5 --input-len 1000:8000 --output-len 50:300 ...
+    pdmesh sim --gpus 1 --prefill 1 --decode 1 --concurrency 16 --requests 64 --input-len 4096 ...
+        (a closed loop, as `pdmesh bench serve --concurrency`; both workers time-slicing one GPU)
     pdmesh sim --profile mesh-profile.json ...   (recorded by `pdmesh bench profile`)
 """
 
@@ -61,6 +63,8 @@ def add_sim_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[typ
     load.add_argument("--trace-speedup", default=None, help="replay the trace's arrivals this much faster: 1,2,4")
     load.add_argument("--rate", default=None, help="Poisson/gamma arrivals at these requests/s: 1,2,4")
     load.add_argument("--burstiness", type=float, default=1.0, help="--rate: gamma shape; 1 is Poisson")
+    load.add_argument("--concurrency", default=None,
+                      help="a closed loop instead: this many requests in flight, the next sent as one ends: 1,8,16")
     load.add_argument("--sweep", action="store_true", help="search each policy's goodput (DistServe)")
     s = p.add_argument_group("SLOs and output")
     s.add_argument("--slo-ttft-ms", type=float, required=True, help="TTFT target, sent with every request")
@@ -98,6 +102,7 @@ def _run(args: argparse.Namespace, console: Console) -> SimReport:
         raise ValueError("--plot: needs matplotlib; pip install 'pdmesh[bench]' (or matplotlib)")
     shapes, block = _shapes(args)
     workload, unit, loads, rate_of = _load_model(args, shapes)
+    closed = args.concurrency is not None
     slo = Slo(args.slo_ttft_ms, args.slo_tpot_ms)
     spec = MeshSpec(
         load_profile(args.profile), args.prefill, args.decode, block,
@@ -118,7 +123,7 @@ def _run(args: argparse.Namespace, console: Console) -> SimReport:
             def run(load: float, policy: PolicyName = policy) -> Run:
                 requests = workload(load)
                 bar = progress(f"{policy.value} @ {load:.3g}", len(requests))
-                return simulate(spec, policy, load, requests, slo, bar)
+                return simulate(spec, policy, load, requests, slo, bar, int(load) if closed else 0)
 
             if args.sweep:
                 best, runs = search_goodput(run, SearchSettings(loads[0], args.attainment))
@@ -126,6 +131,8 @@ def _run(args: argparse.Namespace, console: Console) -> SimReport:
                 runs = [run(load) for load in loads]
                 best = max_load_meeting([(r.load, r.attainment_pct) for r in runs], args.attainment)
             report.runs += runs
+            if closed:  # a closed loop's rate is what the run achieved
+                rate_of = {r.load: r.rate for r in runs}.__getitem__
             report.goodput[policy.value] = None if best is None else rate_of(best)
     return report
 
@@ -154,6 +161,13 @@ def _load_model(
     args: argparse.Namespace, shapes: list[Shape]
 ) -> tuple[Callable[[float], list[SimRequest]], str, list[float], Callable[[float], float]]:
     """(load value -> requests, the unit, the loads asked for (a sweep's start first), load -> rate)."""
+    if args.concurrency is not None:
+        if args.sweep or args.rate is not None or args.trace_speedup is not None:
+            raise ValueError("--concurrency: a closed loop; drop --sweep, --rate and --trace-speedup")
+        counts = _numbers(args.concurrency, "--concurrency")
+        if any(c != int(c) for c in counts):
+            raise ValueError(f"--concurrency: {args.concurrency!r} must list whole numbers, e.g. 1,8,16")
+        return (lambda _: at_speedup(shapes, 1.0)), "in flight", counts, (lambda c: c)
     if args.rate is not None or args.trace is None:
         loads = _numbers(args.rate or "1", "--rate")
         return (lambda r: at_rate(shapes, r, args.burstiness, args.seed)), "requests/s", loads, (lambda r: r)

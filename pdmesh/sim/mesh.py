@@ -11,13 +11,17 @@ at the moments the flow takes them:
                        as capacity.reserve) -> the prefill worker's queue -> the exposed push ->
                        first token (Placer.prefilled) -> the decode batch -> finished (Placer.ended)
 
-Workers report load every `report_interval_s` (phases spread), through Registry.report as the
-servicer does. The wall time of every Placer.place call is kept: the decision latency.
+Requests arrive at their own times, or in a closed loop (`pdmesh bench serve --concurrency`): a
+fixed number in flight, the next sent as one ends. Workers report load every `report_interval_s`
+(phases spread), through Registry.report as the servicer does. The wall time of every Placer.place
+call is kept: the decision latency.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -75,6 +79,7 @@ class SimMesh:
         self.decision_ns: list[int] = []  # wall time of each Placer.place
         self.decision_cpu_ns: list[int] = []  # its thread's CPU time: without preemption
         self.on_done = on_done
+        self._unsent: deque[SimRequest] = deque()  # a closed loop's requests not sent yet
         self.workers: dict[str, SimWorker] = {}
         self._snapshot: dict[str, bool] = {}
         self._start_workers()
@@ -116,12 +121,22 @@ class SimMesh:
 
     # -- requests ---------------------------------------------------------------------------------
 
-    def run(self, requests: list[SimRequest]) -> list[RequestResult]:
-        for request in requests:
-            self.loop.at(request.arrival_s, lambda r=request: self._arrive(r))  # type: ignore[misc]
+    def run(self, requests: list[SimRequest], concurrency: int = 0) -> list[RequestResult]:
+        """Every request's result, in order. `concurrency` > 0: a closed loop, that many in flight
+        from time 0, each next request (in order) arriving when one ends; their own times unused."""
+        if concurrency > 0:
+            self._unsent = deque(requests)
+            for _ in range(min(concurrency, len(requests))):
+                self.loop.at(0.0, self._send_next)
+        else:
+            for request in requests:
+                self.loop.at(request.arrival_s, lambda r=request: self._arrive(r))  # type: ignore[misc]
         total = len(requests)
         self.loop.run(until=lambda: len(self.results) == total)
         return [self.results[r.index] for r in requests]
+
+    def _send_next(self) -> None:
+        self._arrive(dataclasses.replace(self._unsent.popleft(), arrival_s=self.loop.now()))
 
     def _arrive(self, request: SimRequest) -> None:
         slo = self.spec.slo
@@ -221,5 +236,7 @@ class SimMesh:
 
     def _done(self, result: RequestResult) -> None:
         self.results[result.index] = result
+        if self._unsent:
+            self.loop.after(0.0, self._send_next)  # after this event: a refusal ends inside _arrive
         if self.on_done is not None:
             self.on_done(result)

@@ -30,7 +30,7 @@ class SimReport:
     spec: MeshSpec
     slo: Slo
     target_pct: float
-    load_unit: str  # "requests/s" or "x trace speed"
+    load_unit: str  # "requests/s", "x trace speed" or "in flight" (a closed loop)
     runs: list[Run]
     goodput: dict[str, float | None]  # policy -> highest offered rate meeting the target
     started_unix_s: float

@@ -58,13 +58,15 @@ class Run:
 
 def simulate(
     spec: MeshSpec, policy: PolicyName, load: float, requests: list[SimRequest], slo: Slo,
-    progress: Progress | None = None,
+    progress: Progress | None = None, concurrency: int = 0,
 ) -> Run:  # fmt: skip
+    """One run; `concurrency` > 0: a closed loop of that many in flight (SimMesh.run)."""
     mesh = SimMesh(spec, policy, progress)
     started = time.perf_counter()
-    results = mesh.run(requests)
+    results = mesh.run(requests, concurrency)
     wall = time.perf_counter() - started
-    span = max((r.arrival_s for r in requests), default=0.0) - min((r.arrival_s for r in requests), default=0.0)
+    arrivals = [r.start_s for r in results]  # a closed loop's, as they happened
+    span = max(arrivals, default=0.0) - min(arrivals, default=0.0)
     metrics = summarize(results, slo)
     met = attainment(results, slo)
     n = max(1, len(results))

@@ -125,6 +125,29 @@ def test_workers_sharing_one_simulated_gpu_serve_bursts_as_the_colocated_mesh_do
     assert shared.metrics.tpot_ms.p90 == pytest.approx(colocated.metrics.tpot_ms.p90, rel=0.1)
 
 
+def test_a_closed_loop_keeps_its_concurrency_in_flight() -> None:
+    # As `pdmesh bench serve --concurrency 3`: three sent at once, each next one as one ends.
+    shapes = drawn_shapes(12, LengthRange(1024, 1024), LengthRange(8, 8), 512, 0)
+    mesh = MeshSpec(H100_LLAMA_8B, 1, 1, 512, SloConfig(default_ttft_ms=30_000, default_tpot_ms=0))
+
+    run = simulate(mesh, PolicyName.SLO, 3, at_speedup(shapes, 1.0), Slo(30_000, None), None, concurrency=3)
+
+    assert all(r.ok for r in run.results) and len(run.results) == 12
+    spans = sorted((r.start_s, r.start_s + (r.e2e_s or 0.0)) for r in run.results)
+    ends = {round(end, 9) for _, end in spans}
+    assert [start for start, _ in spans[:3]] == [0.0] * 3
+    assert all(round(start, 9) in ends for start, _ in spans[3:])  # sent when one ended
+    assert max(sum(1 for s, e in spans if s <= t < e) for t, _ in spans) == 3
+
+
+def test_a_closed_loop_has_no_rate_to_sweep(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as ended:
+        main(["sim", "--concurrency", "16", "--sweep", "--slo-ttft-ms", "1", "--slo-tpot-ms", "1", "--no-progress"])
+
+    assert ended.value.code == 2
+    assert "--concurrency: a closed loop; drop --sweep" in capsys.readouterr().err
+
+
 @dataclass(frozen=True)
 class _Point:
     """What search_goodput reads of a run: its load and the share meeting both SLOs."""

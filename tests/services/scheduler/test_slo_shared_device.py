@@ -109,6 +109,37 @@ def test_a_prompt_goes_local_while_the_prefill_worker_holds_a_queue(decoding: in
     assert placement.predicted_ttft_ms == pytest.approx(2 * (210.0 + 0.1 * rows))
 
 
+def test_a_cheaper_plan_on_the_prefill_worker_does_not_pull_a_prompt_behind_its_queue() -> None:
+    # The trap itself: the prefill worker's plan is the cheaper (it holds 256 of the prompt's 2000
+    # tokens: 10 + 174.4 + 5 ms against the local prefill's 200). As one queue for the device the
+    # waits tied (its 15 queued prompts ahead either way) and it won: first token after 3,150 ms.
+    # Beside that queue the local prompt runs at once, at half pace: 2 x 211.5 = 423 ms, against
+    # 2 x (3,150 + 184.4) + 5 there (decode-0's batch, bound for it, steps beside its queue).
+    shared = Cluster(prefill=1, decode=1, device_id=GPU)
+    for _ in range(15):
+        shared.queued("prefill-0", 210.0)
+    prompt = list(range(2000))
+    shared.caches("prefill-0", prompt, 256)
+
+    placement = shared.place(prompt)
+
+    assert placement.plan is ExecutionPlan.LOCAL_PREFILL
+    assert placement.predicted_ttft_ms == pytest.approx(423.0)
+
+
+def test_an_idle_prefill_worker_holding_the_prefix_still_takes_the_prompt() -> None:
+    # Nothing queued, nothing decoding: the prefill worker holding 1024 of 2000 tokens computes the
+    # rest in 10 + 97.6 ms and pushes in 5, against 210 ms locally; sharing the GPU changes nothing.
+    shared = Cluster(prefill=1, decode=1, device_id=GPU)
+    prompt = list(range(2000))
+    shared.caches("prefill-0", prompt, 1024)
+
+    placement = shared.place(prompt)
+
+    assert placement.plan is ExecutionPlan.DISAGGREGATED
+    assert placement.predicted_ttft_ms == pytest.approx(112.6)
+
+
 def test_a_prompt_on_an_idle_prefill_worker_counts_what_it_takes_from_the_local_queue() -> None:
     # decode-0 has three local prompts of 210 ms queued (none decoding yet). The prefill worker's plan
     # gives the first token soonest (425 ms: 210 of work at half the device beside decode-0's
