@@ -18,13 +18,18 @@ the caches and the staging buffer.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
+import structlog
 import torch
 
 from kernels._triton import check_triton_device, next_power_of_2, require_triton, triton_available
+
+log = structlog.get_logger(__name__)
 
 _CHUNK_BYTES = 8192  # bytes one program copies
 _MAX_TABLES = 256
@@ -162,7 +167,7 @@ def _copy_triton(staging: torch.Tensor, kv_layers: Sequence[torch.Tensor], block
     )  # fmt: skip
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class CopyPlan:
     """Everything a block-to-block copy between two layer groups needs but the ids, worked out once
     (plan_copy): caches never move, so a direct writer reuses one per group of layers and peer."""
@@ -178,6 +183,9 @@ class CopyPlan:
     chunk: int
     chunks_per_block: int
     num_layers: int
+    # After the first launch, the kernel Triton compiled for it: launched directly from then on
+    # (None: not yet, or the interpreter; False: a direct launch failed once, Triton's JIT launches).
+    compiled: Any = None
 
 
 def plan_copy(src_layers: Sequence[torch.Tensor], dst_layers: Sequence[torch.Tensor]) -> CopyPlan:
@@ -208,20 +216,41 @@ def plan_copy(src_layers: Sequence[torch.Tensor], dst_layers: Sequence[torch.Ten
     )  # fmt: skip
 
 
-def launch_copy(plan: CopyPlan, src_ids: torch.Tensor, dst_ids: torch.Tensor) -> None:
-    """copy_blocks with a plan: one launch on the current stream, nothing checked or built (the ids
-    must be n int64 on the device, distinct and inside their pools, as for copy_blocks)."""
+def launch_copy(
+    plan: CopyPlan, src_ids: torch.Tensor, dst_ids: torch.Tensor, stream: torch.cuda.Stream | None = None
+) -> None:
+    """copy_blocks with a plan: one launch on `stream` (default: the current one), nothing checked or
+    built (the ids must be n int64 on the device, distinct and inside their pools, as for copy_blocks).
+
+    Triton's JIT launch binds and specialises every argument again on each call (tens of µs on a
+    direct write's critical path); every argument it specialises on but the ids is the plan's, so
+    after the first launch the plan's compiled kernel is launched straight away, with the same
+    arguments in the same order as the JIT passes them, while the ids stay 16-byte aligned as then
+    (fresh device tensors always are)."""
     from kernels._kv_pack_kernel import WORD_TYPES, _copy_between_kernel
 
     n = src_ids.numel()
     if n == 0:
         return
-    _copy_between_kernel[(n * plan.chunks_per_block, 2 * plan.num_layers)](
+    grid = (n * plan.chunks_per_block, 2 * plan.num_layers, 1)
+    args = (
         plan.src_base, plan.src_offsets, src_ids, plan.dst_base, plan.dst_offsets, dst_ids, plan.src_base.shape[1],
-        plan.dst_base.shape[1], WORD=WORD_TYPES[plan.word_bytes], SRC_ALIGN=plan.src_align,
-        DST_ALIGN=plan.dst_align, BLOCK_WORDS=plan.block_words, CHUNK=plan.chunk,
-        CHUNKS_PER_BLOCK=plan.chunks_per_block, num_warps=4,
+        plan.dst_base.shape[1], WORD_TYPES[plan.word_bytes], plan.src_align, plan.dst_align, plan.block_words,
+        plan.chunk, plan.chunks_per_block,
     )  # fmt: skip
+    aligned = src_ids.data_ptr() % 16 == 0 and dst_ids.data_ptr() % 16 == 0
+    if plan.compiled and aligned:
+        raw = (stream if stream is not None else torch.cuda.current_stream(src_ids.device)).cuda_stream
+        try:
+            plan.compiled[grid](*args, stream=raw)
+            return
+        except Exception as e:  # another Triton's launcher convention: its JIT launches from now on
+            log.warning("direct Triton launch failed: using the JIT launch", error=f"{type(e).__name__}: {e}")
+            plan.compiled = False
+    with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+        compiled = _copy_between_kernel[grid](*args, num_warps=4)
+    if plan.compiled is None and aligned and hasattr(compiled, "__getitem__"):
+        plan.compiled = compiled
 
 
 def _layer_offsets(pointers: tuple[int, ...], word_bytes: int, device: torch.device) -> tuple[torch.Tensor, int]:

@@ -167,12 +167,12 @@ class DirectWrite:
         assert self._src_ids is not None and self._dst_ids is not None
         # planned (and checked) once per peer and group of layers: the caches stay the same tensors
         plan = self.peer.plan(group.first_layer, group.layers)
-        with torch.cuda.stream(self.stream):
-            self.stream.wait_event(group.ready)
-            if plan is not None:
-                launch_copy(plan, self._src_ids, self._dst_ids)
-            else:  # no Triton: the torch reference
-                dst = self.peer.layers[group.first_layer : group.first_layer + len(group.layers)]
+        self.stream.wait_event(group.ready)
+        if plan is not None:
+            launch_copy(plan, self._src_ids, self._dst_ids, self.stream)
+        else:  # no Triton: the torch reference
+            dst = self.peer.layers[group.first_layer : group.first_layer + len(group.layers)]
+            with torch.cuda.stream(self.stream):
                 copy_blocks(group.layers, self._src_ids, dst, self._dst_ids, use_triton=False)
         if self._timeline is not None:
             self._timeline.mark(self._ticket_id, Step.COPY_LAUNCHED, group.first_layer)

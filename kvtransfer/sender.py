@@ -39,7 +39,7 @@ from kvtransfer.checksum import digest_chunks, sample_chunks
 from kvtransfer.config import TransportConfig
 from kvtransfer.connection import Connection, Tasks, notify, quietly
 from kvtransfer.direct import Finished
-from kvtransfer.direct_send import DirectSending, Outgoing, finishes_soon
+from kvtransfer.direct_send import DirectSending, Outgoing, WrittenThread, finishes_soon
 from kvtransfer.errors import IncompatiblePeer, TransferFailed
 from kvtransfer.ipc import PeerCaches
 from kvtransfer.push import KVPush, Outbound
@@ -77,14 +77,14 @@ class KVSender(DirectSending):
         self._connect = connect
         self._outgoing: dict[str, Outgoing] = {}  # loop thread only
         self._waiter = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kvtransfer-pack-wait")
-        # waits for a direct-write ticket's copies and sends its Written (direct_send.py): a thread
-        # of its own, so a Written never queues behind a pack's or an unmap's wait
-        self._written_waiter = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kvtransfer-written")
         device = torch.device(config.device)
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None  # the waiter thread's
         # direct writes: their copies run on this stream; the caches mapped per peer address (loop writes)
         self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._mapped: dict[str, PeerCaches] = {}
+        # waits for a direct-write ticket's copies and sends its Written (direct_send.py): a thread
+        # of its own, so a Written never queues behind a pack's or an unmap's wait
+        self._written_thread = WrittenThread() if self.copy_stream is not None else None
 
     # ---- any thread
     def __len__(self) -> int:
@@ -107,8 +107,9 @@ class KVSender(DirectSending):
         self._loop.call_soon_threadsafe(self._start_send, push, message)
 
     def submit_written(self, push: KVPush, finished: Finished) -> None:
+        assert self._written_thread is not None  # a Finished comes only from a GPU push's copies
         with contextlib.suppress(RuntimeError):  # shut down: the transport closing fails the push
-            self._written_waiter.submit(self._await_written, push, finished)
+            self._written_thread.submit(self._await_written, push, finished)
 
     def stop(self, push: KVPush, reason: str) -> None:
         self._loop.call_soon_threadsafe(self._stop, push, reason)
@@ -142,7 +143,8 @@ class KVSender(DirectSending):
         if self.copy_stream is not None:
             self.copy_stream.synchronize()  # no copy runs into a mapping the teardown drops
         self._waiter.shutdown(wait=True)
-        self._written_waiter.shutdown(wait=True)
+        if self._written_thread is not None:
+            self._written_thread.shutdown()
 
     def _register(self, push: KVPush) -> None:
         ticket = push.ticket.ticket_id
