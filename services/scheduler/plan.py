@@ -1,6 +1,6 @@
-"""A plan of the `slo` policy (slo.py) and what a refusal says of the plans it weighed: the
-forecasts, bounds and first failed check of the best, or that no idle worker could meet the target
-(OUT_OF_RANGE: retrying will not help)."""
+"""A plan of the `slo` policy (slo.py), which of the plans it weighed wins, and what a refusal
+says of them: the forecasts, bounds and first failed check of the best, or that no idle worker
+could meet the target (OUT_OF_RANGE: retrying will not help)."""
 
 from __future__ import annotations
 
@@ -100,3 +100,48 @@ def out_of_reach(
                 f"allow at least {math.ceil(alone)} ms; retrying will not help",
             )  # fmt: skip
     return None
+
+
+def local_on_shared_devices(plans: list[Plan]) -> list[Plan]:
+    """The feasible plans, less the hand-offs to a prefill worker on the decode worker's own GPU
+    where that decode worker has a feasible local plan and the prefill worker holds no more of the
+    prompt. Such a hand-off buys no device time (one GPU computes the prompt either way) and costs
+    what the processor-sharing forecast does not see: the push, and two busy contexts taking turns
+    on the GPU. On an H100 (BENCHMARKS.md, "A shared GPU time-slices its workers"), 16 concurrent
+    4k prompts under that forecast alone handed 31-34 of 80 off: the decode worker's steps took
+    13.4 ms against 10.0 beside the prefill worker's prompts, TTFT p50 1.55x the colocated mesh's,
+    against 1.00x with every prompt kept local. The hand-off stays where it is worth something:
+    a prefix the prefill worker holds, or a local prefill the running batch's TPOT cannot absorb."""
+    feasible = [p for p in plans if p.feasible]
+    local_cached = {p.decode.worker.worker_id: p.prefill.cached_tokens for p in feasible if p.local}
+
+    def kept(p: Plan) -> bool:
+        device = p.decode.worker.info.device_id
+        if p.local or not device or p.prefill.worker.info.device_id != device:
+            return True
+        cached = local_cached.get(p.decode.worker.worker_id)
+        return cached is None or p.prefill.cached_tokens > cached
+
+    return [p for p in feasible if kept(p)]
+
+
+def choose(plans: list[Plan], tie_fraction: float, wait_weight: float) -> Plan | None:
+    """Among the plans whose decode worker has room now (waiting for a full worker's members to
+    leave only when every worker is full), the cheapest, counting beside its compute the time its
+    first token comes later than the soonest plan's (times `wait_weight`); within `tie_fraction` of
+    it, the most cached tokens, then the earliest first token, then the lightest decode batch."""
+    plans = [p for p in plans if p.decode.room_wait_ms == 0] or plans
+    if not plans:
+        return None
+    soonest = min(p.ttft_ms for p in plans)
+    costs = [p.cost_ms + wait_weight * (p.ttft_ms - soonest + p.prefill.delay_ms) for p in plans]
+    cheapest = min(costs)
+    close = [p for p, cost in zip(plans, costs, strict=True) if cost <= cheapest * (1 + tie_fraction) + 1e-9]
+    return min(close, key=_tie_break)
+
+
+def _tie_break(p: Plan) -> tuple[float, float, float, str, str]:
+    """More cached tokens, then an earlier first token, then a lighter decode batch; worker ids
+    last, so a decision never depends on the order candidates were met in."""
+    return (-p.prefill.cached_tokens, p.ttft_ms, p.decode.step_after_ms, p.decode.worker.worker_id,
+            p.prefill.worker.worker_id)  # fmt: skip
