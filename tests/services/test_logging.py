@@ -36,7 +36,8 @@ def test_an_exception_is_logged_with_its_traceback_and_without_the_frames_locals
 
 def test_an_outage_warns_once_it_lasts_and_a_moments_absence_stays_off_the_terminal() -> None:
     now = [0.0]
-    outage = Outage("scheduler", grace_s=5.0, clock=lambda: now[0])
+    # Not stopping, whatever an earlier test's in-process server did (services.logging.process_stopping).
+    outage = Outage("scheduler", grace_s=5.0, clock=lambda: now[0], stopping=lambda: False)
     with structlog.testing.capture_logs() as logs:
         for t in (0.0, 0.5, 1.0):  # the scheduler stopped first; the worker stops a second later
             now[0] = t
