@@ -53,6 +53,8 @@ from kvtransfer.wire import AskWrite, Cancel, Data, Done, Failed, Granted, Hello
 
 log = structlog.get_logger(__name__)
 
+_ACCEPT_POLL_S = 0.01  # while closing: how often to look whether the listener's accepts have ended
+
 
 class KVTransport:
     """Start with start() (or `with`), stop with close(). kv_caches enables the receiving side;
@@ -88,6 +90,7 @@ class KVTransport:
         self._dialed: dict[tuple[str, KVLayout], Connection] = {}
         self._dialing: dict[tuple[str, KVLayout], asyncio.Task[Connection]] = {}
         self._accepted: set[Connection] = set()
+        self._greeting: set[Any] = set()  # accepted ucxx endpoints whose handshake is under way
         self._sender: KVSender | None = None
         self._receiver: KVReceiver | None = None
         self._warm: WarmPeers | None = None
@@ -261,6 +264,7 @@ class KVTransport:
         await self._teardown()
 
     async def _teardown(self) -> None:
+        await self._close_listener()
         if self._sender is not None:
             self._sender.shutdown()
         if self._receiver is not None:
@@ -269,14 +273,30 @@ class KVTransport:
             conn.abort("the transport closed")
         await self._tasks.cancel_all()
         await self._cancel_dials()
-        if self._listener is not None:
-            self._listener.close()
-            self._listener = None
         if self._side is not None:
             self._side.close()
         self._dialed.clear()
         self._accepted.clear()
         await ucx_context.reset()
+
+    async def _close_listener(self) -> None:
+        """Close the listener first and wait for the connections it was accepting: a peer that
+        dials while the transport closes (its list still names this worker) leaves an endpoint in
+        ucxx's accept handler or in our handshake, and ucxx.reset() with such an endpoint alive
+        crashed the process (SIGSEGV in reset or at exit, ~5 in 8 closes under a peer dialing
+        every 10 ms: tests/kvtransfer/test_close.py). From _stopping on, _accept refuses at once;
+        the handshakes under way are aborted, and the handlers given connect_timeout_s to end."""
+        listener, self._listener = self._listener, None
+        if listener is None:
+            return
+        listener.close()
+        for ep in list(self._greeting):
+            ep.abort()
+        deadline = asyncio.get_running_loop().time() + self.config.connect_timeout_s
+        while listener.active_clients and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(_ACCEPT_POLL_S)
+        if listener.active_clients:
+            log.warning("kv listener closed with connections still being accepted", count=listener.active_clients)
 
     async def _cancel_dials(self) -> None:
         """Cancel the dials in flight and wait for them to end. A cancelled dial keeps its
@@ -354,13 +374,22 @@ class KVTransport:
     async def _accept(self, ep: Any) -> None:
         """Listener callback: the dialing peer's Hello, then Welcome or Refuse."""
         timeout = self.config.connect_timeout_s
+        if self._stopping is None or self._stopping.is_set():  # arrived while the transport closes
+            ep.abort()
+            return
         if self.config.accepts_loopback_only and not arrived_on_loopback(ep):
             log.warning("kv connection refused: this worker accepts loopback peers only",
                         local=local_address(ep.ucp_endpoint))  # fmt: skip
             ep.abort()
             return
-        greeted = await answer(ep, self.layout, self.address, self.instance, self._offer, timeout)
-        if greeted is None:
+        self._greeting.add(ep)
+        try:
+            greeted = await answer(ep, self.layout, self.address, self.instance, self._offer, timeout)
+        finally:
+            self._greeting.discard(ep)
+        if greeted is None or self._stopping.is_set():
+            if greeted is not None:
+                ep.abort()
             return
         hello = greeted.hello
         conn = Connection(ep, hello.name, hello.instance, greeted.layout, self._route, self._lost)

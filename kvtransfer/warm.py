@@ -14,8 +14,10 @@ loop.
 
 Dialing a listener that is being destroyed can crash the listening process inside UCX (a
 connection request racing ucp_listener_destroy: openucx/ucx#11087), so the list names only peers
-that report SERVING: a worker told to stop reports DRAINING at once and leaves the list at that
-report, before it closes its transport; and a transport that is stopping dials nothing.
+that report SERVING: a worker told to stop, or whose device is lost, reports DRAINING at once and
+leaves the list at that report; it closes its transport only one report interval later, once
+every prefill worker has heard (services/worker/server.py), and one whose device is lost never
+closes it (its process ends at once); and a transport that is stopping dials nothing.
 """
 
 from __future__ import annotations

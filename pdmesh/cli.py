@@ -18,7 +18,7 @@ import asyncio
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from pdmesh.config import PolicyName
 
@@ -65,8 +65,23 @@ def _serve(args: argparse.Namespace) -> int:
         return EX_CONFIG
     except DeviceLost as e:
         structlog.get_logger("pdmesh.serve").error("stopped: the device is lost", role=args.role, error=str(e))
-        return EX_TEMPFAIL
+        _end_now(EX_TEMPFAIL)
     return 0
+
+
+def _end_now(code: int) -> NoReturn:
+    """End the process with `code` once the logs are out, running no destructors: a worker whose
+    device is lost leaves its UCX transport and its device context as they are, since tearing down
+    either can crash (a UCX listener that a peer dials while it is destroyed: openucx/ucx#11087; a
+    lost device's memory), and its supervisor must see EX_TEMPFAIL, not a signal. Its requests
+    have failed and its gRPC server has drained already (services/worker/server.py)."""
+    import logging
+    import os
+
+    logging.shutdown()  # flushes every handler
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _run_service(args: argparse.Namespace, telemetry: TelemetryConfig) -> None:

@@ -8,6 +8,12 @@ step runs on, the report goes with the last load seen, and the engine's answer, 
 cache changes, rides on a later report. The report itself is what says the worker is alive.
 The engine's step samples (engine/step_samples.py, for the scheduler's predictors) come with its
 answer, and ride on the report that follows it (`take_steps`).
+
+An engine whose device is lost answers nothing again; its worker's reports still go, with the
+last load seen: the first of them says DRAINING, which takes the worker out of placement and out
+of the prefill workers' pre-connect lists at once. (A sample that raised DeviceLost lost that
+report, the worker stayed listed until its reports went stale, and prefill workers kept dialing
+its KV listener while it shut down.)
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import asyncio
 from engine.async_engine import AsyncEngine
 from engine.block_pool import KVEvents
 from engine.engine import EngineStats
+from engine.errors import DeviceLost
 from engine.step_samples import StepSample
 
 _WAIT_S = 0.2  # how long a report waits for the engine before going with the last load seen
@@ -35,6 +42,8 @@ class LoadSampler:
     async def sample(self, snapshot: bool) -> tuple[EngineStats, KVEvents]:
         """(stats, prefix cache changes since the last sample); snapshot asks for every cached hash.
         When the engine is mid-step: the last stats seen and no changes (they come later, in order)."""
+        if self._engine.lost is not None and self._last is not None:
+            return self._last, KVEvents()  # a lost engine answers nothing; the report still goes
         if self._pending is not None and snapshot and not self._pending_snapshot:
             self._pending = None  # a snapshot supersedes the changes that call will bring
         if self._pending is None:
@@ -47,7 +56,12 @@ class LoadSampler:
         if not done and self._last is not None:
             return self._last, KVEvents()
         pending, self._pending = self._pending, None
-        stats, events, steps = await pending
+        try:
+            stats, events, steps = await pending
+        except DeviceLost:
+            if self._last is None:
+                raise
+            return self._last, KVEvents()
         self._last = stats
         self._steps = (self._steps + steps)[-SAMPLES_PER_REPORT:]
         return stats, events

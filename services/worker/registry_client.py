@@ -52,6 +52,11 @@ class Reporter:
         self._lock = asyncio.Lock()  # one report at a time: their sequence numbers must arrive in order
         self.draining = False
 
+    @property
+    def interval(self) -> float:
+        """Seconds between reports, as the scheduler asked (every worker reports this often)."""
+        return self._interval
+
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="load-reporter")
 

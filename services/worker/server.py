@@ -9,6 +9,15 @@ flight and stops. A worker whose engine loses its device stops the same way by i
 requests have already failed with DeviceLost (UNAVAILABLE: the scheduler moves them) — and
 serve_worker then raises DeviceLost, so that the process exits non-zero and its supervisor
 starts a fresh one.
+
+The KV listener closes last, and only once the prefill workers have heard that this one drains:
+they dial the decode listeners the scheduler's answers to their load reports name, which keep
+naming this worker until their first report after its DRAINING. A dial that reaches a UCX listener
+while it is destroyed can crash the listening process (openucx/ucx#11087), so the transport
+closes one report interval after the DRAINING report (no later than the drain itself when that
+took longer). A worker whose device is lost does not tear UCX down at all: its process ends at
+once with its exit code (pdmesh/cli.py), and the kernel closes the listener, which no dial can
+race.
 """
 
 from __future__ import annotations
@@ -42,6 +51,10 @@ from services.worker.store_client import StoreClient
 from services.worker.telemetry import KVConnectionMetrics, StoreUseMetrics, WorkerTelemetry
 
 log = structlog.get_logger(__name__)
+
+# Beyond one report interval after this worker's DRAINING report: a prefill worker's report
+# answered after it is on its way back (a report's round trip, a loaded machine included).
+_PEER_REPORT_SLACK_S = 0.25
 
 
 async def serve_worker(config: WorkerConfig) -> None:
@@ -120,10 +133,14 @@ async def serve_worker(config: WorkerConfig) -> None:
         offerer.start()
         log.info("worker ready", worker_id=config.id, port=server.port, kv=transport.address)
 
+    peers_told_at: float | None = None  # loop time when the prefill workers have all heard DRAINING
+
     async def on_drain() -> None:
+        nonlocal peers_told_at
         if reporter is not None:
             reporter.draining = True
             await reporter.report_now()
+            peers_told_at = loop.time() + reporter.interval + _PEER_REPORT_SLACK_S
 
     async def on_shutdown() -> None:
         if reporter is not None:
@@ -136,7 +153,10 @@ async def serve_worker(config: WorkerConfig) -> None:
         if reservations is not None:
             await reservations.close()
         async_engine.shutdown()
-        await asyncio.to_thread(transport.close)
+        if async_engine.lost is None:  # a lost device leaves UCX to the process's end (module docstring)
+            if peers_told_at is not None:
+                await asyncio.sleep(max(0.0, peers_told_at - loop.time()))
+            await asyncio.to_thread(transport.close)
         if metrics is not None:
             metrics.close()
 

@@ -1,5 +1,6 @@
 """A load report never waits out a long engine step: while a step runs, the report goes with the
-last load seen, and the prefix cache's changes come on a later report, none lost."""
+last load seen, and the prefix cache's changes come on a later report, none lost. Nor does a lost
+device stop the reports: they go with the last load seen, so the worker can say it drains."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import time
 from pathlib import Path
 
 from engine.async_engine import AsyncEngine
+from engine.errors import DeviceLost
 from services.worker.load import LoadSampler
 from tests.engine.engine_helpers import greedy, make_engine
 
@@ -51,6 +53,24 @@ async def test_a_report_during_a_long_step_goes_with_the_last_load_and_loses_no_
         async_engine.shutdown()
 
 
-async def _drain(stream) -> None:  # type: ignore[no-untyped-def]
-    async for _ in stream:
-        pass
+async def test_reports_go_on_with_the_last_load_once_the_device_is_lost(tiny_llama: Path) -> None:
+    async_engine = AsyncEngine(make_engine(tiny_llama, num_blocks=64, inject_device_loss_at_step=2))
+    sampler = LoadSampler(async_engine, wait_s=0.2)
+    try:
+        before, _ = await sampler.sample(snapshot=True)
+        await _drain(async_engine.generate("r", list(range(1, 9)), greedy(4)), expect_loss=True)
+        assert async_engine.lost is not None
+        for _ in range(2):  # the DRAINING report, and the reports after it until the worker stops
+            stats, events = await sampler.sample(snapshot=False)
+            assert stats == before and not events.stored
+    finally:
+        async_engine.shutdown()
+
+
+async def _drain(stream, expect_loss: bool = False) -> None:  # type: ignore[no-untyped-def]
+    try:
+        async for _ in stream:
+            pass
+    except DeviceLost:
+        if not expect_loss:
+            raise
