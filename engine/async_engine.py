@@ -187,7 +187,9 @@ class AsyncEngine:
             watch.lap(Phase.COMMANDS)
             if not self.engine.has_work():
                 self._flush()
-                self._wake.wait()
+                # Exports' blocks go back once their copies have run: poll for that while idle.
+                self.engine.release_exported()
+                self._wake.wait(_IDLE_POLL_S if self.engine.exports_pending else None)
                 self._wake.clear()
                 watch.lap(Phase.IDLE)
                 continue

@@ -3,7 +3,11 @@ chains a worker may offer to a KV store, the export of cached blocks, the copy o
 slots into a pending prefix import (engine.handoff: Offering, Shared memory).
 
 It owns the record of finished requests' hash chains; the blocks themselves stay the pool's and
-the requests' (it only reads them, or writes blocks an import still holds).
+the requests' (it only reads them, or writes blocks an import still holds). An export holds a
+reference on the blocks it reads until its copies have run (an event on the engine's stream, polled
+between steps and commands, never waited for): a cached block is otherwise free to be evicted,
+and its next owner may be written by another stream (a received ticket's unpack, a peer's direct
+write) before the export's copies, queued on the engine's stream, have read it.
 """
 
 from __future__ import annotations
@@ -13,10 +17,10 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from engine.block_copy import copy_in
+from engine.block_copy import copy_in, record_event
 from engine.block_pool import BlockPool
 from engine.handoff import KVExportSink
-from engine.ids import BlockHash, RequestId
+from engine.ids import BlockHash, BlockId, RequestId
 from engine.kv_manager import KVManager
 from engine.request import Request
 from engine.reservations import Reservations
@@ -43,6 +47,8 @@ class BlockExchange:
         # Hash chains of the full blocks finished requests computed or imported, newest last: what a
         # worker may offer to a KV store (take_finished_chains, export_blocks).
         self.finished_chains: deque[tuple[BlockHash, ...]] = deque(maxlen=_FINISHED_CHAINS_KEPT)
+        # Exports whose copies may still be queued: their blocks, held, and the event after them.
+        self._exporting: deque[tuple[list[BlockId], torch.cuda.Event | None]] = deque()
 
     def keep_chain(self, request: Request) -> None:
         """Remember the hashes of the full blocks the request leaves in the prefix cache."""
@@ -66,10 +72,28 @@ class BlockExchange:
             sink.cancel("a block left the prefix cache before it was exported")
             return 0
         ids = [b for b in block_ids if b is not None]
-        for layer, kv in enumerate(self.kv_caches):
-            sink.push_layer(layer, kv, ids, len(ids) * self.block_size)
-        sink.close()
+        self.pool.touch(ids)
+        try:
+            for layer, kv in enumerate(self.kv_caches):
+                sink.push_layer(layer, kv, ids, len(ids) * self.block_size)
+            sink.close()
+        finally:
+            self._exporting.append((ids, record_event(self.kv_caches[0].device)))
+            self.release_exported()
         return len(ids)
+
+    @property
+    def exports_pending(self) -> bool:
+        return bool(self._exporting)
+
+    def release_exported(self) -> None:
+        """Drop the exports' holds whose copies have run (in order: one stream ran them)."""
+        while self._exporting:
+            ids, copied = self._exporting[0]
+            if copied is not None and not copied.query():
+                return
+            self._exporting.popleft()
+            self.pool.free(ids)
 
     def import_blocks(
         self, request_id: str, block_ids: Sequence[int], slabs: Sequence[torch.Tensor], slots: Sequence[int]

@@ -221,6 +221,15 @@ class Engine:
         """Push cached blocks through `sink` between steps (engine.block_exchange); the blocks pushed."""
         return self.exchange.export_blocks(hashes, sink)
 
+    def release_exported(self) -> None:
+        """Give back the blocks of exports whose copies have run (engine.block_exchange)."""
+        self.exchange.release_exported()
+
+    @property
+    def exports_pending(self) -> bool:
+        """Exports whose blocks are still held for their copies."""
+        return self.exchange.exports_pending
+
     def import_blocks(
         self, request_id: str, block_ids: Sequence[int], slabs: Sequence[torch.Tensor], slots: Sequence[int]
     ) -> tuple[bool, torch.cuda.Event | None]:
@@ -263,6 +272,7 @@ class Engine:
         the device, before waiting for it: host work done there overlaps the device's instead of
         delaying the next launch (the async engine hands over the previous step's outputs)."""
         watch = Stopwatch(self.step_times)
+        self.exchange.release_exported()  # before the schedule allocates: exported blocks back to the pool
         batch = self.batcher.schedule()
         outputs = self._fail_imports(batch)
         watch.lap(Phase.SCHEDULE)

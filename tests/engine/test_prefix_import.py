@@ -146,3 +146,33 @@ def test_blocks_go_through_host_slots_and_import_only_while_awaited(tiny_llama: 
     assert len(held.block_ids) == 10
     worker.abort("aborted")
     assert worker.import_blocks("aborted", held.block_ids, slabs, slots) == (False, None)
+
+
+def test_an_export_holds_its_blocks_until_its_copies_have_run(tiny_llama: Path, monkeypatch) -> None:
+    # On a GPU an export's copies are queued on the engine's stream, not done when it returns: until
+    # they have run its blocks must not go back to the pool, where a flood could take them and a
+    # ticket's unpack (another stream) overwrite them before the copies read them. (CPU copies are
+    # done at once; a copy event that has not completed is stood in for here.)
+    class Pending:
+        done = False
+
+        def query(self) -> bool:
+            return self.done
+
+    copied = Pending()
+    monkeypatch.setattr("engine.block_exchange.record_event", lambda device: copied)
+    source = make_engine(tiny_llama, num_blocks=16)
+    chain = first_turn_chain(source)
+    free_before = source.pool.num_free
+    layout = source.kv_layout
+    slabs = slab_tensors(torch.zeros(16 * block_bytes(layout), dtype=torch.uint8), layout, 16)
+    assert source.export_blocks(chain, SlabSink(slabs, list(range(10)), deadline=time.monotonic() + 60)) == 10
+    assert source.pool.num_free == free_before - 10  # held: a flood cannot take them
+
+    source.add_request("step", [1, 2, 3], greedy(1))
+    source.step()  # each step gives back what has been copied: nothing yet
+    assert all(source.pool.lookup(h) is not None for h in chain)
+    copied.done = True
+    source.release_exported()  # what the next step, or the async engine while idle, does
+    assert source.pool.num_free == free_before  # copied: back to the pool, still cached
+    assert all(source.pool.lookup(h) is not None for h in chain)
