@@ -118,7 +118,8 @@ class Connection:
         await self.ep.send(encode(message), tag=CTL_TAG)
 
     async def send_soon(self, message: Message) -> None:
-        """Written and Done: over the side channel while it is open (same host), else as a control frame."""
+        """A Written without a side channel's written thread (kvtransfer/direct_send.py): over the
+        side channel while it is open (same host), else as a control frame."""
         if not self.send_now(message):
             await self.send(message)
 

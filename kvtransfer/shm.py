@@ -132,9 +132,10 @@ def _dtype(layout: KVLayout) -> torch.dtype:
 
 class SlabSink:
     """A KVExportSink (engine.handoff) that writes exported blocks into a mapped store's slots:
-    an offer over shared memory. Nothing is written once `deadline` (time.monotonic()) has passed,
+    an offer over shared memory. Nothing is queued once `deadline` (time.monotonic()) has passed,
     the offer's lease as the worker counts it: past it the store may give the slots to another
-    block, and a late write would corrupt that block. `landed()` (after close) says whether every
+    block, and a late write would corrupt that block (copies queued before it may land a little
+    later on CUDA; the store keeps the slots for twice the offer's lease: services/kvstore/shared.py). `landed()` (after close) says whether every
     layer was written in time; on CUDA wait_async() first, the copies being queued."""
 
     def __init__(self, slabs: list[torch.Tensor], slots: list[int], deadline: float) -> None:
