@@ -135,8 +135,9 @@ class SlabSink:
     an offer over shared memory. Nothing is queued once `deadline` (time.monotonic()) has passed,
     the offer's lease as the worker counts it: past it the store may give the slots to another
     block, and a late write would corrupt that block (copies queued before it may land a little
-    later on CUDA; the store keeps the slots for twice the offer's lease: services/kvstore/shared.py). `landed()` (after close) says whether every
-    layer was written in time; on CUDA wait_async() first, the copies being queued."""
+    later on CUDA; the store keeps the slots for twice the offer's lease, services/kvstore/shared.py).
+    `landed()` (after close) says whether every layer was written in time; on CUDA wait_async()
+    first, the copies being queued."""
 
     def __init__(self, slabs: list[torch.Tensor], slots: list[int], deadline: float) -> None:
         self.slabs = slabs
