@@ -37,13 +37,14 @@ from kvtransfer import ucx_context
 from kvtransfer.caches import KVCaches
 from kvtransfer.config import TransportConfig
 from kvtransfer.connection import Connection, Tasks
-from kvtransfer.handshake import Offer, answer, greet
+from kvtransfer.dial import Dialer
+from kvtransfer.handshake import Offer, answer
 from kvtransfer.ipc import export_caches, exportable, host_identity
 from kvtransfer.listen import arrived_on_loopback, local_address
 from kvtransfer.push import KVPush
 from kvtransfer.receiver import KVReceiver
 from kvtransfer.sender import KVSender
-from kvtransfer.side import SideChannel, SideListener, close_quietly, dial_side
+from kvtransfer.side import SideListener
 from kvtransfer.telemetry import NullObserver, TransferObserver
 from kvtransfer.ticket import Ticket
 from kvtransfer.ticket_import import TicketImport
@@ -87,14 +88,12 @@ class KVTransport:
         self._listener: Any = None
         self._port = 0
         self._tasks = Tasks()
-        self._dialed: dict[tuple[str, KVLayout], Connection] = {}
-        self._dialing: dict[tuple[str, KVLayout], asyncio.Task[Connection]] = {}
+        self._dialer = Dialer(config, self._hello, self._route, self._lost, self._tasks)
         self._accepted: set[Connection] = set()
         self._greeting: set[Any] = set()  # accepted ucxx endpoints whose handshake is under way
         self._sender: KVSender | None = None
         self._receiver: KVReceiver | None = None
         self._warm: WarmPeers | None = None
-        self.dials = 0  # connections this transport dialed (read from any thread: a snapshot)
         # direct writes (ipc.py): who may share CUDA memory with us, and our caches' export, made once
         self._host = host_identity() if config.direct_writes_on else ""
         self._export: bytes | None = None
@@ -150,12 +149,18 @@ class KVTransport:
     @property
     def peers(self) -> list[str]:
         """The peers this transport holds a live dialed connection to (a snapshot, any thread)."""
-        return sorted({peer for (peer, _), conn in list(self._dialed.items()) if conn.lost is None})
+        return sorted({peer for (peer, _), conn in list(self._dialer.connections.items()) if conn.lost is None})
 
     @property
     def side_channels(self) -> int:
         """Live dialed connections whose Written and Done take a side channel (side.py; a snapshot)."""
-        return sum(1 for c in list(self._dialed.values()) if c.lost is None and c.side is not None and c.side.open)
+        live = [c for c in list(self._dialer.connections.values()) if c.lost is None]
+        return sum(1 for c in live if c.side is not None and c.side.open)
+
+    @property
+    def dials(self) -> int:
+        """Connections this transport dialed (a snapshot, any thread)."""
+        return self._dialer.dials
 
     @property
     def preconnected(self) -> int:
@@ -243,10 +248,10 @@ class KVTransport:
             )
             self._port = self._listener.port
             self._sender = KVSender(
-                self.layout, self.config, self._observer, loop, self._tasks, self._connect, self.timeline
+                self.layout, self.config, self._observer, loop, self._tasks, self._dialer.connect, self.timeline
             )
             if self.layout is not None:
-                self._warm = WarmPeers(self.layout, self._connect, self._connected, self._in_use, self._tasks)
+                self._warm = WarmPeers(self.layout, self._dialer.connect, self._connected, self._in_use, self._tasks)
             if self._receiving:
                 self._receiver = KVReceiver(
                     self._caches, self.config, self._observer, loop, self._tasks, self.address, self.timeline
@@ -269,13 +274,13 @@ class KVTransport:
             self._sender.shutdown()
         if self._receiver is not None:
             self._receiver.shutdown()
-        for conn in [*self._dialed.values(), *self._accepted]:
+        for conn in [*self._dialer.connections.values(), *self._accepted]:
             conn.abort("the transport closed")
         await self._tasks.cancel_all()
-        await self._cancel_dials()
+        await self._dialer.cancel()
         if self._side is not None:
             self._side.close()
-        self._dialed.clear()
+        self._dialer.connections.clear()
         self._accepted.clear()
         await ucx_context.reset()
 
@@ -284,7 +289,7 @@ class KVTransport:
         dials while the transport closes (its list still names this worker) leaves an endpoint in
         ucxx's accept handler or in our handshake, and ucxx.reset() with such an endpoint alive
         crashed the process (SIGSEGV in reset or at exit, ~5 in 8 closes under a peer dialing
-        every 10 ms: tests/kvtransfer/test_close.py). From _stopping on, _accept refuses at once;
+        every 10 ms, in a stress script). From _stopping on, _accept refuses at once;
         the handshakes under way are aborted, and the handlers given connect_timeout_s to end."""
         listener, self._listener = self._listener, None
         if listener is None:
@@ -298,58 +303,13 @@ class KVTransport:
         if listener.active_clients:
             log.warning("kv listener closed with connections still being accepted", count=listener.active_clients)
 
-    async def _cancel_dials(self) -> None:
-        """Cancel the dials in flight and wait for them to end. A cancelled dial keeps its
-        CancelledError, whose traceback holds ucxx's create_endpoint frame and through it the UCX
-        context: ucxx.reset() fails ("not all Endpoints ... are closed") while anything still
-        refers to the task, a local of the caller's included, hence a function of its own."""
-        dials = list(self._dialing.values())
-        for dial in dials:
-            dial.cancel()
-        await asyncio.gather(*dials, return_exceptions=True)
-        self._dialing.clear()
-
-    async def _connect(self, address: str, layout: KVLayout) -> Connection:
-        key = (address, layout)
-        conn = self._dialed.get(key)
-        if conn is not None and conn.lost is None:
-            return conn
-        dialing = self._dialing.get(key)
-        if dialing is None:
-            dialing = asyncio.get_running_loop().create_task(self._dial(address, layout))
-            self._dialing[key] = dialing
-            dialing.add_done_callback(lambda _: self._dialing.pop(key, None))
-        return await asyncio.shield(dialing)
-
-    async def _dial(self, address: str, layout: KVLayout) -> Connection:
-        host, port = address.rsplit(":", 1)
-        timeout = self.config.connect_timeout_s
-        ep = await asyncio.wait_for(ucxx.create_endpoint(host, int(port), connect_timeout=timeout), timeout)
-        channel: SideChannel | None = None
-        try:
-            hello = Hello(self.address, self.instance, layout, self._host)
-            reply, peer_caches = await greet(ep, hello, address, torch.device(self.config.device), timeout)
-            if peer_caches is not None and reply.side_channel and self.config.side_channel:
-                channel = await dial_side(reply.side_channel, reply.side_token, timeout)
-        except BaseException:
-            ep.abort()
-            close_quietly(channel)
-            raise
-        conn = Connection(ep, address, reply.instance, layout, self._route, self._lost)
-        conn.peer_caches = peer_caches
-        if channel is not None:
-            conn.attach_side(channel)
-        conn.start(self._tasks)
-        self._dialed[(address, layout)] = conn
-        self.dials += 1
-        log.info("kv peer connected", peer=address, instance=reply.instance, direct_writes=peer_caches is not None,
-                 side_channel=channel is not None)  # fmt: skip
-        return conn
+    def _hello(self, layout: KVLayout) -> Hello:
+        """What this transport says first on a connection it dials (dial.py)."""
+        return Hello(self.address, self.instance, layout, self._host)
 
     def _connected(self, address: str) -> Connection | None:
         assert self.layout is not None
-        conn = self._dialed.get((address, self.layout))
-        return conn if conn is not None and conn.lost is None else None
+        return self._dialer.connected(address, self.layout)
 
     def _in_use(self, conn: Connection) -> bool:
         return self._sender is not None and self._sender.uses(conn)
@@ -412,8 +372,7 @@ class KVTransport:
             conn.abort(f"unexpected {message.kind} message after the handshake")
 
     def _lost(self, conn: Connection, reason: str) -> None:
-        if self._dialed.get((conn.peer, conn.layout)) is conn:
-            del self._dialed[(conn.peer, conn.layout)]
+        self._dialer.forget(conn)
         self._accepted.discard(conn)
         log.info("kv peer connection lost", peer=conn.peer, reason=reason)
         if self._sender is not None:
