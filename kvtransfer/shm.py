@@ -17,6 +17,7 @@ uses UCX. The arena is cut per layer exactly as a worker's paged KV cache is, on
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import time
@@ -29,9 +30,11 @@ import torch
 
 from engine.block_copy import copy_out, device_ids, record_event, slot_runs
 from engine.kv_layout import KVLayout
+from kvtransfer.slab_writer import SlabWriter
 
 log = structlog.get_logger(__name__)
 HEADER_BYTES = 4096  # one page before the arena: the arena id, then nothing
+_PORTABLE, _MAPPED = 1, 2  # cudaHostRegisterPortable (every device), cudaHostRegisterMapped (a device address)
 _BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
 
 
@@ -106,14 +109,15 @@ def open_arena(info: ArenaInfo) -> torch.Tensor | None:
     return mapped[HEADER_BYTES:]
 
 
-def register(arena: torch.Tensor) -> bool:
+def register(arena: torch.Tensor, device: torch.device | None = None) -> bool:
     """Page-lock the mapping for CUDA (cudaHostRegister), so copies between it and a GPU are DMA,
-    not staged through a bounce buffer. Slow (seconds per GiB): call it off any event loop. False,
-    the mapping unregistered, where CUDA refuses."""
+    not staged through a bounce buffer, and map it into the device's address space, so a kernel
+    can write it (kvtransfer.slab_writer). Slow (seconds per GiB): call it off any event loop.
+    False, the mapping unregistered, where CUDA refuses."""
     if not torch.cuda.is_available():
         return False
-    cudart = torch.cuda.cudart()
-    result = cudart.cudaHostRegister(arena.data_ptr(), arena.numel(), 1)  # 1: cudaHostRegisterPortable
+    with torch.cuda.device(device) if device is not None else contextlib.nullcontext():
+        result = torch.cuda.cudart().cudaHostRegister(arena.data_ptr(), arena.numel(), _PORTABLE | _MAPPED)
     if int(result) != 0:
         log.warning("shared kv memory could not be registered with CUDA", bytes=arena.numel(), error=int(result))
         return False
@@ -132,45 +136,58 @@ def _dtype(layout: KVLayout) -> torch.dtype:
 
 class SlabSink:
     """A KVExportSink (engine.handoff) that writes exported blocks into a mapped store's slots:
-    an offer over shared memory. Nothing is queued once `deadline` (time.monotonic()) has passed,
+    an offer over shared memory. Nothing is written once `deadline` (time.monotonic()) has passed,
     the offer's lease as the worker counts it: past it the store may give the slots to another
     block, and a late write would corrupt that block (copies queued before it may land a little
     later on CUDA; the store keeps the slots for twice the offer's lease, services/kvstore/shared.py).
-    `landed()` (after close) says whether every layer was written in time; on CUDA wait_async()
-    first, the copies being queued."""
+    Slots outside the arena, or named twice, fail the sink before anything is written.
 
-    def __init__(self, slabs: list[torch.Tensor], slots: list[int], deadline: float) -> None:
+    With a `writer` (kvtransfer.slab_writer: the arena addressable by the cache's device) a pushed
+    layer is only noted, and close() writes them all in one kernel launch, or none if the deadline
+    has passed by then; without one, each layer is copied with torch as it is pushed. Either way the
+    copies are queued on the current stream and nothing waits for the device: `landed()` (after
+    close) says whether every layer was written in time; on CUDA wait() first, off the step thread."""
+
+    def __init__(
+        self, slabs: list[torch.Tensor], slots: list[int], deadline: float, writer: SlabWriter | None = None
+    ) -> None:
         self.slabs = slabs
         self.slots = slots
         self.deadline = deadline
-        self.layers = 0
+        self.writer = writer
+        self.layers = 0  # layers written (queued)
         self.closed = False
-        self.failure: str | None = None
+        self.failure: str | None = _bad_slots(slots, slabs[0].shape[1])
         self.event: torch.cuda.Event | None = None
         self.device = torch.device("cpu")
         self._ids: torch.Tensor | None = None  # the blocks' ids on the cache's device, uploaded once for every layer
         self._runs = slot_runs(slots)
+        self._noted: list[torch.Tensor] = []  # with a writer: the layers pushed, written at close()
+        self._block_ids: Sequence[int] = ()
 
     def push_layer(self, layer: int, kv_layer: torch.Tensor, block_ids: Sequence[int], num_tokens: int) -> None:
         if self.failure is not None:
             return
-        if time.monotonic() >= self.deadline:
-            self.failure = "the offer's lease ran out before its blocks were written"
-            return
-        if self._ids is None:
-            assert len(block_ids) == len(self.slots), "one slot per exported block"
-            self._ids = device_ids(block_ids, kv_layer.device)
-        copy_out(kv_layer, self._ids, self.slabs[layer], self._runs)
-        self.layers += 1
-        self.device = kv_layer.device
+        assert len(block_ids) == len(self.slots), "one slot per exported block"
+        writer = self.writer
+        if writer is not None and not writer.disabled and kv_layer.device == writer.device:
+            assert layer == len(self._noted), "layers are pushed in order"
+            self._noted.append(kv_layer)
+            self._block_ids = block_ids
+        elif self._in_time():
+            self._copy_layer(layer, kv_layer, block_ids)
 
     def close(self) -> None:
         self.closed = True
+        if self._noted and self.failure is None and self._in_time():
+            self._write_noted()
+        self._noted = []
         if self.layers:
             self.event = record_event(self.device)
 
     def cancel(self, reason: str) -> None:
         self.failure = reason
+        self._noted = []
 
     def wait(self) -> None:
         """Until the queued copies are done (blocking: call it on a thread)."""
@@ -179,3 +196,39 @@ class SlabSink:
 
     def landed(self) -> bool:
         return self.closed and self.failure is None and self.layers == len(self.slabs)
+
+    def _in_time(self) -> bool:
+        if time.monotonic() < self.deadline:
+            return True
+        self.failure = "the offer's lease ran out before its blocks were written"
+        return False
+
+    def _copy_layer(self, layer: int, kv_layer: torch.Tensor, block_ids: Sequence[int]) -> None:
+        if self._ids is None:
+            self._ids = device_ids(block_ids, kv_layer.device)
+        copy_out(kv_layer, self._ids, self.slabs[layer], self._runs)
+        self.layers += 1
+        self.device = kv_layer.device
+
+    def _write_noted(self) -> None:
+        assert self.writer is not None
+        try:
+            self.writer.write(self._noted, self._block_ids, self.slots)
+        except Exception as e:  # a launch refused (Triton, the driver): nothing was queued, so torch copies it
+            log.warning("offer's one-launch copy failed: torch copies from now on", error=f"{type(e).__name__}: {e}")
+            self.writer.disabled = True
+            for layer, kv in enumerate(self._noted):
+                self._copy_layer(layer, kv, self._block_ids)
+            return
+        self.layers = len(self._noted)
+        self.device = self._noted[0].device
+
+
+def _bad_slots(slots: Sequence[int], num_slots: int) -> str | None:
+    """Why the store's slots cannot be written (None: they can): a slot outside the arena would be
+    skipped by the kernel, or cut short by torch's slicing, and a repeat written twice."""
+    if any(not 0 <= slot < num_slots for slot in slots):
+        return f"the store named a slot outside its arena of {num_slots}"
+    if len(set(slots)) != len(slots):
+        return "the store named a slot twice"
+    return None

@@ -163,7 +163,7 @@ class Offerer:
         offered = await self.store.offer_shared(hashes, mapped.info.arena_id, _PUSH_TIMEOUT_S)
         if not offered.wanted:
             return 0
-        sink = SlabSink(mapped.slabs, offered.slots, deadline)
+        sink = SlabSink(mapped.slabs, offered.slots, deadline, mapped.writer)
         wanted = [hashes[i] for i in offered.wanted]
         try:
             exported = await self.engine.call(lambda e: e.export_blocks(wanted, sink))

@@ -2,8 +2,9 @@
 
 The store is asked once where its memory is (MapMemory); a worker of the same boot id maps the
 file, checks the arena id in its header and, on a GPU, registers the mapping with CUDA (seconds
-per GiB: on a thread, while fetches and offers keep using UCX). From then on the fetcher and the
-offerer copy through it. Everything else keeps UCX: another host (boot id), a file this worker
+per GiB: on a thread, while fetches and offers keep using UCX), mapped into the device's address
+space so that an offer is one kernel launch (kvtransfer/slab_writer.py). From then on the fetcher
+and the offerer copy through it. Everything else keeps UCX: another host (boot id), a file this worker
 cannot see (another container's /dev/shm) or map, a store whose memory is private. A store that
 answered "not shared" or "another host" is asked again only when the scheduler names another
 store; one whose namespace was not ready yet, or that failed to answer, after a while. A call
@@ -20,7 +21,10 @@ from dataclasses import dataclass
 import structlog
 import torch
 
+from engine.kv_layout import KVLayout
+from kernels._triton import triton_available
 from kvtransfer import shm
+from kvtransfer.slab_writer import SlabWriter, device_arena
 from services.worker.store_client import StoreClient, StoreUnavailable
 
 log = structlog.get_logger(__name__)
@@ -33,12 +37,13 @@ class MappedArena:
     arena: torch.Tensor
     slabs: list[torch.Tensor]  # per layer (2, num_slots, block_size, kv_heads, head_dim)
     registered: bool
+    writer: SlabWriter | None = None  # offers in one kernel launch: the device addresses the mapping
     users: int = 0  # fetches and offers copying through it now
     retired: bool = False  # dropped: unregistered once its last user is done
 
     def retire_if_unused(self) -> None:
         if self.retired and self.users == 0 and self.registered:
-            self.registered = False
+            self.registered, self.writer = False, None
             shm.unregister(self.arena)  # no copy is queued on it: its users waited for theirs
 
 
@@ -48,9 +53,9 @@ def needs_remap(error: Exception) -> bool:
 
 
 class SharedMemoryLink:
-    def __init__(self, store: StoreClient, register: bool) -> None:
+    def __init__(self, store: StoreClient, device: torch.device) -> None:
         self.store = store
-        self.register = register  # a GPU worker's: page-locked for DMA
+        self.device = device  # the engine's: on a GPU the mapping is registered, for DMA and the writer
         self._mapped: MappedArena | None = None
         self._address = ""  # the store _mapped (or the answer below) is for
         self._retry_at = 0.0  # inf: the store said its memory is not for this worker
@@ -139,6 +144,20 @@ class SharedMemoryLink:
             self._retry_at = float("inf")  # another container's /dev/shm, or not this store's file
             log.info("kv store memory not visible here; using UCX", path=info.path)
             return None
-        registered = self.register and await asyncio.to_thread(shm.register, arena)
         slabs = shm.slab_tensors(arena, self.store.layout, info.num_slots)
-        return MappedArena(info, arena, slabs, registered)
+        if self.device.type != "cuda":
+            return MappedArena(info, arena, slabs, registered=False)
+        registered, writer = await asyncio.to_thread(_register, arena, self.store.layout, info.num_slots, self.device)
+        return MappedArena(info, arena, slabs, registered, writer)
+
+
+def _register(
+    arena: torch.Tensor, layout: KVLayout, num_slots: int, device: torch.device
+) -> tuple[bool, SlabWriter | None]:
+    """(registered, a writer for offers where the device can address the mapping and Triton is
+    installed). On a thread: registering takes seconds per GiB, and asking for the device address
+    wants the CUDA context the registration made current on this thread."""
+    if not shm.register(arena, device):
+        return False, None
+    view = device_arena(arena, device) if triton_available() else None
+    return True, SlabWriter(shm.slab_tensors(view, layout, num_slots)) if view is not None else None

@@ -186,7 +186,7 @@ class SharedUser:
         self.loop = asyncio.new_event_loop()
         self.client = StoreClient(layout, 10, 10)
         self.run(self._point_at(store_address))  # its grpc.aio channel belongs to this loop
-        self.link = SharedMemoryLink(self.client, register=device.startswith("cuda"))
+        self.link = SharedMemoryLink(self.client, torch.device(device))
         self.channel = grpc.insecure_channel(store_address)
 
     def status(self) -> kvstore_pb2.KVStoreStatus:
@@ -231,7 +231,7 @@ class SharedUser:
                 kv[:, block] = value_of(block_hash, layer)
         offered = self.run(self.client.offer_shared(hashes, mapped.info.arena_id, lease_s))
         if offered.wanted:
-            sink = SlabSink(mapped.slabs, offered.slots, time.monotonic() + lease_s)
+            sink = SlabSink(mapped.slabs, offered.slots, time.monotonic() + lease_s, mapped.writer)
             ids = [blocks[i] for i in offered.wanted]
             for layer, kv in enumerate(self.caches):
                 sink.push_layer(layer, kv, ids, len(ids) * self.layout.block_size)
