@@ -14,6 +14,11 @@ process's time slice ends. The block ids were once uploaded with torch.tensor(id
 per layer: a copy from pageable memory, which synchronises the stream, 32 times per 16 MiB offer
 run of an 8B model. Beside a busy prefill worker each run then held a decode worker's steps back
 ~20 ms, doubling its TPOT (BENCHMARKS.md, "Offers that waited for the device").
+
+copy_out is an offer's copy where the device cannot address the store's mapping, and on CPU: a GPU
+worker that registered the mapping mapped writes an offer in one kernel launch instead
+(kvtransfer/slab_writer.py), these ~3 torch calls per layer costing its step thread 1.5 ms or more
+per 16 MiB run.
 """
 
 from __future__ import annotations

@@ -30,7 +30,9 @@ Shared memory — a worker on its KV store's host maps the store's memory tier (
 and moves blocks by copying, not over UCX: `Engine.import_blocks(request_id, block_ids, slabs,
 slots)` copies host slots into the blocks a pending prefix import holds (between steps, queued on
 the current stream on CUDA), and an offer's sink (kvtransfer.shm.SlabSink) copies exported blocks
-into the store's slots. The KVImport protocol above is unchanged: the import is done once the
+into the store's slots (on a GPU at close(), all layers in one launch: a sink may copy a pushed
+layer whenever it likes before close() returns, since the engine writes none of those blocks
+until then). The KVImport protocol above is unchanged: the import is done once the
 copy has completed and the store confirmed its slots were held all along.
 
 The engine knows nothing of tickets, peers or UCX: kvtransfer implements these protocols.

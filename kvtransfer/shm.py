@@ -13,6 +13,8 @@ own /dev/shm) finds no file or another id, and a restarted store's new file has 
 worker never reads or writes an arena other than the one the store means: it maps it again, or
 uses UCX. The arena is cut per layer exactly as a worker's paged KV cache is, one
 (2, num_slots, block_size, kv_heads, head_dim) tensor per layer (`slab_tensors`), on both sides.
+A GPU worker registers its mapping mapped, so that its device addresses it too: an offer then goes
+into the slots in one kernel launch (`SlabSink` with a kvtransfer.slab_writer.SlabWriter).
 """
 
 from __future__ import annotations

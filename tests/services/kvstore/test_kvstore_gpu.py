@@ -49,12 +49,14 @@ def test_a_gpu_workers_blocks_land_in_the_store_and_come_back_byte_exact(store: 
 
 def test_a_gpu_worker_on_the_stores_host_copies_through_the_mapped_memory(store: StoreProcess) -> None:
     """The same-host path: the worker maps the store's /dev/shm arena, registers it with CUDA, and
-    blocks go between GPU memory and it by DMA copies, byte-exact. The rate is printed (the
+    blocks go between GPU memory and it, byte-exact: offers by one kernel launch writing the
+    mapping, fetches by DMA copies. The rate is printed (the
     benchmark is bench/kv_store.py --phases turn2), not asserted."""
     user = SharedUser(store.address, LLAMA_8B, device="cuda:0")
     try:
         mapped = user.mapped(timeout_s=300)  # registering the 8 GiB mapping takes seconds
         assert mapped is not None and mapped.registered
+        assert mapped.writer is not None  # registered mapped: offers are one kernel launch each
         hashes = user.chain(list(range(5000, 5000 + 64 * 16)))  # 64 blocks, 128 MiB
         assert user.offer(hashes, list(range(64)), lease_s=OFFER_DEADLINE_S * 5).wanted == list(range(64))
         generations = user.lookup_generations(hashes)
