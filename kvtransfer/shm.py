@@ -192,9 +192,12 @@ class SlabSink:
         self._noted = []
 
     def wait(self) -> None:
-        """Until the queued copies are done (blocking: call it on a thread)."""
+        """Until the queued copies are done (blocking: call it on a thread). An export that failed
+        between two layers never closed the sink: what it queued is waited for on the whole device."""
         if self.event is not None:
             self.event.synchronize()
+        elif self.layers and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def landed(self) -> bool:
         return self.closed and self.failure is None and self.layers == len(self.slabs)

@@ -30,6 +30,7 @@ import asyncio
 import contextlib
 import time
 from collections import deque
+from concurrent.futures import Future
 
 import structlog
 
@@ -140,13 +141,11 @@ class Offerer:
         mapped = self.link.acquire() if self.link is not None else None
         if mapped is not None and self.link is not None:
             try:
-                return await self._offer_shared(hashes, mapped)
+                return await self._offer_shared(hashes, mapped, self.link)
             except StaleLookup as e:
                 if not needs_remap(e):
                     raise
                 self.link.forget()  # the store restarted: this run over UCX, the next ones mapped again
-            finally:
-                self.link.release(mapped)
         offered = await self.store.offer(hashes)
         if offered.ticket is None or not offered.wanted:
             return 0
@@ -158,22 +157,37 @@ class Offerer:
             self.store.counters.offered_blocks += exported
         return exported
 
-    async def _offer_shared(self, hashes: tuple[BlockHash, ...], mapped: MappedArena) -> int:
+    async def _offer_shared(self, hashes: tuple[BlockHash, ...], mapped: MappedArena, link: SharedMemoryLink) -> int:
+        """Offer a run through the store's mapped memory. Releases `mapped`, and only once no copy
+        into it can still run: a cancelled offer's export may still be running on the engine's
+        thread, or its copies be queued on the device, after the cancel."""
         deadline = time.monotonic() + _PUSH_TIMEOUT_S  # counted from before the call: the store's starts later
-        offered = await self.store.offer_shared(hashes, mapped.info.arena_id, _PUSH_TIMEOUT_S)
-        if not offered.wanted:
-            return 0
-        sink = SlabSink(mapped.slabs, offered.slots, deadline, mapped.writer)
-        wanted = [hashes[i] for i in offered.wanted]
+        export: Future[int] | None = None
+        settled = False  # the export ran and its copies are done
         try:
-            exported = await self.engine.call(lambda e: e.export_blocks(wanted, sink))
-            await asyncio.to_thread(sink.wait)
-        except asyncio.CancelledError:  # the export may still run: the slots go back at the lease's end
-            sink.cancel("the offer was cancelled")
-            raise
-        except BaseException:
-            await self.store.commit_offer(offered.lease_id, written=False)
-            raise
+            offered = await self.store.offer_shared(hashes, mapped.info.arena_id, _PUSH_TIMEOUT_S)
+            if not offered.wanted:
+                return 0
+            sink = SlabSink(mapped.slabs, offered.slots, deadline, mapped.writer)
+            wanted = [hashes[i] for i in offered.wanted]
+            export = self.engine.submit(lambda e: e.export_blocks(wanted, sink))
+            try:
+                exported = await asyncio.wrap_future(export)  # a cancel drops it if it has not begun
+                await asyncio.to_thread(sink.wait)
+                settled = True
+            except asyncio.CancelledError:  # the slots go back at the lease's end
+                sink.cancel("the offer was cancelled")  # nothing more is queued
+                raise
+            except BaseException:
+                with contextlib.suppress(Exception):  # the copies end before the slots go back
+                    await asyncio.to_thread(sink.wait)
+                await self.store.commit_offer(offered.lease_id, written=False)
+                raise
+        finally:
+            if export is None or settled:
+                link.release(mapped)
+            else:
+                link.release_after(mapped, export, lambda _: sink.wait())
         written = sink.landed() and time.monotonic() < deadline
         if not await self.store.commit_offer(offered.lease_id, written) or not written:
             return 0

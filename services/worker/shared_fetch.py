@@ -17,8 +17,11 @@ from __future__ import annotations
 
 import asyncio
 import time
+from concurrent.futures import Future
+from dataclasses import dataclass
 
 import structlog
+import torch
 
 from engine.async_engine import AsyncEngine
 from engine.ids import BlockHash
@@ -55,6 +58,23 @@ class SharedImport:
             self._error = error
 
 
+@dataclass
+class _Copy:
+    """A fetch's engine command that copies from the mapping, and whether its copies are done."""
+
+    command: Future[tuple[bool, torch.cuda.Event | None]] | None = None
+    settled: bool = False
+
+
+def _wait_copied(result: tuple[bool, torch.cuda.Event | None] | None, device: torch.device) -> None:
+    """On a thread: until an import's copies are done (an import that failed part-way: the device's)."""
+    if result is not None:
+        if result[1] is not None:
+            result[1].synchronize()
+    elif device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 class SharedFetcher:
     def __init__(self, engine: AsyncEngine, store: StoreClient, link: SharedMemoryLink, policy: FetchPolicy) -> None:
         self.engine = engine
@@ -66,10 +86,13 @@ class SharedFetcher:
         self, request_id: str, imported: SharedImport, mapped: MappedArena, block_ids: list[int],
         hashes: list[BlockHash], generations: list[int], route: str, timeout_s: float,
     ) -> None:  # fmt: skip
-        """Fill the import's blocks (run as a task; releases `mapped` at the end)."""
+        """Fill the import's blocks (run as a task). Releases `mapped` at the end, and only once no
+        copy from it can still run: a cancelled fetch's import may still be running on the
+        engine's thread, or its copies be queued on the device, after the cancel."""
         started = time.monotonic()
+        copy = _Copy()
         try:
-            landed = await self._fetch(request_id, imported, mapped, block_ids, hashes, generations, timeout_s)
+            landed = await self._fetch(request_id, imported, mapped, block_ids, hashes, generations, timeout_s, copy)
         except StaleLookup as e:  # answered at once: no measure of speed
             if needs_remap(e):
                 self.link.forget()
@@ -84,21 +107,27 @@ class SharedFetcher:
             log.info("kv store fetch failed; computing the prefix", request_id=request_id, reason=str(e))
             landed = False
         finally:
-            self.link.release(mapped)
+            if copy.command is None or copy.settled:
+                self.link.release(mapped)
+            else:
+                device = self.engine.engine.device
+                self.link.release_after(mapped, copy.command, lambda result: _wait_copied(result, device))
         self.policy.fetch_took(route, len(hashes), (time.monotonic() - started) * 1000, landed=landed)
 
     async def _fetch(
         self, request_id: str, imported: SharedImport, mapped: MappedArena, block_ids: list[int],
-        hashes: list[BlockHash], generations: list[int], timeout_s: float,
+        hashes: list[BlockHash], generations: list[int], timeout_s: float, copy: _Copy,
     ) -> bool:  # fmt: skip
         slots, lease_id = await self.store.fetch_shared(hashes, generations, mapped.info.arena_id, timeout_s)
         try:
             slabs = mapped.slabs
-            copied, event = await self.engine.call(
+            copy.command = self.engine.submit(
                 lambda e: (False, None) if imported.cancelled else e.import_blocks(request_id, block_ids, slabs, slots)
             )
+            copied, event = await asyncio.wrap_future(copy.command)  # a cancel drops it if it has not begun
             if event is not None:
                 await asyncio.to_thread(event.synchronize)
+            copy.settled = True
         finally:  # shielded: a cancelled fetch still unpins at once, not at its lease's end
             held = await asyncio.shield(self._release(lease_id, len(hashes)))
         if not copied:

@@ -15,8 +15,11 @@ and the next use maps the new one.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import structlog
 import torch
@@ -29,6 +32,10 @@ from services.worker.store_client import StoreClient, StoreUnavailable
 
 log = structlog.get_logger(__name__)
 _RETRY_S = 5.0  # before asking a store whose namespace was not ready (or that failed) again
+# How long a cancelled fetch's or offer's copies may take to end before its mapping is released:
+# an engine command waits at most one step, its copies a few milliseconds; past this the engine
+# is stuck, and the mapping stays (never unregistered or unmapped under a copy).
+_SETTLE_S = 60.0
 
 
 @dataclass(eq=False)
@@ -60,6 +67,7 @@ class SharedMemoryLink:
         self._address = ""  # the store _mapped (or the answer below) is for
         self._retry_at = 0.0  # inf: the store said its memory is not for this worker
         self._mapping: asyncio.Task[None] | None = None
+        self._settling: set[asyncio.Task[None]] = set()  # release_after's waits
 
     @property
     def gave_up(self) -> bool:
@@ -97,6 +105,28 @@ class SharedMemoryLink:
         mapped.users -= 1
         mapped.retire_if_unused()
 
+    def release_after(
+        self, mapped: MappedArena, command: concurrent.futures.Future[Any], settle: Callable[[Any], None]
+    ) -> None:
+        """release(mapped) once the engine command that copies through it has run (or was dropped
+        before it ran) and settle(its result) has returned (its queued copies are done): what a
+        fetch or an offer cancelled mid-copy does, since the engine still runs or has queued the
+        copy, and releasing at once could unregister and unmap the memory under it. A thread
+        waits; the event loop does not. close() waits for these."""
+        task = asyncio.get_running_loop().create_task(self._release_after(mapped, command, settle))
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
+
+    async def _release_after(
+        self, mapped: MappedArena, command: concurrent.futures.Future[Any], settle: Callable[[Any], None]
+    ) -> None:
+        settled = await asyncio.to_thread(_settle, command, settle, _SETTLE_S)
+        if settled:
+            self.release(mapped)
+        else:  # the copy may still run: the mapping stays, as if a user held it for good
+            log.warning("a cancelled copy through the kv store's memory did not end; the mapping stays",
+                        path=mapped.info.path, waited_s=_SETTLE_S)  # fmt: skip
+
     def forget(self) -> None:
         """Drop the mapping (the store restarted, or another store is named); copies under way
         through it finish first."""
@@ -113,6 +143,7 @@ class SharedMemoryLink:
             self._mapping.cancel()
             await asyncio.gather(self._mapping, return_exceptions=True)
         self.forget()
+        await asyncio.gather(*self._settling, return_exceptions=True)  # the last one unregisters
 
     async def _map(self, address: str) -> None:
         try:
@@ -161,3 +192,18 @@ def _register(
         return False, None
     view = device_arena(arena, device) if triton_available() else None
     return True, SlabWriter(shm.slab_tensors(view, layout, num_slots)) if view is not None else None
+
+
+def _settle(command: concurrent.futures.Future[Any], settle: Callable[[Any], None], timeout_s: float) -> bool:
+    """On a thread: whether the command ended (ran, failed or was dropped) and settle(its result)
+    returned, within timeout_s. A command that failed has no result to settle; settle gets None."""
+    try:
+        result = command.result(timeout_s)
+    except concurrent.futures.TimeoutError:
+        return False
+    except BaseException:  # failed or dropped (cancelled before it ran: nothing was queued)
+        if command.cancelled():
+            return True
+        result = None
+    settle(result)
+    return True

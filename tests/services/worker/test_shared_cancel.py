@@ -1,0 +1,131 @@
+"""A fetch or an offer through the KV store's mapped memory that is cancelled (the worker stops)
+while its copy runs on the engine's thread keeps the mapping until that copy is done: on a GPU
+worker releasing it at once could unregister and unmap the memory under a copy still queued.
+
+A real store process over gRPC, its /dev/shm arena mapped, a real engine on the tiny model; the
+export and the import are held on the engine's thread by a gate in front of the real ones."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from engine.async_engine import AsyncEngine
+from engine.engine import Engine
+from services.worker.offers import Offerer
+from services.worker.shared_fetch import SharedFetcher, SharedImport
+from services.worker.shared_memory import MappedArena, SharedMemoryLink
+from services.worker.store_client import StoreClient
+from tests.engine.engine_helpers import greedy, make_engine, run_to_completion
+from tests.services.kvstore.store_process import StoreProcess, free_ports
+
+pytestmark = pytest.mark.slow
+PROMPT = [(7 * i + 3) % 250 for i in range(42)]  # 10 full blocks of 4
+OTHER = [(t + 1) % 250 for t in PROMPT]
+
+
+class Transport:
+    """What an Offerer reads of its worker's transport: no hand-off in flight."""
+
+    num_in_flight = 0
+
+
+@pytest.fixture(scope="module")
+def store() -> Iterator[StoreProcess]:
+    port, kv_port = free_ports()
+    process = StoreProcess(port, kv_port, None, memory_bytes=4 << 20)
+    yield process.start()
+    process.stop()
+
+
+def gate(engine: Engine, name: str, monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Event, threading.Event]:
+    """(entered, opened): engine.<name> waits for `opened` on the engine's thread, then runs."""
+    entered, opened = threading.Event(), threading.Event()
+    real: Callable[..., Any] = getattr(engine, name)
+
+    def held(*args: Any) -> Any:
+        entered.set()
+        opened.wait(30)
+        return real(*args)
+
+    monkeypatch.setattr(engine, name, held)
+    return entered, opened
+
+
+async def mapped_by(link: SharedMemoryLink) -> MappedArena:
+    for _ in range(600):
+        mapped = link.acquire()
+        if mapped is not None:
+            link.release(mapped)
+            return mapped
+        await asyncio.sleep(0.05)
+    raise TimeoutError("the store's memory was never mapped")
+
+
+async def cancel_mid_copy(
+    address: str, path: Path, monkeypatch: pytest.MonkeyPatch, prompt: list[int], command: str,
+    start: Callable[[AsyncEngine, StoreClient, SharedMemoryLink, list[Any], MappedArena], Any],
+) -> None:  # fmt: skip
+    engine = make_engine(path)
+    engine.add_request("turn1", prompt, greedy(1))
+    run_to_completion(engine)
+    (chain,) = engine.take_finished_chains()
+    async_engine = AsyncEngine(engine)
+    client = StoreClient(engine.kv_layout, 10, 10)
+    client.point_at(address)
+    link = SharedMemoryLink(client, torch.device("cpu"))
+    try:
+        mapped = await mapped_by(link)
+        entered, opened = gate(engine, command, monkeypatch)
+        task = asyncio.ensure_future(start(async_engine, client, link, list(chain), mapped))
+        assert await asyncio.to_thread(entered.wait, 30), f"{command} never ran"
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(task, 10)  # at once: nothing waits for the copy on the event loop
+        assert mapped.users == 1  # still the copy's, running on the engine's thread
+        link.forget()  # the worker stops: the mapping retires once its last user is done
+        assert mapped.retired and mapped.users == 1
+        opened.set()
+        await asyncio.wait_for(link.close(), 30)  # waits for the cancelled copy
+        assert mapped.users == 0
+    finally:
+        await link.close()
+        await client.close()
+        async_engine.shutdown()
+
+
+def test_a_cancelled_offer_keeps_the_mapping_until_its_export_has_run(
+    store: StoreProcess, tiny_llama: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def offer(engine: AsyncEngine, client: StoreClient, link: SharedMemoryLink, chain: list[Any], _: Any) -> int:
+        offerer = Offerer(engine, Transport(), client, 1 << 20, link)  # type: ignore[arg-type]
+        return await offerer._offer_run(tuple(chain))
+
+    asyncio.run(cancel_mid_copy(store.address, tiny_llama, monkeypatch, PROMPT, "export_blocks", offer))
+
+
+def test_a_cancelled_fetch_keeps_the_mapping_until_its_import_has_run(
+    store: StoreProcess, tiny_llama: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def fetch(
+        engine: AsyncEngine, client: StoreClient, link: SharedMemoryLink, chain: list[Any], mapped: MappedArena
+    ) -> None:
+        offerer = Offerer(engine, Transport(), client, 1 << 20, link)  # type: ignore[arg-type]
+        await offerer._offer_run(tuple(chain))  # unless the store holds the chain already
+        generations = await client.lookup(chain)
+        assert len(generations) == len(chain)
+        # (a cancelled offer's blocks stay leased in the store: the other test offers PROMPT)
+        held = await engine.call(lambda e: e.reserve_prefix("turn2", PROMPT, num_tokens=40))
+        fetcher = SharedFetcher(engine, client, link, None)  # type: ignore[arg-type]
+        link.acquire()  # the fetch's, released by it
+        await fetcher.fetch(
+            "turn2", SharedImport(), mapped, list(held.block_ids), chain, generations, "mapped", 10
+        )  # fmt: skip
+
+    asyncio.run(cancel_mid_copy(store.address, tiny_llama, monkeypatch, OTHER, "import_blocks", fetch))
