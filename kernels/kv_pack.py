@@ -241,12 +241,17 @@ def launch_copy(
     aligned = src_ids.data_ptr() % 16 == 0 and dst_ids.data_ptr() % 16 == 0
     if plan.compiled and aligned:
         raw = (stream if stream is not None else torch.cuda.current_stream(src_ids.device)).cuda_stream
-        try:
-            plan.compiled[grid](*args, stream=raw)
-            return
-        except Exception as e:  # another Triton's launcher convention: its JIT launches from now on
-            log.warning("direct Triton launch failed: using the JIT launch", error=f"{type(e).__name__}: {e}")
-            plan.compiled = False
+        # The compiled kernel launches in the current device's context, which the caller's thread
+        # need not have set to the ids' (the JIT launch's stream switch sets it).
+        with torch.cuda.device(src_ids.device):
+            try:
+                plan.compiled[grid](*args, stream=raw)
+                return
+            except (TypeError, ValueError, AttributeError) as e:
+                # Another Triton's launcher convention (the call's signature): its JIT launches from
+                # now on. A CUDA error (an illegal address) is raised, never retried as a JIT launch.
+                log.warning("direct Triton launch failed: using the JIT launch", error=f"{type(e).__name__}: {e}")
+                plan.compiled = False
     with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
         compiled = _copy_between_kernel[grid](*args, num_warps=4)
     if plan.compiled is None and aligned and hasattr(compiled, "__getitem__"):

@@ -6,7 +6,15 @@ import pytest
 import torch
 from kernel_cases import kv_pool, nan_staging, run_in_interpreter, same_bytes
 
-from kernels.kv_pack import copy_blocks, pack_blocks, pack_blocks_ref, unpack_blocks, validate_block_ids
+from kernels.kv_pack import (
+    copy_blocks,
+    launch_copy,
+    pack_blocks,
+    pack_blocks_ref,
+    plan_copy,
+    unpack_blocks,
+    validate_block_ids,
+)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
@@ -120,3 +128,51 @@ def test_compiled_kernel_round_trips_llama_8b_blocks(num_layers: int) -> None:
     for src, dst in zip(layers, receiver, strict=True):
         assert same_bytes(dst[:, ids.flip(0)], src[:, ids])
         assert int(torch.isnan(dst).flatten(2).all(-1).sum()) == 2 * (300 - 64)
+
+
+class _Launcher:
+    """Stands in for Triton's compiled kernel in a plan (CopyPlan.compiled): its launch raises `error`."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    def __getitem__(self, grid: tuple[int, ...]) -> object:
+        def launch(*args: object, stream: int) -> None:
+            raise self.error
+
+        return launch
+
+
+@pytest.mark.gpu
+def test_a_direct_launch_falls_back_on_a_launcher_convention_only_and_sets_the_device() -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    src, dst = kv_pool(3, 12, device="cuda"), kv_pool(3, 10, device="cuda", seed=1)
+    plan = plan_copy(src, dst)
+    src_ids, dst_ids = torch.tensor([7, 2, 9], device="cuda"), torch.tensor([0, 5, 3], device="cuda")
+    launch_copy(plan, src_ids, dst_ids)  # the JIT launch, which keeps the compiled kernel
+    assert plan.compiled
+    compiled = plan.compiled
+    if torch.cuda.device_count() > 1:  # launched from a thread whose current device is another GPU
+        for kv in dst:
+            kv.zero_()
+        with torch.cuda.device(1):
+            launch_copy(plan, src_ids, dst_ids)
+        torch.cuda.synchronize(0)
+        assert plan.compiled is compiled  # launched directly, not fallen back to the JIT
+        for s, d in zip(src, dst, strict=True):
+            assert same_bytes(d[:, [0, 5, 3]], s[:, [7, 2, 9]])
+
+    plan.compiled = _Launcher(RuntimeError("Triton Error [CUDA]: an illegal memory access was encountered"))
+    with pytest.raises(RuntimeError, match="illegal memory access"):  # a CUDA error is no launcher convention
+        launch_copy(plan, src_ids, dst_ids)
+    assert plan.compiled is not False
+
+    plan.compiled = _Launcher(TypeError("launch() takes 17 positional arguments but 18 were given"))
+    for kv in dst:
+        kv.zero_()
+    launch_copy(plan, src_ids, dst_ids)  # another Triton's launcher: the JIT launch copies instead
+    torch.cuda.synchronize()
+    assert plan.compiled is False
+    for s, d in zip(src, dst, strict=True):
+        assert same_bytes(d[:, [0, 5, 3]], s[:, [7, 2, 9]])
