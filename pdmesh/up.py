@@ -30,13 +30,11 @@ from pathlib import Path
 import grpc
 
 from pdmesh.client import AsyncClient, Client, KVStoreState, WorkerHealth, WorkerState
-from pdmesh.config import ChannelConfig, door_keys, from_env
+from pdmesh.config import STOP_MARGIN_S, ChannelConfig, door_keys, from_env
 from pdmesh.ports import WILDCARD_HOSTS, PortClaim, check_free
 from pdmesh.process_output import Echo, ProcessOutput
 from pdmesh.supervisor import ChildSpec, RestartPolicy, Supervisor
 
-# What a service needs beyond its drain grace to stop: the engine, the KV transport, its channels.
-_STOP_MARGIN_S = 15.0
 _KV_PORT_OFFSET = 100
 _METRICS_PORT_OFFSET = 200  # each process's Prometheus /metrics: port + 200 + n (the scheduler's n is 0)
 _KVSTORE_PORT_OFFSET = 99  # the store's gRPC port is the scheduler's + 99, its KV listener's + 199, its /metrics + 299
@@ -268,7 +266,7 @@ class Mesh:
         self._stopping.set()
         with self._stop_lock:
             groups = [["scheduler"], self.spec.worker_ids, [KVSTORE_ID] if self.spec.kvstore else []]
-            self.supervisor.stop([g for g in groups if g], self.spec.grace_s + _STOP_MARGIN_S)
+            self.supervisor.stop([g for g in groups if g], self.spec.grace_s + STOP_MARGIN_S)
 
     def kill_all(self) -> None:
         self._stopping.set()

@@ -43,7 +43,6 @@ from pdmesh.channel import transport_options
 from pdmesh.config import ServerConfig
 from pdmesh.tracing import server_interceptor
 from services.interceptor import ErrorInterceptor, InFlight, StreamCloser
-from services.logging import process_stopping
 
 log = structlog.get_logger(__name__)
 
@@ -229,7 +228,6 @@ async def serve(
         for sig in signals:
             loop.remove_signal_handler(sig)
         log.info("draining", grace_s=config.shutdown_grace_s)
-        process_stopping()
         if on_drain is not None:
             try:
                 await on_drain()

@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 
@@ -97,34 +96,23 @@ def request_context(request_id: str) -> Iterator[None]:
         yield
 
 
-_STOPPING = threading.Event()
-
-
-def process_stopping() -> None:
-    """This process has begun its stop (services/bootstrap.py, at the drain): from now on a peer
-    going away is what a stopping mesh does, not news for the operator."""
-    _STOPPING.set()
-
-
-def is_process_stopping() -> bool:
-    return _STOPPING.is_set()
-
-
 class Outage:
     """One line when a peer stops answering, one warning if it is still unreachable `grace_s` later,
     and one line when it answers again — not a warning per retry (a worker retries its scheduler
     every half second). The grace keeps a moment's absence off the terminal: while `pdmesh up`
     stops the mesh the scheduler goes first (its streams finish on the workers), and a worker
     whose report lands before its own stop found nobody there; a restarted scheduler is back
-    within seconds too. Only an outage that lasts is a warning, and not once this process is
-    stopping itself (a worker's drain can outlast the grace on a loaded machine)."""
+    within seconds too. Only an outage that lasts is a warning, and not while `stopping()` says
+    the service that owns it is draining itself (a worker's drain can outlast the grace on a
+    loaded machine): the service's own state, never the process's, since one process may run
+    several services (the tests do)."""
 
     def __init__(
         self,
         peer: str,
         grace_s: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
-        stopping: Callable[[], bool] = is_process_stopping,
+        stopping: Callable[[], bool] = lambda: False,
     ) -> None:
         self.peer = peer
         self.grace_s = grace_s

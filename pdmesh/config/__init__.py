@@ -41,11 +41,12 @@ from pdmesh.config.scheduler import (
     door_keys,
 )
 from pdmesh.config.telemetry import LogFormat, OtelExport, OtlpProtocol, TelemetryConfig, otel_export
-from pdmesh.config.transport import ChannelConfig, ServerConfig
+from pdmesh.config.transport import STOP_MARGIN_S, ChannelConfig, ServerConfig
 
 __all__ = [
     "API_KEYS",
     "PREFIX",
+    "STOP_MARGIN_S",
     "ChannelConfig",
     "ConfigError",
     "DoorKeys",

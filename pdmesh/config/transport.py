@@ -9,6 +9,9 @@ from pathlib import Path
 
 from pdmesh.config.env import ConfigError, MiB, check_positive
 
+# What a service needs beyond its drain grace to stop: the engine, the KV transport, its channels.
+STOP_MARGIN_S = 15.0
+
 
 @dataclass(frozen=True)
 class ServerConfig:
@@ -49,6 +52,12 @@ class ServerConfig:
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
+
+    @property
+    def stop_timeout_s(self) -> float:
+        """How long a service may take to stop after SIGTERM (its drain, then its teardown):
+        what `pdmesh up` waits before SIGKILL."""
+        return self.shutdown_grace_s + STOP_MARGIN_S
 
     @property
     def tls(self) -> bool:

@@ -13,7 +13,7 @@ import grpc
 import structlog
 
 from pdmesh.channel import channel
-from pdmesh.config import ChannelConfig
+from pdmesh.config import ChannelConfig, ServerConfig
 from pdmesh.v1 import worker_pb2, worker_pb2_grpc
 from services.kvstore import convert
 from services.kvstore.store import BlockStore
@@ -21,16 +21,26 @@ from services.logging import Outage
 
 log = structlog.get_logger(__name__)
 _RETRY_S = 0.5
-_SCHEDULER_GRACE_S = 60.0  # longer than the workers' drain (30 s by default), see _run
+_OUTAGE_GRACE_S = 5.0  # a scheduler outage that lasts this long beyond a mesh's stop is news (Outage's)
+
+
+def scheduler_grace_s(server: ServerConfig) -> float:
+    """How long the scheduler may be away before the store warns. `pdmesh up` stops the store
+    last, after the workers' drain (their last offers land): at every stop the scheduler is gone
+    for as long as the workers take to stop, which is their stop timeout at most (pdmesh up gives
+    every service the same drain grace, so the store's own stands for theirs)."""
+    return server.stop_timeout_s + _OUTAGE_GRACE_S
 
 
 class StoreReporter:
     def __init__(
-        self, scheduler: str, info: worker_pb2.KVStoreInfo, store: BlockStore, config: ChannelConfig | None = None
-    ) -> None:
+        self, scheduler: str, info: worker_pb2.KVStoreInfo, store: BlockStore, config: ChannelConfig | None = None,
+        grace_s: float = _OUTAGE_GRACE_S,
+    ) -> None:  # fmt: skip
         self.info = info
         self.store = store
-        self.draining = False
+        self.grace_s = grace_s  # of a scheduler outage before a warning (scheduler_grace_s)
+        self.draining = False  # this store is stopping: says so in its reports, and warns of no outage
         self._channel = channel(scheduler, config)
         self._stub = worker_pb2_grpc.RegistryStub(self._channel)
         self._task: asyncio.Task[None] | None = None
@@ -49,10 +59,7 @@ class StoreReporter:
         await self._channel.close()
 
     async def _run(self) -> None:
-        # pdmesh up stops the store last, after the workers' drain (their last offers land), so at
-        # every stop the scheduler is gone for as long as that drain lasts; the workers report a
-        # real scheduler outage after 5 s already.
-        outage = Outage("scheduler", grace_s=_SCHEDULER_GRACE_S)
+        outage = Outage("scheduler", grace_s=self.grace_s, stopping=lambda: self.draining)
         while True:
             try:
                 interval = await self._report()

@@ -17,7 +17,7 @@ from kvtransfer.transport import KVTransport
 from pdmesh.v1 import kvstore_pb2, kvstore_pb2_grpc, worker_pb2
 from services.bootstrap import Server, ServicerBinding, serve
 from services.kvstore.config import KVStoreConfig
-from services.kvstore.registry_client import StoreReporter
+from services.kvstore.registry_client import StoreReporter, scheduler_grace_s
 from services.kvstore.servicer import KVStoreServicer
 from services.kvstore.shared import SharedTransfers
 from services.kvstore.store import BlockStore
@@ -69,8 +69,12 @@ async def serve_kvstore(config: KVStoreConfig) -> None:
                 store_id=config.id, address=f"{config.advertise_host}:{server.port}",
                 kv_transfer_address=transport.address, version="0.1.0",
             )  # fmt: skip
-            reporter = StoreReporter(config.scheduler, info, store, config.channel)
+            reporter = StoreReporter(config.scheduler, info, store, config.channel, scheduler_grace_s(config.server))
             reporter.start()
+
+    async def on_drain() -> None:
+        if reporter is not None:
+            reporter.draining = True
 
     async def on_shutdown() -> None:
         refreshing.cancel()
@@ -83,4 +87,4 @@ async def serve_kvstore(config: KVStoreConfig) -> None:
         await asyncio.to_thread(transport.close)
         await asyncio.to_thread(store.close)
 
-    await serve([binding], config.server, on_ready=on_ready, on_shutdown=on_shutdown)
+    await serve([binding], config.server, on_ready=on_ready, on_drain=on_drain, on_shutdown=on_shutdown)

@@ -74,7 +74,7 @@ class Reporter:
 
     async def _run(self) -> None:
         interval = 0.5
-        outage = Outage("scheduler")
+        outage = Outage("scheduler", stopping=lambda: self.draining)
         while True:
             try:
                 interval = await self._report()
