@@ -108,8 +108,12 @@ class KVSender(DirectSending):
 
     def submit_written(self, push: KVPush, finished: Finished) -> None:
         assert self._written_thread is not None  # a Finished comes only from a GPU push's copies
-        with contextlib.suppress(RuntimeError):  # shut down: the transport closing fails the push
+        try:
             self._written_thread.submit(self._await_written, push, finished)
+        except RuntimeError:  # the transport is closing: no Written will go, so the push fails (the
+            # receiver hears Cancel while its connection lasts) rather than wait out its lease
+            with contextlib.suppress(RuntimeError):  # the loop closed too: its end failed every push
+                self.stop(push, "the transport closed before the ticket's Written went")
 
     def stop(self, push: KVPush, reason: str) -> None:
         self._loop.call_soon_threadsafe(self._stop, push, reason)

@@ -5,6 +5,7 @@ are in test_direct_gpu.py."""
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any
 
@@ -14,6 +15,7 @@ import torch
 from engine.kv_layout import KVLayout
 from kvtransfer.config import TransportConfig
 from kvtransfer.direct import DirectState, DirectWrite, Group
+from kvtransfer.direct_send import WrittenThread
 from kvtransfer.ipc import PeerCaches, host_identity
 from kvtransfer.wire import AskWrite, Granted, Hello, Stopped, Welcome, Written, decode, encode
 
@@ -124,3 +126,22 @@ def test_a_renewed_lease_keeps_launching() -> None:
     time.sleep(0.1)
     direct.offer(_group(0), IDS, last=False, ticket_key="t")
     assert recorded.launched == [0]
+
+
+def test_the_written_thread_runs_every_call_it_took_and_refuses_the_rest_once_shutting_down() -> None:
+    # A Written handed over is sent, or refused so that its push fails at once (sender.submit_written):
+    # never taken and dropped, which would leave the receiver waiting out its lease.
+    written = WrittenThread()
+    busy, ran = threading.Event(), []
+    written.submit(busy.wait, 10)  # the thread is waiting for a ticket's copies
+    for i in range(3):
+        written.submit(ran.append, i)
+    stopping = threading.Thread(target=written.shutdown)
+    stopping.start()
+    while not written._closed:
+        time.sleep(0.001)
+    with pytest.raises(RuntimeError, match="shut down"):
+        written.submit(ran.append, 3)
+    busy.set()
+    stopping.join(10)
+    assert not stopping.is_alive() and ran == [0, 1, 2]
