@@ -271,11 +271,17 @@ class KVTransport:
     async def _teardown(self) -> None:
         await self._close_listener()
         if self._sender is not None:
-            self._sender.shutdown()
+            self._sender.shutdown()  # after it no direct write can run: the peers' caches go now
         if self._receiver is not None:
             self._receiver.shutdown()
         for conn in [*self._dialer.connections.values(), *self._accepted]:
             conn.abort("the transport closed")
+            if conn.peer_caches is not None:
+                # Now, not whenever this process's objects go: torch counts each mapping's release
+                # in memory the exporting peer reads at its exit, and one not released by then
+                # makes it warn "Producer process has been terminated before all shared CUDA
+                # tensors released" (a torch.multiprocessing refcount: kvtransfer/ipc.py).
+                conn.peer_caches.close()
         await self._tasks.cancel_all()
         await self._dialer.cancel()
         if self._side is not None:
