@@ -9,8 +9,8 @@ however it dies. Before anything starts, every port the mesh will listen on is c
 Ready means the scheduler lists each of *this* mesh's workers (by id), and its KV store, as
 serving, so a foreign server on the port can never pass for the mesh. Stopping goes in order: the
 scheduler first, which stops taking requests and lets the streams in flight finish within the
-grace while the workers still serve them; then the prefill workers, then the decode workers
-(stop() says why); then the store; SIGKILL only for what outstays its grace by a margin.
+grace while the workers still serve them; then the workers; then the store; SIGKILL only for what
+outstays its grace by a margin.
 """
 
 from __future__ import annotations
@@ -82,10 +82,6 @@ class MeshSpec:
     @property
     def worker_ids(self) -> list[str]:
         return [f"{role}-{i}" for role, i, _ in self.workers]
-
-    def ids_of(self, role: str) -> list[str]:
-        return [f"{r}-{i}" for r, i, _ in self.workers if r == role]
-
     def commands(self) -> list[ChildSpec]:
         """Every process, scheduler first."""
         exe = (sys.executable, "-m", "pdmesh", "serve")
@@ -264,16 +260,11 @@ class Mesh:
         raise TimeoutError(f"{name} was not serving again within {timeout_s:.0f} s")
 
     def stop(self) -> None:
-        """The scheduler first (its streams finish on the workers), then the prefill workers, then
-        the decode workers, then the store. A second call (from another thread) waits for the first.
-
-        Prefill before decode: on GPUs of one host a prefill worker maps its decode workers' KV
-        caches (kvtransfer/ipc.py) and releases the mappings as it stops, and a decode worker that
-        exits before then has torch warn at its exit that a consumer still held its memory."""
+        """The scheduler first (its streams finish on the workers), then the workers. A second
+        call (from another thread) waits for the first."""
         self._stopping.set()
         with self._stop_lock:
-            groups = [["scheduler"], self.spec.ids_of("prefill"), self.spec.ids_of("decode"),
-                      [KVSTORE_ID] if self.spec.kvstore else []]  # fmt: skip
+            groups = [["scheduler"], self.spec.worker_ids, [KVSTORE_ID] if self.spec.kvstore else []]
             self.supervisor.stop([g for g in groups if g], self.spec.grace_s + STOP_MARGIN_S)
 
     def kill_all(self) -> None:

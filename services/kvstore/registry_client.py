@@ -27,10 +27,9 @@ _OUTAGE_GRACE_S = 5.0  # a scheduler outage that lasts this long beyond a mesh's
 def scheduler_grace_s(server: ServerConfig) -> float:
     """How long the scheduler may be away before the store warns. `pdmesh up` stops the store
     last, after the workers' drain (their last offers land): at every stop the scheduler is gone
-    for as long as the workers take to stop, the prefill workers and then the decode workers,
-    each group its stop timeout at most (pdmesh up gives every service the same drain grace, so
-    the store's own stands for theirs)."""
-    return 2 * server.stop_timeout_s + _OUTAGE_GRACE_S
+    for as long as the workers take to stop, their stop timeout at most (pdmesh up gives every
+    service the same drain grace, so the store's own stands for theirs)."""
+    return server.stop_timeout_s + _OUTAGE_GRACE_S
 
 
 class StoreReporter:

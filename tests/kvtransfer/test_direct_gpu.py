@@ -160,10 +160,10 @@ def test_with_direct_writes_off_kv_goes_over_ucx_and_lands_exact() -> None:
 def test_a_writer_that_stops_first_leaves_the_receiver_no_cuda_ipc_mapping_to_warn_of(
     capfd: pytest.CaptureFixture[str],
 ) -> None:
-    # pdmesh up stops prefill workers before decode workers: the writer's transport releases its
-    # mappings of the receiver's caches as it closes, so torch's refcount of the receiver's export
-    # is back to zero when the receiver exits, and it prints no "Producer process has been
-    # terminated before all shared CUDA tensors released" (both processes write to this fd).
+    # The writer's transport releases its mappings of the receiver's caches as it closes, so
+    # torch's refcount of the receiver's export is back to zero when the receiver exits, and it
+    # prints no "Producer process has been terminated before all shared CUDA tensors released"
+    # (both processes write to this fd).
     decode, prefill = peers()
     try:
         first_ticket(decode, prefill)
