@@ -181,15 +181,16 @@ class SlabSink:
 
     def close(self) -> None:
         self.closed = True
-        if self._noted and self.failure is None and self._in_time():
-            self._write_noted()
-        self._noted = []
+        noted, self._noted = self._noted, []
+        if noted and self.failure is None and self._in_time():
+            self._write(noted)
         if self.layers:
             self.event = record_event(self.device)
 
     def cancel(self, reason: str) -> None:
+        """Nothing more is queued (the noted layers stay the step thread's: a cancel may come from
+        another thread while close() writes them, and wait() then waits for that write)."""
         self.failure = reason
-        self._noted = []
 
     def wait(self) -> None:
         """Until the queued copies are done (blocking: call it on a thread). An export that failed
@@ -215,18 +216,18 @@ class SlabSink:
         self.layers += 1
         self.device = kv_layer.device
 
-    def _write_noted(self) -> None:
+    def _write(self, layers: list[torch.Tensor]) -> None:
         assert self.writer is not None
         try:
-            self.writer.write(self._noted, self._block_ids, self.slots)
+            self.writer.write(layers, self._block_ids, self.slots)
         except Exception as e:  # a launch refused (Triton, the driver): nothing was queued, so torch copies it
             log.warning("offer's one-launch copy failed: torch copies from now on", error=f"{type(e).__name__}: {e}")
             self.writer.disabled = True
-            for layer, kv in enumerate(self._noted):
+            for layer, kv in enumerate(layers):
                 self._copy_layer(layer, kv, self._block_ids)
             return
-        self.layers = len(self._noted)
-        self.device = self._noted[0].device
+        self.device = layers[0].device
+        self.layers = len(layers)
 
 
 def _bad_slots(slots: Sequence[int], num_slots: int) -> str | None:

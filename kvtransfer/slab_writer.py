@@ -11,12 +11,14 @@ CUDA tensor over the same pages (at the device address CUDA names for them; the 
 host address under UVA, asked all the same). Slabs cut from it (shm.slab_tensors) are ordinary
 destination layers for kernels.kv_pack's block-to-block copy: cache block `block_ids[i]` of every
 layer, K and V, into slot `slots[i]`, in one Triton launch whose plan (the layer tables, then the
-compiled kernel launched directly) is worked out on the first offer and kept while the engine's
-caches stay where they are. The kernel's stores cross PCIe as it runs, queued on the engine's
-stream like the torch copies were, so what comes after is ordered after them.
+compiled kernel launched directly) is worked out when the mapping is made, off the step thread
+(SlabWriter.prepare), and kept while the engine's caches stay where they are. The kernel's stores
+cross PCIe as it runs (16 MiB in ~0.5 ms on an H100), queued on the engine's stream like the torch
+copies were, so what comes after is ordered after them.
 
-Where the device cannot address the mapping (registration refused, no mapped flag, no Triton) there
-is no writer, and kvtransfer.shm.SlabSink copies with torch as before. The CPU path never gets here.
+Where the device cannot address the mapping (registration refused, no mapped flag, no Triton, a
+launch refused at prepare) there is no writer, and kvtransfer.shm.SlabSink copies with torch as
+before. The CPU path never gets here.
 """
 
 from __future__ import annotations
@@ -96,6 +98,23 @@ class SlabWriter:
         if self.device.type == "cuda":
             ids = ids.pin_memory().to(self.device, non_blocking=True)  # the host allocator keeps it until read
         launch_copy(plan, ids[0, :n], ids[1, :n])
+
+    def prepare(self, kv_caches: Sequence[torch.Tensor]) -> None:
+        """Plan for these caches and have Triton compile and load the kernel now, by a launch that
+        writes nothing (its one block id, -1, is outside every cache), on a stream of its own and
+        waited for: otherwise the first offer pays the compile on the step thread (a fraction of a
+        second, more where Triton's cache is cold). Call it off the step thread, once the engine's
+        graphs are captured; it raises what planning or the launch raises."""
+        plan = self._plan_for(kv_caches)
+        if self.device.type != "cuda":
+            nothing = torch.full((2, 2), -1, dtype=torch.int64)
+            launch_copy(plan, nothing[0, :1], nothing[1, :1])
+            return
+        side = torch.cuda.Stream(self.device)
+        with torch.cuda.stream(side):
+            nothing = torch.full((2, 2), -1, dtype=torch.int64, device=self.device)  # rows 16-byte aligned
+            launch_copy(plan, nothing[0, :1], nothing[1, :1], stream=side)
+        side.synchronize()
 
     def _plan_for(self, kv_caches: Sequence[torch.Tensor]) -> CopyPlan:
         addresses = tuple(kv.data_ptr() for kv in kv_caches)

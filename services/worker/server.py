@@ -79,7 +79,7 @@ async def serve_worker(config: WorkerConfig) -> None:
     )  # fmt: skip
     layout = engine.kv_layout
     policy = FetchPolicy(config.fetch_settings(), layout.bytes_per_token * layout.block_size, layout.block_size)
-    link = SharedMemoryLink(store, engine.device) if config.kvstore_shared_memory else None
+    link = SharedMemoryLink(store, engine.kv_caches) if config.kvstore_shared_memory else None
     fetch_timeout_s = config.kvstore_fetch_timeout_ms / 1000
     fetcher = PrefixFetcher(async_engine, transport, store, layout, fetch_timeout_s, policy, link)
     offerer = Offerer(async_engine, transport, store, config.kvstore_offer_backlog_mib << 20, link)

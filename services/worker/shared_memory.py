@@ -60,9 +60,9 @@ def needs_remap(error: Exception) -> bool:
 
 
 class SharedMemoryLink:
-    def __init__(self, store: StoreClient, device: torch.device) -> None:
+    def __init__(self, store: StoreClient, kv_caches: list[torch.Tensor]) -> None:
         self.store = store
-        self.device = device  # the engine's: on a GPU the mapping is registered, for DMA and the writer
+        self.kv_caches = kv_caches  # the engine's: on a GPU the mapping is registered, and a writer planned for them
         self._mapped: MappedArena | None = None
         self._address = ""  # the store _mapped (or the answer below) is for
         self._retry_at = 0.0  # inf: the store said its memory is not for this worker
@@ -176,22 +176,33 @@ class SharedMemoryLink:
             log.info("kv store memory not visible here; using UCX", path=info.path)
             return None
         slabs = shm.slab_tensors(arena, self.store.layout, info.num_slots)
-        if self.device.type != "cuda":
+        if self.kv_caches[0].device.type != "cuda":
             return MappedArena(info, arena, slabs, registered=False)
-        registered, writer = await asyncio.to_thread(_register, arena, self.store.layout, info.num_slots, self.device)
+        layout, caches = self.store.layout, self.kv_caches
+        registered, writer = await asyncio.to_thread(_register, arena, layout, info.num_slots, caches)
         return MappedArena(info, arena, slabs, registered, writer)
 
 
 def _register(
-    arena: torch.Tensor, layout: KVLayout, num_slots: int, device: torch.device
+    arena: torch.Tensor, layout: KVLayout, num_slots: int, kv_caches: list[torch.Tensor]
 ) -> tuple[bool, SlabWriter | None]:
-    """(registered, a writer for offers where the device can address the mapping and Triton is
-    installed). On a thread: registering takes seconds per GiB, and asking for the device address
-    wants the CUDA context the registration made current on this thread."""
+    """(registered, a writer for offers where the device can address the mapping and Triton can
+    launch the copy). On a thread: registering takes seconds per GiB, asking for the device address
+    wants the CUDA context the registration made current on this thread, and the writer's kernel
+    is compiled here rather than on the step thread at the first offer."""
+    device = kv_caches[0].device
     if not shm.register(arena, device):
         return False, None
     view = device_arena(arena, device) if triton_available() else None
-    return True, SlabWriter(shm.slab_tensors(view, layout, num_slots)) if view is not None else None
+    if view is None:
+        return True, None
+    writer = SlabWriter(shm.slab_tensors(view, layout, num_slots))
+    try:
+        writer.prepare(kv_caches)
+    except Exception as e:  # planning or Triton refused: offers keep torch's copies
+        log.warning("offers into shared kv memory keep torch copies", error=f"{type(e).__name__}: {e}")
+        return True, None
+    return True, writer
 
 
 def _settle(command: concurrent.futures.Future[Any], settle: Callable[[Any], None], timeout_s: float) -> bool:

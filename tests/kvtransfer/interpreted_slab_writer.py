@@ -71,3 +71,16 @@ def test_a_cancelled_export_writes_nothing() -> None:
 
     assert not sink.landed()
     assert all((slab == SENTINEL).all() for slab in slabs)
+
+
+def test_prepare_plans_for_the_caches_and_writes_nothing() -> None:
+    kv = caches(2, num_blocks=6)
+    slabs = slabs_like(kv, num_slots=4)
+    writer = SlabWriter(slabs)
+
+    writer.prepare(kv)
+    plan = writer._plan
+
+    assert plan is not None and all((slab == SENTINEL).all() for slab in slabs)
+    assert offer(SlabSink(slabs, [3], in_a_minute(), writer), kv, [5]).landed() and writer._plan is plan
+    assert all(torch.equal(slab[:, [3]], layer[:, [5]]) for layer, slab in zip(kv, slabs, strict=True))

@@ -68,14 +68,13 @@ def test_offers_land_byte_exact_in_the_registered_arena_in_one_launch_each(
     assert view is not None and view.is_cuda and view.numel() == arena.numel()
     host_slabs = shm.slab_tensors(arena, LAYOUT, SLOTS)
     writer = SlabWriter(shm.slab_tensors(view, LAYOUT, SLOTS))
-    first = SlabSink(host_slabs, list(range(RUN)), time.monotonic() + 60, writer)
-    offer(first, caches, list(range(RUN)))  # plans and compiles: not timed, may wait
-    first.wait()
-    assert first.landed() and not writer.disabled
+    started = time.perf_counter()
+    writer.prepare(caches)  # plans and compiles, as the worker's mapping thread does: may wait
+    print(f"prepare (plan, compile, a launch that writes nothing): {(time.perf_counter() - started) * 1000:.0f} ms")
 
     gen = torch.Generator().manual_seed(1)
     host_s = []
-    for _ in range(20):
+    for _ in range(21):  # the first offer included: prepare left it nothing to compile
         blocks = torch.randperm(BLOCKS, generator=gen)[:RUN].tolist()
         slots = torch.randperm(SLOTS, generator=gen)[:RUN].tolist()  # scattered: the kernel does not care
         sink = SlabSink(host_slabs, slots, time.monotonic() + 60, writer)
@@ -86,7 +85,8 @@ def test_offers_land_byte_exact_in_the_registered_arena_in_one_launch_each(
         for kv, slab in zip(caches, host_slabs, strict=True):
             assert torch.equal(slab[:, slots].cuda(), kv[:, blocks])
     median_ms = statistics.median(host_s) * 1000
-    print(f"one-launch offer of {RUN} Llama-8B blocks: step thread {median_ms:.3f} ms per run (median of 20)")
+    print(f"one-launch offer of {RUN} Llama-8B blocks: step thread {median_ms:.3f} ms per run (median of 21), "
+          f"the first {host_s[0] * 1000:.3f} ms")  # fmt: skip
     assert median_ms < 2.0  # loose: the torch path took ~3.5 ms; a regression to it shows
 
 

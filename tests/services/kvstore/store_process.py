@@ -186,7 +186,7 @@ class SharedUser:
         self.loop = asyncio.new_event_loop()
         self.client = StoreClient(layout, 10, 10)
         self.run(self._point_at(store_address))  # its grpc.aio channel belongs to this loop
-        self.link = SharedMemoryLink(self.client, torch.device(device))
+        self.link = SharedMemoryLink(self.client, self.caches)
         self.channel = grpc.insecure_channel(store_address)
 
     def status(self) -> kvstore_pb2.KVStoreStatus:
