@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 from engine.async_engine import AsyncEngine
 from engine.engine import Engine
@@ -79,7 +78,7 @@ async def cancel_mid_copy(
     async_engine = AsyncEngine(engine)
     client = StoreClient(engine.kv_layout, 10, 10)
     client.point_at(address)
-    link = SharedMemoryLink(client, torch.device("cpu"))
+    link = SharedMemoryLink(client, engine.kv_caches)
     try:
         mapped = await mapped_by(link)
         entered, opened = gate(engine, command, monkeypatch)
