@@ -95,6 +95,10 @@ class AsyncEngine:
         self._commands: queue.SimpleQueue[tuple[Callable[[Engine], object], Future[object]]] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._stop = threading.Event()
+        # submit()'s check and hand-over, and the step thread's last look at the queue, one at a
+        # time: a command is run or refused, never left queued behind a thread that has ended
+        self._submitting = threading.Lock()
+        self._ended = False
         self._streams: dict[str, _Stream] = {}
         self._failed_steps = 0
         self._pending: list[tuple[str, Item]] = []  # the latest step's outputs, handed over during the next
@@ -112,12 +116,13 @@ class AsyncEngine:
 
     def submit(self, fn: Callable[[Engine], T]) -> Future[T]:
         """Run fn(engine) on the step thread between steps."""
-        if self.lost is not None:
-            raise self.lost
-        if self._stop.is_set():
-            raise RuntimeError("the engine is shut down")
         future: Future[T] = Future()
-        self._commands.put((fn, future))  # type: ignore[arg-type]
+        with self._submitting:
+            if self.lost is not None:
+                raise self.lost
+            if self._stop.is_set() or self._ended:
+                raise RuntimeError("the engine is shut down")
+            self._commands.put((fn, future))  # type: ignore[arg-type]
         self._wake.set()
         return future
 
@@ -180,6 +185,14 @@ class AsyncEngine:
     # -- the step thread -----------------------------------------------------------------------
 
     def _run(self) -> None:
+        try:
+            self._steps()
+        finally:  # commands queued since the last look (the stop came mid-step) are refused
+            with self._submitting:
+                self._ended = True
+                self._refuse_commands(self.lost or RuntimeError("the engine shut down"))
+
+    def _steps(self) -> None:
         times = self.engine.step_times
         while not self._stop.is_set():
             watch = Stopwatch(times)

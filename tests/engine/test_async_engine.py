@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -132,3 +133,32 @@ async def test_the_step_loop_summary_names_what_ran_between_steps(tiny_llama: Pa
 async def _drain(stream) -> None:  # type: ignore[no-untyped-def]
     async for _ in stream:
         pass
+
+
+def test_a_command_queued_while_the_engine_stops_mid_step_is_refused_not_left_waiting(
+    tiny_llama: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = make_engine(tiny_llama)
+    in_step, go_on = threading.Event(), threading.Event()
+    real_step = engine.step
+
+    def held_step(*args: object, **kwargs: object) -> object:
+        in_step.set()
+        go_on.wait(10)
+        return real_step(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(engine, "step", held_step)
+    async_engine = AsyncEngine(engine)
+    async_engine.submit(lambda e: e.add_request("r", [1, 2, 3], greedy(50)))
+    assert in_step.wait(10)
+    queued = async_engine.submit(lambda e: "ran")  # taken while the step runs
+    stopping = threading.Thread(target=async_engine.shutdown)
+    stopping.start()
+    while not async_engine._stop.is_set():
+        time.sleep(0.001)
+    go_on.set()
+    stopping.join(30)
+    with pytest.raises(RuntimeError, match="shut down"):
+        queued.result(timeout=10)  # refused at the end, where it used to wait forever
+    with pytest.raises(RuntimeError, match="shut down"):
+        async_engine.submit(lambda e: "late")
