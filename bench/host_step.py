@@ -30,6 +30,7 @@ import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -40,6 +41,9 @@ from engine.config import BatcherConfig, CacheConfig, EngineConfig  # noqa: E402
 from engine.engine import Engine  # noqa: E402
 from engine.sampling_params import SamplingParams  # noqa: E402
 from engine.step_timer import Phase, StepTimes  # noqa: E402
+
+if TYPE_CHECKING:
+    from engine.output import HeldOutputs  # not in an engine from before step_held
 
 # Llama 3's vocabulary and tokenizer, everything else small enough that the model's time on two
 # CPU cores stays out of the way of the host phases being measured.
@@ -73,12 +77,23 @@ def sync(engine: Engine) -> None:
         torch.cuda.synchronize()
 
 
-def run_steps(engine: Engine, steps: int) -> StepTimes:
-    """`steps` decode steps; their phase times alone."""
+def run_steps(engine: Engine, steps: int, sync_outputs: bool = False) -> StepTimes:
+    """`steps` decode steps as the async engine runs them on a GPU: each step's outputs built while
+    the next one runs (the `dispatch` phase); their phase times alone."""
     sync(engine)
     engine.step_times = StepTimes()
+    held: list[HeldOutputs] = []
+
+    def hand_over() -> None:
+        while held:
+            held.pop().build()
+
     for _ in range(steps):
-        engine.step()
+        if sync_outputs or not hasattr(engine, "step_held"):  # an engine from before step_held: its own way
+            engine.step(while_device_runs=hand_over)
+        else:
+            held.append(engine.step_held(while_device_runs=hand_over))
+    hand_over()
     sync(engine)
     return engine.step_times
 
@@ -86,7 +101,7 @@ def run_steps(engine: Engine, steps: int) -> StepTimes:
 def report(times: StepTimes, steps: int) -> dict[str, float]:
     """Per step, ms: each phase's wall and thread-CPU time, and the host phases' sum."""
     row = {}
-    for phase in (Phase.SCHEDULE, Phase.PREPARE, Phase.LAUNCH, Phase.SAMPLE, Phase.OUTPUT):
+    for phase in (Phase.SCHEDULE, Phase.PREPARE, Phase.LAUNCH, Phase.DISPATCH, Phase.SAMPLE, Phase.OUTPUT):
         row[phase.value] = times.seconds[phase] / steps * 1000
         row[f"{phase.value}_cpu"] = times.cpu_seconds[phase] / steps * 1000
     row["host"] = sum(row[p.value] for p in HOST_PHASES)
@@ -97,16 +112,14 @@ def report(times: StepTimes, steps: int) -> dict[str, float]:
 def print_row(label: str, row: dict[str, float]) -> None:
     phases = " ".join(f"{p}={row[p]:.3f}/{row[p + '_cpu']:.3f}" for p in ("schedule", "prepare", "output"))
     print(f"{label}: host {row['host']:.3f} ms/step (thread CPU {row['host_cpu']:.3f}): {phases}; "
-          f"launch={row['launch']:.3f} sample={row['sample']:.3f}", flush=True)  # fmt: skip
+          f"launch={row['launch']:.3f} dispatch={row['dispatch']:.3f}/{row['dispatch_cpu']:.3f} "
+          f"sample={row['sample']:.3f}", flush=True)  # fmt: skip
 
 
-def profile_steps(engine: Engine, steps: int, lines: int) -> str:
+def profile_steps(engine: Engine, steps: int, lines: int, sync_outputs: bool) -> str:
     profiler = cProfile.Profile()
-    sync(engine)
     profiler.enable()
-    for _ in range(steps):
-        engine.step()
-    sync(engine)
+    run_steps(engine, steps, sync_outputs)
     profiler.disable()
     out = io.StringIO()
     stats = pstats.Stats(profiler, stream=out)
@@ -124,6 +137,8 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=200, help="decode steps per measured round")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--sync-outputs", action="store_true",
+                        help="every step's outputs built in the step (Engine.step, as on CPU workers)")
     parser.add_argument("--profile", action="store_true", help="cProfile of one more round")
     parser.add_argument("--profile-lines", type=int, default=30)
     args = parser.parse_args()
@@ -134,14 +149,14 @@ def main() -> None:
             write_model(model_dir, HOST_SHAPE, torch.float32, "cpu")
         engine = build_engine(args, model_dir)
     start_batch(engine, args.batch, args.prompt_len, seed=0)
-    run_steps(engine, 10)  # warm-up
+    run_steps(engine, 10, args.sync_outputs)  # warm-up
     print(f"batch {args.batch}, prompt {args.prompt_len}, {args.steps} decode steps a round, device {args.device}")
     start = time.perf_counter()
     for i in range(args.rounds):
-        print_row(f"round {i + 1}", report(run_steps(engine, args.steps), args.steps))
+        print_row(f"round {i + 1}", report(run_steps(engine, args.steps, args.sync_outputs), args.steps))
     print(f"({time.perf_counter() - start:.1f} s)")
     if args.profile:
-        print(profile_steps(engine, args.steps, args.profile_lines))
+        print(profile_steps(engine, args.steps, args.profile_lines, args.sync_outputs))
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from typing import TypeVar
 from engine.engine import Engine, EngineStats
 from engine.errors import DeviceLost, InvalidRequest, RequestNotFound
 from engine.handoff import KVExportSink, KVImport
+from engine.output import HeldOutputs
 from engine.ids import BlockId
 from engine.request import RequestOutput
 from engine.sampling_params import SamplingParams
@@ -101,7 +102,7 @@ class AsyncEngine:
         self._ended = False
         self._streams: dict[str, _Stream] = {}
         self._failed_steps = 0
-        self._pending: list[tuple[str, Item]] = []  # the latest step's outputs, handed over during the next
+        self._pending: HeldOutputs | None = None  # the latest step's outputs, handed over during the next
         # Only a device that runs the step while the host waits (CUDA) has a "meanwhile" to hand the
         # previous step's outputs over in. On CPU the forward pass is done by the time the step would
         # hand them over: holding them would delay every token by a whole step (on a busy CPU worker,
@@ -208,7 +209,7 @@ class AsyncEngine:
                 continue
             try:
                 # The previous step's outputs go to their callers while this step runs on the device.
-                outputs = self.engine.step(while_device_runs=self._flush)
+                outputs = self.engine.step_held(while_device_runs=self._flush, defer_text=self._hold_outputs)
             except Exception as exc:  # a model bug or OOM must not take the other requests down
                 self._flush()
                 if self._step_failed(exc):
@@ -217,7 +218,7 @@ class AsyncEngine:
             self._failed_steps = 0
             watch = Stopwatch(times)
             self._flush()  # a step that launched nothing (only KV imports in flight) called no one
-            self._pending = [(o.request_id, o) for o in outputs]
+            self._pending = outputs
             if not self._hold_outputs:
                 self._flush()
             watch.lap(Phase.DISPATCH)
@@ -230,9 +231,9 @@ class AsyncEngine:
 
     def _flush(self) -> None:
         """Hand the held outputs to their callers."""
-        if self._pending:
-            pending, self._pending = self._pending, []
-            self._dispatch(pending)
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            self._dispatch([(o.request_id, o) for o in pending.build()])
 
     def _step_failed(self, exc: Exception) -> bool:
         """Fail the requests in flight; True when the device is lost and the loop must end."""

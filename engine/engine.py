@@ -29,7 +29,7 @@ from engine.kv_layout import KVLayout
 from engine.kv_manager import KVManager, blocks_for
 from engine.model import LlamaModel, build_model
 from engine.model_config import ModelConfig
-from engine.output import OutputProcessor, request_output
+from engine.output import HeldOutputs, OutputProcessor, request_output
 from engine.request import FinishReason, Request, RequestOutput, RequestStatus
 from engine.reservations import PrefixReservation, Reservations
 from engine.runner import ModelRunner
@@ -96,6 +96,7 @@ class Engine:
         self.steps = StepRecorder()  # what steps cost, for the scheduler's predictors
         self.requests: dict[RequestId, Request] = {}
         self._outputs: dict[RequestId, OutputProcessor] = {}
+        self._held: HeldOutputs | None = None  # the latest step_held's outputs, maybe still owing text
         self.reservations = Reservations(self.kv, cache, fingerprint)
         self.exchange = BlockExchange(
             self.kv_caches, self.pool, self.kv, self.reservations, self.requests, cache.block_size
@@ -271,13 +272,22 @@ class Engine:
         """One step of the batch. `while_device_runs` is called once the step's work is queued on
         the device, before waiting for it: host work done there overlaps the device's instead of
         delaying the next launch (the async engine hands over the previous step's outputs)."""
+        return self.step_held(while_device_runs, defer_text=False).build()
+
+    def step_held(self, while_device_runs: Callable[[], None] | None = None, defer_text: bool = True) -> HeldOutputs:
+        """step(), its outputs built later: with `defer_text` the text of each request that goes on
+        with no stop string is decoded by HeldOutputs.build() — call it during the next step's
+        `while_device_runs`, where the host's work overlaps the device's (engine.output). A later
+        step builds what is still owed before it accepts new tokens, so deltas stay in order."""
+        held = HeldOutputs()
         watch = Stopwatch(self.step_times)
         self.exchange.release_exported()  # before the schedule allocates: exported blocks back to the pool
         batch = self.batcher.schedule()
-        outputs = self._fail_imports(batch)
+        for output in self._fail_imports(batch):
+            held.add(output)
         watch.lap(Phase.SCHEDULE)
         if not batch.chunks:
-            return outputs
+            return held
         self.num_steps += 1
         if self.num_steps == self.config.inject_device_loss_at_step:
             self._lost = f"device loss injected at step {self.num_steps} (inject_device_loss_at_step)"
@@ -291,6 +301,8 @@ class Engine:
         if while_device_runs is not None:
             while_device_runs()
             watch.lap(Phase.DISPATCH)
+        if self._held is not None:  # the previous step's texts first: a detokenizer takes tokens in order
+            self._held.build()
         sampled: list[Request] = []
         for chunk in inputs.order:
             request, completes = chunk.request, chunk.completes
@@ -306,11 +318,12 @@ class Engine:
         watch.lap(Phase.SAMPLE)
         for i, request in enumerate(sampled):
             logprob = result.logprobs[i] if result.logprobs is not None else None
-            outputs.append(self._accept_token(request, result.token_ids[i], logprob))
+            self._accept_token(request, result.token_ids[i], logprob, held, defer_text)
+        self._held = held if defer_text else None
         watch.lap(Phase.OUTPUT)
         self.step_times.add_step(self.runner.last_kind, watch.elapsed, batch.num_tokens, len(sampled))
         self.steps.record(shape, watch.elapsed * 1000)
-        return outputs
+        return held
 
     def device_problem(self) -> str | None:
         """After a failed step: why the device can no longer run steps, or None when it still can
@@ -324,21 +337,27 @@ class Engine:
                 self._lost = f"the device no longer runs kernels: {e}"
         return self._lost
 
-    def _accept_token(self, request: Request, token_id: int, logprob: float | None) -> RequestOutput:
+    def _accept_token(
+        self, request: Request, token_id: int, logprob: float | None, held: HeldOutputs, defer_text: bool
+    ) -> None:
         request.token_ids.append(token_id)
         if request.first_token_time is None:
             request.first_token_time = time.monotonic()
         processor = self._outputs[request.request_id]
-        text, finish = processor.on_token(request, token_id)
         logprobs = [logprob] if request.params.logprobs and logprob is not None else None
+        if defer_text and not request.prefill_only and processor.ends_without_text(request, token_id) is False:
+            held.owe(request, processor, token_id, logprobs)
+            return
+        text, finish = processor.on_token(request, token_id)
         if finish is None and request.prefill_only:
             # Handed on: the worker that continues starts its stop checks afresh, so nothing stays held.
             text += processor.flush()
         if finish is not None or request.prefill_only:
             out = self._finish(request, finish, text)
             out.new_token_ids, out.new_logprobs, out.stop = [token_id], logprobs, processor.stop
-            return out
-        return request_output(request, [token_id], logprobs, text)
+            held.add(out)
+            return
+        held.add(request_output(request, [token_id], logprobs, text))
 
     def _finish(
         self, request: Request, reason: FinishReason | None, text: str, error: str | None = None

@@ -9,6 +9,7 @@ length limits. Runs on the engine's step thread right after sampling.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from engine.detokenizer import IncrementalDetokenizer, StopChecker
 from engine.request import FinishReason, Request, RequestOutput
@@ -51,6 +52,20 @@ class OutputProcessor:
             return text + self.flush(), FinishReason.LENGTH
         return text, None
 
+    def ends_without_text(self, request: Request, token_id: int) -> bool | None:
+        """For a request with no stop string: whether `token_id` (appended already) ends it — None
+        when that takes its text (a stop string to watch): call on_token then. When False, the
+        token's text is owed: decode it later with text_of, in token order, before the next token."""
+        if self.stops is not None:
+            return None
+        if token_id in self.stop_ids:
+            return True
+        return request.num_output_tokens >= request.params.max_tokens or request.num_tokens >= self.max_model_len
+
+    def text_of(self, token_id: int) -> str:
+        """The text delta of a token that did not end its request (ends_without_text said False)."""
+        return self.detok.step(token_id) if self.detok is not None else ""
+
     def flush(self) -> str:
         """The text held back for a possible stop string, released (the request ends here)."""
         return self.stops.flush() if self.stops is not None else ""
@@ -73,3 +88,48 @@ def request_output(request: Request, ids: list[int], logprobs: list[float] | Non
             None if request.first_scheduled_time is None else request.first_scheduled_time - request.arrival_time
         ),
     )
+
+
+@dataclass(slots=True)
+class _Owed:
+    """An output whose text is decoded when the step's outputs are built; its counts as they were."""
+
+    request: Request
+    processor: OutputProcessor
+    token_id: int
+    logprobs: list[float] | None
+    num_output_tokens: int  # the request's, this step (later steps or an abort change the request's)
+
+    def build(self) -> RequestOutput:
+        r = self.request
+        return RequestOutput(
+            request_id=r.request_id, new_token_ids=[self.token_id], new_logprobs=self.logprobs,
+            text_delta=self.processor.text_of(self.token_id), finished=False, finish_reason=None,
+            num_prompt_tokens=r.num_prompt_tokens, num_cached_tokens=r.num_cached_tokens,
+            num_imported_tokens=r.num_imported_tokens, num_output_tokens=self.num_output_tokens,
+            queue_s=None if r.first_scheduled_time is None else r.first_scheduled_time - r.arrival_time,
+        )  # fmt: skip
+
+
+class HeldOutputs:
+    """One step's outputs, some still owing their text; build() decodes it, once, in token order."""
+
+    def __init__(self) -> None:
+        self._items: list[RequestOutput | _Owed] = []
+        self._built: list[RequestOutput] | None = None
+
+    def add(self, output: RequestOutput) -> None:
+        self._items.append(output)
+
+    def owe(self, request: Request, processor: OutputProcessor, token_id: int, logprobs: list[float] | None) -> None:
+        n = request.num_output_tokens - request.num_prior_output_tokens
+        self._items.append(_Owed(request, processor, token_id, logprobs, n))
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def build(self) -> list[RequestOutput]:
+        if self._built is None:
+            self._built = [i if isinstance(i, RequestOutput) else i.build() for i in self._items]
+            self._items = []
+        return self._built

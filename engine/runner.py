@@ -20,9 +20,11 @@ import torch
 
 from engine.attention import AttentionMetadata, PrefillSpan
 from engine.batcher import ScheduledChunk
+from engine.block_tables import BlockTables
 from engine.cuda_graphs import CaptureReport, DecodeGraphs
 from engine.model import LlamaModel
 from engine.piecewise import PiecewiseGraphs
+from engine.request import Request
 from engine.step_timer import StepKind
 from kernels.cpu_native import NativeDecodeAttention
 
@@ -94,6 +96,7 @@ class ModelRunner:
         self.pieces = pieces  # every other step, when it fits a bucket
         self.last_kind = StepKind.EAGER_DECODE  # how the latest execute() ran
         self.upload = Uploader(self.device)
+        self.tables = BlockTables()  # the decodes' block tables, kept between steps
         self.cpu_attention: NativeDecodeAttention | None = None  # CPU decodes through the C kernel when set
 
     def capture_graphs(
@@ -116,11 +119,12 @@ class ModelRunner:
         order = decodes + [c for c in chunks if c.num_new_tokens > 1]
         nd, bs = len(decodes), self.block_size
         # One-token rows as plain lists: numpy's per-call cost on 64 tiny arrays was ~1.5 ms a step.
-        pos = [c.request.num_computed_tokens for c in decodes]
-        ids = [np.asarray([c.request.token_ids[p] for c, p in zip(decodes, pos, strict=True)], dtype=np.int64)]
-        slots = [np.asarray([c.request.block_ids[p // bs] * bs + p % bs for c, p in zip(decodes, pos, strict=True)],
-                            dtype=np.int64)]  # fmt: skip
+        requests = [c.request for c in decodes]
+        pos = [r.num_computed_tokens for r in requests]
+        ids = [np.asarray([r.token_ids[p] for r, p in zip(requests, pos, strict=True)], dtype=np.int64)]
         positions = [np.asarray(pos, dtype=np.int64)]
+        table, lens = self._decode_table(requests, positions[0])
+        slots = [table[np.arange(nd), positions[0] // bs].astype(np.int64) * bs + positions[0] % bs]
         logits_rows = [i for i, c in enumerate(decodes) if c.completes]
         span_blocks: list[np.ndarray] = []
         spans: list[tuple[int, int, int]] = []  # (row0, num_new, end) of each prefill chunk
@@ -138,7 +142,7 @@ class ModelRunner:
                 logits_rows.append(row - 1)
         flat = np.concatenate([*ids, *positions, *slots, np.asarray(logits_rows, dtype=np.int64), *span_blocks])
         dev64 = self.upload(flat)
-        tables, lens = self._decode_tables(decodes)
+        tables, lens_t = self._upload_table(table, lens) if nd else (None, None)
         parts = _split(dev64, [row, row, row, len(logits_rows), *(len(b) for b in span_blocks)])
         input_ids, positions_t, slot_mapping, rows_t, *blocks = parts
         prefills = [PrefillSpan(r0, n, end, b) for (r0, n, end), b in zip(spans, blocks, strict=True)]
@@ -146,23 +150,22 @@ class ModelRunner:
             slot_mapping=slot_mapping,
             num_decodes=nd,
             decode_block_tables=tables,
-            decode_context_lens=lens,
+            decode_context_lens=lens_t,
             prefills=prefills,
             cpu_native=self.cpu_attention,
         )
         return ForwardInputs(input_ids=input_ids, positions=positions_t, meta=meta, logits_rows=rows_t, order=order)
 
-    def _decode_tables(self, decodes: list[ScheduledChunk]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        if not decodes:
-            return None, None
-        n = len(decodes)
-        width = max(len(c.request.block_ids) for c in decodes)
-        host = np.zeros(n * width + n, dtype=np.int32)  # the table, row-major, then the lengths
-        table = host[: n * width].reshape(n, width)
-        for i, c in enumerate(decodes):
-            table[i, : len(c.request.block_ids)] = c.request.block_ids
-            host[n * width + i] = c.request.num_computed_tokens + 1
-        dev = self.upload(host)
+    def _decode_table(self, requests: list[Request], positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The decodes' (rows, width) block table and (rows,) context lengths (the new token's included)."""
+        if not requests:
+            return np.zeros((0, 1), dtype=np.int32), np.zeros(0, dtype=np.int32)
+        table, _ = self.tables.table(requests)
+        return table, (positions + 1).astype(np.int32)
+
+    def _upload_table(self, table: np.ndarray, lens: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        n, width = table.shape
+        dev = self.upload(np.concatenate([table.ravel(), lens]))  # the table, row-major, then the lengths
         return dev[: n * width].view(n, width), dev[n * width :]
 
     @torch.inference_mode()
