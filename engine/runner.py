@@ -4,10 +4,11 @@ Owns the model and the KV cache tensors. Knows nothing of sampling parameters or
 Export hooks fire here: a request whose last prompt chunk is in this step hands each layer to its
 KVExportSink right after the model finishes that layer.
 
-A step's inputs are built on the host as numpy arrays and reach the device in two copies (one
-int64, one int32) from pinned memory, queued without waiting: a torch.tensor(list, device=...)
-per input would cost a blocking copy each, and each blocking call is a point where the step
-thread must win the GIL back from the service's event loop.
+A step's inputs are built on the host as numpy arrays and reach the device in one copy from pinned
+memory, queued without waiting (engine.uploader): a torch.tensor(list, device=...) per input would
+cost a blocking copy each, and each blocking call is a point where the step thread must win the
+GIL back from the service's event loop. The decodes' block tables are kept between steps
+(engine.block_tables).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from engine.model import LlamaModel
 from engine.piecewise import PiecewiseGraphs
 from engine.request import Request
 from engine.step_timer import StepKind
+from engine.uploader import Uploader
 from kernels.cpu_native import NativeDecodeAttention
 
 
@@ -36,38 +38,6 @@ class ForwardInputs:
     meta: AttentionMetadata
     logits_rows: torch.Tensor  # (sampled,) int64: the last row of each completing chunk
     order: list[ScheduledChunk]  # chunks in row order (decodes first)
-
-
-class Uploader:
-    """Host arrays onto the device without a sync, through pinned buffers kept and reused in turn
-    (pinning a fresh buffer costs ~0.4 ms; a reused one waits, if ever, for the copy that last read it)."""
-
-    _SLOTS = 4  # two uploads a step, two steps deep
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self._buffers: list[torch.Tensor | None] = [None] * self._SLOTS  # (capacity,) uint8, pinned
-        self._copied: list[torch.cuda.Event | None] = [None] * self._SLOTS
-        self._next = 0
-
-    def __call__(self, array: np.ndarray) -> torch.Tensor:
-        host = torch.from_numpy(array)
-        if self.device.type != "cuda":
-            return host
-        slot, self._next = self._next, (self._next + 1) % self._SLOTS
-        buffer, copied = self._buffers[slot], self._copied[slot]
-        if copied is not None:
-            copied.synchronize()
-        if buffer is None or buffer.numel() < array.nbytes:
-            buffer = torch.empty(max(array.nbytes, 1 << 16), dtype=torch.uint8, pin_memory=True)
-            self._buffers[slot] = buffer
-        staged = buffer[: array.nbytes].view(host.dtype)
-        staged.copy_(host)
-        out = staged.to(self.device, non_blocking=True)
-        event = torch.cuda.Event()
-        event.record()
-        self._copied[slot] = event
-        return out
 
 
 def chunk_slots(block_ids: Sequence[int], start: int, end: int, block_size: int) -> np.ndarray:
@@ -141,16 +111,15 @@ class ModelRunner:
             if chunk.completes:
                 logits_rows.append(row - 1)
         flat = np.concatenate([*ids, *positions, *slots, np.asarray(logits_rows, dtype=np.int64), *span_blocks])
-        dev64 = self.upload(flat)
-        tables, lens_t = self._upload_table(table, lens) if nd else (None, None)
+        dev64, tables, lens_t = self.upload(flat, table, lens)
         parts = _split(dev64, [row, row, row, len(logits_rows), *(len(b) for b in span_blocks)])
         input_ids, positions_t, slot_mapping, rows_t, *blocks = parts
         prefills = [PrefillSpan(r0, n, end, b) for (r0, n, end), b in zip(spans, blocks, strict=True)]
         meta = AttentionMetadata(
             slot_mapping=slot_mapping,
             num_decodes=nd,
-            decode_block_tables=tables,
-            decode_context_lens=lens_t,
+            decode_block_tables=tables if nd else None,
+            decode_context_lens=lens_t if nd else None,
             prefills=prefills,
             cpu_native=self.cpu_attention,
         )
@@ -162,11 +131,6 @@ class ModelRunner:
             return np.zeros((0, 1), dtype=np.int32), np.zeros(0, dtype=np.int32)
         table, _ = self.tables.table(requests)
         return table, (positions + 1).astype(np.int32)
-
-    def _upload_table(self, table: np.ndarray, lens: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        n, width = table.shape
-        dev = self.upload(np.concatenate([table.ravel(), lens]))  # the table, row-major, then the lengths
-        return dev[: n * width].view(n, width), dev[n * width :]
 
     @torch.inference_mode()
     def execute(self, inputs: ForwardInputs) -> torch.Tensor:

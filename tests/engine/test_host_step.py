@@ -9,11 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from engine.block_tables import BlockTables
 from engine.ids import RequestId
 from engine.request import Request, RequestOutput
 from engine.sampling_params import SamplingParams
+from engine.uploader import Uploader
 
 from tests.engine.engine_helpers import make_engine
 
@@ -105,3 +107,16 @@ def test_held_outputs_equal_plain_steps(tiny_llama: Path, abort_at: int | None) 
 def _fields(o: RequestOutput) -> tuple[object, ...]:
     return (o.new_token_ids, o.new_logprobs, o.text_delta, o.finished, o.finish_reason, o.num_output_tokens,
             o.num_prompt_tokens, o.num_cached_tokens, o.stop)  # fmt: skip
+
+
+def test_one_staged_upload_gives_each_array_back() -> None:
+    """The packing the GPU path uses (one staging buffer, one copy, views of it), run on CPU."""
+    upload = Uploader(torch.device("cpu"), stage=True)
+    for n in (0, 1, 3, 64, 20_000):  # 20,000 int64s outgrow the first staging buffer
+        ids = np.arange(n, dtype=np.int64) * 7 - 3
+        table = (np.arange(n * 5, dtype=np.int32).reshape(n, 5) + 11) if n else np.zeros((0, 1), dtype=np.int32)
+        lens = np.arange(n, dtype=np.int32) + 1
+        got = upload(ids, table, lens)
+        for want, tensor in zip((ids, table, lens), got, strict=True):
+            assert tensor.dtype == torch.from_numpy(want).dtype and tuple(tensor.shape) == want.shape
+            np.testing.assert_array_equal(tensor.numpy(), want)
