@@ -28,8 +28,8 @@ from typing import TypeVar
 from engine.engine import Engine, EngineStats
 from engine.errors import DeviceLost, InvalidRequest, RequestNotFound
 from engine.handoff import KVExportSink, KVImport
-from engine.output import HeldOutputs
 from engine.ids import BlockId
+from engine.output import HeldOutputs
 from engine.request import RequestOutput
 from engine.sampling_params import SamplingParams
 from engine.step_timer import Phase, Stopwatch

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from engine.ids import BlockId
 from engine.request import Request
 
 _MIN_ROWS = 64
@@ -27,7 +28,7 @@ _MIN_WIDTH = 64
 @dataclass(slots=True)
 class _Row:
     index: int  # the row of the store
-    source: list[int]  # the block_ids list copied (the same object, so identity tells a new list)
+    source: list[BlockId]  # the block_ids list copied (the same object, so identity tells a new list)
     filled: int  # how many of its ids are in the row
 
 
@@ -65,14 +66,14 @@ class BlockTables:
         self._rows[request] = row
         return row
 
-    def _rewrite(self, row: _Row, blocks: list[int]) -> None:
+    def _rewrite(self, row: _Row, blocks: list[BlockId]) -> None:
         self._fit_width(len(blocks))
         line = self._store[row.index]
         line[: len(blocks)] = blocks
         line[len(blocks) : max(row.filled, len(blocks))] = 0
         row.source, row.filled = blocks, len(blocks)
 
-    def _extend(self, row: _Row, blocks: list[int]) -> None:
+    def _extend(self, row: _Row, blocks: list[BlockId]) -> None:
         n = len(blocks)
         self._fit_width(n)
         if n - row.filled == 1:

@@ -381,22 +381,14 @@ class Engine:
         return out
 
     def _fail_imports(self, batch: Batch) -> list[RequestOutput]:
-        outputs = []
-        for request in batch.failed_imports:
-            outputs.append(self._finish(request, FinishReason.ERROR, "", error="KV import failed"))
-        return outputs
+        return [self._finish(r, FinishReason.ERROR, "", error="KV import failed") for r in batch.failed_imports]
 
     # -- validation --------------------------------------------------------------------------
 
     def _validate(
-        self,
-        rid: RequestId,
-        prompt: Sequence[int],
-        prior: Sequence[int],
-        params: SamplingParams,
-        kv_import: KVImport | None,
-        prefill_only: bool,
-    ) -> None:
+        self, rid: RequestId, prompt: Sequence[int], prior: Sequence[int], params: SamplingParams,
+        kv_import: KVImport | None, prefill_only: bool,
+    ) -> None:  # fmt: skip
         if rid in self.requests:
             raise InvalidRequest("request_id", f"{rid!r} is already in use", "use a unique request id")
         if kv_import is None and rid in self.reservations:

@@ -16,7 +16,6 @@ from engine.ids import RequestId
 from engine.request import Request, RequestOutput
 from engine.sampling_params import SamplingParams
 from engine.uploader import Uploader
-
 from tests.engine.engine_helpers import make_engine
 
 
