@@ -88,7 +88,8 @@ class Batcher:
         if batch.preempted:
             return batch
         budget = self._admit_waiting(batch, budget, scheduled)
-        self._schedule_running(batch, budget, lambda r: True, scheduled)
+        if len(scheduled) < len(self.running):  # running prompts left out of the first pass
+            self._schedule_running(batch, budget, lambda r: True, scheduled)
         return batch
 
     def _chunk_size(self, request: Request, budget: int) -> int:
@@ -98,13 +99,14 @@ class Batcher:
         self, batch: Batch, budget: int, eligible: Callable[[Request], bool], scheduled: set[int]
     ) -> int:
         i = 0
-        while i < len(self.running) and budget > 0:
+        chunks, max_chunk = batch.chunks, self.config.max_prefill_chunk
+        while i < len(self.running) and budget > 0:  # per row at batch 64: kept lean (host time a step)
             request = self.running[i]
             i += 1
             if id(request) in scheduled or not eligible(request):
                 continue
-            n = self._chunk_size(request, budget)
-            while not self.kv.can_grow(request, n):
+            n = min(len(request.token_ids) - request.num_computed_tokens, budget, max_chunk)
+            while not self.kv.try_grow(request, n):
                 victim = next((r for r in reversed(self.running) if id(r) not in scheduled), None)
                 if victim is None:  # everything else already has its chunk in this step
                     return budget
@@ -112,8 +114,7 @@ class Batcher:
                 if victim is request:
                     return budget
                 i = min(i, len(self.running))
-            self.kv.grow(request, n)
-            batch.chunks.append(ScheduledChunk(request, n))
+            chunks.append(ScheduledChunk(request, n))
             scheduled.add(id(request))
             budget -= n
         return budget

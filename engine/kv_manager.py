@@ -72,6 +72,16 @@ class KVManager:
         if missing > 0:
             request.block_ids += self.pool.allocate(missing)
 
+    def try_grow(self, request: Request, num_new_tokens: int) -> bool:
+        """grow() when can_grow(); whether it did (the batcher's per-row check and growth in one)."""
+        missing = -(-(request.num_computed_tokens + num_new_tokens) // self.block_size) - len(request.block_ids)
+        if missing <= 0:
+            return True
+        if missing > self.pool.num_free:
+            return False
+        request.block_ids += self.pool.allocate(missing)
+        return True
+
     def reserve(self, request: Request, num_tokens: int) -> list[BlockId]:
         """Blocks for the first num_tokens tokens, which someone else will write (a KV import)."""
         assert not request.block_ids

@@ -48,6 +48,12 @@ class WorkerConfig:
     # On the store's host, fetch and offer by copying through the store's memory mapped from
     # /dev/shm (services/worker/shared_memory.py) instead of UCX; false: always UCX.
     kvstore_shared_memory: bool = True
+    # The GIL's switch interval (sys.setswitchinterval) in this process; 0 keeps Python's 5 ms. The
+    # step thread releases the GIL at each torch call it makes between steps, and when the event loop
+    # takes it then (streaming the last step's tokens), the step thread waits for it up to this long
+    # while the GPU idles: on H100 meshes the prepare phase's wall time was ~2x its thread CPU time
+    # (BENCHMARKS.md, "The decode step's host work"). Not yet measured on a GPU: an A/B setting.
+    gil_switch_interval_ms: float = 0.0
     server: ServerConfig = field(default_factory=ServerConfig)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     channel: ChannelConfig = field(default_factory=ChannelConfig)  # its calls to the scheduler
@@ -55,6 +61,8 @@ class WorkerConfig:
 
     def __post_init__(self) -> None:
         timeouts = ("kvstore_lookup_timeout_ms", "kvstore_fetch_timeout_ms", "kvstore_offer_timeout_ms")
+        if self.gil_switch_interval_ms < 0:
+            raise ConfigError("gil_switch_interval_ms", f"is {self.gil_switch_interval_ms}; use 0 (Python's) or more")
         for name in ("lease_ms", *timeouts, "kvstore_reprobe_ms", "kvstore_offer_backlog_mib", "kv_message_bytes"):
             if getattr(self, name) <= 0:
                 unit = {"bytes": "bytes", "mib": "MiB"}.get(name.rsplit("_", 1)[-1], "milliseconds")

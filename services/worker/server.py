@@ -23,6 +23,7 @@ race.
 from __future__ import annotations
 
 import asyncio
+import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import structlog
@@ -59,6 +60,8 @@ _PEER_REPORT_SLACK_S = 0.25
 
 async def serve_worker(config: WorkerConfig) -> None:
     engine_config = config.engine
+    if config.gil_switch_interval_ms > 0:
+        sys.setswitchinterval(config.gil_switch_interval_ms / 1000)
     log.info("loading model", model=engine_config.model, device=engine_config.device, role=config.role.value)
     engine = await load_engine(engine_config)
     loop, device_lost = asyncio.get_running_loop(), asyncio.Event()
