@@ -292,7 +292,6 @@ class Engine:
         if self.num_steps == self.config.inject_device_loss_at_step:
             self._lost = f"device loss injected at step {self.num_steps} (inject_device_loss_at_step)"
             raise DeviceLost(self._lost)
-        shape = step_shape(batch)
         inputs = self.runner.prepare(batch.chunks)
         self.cpu_threads.fit(batch.num_tokens)
         watch.lap(Phase.PREPARE)
@@ -301,6 +300,7 @@ class Engine:
         if while_device_runs is not None:
             while_device_runs()
             watch.lap(Phase.DISPATCH)
+        shape = step_shape(batch)  # while the device runs: the counts are still the step's own
         if self._held is not None:  # the previous step's texts first: a detokenizer takes tokens in order
             self._held.build()
         sampled: list[Request] = []

@@ -95,7 +95,7 @@ class ModelRunner:
         positions = [np.asarray(pos, dtype=np.int64)]
         table, lens = self._decode_table(requests, positions[0])
         slots = [table[np.arange(nd), positions[0] // bs].astype(np.int64) * bs + positions[0] % bs]
-        logits_rows = [i for i, c in enumerate(decodes) if c.completes]
+        logits_rows = [i for i, (r, p) in enumerate(zip(requests, pos, strict=True)) if p + 1 == len(r.token_ids)]
         span_blocks: list[np.ndarray] = []
         spans: list[tuple[int, int, int]] = []  # (row0, num_new, end) of each prefill chunk
         row = nd
