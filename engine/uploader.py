@@ -44,7 +44,7 @@ class Uploader:
             event.record()
             self._copied[slot] = event
         return [
-            device[at : at + a.nbytes].view(_TORCH_DTYPES[a.dtype.type]).view(a.shape)
+            device[at : at + a.nbytes].view(_TORCH_DTYPES[a.dtype]).view(a.shape)
             for a, at in zip(arrays, offsets, strict=True)
         ]
 
@@ -63,4 +63,4 @@ class Uploader:
         return slot, *entry
 
 
-_TORCH_DTYPES = {np.int64: torch.int64, np.int32: torch.int32}
+_TORCH_DTYPES = {np.dtype(np.int64): torch.int64, np.dtype(np.int32): torch.int32}
