@@ -140,14 +140,14 @@ def test_a_command_queued_while_the_engine_stops_mid_step_is_refused_not_left_wa
 ) -> None:
     engine = make_engine(tiny_llama)
     in_step, go_on = threading.Event(), threading.Event()
-    real_step = engine.step
+    real_step = engine.step_held  # the async engine's step
 
     def held_step(*args: object, **kwargs: object) -> object:
         in_step.set()
         go_on.wait(10)
         return real_step(*args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(engine, "step", held_step)
+    monkeypatch.setattr(engine, "step_held", held_step)
     async_engine = AsyncEngine(engine)
     async_engine.submit(lambda e: e.add_request("r", [1, 2, 3], greedy(50)))
     assert in_step.wait(10)
