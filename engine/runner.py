@@ -135,7 +135,7 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, inputs: ForwardInputs) -> torch.Tensor:
         """Run one step; returns logits (sampled rows, vocab) float32 in inputs.order's completing order."""
-        exporting = [c for c in inputs.order if c.completes and c.request.kv_export is not None]
+        exporting = [c for c in inputs.order if c.request.kv_export is not None and c.completes]
         meta = inputs.meta
         decode_only = not meta.prefills and len(inputs.logits_rows) == meta.num_decodes
         self.last_kind = StepKind.EAGER_DECODE if decode_only else StepKind.MIXED

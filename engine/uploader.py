@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-_ALIGN = 8  # bytes: each array starts where a view as int64 may start
+_ALIGN = 16  # bytes: each array may be viewed as int64, and Triton specialises 16-byte aligned pointers
 _SLOTS = 4  # staging buffers in turn: a step's copy may still be reading one while the next fills another
 _MIN_BYTES = 1 << 16
 

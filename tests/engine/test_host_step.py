@@ -16,7 +16,7 @@ from engine.ids import RequestId
 from engine.request import Request, RequestOutput
 from engine.sampling_params import SamplingParams
 from engine.uploader import Uploader
-from tests.engine.engine_helpers import make_engine
+from tests.engine.engine_helpers import greedy, make_engine, run_to_completion
 
 
 def _request(i: int) -> Request:
@@ -119,3 +119,18 @@ def test_one_staged_upload_gives_each_array_back() -> None:
         for want, tensor in zip((ids, table, lens), got, strict=True):
             assert tensor.dtype == torch.from_numpy(want).dtype and tuple(tensor.shape) == want.shape
             np.testing.assert_array_equal(tensor.numpy(), want)
+
+
+def test_staged_inputs_decode_as_plain_ones(tiny_llama: Path) -> None:
+    """The GPU's one staged copy (views of one buffer for ids, positions, slots, the block table and
+    lengths) carried through the model on CPU: the same tokens as unstaged inputs, decodes and
+    prompt chunks mixed in one batch."""
+    runs = []
+    for staged in (False, True):
+        engine = make_engine(tiny_llama, max_batched_tokens=16, max_prefill_chunk=16)
+        if staged:
+            engine.runner.upload = Uploader(torch.device("cpu"), stage=True)
+        for i in range(6):
+            engine.add_request(f"r{i}", [(5 * i + j) % 250 + 1 for j in range(3 + 7 * i)], greedy(10))
+        runs.append(run_to_completion(engine))
+    assert runs[0] == runs[1] and all(len(t) == 10 for t in runs[0].values())
