@@ -56,7 +56,7 @@ def build_engine(args: argparse.Namespace, model_dir: Path) -> Engine:
     cache = CacheConfig(capacity_bytes=1 << 30) if args.device == "cpu" else CacheConfig(gpu_memory_fraction=0.5)
     config = EngineConfig(
         model=str(model_dir), device=args.device, torch_threads=args.threads, cache=cache,
-        batcher=BatcherConfig(max_running=args.batch, max_batched_tokens=8192, max_prefill_chunk=8192),
+        batcher=BatcherConfig(max_running=args.batch),  # the mesh's step budget (2,048)
     )  # fmt: skip
     return Engine.from_config(config)
 
