@@ -54,7 +54,8 @@ class Uploader:
         slot, self._next = self._next, (self._next + 1) % _SLOTS
         entry, copied = self._buffers[slot], self._copied[slot]
         if copied is not None:
-            copied.synchronize()
+            if not copied.query():  # done long ago, as a rule: query() keeps the GIL, synchronize() releases it
+                copied.synchronize()
             self._copied[slot] = None
         if entry is None or entry[0].numel() < nbytes:
             pinned = self.device.type == "cuda"
