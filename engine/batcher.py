@@ -137,12 +137,17 @@ class Batcher:
                 if request.kv_import is not None:  # still in flight: let others pass
                     skipped.append(request)
                 continue
-            if not request.block_ids and request.num_computed_tokens == 0:
+            fresh = not request.block_ids and request.num_computed_tokens == 0
+            if fresh:
                 cached = self.kv.take_cached_prefix(request)
                 if request.num_preemptions == 0:  # what the request reports is its first admission's
                     request.num_cached_tokens = cached
             n = self._chunk_size(request, budget)
             if not self.kv.can_grow(request, n):
+                if fresh:  # its cached prefix is not held while it waits: waiting requests holding
+                    # cached blocks could leave none for any of them, with nothing running to free any
+                    self.kv.release(request)
+                    request.num_computed_tokens = 0
                 self.waiting.appendleft(request)
                 break
             self.kv.grow(request, n)

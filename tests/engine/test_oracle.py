@@ -135,3 +135,21 @@ def test_handoff_between_two_engines_matches(tiny_llama: Path, expected: list[li
         rest = run_to_completion(decode)[f"r{i}"]
         assert first + rest == expected[i]
     assert decode.stats().num_free_blocks == decode.stats().num_blocks
+
+
+
+def test_preemption_with_prefix_caching_by_a_tiny_pool_ends(tiny_llama: Path) -> None:
+    # With the prefix cache on, a waiting request whose cached prefix was taken but that could not
+    # grow kept those blocks: preempted requests waiting could hold every block with nothing
+    # running, and no step ever ran again. Each request needs up to 20 of the 24 blocks.
+    prompts = [[(7 * i + j) % 250 + 1 for j in range(5 + 3 * i)] for i in range(12)]
+    runs, preemptions = [], []
+    for num_blocks in (24, 256):
+        engine = make_engine(tiny_llama, num_blocks=num_blocks, max_batched_tokens=16, max_prefill_chunk=16)
+        for i, prompt in enumerate(prompts):
+            engine.add_request(f"r{i}", prompt, greedy(6 + 3 * i))
+        runs.append(run_to_completion(engine, max_steps=2_000))
+        assert engine.stats().num_free_blocks == num_blocks
+        preemptions.append(engine.stats().num_preemptions)
+    assert preemptions[0] > 0 and preemptions[1] == 0
+    assert runs[0] == runs[1]
