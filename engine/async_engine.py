@@ -89,7 +89,9 @@ def merge(first: RequestOutput, later: RequestOutput) -> RequestOutput:
 
 
 class AsyncEngine:
-    def __init__(self, engine: Engine, on_device_lost: Callable[[DeviceLost], None] | None = None) -> None:
+    def __init__(
+        self, engine: Engine, on_device_lost: Callable[[DeviceLost], None] | None = None, hold_outputs: bool | None = None
+    ) -> None:
         self.engine = engine
         self.on_device_lost = on_device_lost
         self.lost: DeviceLost | None = None
@@ -107,7 +109,7 @@ class AsyncEngine:
         # previous step's outputs over in. On CPU the forward pass is done by the time the step would
         # hand them over: holding them would delay every token by a whole step (on a busy CPU worker,
         # tens of seconds of TTFT while a batch of long prefills ran, and leases ticking meanwhile).
-        self._hold_outputs = engine.device.type == "cuda"
+        self._hold_outputs = engine.device.type == "cuda" if hold_outputs is None else hold_outputs  # tests hold on CPU
         if engine.graph_capture:
             log.info("CUDA graphs captured before serving: %s", engine.graph_capture)
         self._thread = threading.Thread(target=self._run, name="engine-step", daemon=True)

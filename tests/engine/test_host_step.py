@@ -4,6 +4,7 @@ outputs of plain steps, token for token and character for character."""
 
 from __future__ import annotations
 
+import asyncio
 import random
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from engine.async_engine import AsyncEngine
 from engine.block_tables import BlockTables
 from engine.ids import RequestId
 from engine.request import Request, RequestOutput
@@ -134,3 +136,59 @@ def test_staged_inputs_decode_as_plain_ones(tiny_llama: Path) -> None:
             engine.add_request(f"r{i}", [(5 * i + j) % 250 + 1 for j in range(3 + 7 * i)], greedy(10))
         runs.append(run_to_completion(engine))
     assert runs[0] == runs[1] and all(len(t) == 10 for t in runs[0].values())
+
+
+async def _read(engine: AsyncEngine, rid: str, prompt: list[int], params: SamplingParams, keep: int) -> list[RequestOutput]:
+    outs = []
+    async for o in engine.generate(rid, prompt, params):
+        outs.append(o)
+        if len(outs) == keep:  # the reader leaves: the request is aborted between steps
+            break
+    return outs
+
+
+async def test_the_async_engine_holding_outputs_gives_each_caller_what_plain_steps_give(tiny_llama: Path) -> None:
+    """The GPU's way (outputs handed over, their texts decoded, while the next step runs) on CPU,
+    through the async engine's callers: a pool so small that requests are preempted and recomputed,
+    stop strings, stop tokens, logprobs, sampling, and readers that leave early. Each caller's
+    tokens, text, logprobs and finish equal a plain engine's, and nothing stays held."""
+    params, prompts = {}, {}
+    for i in range(12):
+        extra: dict[str, object] = {"stop": ("e",)} if i % 4 == 1 else {}
+        if i % 5 == 2:
+            extra.update(temperature=0.8, seed=i)
+        params[f"r{i}"] = SamplingParams(max_tokens=6 + 3 * i, ignore_eos=i % 3 != 0, logprobs=i % 2 == 0, **extra)
+        prompts[f"r{i}"] = [(7 * i + j) % 250 + 1 for j in range(5 + 3 * i)]
+    keep = {"r3": 2, "r8": 5}  # left early
+    plain = make_engine(tiny_llama, num_blocks=24, max_batched_tokens=16, max_prefill_chunk=16)
+    for rid, p in params.items():
+        plain.add_request(rid, prompts[rid], p)
+    want: dict[str, list[RequestOutput]] = {}
+    for _ in range(2_000):
+        for o in plain.step():
+            want.setdefault(o.request_id, []).append(o)
+    assert not plain.has_work()
+    held = make_engine(tiny_llama, num_blocks=24, max_batched_tokens=16, max_prefill_chunk=16)
+    engine = AsyncEngine(held, hold_outputs=True)
+    try:
+        reads = (_read(engine, r, prompts[r], p, keep.get(r, 0)) for r, p in params.items())
+        got = await asyncio.wait_for(asyncio.gather(*reads), 120)
+        await engine.stats()  # the leavers' aborts ran before it
+    finally:
+        engine.shutdown()
+    assert held.stats().num_preemptions > 0
+    assert not held.requests and held.pool.num_free == held.pool.num_blocks
+    for rid, outs in zip(params, got, strict=True):
+        ref = want[rid]
+        if rid in keep:  # what it read is the plain run's first tokens
+            ref = [o for o in ref if o.num_output_tokens <= outs[-1].num_output_tokens]
+        assert [t for o in outs for t in o.new_token_ids] == [t for o in ref for t in o.new_token_ids], rid
+        assert "".join(o.text_delta for o in outs) == "".join(o.text_delta for o in ref), rid
+        assert [x for o in outs for x in o.new_logprobs or []] == pytest.approx(
+            [x for o in ref for x in o.new_logprobs or []], abs=1e-4  # other batches: other float sums
+        ), rid
+        assert [_end(o) for o in outs if o.finished] == [_end(o) for o in ref if o.finished], rid
+
+
+def _end(o: RequestOutput) -> tuple[object, ...]:
+    return (o.finish_reason, o.stop, o.num_output_tokens, o.num_prompt_tokens, o.num_cached_tokens)
