@@ -90,7 +90,10 @@ def merge(first: RequestOutput, later: RequestOutput) -> RequestOutput:
 
 class AsyncEngine:
     def __init__(
-        self, engine: Engine, on_device_lost: Callable[[DeviceLost], None] | None = None, hold_outputs: bool | None = None
+        self,
+        engine: Engine,
+        on_device_lost: Callable[[DeviceLost], None] | None = None,
+        hold_outputs: bool | None = None,
     ) -> None:
         self.engine = engine
         self.on_device_lost = on_device_lost

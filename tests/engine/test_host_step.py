@@ -138,9 +138,9 @@ def test_staged_inputs_decode_as_plain_ones(tiny_llama: Path) -> None:
     assert runs[0] == runs[1] and all(len(t) == 10 for t in runs[0].values())
 
 
-async def _read(engine: AsyncEngine, rid: str, prompt: list[int], params: SamplingParams, keep: int) -> list[RequestOutput]:
+async def _read(engine: AsyncEngine, rid: str, prompt: list[int], p: SamplingParams, keep: int) -> list[RequestOutput]:
     outs = []
-    async for o in engine.generate(rid, prompt, params):
+    async for o in engine.generate(rid, prompt, p):
         outs.append(o)
         if len(outs) == keep:  # the reader leaves: the request is aborted between steps
             break

@@ -137,7 +137,6 @@ def test_handoff_between_two_engines_matches(tiny_llama: Path, expected: list[li
     assert decode.stats().num_free_blocks == decode.stats().num_blocks
 
 
-
 def test_preemption_with_prefix_caching_by_a_tiny_pool_ends(tiny_llama: Path) -> None:
     # With the prefix cache on, a waiting request whose cached prefix was taken but that could not
     # grow kept those blocks: preempted requests waiting could hold every block with nothing
