@@ -79,10 +79,11 @@ def copy_out(kv: torch.Tensor, ids: torch.Tensor, slab: torch.Tensor, runs: Sequ
 
 
 def record_event(device: torch.device) -> torch.cuda.Event | None:
-    """An event recorded on the current stream after what was queued so far (None off CUDA: the
-    copies there are done when they return)."""
+    """An event recorded on `device`'s current stream after what was queued so far (None off CUDA:
+    the copies there are done when they return). That device's stream, not the calling thread's
+    current device's: they differ for an engine on cuda:N in a process whose current device is another."""
     if device.type != "cuda":
         return None
     event = torch.cuda.Event()
-    event.record()
+    event.record(torch.cuda.current_stream(device))
     return event

@@ -41,7 +41,7 @@ class Uploader:
         device = buffer[: max(end, _ALIGN)].to(self.device, non_blocking=True)
         if self.device.type == "cuda":
             event = torch.cuda.Event()
-            event.record()
+            event.record(torch.cuda.current_stream(self.device))  # the copy's stream: its device's, not the thread's
             self._copied[slot] = event
         return [
             device[at : at + a.nbytes].view(_TORCH_DTYPES[a.dtype]).view(a.shape)
