@@ -38,7 +38,7 @@ from engine.sampling_params import SamplingParams
 from engine.step_samples import StepRecorder
 from engine.step_timer import Phase, StepTimes, Stopwatch
 from engine.tokenizer import Tokenizer
-from engine.validation import RequestLimits, check_request
+from engine.validation import RequestLimits, check_request, check_request_id
 from engine.weights import load_checkpoint
 from kernels.cpu_native import native_attention_for
 from kernels.cpu_norm import native_rms_norm
@@ -73,6 +73,11 @@ class Engine:
             self.model_config, num_blocks + 1, cache.block_size, self.dtype, self.device
         )
         self.pool = BlockPool(num_blocks)
+        # What every request is checked against (engine.validation): fixed for the engine's life.
+        self.limits = RequestLimits(
+            self.model_config.vocab_size, tokenizer is not None, self.model_config.max_position_embeddings,
+            cache.block_size, num_blocks,
+        )  # fmt: skip
         self.kv = KVManager(self.pool, cache.block_size, fingerprint, cache.enable_prefix_caching)
         self.batcher = Batcher(config.batcher, self.kv)
         if self.device.type == "cpu" and config.cpu_packed_linears and packing_supported(self.dtype):
@@ -159,7 +164,10 @@ class Engine:
         scheduled before lower ones (engine.batcher)."""
         rid = RequestId(request_id)
         try:
-            self._validate(rid, prompt_token_ids, prior_output_ids, params, kv_import, prefill_only)
+            check_request_id(
+                rid, running=rid in self.requests, reserved=rid in self.reservations, importing=kv_import is not None
+            )
+            check_request(prompt_token_ids, prior_output_ids, params, prefill_only, self.limits)
         except EngineError:
             if kv_import is not None and rid in self.reservations:  # refused: its blocks go back now
                 kv_import.cancel("the request was refused")
@@ -382,21 +390,3 @@ class Engine:
 
     def _fail_imports(self, batch: Batch) -> list[RequestOutput]:
         return [self._finish(r, FinishReason.ERROR, "", error="KV import failed") for r in batch.failed_imports]
-
-    # -- validation --------------------------------------------------------------------------
-
-    def _validate(
-        self, rid: RequestId, prompt: Sequence[int], prior: Sequence[int], params: SamplingParams,
-        kv_import: KVImport | None, prefill_only: bool,
-    ) -> None:  # fmt: skip
-        if rid in self.requests:
-            raise InvalidRequest("request_id", f"{rid!r} is already in use", "use a unique request id")
-        if kv_import is None and rid in self.reservations:
-            raise InvalidRequest("request_id", f"{rid!r} names a reservation", "pass its kv_import or abort it")
-        if kv_import is not None and rid not in self.reservations:
-            raise RequestNotFound(f"no reservation for request {rid!r}; call reserve() first")
-        limits = RequestLimits(
-            self.model_config.vocab_size, self.tokenizer is not None, self.max_model_len,
-            self.config.cache.block_size, self.pool.num_blocks,
-        )  # fmt: skip
-        check_request(prompt, prior, params, prefill_only, limits)

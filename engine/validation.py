@@ -1,13 +1,14 @@
-"""What a request must satisfy whatever the engine holds: its tokens in the vocabulary, its
-sampling parameters, its context within the model's, its KV within the whole cache. The engine
-checks its own state (request ids, reservations) and then this."""
+"""What a request must satisfy to be added: its id against the engine's state (check_request_id:
+unique, and a reservation's exactly when it brings that reservation's import), then, whatever the
+engine holds (check_request), its tokens in the vocabulary, its sampling parameters, its context
+within the model's, its KV within the whole cache."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from engine.errors import InvalidRequest, OutOfBlocks
+from engine.errors import InvalidRequest, OutOfBlocks, RequestNotFound
 from engine.kv_manager import blocks_for
 from engine.sampling_params import SamplingParams, check_context
 
@@ -19,6 +20,17 @@ class RequestLimits:
     max_model_len: int
     block_size: int
     num_blocks: int  # the whole KV cache
+
+
+def check_request_id(request_id: str, *, running: bool, reserved: bool, importing: bool) -> None:
+    """`running`: a live request has the id; `reserved`: a reservation does; `importing`: the request
+    brings a KV import, which must be that reservation's."""
+    if running:
+        raise InvalidRequest("request_id", f"{request_id!r} is already in use", "use a unique request id")
+    if reserved and not importing:
+        raise InvalidRequest("request_id", f"{request_id!r} names a reservation", "pass its kv_import or abort it")
+    if importing and not reserved:
+        raise RequestNotFound(f"no reservation for request {request_id!r}; call reserve() first")
 
 
 def check_request(
