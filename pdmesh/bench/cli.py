@@ -12,7 +12,7 @@ from pdmesh.bench.backend import Api, GenerationOptions
 from pdmesh.bench.metrics import Slo
 from pdmesh.bench.plan import BenchPlan, LoadMode, LoadPoint
 from pdmesh.bench.trace import TraceScaling
-from pdmesh.bench.workload import LengthRange, PromptKind
+from pdmesh.bench.workload import LengthRange, PromptKind, RequestClass
 
 DEFAULT_REQUESTS = 64
 EXAMPLES = """Load a running mesh and report throughput, latency percentiles and goodput. Examples:
@@ -84,8 +84,11 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
     w = p.add_argument_group("workload")
     w.add_argument("--requests", type=int, default=None,
                    help=f"requests per load point (default {DEFAULT_REQUESTS}; with --trace: its first N, default all)")
-    w.add_argument("--input-len", default="256", help="prompt tokens: N or LOW:HIGH (uniform)")
-    w.add_argument("--output-len", default="64", help="output tokens: N or LOW:HIGH (uniform)")
+    w.add_argument("--input-len", default=None, help="prompt tokens: N or LOW:HIGH (uniform; default 256)")
+    w.add_argument("--output-len", default=None, help="output tokens: N or LOW:HIGH (uniform; default 64)")
+    w.add_argument("--mix", default=None,
+                   help="request classes instead of --input-len/--output-len: IN/OUT[@WEIGHT],..., e.g. "
+                        "8192/32,256/1024 (long prompts, short answers among short prompts, long answers)")  # fmt: skip
     w.add_argument("--prompt-kind", choices=[k.value for k in PromptKind], default="tokens",
                    help="random token ids (any model, exact lengths) or text")  # fmt: skip
     w.add_argument("--shared-prefix-len", type=int, default=0,
@@ -176,6 +179,10 @@ def plan_from_args(args: argparse.Namespace) -> BenchPlan:
         raise ValueError("--shared-prefix-len / --prefix-groups: use a length >= 0 and at least 1 group")
     if args.token_times and not args.per_request:
         raise ValueError("--token-times: the token times go in the per-request records; drop --no-per-request")
+    if args.mix is not None and (args.input_len is not None or args.output_len is not None):
+        raise ValueError("--mix: sets each class's lengths; drop --input-len / --output-len, or drop --mix")
+    if args.mix is not None and args.trace is not None:
+        raise ValueError("--mix: a trace brings its own lengths; drop --mix with --trace")
     slo = Slo(args.slo_ttft_ms, args.slo_tpot_ms)
     options = GenerationOptions(
         ignore_eos=args.ignore_eos, temperature=args.temperature, seed=args.sampling_seed,
@@ -186,8 +193,9 @@ def plan_from_args(args: argparse.Namespace) -> BenchPlan:
     return BenchPlan(
         api=api, target=target, api_key=args.api_key, points=load_points(args),
         num_requests=args.requests if args.requests or args.trace else DEFAULT_REQUESTS,
-        input_len=LengthRange.parse(args.input_len, "--input-len"),
-        output_len=LengthRange.parse(args.output_len, "--output-len"),
+        input_len=LengthRange.parse(args.input_len or "256", "--input-len"),
+        output_len=LengthRange.parse(args.output_len or "64", "--output-len"),
+        mix=RequestClass.parse_mix(args.mix) if args.mix is not None else (),
         prompt_kind=PromptKind(args.prompt_kind), options=options, slo=slo,
         prefix_len=args.shared_prefix_len, prefix_groups=args.prefix_groups,
         attainment_target_pct=args.attainment, max_concurrency=args.max_concurrency, burstiness=args.burstiness,

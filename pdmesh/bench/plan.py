@@ -16,7 +16,7 @@ from pdmesh.bench.arrivals import arrival_times, time_scaled, with_arrivals
 from pdmesh.bench.backend import Api, GenerationOptions
 from pdmesh.bench.metrics import Slo
 from pdmesh.bench.trace import TraceScaling, load_trace, trace_requests
-from pdmesh.bench.workload import BenchRequest, LengthRange, PromptKind, SyntheticWorkload, Vocabulary
+from pdmesh.bench.workload import BenchRequest, LengthRange, PromptKind, RequestClass, SyntheticWorkload, Vocabulary
 
 
 class LoadMode(enum.Enum):
@@ -56,6 +56,7 @@ class BenchPlan:
     burstiness: float = 1.0
     prefix_len: int = 0  # a shared prefix before each synthetic prompt
     prefix_groups: int = 1
+    mix: tuple[RequestClass, ...] = ()  # request classes replacing input_len / output_len
     trace: Path | None = None
     trace_scaling: TraceScaling = TraceScaling()
     tokenizer: str | None = None  # a model name or path; None: the served model's
@@ -86,7 +87,7 @@ class BenchPlan:
             return time_scaled(trace_requests(records, vocab, self.trace_scaling, seed), point.value)
         n = self.num_requests or 0
         workload = SyntheticWorkload(
-            n, self.input_len, self.output_len, self.prompt_kind, self.prefix_len, self.prefix_groups
+            n, self.input_len, self.output_len, self.prompt_kind, self.prefix_len, self.prefix_groups, self.mix
         )
         requests = workload.build(vocab, seed)
         if point.mode is LoadMode.RATE:

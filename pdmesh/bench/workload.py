@@ -3,7 +3,9 @@
 Prompts are random token ids (what a random-weight model needs: no text to tokenize, exact
 lengths) or text (random vocabulary decoded, then re-encoded and cut to the length, so it is
 about that many tokens; the server's usage gives the exact count). Lengths are fixed ("256") or
-drawn uniformly from a range ("128:512"). Special token ids (BOS, EOS, ...) never appear in a
+drawn uniformly from a range ("128:512"); a mix of request classes ("8192/32,256/1024": long
+prompts with short answers among short prompts with long answers) draws each request's class
+first, by the classes' weights. Special token ids (BOS, EOS, ...) never appear in a
 random prompt, so a prompt never ends itself early.
 
 Arrival times are not chosen here (see arrivals.py; traces carry their own).
@@ -65,6 +67,41 @@ class LengthRange:
 
 
 @dataclass(frozen=True)
+class RequestClass:
+    """One kind of request in a mix: its prompt and output lengths, and its share by weight."""
+
+    input_len: LengthRange
+    output_len: LengthRange
+    weight: float = 1.0
+
+    @classmethod
+    def parse_mix(cls, text: str, name: str = "--mix") -> tuple[RequestClass, ...]:
+        """'IN/OUT[@WEIGHT],...', IN and OUT each N or LOW:HIGH; ValueError names the option."""
+        classes = tuple(cls._parse_one(part.strip(), name) for part in text.split(",") if part.strip())
+        if not classes:
+            raise ValueError(f"{name}: {text!r} lists no class; use IN/OUT[@WEIGHT],..., e.g. 8192/32,256/1024")
+        return classes
+
+    @classmethod
+    def _parse_one(cls, text: str, name: str) -> RequestClass:
+        lengths, _, weight_text = text.partition("@")
+        input_text, slash, output_text = lengths.partition("/")
+        if not slash:
+            raise ValueError(f"{name}: {text!r} is not IN/OUT; e.g. 8192/32 (prompt tokens / output tokens)")
+        try:
+            weight = float(weight_text) if weight_text else 1.0
+        except ValueError:
+            raise ValueError(f"{name}: {text!r} has a weight that is not a number; e.g. 8192/32@3") from None
+        if not weight > 0 or weight == float("inf"):
+            raise ValueError(f"{name}: {text!r} needs a positive weight")
+        prompt = LengthRange.parse(input_text, f"{name} (prompt)")
+        return cls(prompt, LengthRange.parse(output_text, f"{name} (output)"), weight)
+
+    def __str__(self) -> str:
+        return f"{self.input_len}/{self.output_len}@{self.weight:g}"
+
+
+@dataclass(frozen=True)
 class Vocabulary:
     """The token ids a random prompt may use, and the tokenizer when text prompts are wanted."""
 
@@ -93,6 +130,9 @@ class SyntheticWorkload:
     With `prefix_len`, every prompt starts with one of `prefix_groups` shared prefixes of that
     many tokens (request i takes prefix i mod groups) before its own `input_len` tokens: the
     shared-system-prompt workload that prefix caching and prefix-aware routing are for.
+
+    With a `mix`, `input_len` and `output_len` are ignored: each request draws one of the mix's
+    classes (by weight), then its lengths from that class.
     """
 
     num_requests: int
@@ -101,11 +141,11 @@ class SyntheticWorkload:
     prompt_kind: PromptKind = PromptKind.TOKENS
     prefix_len: int = 0
     prefix_groups: int = 1
+    mix: tuple[RequestClass, ...] = ()
 
     def build(self, vocab: Vocabulary, seed: int) -> list[BenchRequest]:
         rng = np.random.default_rng(seed)
-        inputs = self.input_len.draw(rng, self.num_requests)
-        outputs = self.output_len.draw(rng, self.num_requests)
+        inputs, outputs = self._lengths(rng)
         allowed = vocab.allowed_ids()
         prefixes = [vocab.random_ids(rng, self.prefix_len, allowed) for _ in range(self.prefix_groups)]
         requests = []
@@ -116,6 +156,16 @@ class SyntheticWorkload:
                 prompt = text_prompt(vocab, ids, len(ids))
             requests.append(BenchRequest(i, prompt, len(ids), n_out))
         return requests
+
+    def _lengths(self, rng: np.random.Generator) -> tuple[list[int], list[int]]:
+        n = self.num_requests
+        if not self.mix:
+            return self.input_len.draw(rng, n), self.output_len.draw(rng, n)
+        weights = np.array([c.weight for c in self.mix])
+        picks = rng.choice(len(self.mix), size=n, p=weights / weights.sum())
+        inputs = [self.mix[k].input_len.draw(rng, 1)[0] for k in picks]
+        outputs = [self.mix[k].output_len.draw(rng, 1)[0] for k in picks]
+        return inputs, outputs
 
 
 def text_prompt(vocab: Vocabulary, ids: Sequence[int], length: int) -> str:

@@ -16,7 +16,7 @@ from pdmesh.bench.backend import Api
 from pdmesh.bench.cli import add_bench_parser, plan_from_args
 from pdmesh.bench.plan import LoadMode
 from pdmesh.bench.trace import TraceRecord, TraceScaling, load_trace, trace_requests
-from pdmesh.bench.workload import LengthRange, PromptKind, SyntheticWorkload, Vocabulary
+from pdmesh.bench.workload import LengthRange, PromptKind, RequestClass, SyntheticWorkload, Vocabulary
 
 # shared/ lies beside the repository (as in CI: a copy of it beside the clone).
 SHARED_TRACE = Path(__file__).resolve().parents[3] / "shared" / "traces" / "mooncake_synthetic_trace.jsonl"
@@ -50,6 +50,31 @@ def test_shared_prefixes_start_every_prompt_of_their_group() -> None:
     group1 = {r.prompt[:20] for r in reqs[1::2]}
     assert len(group0) == len(group1) == 1 and group0 != group1
     assert len({r.prompt[20:] for r in reqs}) == 6  # each request's own tokens differ
+
+
+def test_a_mix_draws_each_request_from_one_class_by_weight() -> None:
+    mix = RequestClass.parse_mix("100:120/4, 10/50:60@3")
+    assert mix == (
+        RequestClass(LengthRange(100, 120), LengthRange(4, 4), 1.0),
+        RequestClass(LengthRange(10, 10), LengthRange(50, 60), 3.0),
+    )
+    work = SyntheticWorkload(400, LengthRange(1, 1), LengthRange(1, 1), mix=mix)
+    reqs = work.build(VOCAB, seed=1)
+    assert reqs == work.build(VOCAB, seed=1)
+    long_prompts = [r for r in reqs if r.prompt_len >= 100]
+    long_outputs = [r for r in reqs if r.prompt_len == 10]
+    assert len(long_prompts) + len(long_outputs) == 400  # every request is one class's, never a blend
+    assert all(r.output_len == 4 for r in long_prompts) and all(50 <= r.output_len <= 60 for r in long_outputs)
+    assert 60 <= len(long_prompts) <= 140  # weight 1 of 4: ~100 of 400
+    assert len({r.prompt_len for r in long_prompts}) > 5 and len({r.output_len for r in long_outputs}) > 5
+
+
+def test_the_command_line_takes_a_mix_and_records_it() -> None:
+    plan = plan_from_args(parse("--rate", "2", "--requests", "20", "--mix", "2048/16,64/256@2"))
+    assert [str(c) for c in plan.mix] == ["2048/16@1", "64/256@2"]
+    assert {(r.prompt_len, r.output_len) for r in plan.requests(0, VOCAB)} == {(2048, 16), (64, 256)}
+    recorded = plan.to_json()["mix"][1]
+    assert recorded == {"input_len": {"low": 64, "high": 64}, "output_len": {"low": 256, "high": 256}, "weight": 2.0}
 
 
 def test_text_prompts_need_a_tokenizer() -> None:
@@ -165,6 +190,12 @@ def test_a_trace_replays_every_record_unless_told(tmp_path: Path) -> None:
         (("--requests", "0"), "--requests"),
         (("--trace", "/nonexistent.jsonl"), "--trace"),
         (("--output-len", "0"), "--output-len"),
+        (("--mix", "8192/32", "--input-len", "128"), "--mix"),
+        (("--mix", "8192"), "--mix"),
+        (("--mix", "8192/0"), "--mix"),
+        (("--mix", "8192/32@-1"), "--mix"),
+        (("--mix", "8192/32@x"), "--mix"),
+        (("--mix", ","), "--mix"),
         (("--api", "openai"), "--base-url"),
         (("--base-url", "localhost:8000"), "--base-url"),
         (("--api", "grpc", "--base-url", "http://127.0.0.1:8000/v1"), "--base-url"),
