@@ -171,8 +171,9 @@ class Batcher:
             if not request.import_optional:
                 batch.failed_imports.append(request)
                 return False
-            request.num_imported_tokens = 0  # nothing writes the blocks any more: compute into them
-        elif not kv_import.done():
+            self._forget_import(request)
+            return True
+        if not kv_import.done():
             return False
         request.kv_import = None
         # An ordinary waiting request from now on: if it cannot grow yet it goes back to the queue,
@@ -180,6 +181,14 @@ class Batcher:
         request.status = RequestStatus.WAITING
         request.num_computed_tokens = request.num_cached_tokens + request.num_imported_tokens
         return True
+
+    def _forget_import(self, request: Request) -> None:
+        """A failed optional import: nothing writes its blocks any more. They all go back, and the
+        request is admitted as a fresh one (its own cached prefix taken again, the rest computed),
+        so that if it cannot run yet it does not wait holding blocks it no longer uses."""
+        self.kv.release(request)
+        request.num_imported_tokens = request.num_cached_tokens = request.num_computed_tokens = 0
+        request.status = RequestStatus.WAITING
 
 
 def _position(queue: Sequence[Request], request: Request, first_of_priority: bool) -> int:

@@ -20,7 +20,8 @@ holds the blocks its own prefix cache has for that part, plus blocks for the res
 (`Engine.reserve_prefix`); someone writes those, and the request is added with the KVImport as
 above. Its computed-token count then jumps past the imported tokens and the request computes only
 what follows. Unlike a hand-off the import is optional: if `error()` reports a failure, the
-request computes those tokens itself, into the same blocks, and loses nothing but time.
+request gives its blocks back and is admitted as though it had none (its own cached prefix taken
+again, the rest computed): it loses nothing but time, and holds no blocks it is not using.
 
 Offering — `Engine.take_finished_chains()` names the full blocks finished requests left in the
 prefix cache, and `Engine.export_blocks(hashes, sink)` pushes them through any KVExportSink while

@@ -15,6 +15,7 @@ import torch
 from engine_helpers import greedy, make_engine, run_to_completion
 
 from engine.engine import Engine
+from engine.ids import RequestId
 from engine.inprocess_link import InProcessExport, InProcessImport
 from kvtransfer.shm import SlabSink, block_bytes, slab_tensors
 
@@ -81,6 +82,36 @@ def test_a_failed_prefix_import_is_computed_instead_and_gives_the_same_tokens(ti
     assert [t for o in outs for t in o.new_token_ids] == run_to_completion(reference)["turn2"]
     assert held.num_import_tokens == 40
     assert (outs[-1].num_imported_tokens, outs[-1].num_computed_prompt_tokens, outs[-1].error) == (0, 59, None)
+
+
+def test_a_failed_prefix_import_that_must_wait_holds_no_blocks_while_it_waits(tiny_llama: Path) -> None:
+    # A 32-block pool: "hog" holds 21 blocks when the import of "turn2" (6 blocks) is found failed,
+    # and the 15 blocks turn2 needs to compute its whole prompt are not there: it waits. Waiting, it
+    # must hold none of its 6 (they could starve everyone), and once hog ends it runs as if never imported.
+    worker, reference = make_engine(tiny_llama, num_blocks=32), make_engine(tiny_llama)
+    hog_prompt = [(3 * i + 1) % 250 for i in range(80)]  # 20 blocks, unrelated to TURN2
+    worker.add_request("hog", hog_prompt, greedy(8))
+    hog_tokens = [t for o in worker.step() for t in o.new_token_ids]  # its prompt: 20 blocks, 12 free
+    held = worker.reserve_prefix("turn2", TURN2, num_tokens=24)
+    assert (held.num_import_tokens, worker.stats().num_free_blocks) == (24, 6)
+    landing = InProcessImport(num_layers=len(worker.kv_caches))
+    landing.failure = RuntimeError("the store went away")
+    worker.add_request("turn2", TURN2, greedy(6), kv_import=landing)
+
+    outs = worker.step()  # hog decodes into its 21st block; turn2's import is found failed
+    hog_tokens += [t for o in outs for t in o.new_token_ids if o.request_id == "hog"]
+    stats = worker.stats()
+    assert (stats.num_running, stats.num_waiting, stats.num_reserved_blocks) == (1, 1, 0)
+    assert stats.num_free_blocks == 32 - len(worker.requests[RequestId("hog")].block_ids) == 11
+
+    turn2: list[int] = []
+    while worker.has_work():
+        for o in worker.step():
+            (turn2 if o.request_id == "turn2" else hog_tokens).extend(o.new_token_ids)
+    reference.add_request("turn2", TURN2, greedy(6))
+    reference.add_request("hog", hog_prompt, greedy(8))
+    assert {"turn2": turn2, "hog": hog_tokens} == run_to_completion(reference)
+    assert worker.stats().num_free_blocks == 32  # everything back (cached blocks count as free)
 
 
 def test_nothing_is_held_when_the_cache_covers_the_prefix_or_the_prompt_is_short(tiny_llama: Path) -> None:
