@@ -4,7 +4,10 @@ Every engine mutation runs on the step thread: callers submit small commands (ad
 reserve, stats) and the thread runs them between steps, so the Engine itself needs no locks.
 Outputs travel back to each caller's event loop in one call_soon_threadsafe per loop per step
 (not one per request: each is a wake-up of that loop, paid under the GIL the step thread needs
-next). A caller that falls behind gets the outputs queued meanwhile merged into one.
+next). A caller that falls behind gets the outputs queued meanwhile merged into one. Outputs go to
+the stream of the request that made them, fixed on the step thread as the step ends, never looked
+up by request id when handed over: by then (on a GPU, during the next step, after the commands run
+between) that request may have been aborted and a new one added under its id.
 
 A step that raises fails the requests in it, and the loop carries on with the rest — unless the
 device is lost (the engine says so, or steps keep failing): then every request fails with
@@ -105,9 +108,11 @@ class AsyncEngine:
         # time: a command is run or refused, never left queued behind a thread that has ended
         self._submitting = threading.Lock()
         self._ended = False
-        self._streams: dict[str, _Stream] = {}
+        self._streams: dict[str, _Stream] = {}  # the callers' side: ids being streamed
+        self._bound: dict[str, _Stream] = {}  # the step thread's: each engine request's stream
         self._failed_steps = 0
-        self._pending: HeldOutputs | None = None  # the latest step's outputs, handed over during the next
+        # the latest step's outputs and the stream each goes to, handed over during the next step
+        self._pending: tuple[HeldOutputs, list[_Stream | None]] | None = None
         # Only a device that runs the step while the host waits (CUDA) has a "meanwhile" to hand the
         # previous step's outputs over in. On CPU the forward pass is done by the time the step would
         # hand them over: holding them would delay every token by a whole step (on a busy CPU worker,
@@ -159,6 +164,7 @@ class AsyncEngine:
                 prior_output_ids=prior_output_ids, kv_import=kv_import, kv_export=kv_export,
                 prefill_only=prefill_only, priority=priority,
             )  # fmt: skip
+            self._bound[request_id] = stream
 
         finished = False
         try:
@@ -171,10 +177,10 @@ class AsyncEngine:
             self._streams.pop(request_id, None)
             if not finished and not self._stop.is_set():
                 with contextlib.suppress(DeviceLost):
-                    self.submit(lambda e: _abort_quietly(e, request_id))
+                    self.submit(lambda e: self._abort_stream(request_id, stream))
 
     async def abort(self, request_id: str) -> None:
-        await self.call(lambda e: _abort_quietly(e, request_id))
+        await self.call(lambda e: self._abort(request_id))
 
     async def reserve(self, request_id: str, num_tokens: int) -> list[BlockId]:
         return await self.call(lambda e: e.reserve(request_id, num_tokens))
@@ -223,7 +229,7 @@ class AsyncEngine:
             self._failed_steps = 0
             watch = Stopwatch(times)
             self._flush()  # a step that launched nothing (only KV imports in flight) called no one
-            self._pending = outputs
+            self._pending = self._address(outputs)
             if not self._hold_outputs:
                 self._flush()
             watch.lap(Phase.DISPATCH)
@@ -237,8 +243,13 @@ class AsyncEngine:
     def _flush(self) -> None:
         """Hand the held outputs to their callers."""
         if self._pending is not None:
-            pending, self._pending = self._pending, None
-            self._dispatch([(o.request_id, o) for o in pending.build()])
+            (held, streams), self._pending = self._pending, None
+            self._dispatch(list(zip(streams, held.build(), strict=True)))
+
+    def _address(self, held: HeldOutputs) -> tuple[HeldOutputs, list[_Stream | None]]:
+        """A step's outputs with the stream each goes to, fixed as the step ends; a request's last
+        output unbinds its stream, so its id is free for a new request's."""
+        return held, [self._bound.pop(rid, None) if ends else self._bound.get(rid) for rid, ends in held.request_ends()]
 
     def _step_failed(self, exc: Exception) -> bool:
         """Fail the requests in flight; True when the device is lost and the loop must end."""
@@ -287,30 +298,36 @@ class AsyncEngine:
             if future.set_running_or_notify_cancel():
                 future.set_exception(exc)
 
-    def _dispatch(self, items: Sequence[tuple[str, Item]]) -> None:
+    def _dispatch(self, items: Sequence[tuple[_Stream | None, Item]]) -> None:
         by_loop: defaultdict[asyncio.AbstractEventLoop, list[tuple[_Stream, Item]]] = defaultdict(list)
-        for request_id, item in items:
-            stream = self._streams.get(request_id)
-            if stream is not None:
+        for stream, item in items:
+            if stream is not None:  # None: a request no caller streams (added by a command)
                 by_loop[stream.loop].append((stream, item))
         for loop, batch in by_loop.items():
             with contextlib.suppress(RuntimeError):  # that loop is closed: its caller is gone
                 loop.call_soon_threadsafe(_deliver, batch)
 
     def _fail_all(self, exc: BaseException) -> None:
-        failed: list[tuple[str, Item]] = []
+        """End every request; each stream still bound hears `exc` (one whose request a failed step
+        ended too, its last output never made, as well)."""
+        failed: list[tuple[_Stream | None, Item]] = [(stream, exc) for stream in self._bound.values()]
         for request_id in list(self.engine.requests):
-            _abort_quietly(self.engine, request_id)
-            failed.append((request_id, exc))
+            self._abort(request_id)
+        self._bound.clear()
         self._dispatch(failed)
+
+    def _abort(self, request_id: str) -> None:  # on the step thread
+        self._bound.pop(request_id, None)
+        with contextlib.suppress(RequestNotFound):  # it finished on its own first
+            self.engine.abort(request_id)
+
+    def _abort_stream(self, request_id: str, stream: _Stream) -> None:  # on the step thread
+        """Its caller left `stream`: abort the request, unless it has ended and the id is another's."""
+        if self._bound.get(request_id) is stream:
+            self._abort(request_id)
 
 
 def command_name(fn: Callable[..., object]) -> str:
     """Who asked, for the step loop's summary: "Offerer._offer_shared" for a lambda made there."""
     qualname = getattr(fn, "__qualname__", type(fn).__name__)
     return ".".join(part for part in qualname.split(".") if part not in ("<locals>", "<lambda>"))
-
-
-def _abort_quietly(engine: Engine, request_id: str) -> None:
-    with contextlib.suppress(RequestNotFound):  # it finished on its own first
-        engine.abort(request_id)

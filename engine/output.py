@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from engine.detokenizer import IncrementalDetokenizer, StopChecker
+from engine.ids import RequestId
 from engine.request import FinishReason, Request, RequestOutput
 from engine.sampling_params import SamplingParams
 from engine.tokenizer import Tokenizer
@@ -127,6 +128,12 @@ class HeldOutputs:
 
     def __len__(self) -> int:
         return len(self._items)
+
+    def request_ends(self) -> list[tuple[RequestId, bool]]:
+        """Each output's request id and whether it ends that request, in build() order (known
+        before building: an output still owing text never ends its request)."""
+        return [(i.request_id, i.finished) if isinstance(i, RequestOutput) else (i.request.request_id, False)
+                for i in self._items]  # fmt: skip
 
     def build(self) -> list[RequestOutput]:
         if self._built is None:

@@ -162,3 +162,29 @@ def test_a_command_queued_while_the_engine_stops_mid_step_is_refused_not_left_wa
         queued.result(timeout=10)  # refused at the end, where it used to wait forever
     with pytest.raises(RuntimeError, match="shut down"):
         async_engine.submit(lambda e: "late")
+
+
+@pytest.mark.parametrize("hold_outputs", [True, False], ids=["held", "plain"])
+async def test_an_id_used_again_at_once_streams_only_the_new_requests_tokens(
+    tiny_llama: Path, hold_outputs: bool
+) -> None:
+    # A caller leaves a request after its first output, which aborts it, and at once starts another
+    # under the same id. The first request's latest outputs may not have been handed over yet (held
+    # ones go during the next step, which may come after the new request is added): they belong to
+    # the stream that was left, never to the new one.
+    reference = make_engine(tiny_llama, num_blocks=64)
+    reference.add_request("again", [4, 5, 6], greedy(5))
+    expected = run_to_completion(reference)["again"]
+    async_engine = AsyncEngine(make_engine(tiny_llama, num_blocks=64), hold_outputs=hold_outputs)
+    try:
+        for _ in range(5):
+            left = async_engine.generate("again", [1, 2, 3], greedy(50))
+            await anext(left)
+            await left.aclose()
+            outputs = [out async for out in async_engine.generate("again", [4, 5, 6], greedy(5))]
+            assert [t for o in outputs for t in o.new_token_ids] == expected
+            assert outputs[-1].finished and outputs[-1].num_output_tokens == 5
+        stats = await async_engine.stats()
+        assert (stats.num_running, stats.num_waiting, stats.num_free_blocks) == (0, 0, 64)
+    finally:
+        async_engine.shutdown()
