@@ -48,9 +48,12 @@ def _earlier_project(self: model.Attention, x: torch.Tensor, cos: torch.Tensor, 
     return q, k, v.view(-1, self.num_kv_heads, self.head_dim)
 
 
-def _earlier_decode(q: torch.Tensor, kv: torch.Tensor, meta: attention.AttentionMetadata, scale: float) -> torch.Tensor:
+def _earlier_decode(
+    q: torch.Tensor, kv: torch.Tensor, meta: attention.AttentionMetadata, scale: float, out: torch.Tensor | None = None
+) -> torch.Tensor:
     assert meta.decode_block_tables is not None and meta.decode_context_lens is not None
-    return paged_attention_decode(q, kv[0], kv[1], meta.decode_block_tables, meta.decode_context_lens, scale)
+    got = paged_attention_decode(q, kv[0], kv[1], meta.decode_block_tables, meta.decode_context_lens, scale)
+    return got if out is None else out.copy_(got)
 
 
 CURRENT = (model.Rotary.forward, model.Attention.project, attention._decode)

@@ -63,28 +63,33 @@ def paged_attention(
     kv_layer: torch.Tensor,  # (2, num_blocks, block_size, kv_heads, head_dim)
     meta: AttentionMetadata,
     scale: float,
+    out: torch.Tensor | None = None,  # (num_tokens, num_heads, head_dim): written in place when given
 ) -> torch.Tensor:  # (num_tokens, num_heads, head_dim)
     write_kv(kv_layer, k, v, meta.slot_mapping)
     nd = meta.num_decodes
-    if not meta.prefills:
-        return _decode(q, kv_layer, meta, scale)
-    out = torch.empty_like(q)
+    if not meta.prefills and out is None:
+        return _decode(q, kv_layer, meta, scale, None)
+    if out is None:
+        out = torch.empty_like(q)
     if nd:
-        out[:nd] = _decode(q[:nd], kv_layer, meta, scale)
+        _decode(q[:nd], kv_layer, meta, scale, out[:nd])  # the kernel writes its rows of out itself
     for span in meta.prefills:
         rows = slice(span.start, span.start + span.num_new)
         out[rows] = _prefill_chunk(q[rows], k[rows], v[rows], kv_layer, span, scale)
     return out
 
 
-def _decode(q: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+def _decode(
+    q: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata, scale: float, out: torch.Tensor | None
+) -> torch.Tensor:
     tables, lens = meta.decode_block_tables, meta.decode_context_lens
     assert tables is not None and lens is not None
     if q.is_cuda:
-        return paged_attention_decode(q, kv_layer[0], kv_layer[1], tables, lens, scale)
+        return paged_attention_decode(q, kv_layer[0], kv_layer[1], tables, lens, scale, out=out)
     if meta.cpu_decode_plan is None:  # the step's first layer
         meta.cpu_decode_plan = plan_decode(tables, lens, kv_layer.shape[2], meta.cpu_native)
-    return decode_attention_cpu(q, kv_layer, meta.cpu_decode_plan, scale)
+    got = decode_attention_cpu(q, kv_layer, meta.cpu_decode_plan, scale)
+    return got if out is None else out.copy_(got)
 
 
 def _prefill_chunk(

@@ -19,6 +19,7 @@ from engine.config import EngineConfig
 from engine.cpu_linear import PackedLinear, pack_linears
 from engine.model_config import ModelConfig, RopeScaling
 from kernels.cpu_norm import NativeRmsNorm
+from kernels.layer_ops import add_rms_norm, rms_norm, rms_norm_ref, rotary_split, silu_mul, use_fused
 
 
 class RMSNorm(nn.Module):
@@ -28,14 +29,30 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.native: NativeRmsNorm | None = None  # CPU: the same arithmetic in one C call (kernels.cpu_norm)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         native = self.native
         if native is not None and native.supports(x, self.weight):
-            return native(x, self.weight, self.eps)
-        # Normalise in float32, as the reference implementation does, then scale in x's dtype.
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+            got = native(x, self.weight, self.eps)
+            return got if out is None else out.copy_(got)
+        if self._fused(x):  # CUDA: one Triton kernel (kernels/layer_ops.py)
+            return rms_norm(x, self.weight, self.eps, out=out)
+        got = rms_norm_ref(x, self.weight, self.eps)  # float32 normalisation, scaled in x's dtype
+        return got if out is None else out.copy_(got)
+
+    def add(
+        self, x: torch.Tensor, residual: torch.Tensor, out: torch.Tensor | None = None,
+        residual_out: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """(norm(residual + x), residual + x): the residual add and the norm after it, one kernel
+        on CUDA. residual_out may be residual: the sum then replaces it in place."""
+        if self._fused(x):
+            return add_rms_norm(x, residual, self.weight, self.eps, out=out, residual_out=residual_out)
+        h = residual + x
+        normed = self(h, out)
+        return normed, (h if residual_out is None else residual_out.copy_(h))
+
+    def _fused(self, x: torch.Tensor) -> bool:
+        return use_fused(x) and x.dim() == 2 and self.weight.dtype == x.dtype
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> torch.Tensor:
@@ -64,8 +81,8 @@ class Rotary(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and a signed sin, both (tokens, head_dim), for apply_rotary: the sin's first half is
-        negated once here, so that each layer's rotation needs one roll and no negation."""
+        """cos and a signed sin, both (tokens, head_dim), for kernels.layer_ops.rotary_split: the
+        sin's first half is negated once here, so that each layer's rotation needs no negation."""
         freqs = positions.float()[:, None] * self.inv_freq[None, :]  # (tokens, head_dim/2)
         emb = torch.cat((freqs, freqs), dim=-1)  # (tokens, head_dim)
         sin = emb.sin()
@@ -73,12 +90,7 @@ class Rotary(nn.Module):
         return emb.cos().to(dtype), sin.to(dtype)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
-    """x: (tokens, heads, head_dim); cos, signed_sin: (tokens, head_dim), from Rotary. The
-    rotate-half convention, x * cos + cat(-x2, x1) * sin, computed as x * cos + cat(x2, x1) *
-    cat(-sin1, sin2): the same products (a sign moves between factors exactly), fewer ops."""
-    rotated = x.roll(x.shape[-1] // 2, dims=-1)
-    return x * cos[:, None, :] + rotated * signed_sin[:, None, :]
+QKV = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 class Attention(nn.Module):
@@ -98,16 +110,11 @@ class Attention(nn.Module):
         out = paged_attention(q, k, v, kv_layer, meta, self.scale)  # (tokens, heads, head_dim)
         return self.o_proj(out.flatten(1))
 
-    def project(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q (tokens, heads, head_dim) and k (tokens, kv_heads, head_dim) with rotary applied, and v."""
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: QKV | None = None) -> QKV:
+        """q (tokens, heads, head_dim) and k (tokens, kv_heads, head_dim) with rotary applied, and v
+        (into `out`'s buffers when given). On CUDA one kernel rotates q and k and splits v out."""
         qkv = self.qkv_proj(x)
-        # q and k lie side by side in each row of qkv: one rotation for both (half the ops per layer).
-        qk = qkv[:, : self.q_size + self.kv_size].view(-1, self.num_heads + self.num_kv_heads, self.head_dim)
-        qk = apply_rotary(qk, cos, sin)
-        v = qkv[:, self.q_size + self.kv_size :].view(-1, self.num_kv_heads, self.head_dim)
-        return qk[:, : self.num_heads], qk[:, self.num_heads :], v
+        return rotary_split(qkv, cos, sin, self.num_heads, self.num_kv_heads, self.head_dim, out=out)
 
 
 class MLP(nn.Module):
@@ -117,8 +124,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(silu_mul(self.gate_up_proj(x)))  # one kernel on CUDA
 
 
 class DecoderLayer(nn.Module):
@@ -130,10 +136,18 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(config)
 
     def forward(
-        self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata
-    ) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, kv_layer, meta)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        self, x: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
+        kv_layer: torch.Tensor, meta: AttentionMetadata,
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """(the MLP's output, the residual stream before it): the caller adds the two, in the next
+        layer's input norm (one kernel on CUDA) or the final one. residual None: x is the stream."""
+        if residual is None:
+            residual, normed = x, self.input_layernorm(x)
+        else:
+            normed, residual = self.input_layernorm.add(x, residual)
+        attn = self.self_attn(normed, cos, sin, kv_layer, meta)
+        normed, residual = self.post_attention_layernorm.add(attn, residual)
+        return self.mlp(normed), residual
 
 
 LayerHook = Callable[[int], None]
@@ -161,11 +175,13 @@ class LlamaModel(nn.Module):
     ) -> torch.Tensor:  # (tokens, hidden)
         h = self.embed_tokens(input_ids)
         cos, sin = self.rotary(positions, h.dtype)
+        residual = None
         for i, layer in enumerate(self.layers):
-            h = layer(h, cos, sin, kv_caches[i], meta)
+            h, residual = layer(h, residual, cos, sin, kv_caches[i], meta)
             if on_layer_done is not None:
                 on_layer_done(i)
-        return self.norm(h)
+        assert residual is not None, "a model has at least one layer"
+        return self.norm.add(h, residual)[0]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:  # (rows, hidden) -> (rows, vocab) float32
         head = self.lm_head

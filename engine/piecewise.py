@@ -98,9 +98,9 @@ class PiecewiseGraphs:
         b.input_ids[:n].copy_(input_ids)
         b.positions[:n].copy_(positions)
         b.pieces[0]()
+        attn = b.attn[:n].view(n, *b.q.shape[1:])  # attention writes its output here, in place
         for i, layer in enumerate(self.layers):
-            out = paged_attention(b.q[:n], b.k[:n], b.v[:n], self.kv_caches[i], meta, layer.self_attn.scale)
-            b.attn[:n].copy_(out.flatten(1))
+            paged_attention(b.q[:n], b.k[:n], b.v[:n], self.kv_caches[i], meta, layer.self_attn.scale, out=attn)
             if on_layer_done is not None:
                 on_layer_done(i)
             b.pieces[i + 1]()
@@ -114,26 +114,24 @@ class PiecewiseGraphs:
         b.h.copy_(h)
         b.cos.copy_(cos)
         b.sin.copy_(sin)
-        self._project(b, 0)
+        self._project(b, 0, self.layers[0].input_layernorm(b.h))
 
     def _tail(self, b: _Bucket, i: int) -> None:
         """Layer i from its attention output on, as DecoderLayer.forward does it, then layer i+1's
-        q/k/v (or, after the last layer, the final norm)."""
+        q/k/v (or, after the last layer, the final norm). Each residual add is fused into the norm
+        after it and updates b.h in place (one kernel on CUDA)."""
         layer = self.layers[i]
-        h = b.h + layer.self_attn.o_proj(b.attn)
-        h = h + layer.mlp(layer.post_attention_layernorm(h))
-        b.h.copy_(h)
+        normed, _ = layer.post_attention_layernorm.add(layer.self_attn.o_proj(b.attn), b.h, residual_out=b.h)
+        mlp = layer.mlp(normed)
         if i + 1 < len(self.layers):
-            self._project(b, i + 1)
+            normed, _ = self.layers[i + 1].input_layernorm.add(mlp, b.h, residual_out=b.h)
+            self._project(b, i + 1, normed)
         else:
-            b.final.copy_(self.model.norm(b.h))
+            self.model.norm.add(mlp, b.h, out=b.final, residual_out=b.h)
 
-    def _project(self, b: _Bucket, i: int) -> None:
-        layer = self.layers[i]
-        q, k, v = layer.self_attn.project(layer.input_layernorm(b.h), b.cos, b.sin)
-        b.q.copy_(q)
-        b.k.copy_(k)
-        b.v.copy_(v)
+    def _project(self, b: _Bucket, i: int, normed: torch.Tensor) -> None:
+        """Layer i's q, k, v, written straight into the bucket's buffers."""
+        self.layers[i].self_attn.project(normed, b.cos, b.sin, out=(b.q, b.k, b.v))
 
     def _allocate(self, size: int) -> _Bucket:
         cfg, emb = self.model.config, self.model.embed_tokens.weight

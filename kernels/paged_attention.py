@@ -70,6 +70,7 @@ def paged_attention_decode(
     *,
     use_triton: bool | None = None,
     config: DecodeLaunchConfig | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of each sequence's one query token over its cached tokens.
 
@@ -78,16 +79,25 @@ def paged_attention_decode(
     entries past a sequence's last block are ignored; context_lens: (batch,) int32, each in
     [1, max_blocks_per_seq * block_size] (not checked on the device: that would cost a sync).
     Query head h reads KV head h // (num_heads // num_kv_heads). Returns (batch, num_heads,
-    head_dim) in q's dtype. use_triton=None picks Triton for CUDA tensors.
+    head_dim) in q's dtype — into `out` when given (q's shape and dtype, last dim contiguous; the
+    Triton kernel writes it directly, a mixed step's attention output in place). use_triton=None
+    picks Triton for CUDA tensors.
     """
     _check_inputs(q, k_cache, v_cache, block_tables, context_lens, scale)
+    if out is not None and (
+        out.shape != q.shape or out.dtype != q.dtype or out.device != q.device or out.stride(-1) != 1
+    ):
+        raise ValueError(f"out must be {tuple(q.shape)} {q.dtype} on {q.device}, contiguous in its last dim")
     if use_triton is None:
         use_triton = q.is_cuda and triton_available()
     if not use_triton:
         if q.device.type == "cpu":
-            return paged_attention_decode_cpu(q, k_cache, v_cache, block_tables, context_lens, scale)
-        return paged_attention_decode_ref(q, k_cache, v_cache, block_tables, context_lens, scale)
-    return _decode_triton(q, k_cache, v_cache, block_tables, context_lens, scale, config or DecodeLaunchConfig())
+            got = paged_attention_decode_cpu(q, k_cache, v_cache, block_tables, context_lens, scale)
+        else:
+            got = paged_attention_decode_ref(q, k_cache, v_cache, block_tables, context_lens, scale)
+        return got if out is None else out.copy_(got)
+    config = config or DecodeLaunchConfig()
+    return _decode_triton(q, k_cache, v_cache, block_tables, context_lens, scale, config, out)
 
 
 def paged_attention_decode_ref(
@@ -143,6 +153,7 @@ def _decode_triton(
     context_lens: torch.Tensor,
     scale: float,
     config: DecodeLaunchConfig,
+    out: torch.Tensor | None,
 ) -> torch.Tensor:
     require_triton()
     check_triton_device(q, k_cache, v_cache, block_tables, context_lens)
@@ -150,7 +161,8 @@ def _decode_triton(
 
     batch, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
-    out = torch.empty((batch, num_heads, head_dim), dtype=q.dtype, device=q.device)
+    if out is None:
+        out = torch.empty((batch, num_heads, head_dim), dtype=q.dtype, device=q.device)
     if batch == 0:
         return out
     max_context = block_tables.shape[1] * block_size
