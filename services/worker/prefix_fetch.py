@@ -23,8 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncGenerator, Coroutine, Sequence
-from typing import Any
+from collections.abc import AsyncGenerator, Sequence
 
 import structlog
 
@@ -129,9 +128,8 @@ class PrefixFetcher:
         last = first + len(held.block_ids)
         if mapped is not None and self.shared is not None:
             shared = SharedImport()
-            fetch = self.shared.fetch(request_id, shared, mapped, list(held.block_ids), hashes[first:last],
-                                      generations[first:last], address, timeout_s)  # fmt: skip
-            self._run(fetch)
+            self._track(self.shared.start(request_id, shared, mapped, list(held.block_ids), hashes[first:last],
+                                          generations[first:last], address, timeout_s))  # fmt: skip
             return shared
         try:
             imported = await self.transport.expect_async(
@@ -141,7 +139,8 @@ class PrefixFetcher:
             await self.engine.abort(request_id)
             raise
         imported.commit()  # the engine owns the blocks; the lease now bounds the fetch alone
-        self._run(self._fetch(imported, address, hashes[first:last], generations[first:last], timeout_s))
+        fetch = self._fetch(imported, address, hashes[first:last], generations[first:last], timeout_s)
+        self._track(asyncio.get_running_loop().create_task(fetch))
         return imported
 
     async def _reserve(
@@ -185,8 +184,7 @@ class PrefixFetcher:
                 compute_ms=_ms(plan.compute_ms),
             )  # fmt: skip
 
-    def _run(self, fetch: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.get_running_loop().create_task(fetch)
+    def _track(self, task: asyncio.Task[None]) -> None:
         self._fetches.add(task)
         task.add_done_callback(self._fetches.discard)
 

@@ -10,7 +10,8 @@ UCX push into a ticket:
 The import (SharedImport) is the engine's KVImport: a request waits for it and, if it fails,
 computes the tokens itself, losing only the time to notice (every call is timed by the fetch's
 timeout). A request that ends first cancels it; the copy then never starts (the check runs on
-the engine's thread, where the cancel does), and the lease is released.
+the engine's thread, where the cancel does), and the lease is released. However the fetch ends
+(done, failed, cancelled before it began or mid-copy) it gives its use of the mapping back once.
 """
 
 from __future__ import annotations
@@ -82,13 +83,35 @@ class SharedFetcher:
         self.link = link
         self.policy = policy
 
+    def start(
+        self, request_id: str, imported: SharedImport, mapped: MappedArena, block_ids: list[int],
+        hashes: list[BlockHash], generations: list[int], route: str, timeout_s: float,
+    ) -> asyncio.Task[None]:  # fmt: skip
+        """fetch() as a task, which owns `mapped` from now on. A task cancelled before its first step
+        (the worker stopping) never enters fetch(), whose end releases it: its own end does then."""
+        began = False
+
+        async def run() -> None:
+            nonlocal began
+            began = True  # and fetch() is entered with no await between: its end releases `mapped`
+            await self.fetch(request_id, imported, mapped, block_ids, hashes, generations, route, timeout_s)
+
+        def ended(_: asyncio.Task[None]) -> None:
+            if not began:
+                imported.fail(StoreUnavailable("the fetch was cancelled before it began"))
+                self.link.release(mapped)
+
+        task = asyncio.get_running_loop().create_task(run())
+        task.add_done_callback(ended)
+        return task
+
     async def fetch(
         self, request_id: str, imported: SharedImport, mapped: MappedArena, block_ids: list[int],
         hashes: list[BlockHash], generations: list[int], route: str, timeout_s: float,
     ) -> None:  # fmt: skip
-        """Fill the import's blocks (run as a task). Releases `mapped` at the end, and only once no
-        copy from it can still run: a cancelled fetch's import may still be running on the
-        engine's thread, or its copies be queued on the device, after the cancel."""
+        """Fill the import's blocks (start() runs it as a task). Releases `mapped` at the end, and
+        only once no copy from it can still run: a cancelled fetch's import may still be running on
+        the engine's thread, or its copies be queued on the device, after the cancel."""
         started = time.monotonic()
         copy = _Copy()
         try:

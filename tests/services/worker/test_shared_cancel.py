@@ -1,6 +1,8 @@
 """A fetch or an offer through the KV store's mapped memory that is cancelled (the worker stops)
 while its copy runs on the engine's thread keeps the mapping until that copy is done: on a GPU
 worker releasing it at once could unregister and unmap the memory under a copy still queued.
+Every other way a fetch ends (cancelled before it began, failed, done) gives its use of the
+mapping back too, once: a use never given back keeps the mapping registered for good.
 
 A real store process over gRPC, its /dev/shm arena mapped, a real engine on the tiny model; the
 export and the import are held on the engine's thread by a gate in front of the real ones."""
@@ -17,7 +19,9 @@ import pytest
 
 from engine.async_engine import AsyncEngine
 from engine.engine import Engine
+from services.worker.fetch_policy import FetchMode, FetchPolicy, FetchSettings
 from services.worker.offers import Offerer
+from services.worker.prefix_fetch import PrefixFetcher
 from services.worker.shared_fetch import SharedFetcher, SharedImport
 from services.worker.shared_memory import MappedArena, SharedMemoryLink
 from services.worker.store_client import StoreClient
@@ -27,6 +31,7 @@ from tests.services.kvstore.store_process import StoreProcess, free_ports
 pytestmark = pytest.mark.slow
 PROMPT = [(7 * i + 3) % 250 for i in range(42)]  # 10 full blocks of 4
 OTHER = [(t + 1) % 250 for t in PROMPT]
+THIRD = [(t + 2) % 250 for t in PROMPT]
 
 
 class Transport:
@@ -128,3 +133,51 @@ def test_a_cancelled_fetch_keeps_the_mapping_until_its_import_has_run(
         )  # fmt: skip
 
     asyncio.run(cancel_mid_copy(store.address, tiny_llama, monkeypatch, OTHER, "import_blocks", fetch))
+
+
+async def fetch_ends(address: str, path: Path, end: str) -> None:
+    """A worker's fetch of THIRD's 10 blocks (another engine computed and offered them) through the
+    mapped memory, as a prefix fetch starts it, then ended `end`'s way."""
+    source, worker = make_engine(path), make_engine(path)
+    source.add_request("turn1", THIRD, greedy(1))
+    expected = run_to_completion(source)["turn1"]
+    (chain,) = source.take_finished_chains()
+    sources, workers = AsyncEngine(source), AsyncEngine(worker)
+    client = StoreClient(worker.kv_layout, 10, 10)
+    client.point_at(address)
+    link = SharedMemoryLink(client, worker.kv_caches)
+    layout = worker.kv_layout
+    policy = FetchPolicy(FetchSettings(mode=FetchMode.ALWAYS), layout.bytes_per_token * 4, 4)
+    fetcher = PrefixFetcher(workers, None, client, layout, 10, policy, link)  # type: ignore[arg-type]
+    try:
+        mapped = await mapped_by(link)
+        await Offerer(sources, Transport(), client, 1 << 20, link)._offer_run(tuple(chain))  # type: ignore[arg-type]
+        imported = await fetcher._fetch_prefix("turn2", THIRD, None)  # its task made, not yet begun
+        assert isinstance(imported, SharedImport) and mapped.users == 1
+        if end == "cancelled before it began":
+            await fetcher.close()  # what a stopping worker does
+            await workers.abort("turn2")  # the reservation (the request was never added)
+        elif end == "failed":  # the reservation is gone before the copy: the import fails
+            await asyncio.wrap_future(workers.submit(lambda e: e.abort("turn2")))
+            await asyncio.wait_for(asyncio.gather(*fetcher._fetches), 30)
+        else:
+            outs = [o async for o in workers.generate("turn2", THIRD, greedy(1), kv_import=imported)]
+            assert [t for o in outs for t in o.new_token_ids] == expected
+            assert outs[-1].num_imported_tokens == 40
+            await asyncio.wait_for(asyncio.gather(*fetcher._fetches), 30)
+        assert mapped.users == 0  # given back, and once
+        assert imported.done() is (end == "done") and (imported.error() is None) is (end == "done")
+        assert (await workers.stats()).num_free_blocks == worker.pool.num_blocks
+    finally:
+        await fetcher.close()
+        await link.close()
+        await client.close()
+        sources.shutdown()
+        workers.shutdown()
+
+
+@pytest.mark.parametrize("end", ["cancelled before it began", "failed", "done"])
+def test_every_end_of_a_shared_fetch_gives_its_use_of_the_mapping_back_once(
+    store: StoreProcess, tiny_llama: Path, end: str
+) -> None:
+    asyncio.run(fetch_ends(store.address, tiny_llama, end))
