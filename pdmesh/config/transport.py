@@ -11,6 +11,10 @@ from pdmesh.config.env import ConfigError, MiB, check_positive
 
 # What a service needs beyond its drain grace to stop: the engine, the KV transport, its channels.
 STOP_MARGIN_S = 15.0
+# The longest a worker waits for a cancelled copy through its KV store's mapped memory to end
+# before it gives up on that mapping (services/worker/shared_memory.py): a stop waits for these,
+# so a share of the margin, leaving the rest of the teardown the other two thirds.
+COPY_SETTLE_S = STOP_MARGIN_S / 3
 
 
 @dataclass(frozen=True)

@@ -28,14 +28,15 @@ from engine.kv_layout import KVLayout
 from kernels._triton import triton_available
 from kvtransfer import shm
 from kvtransfer.slab_writer import SlabWriter, device_arena
+from pdmesh.config import COPY_SETTLE_S
 from services.worker.store_client import StoreClient, StoreUnavailable
 
 log = structlog.get_logger(__name__)
 _RETRY_S = 5.0  # before asking a store whose namespace was not ready (or that failed) again
 # How long a cancelled fetch's or offer's copies may take to end before its mapping is released:
-# an engine command waits at most one step, its copies a few milliseconds; past this the engine
-# is stuck, and the mapping stays (never unregistered or unmapped under a copy).
-_SETTLE_S = 60.0
+# an engine command waits one step, its copies a few milliseconds; past COPY_SETTLE_S the engine is
+# taken as stuck, and the mapping stays (never unregistered or unmapped under a copy). A stopping
+# worker waits for these: COPY_SETTLE_S is a share of its stop margin, so it is not killed meanwhile.
 
 
 @dataclass(eq=False)
@@ -120,12 +121,12 @@ class SharedMemoryLink:
     async def _release_after(
         self, mapped: MappedArena, command: concurrent.futures.Future[Any], settle: Callable[[Any], None]
     ) -> None:
-        settled = await asyncio.to_thread(_settle, command, settle, _SETTLE_S)
+        settled = await asyncio.to_thread(_settle, command, settle, COPY_SETTLE_S)
         if settled:
             self.release(mapped)
         else:  # the copy may still run: the mapping stays, as if a user held it for good
-            log.warning("a cancelled copy through the kv store's memory did not end; the mapping stays",
-                        path=mapped.info.path, waited_s=_SETTLE_S)  # fmt: skip
+            log.warning("a cancelled copy through the kv store's memory did not end in time; the mapping stays",
+                        path=mapped.info.path, waited_s=COPY_SETTLE_S)  # fmt: skip
 
     def forget(self) -> None:
         """Drop the mapping (the store restarted, or another store is named); copies under way

@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from structlog.testing import capture_logs
 
 from engine.async_engine import AsyncEngine
 from engine.engine import Engine
+from pdmesh.config import COPY_SETTLE_S, STOP_MARGIN_S
 from services.worker.fetch_policy import FetchMode, FetchPolicy, FetchSettings
 from services.worker.offers import Offerer
 from services.worker.prefix_fetch import PrefixFetcher
@@ -75,6 +78,7 @@ async def mapped_by(link: SharedMemoryLink) -> MappedArena:
 async def cancel_mid_copy(
     address: str, path: Path, monkeypatch: pytest.MonkeyPatch, prompt: list[int], command: str,
     start: Callable[[AsyncEngine, StoreClient, SharedMemoryLink, list[Any], MappedArena], Any],
+    stuck: bool = False,
 ) -> None:  # fmt: skip
     engine = make_engine(path)
     engine.add_request("turn1", prompt, greedy(1))
@@ -85,6 +89,7 @@ async def cancel_mid_copy(
     client.point_at(address)
     link = SharedMemoryLink(client, engine.kv_caches)
     try:
+        opened = threading.Event()
         mapped = await mapped_by(link)
         entered, opened = gate(engine, command, monkeypatch)
         task = asyncio.ensure_future(start(async_engine, client, link, list(chain), mapped))
@@ -95,10 +100,20 @@ async def cancel_mid_copy(
         assert mapped.users == 1  # still the copy's, running on the engine's thread
         link.forget()  # the worker stops: the mapping retires once its last user is done
         assert mapped.retired and mapped.users == 1
+        if stuck:  # the copy never ends while the worker stops: the stop waits COPY_SETTLE_S, no more
+            started = time.monotonic()
+            with capture_logs() as logs:
+                await asyncio.wait_for(link.close(), STOP_MARGIN_S)
+            assert COPY_SETTLE_S <= time.monotonic() - started < STOP_MARGIN_S
+            assert mapped.users == 1 and mapped.retired  # never released under a copy that may run
+            (warning,) = [e for e in logs if e["log_level"] == "warning"]
+            assert "did not end in time; the mapping stays" in warning["event"]
+            assert warning["waited_s"] == COPY_SETTLE_S
         opened.set()
         await asyncio.wait_for(link.close(), 30)  # waits for the cancelled copy
-        assert mapped.users == 0
+        assert mapped.users == (1 if stuck else 0)
     finally:
+        opened.set()
         await link.close()
         await client.close()
         async_engine.shutdown()
@@ -114,8 +129,9 @@ def test_a_cancelled_offer_keeps_the_mapping_until_its_export_has_run(
     asyncio.run(cancel_mid_copy(store.address, tiny_llama, monkeypatch, PROMPT, "export_blocks", offer))
 
 
+@pytest.mark.parametrize("stuck", [False, True], ids=["copy ends", "copy stuck"])
 def test_a_cancelled_fetch_keeps_the_mapping_until_its_import_has_run(
-    store: StoreProcess, tiny_llama: Path, monkeypatch: pytest.MonkeyPatch
+    store: StoreProcess, tiny_llama: Path, monkeypatch: pytest.MonkeyPatch, stuck: bool
 ) -> None:
     async def fetch(
         engine: AsyncEngine, client: StoreClient, link: SharedMemoryLink, chain: list[Any], mapped: MappedArena
@@ -132,7 +148,7 @@ def test_a_cancelled_fetch_keeps_the_mapping_until_its_import_has_run(
             "turn2", SharedImport(), mapped, list(held.block_ids), chain, generations, "mapped", 10
         )  # fmt: skip
 
-    asyncio.run(cancel_mid_copy(store.address, tiny_llama, monkeypatch, OTHER, "import_blocks", fetch))
+    asyncio.run(cancel_mid_copy(store.address, tiny_llama, monkeypatch, OTHER, "import_blocks", fetch, stuck))
 
 
 async def fetch_ends(address: str, path: Path, end: str) -> None:
