@@ -19,7 +19,7 @@ import torch
 from ucxx.exceptions import UCXMessageTruncatedError
 
 from engine.kv_layout import KVLayout
-from kvtransfer.ipc import PeerCaches
+from kvtransfer.ipc import CacheExport, PeerCaches
 from kvtransfer.side import SideChannel, close_quietly
 from kvtransfer.wire import FRAME_BYTES, Message, decode, encode
 
@@ -90,9 +90,9 @@ class Connection:
         self.layout = layout
         self.lost: str | None = None  # why the connection ended, once it has
         # Direct writes (ipc.py): on the dialing side, the peer's caches mapped into this process;
-        # on the accepting side, whether the handshake offered them (exported our caches).
+        # on the accepting side, our caches' export the handshake offered it (closed when it is lost).
         self.peer_caches: PeerCaches | None = None
-        self.export_offered = False
+        self.export: CacheExport | None = None
         self.side: SideChannel | None = None  # Written and Done go here when set (side.py)
         self._on_message = on_message
         self._on_lost = on_lost
@@ -108,6 +108,11 @@ class Connection:
 
         self.ep.set_close_callback(closed_by_ucx)
         self._reader = tasks.spawn(self._read())
+
+    @property
+    def export_offered(self) -> bool:
+        """Accepting side: whether the handshake offered this peer our caches to write directly."""
+        return self.export is not None
 
     def next_tag(self) -> int:
         tag = self._next_tag

@@ -19,6 +19,7 @@ from engine.kv_layout import KVLayout
 from kvtransfer.config import TransportConfig
 from kvtransfer.connection import Connection, Tasks
 from kvtransfer.handshake import greet
+from kvtransfer.ipc import PeerCaches
 from kvtransfer.side import SideChannel, close_quietly, dial_side
 from kvtransfer.wire import Hello, Message
 
@@ -82,6 +83,7 @@ class Dialer:
         timeout = self.config.connect_timeout_s
         ep = await asyncio.wait_for(ucxx.create_endpoint(host, int(port), connect_timeout=timeout), timeout)
         channel: SideChannel | None = None
+        peer_caches: PeerCaches | None = None
         try:
             device = torch.device(self.config.device)
             reply, peer_caches = await greet(ep, self._hello(layout), address, device, timeout)
@@ -90,6 +92,8 @@ class Dialer:
         except BaseException:
             ep.abort()
             close_quietly(channel)
+            if peer_caches is not None:
+                peer_caches.close()  # now, not when this frame's traceback goes: torch counts our mapping
             raise
         conn = Connection(ep, address, reply.instance, layout, self._on_message, self._on_lost)
         conn.peer_caches = peer_caches

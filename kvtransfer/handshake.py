@@ -24,7 +24,7 @@ import torch
 from engine.kv_layout import KVLayout
 from kvtransfer.connection import CTL_TAG
 from kvtransfer.errors import IncompatiblePeer
-from kvtransfer.ipc import EXPORT_TAG, PeerCaches, map_peer
+from kvtransfer.ipc import EXPORT_TAG, CacheExport, PeerCaches, map_peer, release_export
 from kvtransfer.wire import FRAME_BYTES, Hello, Refuse, Welcome, decode, encode
 
 log = structlog.get_logger(__name__)
@@ -32,9 +32,10 @@ log = structlog.get_logger(__name__)
 
 @dataclass(frozen=True)
 class Offer:
-    """What the listener gives a same-host GPU dialer: its caches' export, and its side channel."""
+    """What the listener gives a same-host GPU dialer: its caches' export (made for this one
+    connection: ipc.CacheExport), and its side channel."""
 
-    export: bytes
+    export: CacheExport
     side_channel: str = ""  # our side channel's socket and this connection's token for it (side.py)
     side_token: str = ""
 
@@ -57,19 +58,21 @@ async def greet(
     frame = bytearray(FRAME_BYTES)
     await asyncio.wait_for(ep.recv(frame, tag=CTL_TAG), timeout)
     reply = decode(frame)
-    peer_caches = None
+    blob = None
     if isinstance(reply, Welcome) and reply.export_bytes > 0:
-        blob = bytearray(reply.export_bytes)
-        await asyncio.wait_for(ep.recv(blob, tag=EXPORT_TAG), timeout)
-        peer_caches = map_peer(address, bytes(blob), hello.layout, device)
+        received = bytearray(reply.export_bytes)
+        await asyncio.wait_for(ep.recv(received, tag=EXPORT_TAG), timeout)
+        blob = bytes(received)
     if not isinstance(reply, Welcome | Refuse):
         raise ValueError(f"the peer answered the handshake with {reply.kind}")
     difference = hello.layout.first_difference(reply.layout)
-    if difference is not None:
-        raise IncompatiblePeer(address, "", difference)
     if isinstance(reply, Refuse):
-        raise IncompatiblePeer(address, "", reply.difference)
-    return reply, peer_caches
+        difference = difference or reply.difference
+    if difference is not None or isinstance(reply, Refuse):
+        if blob is not None:
+            release_export(blob)  # not mapped: the peer's torch counts its shares until we say so
+        raise IncompatiblePeer(address, "", difference or "")
+    return reply, None if blob is None else map_peer(address, blob, hello.layout, device)
 
 
 async def answer(
@@ -98,11 +101,16 @@ async def answer(
             await asyncio.wait_for(ep.recv(bytearray(FRAME_BYTES), tag=CTL_TAG), timeout)
             return None
         offer = offer_for(hello)
-        export_bytes = len(offer.export) if offer is not None else 0
+        export_bytes = len(offer.export.blob) if offer is not None else 0
         side, token = (offer.side_channel, offer.side_token) if offer is not None else ("", "")
-        await ep.send(encode(Welcome(address, instance, agreed, export_bytes, side, token)), tag=CTL_TAG)
-        if offer is not None:
-            await asyncio.wait_for(ep.send(bytearray(offer.export), tag=EXPORT_TAG), timeout)
+        try:
+            await ep.send(encode(Welcome(address, instance, agreed, export_bytes, side, token)), tag=CTL_TAG)
+            if offer is not None:
+                await asyncio.wait_for(ep.send(bytearray(offer.export.blob), tag=EXPORT_TAG), timeout)
+        except BaseException:
+            if offer is not None:
+                offer.export.withdraw()  # the dialer has not got it: nobody else will count it down
+            raise
     except Exception as e:
         log.info("kv peer handshake ended", error=f"{type(e).__name__}: {e}")
         ep.abort()

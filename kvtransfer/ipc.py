@@ -17,9 +17,10 @@ from __future__ import annotations
 import base64
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import structlog
 import torch
@@ -50,19 +51,78 @@ def _unb64(text: str | None) -> bytes | None:
     return None if text is None else base64.b64decode(text)
 
 
-def export_caches(tensors: Sequence[torch.Tensor]) -> bytes:
-    """What a peer needs to map every layer's cache tensor: one entry per layer (torch's
-    storage IPC tuple, as torch.multiprocessing sends it, and the tensor's offset in its storage)."""
+def _counter(entry: dict[str, Any]) -> tuple[bytes, int]:
+    """Where torch counts an entry's share: its ref-counter file and the slot in it."""
+    handle = _unb64(entry["ref_handle"])
+    assert handle is not None
+    return handle, int(entry["ref_offset"])
+
+
+def _release(counters: Iterable[tuple[bytes, int]]) -> None:
+    for handle, offset in counters:
+        torch.UntypedStorage._release_ipc_counter(handle, offset)
+
+
+@dataclass(eq=False)
+class CacheExport:
+    """Our caches exported to one connection's peer: one torch share of each distinct storage.
+
+    torch counts every share (torch/csrc/CudaIPCTypes.cpp): a counter set to 1 that the one
+    process mapping it takes back down when its mapping goes, and a slot that the share holds
+    until torch frees it, once both the shared storage is gone and the counter is down. A slot
+    still held when the process ends is what makes torch print "Producer process has been
+    terminated before all shared CUDA tensors released". Sharing the engine's cache storages
+    themselves tied every share to the caches, which live to the end of the process (past it
+    when anything still refers to them then), and one export went to every dialer although each
+    share counts one mapping. Here each connection's shares are made on DLPack aliases of the
+    storages that this object holds (an alias keeps the caches' memory, not the engine's tensors):
+    close() drops them when the connection ends, and torch frees each share as soon as the peer's
+    mapping is gone too; one the peer still maps, torch keeps (alias, memory and all) until it is.
+    """
+
+    blob: bytes  # what the peer maps (open_caches)
+    _aliases: list[torch.UntypedStorage]
+    _counters: list[tuple[bytes, int]]
+
+    def close(self) -> None:
+        """The connection ended: our side of its shares goes (torch frees each once the peer's has)."""
+        self._aliases = []
+
+    def withdraw(self) -> None:
+        """The peer never received the export: take its counts down for it, then close."""
+        counters, self._counters = self._counters, []
+        _release(counters)
+        self.close()
+
+
+def export_caches(tensors: Sequence[torch.Tensor]) -> CacheExport:
+    """One connection's export of every layer's cache tensor: per layer, torch's storage IPC tuple
+    (as torch.multiprocessing sends it) and the tensor's offset in its storage; layers that share
+    a storage share its one entry (the peer maps each storage once)."""
+    shares: dict[int, dict[str, Any]] = {}  # storage address -> its share's entry
+    aliases: list[torch.UntypedStorage] = []
     layers = []
     for kv in tensors:
         storage = kv.untyped_storage()
-        device, handle, size, offset, ref_handle, ref_offset, event, event_sync = storage._share_cuda_()
-        layers.append({
-            "handle": _b64(handle), "size": size, "offset": offset, "ref_handle": _b64(ref_handle),
-            "ref_offset": ref_offset, "event": _b64(event), "event_sync": bool(event_sync),
-            "tensor_offset": kv.storage_offset(), "num_blocks": kv.shape[1],
-        })  # fmt: skip
-    return json.dumps({"layers": layers}).encode()
+        share = shares.get(storage.data_ptr())
+        if share is None:
+            whole = torch.empty(0, dtype=torch.uint8, device=kv.device).set_(storage)
+            alias = torch.from_dlpack(whole).untyped_storage()
+            device, handle, size, offset, ref_handle, ref_offset, event, event_sync = alias._share_cuda_()
+            aliases.append(alias)
+            share = shares[storage.data_ptr()] = {
+                "handle": _b64(handle), "size": size, "offset": offset, "ref_handle": _b64(ref_handle),
+                "ref_offset": ref_offset, "event": _b64(event), "event_sync": bool(event_sync),
+            }  # fmt: skip
+        layers.append({**share, "tensor_offset": kv.storage_offset(), "num_blocks": kv.shape[1]})
+    blob = json.dumps({"layers": layers}).encode()
+    return CacheExport(blob, aliases, [_counter(share) for share in shares.values()])
+
+
+def release_export(blob: bytes) -> None:
+    """A peer's export this process received and will not map (refused, or unusable here): take
+    its counts down, as a mapping would have when it went, so the peer's torch can free the shares."""
+    _release(dict.fromkeys(_counter(e) for e in json.loads(blob)["layers"]))
 
 
 _MAX_PLANS = 256  # copy plans kept per peer: an engine pushes a few dozen groupings at most
@@ -104,8 +164,21 @@ class PeerCaches:
 
 def open_caches(blob: bytes, layout: KVLayout, device: torch.device) -> PeerCaches:
     """Map a peer's exported caches on `device` (this process's own GPU, whichever GPU holds them:
-    the driver maps a peer GPU's memory over NVLink or PCIe). Raises on anything unusable."""
+    the driver maps a peer GPU's memory over NVLink or PCIe). Raises on anything unusable.
+    Each share's count goes down exactly once: when the mapping that holds it goes, or here at
+    once for a share left unmapped (one of a storage already mapped, or any, when this raises)."""
     entries = json.loads(blob)["layers"]
+    held: set[tuple[bytes, int]] = set()  # the shares a mapping of ours holds: its end counts them
+    try:
+        layers = _map_layers(entries, layout, device, held)
+    finally:
+        _release(c for c in dict.fromkeys(_counter(e) for e in entries) if c not in held)
+    return PeerCaches(layers)
+
+
+def _map_layers(
+    entries: list[dict[str, Any]], layout: KVLayout, device: torch.device, held: set[tuple[bytes, int]]
+) -> list[torch.Tensor]:
     if len(entries) != layout.num_layers:
         raise ValueError(f"the peer exported {len(entries)} layers, the layout has {layout.num_layers}")
     dtype = getattr(torch, layout.dtype)
@@ -121,13 +194,14 @@ def open_caches(blob: bytes, layout: KVLayout, device: torch.device) -> PeerCach
                 _unb64(e["handle"]), e["size"], e["offset"], _unb64(e["ref_handle"]), e["ref_offset"],
                 _unb64(e["event"]), e["event_sync"],
             )  # fmt: skip
+            held.add(_counter(e))  # released by this storage's deleter when its last view goes
         shape = (2, int(e["num_blocks"]), layout.block_size, layout.num_kv_heads, layout.head_dim)
         strides = [1] * len(shape)
         for i in range(len(shape) - 2, -1, -1):
             strides[i] = strides[i + 1] * shape[i + 1]
         kv = torch.empty(0, dtype=dtype, device=device).set_(storage, int(e["tensor_offset"]), shape, strides)
         layers.append(kv)
-    return PeerCaches(layers)
+    return layers
 
 
 def map_peer(address: str, blob: bytes, layout: KVLayout, device: torch.device) -> PeerCaches | None:

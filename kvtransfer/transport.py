@@ -94,9 +94,9 @@ class KVTransport:
         self._sender: KVSender | None = None
         self._receiver: KVReceiver | None = None
         self._warm: WarmPeers | None = None
-        # direct writes (ipc.py): who may share CUDA memory with us, and our caches' export, made once
+        # direct writes (ipc.py): who may share CUDA memory with us (our caches go to each such
+        # dialer in an export of its own)
         self._host = host_identity() if config.direct_writes_on else ""
-        self._export: bytes | None = None
         self._side: SideListener | None = None  # Written and Done from same-host writers (side.py)
 
     # ---- lifecycle (any thread)
@@ -321,21 +321,21 @@ class KVTransport:
         return self._sender is not None and self._sender.uses(conn)
 
     def _offer(self, hello: Hello) -> Offer | None:
-        """Our caches' export for a dialer that can map them (same host identity, both on GPUs), and
-        our side channel with a token for its connection."""
+        """An export of our caches for a dialer that can map them (same host identity, both on
+        GPUs), its own (torch counts each export's one mapping: ipc.CacheExport), and our side
+        channel with a token for its connection."""
         caches = self._caches
         if not (self._host and hello.host == self._host and caches is not None and exportable(caches.tensors)):
             return None
-        if self._export is None:
-            try:
-                self._export = export_caches(caches.tensors)
-            except Exception as e:
-                log.warning("kv caches cannot be exported: KV comes over UCX", error=f"{type(e).__name__}: {e}")
-                self._host = ""
-                return None
+        try:
+            export = export_caches(caches.tensors)
+        except Exception as e:
+            log.warning("kv caches cannot be exported: KV comes over UCX", error=f"{type(e).__name__}: {e}")
+            self._host = ""
+            return None
         if self._side is None:
-            return Offer(self._export)
-        return Offer(self._export, self._side.name, self._side.offer())
+            return Offer(export)
+        return Offer(export, self._side.name, self._side.offer())
 
     async def _accept(self, ep: Any) -> None:
         """Listener callback: the dialing peer's Hello, then Welcome or Refuse."""
@@ -356,11 +356,13 @@ class KVTransport:
         if greeted is None or self._stopping.is_set():
             if greeted is not None:
                 ep.abort()
+                if greeted.offer is not None:
+                    greeted.offer.export.close()
             return
         hello = greeted.hello
         conn = Connection(ep, hello.name, hello.instance, greeted.layout, self._route, self._lost)
         offer = greeted.offer
-        conn.export_offered = offer is not None
+        conn.export = offer.export if offer is not None else None
         if offer is not None and offer.side_token and self._side is not None:
             self._side.expect(offer.side_token, conn.attach_side)
         conn.start(self._tasks)
@@ -380,6 +382,8 @@ class KVTransport:
     def _lost(self, conn: Connection, reason: str) -> None:
         self._dialer.forget(conn)
         self._accepted.discard(conn)
+        if conn.export is not None:
+            conn.export.close()  # torch frees its shares once the peer's mapping has gone too
         log.info("kv peer connection lost", peer=conn.peer, reason=reason)
         if self._sender is not None:
             self._sender.on_lost(conn, reason)

@@ -157,29 +157,32 @@ def test_with_direct_writes_off_kv_goes_over_ucx_and_lands_exact() -> None:
         prefill.stop()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Known, not yet fixed: on two H100s (2026-11-26 15:06 UTC, main 2c98cba) the receiver still printed "
-    "torch's 'Producer process has been terminated' after the writer closed its mappings first (a1808c8): some "
-    "reference to the mapped caches, or torch's IPC refcount itself, outlives PeerCaches.close. A warning at exit, "
-    "no KV lost; strict, so that the fix makes this test fail until the mark goes",
-)
-def test_a_writer_that_stops_first_leaves_the_receiver_no_cuda_ipc_mapping_to_warn_of(
-    capfd: pytest.CaptureFixture[str],
+@pytest.mark.parametrize("writers", [1, 2])
+def test_writers_that_stop_first_leave_the_receiver_no_cuda_ipc_share_to_warn_of(
+    writers: int, capfd: pytest.CaptureFixture[str]
 ) -> None:
-    # The writer's transport releases its mappings of the receiver's caches as it closes, so
-    # torch's refcount of the receiver's export is back to zero when the receiver exits, and it
-    # prints no "Producer process has been terminated before all shared CUDA tensors released"
-    # (both processes write to this fd).
-    decode, prefill = peers()
+    # torch counts each share of the receiver's caches until the one process that maps it lets go,
+    # and prints "Producer process has been terminated before all shared CUDA tensors released" at
+    # the receiver's exit for any share it still counts (every process here writes to this fd).
+    # Each writer gets an export of its own (kvtransfer/ipc.py, CacheExport): one export for every
+    # dialer, or shares tied to the caches' own storages, left counts at exit.
+    common = {"device": "cuda:0", "ucx_tls": CUDA_TLS}
+    decode, *writing = start_peers(
+        PeerSpec(LAYOUT, POOL, **common), *[PeerSpec(LAYOUT, POOL, receive=False, **common)] * writers
+    )
     try:
-        first_ticket(decode, prefill)
-        info = granted(decode, prefill, "d", 500, seed=1)
-        sent = prefill.call("push", infos=[info], seeds=[1], layers=None, timeout_s=60)
-        assert sent["tickets"]["d"]["ok"] and sent["tickets"]["d"]["direct"]
-        assert decode.call("wait", tickets=["d"], timeout_s=60)["tickets"]["d"]["exact"]
+        for i, prefill in enumerate(writing):
+            warm = decode.call("expect", ticket=f"warm{i}", num_tokens=64, seed=90 + i, timeout_s=60)
+            pushed = prefill.call("push", infos=[warm], seeds=[90 + i], layers=None, timeout_s=60)
+            assert pushed["tickets"][f"warm{i}"]["ok"]  # the connection, and the mapping, are made on the way
+            info = granted(decode, prefill, f"d{i}", 500, seed=i)
+            sent = prefill.call("push", infos=[info], seeds=[i], layers=None, timeout_s=60)
+            assert sent["tickets"][f"d{i}"]["ok"] and sent["tickets"][f"d{i}"]["direct"]
+        landed = decode.call("wait", tickets=[f"d{i}" for i in range(writers)], timeout_s=60)
+        assert all(r["exact"] for r in landed["tickets"].values())
     finally:
-        prefill.stop()
+        for prefill in writing:
+            prefill.stop()
         decode.stop()
-    assert decode.process.exitcode == 0 and prefill.process.exitcode == 0
+    assert decode.process.exitcode == 0 and all(p.process.exitcode == 0 for p in writing)
     assert "Producer process has been terminated" not in capfd.readouterr().err
