@@ -64,8 +64,10 @@ def paged_attention(
     meta: AttentionMetadata,
     scale: float,
     out: torch.Tensor | None = None,  # (num_tokens, num_heads, head_dim): written in place when given
+    kv_written: bool = False,  # k and v already in the cache (kernels.layer_ops.rotary_split wrote them)
 ) -> torch.Tensor:  # (num_tokens, num_heads, head_dim)
-    write_kv(kv_layer, k, v, meta.slot_mapping)
+    if not kv_written:
+        write_kv(kv_layer, k, v, meta.slot_mapping)
     nd = meta.num_decodes
     if not meta.prefills and out is None:
         return _decode(q, kv_layer, meta, scale, None)

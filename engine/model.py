@@ -19,7 +19,7 @@ from engine.config import EngineConfig
 from engine.cpu_linear import PackedLinear, pack_linears
 from engine.model_config import ModelConfig, RopeScaling
 from kernels.cpu_norm import NativeRmsNorm
-from kernels.layer_ops import add_rms_norm, rms_norm, rms_norm_ref, rotary_split, silu_mul, use_fused
+from kernels.layer_ops import KVCache, add_rms_norm, rms_norm, rms_norm_ref, rotary_split, silu_mul, use_fused
 
 
 class RMSNorm(nn.Module):
@@ -106,15 +106,20 @@ class Attention(nn.Module):
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
-        q, k, v = self.project(x, cos, sin)
-        out = paged_attention(q, k, v, kv_layer, meta, self.scale)  # (tokens, heads, head_dim)
+        fused = use_fused(x)  # CUDA: the rotary kernel writes the cache (CPU: attention does, as before)
+        q, k, v = self.project(x, cos, sin, cache=(kv_layer, meta.slot_mapping) if fused else None)
+        out = paged_attention(q, k, v, kv_layer, meta, self.scale, kv_written=fused)  # (tokens, heads, head_dim)
         return self.o_proj(out.flatten(1))
 
-    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: QKV | None = None) -> QKV:
+    def project(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: QKV | None = None,
+        cache: KVCache | None = None,
+    ) -> QKV:  # fmt: skip
         """q (tokens, heads, head_dim) and k (tokens, kv_heads, head_dim) with rotary applied, and v
-        (into `out`'s buffers when given). On CUDA one kernel rotates q and k and splits v out."""
+        (into `out`'s buffers when given), k and v also written into `cache`'s slots when given. On
+        CUDA one kernel rotates q and k, splits v out and writes the cache."""
         qkv = self.qkv_proj(x)
-        return rotary_split(qkv, cos, sin, self.num_heads, self.num_kv_heads, self.head_dim, out=out)
+        return rotary_split(qkv, cos, sin, self.num_heads, self.num_kv_heads, self.head_dim, out=out, cache=cache)
 
 
 class MLP(nn.Module):

@@ -49,6 +49,7 @@ class _Bucket:
     q: torch.Tensor  # (size, heads, head_dim), rotary applied
     k: torch.Tensor  # (size, kv_heads, head_dim), rotary applied
     v: torch.Tensor  # (size, kv_heads, head_dim)
+    slots: torch.Tensor  # (size,) int64: each row's KV cache slot, -1 for padding (not written)
     attn: torch.Tensor  # (size, heads * head_dim): attention's output, written eagerly
     final: torch.Tensor  # (size, hidden): after the final norm
     pieces: list[Callable[[], None]] = field(default_factory=list)  # each replays its graph
@@ -97,10 +98,14 @@ class PiecewiseGraphs:
         b = self.buckets[next(s for s in self.sizes if s >= n)]
         b.input_ids[:n].copy_(input_ids)
         b.positions[:n].copy_(positions)
+        b.slots[:n].copy_(meta.slot_mapping)
+        if n < b.size:
+            b.slots[n:].fill_(-1)
         b.pieces[0]()
         attn = b.attn[:n].view(n, *b.q.shape[1:])  # attention writes its output here, in place
         for i, layer in enumerate(self.layers):
-            paged_attention(b.q[:n], b.k[:n], b.v[:n], self.kv_caches[i], meta, layer.self_attn.scale, out=attn)
+            q, k, v = b.q[:n], b.k[:n], b.v[:n]  # k and v are in the cache already: the pieces wrote them
+            paged_attention(q, k, v, self.kv_caches[i], meta, layer.self_attn.scale, out=attn, kv_written=True)
             if on_layer_done is not None:
                 on_layer_done(i)
             b.pieces[i + 1]()
@@ -130,8 +135,8 @@ class PiecewiseGraphs:
             self.model.norm.add(mlp, b.h, out=b.final, residual_out=b.h)
 
     def _project(self, b: _Bucket, i: int, normed: torch.Tensor) -> None:
-        """Layer i's q, k, v, written straight into the bucket's buffers."""
-        self.layers[i].self_attn.project(normed, b.cos, b.sin, out=(b.q, b.k, b.v))
+        """Layer i's q, k, v, written straight into the bucket's buffers, and k, v into the cache."""
+        self.layers[i].self_attn.project(normed, b.cos, b.sin, out=(b.q, b.k, b.v), cache=(self.kv_caches[i], b.slots))
 
     def _allocate(self, size: int) -> _Bucket:
         cfg, emb = self.model.config, self.model.embed_tokens.weight
@@ -144,7 +149,8 @@ class PiecewiseGraphs:
         return _Bucket(
             size, zeros(size, dt=torch.int64), zeros(size, dt=torch.int64), zeros(size, cfg.hidden_size),
             zeros(size, hd), zeros(size, hd), zeros(size, heads, hd), zeros(size, kv_heads, hd),
-            zeros(size, kv_heads, hd), zeros(size, heads * hd), zeros(size, cfg.hidden_size),
+            zeros(size, kv_heads, hd), torch.full((size,), -1, dtype=torch.int64, device=dev),
+            zeros(size, heads * hd), zeros(size, cfg.hidden_size),
         )  # fmt: skip
 
     def _capture(self, piece: Callable[[], None]) -> Callable[[], None]:

@@ -65,6 +65,11 @@ def _rotary_split_kernel(
     qkv_ptr,  # (tokens, (num_heads + 2 * num_kv_heads) * head_dim): the fused projection's output
     cos_ptr,  # (tokens, head_dim)
     sin_ptr,  # (tokens, head_dim), first half negated (engine.model.Rotary)
+    k_cache_ptr,  # (num_slots, num_kv_heads, head_dim): the layer's K cache, when WRITE_CACHE
+    v_cache_ptr,  # (num_slots, num_kv_heads, head_dim): its V cache
+    slots_ptr,  # (tokens,) int64: each token's cache slot; negative: not written (padding rows)
+    stride_cache_slot,
+    stride_cache_head,
     stride_q_t,
     stride_q_h,
     stride_k_t,
@@ -79,6 +84,7 @@ def _rotary_split_kernel(
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,  # power of 2
     BLOCK_H: tl.constexpr,  # heads per program
+    WRITE_CACHE: tl.constexpr,  # also write k and v into the cache slots
 ):
     tok = tl.program_id(0).to(tl.int64)
     heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)  # over q, k and v heads in turn
@@ -107,6 +113,13 @@ def _rotary_split_kernel(
     tl.store(q_ptr + tok * stride_q_t + qh[:, None] * stride_q_h + dims[None, :], rotated, mask=mask & is_q[:, None])
     tl.store(k_ptr + tok * stride_k_t + kh[:, None] * stride_k_h + dims[None, :], rotated, mask=mask & is_k[:, None])
     tl.store(v_ptr + tok * stride_v_t + vh[:, None] * stride_v_h + dims[None, :], x, mask=mask & is_v[:, None])
+    if WRITE_CACHE:
+        slot = tl.load(slots_ptr + tok)
+        if slot >= 0:
+            k_at = k_cache_ptr + slot * stride_cache_slot + kh[:, None] * stride_cache_head + dims[None, :]
+            v_at = v_cache_ptr + slot * stride_cache_slot + vh[:, None] * stride_cache_head + dims[None, :]
+            tl.store(k_at, rotated, mask=mask & is_k[:, None])
+            tl.store(v_at, x, mask=mask & is_v[:, None])
 
 
 @triton.jit

@@ -8,7 +8,8 @@ projection, SiLU and a multiply, residual adds, and copies into the piecewise bu
 
     rms_norm(x, w, eps)                   -> w * norm(x)
     add_rms_norm(x, residual, w, eps)     -> (w * norm(residual + x), residual + x)
-    rotary_split(qkv, cos, sin, ...)      -> q, k rotated and v, from the fused projection
+    rotary_split(qkv, cos, sin, ...)      -> q, k rotated and v, from the fused projection (and
+                                             k, v written into the paged KV cache's slots)
     silu_mul(gate_up)                     -> silu(gate) * up
 
 Each function runs the Triton kernel (kernels/_layer_ops_kernel.py) for CUDA tensors when triton
@@ -126,6 +127,20 @@ def _norm_out(x: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
 
 # -- rotary and the q/k/v split ------------------------------------------------------------------
 
+KVCache = tuple[torch.Tensor, torch.Tensor]  # (kv_layer, slots): a layer's cache and each token's slot
+
+
+def write_kv_ref(kv_layer: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
+    """kv_layer: (2, num_blocks, block_size, kv_heads, head_dim) (engine/kv_layout.py); k, v:
+    (tokens, kv_heads, head_dim); slots: (tokens,) int64, block_id * block_size + offset. A negative
+    slot (a padding row) is not written."""
+    flat = kv_layer.view(2, -1, kv_layer.shape[-2], kv_layer.shape[-1])  # (2, num_slots, kv_heads, head_dim)
+    if slots.numel() and slots.device.type == "cpu" and int(slots.min()) < 0:  # a check that would sync a GPU
+        keep = slots >= 0
+        slots, k, v = slots[keep], k[keep], v[keep]
+    flat[0].index_copy_(0, slots, k)
+    flat[1].index_copy_(0, slots, v)
+
 
 def rotary_split_ref(
     qkv: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int
@@ -151,17 +166,21 @@ def rotary_split(
     head_dim: int,
     *,
     out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    cache: KVCache | None = None,
     use_triton: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """rotary_split_ref's q, k, v in one kernel; out: (q, k, v) buffers to write into, each
-    (tokens, heads, head_dim) with its last dim contiguous."""
+    (tokens, heads, head_dim) with its last dim contiguous; cache: (kv_layer, slots) to write k and
+    v into as well, as write_kv_ref does (the same kernel: no index_copy_ per layer on CUDA)."""
     if not _pick(qkv, use_triton):
         got = rotary_split_ref(qkv, cos, signed_sin, num_heads, num_kv_heads, head_dim)
-        if out is None:
-            return got
-        for dst, src in zip(out, got, strict=True):
-            dst.copy_(src)
-        return out
+        if out is not None:
+            for dst, src in zip(out, got, strict=True):
+                dst.copy_(src)
+            got = out
+        if cache is not None:
+            write_kv_ref(cache[0], got[1], got[2], cache[1])
+        return got
     tokens = qkv.shape[0]
     width = (num_heads + 2 * num_kv_heads) * head_dim
     if qkv.dim() != 2 or qkv.shape[1] != width or qkv.stride(1) != 1:
@@ -178,27 +197,50 @@ def rotary_split(
     for name, t, h in (("q", q, num_heads), ("k", k, num_kv_heads), ("v", v, num_kv_heads)):
         if t.shape != (tokens, h, head_dim) or t.stride(2) != 1 or t.dtype != qkv.dtype:
             raise ValueError(f"{name} out must be ({tokens}, {h}, {head_dim}) in qkv's dtype, got {tuple(t.shape)}")
-    check_triton_device(qkv, cos, signed_sin, q, k, v)
+    flat = _cache_slots(cache, qkv, tokens, num_kv_heads, head_dim)
+    check_triton_device(qkv, cos, signed_sin, q, k, v, *([flat[0], flat[2]] if flat is not None else []))
     if tokens:
-        _launch_rotary(q, k, v, qkv, cos, signed_sin, num_heads, num_kv_heads, head_dim)
+        _launch_rotary(q, k, v, qkv, cos, signed_sin, flat, num_heads, num_kv_heads, head_dim)
     return q, k, v
+
+
+def _cache_slots(
+    cache: KVCache | None, qkv: torch.Tensor, tokens: int, num_kv_heads: int, head_dim: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """(K slots, V slots, slots): the cache as (num_slots, kv_heads, head_dim) views, checked."""
+    if cache is None:
+        return None
+    kv_layer, slots = cache
+    if kv_layer.dim() != 5 or kv_layer.shape[0] != 2 or kv_layer.shape[-2:] != (num_kv_heads, head_dim):
+        raise ValueError(
+            f"the cache must be (2, blocks, block_size, {num_kv_heads}, {head_dim}), got {tuple(kv_layer.shape)}"
+        )
+    if kv_layer.dtype != qkv.dtype or slots.dtype != torch.int64 or slots.shape != (tokens,):
+        raise ValueError(
+            f"the cache must be in qkv's dtype and slots ({tokens},) int64, got {kv_layer.dtype}, {slots.dtype}"
+        )
+    flat = kv_layer.view(2, -1, num_kv_heads, head_dim)  # raises unless each layer's slots are evenly strided
+    if flat.stride(2) != head_dim or flat.stride(3) != 1:
+        raise ValueError(f"the cache's heads must be contiguous, got strides {tuple(kv_layer.stride())}")
+    return flat[0], flat[1], slots.contiguous()
 
 
 def _launch_rotary(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-    num_heads: int, num_kv_heads: int, head_dim: int,
+    flat: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None, num_heads: int, num_kv_heads: int, head_dim: int,
 ) -> None:  # fmt: skip
     require_triton()
     from kernels._layer_ops_kernel import _rotary_split_kernel
 
     block_h = 8
     total = num_heads + 2 * num_kv_heads
+    k_cache, v_cache, slots = flat if flat is not None else (k, v, qkv)  # unread without a cache
     _rotary_split_kernel[(qkv.shape[0], -(-total // block_h))](
-        q, k, v, qkv, cos, sin,
+        q, k, v, qkv, cos, sin, k_cache, v_cache, slots, k_cache.stride(0), k_cache.stride(1),
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         qkv.stride(0), cos.stride(0), sin.stride(0),
         NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
-        HEAD_DIM_PAD=next_power_of_2(head_dim), BLOCK_H=block_h, num_warps=4,
+        HEAD_DIM_PAD=next_power_of_2(head_dim), BLOCK_H=block_h, WRITE_CACHE=flat is not None, num_warps=4,
     )  # fmt: skip
 
 

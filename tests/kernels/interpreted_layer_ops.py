@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from kernel_cases import same_bytes
 
 from kernels._triton import interpreter_active
 from kernels.layer_ops import (
@@ -97,3 +98,22 @@ def test_rotary_split_writes_into_given_buffers_and_reads_a_strided_qkv() -> Non
 def test_silu_mul_matches_the_reference(rows: int, width: int, dtype: torch.dtype) -> None:
     gate_up = _randn(rows, 2 * width, dtype=dtype, seed=width) * 4
     _close(silu_mul(gate_up, use_triton=True), silu_mul_ref(gate_up))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "bf16"])
+def test_rotary_split_writes_k_and_v_into_the_cache_slots_and_skips_negative_ones(dtype: torch.dtype) -> None:
+    heads, kv_heads, hd, block_size = 4, 2, 8, 4
+    tokens = 6
+    qkv = _randn(tokens, (heads + 2 * kv_heads) * hd, dtype=dtype, seed=12)
+    cos, sin = _randn(tokens, hd, dtype=dtype, seed=13), _randn(tokens, hd, dtype=dtype, seed=14)
+    slots = torch.tensor([9, 2, 17, -1, 0, -1])  # scattered, two padding rows
+    got_cache = torch.full((2, 5, block_size, kv_heads, hd), float("nan"), dtype=dtype)
+    want_cache = got_cache.clone()
+    got = rotary_split(qkv, cos, sin, heads, kv_heads, hd, cache=(got_cache, slots), use_triton=True)
+    want = rotary_split(qkv, cos, sin, heads, kv_heads, hd, cache=(want_cache, slots), use_triton=False)
+    for g, w in zip(got, want, strict=True):
+        assert torch.equal(g, w)
+    assert same_bytes(got_cache, want_cache)  # the named slots written, every other slot still NaN
+    flat = got_cache.view(2, -1, kv_heads, hd)
+    assert torch.equal(flat[0, [9, 2, 17, 0]], want[1][[0, 1, 2, 4]])
+    assert torch.isnan(flat[:, [1, 3, 4, 5]].float()).all()

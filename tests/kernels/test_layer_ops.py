@@ -89,8 +89,14 @@ def test_compiled_kernels_match_references_on_llama_8b_shapes(dtype: torch.dtype
     torch.testing.assert_close(normed, want_norm, **tol)
     qkv = torch.randn(tokens, (heads + 2 * kv_heads) * hd, device=dev, dtype=dtype)
     cos, sin = torch.randn(tokens, hd, device=dev, dtype=dtype), torch.randn(tokens, hd, device=dev, dtype=dtype)
-    got = rotary_split(qkv, cos, sin, heads, kv_heads, hd)
+    cache = torch.full((2, 40, 16, kv_heads, hd), float("nan"), device=dev, dtype=dtype)
+    slots = torch.randperm(40 * 16, device=dev)[:tokens]
+    slots[::7] = -1  # padding rows: not written
+    got = rotary_split(qkv, cos, sin, heads, kv_heads, hd, cache=(cache, slots))
     for g, want in zip(got, rotary_split_ref(qkv, cos, sin, heads, kv_heads, hd), strict=True):
         torch.testing.assert_close(g, want, **tol)
+    flat, kept = cache.view(2, -1, kv_heads, hd), slots >= 0
+    assert torch.equal(flat[0, slots[kept]], got[1][kept]) and torch.equal(flat[1, slots[kept]], got[2][kept])
+    assert int(torch.isnan(flat[0].flatten(1)).all(1).sum()) == 40 * 16 - int(kept.sum())
     gate_up = torch.randn(tokens, 2 * ffn, device=dev, dtype=dtype) * 4
     torch.testing.assert_close(silu_mul(gate_up), silu_mul_ref(gate_up), **tol)
