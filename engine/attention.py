@@ -1,11 +1,13 @@
 """Attention over the paged KV cache for one mixed batch (decodes and prefill chunks).
 
 The batch's tokens are flattened: first every request advancing by one token (decode — and a
-one-token prompt), then the prefill chunks. Each layer writes its new K/V into the cache slots,
-then attends: decodes through the paged-attention kernel (Triton on CUDA; on CPU the compiled C
-kernel of kernels/cpu_native.py where it builds, else the fused torch path, its gather planned
-once per step), each prefill chunk through scaled_dot_product_attention
-over its cached prefix plus itself.
+one-token prompt), then the prefill chunks. Each layer writes its new K/V into the cache slots
+(on CUDA the rotary kernel has written them already: kv_written), then attends: decodes through
+the paged-attention kernel (Triton on CUDA; on CPU the compiled C kernel of kernels/cpu_native.py
+where it builds, else the fused torch path, its gather planned once per step); prefill chunks on
+CUDA all in one Triton launch reading their keys from the cache (kernels/paged_prefill.py), on
+CPU each through scaled_dot_product_attention over its cached prefix plus itself. Given `out`,
+the kernels write the layer's output there in place (the piecewise graphs' static buffer).
 """
 
 from __future__ import annotations
@@ -18,9 +20,11 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
+from kernels._triton import triton_available
 from kernels.cpu_native import NativeDecodeAttention
 from kernels.paged_attention import paged_attention_decode
 from kernels.paged_attention_cpu import DecodePlan, decode_attention_cpu, plan_decode
+from kernels.paged_prefill import paged_prefill
 
 # Not cuDNN, which SDPA picks first on Hopper: its host side cost ~0.6 ms a call on an H100 (one
 # per prefill chunk per layer: ~20 ms of a step's launch time), more for every new chunk length.
@@ -47,6 +51,12 @@ class AttentionMetadata:
     # CPU: the decodes' plan (the kernel's checked tables, or SDPA's gather), made by the first
     # layer and reused by the others.
     cpu_decode_plan: DecodePlan | None = None
+    # CUDA: every prefill chunk in one kernel launch (kernels/paged_prefill.py): per chunk (row0, n,
+    # ctx, first entry in prefill_blocks) int64, the chunks' block ids one after another, and the
+    # longest n. None: each chunk through _prefill_chunk.
+    prefill_info: torch.Tensor | None = None
+    prefill_blocks: torch.Tensor | None = None
+    prefill_max_new: int = 0
 
 
 def write_kv(kv_layer: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
@@ -75,6 +85,11 @@ def paged_attention(
         out = torch.empty_like(q)
     if nd:
         _decode(q[:nd], kv_layer, meta, scale, out[:nd])  # the kernel writes its rows of out itself
+    info, blocks = meta.prefill_info, meta.prefill_blocks
+    if q.is_cuda and info is not None and blocks is not None and triton_available():
+        # Every chunk at once, its keys read from the cache (its own K and V are written above).
+        paged_prefill(q, kv_layer[0], kv_layer[1], info, blocks, scale, meta.prefill_max_new, out)
+        return out
     for span in meta.prefills:
         rows = slice(span.start, span.start + span.num_new)
         out[rows] = _prefill_chunk(q[rows], k[rows], v[rows], kv_layer, span, scale)

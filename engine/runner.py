@@ -110,10 +110,17 @@ class ModelRunner:
             row += chunk.num_new_tokens
             if chunk.completes:
                 logits_rows.append(row - 1)
-        flat = np.concatenate([*ids, *positions, *slots, np.asarray(logits_rows, dtype=np.int64), *span_blocks])
+        # Per chunk, for the CUDA prefill kernel (kernels/paged_prefill.py): row0, n, ctx, first block entry.
+        offsets = np.cumsum([0, *(len(b) for b in span_blocks)], dtype=np.int64)[:-1]
+        info = np.asarray([(r0, n, end, o) for (r0, n, end), o in zip(spans, offsets, strict=True)], dtype=np.int64)
+        flat = np.concatenate(
+            [*ids, *positions, *slots, np.asarray(logits_rows, dtype=np.int64), info.ravel(), *span_blocks]
+        )
         dev64, tables, lens_t = self.upload(flat, table, lens)
-        parts = _split(dev64, [row, row, row, len(logits_rows), *(len(b) for b in span_blocks)])
-        input_ids, positions_t, slot_mapping, rows_t, *blocks = parts
+        sizes = [row, row, row, len(logits_rows), info.size]
+        parts = _split(dev64, [*sizes, flat.size - sum(sizes)])
+        input_ids, positions_t, slot_mapping, rows_t, info_t, all_blocks = parts
+        blocks = _split(all_blocks, [len(b) for b in span_blocks])
         prefills = [PrefillSpan(r0, n, end, b) for (r0, n, end), b in zip(spans, blocks, strict=True)]
         meta = AttentionMetadata(
             slot_mapping=slot_mapping,
@@ -122,6 +129,9 @@ class ModelRunner:
             decode_context_lens=lens_t if nd else None,
             prefills=prefills,
             cpu_native=self.cpu_attention,
+            prefill_info=info_t.view(-1, 4) if spans else None,
+            prefill_blocks=all_blocks,
+            prefill_max_new=max((n for _, n, _ in spans), default=0),
         )
         return ForwardInputs(input_ids=input_ids, positions=positions_t, meta=meta, logits_rows=rows_t, order=order)
 
