@@ -27,6 +27,7 @@ import torch
 from engine.attention import AttentionMetadata, paged_attention
 from engine.cuda_graphs import CaptureReport
 from engine.model import DecoderLayer, LlamaModel
+from kernels.layer_ops import use_fused
 
 # Up to 768 tokens only. Measured on an H100 (8B shapes, 64 decodes plus one new prompt chunk,
 # BENCHMARKS.md): with a 256- or 512-token chunk the pieces took 20 and 26 ms against 47 and 48 ms
@@ -65,6 +66,9 @@ class PiecewiseGraphs:
         self.buckets: dict[int, _Bucket] = {}
         self._graphs: list[torch.cuda.CUDAGraph] = []
         self.pool = torch.cuda.graph_pool_handle() if kv_caches[0].is_cuda else None
+        # The pieces write each layer's K/V into the cache (the rotary kernel) where the layer-op
+        # kernels run; elsewhere attention writes them, as the model's own forward does.
+        self.kv_in_pieces = use_fused(kv_caches[0])
 
     def can_run(self, num_tokens: int) -> bool:
         return num_tokens <= self.sizes[-1] and bool(self.buckets)
@@ -104,8 +108,8 @@ class PiecewiseGraphs:
         b.pieces[0]()
         attn = b.attn[:n].view(n, *b.q.shape[1:])  # attention writes its output here, in place
         for i, layer in enumerate(self.layers):
-            q, k, v = b.q[:n], b.k[:n], b.v[:n]  # k and v are in the cache already: the pieces wrote them
-            paged_attention(q, k, v, self.kv_caches[i], meta, layer.self_attn.scale, out=attn, kv_written=True)
+            q, k, v, kv = b.q[:n], b.k[:n], b.v[:n], self.kv_caches[i]
+            paged_attention(q, k, v, kv, meta, layer.self_attn.scale, out=attn, kv_written=self.kv_in_pieces)
             if on_layer_done is not None:
                 on_layer_done(i)
             b.pieces[i + 1]()
@@ -135,8 +139,10 @@ class PiecewiseGraphs:
             self.model.norm.add(mlp, b.h, out=b.final, residual_out=b.h)
 
     def _project(self, b: _Bucket, i: int, normed: torch.Tensor) -> None:
-        """Layer i's q, k, v, written straight into the bucket's buffers, and k, v into the cache."""
-        self.layers[i].self_attn.project(normed, b.cos, b.sin, out=(b.q, b.k, b.v), cache=(self.kv_caches[i], b.slots))
+        """Layer i's q, k, v, written straight into the bucket's buffers (and k, v into the cache
+        where the layer-op kernels run: kv_in_pieces)."""
+        cache = (self.kv_caches[i], b.slots) if self.kv_in_pieces else None
+        self.layers[i].self_attn.project(normed, b.cos, b.sin, out=(b.q, b.k, b.v), cache=cache)
 
     def _allocate(self, size: int) -> _Bucket:
         cfg, emb = self.model.config, self.model.embed_tokens.weight

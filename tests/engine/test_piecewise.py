@@ -10,6 +10,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+import pytest
 import torch
 
 from engine.piecewise import PiecewiseGraphs
@@ -17,7 +18,10 @@ from engine.step_timer import StepKind
 from tests.engine.engine_helpers import greedy, make_engine, run_to_completion
 
 
-def test_piecewise_steps_give_the_model_forward_s_tokens(tiny_llama: Path) -> None:
+@pytest.mark.parametrize("kv_in_pieces", [False, True], ids=["attention-writes-kv", "pieces-write-kv"])
+def test_piecewise_steps_give_the_model_forward_s_tokens(tiny_llama: Path, kv_in_pieces: bool) -> None:
+    # kv_in_pieces: the pieces write K/V into the cache (the CUDA path, here through the torch
+    # reference), padding rows at slot -1 skipped.
     rng = random.Random(3)
     shared = [rng.randrange(256) for _ in range(24)]  # a prefix the cache serves to the later prompts
     prompts = [shared + [rng.randrange(256) for _ in range(n)] for n in (1, 9, 30, 57)] + [[5], [7, 8]]
@@ -26,6 +30,7 @@ def test_piecewise_steps_give_the_model_forward_s_tokens(tiny_llama: Path) -> No
         engine = make_engine(tiny_llama, max_batched_tokens=40, max_prefill_chunk=16)
         if piecewise:
             pieces = PiecewiseGraphs(engine.runner.model, engine.kv_caches, max_tokens=40)
+            pieces.kv_in_pieces = kv_in_pieces
             pieces.capture_all()
             engine.runner.pieces = pieces
         for i, p in enumerate(prompts):
