@@ -69,6 +69,11 @@ class TicketImport:
         if done is not None and not on_loop(self._receiver.loop):
             done.result(CALL_TIMEOUT_S)  # on the loop the failure publishes once the unpack in progress ends
 
+    def cancel_soon(self, reason: str) -> None:
+        """cancel() for a caller that may not wait (a callback on another event loop): the lease
+        ends now; the ticket fails on the transport's loop once no unpack writes its blocks."""
+        self._receiver.cancel(self, reason)
+
     async def cancel_async(self, reason: str) -> None:
         """cancel() for a caller on another event loop (a gRPC servicer)."""
         done = self._receiver.cancel(self, reason)

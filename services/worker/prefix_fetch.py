@@ -140,7 +140,9 @@ class PrefixFetcher:
             raise
         imported.commit()  # the engine owns the blocks; the lease now bounds the fetch alone
         fetch = self._fetch(imported, address, hashes[first:last], generations[first:last], timeout_s)
-        self._track(asyncio.get_running_loop().create_task(fetch))
+        task = asyncio.get_running_loop().create_task(fetch)
+        task.add_done_callback(lambda done: _fail_if_cancelled(done, imported))
+        self._track(task)
         return imported
 
     async def _reserve(
@@ -206,6 +208,14 @@ class PrefixFetcher:
         for task in list(self._fetches):
             task.cancel()
         await asyncio.gather(*self._fetches, return_exceptions=True)
+
+
+def _fail_if_cancelled(task: asyncio.Task[None], imported: TicketImport) -> None:
+    """A UCX fetch cancelled (the worker stopping), before its task began or mid-fetch, fails its
+    import now, not when its lease runs out: the request stops waiting and the engine takes its
+    blocks back. The store's side ends with the Fetch call, cancelled with the task."""
+    if task.cancelled():
+        imported.cancel_soon("the fetch was cancelled")
 
 
 def _ms(value: float | None) -> float | None:
