@@ -188,11 +188,19 @@ class AsyncEngine:
     async def stats(self) -> EngineStats:
         return await self.call(lambda e: e.stats())
 
-    def shutdown(self) -> None:
+    def shutdown(self, join_timeout_s: float = 30.0) -> bool:
+        """Stop the step thread; wait for it at most join_timeout_s (a service passes what its
+        supervisor's stop margin leaves). False, with an error logged, when a step still runs:
+        the thread is a daemon, it goes with the process."""
         self._stop.set()
         self._wake.set()
-        self._thread.join(timeout=30)
+        self._thread.join(timeout=join_timeout_s)
+        if self._thread.is_alive():
+            log.error("the engine's step thread did not end within %.1f s (a step still runs); stopping without it",
+                      join_timeout_s)  # fmt: skip
+            return False
         log.info("engine step loop: %s", self.engine.step_times.summary())
+        return True
 
     # -- the step thread -----------------------------------------------------------------------
 

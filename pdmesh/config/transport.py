@@ -15,6 +15,9 @@ STOP_MARGIN_S = 15.0
 # before it gives up on that mapping (services/worker/shared_memory.py): a stop waits for these,
 # so a share of the margin, leaving the rest of the teardown the other two thirds.
 COPY_SETTLE_S = STOP_MARGIN_S / 3
+# The longest a stopping worker waits for its engine's step thread (a step hung on its device),
+# another share: with COPY_SETTLE_S it leaves the KV transport's close a third of the margin.
+ENGINE_STOP_S = STOP_MARGIN_S / 3
 
 
 @dataclass(frozen=True)

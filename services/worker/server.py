@@ -33,6 +33,7 @@ from engine.config import EngineConfig
 from engine.engine import Engine
 from engine.errors import DeviceLost
 from kvtransfer.transport import KVTransport
+from pdmesh.config import ENGINE_STOP_S
 from pdmesh.enums import WorkerRole
 from pdmesh.v1 import decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc, worker_pb2
 from services.bootstrap import Server, ServicerBinding, serve
@@ -155,7 +156,7 @@ async def serve_worker(config: WorkerConfig) -> None:
         await store.close()
         if reservations is not None:
             await reservations.close()
-        async_engine.shutdown()
+        async_engine.shutdown(ENGINE_STOP_S)  # a hung step: pdmesh up SIGKILLs STOP_MARGIN_S past the grace
         if async_engine.lost is None:  # a lost device leaves UCX to the process's end (module docstring)
             if peers_told_at is not None:
                 await asyncio.sleep(max(0.0, peers_told_at - loop.time()))

@@ -188,3 +188,33 @@ async def test_an_id_used_again_at_once_streams_only_the_new_requests_tokens(
         assert (stats.num_running, stats.num_waiting, stats.num_free_blocks) == (0, 0, 64)
     finally:
         async_engine.shutdown()
+
+
+def test_a_shutdown_behind_a_hung_step_gives_up_within_its_timeout_and_says_so(
+    tiny_llama: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A worker stopping while a step hangs (its device stuck) must not wait past what pdmesh up
+    leaves it before a SIGKILL: the shutdown returns after the timeout it is given, logging why."""
+    engine = make_engine(tiny_llama)
+    in_step, go_on = threading.Event(), threading.Event()
+    real_step = engine.step_held
+
+    def hung_step(*args: object, **kwargs: object) -> object:
+        in_step.set()
+        go_on.wait(60)
+        return real_step(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(engine, "step_held", hung_step)
+    async_engine = AsyncEngine(engine)
+    try:
+        async_engine.submit(lambda e: e.add_request("r", [1, 2, 3], greedy(5)))
+        assert in_step.wait(10)
+        started = time.monotonic()
+        with caplog.at_level("INFO", logger="engine.async_engine"):
+            assert async_engine.shutdown(join_timeout_s=0.5) is False
+        assert 0.5 <= time.monotonic() - started < 10
+        (error,) = [r for r in caplog.records if r.levelname == "ERROR"]
+        assert "did not end within 0.5 s" in error.getMessage()
+    finally:
+        go_on.set()
+    assert async_engine.shutdown(join_timeout_s=30) is True  # the step ended: the thread does too
