@@ -17,7 +17,8 @@ from __future__ import annotations
 import base64
 import json
 import os
-from collections.abc import Iterable, Sequence
+import sys
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,10 @@ log = structlog.get_logger(__name__)
 
 EXPORT_TAG = 1 << 62  # the tag the export travels on after a Welcome that offers it (payload tags count up from 2)
 _BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
+_SHM = Path("/dev/shm")
+# torch's ref-counter file is an at::RefcountedMapAllocator mapping: the allocator's own header
+# (its count of mappers), then one int64 count per share
+_COUNTER_FILE_HEADER_BYTES = 64
 
 
 def host_identity() -> str:
@@ -58,9 +63,35 @@ def _counter(entry: dict[str, Any]) -> tuple[bytes, int]:
     return handle, int(entry["ref_offset"])
 
 
+def _release_counter(handle: bytes, offset: int) -> None:
+    torch.UntypedStorage._release_ipc_counter(handle, offset)
+
+
 def _release(counters: Iterable[tuple[bytes, int]]) -> None:
     for handle, offset in counters:
-        torch.UntypedStorage._release_ipc_counter(handle, offset)
+        _release_counter(handle, offset)
+
+
+def share_count(handle: bytes, offset: int) -> int | None:
+    """A share's count as torch keeps it, read from its ref-counter file (None: unreadable)."""
+    try:
+        with open(_SHM / handle.decode().lstrip("/"), "rb") as counters:
+            counters.seek(_COUNTER_FILE_HEADER_BYTES + 8 * offset)
+            raw = counters.read(8)
+    except (OSError, UnicodeDecodeError):
+        return None
+    return int.from_bytes(raw, sys.byteorder, signed=True) if len(raw) == 8 else None
+
+
+def process_gone(pid: int) -> bool:
+    """Whether no process of this PID namespace has `pid` (a zombie, not yet reaped, still has it)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # EPERM: it exists, another user's
+        return False
+    return False
 
 
 @dataclass(eq=False)
@@ -83,6 +114,7 @@ class CacheExport:
     blob: bytes  # what the peer maps (open_caches)
     _aliases: list[torch.UntypedStorage]
     _counters: list[tuple[bytes, int]]
+    peer_pid: int = 0  # the peer's process (of our host and PID namespace), from its Hello; 0 unknown
 
     def close(self) -> None:
         """The connection ended: our side of its shares goes (torch frees each once the peer's has)."""
@@ -93,6 +125,42 @@ class CacheExport:
         counters, self._counters = self._counters, []
         _release(counters)
         self.close()
+
+    def release_for_dead_peer(self, gone: Callable[[int], bool] = process_gone) -> bool:
+        """After close(): if the peer's process is gone (SIGKILLed while it mapped our caches, its
+        torch never took its counts down), take down each count it left up, and True; False while
+        it may live (or is unknown): ask again later. Safe only because it is dead: the driver
+        unmapped its mappings with it, and nothing else counts these shares. A count it took down
+        itself before it died (at 0) is left alone: taken down again it would wrap (torch counts
+        in uint64) and never be freed. Each share at most once from this side."""
+        if not self._counters:
+            return True
+        if self.peer_pid <= 0 or not gone(self.peer_pid):
+            return False
+        counters, self._counters = self._counters, []
+        _release(c for c in counters if share_count(*c) == 1)
+        return True
+
+
+class LostExports:
+    """The exports of lost connections whose peer may still map them, until it is seen gone."""
+
+    def __init__(self, gone: Callable[[int], bool] = process_gone) -> None:
+        self._gone = gone
+        self._waiting: list[CacheExport] = []
+
+    def __len__(self) -> int:
+        return len(self._waiting)
+
+    def add(self, export: CacheExport) -> None:
+        """A connection with this export was lost (closed already)."""
+        if not export.release_for_dead_peer(self._gone):
+            self._waiting.append(export)
+
+    def sweep(self) -> None:
+        """Count down the shares of every peer gone since (the transport's close: before torch
+        checks at exit); the others stay, counted: nothing here may touch a live peer's."""
+        self._waiting = [e for e in self._waiting if not e.release_for_dead_peer(self._gone)]
 
 
 def export_caches(tensors: Sequence[torch.Tensor]) -> CacheExport:

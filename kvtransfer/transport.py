@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import threading
 import uuid
 from collections.abc import Callable, Sequence
@@ -39,7 +40,7 @@ from kvtransfer.config import TransportConfig
 from kvtransfer.connection import Connection, Tasks
 from kvtransfer.dial import Dialer
 from kvtransfer.handshake import Offer, answer
-from kvtransfer.ipc import export_caches, exportable, host_identity
+from kvtransfer.ipc import LostExports, export_caches, exportable, host_identity
 from kvtransfer.listen import arrived_on_loopback, local_address
 from kvtransfer.push import KVPush
 from kvtransfer.receiver import KVReceiver
@@ -97,6 +98,7 @@ class KVTransport:
         # direct writes (ipc.py): who may share CUDA memory with us (our caches go to each such
         # dialer in an export of its own)
         self._host = host_identity() if config.direct_writes_on else ""
+        self._lost_exports = LostExports()  # exports of lost connections whose peer may still map them
         self._side: SideListener | None = None  # Written and Done from same-host writers (side.py)
 
     # ---- lifecycle (any thread)
@@ -282,6 +284,7 @@ class KVTransport:
                 # makes it warn "Producer process has been terminated before all shared CUDA
                 # tensors released" (a torch.multiprocessing refcount: kvtransfer/ipc.py).
                 conn.peer_caches.close()
+        self._lost_exports.sweep()  # peers SIGKILLed while they mapped our caches: their counts, now
         await self._tasks.cancel_all()
         await self._dialer.cancel()
         if self._side is not None:
@@ -311,7 +314,7 @@ class KVTransport:
 
     def _hello(self, layout: KVLayout) -> Hello:
         """What this transport says first on a connection it dials (dial.py)."""
-        return Hello(self.address, self.instance, layout, self._host)
+        return Hello(self.address, self.instance, layout, self._host, os.getpid() if self._host else 0)
 
     def _connected(self, address: str) -> Connection | None:
         assert self.layout is not None
@@ -329,6 +332,7 @@ class KVTransport:
             return None
         try:
             export = export_caches(caches.tensors)
+            export.peer_pid = hello.pid
         except Exception as e:
             log.warning("kv caches cannot be exported: KV comes over UCX", error=f"{type(e).__name__}: {e}")
             self._host = ""
@@ -384,6 +388,7 @@ class KVTransport:
         self._accepted.discard(conn)
         if conn.export is not None:
             conn.export.close()  # torch frees its shares once the peer's mapping has gone too
+            self._lost_exports.add(conn.export)  # or once we see the peer's process gone
         log.info("kv peer connection lost", peer=conn.peer, reason=reason)
         if self._sender is not None:
             self._sender.on_lost(conn, reason)

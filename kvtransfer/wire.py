@@ -51,6 +51,7 @@ class Hello:
     instance: str  # random per process: a restarted peer is a new instance
     layout: KVLayout
     host: str = ""  # ipc.host_identity() when the dialer could write into a same-host peer's GPU cache
+    pid: int = 0  # with `host`, the dialer's process: gone, the peer counts its CUDA IPC shares down for it
 
 
 @dataclass(frozen=True)
