@@ -104,7 +104,8 @@ async def cancel_mid_copy(
             started = time.monotonic()
             with capture_logs() as logs:
                 await asyncio.wait_for(link.close(), STOP_MARGIN_S)
-            assert COPY_SETTLE_S <= time.monotonic() - started < STOP_MARGIN_S
+            # A timed wait may return a hair early (its clock's resolution): 0.1 s of slack below.
+            assert COPY_SETTLE_S - 0.1 <= time.monotonic() - started < STOP_MARGIN_S
             assert mapped.users == 1 and mapped.retired  # never released under a copy that may run
             (warning,) = [e for e in logs if e["log_level"] == "warning"]
             assert "did not end in time; the mapping stays" in warning["event"]
