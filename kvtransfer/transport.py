@@ -362,6 +362,7 @@ class KVTransport:
                 ep.abort()
                 if greeted.offer is not None:
                     greeted.offer.export.close()
+                    self._lost_exports.add(greeted.offer.export)  # the peer may have mapped it already
             return
         hello = greeted.hello
         conn = Connection(ep, hello.name, hello.instance, greeted.layout, self._route, self._lost)

@@ -156,8 +156,10 @@ async def serve_worker(config: WorkerConfig) -> None:
         await store.close()
         if reservations is not None:
             await reservations.close()
-        async_engine.shutdown(ENGINE_STOP_S)  # a hung step: pdmesh up SIGKILLs STOP_MARGIN_S past the grace
-        if async_engine.lost is None:  # a lost device leaves UCX to the process's end (module docstring)
+        # A hung step: pdmesh up SIGKILLs STOP_MARGIN_S past the grace. A step thread still running
+        # may still push layers, so its transport stays up until the process ends, as on a lost device.
+        stopped = async_engine.shutdown(ENGINE_STOP_S)
+        if async_engine.lost is None and stopped:  # a lost device leaves UCX to the process's end (module docstring)
             if peers_told_at is not None:
                 await asyncio.sleep(max(0.0, peers_told_at - loop.time()))
             await asyncio.to_thread(transport.close)
