@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +30,7 @@ from services.worker.prefix_fetch import PrefixFetcher
 from services.worker.shared_memory import SharedMemoryLink
 from services.worker.store_client import StoreClient
 from tests.engine.engine_helpers import greedy, make_engine, run_to_completion
-from tests.services.kvstore.store_process import StoreProcess, free_ports
+from tests.services.kvstore.store_process import StoreProcess
 from tests.services.worker.test_shared_cancel import mapped_by
 
 pytestmark = pytest.mark.slow
@@ -40,14 +39,6 @@ PROMPTS = {
     "cancelled mid-fetch": [(11 * i + 2) % 250 for i in range(42)],
 }
 LEASE_S = 120.0  # the fetch's lease: without the cancel the request would wait this long
-
-
-@pytest.fixture(scope="module")
-def store() -> Iterator[StoreProcess]:
-    port, kv_port = free_ports()
-    process = StoreProcess(port, kv_port, None, memory_bytes=4 << 20)
-    yield process.start()
-    process.stop()
 
 
 def hold_unpacks(transport: KVTransport) -> tuple[threading.Event, threading.Event]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ from services.worker.shared_fetch import SharedFetcher, SharedImport
 from services.worker.shared_memory import MappedArena, SharedMemoryLink
 from services.worker.store_client import StoreClient
 from tests.engine.engine_helpers import greedy, make_engine, run_to_completion
-from tests.services.kvstore.store_process import StoreProcess, free_ports
+from tests.services.kvstore.store_process import StoreProcess
 
 pytestmark = pytest.mark.slow
 PROMPT = [(7 * i + 3) % 250 for i in range(42)]  # 10 full blocks of 4
@@ -41,14 +41,6 @@ class Transport:
     """What an Offerer reads of its worker's transport: no hand-off in flight."""
 
     num_in_flight = 0
-
-
-@pytest.fixture(scope="module")
-def store() -> Iterator[StoreProcess]:
-    port, kv_port = free_ports()
-    process = StoreProcess(port, kv_port, None, memory_bytes=4 << 20)
-    yield process.start()
-    process.stop()
 
 
 def gate(engine: Engine, name: str, monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Event, threading.Event]:
