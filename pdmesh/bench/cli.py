@@ -25,7 +25,7 @@ EXAMPLES = """Load a running mesh and report throughput, latency percentiles and
 """
 SCORE_EXAMPLES = """Judge saved `pdmesh bench serve --out` runs at other SLOs, from their per-request records:
 per run and SLO pair the share meeting TTFT, TPOT and both, and the goodput (requests/s meeting
-both); per sweep DistServe's goodput (the highest load at which --attainment % meet both).
+both); per sweep DistServe's goodput (the highest load up to which every load tried has --attainment % meeting both).
 Every TTFT target is paired with every TPOT target. Examples:
 
     pdmesh bench score rates.json --slo-ttft-ms 1000,2000,4000 --slo-tpot-ms 50,100

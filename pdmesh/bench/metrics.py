@@ -11,7 +11,7 @@ Definitions (the ones vLLM's and SGLang's serving benchmarks use, so figures com
   failure); only successful requests count.
 - Goodput (DistServe): successful requests per second that met both the TTFT and the TPOT SLO;
   attainment: the share of *all* requests sent that did (a failed request is a miss). Across a
-  sweep, DistServe's goodput is the highest load whose attainment reaches a target (90%).
+  sweep, DistServe's goodput is the highest load up to which every load tried reaches a target (90%).
 Percentiles interpolate linearly between samples (numpy's default, as vLLM's benchmark).
 """
 
@@ -201,9 +201,16 @@ def attainment(results: list[RequestResult], slo: Slo) -> Attainment:
 
 
 def max_load_meeting(points: list[tuple[float, float]], target_pct: float) -> float | None:
-    """DistServe's goodput over a sweep: of (load, attainment %) points, the highest load whose
-    attainment reaches `target_pct`; None when none does."""
-    return max((load for load, pct in points if pct >= target_pct), default=None)
+    """DistServe's goodput over a sweep: of (load, attainment %) points, the highest load up to
+    which every load tried reaches `target_pct`; None when the lowest does not. A load that misses
+    caps it even where a higher one passes: on a finite sample attainment need not fall
+    monotonically with load, and a lucky higher point is not a rate the system sustains."""
+    best = None
+    for load, pct in sorted(points):
+        if pct < target_pct:
+            break
+        best = load
+    return best
 
 
 def _duration(results: list[RequestResult]) -> float:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from pdmesh.bench.metrics import RequestResult, Slo, summarize
+from pdmesh.bench.metrics import RequestResult, Slo, max_load_meeting, summarize
 
 
 def answered(index: int, start_s: float, chunks: list[tuple[float, int]], prompt_tokens: int = 10) -> RequestResult:
@@ -104,3 +104,11 @@ def test_an_empty_run_reports_zeros_not_errors() -> None:
     m = summarize([], Slo(ttft_ms=100))
     assert (m.requests, m.ok, m.duration_s, m.output_tokens_per_s, m.ttft_ms.p50) == (0, 0, 0.0, 0.0, None)
     assert m.goodput is not None and m.goodput.attainment_pct == 0.0
+
+
+def test_goodput_is_the_highest_load_up_to_which_every_load_meets_the_target() -> None:
+    # The two-H100 sweep of 2026-11-26 (disaggregated, slo policy): 10 req/s missed, 12 passed.
+    assert max_load_meeting([(6, 100.0), (8, 98.9), (10, 76.7), (12, 97.8)], 90.0) == 8
+    assert max_load_meeting([(12, 97.8), (6, 100.0), (8, 98.9)], 90.0) == 12  # order given does not matter
+    assert max_load_meeting([(2, 85.0), (4, 95.0)], 90.0) is None  # the lowest load already misses
+    assert max_load_meeting([], 90.0) is None
