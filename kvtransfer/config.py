@@ -53,9 +53,9 @@ class TransportConfig:
     # receiver's cache over CUDA IPC (kvtransfer/ipc.py) instead of sending UCX payloads. Either
     # side turning it off keeps every transfer on UCX.
     direct_writes: bool = True
-    # Direct writes' Written and Done over a Unix socket between the two transports' loops instead
-    # of UCX control frames (kvtransfer/side.py: ~0.4 ms a frame on their critical path). Either
-    # side turning it off keeps them on UCX.
+    # Direct writes' AskWrite, Granted (with the block ids inline), Written and Done over a Unix
+    # socket between the two transports' loops instead of UCX control frames (kvtransfer/side.py:
+    # ~0.4 ms a frame on their critical path). Either side turning it off keeps them on UCX.
     side_channel: bool = True
     record_timeline: bool = False  # stamp each step of every ticket (kvtransfer.timeline): for benchmarks
     # The transport's threads run their torch ops (packs, unpacks) on one OpenMP thread, starting

@@ -93,7 +93,7 @@ class Connection:
         # on the accepting side, our caches' export the handshake offered it (closed when it is lost).
         self.peer_caches: PeerCaches | None = None
         self.export: CacheExport | None = None
-        self.side: SideChannel | None = None  # Written and Done go here when set (side.py)
+        self.side: SideChannel | None = None  # a direct write's messages go here when set (side.py)
         self._on_message = on_message
         self._on_lost = on_lost
         self._next_tag = _FIRST_PAYLOAD_TAG
@@ -123,25 +123,25 @@ class Connection:
         await self.ep.send(encode(message), tag=CTL_TAG)
 
     async def send_soon(self, message: Message) -> None:
-        """A Written without a side channel's written thread (kvtransfer/direct_send.py): over the
+        """An AskWrite, or a Written without the written thread (kvtransfer/direct_send.py): over the
         side channel while it is open (same host), else as a control frame."""
         if not self.send_now(message):
             await self.send(message)
 
     def send_now(self, message: Message) -> bool:
-        """Written and Done over the side channel, written before this returns; False (nothing
-        sent) when the connection has none open."""
+        """AskWrite, Granted, Written or Done over the side channel, written before this returns;
+        False (nothing sent) when the connection has none open."""
         side = self.side
         if side is None or not side.open:
             return False
         try:
             side.send(message)
         except ConnectionError:
-            return False  # the channel just went: its loss takes this connection down too
+            return False  # its buffer is full (it stays up), or it just went: its loss takes this connection down
         return True
 
     def attach_side(self, channel: SideChannel) -> None:
-        """Take Written and Done over `channel` from now on; its loss is this connection's."""
+        """Take a direct write's messages over `channel` from now on; its loss is this connection's."""
         if self.lost is not None:
             channel.close()
             return

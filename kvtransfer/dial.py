@@ -2,7 +2,7 @@
 
 A dial is a ucxx endpoint, then the handshake (handshake.greet: the layouts compared, a same-host
 peer's caches mapped for direct writes), then, where both ends offer it, the same-host side
-channel for Written and Done (side.py). Callers asking for a peer whose dial is under way share
+channel for a direct write's messages (side.py). Callers asking for a peer whose dial is under way share
 that dial; a connection found lost is dialed again by the next caller.
 """
 

@@ -79,8 +79,8 @@ class DirectWrite:
         self._timeline = timeline
         self._ticket_id = ticket_id
         self._side: SideChannel | None = None  # the connection's side channel, when the grant came over one
-        self._src_ids: torch.Tensor | None = None  # on the sender's device (the engine's stream uploaded them)
-        self._dst_ids: torch.Tensor | None = None  # the grant's, on the sender's device (the copy stream's upload)
+        self._src_ids: torch.Tensor | None = None  # (num_blocks,) on the sender's device (the engine's stream's upload)
+        self._dst_ids: torch.Tensor | None = None  # (num_blocks,) the grant's, on the sender's device (copy stream)
 
     # ---- the engine thread
     def offer(self, group: Group, src_ids: torch.Tensor, last: bool, ticket_key: str) -> list[Group] | Finished:
@@ -106,7 +106,8 @@ class DirectWrite:
 
     # ---- the loop
     def arm(self, dst_ids: torch.Tensor, side: SideChannel | None = None) -> bool:
-        """The grant came with the receiver's block ids (pinned host memory): copy what is kept.
+        """The grant came with the receiver's block ids (on the sender's device, their upload queued
+        on the copy stream, so every copy launched on it reads them after): copy what is kept.
         False when the push has already fallen back or stopped. `side`: the connection's side
         channel, which the Written takes (send_written)."""
         with self._lock:
@@ -114,8 +115,7 @@ class DirectWrite:
             if self.state is not DirectState.PENDING:
                 return False
             self._side = side
-            with torch.cuda.stream(self.stream):
-                self._dst_ids = dst_ids.to(self.stream.device, non_blocking=True)
+            self._dst_ids = dst_ids
             self.state = DirectState.ARMED
             for group in self._kept:
                 self._launch(group)
@@ -151,7 +151,7 @@ class DirectWrite:
             try:
                 self._side.send(written)
             except ConnectionError:
-                return False  # the channel went down: so does its connection, which fails the push
+                return False  # its buffer is full (the loop sends a frame), or it went down with its connection
             return True
 
     def renewed(self, until: float) -> None:

@@ -1,7 +1,9 @@
 """The receiving side's direct writes, on the loop (KVReceiver's part): grants and the grant rule.
 
 A sender whose connection mapped this worker's caches (ipc.py) asks to write a ticket (AskWrite);
-the grant binds the ticket to that connection and sends the ticket's block ids. Its Written lands
+the grant binds the ticket to that connection and sends the ticket's block ids: inline in the
+Granted over the connection's side channel (side.py), else as a payload on the tag the Granted
+names. Its Written lands
 the ticket at once (after checking sampled checksums against the blocks, when it carries them).
 A granted ticket that fails is quarantined: its failure is published (which lets the engine free
 the blocks) only once the writer said Stopped, or a grace after its connection was lost; a writer
@@ -16,11 +18,13 @@ from collections import OrderedDict
 
 import structlog
 
+from kvtransfer.block_ids import encode_ids
 from kvtransfer.caches import KVCaches
 from kvtransfer.checksum import digest_rows
 from kvtransfer.connection import Connection, Tasks, quietly
 from kvtransfer.direct import gather_chunks
 from kvtransfer.incoming import Incoming, check_written
+from kvtransfer.side import MAX_INLINE_IDS
 from kvtransfer.timeline import Step, Timeline
 from kvtransfer.unpack import Unpacker
 from kvtransfer.wire import Failed, Granted, Written
@@ -56,7 +60,12 @@ class DirectReceiving:
     def _ask(self, conn: Connection, ticket_id: str) -> None:
         """A Hold that asks to write the blocks directly: grant it if this connection mapped the
         caches the ticket lands in; from then on only that writer's Stopped (or its loss) lets a
-        failed ticket's blocks go."""
+        failed ticket's blocks go.
+
+        Over a side channel the AskWrite is not ordered with the writer's UCX frames, and nothing
+        here needs it to be: a Cancel heard first has ended the ticket (this ask is answered
+        Failed); a Data heard first bound the ticket to this same connection (its push fell back
+        and ignores the grant, and still sends Stopped if it fails, as it asked)."""
         self.timeline.mark(ticket_id, Step.ASK_HEARD)
         entry = self._incoming.get(ticket_id)
         if entry is None or (entry.conn is not None and entry.conn is not conn):
@@ -67,9 +76,26 @@ class DirectReceiving:
         direct = conn.export_offered and entry.caches is self.caches
         if direct:
             entry.writer_quiet = asyncio.Event()
-        self._tasks.spawn(self._grant(conn, entry, direct))
+        if not self._grant_inline(conn, entry, direct):
+            self._tasks.spawn(self._grant(conn, entry, direct))
+
+    def _grant_inline(self, conn: Connection, entry: Incoming, direct: bool) -> bool:
+        """The Granted over the side channel, with the block ids in it, now (False: it takes UCX).
+
+        The Granted then travels apart from this ticket's Failed (UCX frames), so the writer may
+        hear a Failed first: it then fails its push (sending Stopped, as it asked) and ignores the
+        Granted, as it ignores any message of a push that ended. Nothing here waits for that order."""
+        if direct and entry.block_ids.numel() > MAX_INLINE_IDS:
+            return False  # too many for one side-channel message: a tag and a payload, over UCX
+        ticket_id = entry.ticket.ticket_id
+        granted = Granted(ticket_id, direct, block_ids=encode_ids(entry.block_ids) if direct else "")
+        if not conn.send_now(granted):
+            return False  # no side channel, or its buffer is full (one that failed takes its connection down)
+        self.timeline.mark(ticket_id, Step.GRANT_SENT)
+        return True
 
     async def _grant(self, conn: Connection, entry: Incoming, direct: bool) -> None:
+        """The Granted as a control frame, and the block ids as a payload on the tag it names."""
         ticket_id = entry.ticket.ticket_id
         tag = conn.next_tag() if direct else 0
         try:

@@ -1,7 +1,8 @@
 """The sending side's direct writes, on the loop (KVSender's part; the push's is direct.py).
 
 A push to a peer whose cache a connection mapped (ipc.py) asks to write its ticket at once; the Granted
-brings the ticket's block ids as a small payload and arms the push; once its last copy has
+brings the ticket's block ids (inline over the side channel, else as a small payload) and arms the
+push; once its last copy has
 finished, one Written reports every layer (with sampled checksums of the source blocks, gathered
 on the copy stream before the engine may overwrite them). The engine thread hands the copies' end
 event to the written thread, which waits for it off the GIL and sends the Written from there over
@@ -23,10 +24,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import structlog
 import torch
 
 from engine.kv_layout import KVLayout
+from kvtransfer.block_ids import PinnedIds, decode_ids
 from kvtransfer.checksum import digest_rows
 from kvtransfer.config import TransportConfig
 from kvtransfer.connection import Connection, Tasks, quietly
@@ -73,6 +76,7 @@ class DirectSending:
     _tasks: Tasks
     _waiter: concurrent.futures.ThreadPoolExecutor
     _written_thread: WrittenThread | None  # on GPU senders
+    _grant_ids: PinnedIds  # a grant's block ids onto the copy stream (loop thread)
 
     def _fail(self, out: Outgoing, reason: str, *, tell_peer: bool, error: TransferFailed | None = None) -> None:
         raise NotImplementedError
@@ -113,23 +117,48 @@ class DirectSending:
             return False
         return True
 
-    async def _granted(self, out: Outgoing, conn: Connection, granted: Granted) -> None:
-        """The ticket is ours to write: fetch its block ids and arm the push's direct writes."""
+    def _granted(self, out: Outgoing, conn: Connection, granted: Granted) -> None:
+        """The ticket is ours to write: arm the push's direct writes with the block ids the Granted
+        carries (over the side channel), or fetch them from the payload on its tag first (over UCX).
+
+        A Failed of the ticket may reach this loop before its Granted (UCX frames and the side
+        channel are not ordered with each other): the push has then failed, sent Stopped (it
+        asked), and on_message drops the Granted as it drops any message of an ended push."""
         direct = out.push.direct
         self.timeline.mark(granted.ticket, Step.GRANTED)
         if direct is None or not granted.direct:
             if direct is not None:
                 direct.decline()
             return
-        ids = torch.empty(out.push.ticket.num_blocks, dtype=torch.int64).pin_memory()
+        if not granted.block_ids:
+            self._tasks.spawn(self._fetch_ids(out, conn, granted))
+            return
+        try:
+            ids = decode_ids(granted.block_ids, out.push.ticket.num_blocks)
+        except ValueError as e:
+            self._fail(out, f"the grant's block ids: {e}", tell_peer=True)
+            return
+        self._arm(out, conn, ids)
+
+    async def _fetch_ids(self, out: Outgoing, conn: Connection, granted: Granted) -> None:
+        ids = torch.empty(out.push.ticket.num_blocks, dtype=torch.int64)
         try:
             await conn.recv_payload(ids, granted.tag)
         except Exception as e:
             self._fail(out, f"the grant's block ids were lost: {type(e).__name__}: {e}", tell_peer=True)
             return
         if self._outgoing.get(granted.ticket) is out:
-            direct.arm(ids, conn.side if conn.side is not None and conn.side.open else None)
-            self.timeline.mark(granted.ticket, Step.ARMED)
+            self._arm(out, conn, ids.numpy())
+
+    def _arm(self, out: Outgoing, conn: Connection, ids: np.ndarray) -> None:
+        """Queue the ids' upload on the copy stream (from a pinned buffer: the loop never waits for
+        the stream) and copy what the push kept."""
+        direct = out.push.direct
+        assert direct is not None
+        with torch.cuda.stream(direct.stream):
+            dst_ids = self._grant_ids.upload(ids)
+        direct.arm(dst_ids, conn.side if conn.side is not None and conn.side.open else None)
+        self.timeline.mark(out.push.ticket.ticket_id, Step.ARMED)
 
     # ---- the written thread: where the end of a ticket's copies is first known
     def _await_written(self, push: KVPush, finished: Finished) -> None:

@@ -139,11 +139,12 @@ class KVPush:
         self._sender.submit(self, message)
 
     def _block_ids(self, block_ids: Sequence[int], device: torch.device) -> torch.Tensor:
-        if self._ids is None or self._ids_list != list(block_ids):
-            self._ids_list = list(block_ids)
-            cuda = device.type == "cuda"
-            ids = torch.tensor(self._ids_list, dtype=torch.int64, pin_memory=cuda)  # one host tensor, pinned
-            # From pinned memory, queued on the engine's stream: a copy from pageable memory would
+        """(num_blocks,) int64 on the cache's device: uploaded once, again only if the engine's ids
+        changed. The engine passes a list (a new one each layer): compared as it is, not copied."""
+        ids = block_ids if isinstance(block_ids, list) else list(block_ids)
+        if self._ids is None or ids != self._ids_list:
+            self._ids_list = list(ids)  # our own copy: the caller's list may grow in place
+            # From a pinned buffer, queued on the engine's stream: a copy from pageable memory would
             # wait for every kernel the step has queued so far, stalling the engine thread mid-prefill.
-            self._ids = ids.to(device, non_blocking=True) if cuda else ids
+            self._ids = self._sender.source_ids(device).upload(self._ids_list)
         return self._ids

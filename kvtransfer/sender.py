@@ -14,11 +14,11 @@ has not even begun. The sender's own deadline
 likewise counts from the last Hold or message it sent.
 
 A push to a peer whose cache this process mapped at the handshake (ipc.py) asks to write its ticket at
-once instead of the first Hold; the receiver's Granted brings the ticket's block ids (a small
-payload), which arms the push's direct writes (direct.py); once the last copy has finished, one
-Written message reports every layer (sent by the thread that saw the copies finish:
-direct_send.py), and the Done completes the push as before (both over the connection's same-host
-side channel when it has one: side.py). A ticket asked for
+once instead of the first Hold; the receiver's Granted brings the ticket's block ids (inline, or a
+small payload), which arms the push's direct writes (direct.py); once the last copy has finished,
+one Written message reports every layer (sent by the thread that saw the copies finish:
+direct_send.py), and the Done completes the push as before (AskWrite, Granted, Written and Done
+over the connection's same-host side channel when it has one: side.py). A ticket asked for
 that fails is answered with Stopped once the copy stream has passed every copy of it: only then
 may the receiver free its blocks.
 """
@@ -35,6 +35,7 @@ import structlog
 import torch
 
 from engine.kv_layout import KVLayout
+from kvtransfer.block_ids import PinnedIds
 from kvtransfer.checksum import digest_chunks, sample_chunks
 from kvtransfer.config import TransportConfig
 from kvtransfer.connection import Connection, Tasks, notify, quietly
@@ -85,10 +86,17 @@ class KVSender(DirectSending):
         # waits for a direct-write ticket's copies and sends its Written (direct_send.py): a thread
         # of its own, so a Written never queues behind a pack's or an unmap's wait
         self._written_thread = WrittenThread() if self.copy_stream is not None else None
+        self._grant_ids = PinnedIds(device)  # grants' block ids onto the copy stream (loop thread)
+        self._source_ids: dict[torch.device, PinnedIds] = {}  # pushes' block ids, per cache device
 
     # ---- any thread
     def __len__(self) -> int:
         return len(self._outgoing)
+
+    def source_ids(self, device: torch.device) -> PinnedIds:
+        """Where a push's source block ids go up to `device` (the engine thread)."""
+        ids = self._source_ids.get(device)
+        return ids if ids is not None else self._source_ids.setdefault(device, PinnedIds(device))
 
     def uses(self, conn: Connection) -> bool:
         """Whether a ticket is being pushed over `conn` (loop thread)."""
@@ -131,7 +139,7 @@ class KVSender(DirectSending):
         elif isinstance(message, Failed):
             self._fail(out, f"the receiver ended it: {message.reason}", tell_peer=False)
         elif isinstance(message, Granted):
-            self._tasks.spawn(self._granted(out, conn, message))
+            self._granted(out, conn, message)
 
     def on_lost(self, conn: Connection, reason: str) -> None:
         for out in [o for o in self._outgoing.values() if o.conn is conn]:
@@ -183,7 +191,7 @@ class KVSender(DirectSending):
                 sent_at = time.monotonic()
                 if first and self._asks(out, conn):  # at once: the grant must come before the last layer
                     first, out.asked = False, True
-                    await conn.send(AskWrite(ticket))
+                    await conn.send_soon(AskWrite(ticket))  # over the side channel when there is one
                     self.timeline.mark(ticket, Step.ASK_SENT)
                 elif first:
                     first = False

@@ -1,18 +1,20 @@
-"""A same-host side channel beside a direct-write connection: Written and Done over a Unix socket.
+"""A same-host side channel beside a direct-write connection: a direct write's messages over a Unix socket.
 
 A ucxx control frame takes ~0.4 ms from one transport's loop to the other's (UCX's progress
 thread, ucxx's notifier thread, then the loop: BENCHMARKS.md, "Where a ticket's fixed cost
-goes"), and a direct-write ticket waits for two of them: its Written and the receiver's Done. A
-Unix socket served on the receiving transport's own loop wakes that loop from its epoll at once.
-So between GPU workers of one host (the connections that map the receiver's caches), those two
-messages take a socket of their own; every other message, and every payload, keeps UCX.
+goes"), and a direct-write ticket waits for four of them: its AskWrite, the receiver's Granted
+(and then a payload of its block ids), its Written and the receiver's Done. A Unix socket served on
+the receiving transport's own loop wakes that loop from its epoll at once. So between GPU workers
+of one host (the connections that map the receiver's caches), those messages take a socket of
+their own, and the Granted carries the ticket's block ids inline (up to MAX_INLINE_IDS of them);
+every other message (Hold, Data, Cancel, Failed, Stopped), and every payload, keeps UCX.
 
 The receiving transport listens on one abstract Unix socket (a name in its network namespace, no
 file) and, in each Welcome that offers direct writes, names it with a random token for that
 connection. The dialer connects and sends the token first; the listener binds the socket to the
 connection that token was made for. The token is the only credential: it travelled over the
 connection itself. Anything that fails (another network namespace, a refused connect) leaves that
-connection's Written and Done on UCX frames. A side channel that closes takes its connection
+connection's direct-write messages on UCX frames. A side channel that closes takes its connection
 down with it (the peer died), and a connection lost closes its side channel.
 """
 
@@ -30,14 +32,23 @@ from typing import Any
 
 import structlog
 
-from kvtransfer.wire import Done, Message, Written, decode_body, encode_body
+from kvtransfer.wire import AskWrite, Done, Granted, Message, Written, decode_body, encode_body
 
 log = structlog.get_logger(__name__)
 
 TOKEN_BYTES = 16
 _LENGTH = struct.Struct("<I")
-_MAX_BODY = 1 << 16  # a Written with checksums is well under this; anything larger is not ours
+_MAX_BODY = 1 << 16  # the hard bound on one message, both ways: a larger one is refused, never sent
+# A Granted's inline ids: 2,048 (32k tokens at 16 a block) are ~22 KB of base64, under _MAX_BODY
+# and under the ~32 KB a Unix stream socket takes in one segment, so a grant goes out whole or, when
+# the buffer is full, not at all (ChannelFull: it then takes UCX) — a write that went out in part
+# would close the channel. A larger ticket's grant names a tag instead, and its ids follow as a UCX payload.
+MAX_INLINE_IDS = 2048
 _BIND_S = 10.0  # a socket whose token names no connection within this is closed
+
+
+class ChannelFull(ConnectionError):
+    """Nothing was written: the socket's buffer is full. The channel stays open."""
 
 
 class SideChannel(asyncio.Protocol):
@@ -67,16 +78,27 @@ class SideChannel(asyncio.Protocol):
             on_lost("the side channel closed")
 
     def send(self, message: Message) -> None:
-        """Write one message now, from any thread; ConnectionError if the channel is (now) closed."""
+        """Write one message now, from any thread; ConnectionError if the channel is (now) closed,
+        ValueError (nothing written, the channel stays open) if it exceeds _MAX_BODY."""
         body = encode_body(message)
+        if len(body) > _MAX_BODY:
+            raise ValueError(f"a {message.kind} message of {len(body)} bytes exceeds the side channel's {_MAX_BODY}")
         self.send_raw(_LENGTH.pack(len(body)) + body)
 
     def send_raw(self, data: bytes) -> None:
+        """ChannelFull (a ConnectionError; the channel stays open) when the socket's buffer has no
+        room and nothing was written: the caller sends that message as a UCX frame instead. Any
+        other failure, or a write that went out in part, closes the channel (ConnectionError)."""
         with self._write_lock:
             if self._fd is None:
                 raise ConnectionError("the side channel closed")
             try:
                 written = os.write(self._fd, data)  # non-blocking: the descriptor shares the socket's flags
+            except BlockingIOError as e:
+                # Nothing went out, so the framing is whole: the peer reads slowly (a burst of
+                # grants with their ids), it has not stopped. A message under one socket buffer
+                # segment (~32 KB: a grant's MAX_INLINE_IDS keeps under it) goes whole or not at all.
+                raise ChannelFull(f"the side channel's buffer is full: {e}") from e
             except OSError as e:
                 written, error = -1, f"{type(e).__name__}: {e}"
             else:
@@ -161,10 +183,10 @@ class SideListener:
     async def start(self) -> bool:
         try:
             self._server = await self._loop.create_unix_server(
-                lambda: SideChannel((Written,), self._token), path=self.name
+                lambda: SideChannel((AskWrite, Written), self._token), path=self.name
             )
         except OSError as e:
-            log.info("kv side channel unavailable: Written and Done go over UCX", error=str(e))
+            log.info("kv side channel unavailable: direct writes' messages go over UCX", error=str(e))
             return False
         return True
 
@@ -205,22 +227,23 @@ class SideListener:
 
 
 async def dial_side(name: str, token: str, timeout_s: float) -> SideChannel | None:
-    """The dialer's end of a side channel (Done comes back on it), or None when it cannot be made."""
+    """The dialer's end of a side channel (Granted and Done come back on it), or None when it cannot be made."""
     loop = asyncio.get_running_loop()
     try:
         raw = bytes.fromhex(token)
         if len(raw) != TOKEN_BYTES:
             raise ValueError(f"a side-channel token of {len(raw)} bytes")
         _, channel = await asyncio.wait_for(
-            loop.create_unix_connection(lambda: SideChannel((Done,), None), path=name), timeout_s
+            loop.create_unix_connection(lambda: SideChannel((Granted, Done), None), path=name), timeout_s
         )
     except (OSError, TimeoutError, ValueError) as e:
-        log.info("kv side channel not reached: Written and Done go over UCX", error=f"{type(e).__name__}: {e}")
+        log.info("kv side channel not reached: direct writes' messages go over UCX", error=f"{type(e).__name__}: {e}")
         return None
     try:
         channel.send_raw(raw)
     except ConnectionError as e:
-        log.info("kv side channel not reached: Written and Done go over UCX", error=str(e))
+        log.info("kv side channel not reached: direct writes' messages go over UCX", error=str(e))
+        channel.close()
         return None
     return channel
 

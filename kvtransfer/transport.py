@@ -99,7 +99,7 @@ class KVTransport:
         # dialer in an export of its own)
         self._host = host_identity() if config.direct_writes_on else ""
         self._lost_exports = LostExports()  # exports of lost connections whose peer may still map them
-        self._side: SideListener | None = None  # Written and Done from same-host writers (side.py)
+        self._side: SideListener | None = None  # direct writes' messages from same-host writers (side.py)
 
     # ---- lifecycle (any thread)
     def start(self, timeout_s: float = 30.0) -> KVTransport:
@@ -155,7 +155,7 @@ class KVTransport:
 
     @property
     def side_channels(self) -> int:
-        """Live dialed connections whose Written and Done take a side channel (side.py; a snapshot)."""
+        """Live dialed connections whose direct-write messages take a side channel (side.py; a snapshot)."""
         live = [c for c in list(self._dialer.connections.values()) if c.lost is None]
         return sum(1 for c in live if c.side is not None and c.side.open)
 

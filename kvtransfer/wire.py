@@ -17,12 +17,13 @@ agrees says how large its cache export is (ipc.py), which follows on EXPORT_TAG;
 KV need not travel as payloads at all (direct writes, push.py and receiver.py):
 
     AskWrite(ticket) ---------------------->  at once when the push opens: a Hold that asks to write
-             <------------------------------ Granted(ticket, direct, tag) | Failed(ticket, reason)
-             <------------------------------ (direct: the ticket's block ids, int64, on `tag`)
+             <------------------------------ Granted(ticket, direct, tag, block_ids) | Failed(ticket, reason)
+             <------------------------------ (direct over UCX: the ticket's block ids, int64, on `tag`)
     (the sender's kernels write the ticket's blocks in the receiver's cache)
     Written(ticket, bytes, checksums) ----->  every layer is there
              <------------------------------ Done | Failed
-    (Written and Done take the Welcome's side channel, a Unix socket, when the dialer reached it: side.py)
+    (AskWrite, Granted, Written and Done take the Welcome's side channel, a Unix socket, when the
+    dialer reached it: side.py; a Granted there carries the block ids itself and names no tag)
     Stopped(ticket) ----------------------->  after a Failed or Cancel of a ticket it asked to
                                               write: nothing of the sender writes its blocks any more
 
@@ -61,7 +62,7 @@ class Welcome:
     instance: str
     layout: KVLayout
     export_bytes: int = 0  # > 0: the receiver's cache export (ipc.py) follows on EXPORT_TAG
-    side_channel: str = ""  # the receiver's Unix socket for Written and Done (side.py), and this connection's
+    side_channel: str = ""  # the receiver's Unix socket for direct writes' messages (side.py), and this connection's
     side_token: str = ""  # token for it (hex)
 
 
@@ -130,7 +131,8 @@ class Granted:
     kind: ClassVar[str] = "granted"
     ticket: str
     direct: bool
-    tag: int = 0  # direct: the ticket's block ids (int64) follow on this tag
+    tag: int = 0  # direct over UCX: the ticket's block ids (int64) follow on this tag
+    block_ids: str = ""  # direct over the side channel: the ids inline (block_ids.encode_ids), no tag
 
 
 @dataclass(frozen=True)

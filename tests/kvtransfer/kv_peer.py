@@ -50,7 +50,7 @@ class PeerSpec:
     host: str = "127.0.0.1"  # the address the peer advertises
     loopback_only: bool | None = None
     direct_writes: bool = True  # GPU peers of one host: the sender writes the receiver's blocks over CUDA IPC
-    side_channel: bool = True  # direct writes' Written and Done over a same-host Unix socket (kvtransfer/side.py)
+    side_channel: bool = True  # direct writes' messages over a same-host Unix socket (kvtransfer/side.py)
 
 
 def pattern(seed: int, layer: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
