@@ -118,7 +118,7 @@ def _run_service(args: argparse.Namespace, telemetry: TelemetryConfig) -> None:
     engine = _given(model=args.model, device=args.device, dtype=args.dtype, torch_threads=args.threads)
     flags = _given(
         scheduler=args.scheduler, kv_port=args.kv_port, worker_id=args.worker_id,
-        advertise_host=args.advertise_host, lease_ms=args.lease_ms,
+        advertise_host=args.advertise_host, lease_ms=args.lease_ms, stream_interval=args.stream_interval,
     )  # fmt: skip
     worker = from_env(
         WorkerConfig, "worker", role=WorkerRole(args.role), server=server, telemetry=telemetry,
@@ -176,6 +176,8 @@ def _up(args: argparse.Namespace) -> int:
         extra += ["--kv-blocks", str(args.kv_blocks)]
     if args.dtype:
         extra += ["--dtype", args.dtype]
+    if args.stream_interval is not None:
+        extra += ["--stream-interval", str(args.stream_interval)]
     store: list[str] = []
     if args.kvstore_memory_mib:
         store += ["--memory-mib", str(args.kvstore_memory_mib)]
@@ -205,6 +207,23 @@ def _generate(args: argparse.Namespace) -> int:
     return asyncio.run(run_generate(args))
 
 
+_STREAM_INTERVAL_HELP = (
+    "workers: stream each request's tokens every N (its first token and its end at once); default 1, every token"
+)
+
+
+def _stream_interval(text: str) -> int:
+    """--stream-interval's value, refused at once when no worker could use it (WorkerConfig checks
+    PDMESH_WORKER_STREAM_INTERVAL the same way)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"is {text!r}; use a whole number of tokens, 1 (every token) or more")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pdmesh", description="LLM serving with prefill and decode disaggregated")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -220,6 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                     help="weights and KV cache (default: float32 on CPU, bfloat16 on CUDA)")  # fmt: skip
     up.add_argument("--kv-blocks", type=int, default=None, help="KV blocks per worker (default: sized by memory)")
+    up.add_argument("--stream-interval", type=_stream_interval, default=None, help=_STREAM_INTERVAL_HELP)
     up.add_argument("--demo", nargs="?", const="What is the capital of France?", default=None,
                     help="send one chat request once the mesh is up")  # fmt: skip
     up.add_argument("--exit-after-demo", action="store_true", help="stop the mesh after the demo request")
@@ -254,6 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--kv-cache-mib", type=int, default=None)
     serve.add_argument("--block-size", type=int, default=None)
     serve.add_argument("--lease-ms", type=int, default=None)
+    serve.add_argument("--stream-interval", type=_stream_interval, default=None, help=_STREAM_INTERVAL_HELP)
     serve.add_argument("--max-batched-tokens", type=int, default=None, help="workers: per-step token budget")
     serve.add_argument("--shutdown-grace-s", type=float, default=None,
                        help="on SIGTERM, how long calls in flight get to finish")

@@ -54,6 +54,11 @@ class WorkerConfig:
     # while the GPU idles: on H100 meshes the prepare phase's wall time was ~2x its thread CPU time
     # (BENCHMARKS.md, "The decode step's host work"). Not yet measured on a GPU: an A/B setting.
     gil_switch_interval_ms: float = 0.0
+    # A request's stream hands its tokens to the gRPC call every this many (its first token and its
+    # last output at once, whatever waits with them): each message costs the event loop ~46 us of
+    # GIL on a GPU decode worker (BENCHMARKS.md, "Where the event loop's ~46 us a token goes"), which
+    # N divides; clients see tokens in bursts of N. 1: every token as it comes.
+    stream_interval: int = 1
     server: ServerConfig = field(default_factory=ServerConfig)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     channel: ChannelConfig = field(default_factory=ChannelConfig)  # its calls to the scheduler
@@ -63,6 +68,8 @@ class WorkerConfig:
         timeouts = ("kvstore_lookup_timeout_ms", "kvstore_fetch_timeout_ms", "kvstore_offer_timeout_ms")
         if self.gil_switch_interval_ms < 0:
             raise ConfigError("gil_switch_interval_ms", f"is {self.gil_switch_interval_ms}; use 0 (Python's) or more")
+        if self.stream_interval < 1:
+            raise ConfigError("stream_interval", f"is {self.stream_interval}; use 1 (every token) or more tokens")
         for name in ("lease_ms", *timeouts, "kvstore_reprobe_ms", "kvstore_offer_backlog_mib", "kv_message_bytes"):
             if getattr(self, name) <= 0:
                 unit = {"bytes": "bytes", "mib": "MiB"}.get(name.rsplit("_", 1)[-1], "milliseconds")

@@ -70,7 +70,7 @@ async def serve_worker(config: WorkerConfig) -> None:
     def on_device_lost(_: DeviceLost) -> None:  # on the engine's step thread
         loop.call_soon_threadsafe(device_lost.set)
 
-    async_engine = AsyncEngine(engine, on_device_lost)
+    async_engine = AsyncEngine(engine, on_device_lost, stream_interval=config.stream_interval)
     kv_config = config.transport()
     telemetry = WorkerTelemetry(config.id, kv_config.ucx_tls or "ucx default", engine.kv_layout.num_layers)
     metrics = MetricsEndpoint.start(telemetry.registry, config.telemetry)

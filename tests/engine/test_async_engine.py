@@ -11,6 +11,7 @@ import pytest
 
 from engine.async_engine import AsyncEngine
 from engine.errors import DeviceLost
+from engine.request import FinishReason
 from tests.engine.engine_helpers import greedy, make_engine, run_to_completion
 
 
@@ -218,3 +219,94 @@ def test_a_shutdown_behind_a_hung_step_gives_up_within_its_timeout_and_says_so(
     finally:
         go_on.set()
     assert async_engine.shutdown(join_timeout_s=30) is True  # the step ended: the thread does too
+
+
+def _first_output_seen_before_step(engine, step: int) -> threading.Event:  # type: ignore[no-untyped-def]
+    """An event the test sets once the first output reached it; `step` waits for it (so the
+    reader cannot be late for the first token and find the next ones queued behind it)."""
+    seen = threading.Event()
+    execute = engine.runner.execute
+
+    def execute_after_the_first_output(inputs):  # type: ignore[no-untyped-def]
+        if engine.num_steps == step:
+            seen.wait(10)
+        return execute(inputs)
+
+    engine.runner.execute = execute_after_the_first_output
+    return seen
+
+
+@pytest.mark.parametrize(("interval", "max_tokens"), [(4, 30), (100, 10)], ids=["chunks", "interval-past-the-end"])
+async def test_a_stream_interval_sends_the_first_token_at_once_then_chunks_of_n_and_the_end_at_once(
+    tiny_llama: Path, interval: int, max_tokens: int
+) -> None:
+    reference = make_engine(tiny_llama, num_blocks=64)
+    reference.add_request("r", [7, 8, 9], greedy(max_tokens))
+    every_token = [out for _ in range(max_tokens) for out in reference.step()]  # interval 1's outputs
+    expected = [t for o in every_token for t in o.new_token_ids]
+    engine = make_engine(tiny_llama, num_blocks=64)
+    first_seen = _first_output_seen_before_step(engine, 2)
+    async_engine = AsyncEngine(engine, stream_interval=interval)
+    try:
+        outputs = []
+        async for out in async_engine.generate("r", [7, 8, 9], greedy(max_tokens)):
+            outputs.append(out)
+            first_seen.set()
+        sizes = [len(o.new_token_ids) for o in outputs]
+        assert sizes[0] == 1  # the first token went alone, at once
+        assert all(n >= interval for n in sizes[1:-1]), sizes
+        assert sum(sizes) == max_tokens and len(outputs) <= 1 + -(-(max_tokens - 1) // interval)
+        assert [t for o in outputs for t in o.new_token_ids] == expected
+        last = outputs[-1]
+        assert last.finished and last.finish_reason is FinishReason.LENGTH
+        assert (last.num_output_tokens, last.num_prompt_tokens) == (max_tokens, 3)
+        assert "".join(o.text_delta for o in outputs) == "".join(o.text_delta for o in every_token)
+    finally:
+        async_engine.shutdown()
+
+
+async def test_a_stream_left_mid_interval_ends_at_once_and_its_request_frees_its_blocks(tiny_llama: Path) -> None:
+    engine = make_engine(tiny_llama, num_blocks=64)
+    in_step_6, go_on = threading.Event(), threading.Event()
+    execute = engine.runner.execute
+
+    def execute_held_at_step_6(inputs):  # type: ignore[no-untyped-def]
+        if engine.num_steps == 6:
+            in_step_6.set()
+            go_on.wait(10)
+        return execute(inputs)
+
+    engine.runner.execute = execute_held_at_step_6  # type: ignore[method-assign]
+    async_engine = AsyncEngine(engine, stream_interval=1000)
+    try:
+        received: list[int] = []
+
+        async def read() -> None:
+            async for out in async_engine.generate("left", [1, 2, 3], greedy(200)):
+                received.extend(out.new_token_ids)
+
+        reader = asyncio.create_task(read())
+        assert await asyncio.to_thread(in_step_6.wait, 10)  # 5 tokens made: the first sent, 4 waiting
+        reader.cancel()  # as a cancelled or deadlined gRPC call does
+        with pytest.raises(asyncio.CancelledError):
+            await reader
+        go_on.set()
+        assert len(received) == 1
+        stats = await async_engine.stats()
+        assert (stats.num_running, stats.num_waiting, stats.num_free_blocks) == (0, 0, 64)
+    finally:
+        go_on.set()
+        async_engine.shutdown()
+
+
+async def test_an_error_reaches_a_stream_at_once_after_the_tokens_waiting_in_its_interval(tiny_llama: Path) -> None:
+    engine = make_engine(tiny_llama, num_blocks=64, inject_device_loss_at_step=6)
+    async_engine = AsyncEngine(engine, stream_interval=100)
+    try:
+        received: list[int] = []
+        with pytest.raises(DeviceLost):
+            async for out in async_engine.generate("r", [1, 2, 3], greedy(50)):
+                received.extend(out.new_token_ids)
+        assert len(received) == 5  # steps 1-5 made one each; step 6 failed
+    finally:
+        async_engine.shutdown()

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from kvtransfer.config import ProgressMode
+from pdmesh.cli import build_parser
 from pdmesh.config import (
     ChannelConfig,
     ConfigError,
@@ -227,6 +228,26 @@ def test_direct_kv_writes_are_on_by_default_and_one_setting_turns_them_off() -> 
     assert from_env(WorkerConfig, "worker", environ={}).transport().direct_writes
     off = from_env(WorkerConfig, "worker", environ={"PDMESH_WORKER_KV_DIRECT_WRITES": "off"}).transport()
     assert not off.direct_writes
+
+
+def test_a_worker_streams_every_token_unless_a_stream_interval_is_set_and_refuses_one_below_1(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert from_env(WorkerConfig, "worker", environ={}).stream_interval == 1
+    assert from_env(WorkerConfig, "worker", environ={"PDMESH_WORKER_STREAM_INTERVAL": "4"}).stream_interval == 4
+    assert from_env(WorkerConfig, "worker", environ={}, stream_interval=8).stream_interval == 8  # --stream-interval
+    fix = r"use 1 \(every token\) or more tokens$"
+    with pytest.raises(ConfigError, match=rf"^PDMESH_WORKER_STREAM_INTERVAL: is 0; {fix}"):
+        from_env(WorkerConfig, "worker", environ={"PDMESH_WORKER_STREAM_INTERVAL": "0"})
+    with pytest.raises(ConfigError, match=rf"^stream_interval: is -2; {fix}"):
+        from_env(WorkerConfig, "worker", environ={}, stream_interval=-2)
+    for command in (["up"], ["serve", "decode"]):  # refused before anything starts
+        with pytest.raises(SystemExit):
+            build_parser().parse_args([*command, "--stream-interval", "0"])
+        assert "argument --stream-interval: is '0'; use a whole number of tokens, 1 (every token) or more" in (
+            capsys.readouterr().err
+        )
+    assert build_parser().parse_args(["up", "--stream-interval", "4"]).stream_interval == 4
 
 
 def test_one_setting_guards_both_doors_and_the_old_per_door_names_still_guard_their_own() -> None:
