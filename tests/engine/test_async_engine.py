@@ -267,6 +267,7 @@ async def test_a_stream_interval_sends_the_first_token_at_once_then_chunks_of_n_
 
 async def test_a_stream_left_mid_interval_ends_at_once_and_its_request_frees_its_blocks(tiny_llama: Path) -> None:
     engine = make_engine(tiny_llama, num_blocks=64)
+    first_seen = _first_output_seen_before_step(engine, 2)
     in_step_6, go_on = threading.Event(), threading.Event()
     execute = engine.runner.execute
 
@@ -284,6 +285,7 @@ async def test_a_stream_left_mid_interval_ends_at_once_and_its_request_frees_its
         async def read() -> None:
             async for out in async_engine.generate("left", [1, 2, 3], greedy(200)):
                 received.extend(out.new_token_ids)
+                first_seen.set()
 
         reader = asyncio.create_task(read())
         assert await asyncio.to_thread(in_step_6.wait, 10)  # 5 tokens made: the first sent, 4 waiting
