@@ -14,8 +14,9 @@ arrives (its prefill then takes at least that long before the first layer is fin
 Two paths on GPUs (--paths), each a pair of processes of its own, in the same run:
   direct  the sender writes the blocks straight into the receiver's cache over CUDA IPC (the
           push's AskWrite is granted during the lead; then one copy kernel per message and one Written,
-          sent once the copies have finished; Written and Done over the same-host side channel)
-  direct-frames  the same with the side channel off: Written and Done as UCX control frames
+          sent once the copies have finished; AskWrite, Granted with the ids, Written and Done over the
+          same-host side channel)
+  direct-frames  the same with the side channel off: those as UCX control frames, the ids a payload
   ucx     direct writes off: packed into staging buffers, sent over UCX, unpacked (the old path)
 
   GPU (default): pairs of processes, each seeing one GPU (CUDA_VISIBLE_DEVICES), sender GPU first:

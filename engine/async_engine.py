@@ -57,15 +57,16 @@ class _Stream:
     message (a protobuf, a gRPC write) runs about N times less. Nothing is dropped or reordered:
     next() merges what waits."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, interval: int = 1, resumed: bool = False) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, interval: int = 1) -> None:
         self.loop = loop
         self.interval = interval
         self.items: deque[Item] = deque()
         self.ready = asyncio.Event()
         self._num_waiting_tokens = 0  # in the queued outputs, since the reader last took them
-        # The first output has woken the reader; a resumed request's first token (a prefill worker's
-        # hand-off, a failed decode worker's outputs) has reached its client already.
-        self._woken = resumed
+        # The first output has woken the reader. It wakes it at once on every stream, a resumed one
+        # (a prefill worker's hand-off, a failover) too: the servicer times the stream's first
+        # token (the decode's first step, a local prefill's end) from when it is read.
+        self._woken = False
 
     def put(self, item: Item) -> None:  # on self.loop
         self.items.append(item)
@@ -178,7 +179,7 @@ class AsyncEngine:
         """Yield the request's outputs until it finishes; leaving early (cancel, break) aborts it."""
         if request_id in self._streams:
             raise InvalidRequest("request_id", f"{request_id!r} is already streaming", "use a unique request id")
-        stream = _Stream(asyncio.get_running_loop(), self.stream_interval, resumed=bool(prior_output_ids))
+        stream = _Stream(asyncio.get_running_loop(), self.stream_interval)
         self._streams[request_id] = stream
 
         def add(engine: Engine) -> None:

@@ -130,7 +130,7 @@ class DirectSending:
             if direct is not None:
                 direct.decline()
             return
-        if not granted.block_ids:
+        if granted.tag:  # over UCX: the ids follow as a payload on this tag
             self._tasks.spawn(self._fetch_ids(out, conn, granted))
             return
         try:

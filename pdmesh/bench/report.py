@@ -44,8 +44,8 @@ class SweepResult:
     points: list[PointResult]
 
     def best_load_meeting_slo(self) -> float | None:
-        """DistServe's goodput across a sweep: the highest load at which the attainment target
-        was met (None when no point met it, or no SLO was given)."""
+        """DistServe's goodput across a sweep: the highest load up to which every load tried met
+        the attainment target (None when the lowest missed it, or no SLO was given)."""
         met = [(p.point.value, p.metrics.goodput.attainment_pct) for p in self.points if p.metrics.goodput is not None]
         return max_load_meeting(met, self.plan.attainment_target_pct)
 

@@ -5,8 +5,8 @@ records a run keeps (`records`) let it answer any SLO pair later. For each run a
 share of requests meeting TTFT, TPOT and both, and the goodput (requests/s meeting both) — from
 `metrics.attainment`, the very test bench serve applies, so at the run's own SLOs the score is the
 goodput the run saved. Across the runs of a sweep (one file's runs; with `combine`, every file's:
-a sweep split over several invocations), DistServe's goodput: the highest load at which the
-target share of requests (90%) meets both (`metrics.max_load_meeting`).
+a sweep split over several invocations), DistServe's goodput: the highest load up to which
+every load tried has the target share of requests (90%) meeting both (`metrics.max_load_meeting`).
 """
 
 from __future__ import annotations

@@ -228,8 +228,8 @@ def _first_output_seen_before_step(engine, step: int) -> threading.Event:  # typ
     execute = engine.runner.execute
 
     def execute_after_the_first_output(inputs):  # type: ignore[no-untyped-def]
-        if engine.num_steps == step:
-            seen.wait(10)
+        if engine.num_steps == step and not seen.wait(10):
+            raise AssertionError("the first output did not reach the reader within 10 s")
         return execute(inputs)
 
     engine.runner.execute = execute_after_the_first_output

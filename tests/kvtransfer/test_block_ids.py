@@ -1,6 +1,6 @@
 """A ticket's block ids inline in a grant (kvtransfer/block_ids.py): what the receiver encodes the
-writer decodes exactly, and anything else is refused rather than written with. The pinned upload
-runs on CUDA in test_direct_gpu.py; on the CPU the ids come back as they are."""
+writer decodes exactly, and anything else is refused rather than written with. On CUDA the pinned
+buffers are reused only once the copy that read each has run; on the CPU the ids come back as they are."""
 
 from __future__ import annotations
 
@@ -36,3 +36,19 @@ def test_on_the_cpu_ids_come_back_as_a_tensor_of_their_own() -> None:
     ids = PinnedIds(torch.device("cpu")).upload(source)
     source[0] = 9
     assert ids.dtype == torch.int64 and ids.tolist() == [5, 2, 7]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_pinned_buffer_is_not_refilled_while_a_queued_copy_still_reads_it() -> None:
+    """More uploads than kept buffers, all queued behind a stalled stream: a buffer refilled before
+    its copy ran would hand a later upload's ids to an earlier one."""
+    device = torch.device("cuda")
+    uploader = PinnedIds(device)
+    stream = torch.cuda.Stream(device)
+    with torch.cuda.stream(stream):
+        torch.cuda._sleep(500_000_000)  # ~0.3 s of spinning: every copy below waits behind it
+        lists = [[i * 100 + j for j in range(1 + i)] for i in range(10)]  # more than the 4 kept buffers
+        uploaded = [uploader.upload(ids) for ids in lists]
+    stream.synchronize()
+    assert [ids.tolist() for ids in uploaded] == lists

@@ -1,7 +1,7 @@
 """Two worker processes on one GPU: the sender writes a ticket's blocks straight into the receiver's
 cache over CUDA IPC (direct writes), only while the receiver's grant holds, and UCX carries KV when
-direct writes are off. Written and Done take the connection's side channel (kvtransfer/side.py), or
-UCX frames with it off."""
+direct writes are off. AskWrite, Granted (with the block ids), Written and Done take the connection's
+side channel (kvtransfer/side.py), or UCX frames (the ids as a payload) with it off."""
 
 from __future__ import annotations
 

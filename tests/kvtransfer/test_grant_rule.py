@@ -198,7 +198,7 @@ class SideConnected(RecordingConnection):
         self.side = channel
         channel.bind(lambda message: self._receiver.on_message(self, message), self.abort)
 
-    def send_now(self, message: Message) -> bool:  # as Connection.send_now
+    def send_now(self, message: Message) -> bool:  # as Connection.send_now, less its full-buffer fallback
         if self.side is None or not self.side.open:
             return False
         self.side.send(message)

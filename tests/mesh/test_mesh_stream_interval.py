@@ -40,8 +40,11 @@ def test_chunks_of_the_interval_after_a_first_token_alone_carry_the_engines_gree
 
     for chunks, tokens in zip(asyncio.run(run()), expected, strict=True):
         sizes = [len(c.token_ids) for c in chunks if c.token_ids]
-        assert sizes[0] == 1, sizes  # the prefill worker's first token, alone
-        assert all(n >= INTERVAL for n in sizes[1:-1]), sizes  # the decode worker's, every 4 or more
+        assert sizes[0] == 1, sizes  # the first token, alone
+        # A handed-off request's decode stream sends its first token alone too (its time is the
+        # decode's first step); every chunk after carries 4 or more, the last whatever is left.
+        assert sizes[1] == 1 or sizes[1] >= INTERVAL, sizes
+        assert all(n >= INTERVAL for n in sizes[2:-1]), sizes
         assert [t for c in chunks for t in c.token_ids] == tokens
         last = chunks[-1]
         assert last.finish_reason is FinishReason.LENGTH and last.usage is not None
