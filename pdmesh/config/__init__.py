@@ -41,12 +41,20 @@ from pdmesh.config.scheduler import (
     door_keys,
 )
 from pdmesh.config.telemetry import LogFormat, OtelExport, OtlpProtocol, TelemetryConfig, otel_export
-from pdmesh.config.transport import COPY_SETTLE_S, ENGINE_STOP_S, STOP_MARGIN_S, ChannelConfig, ServerConfig
+from pdmesh.config.transport import (
+    COPY_SETTLE_S,
+    ENGINE_STOP_S,
+    KV_CLOSE_S,
+    STOP_MARGIN_S,
+    ChannelConfig,
+    ServerConfig,
+)
 
 __all__ = [
     "API_KEYS",
     "COPY_SETTLE_S",
     "ENGINE_STOP_S",
+    "KV_CLOSE_S",
     "PREFIX",
     "STOP_MARGIN_S",
     "ChannelConfig",

@@ -18,6 +18,9 @@ COPY_SETTLE_S = STOP_MARGIN_S / 3
 # The longest a stopping worker waits for its engine's step thread (a step hung on its device),
 # another share: with COPY_SETTLE_S it leaves the KV transport's close a third of the margin.
 ENGINE_STOP_S = STOP_MARGIN_S / 3
+# The longest a stopping worker waits for its KV transport's thread (a UCX call or a callback that
+# never returns), the last third: past it the worker exits anyway, the thread being a daemon.
+KV_CLOSE_S = STOP_MARGIN_S / 3
 
 
 @dataclass(frozen=True)

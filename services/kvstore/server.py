@@ -14,6 +14,7 @@ import os
 import structlog
 
 from kvtransfer.transport import KVTransport
+from pdmesh.config import KV_CLOSE_S
 from pdmesh.v1 import kvstore_pb2, kvstore_pb2_grpc, worker_pb2
 from services.bootstrap import Server, ServicerBinding, serve
 from services.kvstore.config import KVStoreConfig
@@ -84,7 +85,7 @@ async def serve_kvstore(config: KVStoreConfig) -> None:
             await reporter.stop()
         await transfers.close()
         shared.close()
-        await asyncio.to_thread(transport.close)
+        await asyncio.to_thread(transport.close, KV_CLOSE_S)  # a thread not stopped by then ends with the process
         await asyncio.to_thread(store.close)
 
     await serve([binding], config.server, on_ready=on_ready, on_drain=on_drain, on_shutdown=on_shutdown)

@@ -33,7 +33,7 @@ from engine.config import EngineConfig
 from engine.engine import Engine
 from engine.errors import DeviceLost
 from kvtransfer.transport import KVTransport
-from pdmesh.config import ENGINE_STOP_S
+from pdmesh.config import ENGINE_STOP_S, KV_CLOSE_S
 from pdmesh.enums import WorkerRole
 from pdmesh.v1 import decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc, worker_pb2
 from services.bootstrap import Server, ServicerBinding, serve
@@ -162,7 +162,8 @@ async def serve_worker(config: WorkerConfig) -> None:
         if async_engine.lost is None and stopped:  # a lost device leaves UCX to the process's end (module docstring)
             if peers_told_at is not None:
                 await asyncio.sleep(max(0.0, peers_told_at - loop.time()))
-            await asyncio.to_thread(transport.close)
+            # A transport's thread that does not stop by then is left to the process's end (a daemon).
+            await asyncio.to_thread(transport.close, KV_CLOSE_S)
         if metrics is not None:
             metrics.close()
 
