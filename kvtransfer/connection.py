@@ -74,6 +74,14 @@ class Tasks:
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
+def _ignore_message(conn: Connection, message: Message) -> None:
+    pass
+
+
+def _ignore_loss(conn: Connection, reason: str) -> None:
+    pass
+
+
 class Connection:
     def __init__(
         self,
@@ -185,4 +193,10 @@ class Connection:
             self._reader.cancel()
         self.ep.abort()  # fails every request still pending on the endpoint
         close_quietly(self.side)
-        self._on_lost(self, reason)
+        on_lost = self._on_lost
+        # A lost connection routes nothing more, and must not keep its owner alive: its cancelled
+        # reader task, whose cancellation's traceback holds the reader's frame (and so this
+        # connection), is held from outside Python's GC (ucxx 0.52, CPython 3.11: no gc referrer),
+        # which kept the closed transport and its caches alive into interpreter shutdown.
+        self._on_message, self._on_lost = _ignore_message, _ignore_loss
+        on_lost(self, reason)
