@@ -83,7 +83,7 @@ def out_of_reach(
             )  # fmt: skip
             return SloOutOfReach(
                 "slo.ttft_ms", f"is {shape.ttft_ms:g} ms, and {why}",
-                f"allow at least {math.ceil(max(fastest, margins.ttft_floor_ms))} ms or shorten the prompt; retrying "
+                f"allow at least {_whole_ms(max(fastest, margins.ttft_floor_ms))} ms or shorten the prompt; retrying "
                 "will not help",
             )  # fmt: skip
     lone = StepShape(0, 0, 1, request.mean_context)
@@ -97,7 +97,7 @@ def out_of_reach(
             return SloOutOfReach(
                 "slo.tpot_ms", f"is {shape.tpot_ms:g} ms, and the fastest decode worker is predicted to take "
                 f"{alone:.1f} ms per token even running this request alone",
-                f"allow at least {math.ceil(alone)} ms; retrying will not help",
+                f"allow at least {_whole_ms(alone)} ms; retrying will not help",
             )  # fmt: skip
     return None
 
@@ -145,3 +145,10 @@ def _tie_break(p: Plan) -> tuple[float, float, float, str, str]:
     last, so a decision never depends on the order candidates were met in."""
     return (-p.prefill.cached_tokens, p.ttft_ms, p.decode.step_after_ms, p.decode.worker.worker_id,
             p.prefill.worker.worker_id)  # fmt: skip
+
+
+def _whole_ms(ms: float) -> int:
+    """The least whole number of milliseconds that is at least `ms`, float noise aside: a forecast
+    fitted by least squares lands a hair off the exact figure (2100.0000000000005), and "allow at
+    least 2101 ms" for a 2,100 ms need would be wrong by a millisecond the user cannot see."""
+    return math.ceil(round(ms, 6))

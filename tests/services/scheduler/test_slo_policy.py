@@ -187,3 +187,10 @@ def test_a_decode_worker_without_room_for_the_requests_kv_is_passed_over() -> No
     cluster.running("decode-0", 8, tpot_ms=0.0)  # 8 x 1100 tokens of 9000 usable (10% kept free)
 
     assert cluster.place(1000).decode.worker_id == "decode-1"
+
+
+def test_a_refusal_names_whole_milliseconds_without_the_fit_s_float_noise() -> None:
+    from services.scheduler.plan import _whole_ms
+
+    assert _whole_ms(2100.0000000000005) == 2100  # a least-squares forecast of an exact 2,100 ms
+    assert _whole_ms(2100.2) == 2101 and _whole_ms(7.0) == 7
