@@ -5,7 +5,8 @@ will move, and its host identity when it could write into a same-host peer's GPU
 listener answers Welcome with its own layout (and, for a same-host GPU dialer, its caches' CUDA
 IPC export on EXPORT_TAG, and its side channel with a token for this connection: side.py) or
 Refuse naming the first field where the layouts differ. A layout mismatch is an IncompatiblePeer
-on the dialer's side and a logged refusal on the listener's.
+on the dialer's side and a logged refusal on the listener's. A same-host dialer whose export does
+not come in time says Unmapped and never maps it (the receiver takes its counts down for it).
 
 Only the exchange lives here; the transport (transport.py) turns a handshaken endpoint into a
 Connection and keeps it.
@@ -25,7 +26,7 @@ from engine.kv_layout import KVLayout
 from kvtransfer.connection import CTL_TAG
 from kvtransfer.errors import IncompatiblePeer
 from kvtransfer.ipc import EXPORT_TAG, CacheExport, PeerCaches, map_peer, release_export
-from kvtransfer.wire import FRAME_BYTES, Hello, Refuse, Welcome, decode, encode
+from kvtransfer.wire import FRAME_BYTES, Hello, Refuse, Unmapped, Welcome, decode, encode
 
 log = structlog.get_logger(__name__)
 
@@ -60,9 +61,7 @@ async def greet(
     reply = decode(frame)
     blob = None
     if isinstance(reply, Welcome) and reply.export_bytes > 0:
-        received = bytearray(reply.export_bytes)
-        await asyncio.wait_for(ep.recv(received, tag=EXPORT_TAG), timeout)
-        blob = bytes(received)
+        blob = await _export(ep, reply.export_bytes, address, timeout)
     if not isinstance(reply, Welcome | Refuse):
         raise ValueError(f"the peer answered the handshake with {reply.kind}")
     difference = hello.layout.first_difference(reply.layout)
@@ -73,6 +72,21 @@ async def greet(
             release_export(blob)  # not mapped: the peer's torch counts its shares until we say so
         raise IncompatiblePeer(address, "", difference or "")
     return reply, None if blob is None else map_peer(address, blob, hello.layout, device)
+
+
+async def _export(ep: Any, nbytes: int, address: str, timeout: float) -> bytes | None:
+    """The export a Welcome announced, or None when it did not come in time: the peer may have
+    sent it, and cannot tell a dialer that lost it from one that mapped it, so we tell it (Unmapped,
+    the connection's first frame) and never map it, even if its bytes come later (nothing
+    receives on EXPORT_TAG again). The connection then carries KV over UCX."""
+    received = bytearray(nbytes)
+    try:
+        await asyncio.wait_for(ep.recv(received, tag=EXPORT_TAG), timeout)
+    except TimeoutError:
+        log.warning("kv cache export not received in time: KV goes over UCX", peer=address, timeout_s=timeout)
+        await asyncio.wait_for(ep.send(encode(Unmapped()), tag=CTL_TAG), timeout)
+        return None
+    return bytes(received)
 
 
 async def answer(

@@ -51,7 +51,20 @@ from kvtransfer.ticket import Ticket
 from kvtransfer.ticket_import import TicketImport
 from kvtransfer.timeline import Timeline
 from kvtransfer.warm import WarmPeers
-from kvtransfer.wire import AskWrite, Cancel, Data, Done, Failed, Granted, Hello, Hold, Message, Stopped, Written
+from kvtransfer.wire import (
+    AskWrite,
+    Cancel,
+    Data,
+    Done,
+    Failed,
+    Granted,
+    Hello,
+    Hold,
+    Message,
+    Stopped,
+    Unmapped,
+    Written,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -381,6 +394,9 @@ class KVTransport:
             self._receiver.on_message(conn, message)
         elif isinstance(message, Done | Failed | Granted):
             self.sender.on_message(conn, message)
+        elif isinstance(message, Unmapped):
+            if conn.export is not None:  # the dialer never maps it: its counts are ours to take down, once
+                conn.export.withdraw()
         else:
             conn.abort(f"unexpected {message.kind} message after the handshake")
 

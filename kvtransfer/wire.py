@@ -16,6 +16,9 @@ Between GPU workers of one host the Hello names the host (ipc.host_identity) and
 agrees says how large its cache export is (ipc.py), which follows on EXPORT_TAG; then a ticket's
 KV need not travel as payloads at all (direct writes, push.py and receiver.py):
 
+    Unmapped ------------------------------>  first, when the export did not come in time: the
+                                              dialer never maps it, the connection goes on over UCX
+
     AskWrite(ticket) ---------------------->  at once when the push opens: a Hold that asks to write
              <------------------------------ Granted(ticket, direct, tag, block_ids) | Failed(ticket, reason)
              <------------------------------ (direct over UCX: the ticket's block ids, int64, on `tag`)
@@ -71,6 +74,14 @@ class Refuse:
     kind: ClassVar[str] = "refuse"
     layout: KVLayout
     difference: str
+
+
+@dataclass(frozen=True)
+class Unmapped:
+    """The dialer did not get this connection's cache export in time and will never map it: the
+    receiver takes the export's counts down for it (ipc.CacheExport.withdraw)."""
+
+    kind: ClassVar[str] = "unmapped"
 
 
 @dataclass(frozen=True)
@@ -153,9 +164,12 @@ class Stopped:
     ticket: str
 
 
-Message = Hello | Welcome | Refuse | Hold | Data | Cancel | Done | Failed | AskWrite | Granted | Written | Stopped
+Message = (
+    Hello | Welcome | Refuse | Unmapped | Hold | Data | Cancel | Done | Failed | AskWrite | Granted | Written | Stopped
+)
 _KINDS: dict[str, type[Message]] = {
-    c.kind: c for c in (Hello, Welcome, Refuse, Hold, Data, Cancel, Done, Failed, AskWrite, Granted, Written, Stopped)
+    c.kind: c
+    for c in (Hello, Welcome, Refuse, Unmapped, Hold, Data, Cancel, Done, Failed, AskWrite, Granted, Written, Stopped)
 }
 
 
