@@ -15,7 +15,8 @@ dials with the layout of the blocks it pushes (one connection per peer and layou
 each ticket in the caches expect() names, refusing data whose connection agreed on another layout.
 
 Which side does what lives in KVSender (sender.py) and KVReceiver (receiver.py); the transport
-routes control messages between them and the connections.
+routes control messages between them and the connections. Accepting a dialing peer (the handshake's
+answer, the offer of our caches, closing the listener) is Accepting's (accept.py).
 """
 
 from __future__ import annotations
@@ -35,13 +36,12 @@ import ucxx
 from engine.cpu_threads import one_thread_here
 from engine.kv_layout import KVLayout
 from kvtransfer import ucx_context
+from kvtransfer.accept import Accepting
 from kvtransfer.caches import KVCaches
 from kvtransfer.config import TransportConfig
 from kvtransfer.connection import Connection, Tasks
 from kvtransfer.dial import Dialer
-from kvtransfer.handshake import Offer, answer
-from kvtransfer.ipc import LostExports, export_caches, exportable, host_identity
-from kvtransfer.listen import arrived_on_loopback, local_address
+from kvtransfer.ipc import LostExports, host_identity
 from kvtransfer.push import KVPush
 from kvtransfer.receiver import KVReceiver
 from kvtransfer.sender import KVSender
@@ -68,10 +68,8 @@ from kvtransfer.wire import (
 
 log = structlog.get_logger(__name__)
 
-_ACCEPT_POLL_S = 0.01  # while closing: how often to look whether the listener's accepts have ended
 
-
-class KVTransport:
+class KVTransport(Accepting):
     """Start with start() (or `with`), stop with close(). kv_caches enables the receiving side;
     layout None makes a transport for blocks of any layout (a KV store), always receiving, into the
     caches each expect() names."""
@@ -306,25 +304,6 @@ class KVTransport:
         self._accepted.clear()
         await ucx_context.reset()
 
-    async def _close_listener(self) -> None:
-        """Close the listener first and wait for the connections it was accepting: a peer that
-        dials while the transport closes (its list still names this worker) leaves an endpoint in
-        ucxx's accept handler or in our handshake, and ucxx.reset() with such an endpoint alive
-        crashed the process (SIGSEGV in reset or at exit, ~5 in 8 closes under a peer dialing
-        every 10 ms, in a stress script). From _stopping on, _accept refuses at once;
-        the handshakes under way are aborted, and the handlers given connect_timeout_s to end."""
-        listener, self._listener = self._listener, None
-        if listener is None:
-            return
-        listener.close()
-        for ep in list(self._greeting):
-            ep.abort()
-        deadline = asyncio.get_running_loop().time() + self.config.connect_timeout_s
-        while listener.active_clients and asyncio.get_running_loop().time() < deadline:
-            await asyncio.sleep(_ACCEPT_POLL_S)
-        if listener.active_clients:
-            log.warning("kv listener closed with connections still being accepted", count=listener.active_clients)
-
     def _hello(self, layout: KVLayout) -> Hello:
         """What this transport says first on a connection it dials (dial.py)."""
         return Hello(self.address, self.instance, layout, self._host, os.getpid() if self._host else 0)
@@ -335,56 +314,6 @@ class KVTransport:
 
     def _in_use(self, conn: Connection) -> bool:
         return self._sender is not None and self._sender.uses(conn)
-
-    def _offer(self, hello: Hello) -> Offer | None:
-        """An export of our caches for a dialer that can map them (same host identity, both on
-        GPUs), its own (torch counts each export's one mapping: ipc.CacheExport), and our side
-        channel with a token for its connection."""
-        caches = self._caches
-        if not (self._host and hello.host == self._host and caches is not None and exportable(caches.tensors)):
-            return None
-        try:
-            export = export_caches(caches.tensors)
-            export.peer_pid = hello.pid
-        except Exception as e:
-            log.warning("kv caches cannot be exported: KV comes over UCX", error=f"{type(e).__name__}: {e}")
-            self._host = ""
-            return None
-        if self._side is None:
-            return Offer(export)
-        return Offer(export, self._side.name, self._side.offer())
-
-    async def _accept(self, ep: Any) -> None:
-        """Listener callback: the dialing peer's Hello, then Welcome or Refuse."""
-        timeout = self.config.connect_timeout_s
-        if self._stopping is None or self._stopping.is_set():  # arrived while the transport closes
-            ep.abort()
-            return
-        if self.config.accepts_loopback_only and not arrived_on_loopback(ep):
-            log.warning("kv connection refused: this worker accepts loopback peers only",
-                        local=local_address(ep.ucp_endpoint))  # fmt: skip
-            ep.abort()
-            return
-        self._greeting.add(ep)
-        try:
-            greeted = await answer(ep, self.layout, self.address, self.instance, self._offer, timeout)
-        finally:
-            self._greeting.discard(ep)
-        if greeted is None or self._stopping.is_set():
-            if greeted is not None:
-                ep.abort()
-                if greeted.offer is not None:
-                    greeted.offer.export.close()
-                    self._lost_exports.add(greeted.offer.export)  # the peer may have mapped it already
-            return
-        hello = greeted.hello
-        conn = Connection(ep, hello.name, hello.instance, greeted.layout, self._route, self._lost)
-        offer = greeted.offer
-        conn.export = offer.export if offer is not None else None
-        if offer is not None and offer.side_token and self._side is not None:
-            self._side.expect(offer.side_token, conn.attach_side)
-        conn.start(self._tasks)
-        self._accepted.add(conn)
 
     def _route(self, conn: Connection, message: Message) -> None:
         if isinstance(message, Hold | Data | Cancel | AskWrite | Written | Stopped):
