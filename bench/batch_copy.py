@@ -12,12 +12,17 @@ time of one submission; byte-exact checked.
 from __future__ import annotations
 
 import ctypes
-import statistics
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.copy_kernel_sweep import event_time  # noqa: E402
 
 LAYERS, BLOCK_TOKENS, HEADS, HEAD_DIM, POOL = 32, 16, 8, 128, 2200
 BLOCK_BYTES = BLOCK_TOKENS * HEADS * HEAD_DIM * 2
@@ -65,18 +70,6 @@ def piece_addresses(caches: list[torch.Tensor], ids: list[int]) -> np.ndarray:
     )
 
 
-def event_time(fn: Callable[[], object], stream: torch.cuda.Stream, iters: int = 10) -> float:
-    times = []
-    for _ in range(iters + 2):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record(stream)
-        fn()
-        end.record(stream)
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return statistics.median(times[2:])
-
-
 def main() -> None:
     shape = (2, POOL, BLOCK_TOKENS, HEADS, HEAD_DIM)
     src = [torch.randn(shape, device=SRC).bfloat16() for _ in range(LAYERS)]
@@ -103,12 +96,14 @@ def main() -> None:
         a = torch.empty(nbytes, dtype=torch.uint8, device=SRC)
         b = torch.empty(nbytes, dtype=torch.uint8, device=DST)
         with torch.cuda.stream(stream):
-            engine = event_time(lambda a=a, b=b: b.copy_(a), stream)
+            engine = event_time(lambda a=a, b=b: b.copy_(a), stream, iters=10, warmup=2)
         for flags in (0, 1):  # 1: CU_MEMCPY_FLAG_PREFER_OVERLAP_WITH_COMPUTE
             with torch.cuda.stream(stream):
                 copy(dsts, srcs, sizes, stream, flags)
                 stream.synchronize()
-                seconds = event_time(lambda f=flags, d=dsts, s=srcs, z=sizes: copy(d, s, z, stream, f), stream)
+                seconds = event_time(
+                    lambda f=flags, d=dsts, s=srcs, z=sizes: copy(d, s, z, stream, f), stream, iters=10, warmup=2
+                )
                 started = time.perf_counter()
                 copy(dsts, srcs, sizes, stream, flags)
                 host = time.perf_counter() - started

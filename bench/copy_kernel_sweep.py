@@ -32,17 +32,17 @@ LAYERS, BLOCK_TOKENS, HEADS, HEAD_DIM, POOL = 32, 16, 8, 128, 2200
 SRC, DST = torch.device("cuda:1"), torch.device("cuda:0")
 
 
-def event_time(fn: Callable[[], object], stream: torch.cuda.Stream, iters: int = 15) -> float:
-    """Median seconds of fn on stream between two CUDA events (after 3 uncounted runs)."""
+def event_time(fn: Callable[[], object], stream: torch.cuda.Stream, iters: int = 15, warmup: int = 3) -> float:
+    """Median seconds of fn on stream between two CUDA events (after `warmup` uncounted runs)."""
     times = []
-    for _ in range(iters + 3):
+    for _ in range(iters + warmup):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record(stream)
         fn()
         end.record(stream)
         end.synchronize()
         times.append(start.elapsed_time(end) / 1e3)
-    return statistics.median(times[3:])
+    return statistics.median(times[warmup:])
 
 
 def wall_time(fn: Callable[[], object], iters: int = 15) -> float:
